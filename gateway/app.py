@@ -1,0 +1,79 @@
+"""The gateway: `create_app(settings) -> Litestar`, serving the dashboard REST API under /api/v1.
+
+NATS opens in the lifespan and reaches handlers through dependency injection (`services`).
+Errors are mapped to HTTP in one place (`gateway.errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from gateway.errors import exception_handlers
+from gateway.routes import all_routers
+from gateway.services import ServiceClient
+from gateway.settings import GatewaySettings
+from shared import bus
+from shared.runtime import VERSION
+
+log = logging.getLogger("stockpilot.gateway")
+
+
+def create_app(settings: GatewaySettings) -> Litestar:
+    """Build the gateway application for these settings."""
+
+    services = ServiceClient(settings.service_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def nats_connection(app: Litestar) -> AsyncIterator[None]:
+        # Connect in the background: the gateway serves (503 on NATS-backed routes) while
+        # NATS is unreachable at start, instead of not listening at all.
+        async def connect() -> None:
+            nc = await bus.connect(settings, "stockpilot-gateway")
+            services.nc = nc
+            with contextlib.suppress(Exception):
+                await bus.provision(nc.jetstream(), settings.stream_replicas)
+
+        task = asyncio.create_task(connect())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            if services.nc is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(services.nc.drain(), timeout=3)
+
+    def provide_services() -> ServiceClient:
+        return services
+
+    app = Litestar(
+        route_handlers=all_routers(),
+        lifespan=[nats_connection],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers=exception_handlers(),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="StockPilot Ops API",
+            version=VERSION,
+            description=(
+                "Operations backend of StockPilot AI: dependency health, LLM usage and cost, "
+                "batch jobs and job locks."
+            ),
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+    )
+    app.state.settings = settings
+    app.state.services = services
+    app.state.started = time.monotonic()
+    return app

@@ -1,0 +1,77 @@
+"""The one mapping from errors to HTTP: JSON `{"status_code", "detail"}` for every failure."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY, HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.types import ExceptionHandlersMap
+
+from shared.errors import StockpilotError
+
+log = logging.getLogger("stockpilot.gateway")
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every error answer: the HTTP status and what was wrong."""
+
+    status_code: int
+    detail: str
+    extra: list[dict[str, Any]] | None = None
+
+
+def _response(
+    status: int, detail: str, extra: list[dict[str, Any]] | None = None
+) -> Response[ErrorBody]:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return Response(
+        ErrorBody(status_code=status, detail=detail, extra=extra),
+        status_code=status,
+        media_type=MediaType.JSON,
+        headers=headers,
+    )
+
+
+def _stockpilot_error(_: Request[Any, Any, Any], exc: StockpilotError) -> Response[ErrorBody]:
+    return _response(exc.status, exc.detail)
+
+
+def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[ErrorBody]:
+    # Litestar lists each bad parameter in `extra`; name them in the detail itself.
+    extra = exc.extra if isinstance(exc.extra, list) else None
+    problems = []
+    for item in extra or []:
+        if isinstance(item, dict):
+            key = item.get("key")
+            message = item.get("message", "invalid")
+            source = item.get("source")
+            where = (
+                f"{source} parameter {key!r}" if source and key else f"{key!r}" if key else "body"
+            )
+            problems.append(f"{where}: {message}")
+    detail = "; ".join(problems) if problems else str(exc.detail)
+    status = exc.status_code if exc.status_code != 400 else HTTP_422_UNPROCESSABLE_ENTITY
+    return _response(status, detail, extra)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    return _response(exc.status_code, str(exc.detail))
+
+
+def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _response(HTTP_500_INTERNAL_SERVER_ERROR, "internal error; see the gateway log")
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    """Handlers for the app: ours first, then Litestar's own, then anything else."""
+    return {
+        StockpilotError: _stockpilot_error,
+        ValidationException: _validation_error,
+        HTTPException: _http_error,
+        Exception: _unexpected,
+    }

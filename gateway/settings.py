@@ -1,0 +1,23 @@
+"""Gateway settings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from shared.settings import CommonSettings, Port, PositiveFloat
+
+
+class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
+    """Where the gateway listens, the tokens that guard it, how long it waits for services."""
+
+    http_host: str = "127.0.0.1"
+    http_port: Port = 8000
+    admin_token: str | None = None
+    ingest_token: str | None = None
+    read_token: str | None = None
+    # How long a route waits for a service before answering 503.
+    service_timeout_s: PositiveFloat = 2.0
+    # Largest request body accepted (POST /usage/records takes up to 1,000 records).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024

@@ -1,0 +1,257 @@
+"""NATS plumbing: connecting, provisioning the streams, publishing events, dead-lettering."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import BadRequestError
+
+from shared.events import AwareDatetime, Event, utc_now
+from shared.settings import CommonSettings
+
+log = logging.getLogger("stockpilot.bus")
+
+DAY_S = 86_400.0
+# The duplicate window of every stream: a retried publish within it is stored once.
+DUPLICATE_WINDOW_S = 20 * 60.0
+MAX_EVENT_BYTES = 1024 * 1024
+SNAPSHOT_BUCKET = "STOCKPILOT_SNAPSHOTS"
+STATE_BUCKET = "STOCKPILOT_STATE"
+
+_STREAM_ALREADY_IN_USE = 10058
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """One stream and the limits we chose for it (documented in README.md)."""
+
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    # Event-sourced history is kept; health checks are bounded by age since their
+    # projection only ever looks back 24 h (and uptime series a few days).
+    max_age_s: float | None = None
+    max_bytes: int = -1
+
+
+STREAMS: dict[str, StreamSpec] = {
+    "usage": StreamSpec(
+        name="STOCKPILOT_USAGE",
+        subjects=("stockpilot.usage.>",),
+        description="One event per LLM call, and statistics resets.",
+    ),
+    "health": StreamSpec(
+        name="STOCKPILOT_HEALTH",
+        subjects=("stockpilot.health.>",),
+        description="Every probe result of every dependency.",
+        max_age_s=400 * DAY_S,
+    ),
+    "batch": StreamSpec(
+        name="STOCKPILOT_BATCH",
+        subjects=("stockpilot.batch.>",),
+        description="Batch-job executions and job-lock lifecycle.",
+    ),
+    "alerts": StreamSpec(
+        name="STOCKPILOT_ALERTS",
+        subjects=("stockpilot.alerts.>",),
+        description="Alerts raised by the services, each condition once per period.",
+    ),
+}
+
+
+def dead_letter_subject(service: str) -> str:
+    """Where a service copies what it cannot decode or apply."""
+    return f"stockpilot.deadletter.{service}"
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A message a service refused, with the reason, copied to `stockpilot.deadletter.<svc>`."""
+
+    service: str
+    subject: str
+    stream_seq: int | None
+    reason: str
+    payload: str
+    payload_encoding: str
+    occurred_at: AwareDatetime
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def encode_event(event: Event) -> bytes:
+    """An event as its one JSON object."""
+    return _encode(event)
+
+
+async def connect(
+    settings: CommonSettings,
+    name: str,
+    *,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
+    first_connect_attempts: int | None = None,
+) -> NATS:
+    """Connect with explicit reconnect settings: retry forever once connected.
+
+    The first connection is retried too (with a log line each time), so a service started
+    before NATS is up waits for it; `first_connect_attempts` bounds that for tools.
+    """
+
+    async def error_cb(exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("%s: disconnected from NATS, reconnecting", name)
+
+    async def reconnected_cb() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    async def closed_cb() -> None:
+        if on_closed is not None:
+            await on_closed()
+
+    options: dict[str, Any] = {
+        "servers": settings.nats_servers,
+        "name": name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 2,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+        "closed_cb": closed_cb,
+        # A service restart must not lose what its client buffered during a NATS outage.
+        "pending_size": 64 * 1024 * 1024,
+    }
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password or ""
+    attempt = 0
+    delay = 0.2
+    while True:
+        attempt += 1
+        try:
+            return await nats.connect(**options)
+        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+            if first_connect_attempts is not None and attempt >= first_connect_attempts:
+                raise
+            log.warning(
+                "%s: NATS at %s not reachable (%s); retrying in %.1fs",
+                name,
+                ",".join(settings.nats_servers),
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _stream_config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
+    return js_api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        description=spec.description,
+        storage=js_api.StorageType.FILE,
+        retention=js_api.RetentionPolicy.LIMITS,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_age=spec.max_age_s,
+        max_bytes=spec.max_bytes,
+        max_msg_size=MAX_EVENT_BYTES,
+        num_replicas=replicas,
+        discard=js_api.DiscardPolicy.OLD,
+        allow_direct=True,
+    )
+
+
+async def provision(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update the four streams and the state buckets; safe to run from every process."""
+    for spec in STREAMS.values():
+        config = _stream_config(spec, replicas)
+        try:
+            await js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_ALREADY_IN_USE:
+                raise
+            await js.update_stream(config)
+    try:
+        await js.object_store(SNAPSHOT_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_object_store(
+            SNAPSHOT_BUCKET,
+            config=js_api.ObjectStoreConfig(
+                description="Projection snapshots, one object per projection.",
+                storage=js_api.StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
+    try:
+        await js.key_value(STATE_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_key_value(
+            js_api.KeyValueConfig(
+                bucket=STATE_BUCKET,
+                description="Small operational state: snapshot index, hook delivery marks.",
+                history=1,
+                storage=js_api.StorageType.FILE,
+                replicas=replicas,
+            )
+        )
+
+
+async def publish_event(
+    js: JetStreamContext,
+    subject: str,
+    event: Event,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 5.0,
+) -> js_api.PubAck:
+    """Publish one event with `Nats-Msg-Id` = its id, so a retry is stored once."""
+    all_headers = {"Nats-Msg-Id": event.id}
+    if headers:
+        all_headers.update(headers)
+    return await js.publish(subject, encode_event(event), timeout=timeout, headers=all_headers)
+
+
+async def dead_letter(
+    nc: NATS,
+    service: str,
+    subject: str,
+    data: bytes,
+    reason: str,
+    stream_seq: int | None = None,
+    now: datetime | None = None,
+) -> None:
+    """Copy a refused message, with the reason, to `stockpilot.deadletter.<service>`."""
+    try:
+        payload, encoding = data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(data).decode("ascii"), "base64"
+    letter = DeadLetter(
+        service=service,
+        subject=subject,
+        stream_seq=stream_seq,
+        reason=reason,
+        payload=payload,
+        payload_encoding=encoding,
+        occurred_at=now or utc_now(),
+    )
+    await nc.publish(dead_letter_subject(service), _encode(letter))
+
+
+def describe_decode_error(exc: Exception) -> str:
+    """A one-line reason for a message that did not decode or validate."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

@@ -1,0 +1,129 @@
+"""A projection: a stream folded into a view by a pure function, plus what the runtime tracks.
+
+The fold (`apply`) and the reaction (`react`, which derives alerts from the view after an
+event) are pure: their only inputs are the view and the event. Everything about NATS lives in
+`shared.runtime`; this module is what both the runtime and the replay tooling fold with.
+"""
+
+from __future__ import annotations
+
+import heapq
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import msgspec
+
+from shared.bus import StreamSpec
+from shared.events import Alert, AwareDatetime
+
+
+class View(msgspec.Struct, kw_only=True):
+    """Base of every projection view: `last_seq` is the last stream sequence folded in."""
+
+    last_seq: int = 0
+
+
+V = TypeVar("V", bound=View)
+E = TypeVar("E")
+
+
+class FoldError(Exception):
+    """An event that decoded but cannot be applied (it is dead-lettered with this reason)."""
+
+
+@dataclass
+class Projection(Generic[V, E]):
+    """How to fold one stream (optionally a subset of its subjects) into a view."""
+
+    name: str
+    stream: StreamSpec
+    view_type: type[V]
+    decode: Callable[[bytes], E]
+    apply: Callable[[V, E], V]
+    react: Callable[[V, E], Sequence[Alert]] | None = None
+    filter_subject: str | None = None
+    view: V = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.view = self.view_type()
+
+    @property
+    def subject(self) -> str:
+        """The subject filter the consumer uses."""
+        return self.filter_subject or self.stream.subjects[0]
+
+    def fold(self, seq: int, data: bytes) -> Sequence[Alert]:
+        """Decode and apply one stored message; raises on a message to dead-letter."""
+        event = self.decode(data)
+        self.view = self.apply(self.view, event)
+        self.view.last_seq = seq
+        if self.react is None:
+            return ()
+        return self.react(self.view, event)
+
+    def reset(self) -> None:
+        """Back to the empty view (before a full rebuild)."""
+        self.view = self.view_type()
+
+
+class SnapshotEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What is stored for a snapshot: the view's msgpack bytes and where it stands."""
+
+    format: int
+    projection: str
+    last_seq: int
+    taken_at: AwareDatetime
+    view: bytes
+
+
+SNAPSHOT_FORMAT = 1
+_envelope_encoder = msgspec.msgpack.Encoder()
+_envelope_decoder = msgspec.msgpack.Decoder(SnapshotEnvelope)
+
+
+def encode_snapshot(projection: Projection[V, E], taken_at: datetime) -> bytes:
+    """The projection's view, compressed, with its `last_seq`."""
+    envelope = SnapshotEnvelope(
+        format=SNAPSHOT_FORMAT,
+        projection=projection.name,
+        last_seq=projection.view.last_seq,
+        taken_at=taken_at,
+        view=_envelope_encoder.encode(projection.view),
+    )
+    return zlib.compress(_envelope_encoder.encode(envelope), level=1)
+
+
+def decode_snapshot(data: bytes, view_type: type[V]) -> tuple[V, datetime]:
+    """A view from a snapshot; raises msgspec/zlib errors when it does not fit the view type."""
+    envelope = _envelope_decoder.decode(zlib.decompress(data))
+    if envelope.format != SNAPSHOT_FORMAT:
+        raise ValueError(f"snapshot format {envelope.format} is not {SNAPSHOT_FORMAT}")
+    view = msgspec.msgpack.decode(envelope.view, type=view_type)
+    view.last_seq = envelope.last_seq
+    return view, envelope.taken_at
+
+
+class SeqWaiters:
+    """Futures waiting until a projection has folded a given stream sequence."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, int, object]] = []
+        self._counter = 0
+
+    def add(self, seq: int, waiter: object) -> None:
+        """Register `waiter` (an asyncio.Future) to be resolved once `seq` is folded."""
+        self._counter += 1
+        heapq.heappush(self._heap, (seq, self._counter, waiter))
+
+    def pop_ready(self, applied_seq: int) -> list[object]:
+        """Every waiter whose sequence is now folded."""
+        ready: list[object] = []
+        while self._heap and self._heap[0][0] <= applied_seq:
+            ready.append(heapq.heappop(self._heap)[2])
+        return ready
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)

@@ -1,0 +1,609 @@
+"""The service runtime the three services share.
+
+A service declares its projections, its query/command endpoints and any background work in a
+`ServiceDefinition`; `run_service` does the rest:
+
+- connect to NATS (retry forever; exit non-zero if the connection closes for good),
+- provision the streams, restore each projection from its latest snapshot, then fold the
+  stream's tail with an ordered push consumer (the fastest way to read a stream in nats-py),
+  skipping `seq <= last_seq`, dead-lettering what does not decode or apply,
+- publish the alerts the projections derive (once: see `shared.alerts`),
+- snapshot every N events / T seconds and on shutdown,
+- answer requests through the `nats.micro` framework (`$SRV.PING|INFO|STATS` included) on
+  `stockpilot.svc.<service>.<endpoint>`, queue-grouped so replicas share the load,
+- stop cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import psutil
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFoundError
+from nats.js.errors import ObjectNotFoundError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.request import ServiceError as MicroServiceError
+from nats.micro.service import ServiceConfig
+
+from shared import bus
+from shared.alerts import AlertLedger, alert_ledger
+from shared.errors import StockpilotError, UnavailableError
+from shared.events import Alert, AwareDatetime, Event, utc_now
+from shared.projection import FoldError, Projection, SeqWaiters, decode_snapshot, encode_snapshot
+from shared.settings import CommonSettings
+
+log = logging.getLogger("stockpilot.runtime")
+
+VERSION = "0.1.0"
+P = TypeVar("P", bound=msgspec.Struct)
+
+
+def endpoint_subject(service: str, endpoint: str) -> str:
+    """The request subject of one endpoint of one service."""
+    return f"stockpilot.svc.{service}.{endpoint}"
+
+
+def micro_name(service: str) -> str:
+    """The nats.micro service name (`$SRV.PING.<name>`)."""
+    return f"stockpilot-{service}"
+
+
+class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of an endpoint that takes none."""
+
+
+@dataclass(frozen=True)
+class Endpoint(Generic[P]):
+    """One request/reply endpoint: its parameters are decoded (and validated) into `params`."""
+
+    name: str
+    params: type[P]
+    handler: Callable[[P, Context], Awaitable[msgspec.Struct | bytes]]
+
+
+Background = Callable[["Context"], Awaitable[None]]
+
+
+@dataclass
+class ServiceDefinition:
+    """What a service is made of; everything else is the runtime's."""
+
+    name: str
+    projections: Sequence[Projection[Any, Any]]
+    endpoints: Sequence[Endpoint[Any]] = ()
+    background: Sequence[Background] = ()
+    # Alerts the projections derive are raised under this source (usage|batch|health).
+    alert_source: str | None = None
+    description: str = ""
+
+
+class ProjectionStatus(msgspec.Struct, kw_only=True):
+    """How far one projection has got."""
+
+    name: str
+    stream: str
+    last_seq: int
+    lag: int
+    caught_up: bool
+    events_applied: int
+    dead_lettered: int
+    snapshot_seq: int
+    snapshot_at: AwareDatetime | None
+
+
+class ProcessStatus(msgspec.Struct, kw_only=True):
+    """The service process itself."""
+
+    pid: int
+    rss_mb: float
+    cpu_percent: float
+
+
+class ServiceStatus(msgspec.Struct, kw_only=True):
+    """Answer of every service's built-in `status` endpoint."""
+
+    service: str
+    instance: str
+    version: str
+    started_at: AwareDatetime
+    uptime_s: float
+    ready: bool
+    projections: list[ProjectionStatus]
+    process: ProcessStatus
+    alerts_published: int
+
+
+@dataclass
+class _Tracked:
+    """Runtime bookkeeping of one projection."""
+
+    projection: Projection[Any, Any]
+    lag: int = 0
+    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+    events_applied: int = 0
+    dead_lettered: int = 0
+    since_snapshot: int = 0
+    snapshot_seq: int = 0
+    snapshot_at: datetime | None = None
+    waiters: SeqWaiters = field(default_factory=SeqWaiters)
+    subscription: Any = None
+
+
+class Context:
+    """What endpoint handlers and background tasks get: NATS, settings, publishing, time."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    @property
+    def nc(self) -> NATS:
+        """The NATS connection."""
+        return self._runtime.nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context."""
+        return self._runtime.js
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when the service is shutting down (background loops watch it)."""
+        return self._runtime.stop
+
+    def now(self) -> datetime:
+        """The current time (handlers pass it to pure query functions)."""
+        return utc_now()
+
+    async def publish(
+        self, subject: str, event: Event, headers: dict[str, str] | None = None
+    ) -> js_api.PubAck:
+        """Publish an event with `Nats-Msg-Id`; infrastructure errors become UnavailableError."""
+        try:
+            return await bus.publish_event(self.js, subject, event, headers=headers)
+        except StockpilotError:
+            raise
+        except Exception as exc:
+            if type(exc).__module__.startswith("nats"):
+                raise UnavailableError(f"could not store the event in JetStream: {exc}") from None
+            raise
+
+    async def wait_applied(
+        self, projection: Projection[Any, Any], seq: int, timeout: float = 2.0
+    ) -> bool:
+        """Wait until `projection` has folded stream sequence `seq` (read-your-writes)."""
+        return await self._runtime.wait_applied(projection, seq, timeout)
+
+    async def raise_alerts(self, alerts: Sequence[Alert]) -> None:
+        """Publish alerts not already in the ledger (a background task's own alerts)."""
+        for alert in alerts:
+            self._runtime.queue_alert(alert)
+
+
+class Runtime:
+    """Runs one ServiceDefinition against NATS."""
+
+    def __init__(self, definition: ServiceDefinition, settings: CommonSettings) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.stop = asyncio.Event()
+        self.closed_for_good = False
+        self.started_at = utc_now()
+        self._started_monotonic = time.monotonic()
+        self.context = Context(self)
+        self._ledger: Projection[AlertLedger, Alert] | None = (
+            alert_ledger(definition.alert_source) if definition.alert_source else None
+        )
+        projections = list(definition.projections)
+        if self._ledger is not None:
+            projections.insert(0, self._ledger)
+        self.tracked = {p.name: _Tracked(p) for p in projections}
+        self._alerts: asyncio.Queue[Alert] = asyncio.Queue(maxsize=10_000)
+        self.alerts_published = 0
+        self._process = psutil.Process()
+        self._process.cpu_percent()
+        self.nc: NATS
+        self.js: JetStreamContext
+        self.instance = ""
+
+    # ----- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until a signal or a lost connection; the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.set)
+        name = self.definition.name
+
+        async def on_closed() -> None:
+            if not self.stop.is_set():
+                log.error("%s: NATS connection closed for good; exiting", name)
+                self.closed_for_good = True
+                self.stop.set()
+
+        self.nc = await bus.connect(self.settings, f"stockpilot-{name}", on_closed=on_closed)
+        self.js = self.nc.jetstream()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self._close_connection)
+            await bus.provision(self.js, self.settings.stream_replicas)
+            self._obs = await self.js.object_store(bus.SNAPSHOT_BUCKET)
+            tasks: list[asyncio.Task[None]] = []
+            stack.push_async_callback(self._cancel, tasks)
+            tasks.append(asyncio.create_task(self._publish_alerts(), name="alerts"))
+            for tracked in self.tracked.values():
+                await self._start_projection(tracked)
+            stack.push_async_callback(self._final_snapshots)
+            stack.push_async_callback(self._unsubscribe)
+            service = await add_service(
+                self.nc,
+                ServiceConfig(
+                    name=micro_name(name),
+                    version=VERSION,
+                    description=self.definition.description or f"StockPilot {name} service",
+                    queue_group=f"stockpilot-{name}",
+                    metadata={"service": name, "pid": str(os.getpid())},
+                ),
+            )
+            self.instance = service.id
+            stack.push_async_callback(service.stop)
+            await self._add_endpoints(service)
+            tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshots"))
+            tasks.append(asyncio.create_task(self._start_background(tasks), name="background"))
+            log.info("%s service %s listening on stockpilot.svc.%s.*", name, self.instance, name)
+            await self.stop.wait()
+            log.info("%s: stopping", name)
+        return 1 if self.closed_for_good else 0
+
+    async def _close_connection(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.nc.drain(), timeout=3)
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _unsubscribe(self) -> None:
+        for tracked in self.tracked.values():
+            if tracked.subscription is not None:
+                with contextlib.suppress(Exception):
+                    await tracked.subscription.unsubscribe()
+
+    async def _start_background(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Background work starts once every projection has caught up with its stream."""
+        await asyncio.gather(*(t.caught_up.wait() for t in self.tracked.values()))
+        log.info("%s: projections caught up", self.definition.name)
+        for work in self.definition.background:
+            tasks.append(asyncio.create_task(self._guard(work), name=work.__name__))
+
+    async def _guard(self, work: Background) -> None:
+        """A background task that fails is logged and restarted; it never kills the service."""
+        while not self.stop.is_set():
+            try:
+                await work(self.context)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "%s: background task %s failed; restarting in 1s",
+                    self.definition.name,
+                    work.__name__,
+                )
+                await asyncio.sleep(1)
+
+    # ----- projections -----------------------------------------------------------------
+
+    def _snapshot_name(self, projection: Projection[Any, Any]) -> str:
+        return f"{self.definition.name}.{projection.name}"
+
+    async def _restore(self, tracked: _Tracked) -> None:
+        projection = tracked.projection
+        try:
+            result = await self._obs.get(self._snapshot_name(projection))
+        except (ObjectNotFoundError, JsNotFoundError):
+            log.info(
+                "%s: no snapshot of %s; folding from the first event",
+                self.definition.name,
+                projection.name,
+            )
+            return
+        data = result.data or b""
+        try:
+            view, taken_at = decode_snapshot(data, projection.view_type)
+        except Exception as exc:  # a snapshot of an older view shape: rebuild instead
+            log.warning(
+                "%s: snapshot of %s unusable (%s); folding from the first event",
+                self.definition.name,
+                projection.name,
+                exc,
+            )
+            return
+        projection.view = view
+        tracked.snapshot_seq = view.last_seq
+        tracked.snapshot_at = taken_at
+        log.info(
+            "%s: restored %s from snapshot at seq %d (%d bytes)",
+            self.definition.name,
+            projection.name,
+            view.last_seq,
+            len(data),
+        )
+
+    async def _start_projection(self, tracked: _Tracked) -> None:
+        await self._restore(tracked)
+        projection = tracked.projection
+        start = projection.view.last_seq + 1
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+        )
+        tracked.subscription = await self.js.subscribe(
+            projection.subject,
+            stream=projection.stream.name,
+            cb=self._callback(tracked),
+            ordered_consumer=True,
+            config=config,
+            idle_heartbeat=2.0,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=256 * 1024 * 1024,
+        )
+        info = await tracked.subscription.consumer_info()
+        tracked.lag = info.num_pending or 0
+        if tracked.lag == 0:
+            tracked.caught_up.set()
+        else:
+            log.info(
+                "%s: %s catching up on %d events from seq %d",
+                self.definition.name,
+                projection.name,
+                tracked.lag,
+                start,
+            )
+
+    def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
+        projection = tracked.projection
+        service = self.definition.name
+        publish_alerts = self._ledger is not None and projection is not self._ledger
+
+        async def on_message(msg: Msg) -> None:
+            meta = msg.metadata
+            seq = meta.sequence.stream
+            tracked.lag = meta.num_pending
+            if seq > projection.view.last_seq:
+                try:
+                    alerts = projection.fold(seq, msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    await self._refuse(tracked, msg, seq, bus.describe_decode_error(exc))
+                except FoldError as exc:
+                    await self._refuse(tracked, msg, seq, str(exc))
+                except Exception as exc:
+                    log.exception("%s: %s could not apply seq %d", service, projection.name, seq)
+                    await self._refuse(tracked, msg, seq, f"could not be applied: {exc!r}"[:500])
+                else:
+                    tracked.events_applied += 1
+                    tracked.since_snapshot += 1
+                    if publish_alerts:
+                        for alert in alerts:
+                            self.queue_alert(alert)
+                if tracked.waiters:
+                    for waiter in tracked.waiters.pop_ready(seq):
+                        if isinstance(waiter, asyncio.Future) and not waiter.done():
+                            waiter.set_result(True)
+            if tracked.lag == 0 and not tracked.caught_up.is_set():
+                tracked.caught_up.set()
+                log.info("%s: %s caught up at seq %d", service, projection.name, seq)
+
+        return on_message
+
+    async def _refuse(self, tracked: _Tracked, msg: Msg, seq: int, reason: str) -> None:
+        projection = tracked.projection
+        projection.view.last_seq = seq
+        tracked.dead_lettered += 1
+        log.warning(
+            "%s: dead-lettered seq %d on %s: %s", self.definition.name, seq, msg.subject, reason
+        )
+        with contextlib.suppress(Exception):
+            await bus.dead_letter(self.nc, self.definition.name, msg.subject, msg.data, reason, seq)
+
+    async def wait_applied(
+        self, projection: Projection[Any, Any], seq: int, timeout: float
+    ) -> bool:
+        """True once `projection` has folded `seq`; False after `timeout`."""
+        if projection.view.last_seq >= seq:
+            return True
+        tracked = self.tracked[projection.name]
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        tracked.waiters.add(seq, future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return False
+
+    # ----- alerts ----------------------------------------------------------------------
+
+    def queue_alert(self, alert: Alert) -> None:
+        """Queue an alert for publishing unless the ledger already holds its id."""
+        if self._ledger is not None and alert.id in self._ledger.view.ids:
+            return
+        try:
+            self._alerts.put_nowait(alert)
+        except asyncio.QueueFull:
+            log.error("%s: alert queue full; dropped alert %s", self.definition.name, alert.id)
+
+    async def _publish_alerts(self) -> None:
+        # Alerts wait until the ledger has caught up, so a restart does not repeat old ones.
+        if self._ledger is not None:
+            await self.tracked[self._ledger.name].caught_up.wait()
+        while True:
+            alert = await self._alerts.get()
+            if self._ledger is not None and alert.id in self._ledger.view.ids:
+                continue
+            delay = 0.2
+            while True:
+                try:
+                    ack = await bus.publish_event(self.js, alert.subject, alert)
+                    if not ack.duplicate:
+                        self.alerts_published += 1
+                        log.info("%s: alert %s (%s)", self.definition.name, alert.id, alert.title)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "%s: publishing alert %s failed (%s); retrying",
+                        self.definition.name,
+                        alert.id,
+                        exc,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    # ----- snapshots -------------------------------------------------------------------
+
+    async def _snapshot_loop(self) -> None:
+        every_s = self.settings.snapshot_every_s
+        every_events = self.settings.snapshot_every_events
+        last = {name: time.monotonic() for name in self.tracked}
+        while True:
+            await asyncio.sleep(min(1.0, every_s))
+            for name, tracked in self.tracked.items():
+                due_by_time = time.monotonic() - last[name] >= every_s
+                if tracked.since_snapshot and (
+                    due_by_time or tracked.since_snapshot >= every_events
+                ):
+                    await self.snapshot(tracked)
+                    last[name] = time.monotonic()
+
+    async def snapshot(self, tracked: _Tracked) -> None:
+        """Store the projection's view with its last_seq."""
+        projection = tracked.projection
+        taken_at = utc_now()
+        data = encode_snapshot(projection, taken_at)
+        seq = projection.view.last_seq
+        since = tracked.since_snapshot
+        tracked.since_snapshot = 0
+        try:
+            await self._obs.put(self._snapshot_name(projection), data)
+        except Exception as exc:
+            tracked.since_snapshot += since
+            log.warning("%s: snapshot of %s failed: %s", self.definition.name, projection.name, exc)
+            return
+        tracked.snapshot_seq = seq
+        tracked.snapshot_at = taken_at
+        log.debug(
+            "%s: snapshot of %s at seq %d (%d bytes)",
+            self.definition.name,
+            projection.name,
+            seq,
+            len(data),
+        )
+
+    async def _final_snapshots(self) -> None:
+        for tracked in self.tracked.values():
+            if tracked.since_snapshot and self.nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.snapshot(tracked), timeout=5)
+
+    # ----- requests --------------------------------------------------------------------
+
+    async def _add_endpoints(self, service: Any) -> None:
+        status = Endpoint("status", NoParams, self._status_endpoint)
+        for endpoint in [status, *self.definition.endpoints]:
+            await service.add_endpoint(
+                name=endpoint.name,
+                subject=endpoint_subject(self.definition.name, endpoint.name),
+                handler=self._handler(endpoint),
+            )
+
+    def _handler(self, endpoint: Endpoint[Any]) -> Callable[[Request], Awaitable[None]]:
+        decoder = msgspec.json.Decoder(endpoint.params)
+        encode = msgspec.json.Encoder().encode
+        context = self.context
+
+        async def handle(request: Request) -> None:
+            try:
+                params = decoder.decode(request.data or b"{}")
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise MicroServiceError("422", str(exc)) from None
+            try:
+                result = await endpoint.handler(params, context)
+            except StockpilotError as exc:
+                raise MicroServiceError(str(exc.status), exc.detail) from None
+            except Exception as exc:
+                log.exception("%s: endpoint %s failed", self.definition.name, endpoint.name)
+                raise MicroServiceError("500", f"internal error in {endpoint.name}") from exc
+            await request.respond(result if isinstance(result, bytes) else encode(result))
+
+        return handle
+
+    async def _status_endpoint(self, _: NoParams, ctx: Context) -> ServiceStatus:
+        return self.status()
+
+    def status(self) -> ServiceStatus:
+        """Where every projection stands and what the process uses."""
+        with self._process.oneshot():
+            rss = self._process.memory_info().rss / 1024 / 1024
+            cpu = self._process.cpu_percent()
+        projections = [
+            ProjectionStatus(
+                name=t.projection.name,
+                stream=t.projection.stream.name,
+                last_seq=t.projection.view.last_seq,
+                lag=t.lag,
+                caught_up=t.caught_up.is_set(),
+                events_applied=t.events_applied,
+                dead_lettered=t.dead_lettered,
+                snapshot_seq=t.snapshot_seq,
+                snapshot_at=t.snapshot_at,
+            )
+            for t in self.tracked.values()
+        ]
+        return ServiceStatus(
+            service=self.definition.name,
+            instance=self.instance,
+            version=VERSION,
+            started_at=self.started_at,
+            uptime_s=round(time.monotonic() - self._started_monotonic, 3),
+            ready=all(p.caught_up for p in projections),
+            projections=projections,
+            process=ProcessStatus(pid=os.getpid(), rss_mb=round(rss, 1), cpu_percent=cpu),
+            alerts_published=self.alerts_published,
+        )
+
+
+async def run_service(definition: ServiceDefinition, settings: CommonSettings) -> int:
+    """Run a service until SIGINT/SIGTERM; its exit status."""
+    return await Runtime(definition, settings).run()
+
+
+def service_main(build: Callable[[Any], ServiceDefinition], settings: CommonSettings) -> int:
+    """Entry point body of a service process: logging, uvloop, run until stopped."""
+    from shared.logs import configure_logging
+
+    configure_logging(
+        build.__module__.split(".")[1] if "." in build.__module__ else "service", settings.log_level
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(run_service(build(settings), settings))
+    except ImportError:  # pragma: no cover - uvloop is absent only on Windows
+        return asyncio.run(run_service(build(settings), settings))

@@ -1,0 +1,155 @@
+"""Settings: frozen structs built once from the environment (and an optional stockpilot.toml).
+
+Every process reads its settings here and nowhere else. Each field `foo_bar` of a settings
+struct is read from `STOCKPILOT_FOO_BAR` unless the struct names another variable in
+`__env_names__` (OPENAI_API_KEY, for instance). The environment wins over the TOML file.
+A bad value stops the process with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+
+PREFIX = "STOCKPILOT_"
+CONFIG_FILE_VARIABLE = "STOCKPILOT_CONFIG"
+DEFAULT_CONFIG_FILE = "stockpilot.toml"
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What every StockPilot Ops process needs: where NATS is and how days are counted."""
+
+    __env_names__: ClassVar[dict[str, str]] = {}
+
+    nats_url: str | None = None
+    data_dir: str = "./.data"
+    tz: str = "UTC"
+    log_level: str = "INFO"
+    # The embedded server's client port; 0 picks a free one (see ops.embedded_nats).
+    nats_port: Port = 0
+    # Optional NATS credentials for this process (user/password, see docs/operations.md).
+    nats_user: str | None = None
+    nats_password: str | None = None
+    # How often a service snapshots its projection: every N events or T seconds, and on exit.
+    snapshot_every_events: PositiveInt = 50_000
+    snapshot_every_s: PositiveFloat = 30.0
+    # Streams are created with this many replicas (3 on a NATS cluster).
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise SettingsError(f"STOCKPILOT_TZ: unknown time zone {self.tz!r}") from None
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(
+                "STOCKPILOT_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, "
+                f"got {self.log_level!r}"
+            )
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The time zone days and months are counted in."""
+        return ZoneInfo(self.tz)
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS URLs to connect to (a cluster is comma-separated)."""
+        if self.nats_url:
+            return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        url_file = Path(self.data_dir) / "nats.url"
+        if url_file.exists():
+            return [url_file.read_text().strip()]
+        return ["nats://127.0.0.1:4222"]
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+def env_name(cls: type[msgspec.Struct], field: str) -> str:
+    """The environment variable a settings field is read from."""
+    names: dict[str, str] = getattr(cls, "__env_names__", {})
+    return names.get(field, PREFIX + field.upper())
+
+
+def _read_toml(env: Mapping[str, str]) -> dict[str, Any]:
+    path = Path(env.get(CONFIG_FILE_VARIABLE, DEFAULT_CONFIG_FILE))
+    if not path.exists():
+        if CONFIG_FILE_VARIABLE in env:
+            raise SettingsError(f"{CONFIG_FILE_VARIABLE}: no such file {str(path)!r}")
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML ({exc})") from None
+
+
+def _is_structured(annotation: Any) -> bool:
+    text = str(annotation)
+    return any(marker in text for marker in ("list", "dict", "Struct", "tuple"))
+
+
+def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
+    """Build `cls` from the environment and stockpilot.toml, or raise SettingsError."""
+    env = os.environ if env is None else env
+    file_values = _read_toml(env)
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        variable = env_name(cls, field.name)
+        raw: Any
+        if variable in env:
+            raw = env[variable]
+            if raw == "" and field.default is None:
+                continue  # an empty variable means unset
+            if _is_structured(field.type):
+                try:
+                    raw = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise SettingsError(f"{variable}: not valid JSON ({exc.msg})") from None
+        elif field.name in file_values:
+            raw = file_values[field.name]
+        else:
+            continue
+        try:
+            values[field.name] = msgspec.convert(raw, field.type, strict=False)
+        except msgspec.ValidationError as exc:
+            raise SettingsError(f"{variable}: {exc} (got {_shown(variable, raw)})") from None
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _shown(variable: str, raw: Any) -> str:
+    """The bad value for the error line, unless it may be a secret."""
+    if any(word in variable for word in ("TOKEN", "KEY", "PASSWORD", "SECRET")):
+        return "a value that is not shown because it may be a secret"
+    return repr(raw)
+
+
+def settings_or_exit(cls: type[S], env: Mapping[str, str] | None = None) -> S:
+    """Load settings for an entry point; a bad value stops the process with one clear line."""
+    import sys
+
+    try:
+        return load_settings(cls, env)
+    except SettingsError as exc:
+        print(f"stockpilot: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

