@@ -7,6 +7,7 @@ event) are pure: their only inputs are the view and the event. Everything about 
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import zlib
 from collections.abc import Callable, Sequence
@@ -67,6 +68,11 @@ class Projection(Generic[V, E]):
     def reset(self) -> None:
         """Back to the empty view (before a full rebuild)."""
         self.view = self.view_type()
+
+
+def view_digest(view: View) -> str:
+    """A fingerprint of a view's whole state: equal digests mean equal projections."""
+    return hashlib.sha256(_envelope_encoder.encode(view)).hexdigest()
 
 
 class SnapshotEnvelope(msgspec.Struct, frozen=True, kw_only=True):

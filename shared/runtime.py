@@ -44,7 +44,14 @@ from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import Alert, AwareDatetime, Event, utc_now
-from shared.projection import FoldError, Projection, SeqWaiters, decode_snapshot, encode_snapshot
+from shared.projection import (
+    FoldError,
+    Projection,
+    SeqWaiters,
+    decode_snapshot,
+    encode_snapshot,
+    view_digest,
+)
 from shared.settings import CommonSettings
 
 log = logging.getLogger("stockpilot.runtime")
@@ -112,6 +119,23 @@ class ProcessStatus(msgspec.Struct, kw_only=True):
     pid: int
     rss_mb: float
     cpu_percent: float
+
+
+class ProjectionDigest(msgspec.Struct, kw_only=True):
+    """A projection's state fingerprint at a sequence (what `stockpilot replay` compares)."""
+
+    name: str
+    stream: str
+    filter_subject: str
+    last_seq: int
+    digest: str
+
+
+class DigestAnswer(msgspec.Struct, kw_only=True):
+    """Answer of the built-in `digest` endpoint."""
+
+    service: str
+    projections: list[ProjectionDigest]
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):
@@ -525,8 +549,11 @@ class Runtime:
     # ----- requests --------------------------------------------------------------------
 
     async def _add_endpoints(self, service: Any) -> None:
-        status = Endpoint("status", NoParams, self._status_endpoint)
-        for endpoint in [status, *self.definition.endpoints]:
+        builtin = [
+            Endpoint("status", NoParams, self._status_endpoint),
+            Endpoint("digest", NoParams, self._digest_endpoint),
+        ]
+        for endpoint in [*builtin, *self.definition.endpoints]:
             await service.add_endpoint(
                 name=endpoint.name,
                 subject=endpoint_subject(self.definition.name, endpoint.name),
@@ -556,6 +583,21 @@ class Runtime:
 
     async def _status_endpoint(self, _: NoParams, ctx: Context) -> ServiceStatus:
         return self.status()
+
+    async def _digest_endpoint(self, _: NoParams, ctx: Context) -> DigestAnswer:
+        return DigestAnswer(
+            service=self.definition.name,
+            projections=[
+                ProjectionDigest(
+                    name=t.projection.name,
+                    stream=t.projection.stream.name,
+                    filter_subject=t.projection.subject,
+                    last_seq=t.projection.view.last_seq,
+                    digest=view_digest(t.projection.view),
+                )
+                for t in self.tracked.values()
+            ],
+        )
 
     def status(self) -> ServiceStatus:
         """Where every projection stands and what the process uses."""

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from litestar import Router
 
-from gateway.routes import batch, health, system, usage
+from gateway.routes import alerts, batch, dashboard, health, metrics, system, usage
 
 
 def all_routers() -> list[Router]:
     """Every router the app serves."""
-    return [system.router, health.router, usage.router, batch.router]
+    return [
+        system.router,
+        health.router,
+        usage.router,
+        batch.router,
+        alerts.router,
+        metrics.router,
+        dashboard.router,
+    ]

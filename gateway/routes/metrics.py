@@ -1,0 +1,7 @@
+"""Placeholder for the metrics routes (filled in by their issue)."""
+
+from __future__ import annotations
+
+from litestar import Router
+
+router = Router(path="/", route_handlers=[])
