@@ -9,6 +9,9 @@ import pytest
 
 from shared.testing import NatsServer, nats_server
 
+# PostgreSQL and Redis fixtures (real servers; throwaway ones when none answers).
+pytest_plugins = ["tests.dbs"]
+
 
 @pytest.fixture
 def nats(tmp_path: Path) -> Iterator[NatsServer]:
