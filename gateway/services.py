@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import msgspec
+from litestar.di import NamedDependency
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError, TimeoutError
 
@@ -88,3 +89,7 @@ class ServiceClient:
             raise StockpilotError(
                 f"the {service} service answered {endpoint} in an unexpected shape: {exc}"
             ) from None
+
+
+# How route handlers ask for the client: `services: Services`.
+Services = NamedDependency[ServiceClient]

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -122,20 +123,42 @@ def nats_server(store_dir: Path) -> Iterator[NatsServer]:
 async def running_service(
     definition: ServiceDefinition, settings: CommonSettings, ready_timeout: float = 30.0
 ) -> AsyncIterator[Runtime]:
-    """Run a service in this event loop until the block ends; wait until it is caught up."""
+    """Run a service until the block ends; wait until it is caught up.
+
+    The service gets its own thread and event loop, as it would have its own process: test
+    clients that block the test's loop while a request is handled (Litestar's
+    AsyncTestClient runs the app through a blocking portal) must not freeze the service.
+    """
     runtime = Runtime(definition, settings)
-    task = asyncio.create_task(runtime.run())
+    loop = asyncio.new_event_loop()
+    failure: list[BaseException] = []
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(runtime.run())
+        except BaseException as exc:  # reported to the test below
+            failure.append(exc)
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=serve, name=f"service-{definition.name}", daemon=True)
+    thread.start()
     deadline = time.monotonic() + ready_timeout
     while not (runtime.instance and runtime.status().ready):
-        if task.done():
-            task.result()
+        if not thread.is_alive():
+            if failure:
+                raise failure[0]
             raise RuntimeError(f"{definition.name} service stopped during start-up")
         if time.monotonic() > deadline:
-            task.cancel()
+            loop.call_soon_threadsafe(runtime.stop.set)
             raise TimeoutError(f"{definition.name} service not ready after {ready_timeout}s")
         await asyncio.sleep(0.02)
     try:
         yield runtime
     finally:
-        runtime.stop.set()
-        await asyncio.wait_for(task, timeout=15)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(runtime.stop.set)
+        await asyncio.to_thread(thread.join, 15)
+        if failure:
+            raise failure[0]

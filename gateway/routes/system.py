@@ -11,7 +11,7 @@ from litestar import Request, Response, Router, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.auth import read_guard
-from gateway.services import ServiceClient
+from gateway.services import Services
 from shared.errors import StockpilotError
 from shared.events import AwareDatetime, utc_now
 from shared.runtime import VERSION, ServiceStatus
@@ -101,7 +101,7 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     alerts_24h: int | None
 
 
-def _gateway_health(request: Request[Any, Any, Any], services: ServiceClient) -> GatewayHealth:
+def _gateway_health(request: Request[Any, Any, Any], services: Services) -> GatewayHealth:
     connected = services.connected
     return GatewayHealth(
         status="healthy" if connected else "unhealthy",
@@ -114,7 +114,7 @@ def _gateway_health(request: Request[Any, Any, Any], services: ServiceClient) ->
 
 @get("/health", summary="Gateway health (503 when NATS cannot be reached)", guards=[read_guard])
 async def gateway_health(
-    request: Request[Any, Any, Any], services: ServiceClient
+    request: Request[Any, Any, Any], services: Services
 ) -> Response[GatewayHealth]:
     """The gateway itself: 200 with NATS reachable, 503 otherwise."""
     body = _gateway_health(request, services)
@@ -128,7 +128,7 @@ async def live() -> Liveness:
     return Liveness(status="alive", timestamp=utc_now())
 
 
-async def _service_states(services: ServiceClient) -> dict[str, ServiceState]:
+async def _service_states(services: Services) -> dict[str, ServiceState]:
     async def one(name: str) -> ServiceState:
         try:
             status = await services.query(name, "status", ServiceStatus, timeout=PROBE_TIMEOUT_S)
@@ -147,7 +147,7 @@ async def _service_states(services: ServiceClient) -> dict[str, ServiceState]:
 
 
 @get("/health/ready", summary="Readiness: NATS and all three services answering")
-async def ready(services: ServiceClient) -> Response[Readiness]:
+async def ready(services: Services) -> Response[Readiness]:
     """200 when NATS is connected and every service answers caught up; 503 otherwise."""
     states = (
         await _service_states(services)
@@ -179,7 +179,7 @@ async def _optional(coro: Any) -> Any:
     summary="Everything at a glance: services, components, usage, batch, alerts",
     guards=[read_guard],
 )
-async def system_status(services: ServiceClient) -> SystemStatus:
+async def system_status(services: Services) -> SystemStatus:
     """Never hangs: a service that does not answer shows as `unavailable`."""
     states, health, usage, batch = await asyncio.gather(
         _service_states(services),
