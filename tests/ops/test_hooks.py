@@ -1,0 +1,262 @@
+"""The hook process against a real nats-server and a real HTTP receiver on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import httpx
+import msgspec
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from ops.hook_delivery import (
+    SIGNATURE_HEADER,
+    HookRunner,
+    RetryPolicy,
+    WebhookHook,
+    consumer_name,
+    delivery_key,
+    read_hooks_status,
+    sanitise_key_token,
+    verify_signature,
+)
+from ops.hooks import HookSettings, run_hooks
+from shared import bus
+from shared.events import Alert
+from shared.settings import SettingsError, load_settings
+from tests.ops.receiver import receiving
+
+T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+SECRET = "s3cret-for-tests"
+
+
+def make_alert(n: int) -> Alert:
+    return Alert(
+        id=f"usage.cost_warning:daily:2026-11-{n:02d}",
+        occurred_at=T0,
+        source="usage",
+        kind="usage.cost_warning",
+        severity="warning",
+        title=f"budget {n}",
+        message="80% of the daily budget used",
+        metric="cost_usd",
+        value=8.0 + n,
+        threshold=8.0,
+    )
+
+
+async def publish(js: JetStreamContext, alert: Alert) -> None:
+    await bus.publish_event(js, alert.subject, alert)
+
+
+@contextlib.asynccontextmanager
+async def connected(env: dict[str, str]) -> AsyncIterator[JetStreamContext]:
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    js = nc.jetstream()
+    await bus.provision(js)
+    try:
+        yield js
+    finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def hook_process(settings: HookSettings) -> AsyncIterator[asyncio.Task[int]]:
+    """`stockpilot hooks` in this event loop, stopped (as by SIGTERM) at the end of the block."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_hooks(settings, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, timeout=10) == 0
+
+
+def hook_settings(env: dict[str, str], **extra: str) -> HookSettings:
+    return load_settings(
+        HookSettings,
+        {**env, "STOCKPILOT_HOOK_RETRY_INITIAL_S": "0.05", "STOCKPILOT_HOOK_RETRY_MAX_S": "0.2"}
+        | extra,
+    )
+
+
+def alert_ids(bodies: list[bytes]) -> list[str]:
+    return [msgspec.json.decode(body, type=Alert).id for body in bodies]
+
+
+async def test_alert_reaches_the_webhook_once_with_a_verifiable_signature(
+    env: dict[str, str],
+) -> None:
+    async with receiving() as receiver, connected(env) as js:
+        settings = hook_settings(
+            env,
+            STOCKPILOT_ALERT_WEBHOOK_URL=receiver.url,
+            STOCKPILOT_ALERT_WEBHOOK_SECRET=SECRET,
+        )
+        async with hook_process(settings):
+            alert = make_alert(1)
+            await publish(js, alert)
+            await publish(js, alert)  # a retried publish: stored once, delivered once
+            await receiver.wait_accepted(1)
+            await asyncio.sleep(0.5)
+        assert len(receiver.requests) == 1
+        request = receiver.requests[0]
+        assert msgspec.json.decode(request.body, type=Alert) == alert
+        assert request.headers["content-type"] == "application/json"
+        signature = request.headers[SIGNATURE_HEADER.lower()]
+        assert signature.startswith("sha256=")
+        assert verify_signature(SECRET, request.body, signature)
+        assert not verify_signature("another secret", request.body, signature)
+        status = await read_hooks_status(js)
+        assert status is not None
+        by_name = {h.name: h for h in status.hooks}
+        assert set(by_name) == {"webhook", "log"}
+        assert by_name["webhook"].delivered == 1
+        assert by_name["log"].delivered == 1
+        assert by_name["webhook"].state == "stopped"
+
+
+async def test_receiver_failing_three_times_still_gets_the_alert_exactly_once(
+    env: dict[str, str],
+) -> None:
+    async with (
+        receiving(lambda attempt: 500 if attempt <= 3 else 200) as receiver,
+        connected(env) as js,
+    ):
+        settings = hook_settings(env, STOCKPILOT_ALERT_WEBHOOK_URL=receiver.url)
+        async with hook_process(settings):
+            await publish(js, make_alert(1))
+            await receiver.wait_accepted(1)
+            await asyncio.sleep(0.5)
+        assert len(receiver.requests) == 4
+        assert alert_ids([r.body for r in receiver.accepted]) == [make_alert(1).id]
+        status = await read_hooks_status(js)
+        assert status is not None
+        webhook = next(h for h in status.hooks if h.name == "webhook")
+        assert (webhook.delivered, webhook.failures, webhook.consecutive_failures) == (1, 3, 0)
+        assert webhook.last_error == "webhook: the receiver answered HTTP 500"
+
+
+async def test_restarts_never_repeat_an_alert_a_hook_already_took(env: dict[str, str]) -> None:
+    """Even with its consumer gone (position lost), the delivery marks stop repeats."""
+    async with receiving() as receiver, connected(env) as js:
+        settings = hook_settings(
+            env, STOCKPILOT_ALERT_WEBHOOK_URL=receiver.url, STOCKPILOT_ALERT_LOG="false"
+        )
+        for round_, n in enumerate((1, 2, 3), start=1):
+            async with hook_process(settings):
+                await publish(js, make_alert(n))
+                await receiver.wait_accepted(round_)
+                await asyncio.sleep(0.3)
+            if n == 2:
+                await js.delete_consumer(bus.STREAMS["alerts"].name, consumer_name("webhook"))
+        assert alert_ids([r.body for r in receiver.requests]) == [
+            make_alert(n).id for n in (1, 2, 3)
+        ]
+        status = await read_hooks_status(js)
+        assert status is not None
+        assert [(h.name, h.skipped_duplicates) for h in status.hooks] == [("webhook", 2)]
+        kv = await js.key_value(bus.STATE_BUCKET)
+        entry = await kv.get(delivery_key("webhook", make_alert(1).id))
+        assert b'"attempts":1' in (entry.value or b"")
+
+
+async def test_stopped_mid_retry_the_alert_is_delivered_once_after_restart(
+    env: dict[str, str],
+) -> None:
+    healthy = False
+    async with (
+        receiving(lambda attempt: 200 if healthy else 503) as receiver,
+        connected(env) as js,
+    ):
+        settings = hook_settings(
+            env, STOCKPILOT_ALERT_WEBHOOK_URL=receiver.url, STOCKPILOT_ALERT_LOG="false"
+        )
+        async with hook_process(settings):
+            await publish(js, make_alert(1))
+            await receiver.wait_requests(2)
+        healthy = True
+        async with hook_process(settings):
+            await receiver.wait_accepted(1, timeout=5)
+            await asyncio.sleep(0.3)
+        assert alert_ids([r.body for r in receiver.accepted]) == [make_alert(1).id]
+
+
+async def test_a_permanently_failing_hook_does_not_delay_a_healthy_one(
+    env: dict[str, str],
+) -> None:
+    async with (
+        receiving(lambda attempt: 500) as broken,
+        receiving() as healthy,
+        connected(env) as js,
+        httpx.AsyncClient(timeout=2) as client,
+    ):
+        runner = HookRunner(
+            js,
+            [
+                WebhookHook(broken.url, client=client, name="broken"),
+                WebhookHook(healthy.url, client=client, name="healthy"),
+            ],
+            retry=RetryPolicy(initial_s=0.05, max_s=0.2),
+            status_every_s=0.1,
+        )
+        task = asyncio.create_task(runner.run())
+        try:
+            started = asyncio.get_running_loop().time()
+            for n in range(1, 6):
+                await publish(js, make_alert(n))
+            await healthy.wait_accepted(5, timeout=3)
+            assert asyncio.get_running_loop().time() - started < 3
+            await broken.wait_requests(4)
+            await asyncio.sleep(0.3)
+            status = await read_hooks_status(js)
+        finally:
+            runner.stop.set()
+            await asyncio.wait_for(task, timeout=10)
+        assert alert_ids([r.body for r in healthy.accepted]) == [
+            make_alert(n).id for n in range(1, 6)
+        ]
+        assert not broken.accepted
+        assert status is not None
+        by_name = {h.name: h for h in status.hooks}
+        assert by_name["healthy"].state == "ok"
+        assert by_name["healthy"].delivered == 5
+        assert by_name["broken"].state == "failing"
+        assert by_name["broken"].consecutive_failures >= 3
+        assert by_name["broken"].delivered == 0
+        assert by_name["broken"].last_error == "broken: the receiver answered HTTP 500"
+
+
+def test_sanitised_alert_ids_are_valid_distinct_key_tokens() -> None:
+    ids = ["usage.cost_warning:daily:2026-11-26", "a b", "a_b", "a=20b", "é/ü", "x.y", "x:y"]
+    tokens = [sanitise_key_token(i) for i in ids]
+    assert len(set(tokens)) == len(tokens)
+    for token in tokens:
+        assert all(c.isascii() and (c.isalnum() or c in "_-=") for c in token)
+
+
+def test_a_secret_without_a_url_is_refused_without_showing_it(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(HookSettings, {**env, "STOCKPILOT_ALERT_WEBHOOK_SECRET": SECRET})
+    assert SECRET not in str(raised.value)
+    with pytest.raises(SettingsError) as raised:
+        load_settings(HookSettings, {**env, "STOCKPILOT_SLACK_WEBHOOK_URL": "hooks.slack/T0K3N"})
+    assert "T0K3N" not in str(raised.value)
+
+
+async def test_slack_hook_posts_a_text_message(env: dict[str, str]) -> None:
+    async with receiving() as receiver, connected(env) as js:
+        settings = hook_settings(
+            env, STOCKPILOT_SLACK_WEBHOOK_URL=receiver.url, STOCKPILOT_ALERT_LOG="false"
+        )
+        async with hook_process(settings):
+            await publish(js, make_alert(7))
+            await receiver.wait_accepted(1)
+        message = msgspec.json.decode(receiver.accepted[0].body)
+        assert list(message) == ["text"]
+        assert "budget 7" in message["text"]
+        assert make_alert(7).id in message["text"]
