@@ -1,7 +1,152 @@
-"""The /api/v1/batch routes (filled in by the batch service issue)."""
+"""The /api/v1/batch routes: execution history and stats, job locks (contract §5).
+
+A `job_id` is checked against `^[A-Za-z0-9_-]{1,64}$` here, before anything reaches NATS
+(it becomes a subject token). Mutating routes need the admin token; their answers reflect
+the new state because the batch service waits until its projection has folded the change.
+"""
 
 from __future__ import annotations
 
-from litestar import Router
+from typing import Annotated, Any
 
-router = Router(path="/api/v1", route_handlers=[])
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK
+
+from gateway.auth import admin_guard, read_guard
+from gateway.services import ServiceClient
+from services.batch.events import job_id_problem
+from services.batch.queries import (
+    BatchStats,
+    CleanupAnswer,
+    CleanupParams,
+    ExpiredLocks,
+    JobParams,
+    LockStatus,
+    RecentExecutions,
+    RecentParams,
+    ReleaseAnswer,
+    ReleaseParams,
+    StatsParams,
+)
+from shared.errors import InvalidRequestError
+
+# Commands may release several locks, each a JetStream round trip: more time than a query.
+COMMAND_TIMEOUT_S = 10.0
+ACTOR_HEADER = "x-stockpilot-actor"
+
+
+class ReleaseBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of a force release: why (stored with the lock.released event)."""
+
+    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+def _job_id(job_id: str, where: str = "path parameter 'job_id'") -> str:
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise InvalidRequestError(f"{where}: {problem}")
+    return job_id
+
+
+def _actor(request: Request[Any, Any, Any]) -> str:
+    named = request.headers.get(ACTOR_HEADER, "").strip()[:100]
+    return f"admin:{named}" if named else "admin"
+
+
+@get(
+    "/batch/executions/recent",
+    summary="The newest executions (of one job), newest first",
+    guards=[read_guard],
+)
+async def recent_executions(
+    services: ServiceClient,
+    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
+    job_id: str | None = None,
+) -> RecentExecutions:
+    """`?limit=` 1–1000 (default 50), `?job_id=`."""
+    if job_id is not None:
+        _job_id(job_id, "query parameter 'job_id'")
+    params = RecentParams(limit=limit, job_id=job_id)
+    return await services.query("batch", "recent", RecentExecutions, params)
+
+
+@get(
+    "/batch/executions/stats",
+    summary="Counts, success rate, durations and failure patterns over a window",
+    guards=[read_guard],
+)
+async def execution_stats(
+    services: ServiceClient,
+    hours: Annotated[float, Parameter(gt=0, le=24 * 400)] = 24.0,
+    job_id: str | None = None,
+) -> BatchStats:
+    """Executions started in the last `?hours=` (default 24), of `?job_id=` if given."""
+    if job_id is not None:
+        _job_id(job_id, "query parameter 'job_id'")
+    params = StatsParams(hours=hours, job_id=job_id)
+    return await services.query("batch", "stats", BatchStats, params)
+
+
+@get("/batch/jobs/{job_id:str}/lock/status", summary="One job's lock", guards=[read_guard])
+async def lock_status(services: ServiceClient, job_id: str) -> LockStatus:
+    """Held or not, by whom, until when, expired or not, its fencing token."""
+    params = JobParams(job_id=_job_id(job_id))
+    return await services.query("batch", "lock_status", LockStatus, params)
+
+
+@post(
+    "/batch/jobs/{job_id:str}/lock/release",
+    summary="Force-release a job's lock (admin)",
+    guards=[admin_guard],
+    status_code=HTTP_200_OK,
+)
+async def release_lock(
+    request: Request[Any, Any, Any],
+    services: ServiceClient,
+    job_id: str,
+    data: ReleaseBody | None = None,
+) -> ReleaseAnswer:
+    """Stores lock.released (reason `forced`); `released` is false when nothing was held."""
+    params = ReleaseParams(
+        job_id=_job_id(job_id),
+        actor=_actor(request),
+        reason=data.reason if data is not None else None,
+    )
+    return await services.query(
+        "batch", "release", ReleaseAnswer, params, timeout=COMMAND_TIMEOUT_S
+    )
+
+
+@get("/batch/locks/expired", summary="Locks held past their lifetime", guards=[read_guard])
+async def expired_locks(services: ServiceClient) -> ExpiredLocks:
+    """Every lock whose `expires_at` has passed and that nobody released yet."""
+    return await services.query("batch", "expired_locks", ExpiredLocks)
+
+
+@post(
+    "/batch/locks/cleanup",
+    summary="Release every expired lock (admin)",
+    guards=[admin_guard],
+    status_code=HTTP_200_OK,
+)
+async def cleanup_locks(request: Request[Any, Any, Any], services: ServiceClient) -> CleanupAnswer:
+    """Stores lock.released (reason `expired`) for each expired lock and alerts once per lock."""
+    params = CleanupParams(actor=_actor(request))
+    return await services.query(
+        "batch", "cleanup", CleanupAnswer, params, timeout=COMMAND_TIMEOUT_S
+    )
+
+
+router = Router(
+    path="/api/v1",
+    route_handlers=[
+        recent_executions,
+        execution_stats,
+        lock_status,
+        release_lock,
+        expired_locks,
+        cleanup_locks,
+    ],
+)

@@ -1,0 +1,116 @@
+"""The batch stream's events: execution lifecycle and job-lock lifecycle (contract §4 batch).
+
+`stockpilot.batch.run.<job_id>` carries batch.started/progress/finished and
+`stockpilot.batch.lock.<job_id>` carries lock.acquired/released. Fields beyond the contract
+(heartbeat_interval_s, fencing_token, traceback, note) are optional, so events stay additive.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from shared.events import JOB_ID_RE, AwareDatetime, Event, JobId
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+RUN_SUBJECT_PREFIX = "stockpilot.batch.run."
+LOCK_SUBJECT_PREFIX = "stockpilot.batch.lock."
+
+FinishedStatus = Literal["succeeded", "failed", "cancelled"]
+ReleaseReason = Literal["released", "forced", "expired"]
+
+
+def run_subject(job_id: str) -> str:
+    """Where a job's execution events go."""
+    return RUN_SUBJECT_PREFIX + job_id
+
+
+def lock_subject(job_id: str) -> str:
+    """Where a job's lock events go (one subject per job: Expected-Last-Subject-Sequence)."""
+    return LOCK_SUBJECT_PREFIX + job_id
+
+
+def job_id_problem(job_id: str) -> str | None:
+    """Why `job_id` is not a valid job id (it becomes a subject token), or None when it is."""
+    if JOB_ID_RE.fullmatch(job_id) is not None:
+        return None
+    if not job_id:
+        return "job_id must not be empty"
+    if len(job_id) > 64:
+        return f"job_id must be at most 64 characters, got {len(job_id)}"
+    bad = sorted({c for c in job_id if JOB_ID_RE.fullmatch(c) is None})
+    shown = ", ".join(repr(c) for c in bad[:5])
+    return (
+        f"job_id {job_id[:80]!r} may only contain ASCII letters, digits, '_' and '-' "
+        f"(pattern ^[A-Za-z0-9_-]{{1,64}}$); it contains {shown}"
+    )
+
+
+class BatchStarted(Event, frozen=True, kw_only=True, tag="batch.started"):
+    """An execution began (its worker holds the job lock)."""
+
+    execution_id: str
+    job_id: JobId
+    host: str
+    pid: int
+    items_total: NonNegativeInt | None = None
+    heartbeat_interval_s: PositiveFloat | None = None
+    fencing_token: int | None = None
+
+
+class BatchProgress(Event, frozen=True, kw_only=True, tag="batch.progress"):
+    """A heartbeat: how far the execution is and what the process uses."""
+
+    execution_id: str
+    job_id: JobId
+    items_processed: NonNegativeInt
+    items_total: NonNegativeInt | None = None
+    memory_mb: NonNegativeFloat
+    cpu_percent: NonNegativeFloat
+
+
+class BatchFinished(Event, frozen=True, kw_only=True, tag="batch.finished"):
+    """An execution ended: succeeded, failed (with the error) or cancelled."""
+
+    execution_id: str
+    job_id: JobId
+    status: FinishedStatus
+    items_processed: NonNegativeInt
+    duration_s: NonNegativeFloat
+    throughput_per_s: NonNegativeFloat
+    peak_memory_mb: NonNegativeFloat
+    avg_cpu_percent: NonNegativeFloat
+    warnings: list[str] = []
+    error: str | None = None
+    traceback: str | None = None
+
+
+class LockAcquired(Event, frozen=True, kw_only=True, tag="lock.acquired"):
+    """A job lock was taken until `expires_at`; its stream sequence is the fencing token."""
+
+    job_id: JobId
+    owner: str
+    execution_id: str | None = None
+    expires_at: AwareDatetime
+
+
+class LockReleased(Event, frozen=True, kw_only=True, tag="lock.released"):
+    """A job lock was given back (released), taken away (forced) or cleaned up (expired)."""
+
+    job_id: JobId
+    owner: str
+    reason: ReleaseReason
+    by: str
+    note: str | None = None
+
+
+RunEvent = BatchStarted | BatchProgress | BatchFinished
+LockEvent = LockAcquired | LockReleased
+BatchEvent = BatchStarted | BatchProgress | BatchFinished | LockAcquired | LockReleased
+
+decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
+decode_lock_event = msgspec.json.Decoder(LockEvent).decode

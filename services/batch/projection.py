@@ -1,0 +1,323 @@
+"""The batch projection: execution history (bounded) and job locks, as a pure fold.
+
+The fold needs the stream sequence of each event (a lock's fencing token is the sequence of
+its `lock.acquired`), so `apply` takes it and `BatchProjection.fold` passes it. Nothing here
+reads a clock: whether a lock has expired or a running execution is lost is decided at query
+time from `expires_at` and `last_heartbeat_at` (see `queries`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+import msgspec
+
+from services.batch.events import (
+    BatchEvent,
+    BatchFinished,
+    BatchProgress,
+    BatchStarted,
+    LockAcquired,
+    LockReleased,
+    ReleaseReason,
+    decode_batch_event,
+)
+from shared.bus import STREAMS
+from shared.events import Alert, AwareDatetime, alert_id
+from shared.projection import Projection, View
+
+ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost"]
+
+DEFAULT_HISTORY_LIMIT = 1000
+# A running execution is lost once this many heartbeat intervals pass without one.
+LOST_AFTER_INTERVALS = 3
+# What one execution may hold, so a snapshot of the full history stays bounded.
+MAX_WARNINGS = 20
+MAX_WARNING_CHARS = 500
+MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 4000
+
+
+class Execution(msgspec.Struct, kw_only=True):
+    """One execution as folded (status is never `lost` here: that is judged at query time)."""
+
+    execution_id: str
+    job_id: str
+    status: ExecutionStatus
+    started_at: AwareDatetime
+    finished_at: AwareDatetime | None = None
+    duration_s: float | None = None
+    items_processed: int = 0
+    items_total: int | None = None
+    progress_pct: float | None = None
+    throughput_per_s: float | None = None
+    peak_memory_mb: float | None = None
+    avg_cpu_percent: float | None = None
+    warnings: list[str] = []
+    error: str | None = None
+    traceback: str | None = None
+    host: str = ""
+    pid: int = 0
+    fencing_token: int | None = None
+    heartbeat_interval_s: float | None = None
+    last_heartbeat_at: AwareDatetime | None = None
+    heartbeats: int = 0
+    cpu_sum: float = 0.0
+    started_seq: int = 0
+
+
+class LockState(msgspec.Struct, kw_only=True):
+    """A held lock (possibly expired: that is judged at query time)."""
+
+    job_id: str
+    owner: str
+    execution_id: str | None
+    acquired_at: AwareDatetime
+    expires_at: AwareDatetime
+    fencing_token: int
+    ignored_acquires: int = 0
+
+
+class ReleasedLock(msgspec.Struct, kw_only=True):
+    """The lock the event just folded released (what `react` alerts on)."""
+
+    job_id: str
+    owner: str
+    fencing_token: int
+    reason: ReleaseReason
+    by: str
+    acquired_at: AwareDatetime
+    expires_at: AwareDatetime
+    released_at: AwareDatetime
+
+
+class BatchView(View, kw_only=True):
+    """Executions (oldest first, the newest `history_limit` kept) and currently held locks."""
+
+    executions: dict[str, Execution] = {}
+    locks: dict[str, LockState] = {}
+    evicted: int = 0
+    ignored_acquires: int = 0
+    ignored_releases: int = 0
+    orphan_events: int = 0
+    last_released: ReleasedLock | None = None
+
+
+def _pct(done: int, total: int | None) -> float | None:
+    if not total:
+        return None
+    return round(min(100.0, done * 100.0 / total), 2)
+
+
+def _started(view: BatchView, event: BatchStarted, seq: int, history_limit: int) -> None:
+    if event.execution_id in view.executions:
+        view.orphan_events += 1
+        return
+    view.executions[event.execution_id] = Execution(
+        execution_id=event.execution_id,
+        job_id=event.job_id,
+        status="running",
+        started_at=event.occurred_at,
+        items_total=event.items_total,
+        progress_pct=0.0 if event.items_total else None,
+        host=event.host,
+        pid=event.pid,
+        fencing_token=event.fencing_token,
+        heartbeat_interval_s=event.heartbeat_interval_s,
+        last_heartbeat_at=event.occurred_at,
+        started_seq=seq,
+    )
+    while len(view.executions) > history_limit:
+        del view.executions[next(iter(view.executions))]
+        view.evicted += 1
+
+
+def _progress(view: BatchView, event: BatchProgress) -> None:
+    execution = view.executions.get(event.execution_id)
+    if execution is None or execution.status != "running":
+        view.orphan_events += 1
+        return
+    execution.items_processed = event.items_processed
+    if event.items_total is not None:
+        execution.items_total = event.items_total
+    execution.progress_pct = _pct(execution.items_processed, execution.items_total)
+    if execution.last_heartbeat_at is None or event.occurred_at > execution.last_heartbeat_at:
+        execution.last_heartbeat_at = event.occurred_at
+    execution.peak_memory_mb = max(execution.peak_memory_mb or 0.0, event.memory_mb)
+    execution.heartbeats += 1
+    execution.cpu_sum += event.cpu_percent
+    execution.avg_cpu_percent = round(execution.cpu_sum / execution.heartbeats, 2)
+
+
+def _finished(view: BatchView, event: BatchFinished) -> None:
+    execution = view.executions.get(event.execution_id)
+    if execution is None or execution.status != "running":
+        view.orphan_events += 1
+        return
+    execution.status = event.status
+    execution.finished_at = event.occurred_at
+    execution.duration_s = event.duration_s
+    execution.items_processed = event.items_processed
+    execution.throughput_per_s = event.throughput_per_s
+    execution.peak_memory_mb = max(execution.peak_memory_mb or 0.0, event.peak_memory_mb)
+    execution.avg_cpu_percent = event.avg_cpu_percent
+    execution.warnings = [w[:MAX_WARNING_CHARS] for w in event.warnings[:MAX_WARNINGS]]
+    execution.error = event.error[:MAX_ERROR_CHARS] if event.error is not None else None
+    execution.traceback = (
+        event.traceback[-MAX_TRACEBACK_CHARS:] if event.traceback is not None else None
+    )
+    pct = _pct(execution.items_processed, execution.items_total)
+    execution.progress_pct = 100.0 if pct is None and event.status == "succeeded" else pct
+
+
+def _acquired(view: BatchView, event: LockAcquired, seq: int) -> None:
+    held = view.locks.get(event.job_id)
+    if held is not None and held.expires_at > event.occurred_at:
+        # Stored while another holder's lock was live (a publisher that skipped the
+        # Expected-Last-Subject-Sequence check): it does not take the lock.
+        held.ignored_acquires += 1
+        view.ignored_acquires += 1
+        return
+    view.locks[event.job_id] = LockState(
+        job_id=event.job_id,
+        owner=event.owner,
+        execution_id=event.execution_id,
+        acquired_at=event.occurred_at,
+        expires_at=event.expires_at,
+        fencing_token=seq,
+    )
+
+
+def _released(view: BatchView, event: LockReleased) -> None:
+    held = view.locks.get(event.job_id)
+    if held is None or held.owner != event.owner:
+        view.ignored_releases += 1
+        return
+    del view.locks[event.job_id]
+    view.last_released = ReleasedLock(
+        job_id=held.job_id,
+        owner=held.owner,
+        fencing_token=held.fencing_token,
+        reason=event.reason,
+        by=event.by,
+        acquired_at=held.acquired_at,
+        expires_at=held.expires_at,
+        released_at=event.occurred_at,
+    )
+
+
+def apply(
+    view: BatchView, event: BatchEvent, seq: int, history_limit: int = DEFAULT_HISTORY_LIMIT
+) -> BatchView:
+    """Fold one event stored at stream sequence `seq` into the view (in place)."""
+    view.last_released = None
+    match event:
+        case BatchStarted():
+            _started(view, event, seq, history_limit)
+        case BatchProgress():
+            _progress(view, event)
+        case BatchFinished():
+            _finished(view, event)
+        case LockAcquired():
+            _acquired(view, event, seq)
+        case LockReleased():
+            _released(view, event)
+    return view
+
+
+def job_failed_alert(execution: Execution, occurred_at: datetime, why: str) -> Alert:
+    """`batch.job_failed` for one execution (one id per execution, whether failed or lost)."""
+    return Alert(
+        id=alert_id("batch.job_failed", execution.job_id, execution.execution_id),
+        occurred_at=occurred_at,
+        source="batch",
+        kind="batch.job_failed",
+        severity="critical",
+        title=f"Batch job {execution.job_id} {why}",
+        message=(
+            f"execution {execution.execution_id} of {execution.job_id} on "
+            f"{execution.host or '?'} (pid {execution.pid}) {why}"
+            + (f": {execution.error}" if execution.error else "")
+        )[:1000],
+        metric="failed_executions",
+        value=1,
+        threshold=1,
+    )
+
+
+def lost_at(execution: Execution, default_interval_s: float) -> datetime | None:
+    """When a running execution counts as lost (3 heartbeat intervals after the last one)."""
+    if execution.status != "running":
+        return None
+    interval = execution.heartbeat_interval_s or default_interval_s
+    last = execution.last_heartbeat_at or execution.started_at
+    return last + timedelta(seconds=LOST_AFTER_INTERVALS * interval)
+
+
+def react(view: BatchView, event: BatchEvent) -> Sequence[Alert]:
+    """Alerts derived from the event just folded: a failed run, an expired lock cleaned up."""
+    match event:
+        case BatchFinished(status="failed"):
+            execution = view.executions.get(event.execution_id)
+            if execution is not None and execution.status == "failed":
+                return [job_failed_alert(execution, event.occurred_at, "failed")]
+        case LockReleased(reason="expired"):
+            released = view.last_released
+            if released is not None:
+                ttl = (released.expires_at - released.acquired_at).total_seconds()
+                return [
+                    Alert(
+                        id=alert_id(
+                            "batch.lock_expired", released.job_id, str(released.fencing_token)
+                        ),
+                        occurred_at=event.occurred_at,
+                        source="batch",
+                        kind="batch.lock_expired",
+                        severity="warning",
+                        title=f"Lock of batch job {released.job_id} expired",
+                        message=(
+                            f"the lock of {released.job_id} held by {released.owner} "
+                            f"(fencing token {released.fencing_token}) expired at "
+                            f"{released.expires_at.isoformat()} and was released by {released.by}"
+                        ),
+                        metric="lock_ttl_s",
+                        value=ttl,
+                        threshold=ttl,
+                    )
+                ]
+    return ()
+
+
+@dataclass
+class BatchProjection(Projection[BatchView, BatchEvent]):
+    """A Projection whose fold hands the stream sequence to `apply`."""
+
+    history_limit: int = DEFAULT_HISTORY_LIMIT
+
+    def fold(self, seq: int, data: bytes) -> Sequence[Alert]:
+        """Decode and apply one stored message at `seq`."""
+        event = self.decode(data)
+        self.view = apply(self.view, event, seq, self.history_limit)
+        self.view.last_seq = seq
+        return react(self.view, event)
+
+
+def batch_projection(history_limit: int = DEFAULT_HISTORY_LIMIT) -> BatchProjection:
+    """The projection of the whole STOCKPILOT_BATCH stream."""
+
+    def apply_next(view: BatchView, event: BatchEvent) -> BatchView:
+        # For callers of the plain Projection API: the batch stream has no gaps in practice.
+        return apply(view, event, view.last_seq + 1, history_limit)
+
+    return BatchProjection(
+        name="batch",
+        stream=STREAMS["batch"],
+        view_type=BatchView,
+        decode=decode_batch_event,
+        apply=apply_next,
+        react=react,
+        history_limit=history_limit,
+    )

@@ -1,0 +1,415 @@
+"""Pure queries over the batch view, their parameters and their answers (contract §5).
+
+Time-dependent answers take `now`: a running execution with no heartbeat for three intervals
+is `lost`, a lock past its `expires_at` is expired. Nothing here changes the view.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime, timedelta
+from typing import Annotated
+
+import msgspec
+
+from services.batch.decide import expired_locks
+from services.batch.projection import (
+    BatchView,
+    Execution,
+    ExecutionStatus,
+    LockState,
+    lost_at,
+)
+from shared.events import AwareDatetime, JobId
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
+Hours = Annotated[float, msgspec.Meta(gt=0, le=24 * 400)]
+Note = Annotated[str, msgspec.Meta(max_length=500)]
+Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+MAX_PATTERNS = 20
+
+
+# ----- parameters (what the gateway sends to the service endpoints) ------------------------
+
+
+class RecentParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`recent`: the newest executions, optionally of one job."""
+
+    limit: Limit = 50
+    job_id: JobId | None = None
+
+
+class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`stats`: executions started in the last `hours`, optionally of one job."""
+
+    hours: Hours = 24.0
+    job_id: JobId | None = None
+
+
+class JobParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`lock_status`: one job."""
+
+    job_id: JobId
+
+
+class ReleaseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`release`: force-release one job's lock on behalf of `actor`."""
+
+    job_id: JobId
+    actor: Actor
+    reason: Note | None = None
+
+
+class CleanupParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`cleanup`: release every expired lock on behalf of `actor`."""
+
+    actor: Actor
+
+
+# ----- answers ----------------------------------------------------------------------------
+
+
+class ExecutionOut(msgspec.Struct, kw_only=True):
+    """One execution as the API shows it (status judged at the time of the query)."""
+
+    execution_id: str
+    job_id: str
+    status: ExecutionStatus
+    started_at: AwareDatetime
+    finished_at: AwareDatetime | None
+    duration_s: float | None
+    items_processed: int
+    items_total: int | None
+    progress_pct: float | None
+    throughput_per_s: float | None
+    peak_memory_mb: float | None
+    avg_cpu_percent: float | None
+    warnings: list[str]
+    error: str | None
+    traceback: str | None
+    host: str
+    pid: int
+    fencing_token: int | None
+    last_heartbeat_at: AwareDatetime | None
+    heartbeat_interval_s: float | None
+
+
+class RecentExecutions(msgspec.Struct, kw_only=True):
+    """Newest first; `total` is how many matching executions the history holds."""
+
+    executions: list[ExecutionOut]
+    total: int
+
+
+class FailurePattern(msgspec.Struct, kw_only=True):
+    """Errors that differ only in numbers, ids or paths, counted together."""
+
+    error: str
+    count: int
+    last_seen: AwareDatetime
+    example: str
+    job_ids: list[str]
+
+
+class JobStats(msgspec.Struct, kw_only=True):
+    """One job's executions in the window."""
+
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    lost: int
+    running: int
+    success_rate: float | None
+    avg_duration_s: float | None
+    p95_duration_s: float | None
+    avg_throughput_per_s: float | None
+    peak_memory_mb: float | None
+    avg_cpu_percent: float | None
+    last_started_at: AwareDatetime | None
+    last_status: ExecutionStatus | None
+
+
+class BatchStats(JobStats, kw_only=True):
+    """Executions started in the window. `success_rate` is a percentage of the finished ones
+    (succeeded, failed, cancelled, lost); durations are of finished executions."""
+
+    hours: float
+    since: AwareDatetime
+    by_job: dict[str, JobStats]
+    failure_patterns: list[FailurePattern]
+
+
+class LockStatus(msgspec.Struct, kw_only=True):
+    """A job's lock: `locked` while held and live, `expired` once held past `expires_at`."""
+
+    job_id: str
+    locked: bool
+    owner: str | None
+    acquired_at: AwareDatetime | None
+    expires_at: AwareDatetime | None
+    expired: bool
+    fencing_token: int | None
+    execution_id: str | None
+
+
+class ExpiredLocks(msgspec.Struct, kw_only=True):
+    """Locks held past their lifetime (cleanup releases them)."""
+
+    locks: list[LockStatus]
+    total: int
+
+
+class ReleaseAnswer(msgspec.Struct, kw_only=True):
+    """Result of a force release; `released` is false when nothing was held."""
+
+    job_id: str
+    released: bool
+    previous_owner: str | None
+    fencing_token: int | None = None
+
+
+class CleanupAnswer(msgspec.Struct, kw_only=True):
+    """The jobs whose expired locks were released."""
+
+    released: list[str]
+    count: int
+
+
+class BatchSummary(msgspec.Struct, kw_only=True):
+    """The `summary` answer (gateway.routes.system.BatchSummary): failed counts lost runs."""
+
+    running: int
+    failed_24h: int
+    expired_locks: int
+
+
+# ----- queries ----------------------------------------------------------------------------
+
+
+def status_at(execution: Execution, now: datetime, default_interval_s: float) -> ExecutionStatus:
+    """The execution's status at `now` (a silent running one is `lost`)."""
+    deadline = lost_at(execution, default_interval_s)
+    if deadline is not None and now > deadline:
+        return "lost"
+    return execution.status
+
+
+def execution_out(execution: Execution, now: datetime, default_interval_s: float) -> ExecutionOut:
+    """The API shape of one execution at `now`."""
+    return ExecutionOut(
+        execution_id=execution.execution_id,
+        job_id=execution.job_id,
+        status=status_at(execution, now, default_interval_s),
+        started_at=execution.started_at,
+        finished_at=execution.finished_at,
+        duration_s=execution.duration_s,
+        items_processed=execution.items_processed,
+        items_total=execution.items_total,
+        progress_pct=execution.progress_pct,
+        throughput_per_s=execution.throughput_per_s,
+        peak_memory_mb=execution.peak_memory_mb,
+        avg_cpu_percent=execution.avg_cpu_percent,
+        warnings=list(execution.warnings),
+        error=execution.error,
+        traceback=execution.traceback,
+        host=execution.host,
+        pid=execution.pid,
+        fencing_token=execution.fencing_token,
+        last_heartbeat_at=execution.last_heartbeat_at,
+        heartbeat_interval_s=execution.heartbeat_interval_s,
+    )
+
+
+def recent(
+    view: BatchView, params: RecentParams, now: datetime, default_interval_s: float
+) -> RecentExecutions:
+    """The newest `limit` executions (of `job_id` if given), newest first."""
+    matching = [
+        e for e in view.executions.values() if params.job_id is None or e.job_id == params.job_id
+    ]
+    newest = matching[::-1][: params.limit]
+    return RecentExecutions(
+        executions=[execution_out(e, now, default_interval_s) for e in newest],
+        total=len(matching),
+    )
+
+
+def p95(values: list[float]) -> float | None:
+    """The nearest-rank 95th percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 3) if values else None
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_PATH = re.compile(r"(?:\b[A-Za-z]:)?(?:[/\\][^\s/\\:'\",;()\[\]{}<>]+)+[/\\]?")
+_DECIMAL = re.compile(r"\b\d+\.\d+\b")
+_TOKEN_WITH_DIGIT = re.compile(r"[A-Za-z0-9_-]*\d[A-Za-z0-9_-]*")
+
+
+def _token(match: re.Match[str]) -> str:
+    return "<n>" if match.group().isdigit() else "<id>"
+
+
+def error_pattern(error: str) -> str:
+    """The error's first line with numbers, ids and paths replaced by placeholders."""
+    text = (error.strip().splitlines() or [""])[0]
+    text = _UUID.sub("<id>", text)
+    text = _PATH.sub("<path>", text)
+    text = _DECIMAL.sub("<n>", text)
+    text = _TOKEN_WITH_DIGIT.sub(_token, text)
+    return text[:300]
+
+
+def failure_patterns(
+    executions: list[tuple[Execution, ExecutionStatus]],
+) -> list[FailurePattern]:
+    """Failed and lost executions grouped by error pattern, most frequent first."""
+    groups: dict[str, FailurePattern] = {}
+    for execution, status in executions:
+        if status == "failed":
+            error = execution.error or "failed without an error message"
+            seen = execution.finished_at or execution.started_at
+        elif status == "lost":
+            error = "execution lost: heartbeats stopped"
+            seen = execution.last_heartbeat_at or execution.started_at
+        else:
+            continue
+        key = error_pattern(error)
+        group = groups.get(key)
+        if group is None:
+            groups[key] = FailurePattern(
+                error=key, count=1, last_seen=seen, example=error[:500], job_ids=[execution.job_id]
+            )
+            continue
+        group.count += 1
+        if seen >= group.last_seen:
+            group.last_seen = seen
+            group.example = error[:500]
+        if execution.job_id not in group.job_ids and len(group.job_ids) < 20:
+            group.job_ids.append(execution.job_id)
+    ordered = sorted(groups.values(), key=lambda g: (-g.count, -g.last_seen.timestamp(), g.error))
+    return ordered[:MAX_PATTERNS]
+
+
+def _job_stats(executions: list[tuple[Execution, ExecutionStatus]]) -> JobStats:
+    counts = {"running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "lost": 0}
+    for _, status in executions:
+        counts[status] += 1
+    finished = len(executions) - counts["running"]
+    durations = [e.duration_s for e, s in executions if e.duration_s is not None and s != "lost"]
+    throughputs = [e.throughput_per_s for e, _ in executions if e.throughput_per_s is not None]
+    memory = [e.peak_memory_mb for e, _ in executions if e.peak_memory_mb is not None]
+    cpu = [e.avg_cpu_percent for e, _ in executions if e.avg_cpu_percent is not None]
+    last = executions[-1] if executions else None
+    return JobStats(
+        total=len(executions),
+        succeeded=counts["succeeded"],
+        failed=counts["failed"],
+        cancelled=counts["cancelled"],
+        lost=counts["lost"],
+        running=counts["running"],
+        success_rate=round(counts["succeeded"] * 100.0 / finished, 2) if finished else None,
+        avg_duration_s=_mean(durations),
+        p95_duration_s=p95(durations),
+        avg_throughput_per_s=_mean(throughputs),
+        peak_memory_mb=max(memory) if memory else None,
+        avg_cpu_percent=_mean(cpu),
+        last_started_at=last[0].started_at if last else None,
+        last_status=last[1] if last else None,
+    )
+
+
+def stats(
+    view: BatchView, params: StatsParams, now: datetime, default_interval_s: float
+) -> BatchStats:
+    """Counts, rates, durations and failure patterns of executions started in the window."""
+    since = now - timedelta(hours=params.hours)
+    selected = [
+        (e, status_at(e, now, default_interval_s))
+        for e in view.executions.values()
+        if e.started_at >= since and (params.job_id is None or e.job_id == params.job_id)
+    ]
+    by_job: dict[str, list[tuple[Execution, ExecutionStatus]]] = {}
+    for pair in selected:
+        by_job.setdefault(pair[0].job_id, []).append(pair)
+    overall = _job_stats(selected)
+    return BatchStats(
+        **msgspec.structs.asdict(overall),
+        hours=params.hours,
+        since=since,
+        by_job={job: _job_stats(pairs) for job, pairs in sorted(by_job.items())},
+        failure_patterns=failure_patterns(selected),
+    )
+
+
+def lock_status(view: BatchView, job_id: str, now: datetime) -> LockStatus:
+    """One job's lock at `now`."""
+    lock = view.locks.get(job_id)
+    if lock is None:
+        return LockStatus(
+            job_id=job_id,
+            locked=False,
+            owner=None,
+            acquired_at=None,
+            expires_at=None,
+            expired=False,
+            fencing_token=None,
+            execution_id=None,
+        )
+    return _status_of(lock, now)
+
+
+def _status_of(lock: LockState, now: datetime) -> LockStatus:
+    expired = lock.expires_at <= now
+    return LockStatus(
+        job_id=lock.job_id,
+        locked=not expired,
+        owner=lock.owner,
+        acquired_at=lock.acquired_at,
+        expires_at=lock.expires_at,
+        expired=expired,
+        fencing_token=lock.fencing_token,
+        execution_id=lock.execution_id,
+    )
+
+
+def expired(view: BatchView, now: datetime) -> ExpiredLocks:
+    """Every lock held past its lifetime at `now`."""
+    locks = [_status_of(lock, now) for lock in expired_locks(view, now)]
+    return ExpiredLocks(locks=locks, total=len(locks))
+
+
+def lost_executions(
+    view: BatchView, now: datetime, default_interval_s: float
+) -> list[tuple[Execution, datetime]]:
+    """Running executions that went silent, with the moment they counted as lost."""
+    found = []
+    for execution in view.executions.values():
+        deadline = lost_at(execution, default_interval_s)
+        if deadline is not None and now > deadline:
+            found.append((execution, deadline))
+    return found
+
+
+def summary(view: BatchView, now: datetime, default_interval_s: float) -> BatchSummary:
+    """Running executions, failed (or lost) ones started in the last 24 h, expired locks."""
+    since = now - timedelta(hours=24)
+    running = failed = 0
+    for execution in view.executions.values():
+        status = status_at(execution, now, default_interval_s)
+        if status == "running":
+            running += 1
+        elif status in ("failed", "lost") and execution.started_at >= since:
+            failed += 1
+    return BatchSummary(
+        running=running, failed_24h=failed, expired_locks=len(expired_locks(view, now))
+    )

@@ -1,0 +1,162 @@
+"""The batch service: the NATS adapter around the batch projection.
+
+Queries answer from the projection with `now`; the two commands (force release, cleanup) read
+the lock subject's last sequence, decide from the projection caught up to it, publish with
+`Nats-Expected-Last-Subject-Sequence` (so they cannot race a new acquire) and wait until the
+projection has folded what they stored. A background task raises `batch.job_failed` for
+running executions whose heartbeats stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from nats.js.errors import NotFoundError as JsNotFoundError
+
+from services.batch import queries
+from services.batch.client import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, _is_wrong_last_sequence
+from services.batch.decide import expired_locks, release_event
+from services.batch.events import job_id_problem, lock_subject
+from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
+from services.batch.settings import BatchSettings
+from shared import bus
+from shared.errors import ConflictError, InvalidRequestError, UnavailableError
+from shared.events import Event
+from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+
+RELEASE_ATTEMPTS = 3
+
+
+async def _last_seq(ctx: Context, job_id: str) -> int:
+    """The sequence of the last message on the job's lock subject (0 when none)."""
+    try:
+        msg = await ctx.js.get_last_msg(BATCH_STREAM, lock_subject(job_id), direct=True)
+    except JsNotFoundError:
+        return 0
+    except Exception as exc:
+        if type(exc).__module__.startswith("nats"):
+            raise UnavailableError(f"could not read the lock of {job_id}: {exc}") from None
+        raise
+    return int(msg.seq or 0)
+
+
+async def _publish_expecting(ctx: Context, job_id: str, event: Event, seq: int) -> int | None:
+    """Store `event` on the lock subject if its last sequence is still `seq`; its sequence."""
+    try:
+        ack = await bus.publish_event(
+            ctx.js, lock_subject(job_id), event, headers={EXPECTED_LAST_SUBJECT_SEQ: str(seq)}
+        )
+    except Exception as exc:
+        if _is_wrong_last_sequence(exc):
+            return None
+        if type(exc).__module__.startswith("nats"):
+            raise UnavailableError(f"could not store the event in JetStream: {exc}") from None
+        raise
+    return int(ack.seq)
+
+
+def _check(job_id: str) -> None:
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise InvalidRequestError(problem)
+
+
+def build(settings: BatchSettings) -> ServiceDefinition:
+    """The batch service for these settings."""
+    batch: BatchProjection = batch_projection(settings.history_limit)
+    interval = settings.heartbeat_interval_s
+
+    async def recent(params: queries.RecentParams, ctx: Context) -> queries.RecentExecutions:
+        return queries.recent(batch.view, params, ctx.now(), interval)
+
+    async def stats(params: queries.StatsParams, ctx: Context) -> queries.BatchStats:
+        return queries.stats(batch.view, params, ctx.now(), interval)
+
+    async def lock_status(params: queries.JobParams, ctx: Context) -> queries.LockStatus:
+        return queries.lock_status(batch.view, params.job_id, ctx.now())
+
+    async def expired(_: NoParams, ctx: Context) -> queries.ExpiredLocks:
+        return queries.expired(batch.view, ctx.now())
+
+    async def summary(_: NoParams, ctx: Context) -> queries.BatchSummary:
+        return queries.summary(batch.view, ctx.now(), interval)
+
+    async def release(params: queries.ReleaseParams, ctx: Context) -> queries.ReleaseAnswer:
+        _check(params.job_id)
+        for _ in range(RELEASE_ATTEMPTS):
+            seq = await _last_seq(ctx, params.job_id)
+            await ctx.wait_applied(batch, seq)
+            lock = batch.view.locks.get(params.job_id)
+            if lock is None:
+                return queries.ReleaseAnswer(
+                    job_id=params.job_id, released=False, previous_owner=None
+                )
+            event = release_event(
+                lock, reason="forced", by=params.actor, now=ctx.now(), note=params.reason
+            )
+            stored = await _publish_expecting(ctx, params.job_id, event, seq)
+            if stored is not None:
+                await ctx.wait_applied(batch, stored)
+                return queries.ReleaseAnswer(
+                    job_id=params.job_id,
+                    released=True,
+                    previous_owner=lock.owner,
+                    fencing_token=lock.fencing_token,
+                )
+        raise ConflictError(
+            f"the lock of {params.job_id} kept changing while it was being released; try again"
+        )
+
+    async def cleanup(params: queries.CleanupParams, ctx: Context) -> queries.CleanupAnswer:
+        released: list[str] = []
+        last_stored = 0
+        for candidate in expired_locks(batch.view, ctx.now()):
+            seq = await _last_seq(ctx, candidate.job_id)
+            await ctx.wait_applied(batch, seq)
+            lock = batch.view.locks.get(candidate.job_id)
+            now = ctx.now()
+            if lock is None or lock.expires_at > now:
+                continue
+            event = release_event(lock, reason="expired", by=params.actor, now=now)
+            stored = await _publish_expecting(ctx, lock.job_id, event, seq)
+            if stored is not None:
+                released.append(lock.job_id)
+                last_stored = max(last_stored, stored)
+        if last_stored:
+            await ctx.wait_applied(batch, last_stored)
+        return queries.CleanupAnswer(released=released, count=len(released))
+
+    async def watch_lost(ctx: Context) -> None:
+        """Raise `batch.job_failed` once for each running execution that went silent."""
+        raised: set[str] = set()
+        while not ctx.stopping.is_set():
+            alerts = []
+            for execution, at in queries.lost_executions(batch.view, ctx.now(), interval):
+                alert = job_failed_alert(execution, at, "was lost (its heartbeats stopped)")
+                if alert.id not in raised:
+                    alerts.append(alert)
+                    raised.add(alert.id)
+            if alerts:
+                await ctx.raise_alerts(alerts)
+            if len(raised) > 100_000:
+                raised.clear()  # the alert ledger still keeps them from repeating
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stopping.wait(), settings.lost_check_interval_s)
+
+    return ServiceDefinition(
+        name="batch",
+        projections=[batch],
+        endpoints=[
+            Endpoint("recent", queries.RecentParams, recent),
+            Endpoint("stats", queries.StatsParams, stats),
+            Endpoint("lock_status", queries.JobParams, lock_status),
+            Endpoint("expired_locks", NoParams, expired),
+            Endpoint("summary", NoParams, summary),
+            Endpoint("release", queries.ReleaseParams, release),
+            Endpoint("cleanup", queries.CleanupParams, cleanup),
+        ],
+        background=[watch_lost],
+        alert_source="batch",
+        description="StockPilot batch executions and job locks",
+    )
