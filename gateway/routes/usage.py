@@ -1,7 +1,169 @@
-"""The /api/v1/usage routes (filled in by the usage service issue)."""
+"""The /api/v1/usage routes: statistics, time series, costs, alerts, reset and record ingest.
+
+The gateway never publishes usage events itself: posted records go to the usage service's
+`ingest` endpoint, which validates each one, publishes and waits until they are folded.
+"""
 
 from __future__ import annotations
 
-from litestar import Router
+from typing import Any
 
-router = Router(path="/api/v1", route_handlers=[])
+import msgspec
+from litestar import Request, Router, get, post
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+
+from gateway.auth import admin_guard, ingest_guard, read_guard
+from gateway.services import ServiceClient
+from services.usage.decide import (
+    MAX_RECORDS,
+    IngestAnswer,
+    IngestParams,
+    ResetAnswer,
+    ResetParams,
+)
+from services.usage.queries import (
+    AlertList,
+    AlertsParams,
+    StatsParams,
+    TimeseriesParams,
+    UsageCosts,
+    UsageStats,
+    UsageTimeseries,
+)
+from shared.errors import InvalidRequestError
+from shared.events import utc_now
+
+# A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
+FORWARD_MAX_BYTES = 900 * 1024
+INGEST_TIMEOUT_S = 15.0
+_encode = msgspec.json.Encoder().encode
+
+
+class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of POST /usage/reset."""
+
+    scope: str = "all"
+    reason: str | None = None
+
+
+@get("/usage/stats", summary="LLM usage statistics for a day or a range", guards=[read_guard])
+async def usage_stats(
+    services: ServiceClient,
+    date: str | None = None,
+    start: str | None = None,
+    end: str | None = None,
+) -> UsageStats:
+    """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default."""
+    params = StatsParams(date=date, start=start, end=end)
+    return await services.query("usage", "stats", UsageStats, params)
+
+
+@get("/usage/timeseries", summary="Hourly or daily usage buckets", guards=[read_guard])
+async def usage_timeseries(
+    services: ServiceClient,
+    bucket: str = "hour",
+    start: str | None = None,
+    end: str | None = None,
+) -> UsageTimeseries:
+    """Every bucket of the range (zeros included); hourly today by default."""
+    params = TimeseriesParams(bucket=bucket, start=start, end=end)
+    return await services.query("usage", "timeseries", UsageTimeseries, params)
+
+
+@get("/usage/costs", summary="Spend against the budgets, by model and day", guards=[read_guard])
+async def usage_costs(services: ServiceClient) -> UsageCosts:
+    """Today, this month, by model, the last 30 days, unpriced models and the forecast."""
+    return await services.query("usage", "costs", UsageCosts)
+
+
+@get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard])
+async def usage_alerts(services: ServiceClient, limit: int = 100) -> AlertList:
+    """The newest `limit` (1–1000) alerts and how many are held."""
+    return await services.query("usage", "alerts", AlertList, AlertsParams(limit=limit))
+
+
+@post(
+    "/usage/reset",
+    summary="Restart usage statistics from zero (admin)",
+    guards=[admin_guard],
+    status_code=HTTP_200_OK,
+)
+async def usage_reset(request: Request[Any, Any, Any], services: ServiceClient) -> ResetAnswer:
+    """Appends `usage.reset`; the stream keeps every event (replay gives the same state)."""
+    body = await request.body()
+    reset = _decode_body(body, ResetBody) if body.strip() else ResetBody()
+    if reset.scope != "all":
+        raise InvalidRequestError(
+            f"body field 'scope': only 'all' is supported, got {reset.scope!r}"
+        )
+    params = ResetParams(scope="all", reason=reset.reason, actor="admin")
+    return await services.query("usage", "reset", ResetAnswer, params)
+
+
+@post(
+    "/usage/records",
+    summary="Ingest LLM usage records (one or a list of up to 1,000)",
+    guards=[ingest_guard],
+    status_code=HTTP_202_ACCEPTED,
+)
+async def usage_records(request: Request[Any, Any, Any], services: ServiceClient) -> IngestAnswer:
+    """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}]."""
+    received_at = utc_now()
+    body = await request.body()
+    data = _decode_body(body, Any)
+    if isinstance(data, dict):
+        records: list[Any] = [data]
+    elif isinstance(data, list):
+        records = data
+    else:
+        raise InvalidRequestError("body: expected a record (JSON object) or a list of records")
+    if len(records) > MAX_RECORDS:
+        raise InvalidRequestError(
+            f"body: at most {MAX_RECORDS} records per request, got {len(records)}"
+        )
+    answer = IngestAnswer(accepted=0, duplicates=0, rejected=[], ids=[])
+    for part in _parts(IngestParams(records=records, received_at=received_at)):
+        got = await services.query("usage", "ingest", IngestAnswer, part, timeout=INGEST_TIMEOUT_S)
+        answer.accepted += got.accepted
+        answer.duplicates += got.duplicates
+        answer.rejected.extend(got.rejected)
+        answer.ids.extend(got.ids)
+    return answer
+
+
+def _decode_body(body: bytes, kind: Any) -> Any:
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"body: not valid JSON ({exc})") from None
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"body: {exc}") from None
+
+
+def _parts(params: IngestParams) -> list[IngestParams]:
+    """Split so every forwarded request fits in one NATS message."""
+    if len(params.records) <= 1 or len(_encode(params)) <= FORWARD_MAX_BYTES:
+        return [params]
+    half = len(params.records) // 2
+    first = IngestParams(
+        records=params.records[:half], received_at=params.received_at, offset=params.offset
+    )
+    second = IngestParams(
+        records=params.records[half:],
+        received_at=params.received_at,
+        offset=params.offset + half,
+    )
+    return [*_parts(first), *_parts(second)]
+
+
+router = Router(
+    path="/api/v1",
+    route_handlers=[
+        usage_stats,
+        usage_timeseries,
+        usage_costs,
+        usage_alerts,
+        usage_reset,
+        usage_records,
+    ],
+)

@@ -1,0 +1,119 @@
+"""Pure command handlers: posted records become events (or reasons), a reset becomes an event."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from services.usage.events import UsageRecorded, UsageRecordedIn, UsageReset
+from shared.bus import describe_decode_error
+from shared.errors import InvalidRequestError
+from shared.events import AwareDatetime
+
+MAX_RECORDS = 1_000
+
+
+class IngestParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the gateway forwards: the posted records as they came, and when it received them."""
+
+    records: list[Any]
+    received_at: AwareDatetime
+    # Where `records[0]` was in the posted list (the gateway splits very large bodies).
+    offset: int = 0
+
+
+class Rejected(msgspec.Struct, kw_only=True):
+    """A posted record that was not accepted, by its index in the posted list."""
+
+    index: int
+    reason: str
+
+
+class IngestAnswer(msgspec.Struct, kw_only=True):
+    """`POST /api/v1/usage/records` answer (202)."""
+
+    accepted: int
+    duplicates: int
+    rejected: list[Rejected]
+    ids: list[str] = []
+
+
+class ResetParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of `POST /api/v1/usage/reset`."""
+
+    scope: Literal["all"] = "all"
+    reason: str | None = None
+    actor: str = "admin"
+
+
+class ResetAnswer(msgspec.Struct, kw_only=True):
+    """`POST /api/v1/usage/reset` answer."""
+
+    reset: bool
+    scope: str
+    at: AwareDatetime
+    id: str
+
+
+def records_to_events(
+    params: IngestParams, new_id: Callable[[], str]
+) -> tuple[list[tuple[int, UsageRecorded]], list[Rejected]]:
+    """Validate each record on its own: events to publish (with their index) and rejections."""
+    if len(params.records) > MAX_RECORDS:
+        raise InvalidRequestError(
+            f"body: at most {MAX_RECORDS} records per request, got {len(params.records)}"
+        )
+    events: list[tuple[int, UsageRecorded]] = []
+    rejected: list[Rejected] = []
+    for position, raw in enumerate(params.records):
+        index = params.offset + position
+        if not isinstance(raw, dict):
+            rejected.append(Rejected(index=index, reason="a record must be a JSON object"))
+            continue
+        kind = raw.get("type", "usage.recorded")
+        if kind != "usage.recorded":
+            rejected.append(
+                Rejected(
+                    index=index,
+                    reason=f"unknown type {kind!r}: only 'usage.recorded' records are accepted",
+                )
+            )
+            continue
+        try:
+            record = msgspec.convert(raw, UsageRecordedIn)
+        except msgspec.ValidationError as exc:
+            rejected.append(Rejected(index=index, reason=describe_decode_error(exc)))
+            continue
+        events.append((index, to_event(record, params.received_at, new_id)))
+    return events, rejected
+
+
+def to_event(
+    record: UsageRecordedIn, received_at: datetime, new_id: Callable[[], str]
+) -> UsageRecorded:
+    """The event a valid record stands for (id and occurred_at defaulted)."""
+    return UsageRecorded(
+        id=record.id or record.request_id or new_id(),
+        occurred_at=record.occurred_at or received_at,
+        model=record.model,
+        status_code=record.status_code,
+        request_id=record.request_id,
+        endpoint=record.endpoint,
+        prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens,
+        cached_tokens=record.cached_tokens,
+        cost_usd=record.cost_usd,
+        error_code=record.error_code,
+        response_time_ms=record.response_time_ms,
+        user_id=record.user_id,
+    )
+
+
+def reset_event(params: ResetParams, now: datetime, event_id: str) -> UsageReset:
+    """The reset an admin asked for."""
+    return UsageReset(
+        id=event_id, occurred_at=now, actor=params.actor, scope=params.scope, reason=params.reason
+    )

@@ -1,0 +1,535 @@
+"""Pure queries over the usage views: parameters in, response structs out (now is an argument)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from services.usage import sketch
+from services.usage.history import AlertHistory
+from services.usage.projection import (
+    Agg,
+    UsageView,
+    day_start,
+    merge_agg,
+    month_bounds,
+)
+from services.usage.settings import UsageSettings
+from services.usage.sketch import Sketch
+from shared.errors import InvalidRequestError
+from shared.events import Alert, AwareDatetime
+
+MAX_RANGE_DAYS = 90
+COST_DAYS = 30
+RATE_WINDOW_S = 300
+
+
+# ----- parameters --------------------------------------------------------------------------
+
+
+class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?date=` or `?start=&end=` (YYYY-MM-DD in STOCKPILOT_TZ); today by default."""
+
+    date: str | None = None
+    start: str | None = None
+    end: str | None = None
+
+
+class TimeseriesParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?bucket=hour|day&start=&end=`; hourly today by default."""
+
+    bucket: str = "hour"
+    start: str | None = None
+    end: str | None = None
+
+
+class AlertsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?limit=` 1–1000."""
+
+    limit: int = 100
+
+
+# ----- answers -----------------------------------------------------------------------------
+
+
+class StatsPeriod(msgspec.Struct, kw_only=True):
+    """The days a statistics answer covers (inclusive, in `timezone`)."""
+
+    start: date
+    end: date
+    timezone: str
+
+
+class Breakdown(msgspec.Struct, kw_only=True):
+    """Usage of one endpoint, model or user."""
+
+    requests: int
+    successful_requests: int
+    failed_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    cost_usd: float
+    avg_response_time_ms: float
+
+
+class UserUsage(msgspec.Struct, kw_only=True):
+    """One of the heaviest users."""
+
+    user_id: str
+    requests: int
+    failed_requests: int
+    total_tokens: int
+    cost_usd: float
+
+
+class UsageStats(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/stats`; rates are percentages (0–100)."""
+
+    period: StatsPeriod
+    total_requests: int
+    successful_requests: int
+    failed_requests: int
+    success_rate: float
+    error_rate: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    total_cost_usd: float
+    avg_response_time_ms: float
+    p50_response_time_ms: float
+    p95_response_time_ms: float
+    p99_response_time_ms: float
+    requests_per_minute: float
+    by_endpoint: dict[str, Breakdown]
+    by_model: dict[str, Breakdown]
+    by_error_code: dict[str, int]
+    by_status_code: dict[str, int]
+    top_users: list[UserUsage]
+    unpriced_models: list[str]
+
+
+class TimePoint(msgspec.Struct, kw_only=True):
+    """One bucket of the time series (`t` is its start in STOCKPILOT_TZ)."""
+
+    t: AwareDatetime
+    requests: int
+    failed: int
+    tokens: int
+    cost_usd: float
+    avg_response_time_ms: float
+    p95_response_time_ms: float
+
+
+class UsageTimeseries(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/timeseries`: every bucket of the range, zeros included."""
+
+    bucket: Literal["hour", "day"]
+    timezone: str
+    start: AwareDatetime
+    end: AwareDatetime
+    points: list[TimePoint]
+
+
+class BudgetUse(msgspec.Struct, kw_only=True):
+    """Spend against a budget (`budget_usd`/`used_pct` null without a budget)."""
+
+    cost_usd: float
+    budget_usd: float | None
+    used_pct: float | None
+    requests: int
+
+
+class ModelCost(msgspec.Struct, kw_only=True):
+    """One model's spend this month."""
+
+    cost_usd: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class DailyCost(msgspec.Struct, kw_only=True):
+    """One day's spend."""
+
+    date: date
+    cost_usd: float
+    requests: int
+
+
+class CostForecast(msgspec.Struct, kw_only=True):
+    """This month's spend extrapolated to its end at the pace so far."""
+
+    month_end_cost_usd: float
+    budget_usd: float | None
+    over_budget: bool
+    elapsed_pct: float
+
+
+class UsageCosts(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/costs`."""
+
+    currency: str
+    today: BudgetUse
+    month: BudgetUse
+    by_model: dict[str, ModelCost]
+    daily: list[DailyCost]
+    unpriced_models: list[str]
+    forecast: CostForecast
+
+
+class AlertList(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/alerts`: newest first; `total` alerts held."""
+
+    alerts: list[Alert]
+    total: int
+
+
+# ----- helpers -----------------------------------------------------------------------------
+
+
+def _rounded(value: float, digits: int = 6) -> float:
+    return round(value, digits)
+
+
+def _pct(part: float, whole: float) -> float:
+    return round(100.0 * part / whole, 4) if whole else 0.0
+
+
+def parse_day(name: str, value: str) -> date:
+    """A YYYY-MM-DD query parameter, or a 422 naming it."""
+    try:
+        if len(value) != 10:
+            raise ValueError
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequestError(
+            f"query parameter '{name}': expected a date YYYY-MM-DD, got {value!r}"
+        ) from None
+
+
+def _parse_moment(name: str, value: str, zone: ZoneInfo) -> tuple[datetime, bool]:
+    """A date (local midnight, True) or an RFC 3339 time (naive = local, False)."""
+    if len(value) == 10:
+        return day_start(parse_day(name, value), zone), True
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequestError(
+            f"query parameter '{name}': expected a date YYYY-MM-DD or an RFC 3339 time, "
+            f"got {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=zone)
+    return moment.astimezone(zone), False
+
+
+def day_range(params: StatsParams, today: date) -> tuple[date, date]:
+    """The inclusive days a stats request asks for (422 naming the bad parameter)."""
+    if params.date is not None:
+        if params.start is not None or params.end is not None:
+            raise InvalidRequestError(
+                "query parameter 'date': give either date or start/end, not both"
+            )
+        day = parse_day("date", params.date)
+        return day, day
+    if params.start is None and params.end is None:
+        return today, today
+    end = parse_day("end", params.end) if params.end is not None else today
+    start = parse_day("start", params.start) if params.start is not None else end
+    if start > end:
+        raise InvalidRequestError(f"query parameter 'start': {start} is after end {end}")
+    if (end - start).days + 1 > MAX_RANGE_DAYS:
+        raise InvalidRequestError(
+            f"query parameter 'end': the range {start}..{end} is longer than {MAX_RANGE_DAYS} days"
+        )
+    return start, end
+
+
+def _days(start: date, end: date) -> list[date]:
+    return [start + timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def _avg(agg: Agg) -> float:
+    return _rounded(agg.latency_sum / agg.latency_n, 3) if agg.latency_n else 0.0
+
+
+def _q(value: Sketch, q: float) -> float:
+    found = sketch.quantile(value, q)
+    return _rounded(found, 3) if found is not None else 0.0
+
+
+def breakdown(agg: Agg) -> Breakdown:
+    """The answer shape of one counted set of calls."""
+    return Breakdown(
+        requests=agg.requests,
+        successful_requests=agg.requests - agg.failures,
+        failed_requests=agg.failures,
+        prompt_tokens=agg.prompt_tokens,
+        completion_tokens=agg.completion_tokens,
+        cached_tokens=agg.cached_tokens,
+        total_tokens=agg.prompt_tokens + agg.completion_tokens,
+        cost_usd=_rounded(agg.cost_usd),
+        avg_response_time_ms=_avg(agg),
+    )
+
+
+def _merge_dict(target: dict[str, Agg], source: dict[str, Agg]) -> None:
+    for key, agg in source.items():
+        into = target.get(key)
+        if into is None:
+            into = target[key] = Agg()
+        merge_agg(into, agg)
+
+
+def _merge_counts(target: dict[str, int], source: dict[str, int]) -> None:
+    for key, count in source.items():
+        target[key] = target.get(key, 0) + count
+
+
+# ----- queries -----------------------------------------------------------------------------
+
+
+def stats(
+    view: UsageView, params: StatsParams, now: datetime, settings: UsageSettings
+) -> UsageStats:
+    """Statistics over one day or a range of days (≤ 90)."""
+    zone = settings.zone
+    today = now.astimezone(zone).date()
+    start, end = day_range(params, today)
+    total = Agg()
+    latency = Sketch(bins={})
+    by_endpoint: dict[str, Agg] = {}
+    by_model: dict[str, Agg] = {}
+    by_user: dict[str, Agg] = {}
+    by_error: dict[str, int] = {}
+    by_status: dict[str, int] = {}
+    for day in _days(start, end):
+        held = view.days.get(day.isoformat())
+        if held is None:
+            continue
+        merge_agg(total, held.total)
+        sketch.merge_into(latency, held.latency)
+        _merge_dict(by_endpoint, held.by_endpoint)
+        _merge_dict(by_model, held.by_model)
+        _merge_dict(by_user, held.by_user)
+        _merge_counts(by_error, held.by_error_code)
+        _merge_counts(by_status, held.by_status_code)
+    if start == end == today:
+        rpm = requests_last_minutes(view, now) / (RATE_WINDOW_S / 60)
+    else:
+        span_start = day_start(start, zone)
+        span_end = min(day_start(end + timedelta(days=1), zone), now.astimezone(zone))
+        minutes = (span_end - span_start).total_seconds() / 60
+        rpm = total.requests / minutes if minutes > 0 else 0.0
+    users = sorted(by_user.items(), key=lambda item: (-item[1].requests, item[0]))
+    return UsageStats(
+        period=StatsPeriod(start=start, end=end, timezone=settings.tz),
+        total_requests=total.requests,
+        successful_requests=total.requests - total.failures,
+        failed_requests=total.failures,
+        success_rate=_pct(total.requests - total.failures, total.requests),
+        error_rate=_pct(total.failures, total.requests),
+        prompt_tokens=total.prompt_tokens,
+        completion_tokens=total.completion_tokens,
+        cached_tokens=total.cached_tokens,
+        total_tokens=total.prompt_tokens + total.completion_tokens,
+        total_cost_usd=_rounded(total.cost_usd),
+        avg_response_time_ms=_avg(total),
+        p50_response_time_ms=_q(latency, 0.50),
+        p95_response_time_ms=_q(latency, 0.95),
+        p99_response_time_ms=_q(latency, 0.99),
+        requests_per_minute=_rounded(rpm, 4),
+        by_endpoint={k: breakdown(v) for k, v in by_endpoint.items()},
+        by_model={k: breakdown(v) for k, v in by_model.items()},
+        by_error_code=by_error,
+        by_status_code=by_status,
+        top_users=[
+            UserUsage(
+                user_id=user,
+                requests=agg.requests,
+                failed_requests=agg.failures,
+                total_tokens=agg.prompt_tokens + agg.completion_tokens,
+                cost_usd=_rounded(agg.cost_usd),
+            )
+            for user, agg in users[: settings.top_users]
+        ],
+        unpriced_models=sorted(view.unpriced),
+    )
+
+
+def requests_last_minutes(view: UsageView, now: datetime) -> int:
+    """Calls whose occurred_at lies in the last five minutes before `now`."""
+    end = int(now.timestamp())
+    return sum(
+        slot[0] for second, slot in view.window.items() if end - RATE_WINDOW_S < second <= end
+    )
+
+
+def timeseries(
+    view: UsageView, params: TimeseriesParams, now: datetime, settings: UsageSettings
+) -> UsageTimeseries:
+    """Every hour or day bucket of the range in STOCKPILOT_TZ, zeros included."""
+    zone = settings.zone
+    if params.bucket not in ("hour", "day"):
+        raise InvalidRequestError(
+            f"query parameter 'bucket': expected 'hour' or 'day', got {params.bucket!r}"
+        )
+    today = now.astimezone(zone).date()
+    default_start = today if params.bucket == "hour" else today - timedelta(days=COST_DAYS - 1)
+    if params.start is not None:
+        start, _ = _parse_moment("start", params.start, zone)
+    else:
+        start = day_start(default_start, zone)
+    if params.end is not None:
+        end, whole_day = _parse_moment("end", params.end, zone)
+        # A date as `end` includes that whole day; a time includes the bucket it falls in.
+        end_exclusive = (
+            day_start(end.date() + timedelta(days=1), zone)
+            if whole_day
+            else end + timedelta(microseconds=1)
+        )
+    else:
+        end_exclusive = day_start(today + timedelta(days=1), zone)
+    if end_exclusive <= start:
+        raise InvalidRequestError("query parameter 'start': it is not before end")
+    if end_exclusive - start > timedelta(days=MAX_RANGE_DAYS, hours=1):
+        raise InvalidRequestError(
+            f"query parameter 'end': the range is longer than {MAX_RANGE_DAYS} days"
+        )
+    points: list[TimePoint] = []
+    if params.bucket == "hour":
+        key = int(start.replace(minute=0, second=0, microsecond=0).timestamp())
+        stop = end_exclusive.timestamp()
+        while key < stop:
+            hour = view.hours.get(key)
+            moment = datetime.fromtimestamp(key, zone)
+            points.append(
+                _point(moment, hour.total, hour.latency)
+                if hour is not None
+                else _point(moment, Agg(), None)
+            )
+            key += 3600
+    else:
+        day = start.date()
+        last = (end_exclusive - timedelta(microseconds=1)).date()
+        while day <= last:
+            held = view.days.get(day.isoformat())
+            moment = day_start(day, zone)
+            points.append(
+                _point(moment, held.total, held.latency)
+                if held is not None
+                else _point(moment, Agg(), None)
+            )
+            day += timedelta(days=1)
+    return UsageTimeseries(
+        bucket="hour" if params.bucket == "hour" else "day",
+        timezone=settings.tz,
+        start=points[0].t if points else start,
+        end=end_exclusive,
+        points=points,
+    )
+
+
+def _point(moment: datetime, agg: Agg, latency: Sketch | None) -> TimePoint:
+    return TimePoint(
+        t=moment,
+        requests=agg.requests,
+        failed=agg.failures,
+        tokens=agg.prompt_tokens + agg.completion_tokens,
+        cost_usd=_rounded(agg.cost_usd),
+        avg_response_time_ms=_avg(agg),
+        p95_response_time_ms=_q(latency, 0.95) if latency is not None else 0.0,
+    )
+
+
+def _budget(agg_cost: float, requests: int, budget: float | None) -> BudgetUse:
+    return BudgetUse(
+        cost_usd=_rounded(agg_cost),
+        budget_usd=budget,
+        used_pct=_pct(agg_cost, budget) if budget else None,
+        requests=requests,
+    )
+
+
+def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts:
+    """Spend today and this month against the budgets, by model, per day, and the forecast."""
+    zone = settings.zone
+    local_now = now.astimezone(zone)
+    today = local_now.date()
+    month_key = today.isoformat()[:7]
+    held_today = view.days.get(today.isoformat())
+    month = view.months.get(month_key)
+    month_cost = month.cost_usd if month is not None else 0.0
+    by_model: dict[str, Agg] = {}
+    for key, day in view.days.items():
+        if key.startswith(month_key):
+            _merge_dict(by_model, day.by_model)
+    daily = []
+    for day_date in _days(today - timedelta(days=COST_DAYS - 1), today):
+        held = view.days.get(day_date.isoformat())
+        daily.append(
+            DailyCost(
+                date=day_date,
+                cost_usd=_rounded(held.total.cost_usd) if held else 0.0,
+                requests=held.total.requests if held else 0,
+            )
+        )
+    return UsageCosts(
+        currency="USD",
+        today=_budget(
+            held_today.total.cost_usd if held_today else 0.0,
+            held_today.total.requests if held_today else 0,
+            settings.daily_budget_usd,
+        ),
+        month=_budget(month_cost, month.requests if month else 0, settings.monthly_budget_usd),
+        by_model={
+            name: ModelCost(
+                cost_usd=_rounded(agg.cost_usd),
+                requests=agg.requests,
+                prompt_tokens=agg.prompt_tokens,
+                completion_tokens=agg.completion_tokens,
+                cached_tokens=agg.cached_tokens,
+            )
+            for name, agg in sorted(by_model.items(), key=lambda item: -item[1].cost_usd)
+        },
+        daily=daily,
+        unpriced_models=sorted(view.unpriced),
+        forecast=forecast(month_cost, local_now, settings),
+    )
+
+
+def forecast(month_cost: float, local_now: datetime, settings: UsageSettings) -> CostForecast:
+    """The month's spend extrapolated linearly from its start to `now` to its end."""
+    start, end = month_bounds(local_now.year, local_now.month, settings.zone)
+    elapsed = max(local_now.timestamp() - start, 0.0)
+    projected = month_cost * (end - start) / elapsed if elapsed > 0 else month_cost
+    budget = settings.monthly_budget_usd
+    return CostForecast(
+        month_end_cost_usd=_rounded(projected),
+        budget_usd=budget,
+        over_budget=budget is not None and projected > budget,
+        elapsed_pct=_pct(elapsed, end - start),
+    )
+
+
+def alerts(history: AlertHistory, params: AlertsParams) -> AlertList:
+    """The newest `limit` alerts of every source."""
+    if not 1 <= params.limit <= 1000:
+        raise InvalidRequestError(
+            f"query parameter 'limit': expected 1 to 1000, got {params.limit}"
+        )
+    held = list(history.alerts.values())
+    newest = sorted(held[-1000:], key=lambda a: a.occurred_at, reverse=True)
+    return AlertList(alerts=newest[: params.limit], total=min(len(held), 1000))
+
+
+def alerts_since(history: AlertHistory, since: datetime) -> int:
+    """How many alerts occurred at or after `since`."""
+    return sum(1 for a in history.alerts.values() if a.occurred_at >= since)

@@ -1,0 +1,188 @@
+"""The usage service's NATS adapter: projections, query endpoints, ingest and reset commands."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from nats.js import api as js_api
+
+from services.usage import decide, queries
+from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
+from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
+from services.usage.history import AlertHistory, apply_alert, decode_alert
+from services.usage.prices import PriceTable
+from services.usage.projection import FoldConfig, UsageView, make_apply, make_react
+from services.usage.settings import UsageSettings
+from shared.bus import STREAMS, encode_event
+from shared.errors import UnavailableError
+from shared.projection import Projection
+from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+
+PUBLISH_TIMEOUT_S = 10.0
+APPLY_TIMEOUT_S = 5.0
+
+
+class UsageToday(msgspec.Struct, kw_only=True):
+    """Today's LLM usage at a glance (the shape of gateway.routes.system.UsageToday)."""
+
+    requests: int
+    cost_usd: float
+    error_rate: float
+    budget_used_pct: float | None
+
+
+class UsageSummary(msgspec.Struct, kw_only=True):
+    """The `summary` answer (the shape of gateway.routes.system.UsageSummary)."""
+
+    today: UsageToday
+    alerts_24h: int
+
+
+def fold_config(settings: UsageSettings) -> FoldConfig:
+    """What the fold needs from the settings."""
+    return FoldConfig(
+        zone=settings.zone,
+        prices=PriceTable.with_overrides(settings.prices),
+        daily_budget_usd=settings.daily_budget_usd,
+        monthly_budget_usd=settings.monthly_budget_usd,
+        cost_alert_pct=settings.cost_alert_pct,
+        error_rate_alert_pct=settings.error_rate_alert_pct,
+        error_rate_min_calls=settings.error_rate_min_calls,
+    )
+
+
+def usage_projection(settings: UsageSettings) -> Projection[UsageView, Any]:
+    """The usage statistics projection for these settings."""
+    config = fold_config(settings)
+    return Projection(
+        name="usage",
+        stream=STREAMS["usage"],
+        view_type=UsageView,
+        decode=decode_usage_event,
+        apply=make_apply(config),
+        react=make_react(config),
+    )
+
+
+def history_projection() -> Projection[AlertHistory, Any]:
+    """Every alert of every source, newest kept."""
+    return Projection(
+        name="alert-history",
+        stream=STREAMS["alerts"],
+        view_type=AlertHistory,
+        decode=decode_alert,
+        apply=apply_alert,
+        filter_subject="stockpilot.alerts.>",
+    )
+
+
+def _new_id() -> str:
+    return f"usage-{uuid.uuid4().hex}"
+
+
+def build(settings: UsageSettings) -> ServiceDefinition:
+    """The usage service for these settings."""
+    usage = usage_projection(settings)
+    history = history_projection()
+
+    async def stats(params: queries.StatsParams, ctx: Context) -> queries.UsageStats:
+        return queries.stats(usage.view, params, ctx.now(), settings)
+
+    async def timeseries(params: queries.TimeseriesParams, ctx: Context) -> queries.UsageTimeseries:
+        return queries.timeseries(usage.view, params, ctx.now(), settings)
+
+    async def costs(_: NoParams, ctx: Context) -> queries.UsageCosts:
+        return queries.costs(usage.view, ctx.now(), settings)
+
+    async def alerts(params: queries.AlertsParams, ctx: Context) -> queries.AlertList:
+        return queries.alerts(history.view, params)
+
+    async def summary(_: NoParams, ctx: Context) -> UsageSummary:
+        now = ctx.now()
+        today = queries.stats(usage.view, queries.StatsParams(), now, settings)
+        budget = settings.daily_budget_usd
+        return UsageSummary(
+            today=UsageToday(
+                requests=today.total_requests,
+                cost_usd=today.total_cost_usd,
+                error_rate=today.error_rate,
+                budget_used_pct=(
+                    round(100.0 * today.total_cost_usd / budget, 4) if budget else None
+                ),
+            ),
+            alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
+        )
+
+    async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
+        events, rejected = decide.records_to_events(params, _new_id)
+        view = usage.view
+        duplicates = 0
+        fresh = []
+        for _, event in events:
+            # Beyond JetStream's duplicate window the projection still knows recent ids.
+            if event.id in view.seen or event.id in view.seen_prev:
+                duplicates += 1
+            else:
+                fresh.append(event)
+        acks = await _publish_all(ctx, fresh)
+        duplicates += sum(1 for ack in acks if ack.duplicate)
+        if acks:
+            await ctx.wait_applied(usage, max(ack.seq for ack in acks), APPLY_TIMEOUT_S)
+        return IngestAnswer(
+            accepted=len(events) - duplicates,
+            duplicates=duplicates,
+            rejected=rejected,
+            ids=[event.id for _, event in events],
+        )
+
+    async def reset(params: ResetParams, ctx: Context) -> ResetAnswer:
+        event = decide.reset_event(params, ctx.now(), f"usage-reset-{uuid.uuid4().hex}")
+        ack = await ctx.publish(SUBJECT_RESET, event)
+        await ctx.wait_applied(usage, ack.seq, APPLY_TIMEOUT_S)
+        return ResetAnswer(reset=True, scope=event.scope, at=event.occurred_at, id=event.id)
+
+    return ServiceDefinition(
+        name="usage",
+        projections=[usage, history],
+        endpoints=[
+            Endpoint("stats", queries.StatsParams, stats),
+            Endpoint("timeseries", queries.TimeseriesParams, timeseries),
+            Endpoint("costs", NoParams, costs),
+            Endpoint("alerts", queries.AlertsParams, alerts),
+            Endpoint("summary", NoParams, summary),
+            Endpoint("ingest", IngestParams, ingest),
+            Endpoint("reset", ResetParams, reset),
+        ],
+        alert_source="usage",
+        description="StockPilot LLM usage, cost, latency and error statistics, budgets, alerts",
+    )
+
+
+async def _publish_all(ctx: Context, events: list[Any]) -> list[js_api.PubAck]:
+    """Publish with the library's pipelining (publish_async), then collect every ack."""
+    if not events:
+        return []
+    js = ctx.js
+    try:
+        futures = [
+            await js.publish_async(
+                SUBJECT_RECORDED, encode_event(event), headers={"Nats-Msg-Id": event.id}
+            )
+            for event in events
+        ]
+        acks: list[js_api.PubAck] = await asyncio.wait_for(
+            asyncio.gather(*futures), timeout=PUBLISH_TIMEOUT_S
+        )
+    except TimeoutError:
+        raise UnavailableError(
+            "JetStream did not acknowledge the records in time; retry (ids make it safe)"
+        ) from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("nats"):
+            raise UnavailableError(f"could not store the records in JetStream: {exc}") from None
+        raise
+    return acks

@@ -1,0 +1,173 @@
+"""Shared pieces of the usage tests: event builders, settings, the oracle, a gateway client."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import msgspec
+from litestar.testing import AsyncTestClient
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from services.usage.events import UsageRecorded
+from services.usage.prices import PriceTable
+from services.usage.settings import UsageSettings
+from shared.settings import load_settings
+
+ADMIN = "admin-secret"
+INGEST = "ingest-secret"
+T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+
+
+def usage_settings(env: dict[str, str], **extra: str) -> UsageSettings:
+    """Usage settings from the test env plus STOCKPILOT_<KEY> overrides."""
+    values = dict(env)
+    values.update({f"STOCKPILOT_{k.upper()}": v for k, v in extra.items()})
+    return load_settings(UsageSettings, values)
+
+
+def gateway_settings(env: dict[str, str], **extra: str) -> GatewaySettings:
+    """Gateway settings with admin and ingest tokens."""
+    values = dict(env)
+    values.update({"STOCKPILOT_ADMIN_TOKEN": ADMIN, "STOCKPILOT_INGEST_TOKEN": INGEST})
+    values.update({f"STOCKPILOT_{k.upper()}": v for k, v in extra.items()})
+    return load_settings(GatewaySettings, values)
+
+
+@contextlib.asynccontextmanager
+async def gateway(settings: GatewaySettings) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The real gateway app through Litestar's test client, connected to NATS."""
+    app = create_app(settings)
+    async with AsyncTestClient(app=app) as client:
+        services = app.state.services
+        for _ in range(200):
+            if services.connected:
+                break
+            import asyncio
+
+            await asyncio.sleep(0.02)
+        yield client
+
+
+def auth(token: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def recorded(i: int, at: datetime = T0, **fields: Any) -> UsageRecorded:
+    """A usage event with sensible defaults."""
+    values: dict[str, Any] = {
+        "id": f"req-{i}",
+        "occurred_at": at,
+        "request_id": f"req-{i}",
+        "model": "gpt-4o-mini",
+        "endpoint": "/api/v1/analysis",
+        "prompt_tokens": 800,
+        "completion_tokens": 150,
+        "cached_tokens": 0,
+        "status_code": 200,
+        "response_time_ms": 1000.0,
+        "user_id": "u-1",
+    }
+    values.update(fields)
+    return UsageRecorded(**values)
+
+
+@dataclass
+class Totals:
+    """What the oracle counts for a set of calls."""
+
+    requests: int = 0
+    failures: int = 0
+    prompt: int = 0
+    completion: int = 0
+    cost: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    def add(self, event: UsageRecorded, cost: float) -> None:
+        self.requests += 1
+        self.failures += event.status_code >= 400 or bool(event.error_code)
+        self.prompt += event.prompt_tokens
+        self.completion += event.completion_tokens
+        self.cost += cost
+        if event.response_time_ms is not None:
+            self.latencies.append(event.response_time_ms)
+
+    def quantile(self, q: float) -> float:
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        return ordered[math.floor(q * (len(ordered) - 1))]
+
+    def avg(self) -> float:
+        return sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
+
+
+class Oracle:
+    """Usage figures computed the obvious way from a list of events."""
+
+    def __init__(self, events: Iterable[UsageRecorded], zone: ZoneInfo, prices: PriceTable):
+        self.zone = zone
+        self.by_day: dict[date, Totals] = defaultdict(Totals)
+        self.by_hour: dict[datetime, Totals] = defaultdict(Totals)
+        self.by_day_model: dict[date, dict[str, Totals]] = defaultdict(lambda: defaultdict(Totals))
+        self.by_day_endpoint: dict[date, dict[str, Totals]] = defaultdict(
+            lambda: defaultdict(Totals)
+        )
+        self.by_day_status: dict[date, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.by_day_error: dict[date, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.unpriced: set[str] = set()
+        seen: set[str] = set()
+        for event in events:
+            if event.id in seen:
+                continue
+            seen.add(event.id)
+            cost = event.cost_usd
+            if cost is None:
+                cost = prices.cost(
+                    event.model, event.prompt_tokens, event.completion_tokens, event.cached_tokens
+                )
+                if cost is None:
+                    self.unpriced.add(event.model)
+                    cost = 0.0
+            local = event.occurred_at.astimezone(zone)
+            day = local.date()
+            hour = local.replace(minute=0, second=0, microsecond=0)
+            self.by_day[day].add(event, cost)
+            self.by_hour[hour].add(event, cost)
+            self.by_day_model[day][event.model].add(event, cost)
+            self.by_day_endpoint[day][event.endpoint or "(none)"].add(event, cost)
+            self.by_day_status[day][str(event.status_code)] += 1
+            if event.error_code:
+                self.by_day_error[day][event.error_code] += 1
+
+    def days(self, days: Sequence[date]) -> Totals:
+        total = Totals()
+        for day in days:
+            held = self.by_day.get(day)
+            if held is None:
+                continue
+            total.requests += held.requests
+            total.failures += held.failures
+            total.prompt += held.prompt
+            total.completion += held.completion
+            total.cost += held.cost
+            total.latencies += held.latencies
+        return total
+
+
+def close(actual: float, expected: float, rel: float = 0.0101, abs_: float = 1e-3) -> bool:
+    """Within the sketch's relative error (or a tiny absolute slack near zero)."""
+    return abs(actual - expected) <= max(rel * abs(expected), abs_)
+
+
+def decode(data: bytes, kind: type[Any]) -> Any:
+    """Decode a JSON body into a struct."""
+    return msgspec.json.decode(data, type=kind)
