@@ -1,0 +1,95 @@
+"""Gateway read routes at 64 connections, next to the bare-route ceiling of the same run."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import nats
+
+from bench.ceilings import sample_event
+from bench.harness import Report, Result, log, process, wrk
+from shared.testing import free_port
+
+ROUTES = (
+    "/api/v1/status",
+    "/api/v1/usage/stats",
+    "/api/v1/health/comprehensive",
+    "/api/v1/batch/executions/recent",
+)
+
+
+@contextlib.contextmanager
+def stack(nats_url: str, data_dir: str) -> Iterator[int]:
+    """The three services and the gateway as separate processes; the gateway's port."""
+    port = free_port()
+    env = {
+        "STOCKPILOT_NATS_URL": nats_url,
+        "STOCKPILOT_DATA_DIR": data_dir,
+        "STOCKPILOT_HTTP_PORT": str(port),
+        "STOCKPILOT_LOG_LEVEL": "WARNING",
+    }
+    with contextlib.ExitStack() as stack_:
+        for name in ("health", "usage", "batch"):
+            stack_.enter_context(
+                process([sys.executable, "-m", "ops", "service", name], env, name=name)
+            )
+        stack_.enter_context(
+            process([sys.executable, "-m", "ops", "gateway"], env, port, name="gateway")
+        )
+        yield port
+
+
+async def seed(nats_url: str, count: int) -> None:
+    """Some usage history so the routes have something to compute."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    for i in range(count):
+        await js.publish_async(
+            "stockpilot.usage.recorded", sample_event(i), headers={"Nats-Msg-Id": f"seed-{i}"}
+        )
+    await js.publish_async_completed()
+    await nc.close()
+
+
+async def run(report: Report, ctx: object) -> None:
+    """Measure req/s and p50/p99 of each read route."""
+    nats_url: str = ctx.nats_url  # type: ignore[attr-defined]
+    runs: int = ctx.runs  # type: ignore[attr-defined]
+    seconds: int = ctx.http_seconds  # type: ignore[attr-defined]
+    await seed(nats_url, 10_000)
+    with stack(nats_url, str(ctx.workdir / "gateway-data")) as port:  # type: ignore[attr-defined]
+        base = f"http://127.0.0.1:{port}"
+        for route in ROUTES:
+            wrk(base + route, seconds=2)  # warm-up, and the services catch up
+            rps, p50, p99, bad = [], [], [], 0
+            for i in range(runs):
+                result = wrk(base + route, seconds=seconds)
+                log(
+                    f"  {route} run {i + 1}/{runs}: {result.rps:,.0f} req/s, "
+                    f"p99 {result.p99_ms} ms, non-2xx {result.non_2xx}"
+                )
+                rps.append(result.rps)
+                p50.append(result.p50_ms)
+                p99.append(result.p99_ms)
+                bad += result.non_2xx
+            note = f"{bad} non-2xx answers" if bad else ""
+            report.results.append(
+                Result(
+                    f"GET {route} throughput", rps, "req/s", "bare_rps", target="≥ 0.85", note=note
+                )
+            )
+            report.results.append(
+                Result(f"GET {route} p50", p50, "ms", "bare_p50", higher_is_better=False)
+            )
+            report.results.append(
+                Result(
+                    f"GET {route} p99",
+                    p99,
+                    "ms",
+                    "bare_p99",
+                    higher_is_better=False,
+                    target="≥ 0.67 (p99 ≤ 1.5×)",
+                )
+            )
