@@ -1,0 +1,230 @@
+"""The batch fold, its reactions and the lock decisions: pure, no broker."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from services.batch.decide import decide_acquire, expired_locks, release_event, why_lost
+from services.batch.errors import LockHeldError
+from services.batch.events import BatchEvent
+from services.batch.projection import (
+    MAX_TRACEBACK_CHARS,
+    MAX_WARNING_CHARS,
+    MAX_WARNINGS,
+    BatchView,
+    apply,
+    batch_projection,
+    react,
+)
+from services.batch.queries import lock_status
+from shared.projection import decode_snapshot, encode_snapshot
+from tests.batch.factories import (
+    T0,
+    acquired,
+    at,
+    finished,
+    progress,
+    released,
+    started,
+)
+
+
+def fold(events: list[BatchEvent], limit: int = 1000) -> BatchView:
+    view = BatchView()
+    for seq, event in enumerate(events, start=1):
+        view = apply(view, event, seq, limit)
+        view.last_seq = seq
+    return view
+
+
+def test_progress_updates_items_progress_memory_and_cpu() -> None:
+    view = fold(
+        [
+            started("e1", items_total=200),
+            progress("e1", t=1, done=50, memory_mb=80, cpu=20),
+            progress("e1", t=2, done=150, memory_mb=140, cpu=60),
+        ]
+    )
+    execution = view.executions["e1"]
+    assert execution.status == "running"
+    assert execution.items_processed == 150
+    assert execution.progress_pct == 75.0
+    assert execution.peak_memory_mb == 140
+    assert execution.avg_cpu_percent == 40.0
+    assert execution.last_heartbeat_at == at(2)
+
+
+def test_progress_can_announce_the_total_late() -> None:
+    view = fold([started("e1"), progress("e1", done=5, total=20)])
+    assert view.executions["e1"].items_total == 20
+    assert view.executions["e1"].progress_pct == 25.0
+
+
+def test_finished_records_outcome_and_keeps_the_peak_memory() -> None:
+    view = fold(
+        [
+            started("e1", items_total=10),
+            progress("e1", done=5, memory_mb=300),
+            finished("e1", status="failed", done=5, error="boom", memory_mb=200),
+        ]
+    )
+    execution = view.executions["e1"]
+    assert execution.status == "failed"
+    assert execution.error == "boom"
+    assert execution.peak_memory_mb == 300
+    assert execution.progress_pct == 50.0
+    assert execution.finished_at == at(10)
+
+
+def test_events_of_unknown_or_finished_executions_are_counted_not_applied() -> None:
+    view = fold(
+        [
+            progress("ghost"),
+            started("e1"),
+            finished("e1"),
+            progress("e1", t=11, done=99),
+            finished("e1", status="failed"),
+        ]
+    )
+    assert view.orphan_events == 3
+    assert view.executions["e1"].status == "succeeded"
+    assert view.executions["e1"].items_processed == 10
+
+
+def test_history_keeps_only_the_newest_executions() -> None:
+    events: list[BatchEvent] = [started(f"e{i}", t=i) for i in range(1500)]
+    view = fold(events, limit=1000)
+    assert list(view.executions) == [f"e{i}" for i in range(500, 1500)]
+    assert view.evicted == 500
+
+
+def test_lock_acquired_sets_holder_with_its_sequence_as_fencing_token() -> None:
+    view = fold([started("x"), acquired(owner="w1", ttl=60)])
+    lock = view.locks["job"]
+    assert (lock.owner, lock.fencing_token, lock.expires_at) == ("w1", 2, at(60))
+
+
+def test_acquire_while_another_lock_is_live_is_ignored_and_counted() -> None:
+    view = fold([acquired(owner="w1", ttl=60), acquired(owner="w2", t=30)])
+    assert view.locks["job"].owner == "w1"
+    assert view.locks["job"].fencing_token == 1
+    assert view.ignored_acquires == 1
+    assert view.locks["job"].ignored_acquires == 1
+
+
+def test_acquire_after_expiry_takes_the_lock_with_a_higher_token() -> None:
+    view = fold([acquired(owner="w1", ttl=60), acquired(owner="w2", t=60)])
+    assert view.locks["job"].owner == "w2"
+    assert view.locks["job"].fencing_token == 2
+    assert view.ignored_acquires == 0
+
+
+def test_release_by_the_holder_frees_the_lock_and_others_are_ignored() -> None:
+    view = fold([acquired(owner="w1"), released(owner="w2")])
+    assert view.locks["job"].owner == "w1"
+    assert view.ignored_releases == 1
+    view = fold([acquired(owner="w1"), released(owner="w1")])
+    assert "job" not in view.locks
+    status = lock_status(view, "job", at(1))
+    assert (status.locked, status.owner, status.fencing_token) == (False, None, None)
+
+
+def test_lock_expiry_is_judged_at_query_time() -> None:
+    view = fold([acquired(owner="w1", ttl=2)])
+    before = lock_status(view, "job", at(1.9))
+    after = lock_status(view, "job", at(2))
+    assert (before.locked, before.expired) == (True, False)
+    assert (after.locked, after.expired) == (False, True)
+    assert [lock.job_id for lock in expired_locks(view, at(2))] == ["job"]
+    assert expired_locks(view, at(1)) == []
+
+
+def test_failed_run_raises_job_failed_once_with_a_deterministic_id() -> None:
+    view = fold([started("e1", job_id="sync")])
+    event = finished("e1", job_id="sync", status="failed", error="boom")
+    view = apply(view, event, 2)
+    alerts = react(view, event)
+    assert [a.id for a in alerts] == ["batch.job_failed:sync:e1"]
+    assert alerts[0].subject == "stockpilot.alerts.batch.job_failed"
+    assert "boom" in alerts[0].message
+    ok = finished("e2", job_id="sync")
+    assert list(react(apply(view, ok, 3), ok)) == []
+
+
+def test_cleanup_release_raises_lock_expired_per_job_and_token() -> None:
+    view = fold([acquired(owner="w1", ttl=2)])
+    event = released(owner="w1", t=3, reason="expired", by="admin")
+    view = apply(view, event, 2)
+    alerts = react(view, event)
+    assert [a.id for a in alerts] == ["batch.lock_expired:job:1"]
+    forced = released(owner="w1", t=3, reason="forced", by="admin")
+    view2 = fold([acquired(owner="w1", ttl=2)])
+    assert list(react(apply(view2, forced, 2), forced)) == []
+
+
+def test_decide_acquire_refuses_a_live_lock_naming_the_holder() -> None:
+    live = acquired(owner="host:1", ttl=60)
+    with pytest.raises(LockHeldError) as caught:
+        decide_acquire(live, 7, job_id="job", owner="me", execution_id="x", ttl_s=10, now=at(59))
+    assert caught.value.owner == "host:1"
+    assert caught.value.fencing_token == 7
+    assert "host:1" in caught.value.detail
+    assert caught.value.status == 409
+
+
+def test_decide_acquire_takes_a_free_or_expired_lock() -> None:
+    for last in (None, released(), acquired(ttl=60)):
+        event = decide_acquire(
+            last, 3, job_id="job", owner="me", execution_id="x", ttl_s=10, now=at(60)
+        )
+        assert event.owner == "me"
+        assert event.expires_at == at(70)
+
+
+def test_why_lost_names_forced_release_takeover_and_expiry() -> None:
+    forced = released(reason="forced", by="admin")
+    assert "force-released by admin" in (
+        why_lost(forced, 9, fencing_token=4, expires_at=at(60), now=at(1)) or ""
+    )
+    other = acquired(owner="w2")
+    assert "taken over by w2" in (
+        why_lost(other, 9, fencing_token=4, expires_at=at(60), now=at(1)) or ""
+    )
+    assert "expired" in (why_lost(other, 4, fencing_token=4, expires_at=at(60), now=at(60)) or "")
+    assert why_lost(other, 4, fencing_token=4, expires_at=at(60), now=at(59)) is None
+
+
+def test_release_event_id_is_one_per_lock() -> None:
+    view = fold([acquired(owner="w1")])
+    lock = view.locks["job"]
+    a = release_event(lock, reason="forced", by="a", now=at(1))
+    b = release_event(lock, reason="expired", by="b", now=at(2))
+    assert a.id == b.id == "lock.job.1.released"
+
+
+def test_snapshot_of_the_full_bounded_history_stays_small_and_round_trips() -> None:
+    events: list[BatchEvent] = []
+    for i in range(1000):
+        events.append(started(f"{i:032x}", job_id=f"job-{i % 50}", t=i, items_total=1000))
+        big = finished(f"{i:032x}", job_id=f"job-{i % 50}", t=i + 5, status="failed")
+        big = msgspec.structs.replace(
+            big,
+            error="E" * 10_000,
+            traceback="T" * 10_000,
+            warnings=["W" * 1000] * 100,
+        )
+        events.append(big)
+    projection = batch_projection()
+    for seq, event in enumerate(events, start=1):
+        projection.view = apply(projection.view, event, seq)
+        projection.view.last_seq = seq
+    execution = next(iter(projection.view.executions.values()))
+    assert len(execution.warnings) == MAX_WARNINGS
+    assert len(execution.warnings[0]) == MAX_WARNING_CHARS
+    assert len(execution.traceback or "") == MAX_TRACEBACK_CHARS
+    data = encode_snapshot(projection, T0)
+    # Bounded: well under the 1 MiB KV/payload limit even at the largest size.
+    assert len(data) < 1024 * 1024
+    restored, _ = decode_snapshot(data, BatchView)
+    assert restored == projection.view
