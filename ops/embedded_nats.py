@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from ops import nats_auth
 from shared.testing import free_port, nats_server_binary
 
 
@@ -28,8 +29,9 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def embedded_command(data_dir: Path, port: int) -> tuple[list[str], int]:
-    """The nats-server command line for the embedded server, and its client port."""
+def embedded_command(data_dir: Path, port: int) -> tuple[list[str], int, dict[str, str]]:
+    """The nats-server command line for the embedded server, its port, and the passwords
+    of its per-process users (see ops.nats_auth)."""
     try:
         binary = nats_server_binary()
     except FileNotFoundError as exc:
@@ -41,17 +43,8 @@ def embedded_command(data_dir: Path, port: int) -> tuple[list[str], int]:
             f"port {port} is taken: set STOCKPILOT_NATS_PORT to a free port (0 picks one), "
             "or point STOCKPILOT_NATS_URL at a running NATS"
         )
-    store = data_dir / "nats"
-    store.mkdir(parents=True, exist_ok=True)
-    command = [
-        binary,
-        "--addr", "127.0.0.1",
-        "--port", str(port),
-        "--jetstream",
-        "--store_dir", str(store),
-        "--server_name", "stockpilot-embedded",
-    ]  # fmt: skip
-    return command, port
+    config, passwords = nats_auth.generate(data_dir, port)
+    return [binary, "--config", str(config)], port, passwords
 
 
 def url_file(data_dir: Path) -> Path:

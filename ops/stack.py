@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared.settings import CommonSettings, settings_or_exit
 from shared.testing import wait_for_port
@@ -124,12 +125,19 @@ class Stack:
         self.pumps: list[asyncio.Task[None]] = []
         self.stop = asyncio.Event()
         self.width = 8
+        # Per-process NATS passwords when the embedded server runs (none for an external one).
+        self.passwords: dict[str, str] = {}
 
     def _say(self, message: str) -> None:
         sys.stdout.write(f"{'up':<{self.width}} | {message}\n")
         sys.stdout.flush()
 
     async def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+        if name in self.passwords:
+            env = env | {
+                "STOCKPILOT_NATS_USER": name,
+                "STOCKPILOT_NATS_PASSWORD": self.passwords[name],
+            }
         process = await asyncio.create_subprocess_exec(
             *command,
             env=env,
@@ -175,7 +183,7 @@ class Stack:
 
     async def _start_nats(self, data_dir: Path, env: dict[str, str]) -> bool:
         try:
-            command, port = embedded_command(data_dir, self.settings.nats_port)
+            command, port, passwords = embedded_command(data_dir, self.settings.nats_port)
         except EmbeddedNatsError as exc:
             self._say(f"error: {exc}")
             return False
@@ -193,9 +201,16 @@ class Stack:
                     self._say("error: nats-server did not accept connections within 15 s")
                     return False
         url = f"nats://127.0.0.1:{port}"
-        url_file(data_dir).write_text(url + "\n")
+        # The ops tools find the server (and the operator's credentials) here; 0600.
+        nats_auth.write_private(
+            url_file(data_dir), f"nats://ops:{passwords['ops']}@127.0.0.1:{port}\n"
+        )
         env["STOCKPILOT_NATS_URL"] = url
-        self._say(f"embedded NATS with JetStream at {url}, store {data_dir / 'nats'}")
+        self.passwords = passwords
+        self._say(
+            f"embedded NATS with JetStream at {url}, store {data_dir / 'nats'}, "
+            f"per-process credentials in {data_dir / 'credentials.json'}"
+        )
         return True
 
     async def _supervise(self) -> int:

@@ -150,12 +150,20 @@ async def connect(
             log.warning(
                 "%s: NATS at %s not reachable (%s); retrying in %.1fs",
                 name,
-                ",".join(settings.nats_servers),
+                ",".join(redact_url(url) for url in settings.nats_servers),
                 type(exc).__name__,
                 delay,
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def redact_url(url: str) -> str:
+    """A NATS URL without its credentials, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
 def _stream_config(spec: StreamSpec, replicas: int) -> js_api.StreamConfig:
