@@ -15,7 +15,7 @@ from litestar.params import Parameter
 from litestar.status_codes import HTTP_200_OK
 
 from gateway.auth import admin_guard, read_guard
-from gateway.services import ServiceClient
+from gateway.services import Services
 from services.batch.events import job_id_problem
 from services.batch.queries import (
     BatchStats,
@@ -61,7 +61,7 @@ def _actor(request: Request[Any, Any, Any]) -> str:
     guards=[read_guard],
 )
 async def recent_executions(
-    services: ServiceClient,
+    services: Services,
     limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
     job_id: str | None = None,
 ) -> RecentExecutions:
@@ -78,7 +78,7 @@ async def recent_executions(
     guards=[read_guard],
 )
 async def execution_stats(
-    services: ServiceClient,
+    services: Services,
     hours: Annotated[float, Parameter(gt=0, le=24 * 400)] = 24.0,
     job_id: str | None = None,
 ) -> BatchStats:
@@ -90,7 +90,7 @@ async def execution_stats(
 
 
 @get("/batch/jobs/{job_id:str}/lock/status", summary="One job's lock", guards=[read_guard])
-async def lock_status(services: ServiceClient, job_id: str) -> LockStatus:
+async def lock_status(services: Services, job_id: str) -> LockStatus:
     """Held or not, by whom, until when, expired or not, its fencing token."""
     params = JobParams(job_id=_job_id(job_id))
     return await services.query("batch", "lock_status", LockStatus, params)
@@ -104,7 +104,7 @@ async def lock_status(services: ServiceClient, job_id: str) -> LockStatus:
 )
 async def release_lock(
     request: Request[Any, Any, Any],
-    services: ServiceClient,
+    services: Services,
     job_id: str,
     data: ReleaseBody | None = None,
 ) -> ReleaseAnswer:
@@ -120,7 +120,7 @@ async def release_lock(
 
 
 @get("/batch/locks/expired", summary="Locks held past their lifetime", guards=[read_guard])
-async def expired_locks(services: ServiceClient) -> ExpiredLocks:
+async def expired_locks(services: Services) -> ExpiredLocks:
     """Every lock whose `expires_at` has passed and that nobody released yet."""
     return await services.query("batch", "expired_locks", ExpiredLocks)
 
@@ -131,7 +131,7 @@ async def expired_locks(services: ServiceClient) -> ExpiredLocks:
     guards=[admin_guard],
     status_code=HTTP_200_OK,
 )
-async def cleanup_locks(request: Request[Any, Any, Any], services: ServiceClient) -> CleanupAnswer:
+async def cleanup_locks(request: Request[Any, Any, Any], services: Services) -> CleanupAnswer:
     """Stores lock.released (reason `expired`) for each expired lock and alerts once per lock."""
     params = CleanupParams(actor=_actor(request))
     return await services.query(

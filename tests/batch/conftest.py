@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
+import msgspec
 import nats
 import pytest
+from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared import bus
+from shared.events import Alert
 from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.testing import running_service
@@ -48,3 +57,45 @@ async def service(settings: BatchSettings, nc: NATS) -> AsyncIterator[Runtime]:
     """The real batch service running in the test's loop."""
     async with running_service(build(settings), settings) as runtime:
         yield runtime
+
+
+@pytest.fixture
+async def api(batch_env: dict[str, str], service: Runtime) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The real gateway (admin token set) in front of the running batch service."""
+    gateway_settings = load_settings(
+        GatewaySettings, {**batch_env, "STOCKPILOT_ADMIN_TOKEN": ADMIN_TOKEN}
+    )
+    async with AsyncTestClient(app=create_app(gateway_settings)) as client:
+        for _ in range(200):
+            if (await client.get("/api/v1/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.02)
+        yield client
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Poll `check` until it holds; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def alerts_of(js: JetStreamContext, kind: str) -> list[Alert]:
+    """Every alert of `kind` stored in STOCKPILOT_ALERTS."""
+    subject = f"stockpilot.alerts.{kind}"
+    info = await js.stream_info("STOCKPILOT_ALERTS", subjects_filter=subject)
+    found: list[Alert] = []
+    if not info.state.subjects:
+        return found
+    sub = await js.subscribe(subject, ordered_consumer=True)
+    count = info.state.subjects.get(subject, 0)
+    for _ in range(count):
+        msg = await sub.next_msg(timeout=2)
+        found.append(msgspec.json.decode(msg.data, type=Alert))
+    await sub.unsubscribe()
+    return found
