@@ -162,3 +162,41 @@ async def running_service(
         await asyncio.to_thread(thread.join, 15)
         if failure:
             raise failure[0]
+
+
+class NatsCluster:
+    """A JetStream cluster of `size` nats-server processes on loopback."""
+
+    def __init__(self, store_dir: Path, size: int = 3) -> None:
+        self.client_ports = [free_port() for _ in range(size)]
+        self.cluster_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.cluster_ports)
+        self.nodes = [
+            NatsServer(
+                store_dir / f"n{i}",
+                port=self.client_ports[i],
+                extra_args=[
+                    "--server_name", f"n{i}",
+                    "--cluster_name", "stockpilot",
+                    "--cluster", f"nats://127.0.0.1:{self.cluster_ports[i]}",
+                    "--routes", routes,
+                ],
+            )
+            for i in range(size)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """All client URLs, comma-separated (STOCKPILOT_NATS_URL for a cluster)."""
+        return ",".join(node.url for node in self.nodes)
+
+    def start(self) -> NatsCluster:
+        """Start every node."""
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
