@@ -16,6 +16,7 @@ from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.prometheus import PrometheusConfig
 
 from gateway.errors import exception_handlers
 from gateway.routes import all_routers
@@ -56,8 +57,15 @@ def create_app(settings: GatewaySettings) -> Litestar:
     def provide_services() -> ServiceClient:
         return services
 
+    prometheus = PrometheusConfig(
+        app_name="stockpilot_gateway",
+        prefix="stockpilot_gateway",
+        group_path=True,  # label by route template, not by every job id
+        exclude=["/metrics", "/static"],
+    )
     app = Litestar(
         route_handlers=all_routers(),
+        middleware=[prometheus.middleware],
         lifespan=[nats_connection],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
