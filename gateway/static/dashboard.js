@@ -1,0 +1,837 @@
+// The StockPilot Ops dashboard. Reads the public /api/v1 routes every few seconds; every
+// panel loads and fails on its own, so one service down greys out its panels only.
+import { currentLang, locale, setLang, t, translateStatic } from "./i18n.js";
+import { PALETTE, esc, gauge, sparkline, stackedBars } from "./charts.js";
+
+const API = "/api/v1";
+const params = new URLSearchParams(location.search);
+const REFRESH_MS = Math.max(250, Number(params.get("refresh_ms")) || 5000);
+const SLOW_EVERY = 6; // uptime history and the 30-day breakdown: every 6th refresh
+const FETCH_TIMEOUT_MS = 8000;
+const FEED_MAX = 50;
+const LOCK_JOBS_MAX = 24;
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(detail);
+    this.status = status;
+    this.detail = detail;
+  }
+}
+
+let readToken = null;
+try {
+  readToken = sessionStorage.getItem("stockpilot.readToken");
+} catch {
+  readToken = null;
+}
+
+/** One JSON request; throws ApiError (status 0 when the gateway cannot be reached). */
+async function api(path, { method = "GET", bearer, body = null, timeout = FETCH_TIMEOUT_MS } = {}) {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), timeout);
+  const headers = { Accept: "application/json" };
+  const token = bearer === undefined ? readToken : bearer;
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body != null) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(API + path, {
+      method,
+      headers,
+      body: body == null ? undefined : JSON.stringify(body),
+      signal: controller.signal,
+      cache: "no-store",
+    });
+  } catch (err) {
+    throw new ApiError(0, err && err.name === "AbortError" ? "timed out" : "gateway unreachable");
+  } finally {
+    clearTimeout(timer);
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch {
+    data = null;
+  }
+  if (!response.ok) {
+    if (response.status === 401 && bearer === undefined) {
+      document.getElementById("read-token-button").hidden = false;
+    }
+    const detail = (data && (data.detail || data.message)) || response.statusText || "error";
+    throw new ApiError(response.status, typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return data;
+}
+
+// ----- formatting ------------------------------------------------------------------------
+
+const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
+const fmtInt = (v) => (num(v) == null ? "–" : new Intl.NumberFormat(locale()).format(Math.round(v)));
+const fmtDec = (v, digits = 1) =>
+  num(v) == null
+    ? "–"
+    : new Intl.NumberFormat(locale(), { maximumFractionDigits: digits, minimumFractionDigits: digits }).format(v);
+const fmtPct = (v, digits = 1) => (num(v) == null ? "–" : `${fmtDec(v, digits)}%`);
+
+function fmtUSD(v) {
+  if (num(v) == null) return "–";
+  const digits = Math.abs(v) >= 100 ? 0 : Math.abs(v) >= 1 || v === 0 ? 2 : 4;
+  return new Intl.NumberFormat(locale(), {
+    style: "currency", currency: "USD", minimumFractionDigits: digits, maximumFractionDigits: digits,
+  }).format(v);
+}
+
+/** A dollar axis formatter with as many decimals as the scale needs. */
+function axisUSD(max) {
+  const digits = max >= 20 ? 0 : max >= 0.5 ? 2 : 3;
+  const format = new Intl.NumberFormat(locale(), {
+    style: "currency", currency: "USD", minimumFractionDigits: digits, maximumFractionDigits: digits,
+  });
+  return (v) => format.format(v);
+}
+
+function fmtMs(v) {
+  if (num(v) == null) return "–";
+  return v >= 1000 ? `${fmtDec(v / 1000, 2)} s` : `${fmtDec(v, v < 10 ? 1 : 0)} ms`;
+}
+
+function fmtCompact(v) {
+  if (num(v) == null) return "–";
+  return new Intl.NumberFormat(locale(), { notation: "compact", maximumFractionDigits: 1 }).format(v);
+}
+
+function fmtDuration(seconds) {
+  const s = num(seconds);
+  if (s == null) return "–";
+  const ko = currentLang() === "ko";
+  const [h, m, sec] = [Math.floor(s / 3600), Math.floor((s % 3600) / 60), s % 60];
+  if (s < 60) return ko ? `${fmtDec(sec, s < 10 ? 1 : 0)}초` : `${fmtDec(sec, s < 10 ? 1 : 0)} s`;
+  if (s < 3600) return ko ? `${m}분 ${Math.floor(sec)}초` : `${m} m ${Math.floor(sec)} s`;
+  return ko ? `${h}시간 ${m}분` : `${h} h ${m} m`;
+}
+
+const parseTime = (iso) => (iso ? new Date(iso) : null);
+
+/** A time in the browser's time zone; the date too when it is not today. */
+function fmtTime(iso, withSeconds = true) {
+  const d = parseTime(iso);
+  if (!d || Number.isNaN(d.getTime())) return "–";
+  const sameDay = d.toDateString() === new Date().toDateString();
+  const opts = { hour: "2-digit", minute: "2-digit", hourCycle: "h23" };
+  if (withSeconds) opts.second = "2-digit";
+  if (!sameDay) Object.assign(opts, { month: "short", day: "numeric" });
+  return new Intl.DateTimeFormat(locale(), opts).format(d);
+}
+
+function fmtRelative(iso) {
+  const d = parseTime(iso);
+  if (!d || Number.isNaN(d.getTime())) return "–";
+  const diff = (d.getTime() - Date.now()) / 1000;
+  const rtf = new Intl.RelativeTimeFormat(locale(), { numeric: "auto" });
+  const abs = Math.abs(diff);
+  if (abs < 60) return rtf.format(Math.round(diff), "second");
+  if (abs < 3600) return rtf.format(Math.round(diff / 60), "minute");
+  if (abs < 86400) return rtf.format(Math.round(diff / 3600), "hour");
+  return rtf.format(Math.round(diff / 86400), "day");
+}
+
+/** A server day "2026-11-26" as a short label, without any time-zone shift. */
+function fmtDay(day) {
+  const [y, m, d] = String(day).split("-").map(Number);
+  if (!y || !m || !d) return String(day);
+  return new Intl.DateTimeFormat(locale(), { month: "numeric", day: "numeric", timeZone: "UTC" })
+    .format(new Date(Date.UTC(y, m - 1, d)));
+}
+
+const statusLabel = (s) => t(`status.${s}`) === `status.${s}` ? String(s) : t(`status.${s}`);
+const badge = (s, text = statusLabel(s)) =>
+  `<span class="badge" data-status="${esc(s)}"><span class="dot"></span>${esc(text)}</span>`;
+
+// ----- shape helpers: tolerate a dict keyed by name or a list of objects -------------------
+
+/** Entries of a `by_*` breakdown as [{key, ...metrics}]. */
+function entries(breakdown, ...keyNames) {
+  if (!breakdown) return [];
+  if (Array.isArray(breakdown)) {
+    return breakdown.map((item) => {
+      if (item == null || typeof item !== "object") return { key: String(item) };
+      const key = [...keyNames, "key", "name"].map((k) => item[k]).find((v) => v != null);
+      return { ...item, key: String(key ?? "?") };
+    });
+  }
+  return Object.entries(breakdown).map(([key, value]) =>
+    value != null && typeof value === "object" ? { ...value, key } : { key, count: value },
+  );
+}
+
+const countOf = (e) => num(e.requests) ?? num(e.count) ?? num(e.total) ?? num(e.calls) ?? 0;
+const costOf = (e) => num(e.cost_usd) ?? num(e.total_cost_usd) ?? num(e.cost) ?? 0;
+const failedOf = (e) => num(e.failed) ?? num(e.failed_requests) ?? num(e.errors) ?? null;
+
+/** A rate given either as a fraction or as a percentage, as a percentage. */
+const asPct = (v) => (num(v) == null ? null : v <= 1 ? v * 100 : v);
+
+// ----- panels ------------------------------------------------------------------------------
+
+const state = { tick: 0, status: null, statusError: null, costDays: new Map(), history: null, lockMessage: null, alerts: new Map(), stream: "connecting" };
+
+/** A per-refresh memo so panels that read the same route share one request. */
+function refreshContext() {
+  const memo = new Map();
+  return {
+    get(path) {
+      if (!memo.has(path)) memo.set(path, api(path));
+      return memo.get(path);
+    },
+  };
+}
+
+const PANELS = [
+  { id: "panel-components", service: "health", load: loadComponents, render: renderComponents },
+  { id: "panel-cost", service: "usage", load: (ctx) => ctx.get("/usage/costs"), render: renderCost },
+  { id: "panel-costchart", service: "usage", load: loadCostChart, render: renderCostChart },
+  { id: "panel-requests", service: "usage", load: loadRequests, render: renderRequests },
+  { id: "panel-top", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderTop },
+  { id: "panel-executions", service: "batch", load: (ctx) => ctx.get("/batch/executions/recent?limit=12"), render: renderExecutions },
+  { id: "panel-jobs", service: "batch", load: (ctx) => ctx.get("/batch/executions/stats"), render: renderJobs },
+  { id: "panel-locks", service: "batch", load: loadLocks, render: renderLocks },
+];
+
+function serviceDown(service) {
+  const svc = state.status && state.status.services && state.status.services[service];
+  return Boolean(svc && svc.status === "unavailable");
+}
+
+async function runPanel(panel, ctx) {
+  if (serviceDown(panel.service)) {
+    panel.error = { service: panel.service };
+  } else {
+    try {
+      panel.data = await panel.load(ctx);
+      panel.error = null;
+    } catch (err) {
+      panel.error = err instanceof ApiError ? err : new ApiError(0, String(err));
+      if (!(err instanceof ApiError)) console.error(err);
+    }
+  }
+  drawPanel(panel);
+}
+
+function errorText(error) {
+  if (error.service) return t("panel.serviceDown", { service: t(`service.${error.service}`) });
+  return error.status ? `HTTP ${error.status} — ${error.detail}` : error.detail;
+}
+
+function drawPanel(panel) {
+  const el = document.getElementById(panel.id);
+  if (panel.data !== undefined) {
+    try {
+      panel.render(panel.data);
+    } catch (err) {
+      console.error(err);
+      panel.error = panel.error || new ApiError(0, `could not draw: ${err.message}`);
+    }
+  }
+  const box = el.querySelector(".panel-error");
+  const badgeBox = el.querySelector(".state-badge");
+  if (panel.error) {
+    el.dataset.state = "unavailable";
+    const stale = panel.data !== undefined ? ` (${t("panel.staleNote")})` : "";
+    box.textContent = t("panel.unavailable", { reason: errorText(panel.error) }) + stale;
+    badgeBox.innerHTML = badge("unavailable");
+  } else {
+    el.dataset.state = "ok";
+    box.textContent = "";
+    badgeBox.innerHTML = "";
+  }
+}
+
+// ----- header: /api/v1/status --------------------------------------------------------------
+
+async function loadStatus(ctx) {
+  try {
+    state.status = await ctx.get("/status");
+    state.statusError = null;
+  } catch (err) {
+    state.status = null;
+    state.statusError = err;
+  }
+  drawHeader();
+}
+
+function drawHeader() {
+  const overall = document.querySelector("[data-testid=overall-status]");
+  const s = state.status;
+  const status = s ? s.status : state.statusError ? (state.statusError.status ? "unhealthy" : "offline") : "loading";
+  overall.dataset.status = status;
+  overall.querySelector(".overall-label").textContent = statusLabel(status);
+  overall.title = state.statusError ? errorText(state.statusError) : "";
+  for (const name of ["health", "usage", "batch"]) {
+    const el = document.querySelector(`[data-testid=service-${name}]`);
+    const svc = s && s.services ? s.services[name] : null;
+    el.dataset.status = svc ? svc.status : state.statusError ? "unknown" : "loading";
+    el.title = svc
+      ? [statusLabel(svc.status), svc.detail, svc.lag ? `lag ${svc.lag}` : null].filter(Boolean).join(" · ")
+      : "";
+  }
+  const alerts = document.querySelector("[data-testid=alerts-24h]");
+  alerts.textContent = s && num(s.alerts_24h) != null ? t("header.alerts24h", { n: fmtInt(s.alerts_24h) }) : "";
+  if (state.updatedAt) {
+    document.querySelector("[data-testid=last-updated]").textContent = t("header.updated", {
+      time: fmtTime(state.updatedAt.toISOString()),
+    });
+  }
+}
+
+// ----- components --------------------------------------------------------------------------
+
+const COMPONENT_ORDER = ["database", "redis", "openai"];
+
+async function loadComponents(ctx) {
+  const comprehensive = await ctx.get("/health/comprehensive");
+  if (!state.history || state.tick % SLOW_EVERY === 1) {
+    try {
+      state.history = await api("/health/history?hours=24");
+    } catch {
+      // uptime is a detail of this panel: keep the last series rather than failing it
+    }
+  }
+  return { comprehensive, history: state.history, statusComponents: (state.status && state.status.components) || {} };
+}
+
+function renderComponents({ comprehensive, history, statusComponents }) {
+  const byName = new Map();
+  for (const c of comprehensive.components || []) byName.set(c.name, c);
+  if (!byName.size) {
+    // no probe answer in detail yet: at least the statuses the summary knows
+    for (const [name, status] of Object.entries(statusComponents)) {
+      if (name === "database" || name === "redis" || name === "openai" || name.startsWith("external.")) {
+        byName.set(name, { name, status, kind: name.startsWith("external.") ? "external_api" : name });
+      }
+    }
+  }
+  const series = new Map((history && history.series ? history.series : []).map((s) => [s.component, s]));
+  const names = [...byName.keys()].sort((a, b) => {
+    const ia = COMPONENT_ORDER.indexOf(a);
+    const ib = COMPONENT_ORDER.indexOf(b);
+    return (ia < 0 ? 99 : ia) - (ib < 0 ? 99 : ib) || a.localeCompare(b);
+  });
+  const box = document.getElementById("component-tiles");
+  if (!names.length) {
+    box.innerHTML = `<div class="empty">${esc(t("components.none"))}</div>`;
+  } else {
+    box.innerHTML = names.map((name) => {
+      const c = byName.get(name);
+      const s = series.get(name);
+      const points = s && s.points ? s.points.slice(-60).map((p) => ({ v: num(p.latency_ms), bad: p.status === "unhealthy" })) : [];
+      const label = name.startsWith("external.") ? name.slice("external.".length) : name;
+      const kind = c.kind && t(`kind.${c.kind}`) !== `kind.${c.kind}` ? t(`kind.${c.kind}`) : c.kind || "";
+      const uptime = s ? asPctStrict(s.uptime_pct) : null;
+      return `<div class="tile" data-testid="component-${esc(name)}" data-status="${esc(c.status)}" title="${esc(c.checked_at ? fmtTime(c.checked_at) : "")}">
+        <div class="tile-head"><span class="tile-name">${esc(label)}</span>${badge(c.status)}</div>
+        <div class="tile-kind">${esc(kind)}</div>
+        <div class="tile-metrics"><span>${esc(t("components.latency"))} <b>${esc(fmtMs(c.latency_ms))}</b></span>
+          <span>${esc(t("components.uptime"))} <b>${esc(fmtPct(uptime, uptime === 100 ? 0 : 1))}</b></span></div>
+        ${sparkline(points)}
+        ${c.error ? `<div class="tile-error" title="${esc(c.error)}">${esc(c.error)}</div>` : ""}
+      </div>`;
+    }).join("");
+  }
+  const m = comprehensive.system_metrics;
+  document.getElementById("system-metrics").textContent = m
+    ? t("components.system", { cpu: fmtDec(m.cpu_percent, 0), mem: fmtDec(m.memory_percent, 0), disk: fmtDec(m.disk_percent, 0) })
+    : "";
+}
+
+// uptime_pct is a percentage by contract
+const asPctStrict = (v) => num(v);
+
+// ----- cost gauges and forecast --------------------------------------------------------------
+
+function monthForecast(costs) {
+  const month = costs.month || {};
+  const given = (costs.forecast && num(costs.forecast.month_end_cost_usd)) ?? num(month.forecast_usd);
+  if (given != null) return given;
+  // Linear from the days elapsed so far (the last daily entry is the server's today).
+  const days = costs.daily || [];
+  const today = days.length ? String(days[days.length - 1].date) : null;
+  const [y, m, d] = today ? today.split("-").map(Number) : [];
+  const cost = num(month.cost_usd);
+  if (!y || !m || !d || cost == null) return null;
+  const inMonth = new Date(Date.UTC(y, m, 0)).getUTCDate();
+  const fraction = (d - 1 + (new Date().getHours() * 60 + new Date().getMinutes()) / 1440) / inMonth;
+  return fraction > 0 ? cost / fraction : cost;
+}
+
+function renderCost(costs) {
+  const one = (id, title, period) => {
+    const p = period || {};
+    const pct = num(p.used_pct) ?? (num(p.budget_usd) ? (100 * (p.cost_usd || 0)) / p.budget_usd : null);
+    const sub = num(p.budget_usd) ? `${fmtPct(pct, 0)} ${t("cost.ofBudget", { budget: fmtUSD(p.budget_usd) })}` : t("cost.noBudget");
+    document.getElementById(id).innerHTML =
+      `<div class="gauge-title">${esc(title)}</div>` +
+      gauge({ pct: num(p.budget_usd) ? pct : null, value: fmtUSD(p.cost_usd), sub });
+  };
+  one("gauge-today", t("cost.today"), costs.today);
+  one("gauge-month", t("cost.month"), costs.month);
+  const forecast = monthForecast(costs);
+  const budget = costs.month ? num(costs.month.budget_usd) : null;
+  const box = document.getElementById("forecast");
+  box.classList.toggle("over", budget != null && forecast != null && forecast > budget);
+  box.innerHTML = forecast == null ? "" :
+    esc(t("cost.forecast", { value: "\u0000" })).replace("\u0000", `<b>${esc(fmtUSD(forecast))}</b>`) +
+    (budget ? ` ${esc(t("cost.forecastBudget", { pct: fmtDec((100 * forecast) / budget, 0), budget: fmtUSD(budget) }))}` : "");
+  const models = entries(costs.by_model, "model").map((e) => ({ ...e, n: costOf(e) }))
+    .filter((e) => e.n > 0).sort((a, b) => b.n - a.n).slice(0, 4);
+  document.getElementById("month-models").innerHTML = models.length
+    ? `<h3>${esc(t("cost.byModel"))}</h3>` + rankRows(models, {
+      color: "#bc8cff",
+      value: (e) => `${fmtUSD(e.n)} · ${t("top.calls", { n: fmtInt(countOf(e)) })}`,
+    })
+    : "";
+  const unpriced = entries(costs.unpriced_models, "model").map((e) => e.key);
+  document.getElementById("unpriced").textContent = unpriced.length ? t("cost.unpriced", { models: unpriced.join(", ") }) : "";
+}
+
+// ----- 30-day cost by model ------------------------------------------------------------------
+
+async function mapLimit(items, limit, fn) {
+  const results = new Array(items.length);
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) {
+      const i = next++;
+      results[i] = await fn(items[i], i);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  return results;
+}
+
+async function loadCostChart(ctx) {
+  const costs = await ctx.get("/usage/costs");
+  const daily = (costs.daily || []).slice(-30);
+  const days = await mapLimit(daily, 6, async (day, i) => {
+    const isToday = i === daily.length - 1;
+    if (day.by_model) return { date: day.date, total: costOf(day), models: modelCosts(day.by_model) };
+    if (!(costOf(day) > 0) && !(countOf(day) > 0)) return { date: day.date, total: 0, models: new Map() };
+    // The contract's daily list has totals only; the per-model split of a day comes from
+    // /usage/stats?date=. Past days are cached and refetched only when their total changes.
+    const cacheKey = `${day.date}|${costOf(day)}|${countOf(day)}`;
+    if (!isToday && state.costDays.has(cacheKey)) return state.costDays.get(cacheKey);
+    const stats = await (isToday ? ctx.get("/usage/stats") : api(`/usage/stats?date=${encodeURIComponent(day.date)}`));
+    const result = { date: day.date, total: costOf(day), models: modelCosts(stats.by_model) };
+    if (!isToday) state.costDays.set(cacheKey, result);
+    return result;
+  });
+  return { days };
+}
+
+function modelCosts(breakdown) {
+  const out = new Map();
+  for (const e of entries(breakdown, "model")) out.set(e.key, (out.get(e.key) || 0) + costOf(e));
+  return out;
+}
+
+function renderCostChart({ days }) {
+  const totals = new Map();
+  for (const d of days) for (const [m, v] of d.models) totals.set(m, (totals.get(m) || 0) + v);
+  const ranked = [...totals.entries()].filter(([, v]) => v > 0).sort((a, b) => b[1] - a[1]);
+  const shown = ranked.slice(0, 7).map(([m]) => m);
+  const chart = document.getElementById("cost-chart");
+  const legend = document.getElementById("cost-legend");
+  const grand = days.reduce((s, d) => s + d.total, 0);
+  if (!days.length || grand <= 0) {
+    chart.innerHTML = `<div class="empty">${esc(t("costchart.none"))}</div>`;
+    legend.innerHTML = "";
+    return;
+  }
+  const other = (d) => {
+    const known = shown.reduce((s, m) => s + (d.models.get(m) || 0), 0);
+    return Math.max(0, d.total - known);
+  };
+  const series = shown.map((m, i) => ({ name: m, color: PALETTE[i % PALETTE.length], values: days.map((d) => d.models.get(m) || 0) }));
+  const rest = days.map(other);
+  if (rest.some((v) => v > grand * 1e-3)) series.push({ name: "other", color: "#5d6b7e", values: rest });
+  chart.innerHTML = stackedBars({
+    categories: days.map((d) => fmtDay(d.date)),
+    series,
+    width: 860,
+    height: 230,
+    yFormat: axisUSD(Math.max(...days.map((d) => d.total))),
+    labelEvery: days.length > 16 ? 3 : 1,
+    titles: days.map((d) => `${d.date}: ${fmtUSD(d.total)}\n` + series.map((s, i) => `${s.name}: ${fmtUSD(s.values[days.indexOf(d)])}`).filter((_, i) => series[i].values[days.indexOf(d)] > 0).join("\n")),
+  });
+  legend.innerHTML = series.map((s) =>
+    `<span><i style="background:${s.color}"></i>${esc(s.name)}<b>${esc(fmtUSD(s.values.reduce((a, b) => a + b, 0)))}</b></span>`,
+  ).join("") + `<span>· ${esc(t("costchart.total"))}<b>${esc(fmtUSD(grand))}</b></span>`;
+}
+
+// ----- requests today ------------------------------------------------------------------------
+
+async function loadRequests(ctx) {
+  const [series, stats] = await Promise.all([ctx.get("/usage/timeseries"), ctx.get("/usage/stats")]);
+  return { series, stats };
+}
+
+function renderRequests({ series, stats }) {
+  const total = num(stats.total_requests) ?? 0;
+  const failed = num(stats.failed_requests) ?? 0;
+  const errorRate = total ? (100 * failed) / total : asPct(stats.error_rate) ?? 0;
+  document.getElementById("kpi-requests").textContent = fmtInt(total);
+  const er = document.getElementById("kpi-error-rate");
+  er.textContent = fmtPct(errorRate);
+  er.classList.toggle("bad", errorRate >= 20);
+  document.getElementById("kpi-latency").textContent = `${fmtMs(stats.avg_response_time_ms)} / ${fmtMs(stats.p95_response_time_ms)}`;
+  document.getElementById("kpi-tokens").textContent = fmtCompact(stats.total_tokens);
+  document.getElementById("kpi-rpm").textContent = fmtDec(stats.requests_per_minute, 1);
+  const points = series.points || [];
+  const clock = new Intl.DateTimeFormat(locale(), { hour: "2-digit", minute: "2-digit", hourCycle: "h23" });
+  const labels = points.map((p) => clock.format(new Date(p.t)));
+  const ok = points.map((p) => Math.max(0, (p.requests || 0) - (p.failed || 0)));
+  const bad = points.map((p) => p.failed || 0);
+  const rate = points.map((p) => (p.requests ? (100 * (p.failed || 0)) / p.requests : null));
+  document.getElementById("requests-chart").innerHTML = stackedBars({
+    categories: labels,
+    series: [
+      { name: t("requests.ok"), color: "#2f81f7", values: ok },
+      { name: t("requests.failed"), color: "#f85149", values: bad },
+    ],
+    width: 860,
+    height: 200,
+    yFormat: (v) => fmtCompact(v),
+    labelEvery: points.length > 12 ? 3 : 1,
+    line: { values: rate, color: "#d29922", format: (v) => `${fmtDec(v, 0)}%`, min: 10 },
+    titles: points.map((p, i) => `${fmtTime(p.t, false)} · ${fmtInt(p.requests)} · ${t("requests.failed")} ${fmtInt(p.failed)} · ${fmtUSD(p.cost_usd)} · p95 ${fmtMs(p.p95_response_time_ms)}`),
+  });
+  document.getElementById("requests-legend").innerHTML = [
+    ["#2f81f7", t("requests.ok")], ["#f85149", t("requests.failed")], ["#d29922", t("requests.errorRate")],
+  ].map(([c, n]) => `<span><i style="background:${c}"></i>${esc(n)}</span>`).join("");
+}
+
+// ----- top endpoints and error codes ---------------------------------------------------------
+
+function rankRows(items, { color, value }) {
+  const max = Math.max(1, ...items.map((e) => e.n));
+  return items.map((e) => `<div class="rank-row" data-key="${esc(e.key)}"><span class="rank-name" title="${esc(e.key)}">${esc(e.key)}</span>
+    <span class="rank-value">${esc(value(e))}</span>
+    <div class="bar" style="--c:${color}"><span style="width:${((100 * e.n) / max).toFixed(1)}%"></span></div></div>`).join("");
+}
+
+function renderTop(stats) {
+  const eps = entries(stats.by_endpoint, "endpoint").map((e) => ({ ...e, n: countOf(e) }))
+    .sort((a, b) => b.n - a.n).slice(0, 6);
+  document.getElementById("top-endpoints").innerHTML = eps.length
+    ? rankRows(eps, {
+      color: "#58a6ff",
+      value: (e) => {
+        const f = failedOf(e);
+        return [t("top.calls", { n: fmtInt(e.n) }), f ? fmtPct((100 * f) / (e.n || 1)) : null, costOf(e) ? fmtUSD(costOf(e)) : null].filter(Boolean).join(" · ");
+      },
+    })
+    : `<div class="empty">${esc(t("top.none"))}</div>`;
+  const errs = entries(stats.by_error_code, "error_code", "code").map((e) => ({ ...e, n: countOf(e) }))
+    .filter((e) => e.n > 0).sort((a, b) => b.n - a.n).slice(0, 6);
+  document.getElementById("top-errors").innerHTML = errs.length
+    ? rankRows(errs, { color: "#f85149", value: (e) => fmtInt(e.n) })
+    : `<div class="empty">${esc(t("top.noErrors"))}</div>`;
+}
+
+// ----- batch executions ------------------------------------------------------------------------
+
+function renderExecutions(answer) {
+  const rows = (answer.executions || []).slice(0, 12);
+  const body = document.getElementById("executions");
+  if (!rows.length) {
+    body.innerHTML = `<tr><td colspan="7" class="empty">${esc(t("exec.none"))}</td></tr>`;
+    return;
+  }
+  body.innerHTML = rows.map((x) => {
+    const running = x.status === "running";
+    const started = parseTime(x.started_at);
+    const duration = num(x.duration_s) ?? (running && started ? (Date.now() - started.getTime()) / 1000 : null);
+    const pct = num(x.progress_pct) ?? (x.items_total ? (100 * (x.items_processed || 0)) / x.items_total : x.status === "succeeded" ? 100 : null);
+    const barColor = x.status === "failed" || x.status === "lost" ? "var(--bad)" : running ? "var(--accent)" : "var(--ok)";
+    return `<tr data-testid="execution-row" data-execution-id="${esc(x.execution_id)}" data-status="${esc(x.status)}">
+      <td class="job" title="${esc(x.execution_id)}">${esc(x.job_id)}</td>
+      <td>${badge(x.status)}${x.error ? `<div class="err" title="${esc(x.error)}">${esc(x.error)}</div>` : ""}</td>
+      <td>${esc(fmtTime(x.started_at))}</td>
+      <td class="num">${esc(fmtDuration(duration))}</td>
+      <td class="num">${num(x.throughput_per_s) == null ? "–" : esc(`${fmtDec(x.throughput_per_s, x.throughput_per_s < 10 ? 1 : 0)}/s`)}</td>
+      <td class="num">${num(x.peak_memory_mb) == null ? "–" : esc(`${fmtInt(x.peak_memory_mb)} MB`)}</td>
+      <td><div class="progress"><div class="bar" style="--c:${barColor}"><span style="width:${Math.max(0, Math.min(100, pct ?? 0)).toFixed(1)}%"></span></div><small>${esc(pct == null ? "–" : fmtPct(pct, 0))}</small></div></td>
+    </tr>`;
+  }).join("");
+}
+
+function renderJobs(stats) {
+  const jobs = entries(stats.by_job, "job_id").map((e) => {
+    const ok = num(e.succeeded) ?? 0;
+    const failed = num(e.failed) ?? 0;
+    const total = num(e.total) ?? ok + failed + (num(e.running) ?? 0);
+    const finished = ok + failed + (num(e.cancelled) ?? 0) + (num(e.lost) ?? 0);
+    const rate = finished ? (100 * ok) / finished : asPct(e.success_rate);
+    return { key: e.key, ok, total, rate };
+  }).sort((a, b) => (a.rate ?? 101) - (b.rate ?? 101) || a.key.localeCompare(b.key));
+  const box = document.getElementById("jobs");
+  box.innerHTML = jobs.length
+    ? jobs.map((j) => {
+      const color = j.rate == null ? "var(--unknown)" : j.rate >= 95 ? "var(--ok)" : j.rate >= 75 ? "var(--warn)" : "var(--bad)";
+      return `<div class="rank-row" data-testid="job-row" data-job-id="${esc(j.key)}"><span class="rank-name">${esc(j.key)}</span>
+        <span class="rank-value"><b style="color:${color}">${esc(fmtPct(j.rate, 0))}</b> · ${esc(t("jobs.runs", { ok: fmtInt(j.ok), n: fmtInt(j.total) }))}</span>
+        <div class="bar" style="--c:${color}"><span style="width:${(j.rate ?? 0).toFixed(1)}%"></span></div></div>`;
+    }).join("")
+    : `<div class="empty">${esc(t("jobs.none"))}</div>`;
+  const patterns = entries(stats.failure_patterns, "error").slice(0, 4);
+  document.getElementById("failures").innerHTML = patterns.length
+    ? patterns.map((p) => `<div class="failure"><span title="${esc(p.key)}">${esc(p.key)}</span><span class="count">×${esc(fmtInt(countOf(p)))}${p.last_seen ? ` · ${esc(fmtTime(p.last_seen, false))}` : ""}</span></div>`).join("")
+    : `<div class="empty">${esc(t("jobs.noFailures"))}</div>`;
+}
+
+// ----- locks ---------------------------------------------------------------------------------
+
+async function loadLocks(ctx) {
+  const [expired, recent, stats] = await Promise.all([
+    ctx.get("/batch/locks/expired"),
+    ctx.get("/batch/executions/recent?limit=12").catch(() => ({ executions: [] })),
+    ctx.get("/batch/executions/stats").catch(() => ({})),
+  ]);
+  // The contract has no "all locks" route: ask the lock status of every job we know of.
+  const jobs = new Set();
+  for (const l of expired.locks || []) jobs.add(l.job_id);
+  for (const x of recent.executions || []) jobs.add(x.job_id);
+  for (const e of entries(stats.by_job, "job_id")) jobs.add(e.key);
+  const known = [...jobs].filter(Boolean).slice(0, LOCK_JOBS_MAX);
+  const statuses = await Promise.all(known.map((job) =>
+    api(`/batch/jobs/${encodeURIComponent(job)}/lock/status`).catch(() => null)));
+  const byJob = new Map((expired.locks || []).map((l) => [l.job_id, { ...l, expired: true }]));
+  for (const s of statuses) if (s) byJob.set(s.job_id, s);
+  const held = [...byJob.values()].filter((l) => l.locked || l.expired);
+  held.sort((a, b) => Number(Boolean(b.expired)) - Number(Boolean(a.expired)) || a.job_id.localeCompare(b.job_id));
+  return { held };
+}
+
+function renderLocks({ held }) {
+  const body = document.getElementById("locks");
+  body.innerHTML = held.length
+    ? held.map((l) => `<tr data-testid="lock-row" data-job-id="${esc(l.job_id)}" data-expired="${l.expired ? "true" : "false"}" class="${l.expired ? "expired" : ""}">
+        <td class="job">${esc(l.job_id)} ${badge(l.expired ? "expired" : "running", l.expired ? t("status.expired") : t("status.held"))}</td>
+        <td>${esc(l.owner ?? "–")}</td>
+        <td>${esc(fmtTime(l.acquired_at))}</td>
+        <td title="${esc(fmtTime(l.expires_at))}">${esc(fmtRelative(l.expires_at))}</td>
+        <td class="num">${esc(l.fencing_token ?? "–")}</td>
+        <td class="num"><button type="button" class="danger" data-testid="lock-release" data-job-id="${esc(l.job_id)}">${esc(t("locks.release"))}</button></td>
+      </tr>`).join("")
+    : `<tr><td colspan="6" class="empty">${esc(t("locks.none"))}</td></tr>`;
+  drawLockMessage();
+}
+
+function drawLockMessage() {
+  const box = document.getElementById("lock-message");
+  const m = state.lockMessage;
+  box.hidden = !m;
+  if (m) {
+    box.dataset.kind = m.kind;
+    box.textContent = t(m.key, m.vars);
+  }
+}
+
+const dialog = document.getElementById("token-dialog");
+
+function askToken(job) {
+  return new Promise((resolve) => {
+    const input = document.getElementById("token-input");
+    const form = document.getElementById("token-form");
+    document.getElementById("token-text").textContent = t("token.text", { job });
+    input.value = "";
+    const finish = (value) => {
+      form.removeEventListener("submit", onSubmit);
+      document.getElementById("token-cancel").removeEventListener("click", onCancel);
+      dialog.removeEventListener("cancel", onCancel);
+      if (dialog.open) dialog.close();
+      resolve(value);
+    };
+    const onSubmit = (event) => {
+      event.preventDefault();
+      finish(input.value.trim());
+    };
+    const onCancel = (event) => {
+      event.preventDefault();
+      finish(null);
+    };
+    form.addEventListener("submit", onSubmit);
+    document.getElementById("token-cancel").addEventListener("click", onCancel);
+    dialog.addEventListener("cancel", onCancel);
+    dialog.showModal();
+    input.focus();
+  });
+}
+
+async function releaseLock(job) {
+  const token = await askToken(job);
+  if (token === null) return;
+  try {
+    const answer = await api(`/batch/jobs/${encodeURIComponent(job)}/lock/release`, {
+      method: "POST",
+      bearer: token || null,
+      body: { reason: "released from the dashboard" },
+    });
+    state.lockMessage = answer.released
+      ? { kind: "ok", key: "locks.released", vars: { job, owner: answer.previous_owner ?? "–" } }
+      : { kind: "ok", key: "locks.notHeld", vars: { job } };
+  } catch (err) {
+    const refused = err.status === 401 || err.status === 403;
+    state.lockMessage = {
+      kind: "error",
+      key: refused ? "locks.refused" : "locks.failed",
+      vars: { job, status: err.status || "–", detail: err.detail },
+    };
+  }
+  drawLockMessage();
+  refresh();
+}
+
+document.getElementById("locks").addEventListener("click", (event) => {
+  const button = event.target.closest("[data-testid=lock-release]");
+  if (button) releaseLock(button.dataset.jobId);
+});
+
+// ----- live alerts ---------------------------------------------------------------------------
+
+function addAlert(alert, fresh) {
+  if (!alert || !alert.id) return;
+  const existing = state.alerts.get(alert.id);
+  state.alerts.set(alert.id, { ...alert, fresh: fresh && !existing });
+  if (state.alerts.size > FEED_MAX * 2) {
+    const keep = [...state.alerts.values()].sort(byNewest).slice(0, FEED_MAX);
+    state.alerts = new Map(keep.map((a) => [a.id, a]));
+  }
+}
+
+const byNewest = (a, b) => String(b.occurred_at).localeCompare(String(a.occurred_at));
+
+function renderAlerts() {
+  const items = [...state.alerts.values()].sort(byNewest).slice(0, FEED_MAX);
+  const feed = document.getElementById("alert-feed");
+  feed.innerHTML = items.length
+    ? items.map((a) => `<li class="alert${a.fresh ? " fresh" : ""}" data-testid="alert-item" data-alert-id="${esc(a.id)}" data-severity="${esc(a.severity)}">
+        <span class="alert-sev">${esc(a.severity)}</span>
+        <span class="alert-title" title="${esc(a.kind)}">${esc(a.title || a.kind)}</span>
+        <span class="alert-time">${esc(fmtTime(a.occurred_at))}</span>
+        <span class="alert-msg" title="${esc(a.message)}">${esc(a.message)}</span>
+      </li>`).join("")
+    : `<li class="empty">${esc(t("alerts.none"))}</li>`;
+  for (const a of items) a.fresh = false;
+  const streamState = document.getElementById("stream-state");
+  const status = { connected: "connected", connecting: "connecting", offline: "offline" }[state.stream];
+  streamState.dataset.status = status;
+  streamState.innerHTML = `<span class="dot"></span>${esc(t(`stream.${state.stream}`))}`;
+  const panel = document.getElementById("panel-alerts");
+  panel.dataset.state = state.stream === "offline" ? "unavailable" : "ok";
+  panel.querySelector(".panel-error").textContent = state.stream === "offline" ? t("panel.unavailable", { reason: t("stream.offline") }) : "";
+}
+
+let source = null;
+
+function connectStream() {
+  if (typeof EventSource === "undefined") return;
+  // EventSource resends Last-Event-ID itself when it reconnects, so nothing is missed.
+  source = new EventSource(`${API}/alerts/stream`);
+  source.addEventListener("open", () => {
+    state.stream = "connected";
+    renderAlerts();
+  });
+  source.addEventListener("alert", (event) => {
+    try {
+      addAlert(JSON.parse(event.data), true);
+    } catch (err) {
+      console.error("bad alert event", err);
+    }
+    renderAlerts();
+  });
+  source.addEventListener("error", () => {
+    state.stream = "offline";
+    renderAlerts();
+    if (source.readyState === EventSource.CLOSED) {
+      // a refused connection (503, 401) is not retried by the browser: retry ourselves
+      source.close();
+      setTimeout(connectStream, REFRESH_MS);
+    }
+  });
+}
+
+async function loadAlertHistory() {
+  try {
+    const answer = await api("/usage/alerts?limit=20");
+    for (const a of answer.alerts || []) addAlert(a, false);
+  } catch {
+    // the live stream still works; history is a courtesy
+  }
+  renderAlerts();
+}
+
+// ----- refresh loop, language --------------------------------------------------------------
+
+let running = null;
+
+async function tick() {
+  state.tick += 1;
+  const ctx = refreshContext();
+  await loadStatus(ctx);
+  await Promise.all(PANELS.map((panel) => runPanel(panel, ctx)));
+  if (state.tick % SLOW_EVERY === 1 && state.alerts.size === 0) await loadAlertHistory();
+  state.updatedAt = new Date();
+  drawHeader();
+  document.body.dataset.refreshes = String(state.tick);
+}
+
+/** Refresh now (or join the refresh already running). */
+function refresh() {
+  if (!running) running = tick().finally(() => { running = null; });
+  return running;
+}
+
+async function loop() {
+  try {
+    await refresh();
+  } finally {
+    setTimeout(loop, REFRESH_MS);
+  }
+}
+
+function applyLanguage() {
+  translateStatic();
+  const toggle = document.getElementById("lang-toggle");
+  toggle.dataset.lang = currentLang();
+  toggle.title = t("lang.switch");
+  document.getElementById("tz-note").textContent = t("footer.tz", {
+    tz: Intl.DateTimeFormat().resolvedOptions().timeZone || "local time",
+  });
+  drawHeader();
+  for (const panel of PANELS) if (panel.data !== undefined || panel.error) drawPanel(panel);
+  renderAlerts();
+}
+
+document.getElementById("lang-toggle").addEventListener("click", () => {
+  setLang(currentLang() === "ko" ? "en" : "ko");
+  applyLanguage();
+});
+
+document.getElementById("read-token-button").addEventListener("click", () => {
+  const token = window.prompt(t("auth.readTokenPrompt"));
+  if (token == null) return;
+  readToken = token.trim() || null;
+  try {
+    if (readToken) sessionStorage.setItem("stockpilot.readToken", readToken);
+    else sessionStorage.removeItem("stockpilot.readToken");
+  } catch {
+    // kept for this page only
+  }
+  refresh();
+});
+
+window.stockpilot = { refresh };
+applyLanguage();
+connectStream();
+loop();
