@@ -1,0 +1,409 @@
+"""Probes of StockPilot's dependencies, over real connections, each bounded by its own timeout.
+
+A probe never raises: whatever goes wrong becomes an `unhealthy` result with an error a person
+understands. Targets are shown redacted (no password, no key) in details and errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
+import httpx
+import msgspec
+import psutil
+from redis.asyncio import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from services.health.events import Details, Kind, Status
+from services.health.settings import ExternalApi, HealthSettings
+
+_SECRET_WORDS = ("pass", "key", "token", "secret", "auth", "sig")
+
+
+class ProbeResult(msgspec.Struct, kw_only=True):
+    """What one probe found."""
+
+    component: str
+    kind: Kind
+    status: Status
+    latency_ms: float | None = None
+    details: Details = {}
+    error: str | None = None
+
+
+class ProbeFailed(Exception):
+    """A probe's own, already readable, failure reason."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password and without secret-looking query parameters."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in pairs]
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _scrub(text: str, *secrets: str | None) -> str:
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _password(url: str) -> str | None:
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def _hostport(url: str, default_port: int) -> str:
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"
+    except ValueError:
+        return "the configured address"
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def unconfigured(component: str, kind: Kind, setting: str) -> ProbeResult:
+    """An `unknown` result for a probe that is switched off, naming what switches it on."""
+    return ProbeResult(
+        component=component,
+        kind=kind,
+        status="unknown",
+        details={
+            "configured": False,
+            "enable_with": setting,
+            "reason": f"not configured: set {setting} to probe it",
+        },
+    )
+
+
+def _describe(exc: BaseException, where: str) -> str:
+    if isinstance(exc, ProbeFailed):
+        return str(exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused by {where}: nothing listens there"
+    if isinstance(exc, OSError) and "Connect call failed" in str(exc):
+        return f"connection refused by {where}: nothing listens there"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {where}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def bounded(
+    component: str,
+    kind: Kind,
+    target: str,
+    timeout: float,
+    probe: Callable[[], Awaitable[ProbeResult]],
+    secrets: tuple[str | None, ...] = (),
+) -> ProbeResult:
+    """Run `probe` within `timeout`; a hang or an error becomes an unhealthy result."""
+    start = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            return await probe()
+    except (TimeoutError, RedisTimeoutError, httpx.TimeoutException):
+        error = f"no answer from {target} within {timeout:g} s"
+    except Exception as exc:
+        error = _describe(exc, target)
+    return ProbeResult(
+        component=component,
+        kind=kind,
+        status="unhealthy",
+        latency_ms=_ms(start),
+        details={"target": target},
+        error=_scrub(error, *secrets),
+    )
+
+
+def _degraded(reasons: list[str]) -> tuple[Status, str | None]:
+    return ("degraded", "; ".join(reasons)) if reasons else ("healthy", None)
+
+
+async def probe_database(settings: HealthSettings, timeout: float | None = None) -> ProbeResult:
+    """PostgreSQL: connect, SELECT 1, server version, connections in use vs max_connections."""
+    url = settings.database_url
+    if not url:
+        return unconfigured("database", "database", "STOCKPILOT_DATABASE_URL")
+    limit = timeout or settings.probe_timeout_s
+    target = redact_url(url)
+    where = _hostport(url, 5432)
+
+    async def run() -> ProbeResult:
+        start = time.perf_counter()
+        try:
+            conn = await asyncpg.connect(dsn=url, timeout=limit)
+        except asyncpg.PostgresError as exc:
+            raise ProbeFailed(f"PostgreSQL at {where} refused the connection: {exc}") from None
+        connect_ms = _ms(start)
+        try:
+            start = time.perf_counter()
+            await conn.fetchval("SELECT 1")
+            query_ms = _ms(start)
+            row = await conn.fetchrow(
+                "SELECT current_setting('server_version') AS version,"
+                " current_setting('max_connections')::int AS max_connections,"
+                " (SELECT count(*) FROM pg_stat_activity"
+                "  WHERE backend_type = 'client backend')::int AS in_use"
+            )
+        except BaseException:
+            conn.terminate()
+            raise
+        await conn.close(timeout=limit)
+        assert row is not None
+        in_use, max_conn = int(row["in_use"]), int(row["max_connections"])
+        used_pct = round(100.0 * in_use / max_conn, 1) if max_conn else 0.0
+        reasons = []
+        if query_ms > settings.database_slow_ms:
+            reasons.append(f"query took {query_ms:.0f} ms (> {settings.database_slow_ms:g} ms)")
+        if used_pct > settings.database_connections_pct:
+            reasons.append(
+                f"{used_pct:g} % of max_connections in use "
+                f"(> {settings.database_connections_pct:g} %)"
+            )
+        status, error = _degraded(reasons)
+        return ProbeResult(
+            component="database",
+            kind="database",
+            status=status,
+            latency_ms=query_ms,
+            details={
+                "target": target,
+                "server_version": str(row["version"]),
+                "connect_ms": connect_ms,
+                "connections_in_use": in_use,
+                "max_connections": max_conn,
+                "connections_pct": used_pct,
+            },
+            error=error,
+        )
+
+    return await bounded("database", "database", target, limit, run, (_password(url),))
+
+
+async def probe_redis(settings: HealthSettings, timeout: float | None = None) -> ProbeResult:
+    """Redis: PING latency, INFO memory used vs maxmemory, connected clients, version."""
+    url = settings.redis_url
+    if not url:
+        return unconfigured("redis", "redis", "STOCKPILOT_REDIS_URL")
+    limit = timeout or settings.probe_timeout_s
+    target = redact_url(url)
+    where = _hostport(url, 6379)
+
+    async def run() -> ProbeResult:
+        client = Redis.from_url(
+            url,
+            socket_connect_timeout=limit,
+            socket_timeout=limit,
+            retry=Retry(NoBackoff(), 0),
+            single_connection_client=True,
+        )
+        try:
+            start = time.perf_counter()
+            try:
+                await client.ping()
+            except AuthenticationError as exc:
+                raise ProbeFailed(f"Redis at {where} refused the credentials: {exc}") from None
+            except ResponseError as exc:
+                raise ProbeFailed(f"Redis at {where} refused PING: {exc}") from None
+            except RedisConnectionError as exc:
+                if "Connect call failed" in str(exc) or "refused" in str(exc):
+                    raise ProbeFailed(
+                        f"connection refused by {where}: is Redis running there?"
+                    ) from None
+                raise ProbeFailed(f"cannot connect to Redis at {where}: {exc}") from None
+            ping_ms = _ms(start)
+            info = await client.info()
+        finally:
+            await client.aclose()
+        used = int(info.get("used_memory", 0))
+        maxmemory = int(info.get("maxmemory", 0))
+        memory_pct = round(100.0 * used / maxmemory, 1) if maxmemory else None
+        reasons = []
+        if ping_ms > settings.redis_slow_ms:
+            reasons.append(f"PING took {ping_ms:.0f} ms (> {settings.redis_slow_ms:g} ms)")
+        if memory_pct is not None and memory_pct > settings.redis_memory_pct:
+            reasons.append(
+                f"{memory_pct:g} % of maxmemory used (> {settings.redis_memory_pct:g} %)"
+            )
+        status, error = _degraded(reasons)
+        return ProbeResult(
+            component="redis",
+            kind="redis",
+            status=status,
+            latency_ms=ping_ms,
+            details={
+                "target": target,
+                "version": str(info.get("redis_version", "")),
+                "used_memory_bytes": used,
+                "maxmemory_bytes": maxmemory,
+                "memory_pct": memory_pct,
+                "connected_clients": int(info.get("connected_clients", 0)),
+            },
+            error=error,
+        )
+
+    return await bounded("redis", "redis", target, limit, run, (_password(url),))
+
+
+async def probe_openai(
+    settings: HealthSettings, http: httpx.AsyncClient, timeout: float | None = None
+) -> ProbeResult:
+    """OpenAI: GET {base}/models with the key; 401 unhealthy, 429 degraded, 5xx unhealthy."""
+    key = settings.openai_api_key
+    if not key:
+        return unconfigured("openai", "openai", "OPENAI_API_KEY")
+    limit = timeout or settings.probe_timeout_s
+    base = settings.openai_base_url.rstrip("/")
+    target = redact_url(base)
+
+    async def run() -> ProbeResult:
+        start = time.perf_counter()
+        response = await http.get(
+            f"{base}/models", headers={"Authorization": f"Bearer {key}"}, timeout=limit
+        )
+        latency = _ms(start)
+        code = response.status_code
+        details: Details = {"target": target, "http_status": code}
+        status: Status
+        error: str | None
+        if code == 200:
+            try:
+                models = msgspec.json.decode(response.content, type=_ModelList)
+            except msgspec.DecodeError:
+                raise ProbeFailed(
+                    f"{target}/models answered 200 but not with a list of models"
+                ) from None
+            details["models"] = len(models.data)
+            status, error = _degraded(
+                [f"answered in {latency:.0f} ms (> {settings.openai_slow_ms:g} ms)"]
+                if latency > settings.openai_slow_ms
+                else []
+            )
+        elif code == 401:
+            status, error = "unhealthy", "invalid API key (401)"
+        elif code == 403:
+            status, error = "unhealthy", "the API key is not allowed to list models (403)"
+        elif code == 429:
+            status, error = "degraded", "rate limited (429)"
+        elif code >= 500:
+            status, error = "unhealthy", f"OpenAI server error ({code})"
+        else:
+            status, error = "unhealthy", f"unexpected answer {code} from {target}/models"
+        return ProbeResult(
+            component="openai",
+            kind="openai",
+            status=status,
+            latency_ms=latency,
+            details=details,
+            error=error,
+        )
+
+    return await bounded("openai", "openai", target, limit, run, (key,))
+
+
+class _ModelList(msgspec.Struct):
+    data: list[msgspec.Raw]
+
+
+async def probe_external(
+    api: ExternalApi, settings: HealthSettings, http: httpx.AsyncClient
+) -> ProbeResult:
+    """One external API: its method and headers, its expected status, its own timeout."""
+    component = f"external.{api.name}"
+    limit = api.timeout_s or settings.probe_timeout_s
+    target = redact_url(api.url)
+
+    async def run() -> ProbeResult:
+        start = time.perf_counter()
+        response = await http.request(api.method, api.url, headers=api.headers, timeout=limit)
+        latency = _ms(start)
+        code = response.status_code
+        if code != api.expect_status:
+            status: Status = "unhealthy"
+            error: str | None = f"answered {code}, expected {api.expect_status}"
+        else:
+            status, error = _degraded(
+                [f"answered in {latency:.0f} ms (> {settings.external_slow_ms:g} ms)"]
+                if latency > settings.external_slow_ms
+                else []
+            )
+        return ProbeResult(
+            component=component,
+            kind="external_api",
+            status=status,
+            latency_ms=latency,
+            details={
+                "target": target,
+                "method": api.method,
+                "http_status": code,
+                "expect_status": api.expect_status,
+            },
+            error=error,
+        )
+
+    return await bounded(component, "external_api", target, limit, run, tuple(api.headers.values()))
+
+
+async def probe_all(settings: HealthSettings, http: httpx.AsyncClient) -> list[ProbeResult]:
+    """Every probe at once; each is bounded by its own timeout, so none delays another."""
+    return list(
+        await asyncio.gather(
+            probe_database(settings),
+            probe_redis(settings),
+            probe_openai(settings, http),
+            *(probe_external(api, settings, http) for api in settings.external_apis),
+        )
+    )
+
+
+def new_http_client() -> httpx.AsyncClient:
+    """The HTTP client the probes share (no proxies from the environment; no redirects)."""
+    return httpx.AsyncClient(trust_env=False, follow_redirects=False)
+
+
+class HostMetrics(msgspec.Struct, kw_only=True):
+    """CPU, memory and disk use of this host, and how long it has been up."""
+
+    cpu_percent: float
+    memory_percent: float
+    disk_percent: float
+    uptime_s: float
+
+
+def sample_host(path: str) -> HostMetrics:
+    """Sample the host with psutil (CPU since the previous sample; disk of `path`'s volume)."""
+    disk_path = path if os.path.exists(path) else os.path.abspath(os.sep)
+    return HostMetrics(
+        cpu_percent=float(psutil.cpu_percent(interval=None)),
+        memory_percent=float(psutil.virtual_memory().percent),
+        disk_percent=float(psutil.disk_usage(disk_path).percent),
+        uptime_s=round(time.time() - psutil.boot_time(), 1),
+    )

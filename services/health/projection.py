@@ -1,0 +1,252 @@
+"""The health projection: latest result, hysteresis status and bounded history per component.
+
+A pure fold. A component's status changes only after `down_after` consecutive results in a
+worse state (`up_after` for a better one), so a flapping target does not flip on one result;
+each confirmed change is recorded as the component's `last_transition`, from which `react`
+derives exactly one `health.status_changed` alert. Raw samples are kept for 24 h (bounded by
+count), hourly buckets for `max_hours`, so the view and its snapshot stay bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+
+import msgspec
+
+from services.health.events import HealthChecked, HealthEvent, HostSampled, Kind, Status
+from shared.events import Alert, AwareDatetime, Severity, alert_id, rfc3339
+from shared.projection import FoldError, View
+
+HOUR_S = 3600.0
+DAY_S = 86_400.0
+ALERT_KIND = "health.status_changed"
+# Status codes stored in samples (a byte each instead of a string).
+CODES: dict[Status, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2, "unknown": 3}
+STATUSES: tuple[Status, ...] = ("healthy", "degraded", "unhealthy", "unknown")
+# How bad a known status is; `unknown` (not configured) is not part of the order.
+RANK: dict[Status, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+
+
+class FoldPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """The fold's configuration (from the settings): hysteresis and history bounds."""
+
+    down_after: int = 3
+    up_after: int = 2
+    max_samples: int = 5_000
+    max_hours: int = 2_160
+    window_s: float = DAY_S
+
+
+class Sample(msgspec.Struct, array_like=True):
+    """One result in the raw history: epoch seconds, status code, latency."""
+
+    t: float
+    status: int
+    latency_ms: float | None
+
+
+class HourBucket(msgspec.Struct, array_like=True):
+    """Counts of one hour of results (epoch hour index)."""
+
+    hour: int
+    counts: list[int]  # per status code
+    latency_sum: float = 0.0
+    latency_n: int = 0
+
+
+class Transition(msgspec.Struct, kw_only=True):
+    """A confirmed status change and the event that confirmed it."""
+
+    from_status: Status
+    to_status: Status
+    at: AwareDatetime
+    event_id: str
+    results: int
+    alert: bool
+
+
+class ComponentState(msgspec.Struct, kw_only=True):
+    """Everything known about one component."""
+
+    kind: Kind
+    latest: HealthChecked
+    status: Status
+    since: AwareDatetime
+    pending: Status | None = None
+    streak: int = 0
+    last_transition: Transition | None = None
+    samples: list[Sample] = []
+    hours: list[HourBucket] = []
+
+
+class HealthView(View, kw_only=True):
+    """Per component state, the latest host sample, and when the latest result came in."""
+
+    components: dict[str, ComponentState] = {}
+    host: HostSampled | None = None
+    checked_at: AwareDatetime | None = None
+
+
+def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
+    old, new = state.status, event.status
+    # unknown → healthy is a probe being switched on, not news; anything else is alerted.
+    alert = new != "unknown" and (old != "unknown" or new != "healthy")
+    state.last_transition = Transition(
+        from_status=old,
+        to_status=new,
+        at=event.occurred_at,
+        event_id=event.id,
+        results=results,
+        alert=alert,
+    )
+    state.status = new
+    state.since = event.occurred_at
+    state.pending = None
+    state.streak = 0
+
+
+def _hysteresis(state: ComponentState, event: HealthChecked, policy: FoldPolicy) -> None:
+    new = event.status
+    if new == state.status:
+        state.pending = None
+        state.streak = 0
+        return
+    if new == "unknown" or state.status == "unknown":
+        # Switching a probe off or on is configuration, not a flapping target: follow it.
+        _change(state, event, 1)
+        return
+    if new == state.pending:
+        state.streak += 1
+    else:
+        state.pending = new
+        state.streak = 1
+    needed = policy.down_after if RANK[new] > RANK[state.status] else policy.up_after
+    if state.streak >= needed:
+        _change(state, event, state.streak)
+
+
+def _record(state: ComponentState, event: HealthChecked, policy: FoldPolicy) -> None:
+    t = event.occurred_at.timestamp()
+    code = CODES[event.status]
+    samples = state.samples
+    sample = Sample(t, code, event.latency_ms)
+    if not samples or samples[-1].t <= t:
+        samples.append(sample)
+    else:  # a late result: keep the history in time order
+        index = len(samples)
+        while index > 0 and samples[index - 1].t > t:
+            index -= 1
+        samples.insert(index, sample)
+    horizon = samples[-1].t - policy.window_s
+    drop = 0
+    while drop < len(samples) and samples[drop].t < horizon:
+        drop += 1
+    drop = max(drop, len(samples) - policy.max_samples)
+    if drop:
+        del samples[:drop]
+
+    hour = int(t // HOUR_S)
+    hours = state.hours
+    index = len(hours)
+    while index > 0 and hours[index - 1].hour > hour:
+        index -= 1
+    if index > 0 and hours[index - 1].hour == hour:
+        bucket = hours[index - 1]
+    else:
+        bucket = HourBucket(hour, [0, 0, 0, 0])
+        hours.insert(index, bucket)
+    bucket.counts[code] += 1
+    if event.latency_ms is not None:
+        bucket.latency_sum += event.latency_ms
+        bucket.latency_n += 1
+    if len(hours) > policy.max_hours:
+        del hours[: len(hours) - policy.max_hours]
+
+
+def _checked(view: HealthView, event: HealthChecked, policy: FoldPolicy) -> None:
+    if not event.component or " " in event.component:
+        raise FoldError(f"component name {event.component!r} is not valid")
+    if event.latency_ms is not None and event.latency_ms < 0:
+        raise FoldError(f"latency_ms must not be negative (got {event.latency_ms})")
+    state = view.components.get(event.component)
+    if state is None:
+        state = ComponentState(
+            kind=event.kind, latest=event, status="unknown", since=event.occurred_at
+        )
+        view.components[event.component] = state
+        if event.status != "unknown":
+            # Nothing to flap from: the first result is the status.
+            _change(state, event, 1)
+    else:
+        if event.occurred_at >= state.latest.occurred_at:
+            state.latest = event
+            state.kind = event.kind
+        _hysteresis(state, event, policy)
+    _record(state, event, policy)
+    if view.checked_at is None or event.occurred_at > view.checked_at:
+        view.checked_at = event.occurred_at
+
+
+def apply(view: HealthView, event: HealthEvent, policy: FoldPolicy) -> HealthView:
+    """Fold one event into the view (pure: the event is the only input)."""
+    match event:
+        case HealthChecked():
+            _checked(view, event, policy)
+        case HostSampled():
+            if view.host is None or event.occurred_at >= view.host.occurred_at:
+                view.host = event
+    return view
+
+
+def make_apply(policy: FoldPolicy) -> Callable[[HealthView, HealthEvent], HealthView]:
+    """The fold with its configuration bound (what the Projection takes)."""
+
+    def fold(view: HealthView, event: HealthEvent) -> HealthView:
+        return apply(view, event, policy)
+
+    return fold
+
+
+_SEVERITY: dict[str, Severity] = {"healthy": "info", "degraded": "warning", "unhealthy": "critical"}
+
+
+def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
+    """A `health.status_changed` alert for the event that confirmed a status change."""
+    if not isinstance(event, HealthChecked):
+        return ()
+    state = view.components.get(event.component)
+    if state is None or state.last_transition is None:
+        return ()
+    change = state.last_transition
+    if change.event_id != event.id or not change.alert:
+        return ()
+    detail = f": {event.error}" if event.error and change.to_status != "healthy" else ""
+    return [
+        Alert(
+            id=alert_id(ALERT_KIND, event.component, rfc3339(event.occurred_at)),
+            occurred_at=event.occurred_at,
+            source="health",
+            kind=ALERT_KIND,
+            severity=_SEVERITY.get(change.to_status, "warning"),
+            title=f"{event.component} is {change.to_status}",
+            message=(
+                f"{event.component} went from {change.from_status} to {change.to_status} "
+                f"after {change.results} consecutive result(s){detail}"
+            ),
+            metric=f"{event.component}.status_rank",
+            value=float(RANK.get(change.to_status, -1)),
+            threshold=float(RANK.get(change.from_status, -1)),
+        )
+    ]
+
+
+def status_at(code: int) -> Status:
+    """The status a sample's code stands for."""
+    return STATUSES[code]
+
+
+def newest(view: HealthView) -> datetime | None:
+    """When the latest result or host sample was taken."""
+    times = [t for t in (view.checked_at, view.host.occurred_at if view.host else None) if t]
+    return max(times) if times else None

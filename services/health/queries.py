@@ -1,0 +1,414 @@
+"""Pure queries over the health view, and the answers the gateway serves (contract §5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import msgspec
+
+from services.health.events import Details, Kind, Status
+from services.health.projection import (
+    CODES,
+    HOUR_S,
+    RANK,
+    STATUSES,
+    ComponentState,
+    HealthView,
+    Sample,
+    newest,
+)
+from services.health.settings import HealthSettings
+from shared.errors import NotFoundError
+from shared.events import AwareDatetime
+
+MAX_HOURS = 2160
+CORE: tuple[tuple[str, Kind], ...] = (
+    ("database", "database"),
+    ("redis", "redis"),
+    ("openai", "openai"),
+)
+
+
+# ----- parameters ------------------------------------------------------------------------
+
+
+class FreshParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A `*_fresh` request: answer from a round started no earlier than `requested_at`.
+
+    Requests to one endpoint are handled one after another, so a request that queued behind
+    a round is answered by that round instead of starting another one.
+    """
+
+    requested_at: AwareDatetime | None = None
+
+
+class ComponentParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One component by its id (`database`, `redis`, `openai`, `external.<name>`)."""
+
+    name: str
+    requested_at: AwareDatetime | None = None
+
+
+class HistoryParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Which component (all when absent) over how many hours."""
+
+    component: str | None = None
+    hours: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOURS)] = 24
+
+
+# ----- answers ---------------------------------------------------------------------------
+
+
+class ComponentHealth(msgspec.Struct, kw_only=True):
+    """One component: its (hysteresis) status and its latest probe result."""
+
+    name: str
+    kind: Kind
+    status: Status
+    latency_ms: float | None
+    details: Details
+    error: str | None
+    checked_at: AwareDatetime | None
+    # The latest probe's own status; `status` follows it only after the hysteresis.
+    last_result: Status
+    status_since: AwareDatetime | None
+    pending_status: Status | None
+    pending_results: int
+    uptime_pct_1h: float | None
+    uptime_pct_24h: float | None
+    latency_p95_ms_1h: float | None
+    latency_p95_ms_24h: float | None
+
+
+class ComponentAnswer(ComponentHealth, kw_only=True):
+    """One component as a route answer: with whether it came from the cache and its age."""
+
+    cached: bool
+    age_s: float | None
+
+
+class SystemMetrics(msgspec.Struct, kw_only=True):
+    """The health service's host, sampled with psutil each round."""
+
+    cpu_percent: float
+    memory_percent: float
+    disk_percent: float
+    uptime_s: float
+    sampled_at: AwareDatetime
+
+
+class ExternalApisHealth(msgspec.Struct, kw_only=True):
+    """The external APIs together: healthy at >= 80 % reachable, degraded at >= 50 %."""
+
+    status: Status
+    apis: list[ComponentHealth]
+    reachable: int
+    total: int
+    reachable_pct: float | None
+    checked_at: AwareDatetime | None
+    cached: bool
+    age_s: float | None
+
+
+class ComprehensiveHealth(msgspec.Struct, kw_only=True):
+    """Every component, the overall status and the host's metrics."""
+
+    status: Status
+    checked_at: AwareDatetime | None
+    cached: bool
+    age_s: float | None
+    components: list[ComponentHealth]
+    external_apis: ExternalApisHealth
+    system_metrics: SystemMetrics | None
+
+
+class HistoryPoint(msgspec.Struct, kw_only=True):
+    """One point of a series (several results merged into one when the window is long)."""
+
+    t: AwareDatetime
+    status: Status
+    latency_ms: float | None
+
+
+class HistorySeries(msgspec.Struct, kw_only=True):
+    """A component's results over the window and its uptime there."""
+
+    component: str
+    kind: Kind
+    uptime_pct: float | None
+    checks: int
+    points: list[HistoryPoint]
+
+
+class HealthHistory(msgspec.Struct, kw_only=True):
+    """The answer of /api/v1/health/history."""
+
+    hours: int
+    start: AwareDatetime
+    end: AwareDatetime
+    series: list[HistorySeries]
+
+
+class HealthSummary(msgspec.Struct, kw_only=True):
+    """What /api/v1/status shows of health (gateway.routes.system.HealthSummary)."""
+
+    status: str
+    components: dict[str, str]
+
+
+# ----- helpers ---------------------------------------------------------------------------
+
+
+def configured(settings: HealthSettings) -> list[tuple[str, Kind]]:
+    """The components the settings define, in display order."""
+    return [*CORE, *((f"external.{api.name}", "external_api") for api in settings.external_apis)]
+
+
+def worst(statuses: Iterable[Status]) -> Status:
+    """Any unhealthy → unhealthy, else any degraded → degraded, else healthy (unknown ignored)."""
+    known = [s for s in statuses if s != "unknown"]
+    if not known:
+        return "unknown"
+    return max(known, key=lambda s: RANK[s])
+
+
+def _uptime(samples: Iterable[Sample]) -> tuple[float | None, int]:
+    up = total = 0
+    for sample in samples:
+        if sample.status == CODES["unknown"]:
+            continue
+        total += 1
+        if sample.status != CODES["unhealthy"]:
+            up += 1
+    return (round(100.0 * up / total, 2) if total else None), total
+
+
+def _p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)], 3)
+
+
+def _window(state: ComponentState, since: float) -> list[Sample]:
+    samples = state.samples
+    lo, hi = 0, len(samples)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if samples[mid].t < since:
+            lo = mid + 1
+        else:
+            hi = mid
+    return samples[lo:]
+
+
+def component_health(view: HealthView, name: str, kind: Kind, now: datetime) -> ComponentHealth:
+    """One component as it stands (a component never checked is `unknown`)."""
+    state = view.components.get(name)
+    if state is None:
+        return ComponentHealth(
+            name=name,
+            kind=kind,
+            status="unknown",
+            latency_ms=None,
+            details={},
+            error=None,
+            checked_at=None,
+            last_result="unknown",
+            status_since=None,
+            pending_status=None,
+            pending_results=0,
+            uptime_pct_1h=None,
+            uptime_pct_24h=None,
+            latency_p95_ms_1h=None,
+            latency_p95_ms_24h=None,
+        )
+    t = now.timestamp()
+    hour, day = _window(state, t - HOUR_S), _window(state, t - 24 * HOUR_S)
+    latest = state.latest
+    return ComponentHealth(
+        name=name,
+        kind=state.kind,
+        status=state.status,
+        latency_ms=latest.latency_ms,
+        details=latest.details,
+        error=latest.error,
+        checked_at=latest.occurred_at,
+        last_result=latest.status,
+        status_since=state.since,
+        pending_status=state.pending,
+        pending_results=state.streak,
+        uptime_pct_1h=_uptime(hour)[0],
+        uptime_pct_24h=_uptime(day)[0],
+        latency_p95_ms_1h=_p95([s.latency_ms for s in hour if s.latency_ms is not None]),
+        latency_p95_ms_24h=_p95([s.latency_ms for s in day if s.latency_ms is not None]),
+    )
+
+
+def _age(view: HealthView, now: datetime) -> float | None:
+    at = newest(view)
+    return round(max(0.0, (now - at).total_seconds()), 3) if at else None
+
+
+def component(
+    view: HealthView, settings: HealthSettings, name: str, now: datetime, cached: bool
+) -> ComponentAnswer:
+    """The answer of /health/database, /openai, /redis (and any component by id)."""
+    kinds = dict(configured(settings))
+    state = view.components.get(name)
+    if name not in kinds and state is None:
+        raise NotFoundError(f"no health component named {name!r}")
+    kind = kinds.get(name) or (state.kind if state else "external_api")
+    one = component_health(view, name, kind, now)
+    return ComponentAnswer(
+        **msgspec.structs.asdict(one), cached=cached, age_s=_age(view, now) if cached else 0.0
+    )
+
+
+def external_apis(
+    view: HealthView, settings: HealthSettings, now: datetime, cached: bool
+) -> ExternalApisHealth:
+    """The external APIs and their aggregate status."""
+    apis = [
+        component_health(view, name, kind, now)
+        for name, kind in configured(settings)
+        if kind == "external_api"
+    ]
+    known = [a for a in apis if a.status != "unknown"]
+    reachable = sum(1 for a in known if a.status in ("healthy", "degraded"))
+    pct = round(100.0 * reachable / len(known), 2) if known else None
+    status: Status
+    if pct is None:
+        status = "unknown"
+    elif pct >= settings.external_healthy_pct:
+        status = "healthy"
+    elif pct >= settings.external_degraded_pct:
+        status = "degraded"
+    else:
+        status = "unhealthy"
+    checked = [a.checked_at for a in apis if a.checked_at is not None]
+    return ExternalApisHealth(
+        status=status,
+        apis=apis,
+        reachable=reachable,
+        total=len(apis),
+        reachable_pct=pct,
+        checked_at=max(checked) if checked else None,
+        cached=cached,
+        age_s=_age(view, now) if cached else 0.0,
+    )
+
+
+def comprehensive(
+    view: HealthView, settings: HealthSettings, now: datetime, cached: bool
+) -> ComprehensiveHealth:
+    """Everything: core components, the external APIs' aggregate, the host."""
+    components = [component_health(view, name, kind, now) for name, kind in configured(settings)]
+    externals = external_apis(view, settings, now, cached)
+    core = [c.status for c in components if c.kind != "external_api"]
+    host = view.host
+    return ComprehensiveHealth(
+        status=worst([*core, externals.status]),
+        checked_at=newest(view),
+        cached=cached,
+        age_s=_age(view, now) if cached else 0.0,
+        components=components,
+        external_apis=externals,
+        system_metrics=SystemMetrics(
+            cpu_percent=host.cpu_percent,
+            memory_percent=host.memory_percent,
+            disk_percent=host.disk_percent,
+            uptime_s=host.uptime_s,
+            sampled_at=host.occurred_at,
+        )
+        if host is not None
+        else None,
+    )
+
+
+def summary(view: HealthView, settings: HealthSettings, now: datetime) -> HealthSummary:
+    """The overall status and each component's status, for /api/v1/status."""
+    whole = comprehensive(view, settings, now, cached=True)
+    components: dict[str, str] = {c.name: c.status for c in whole.components}
+    if settings.external_apis:
+        components["external-apis"] = whole.external_apis.status
+    return HealthSummary(status=whole.status, components=components)
+
+
+# ----- history ---------------------------------------------------------------------------
+
+
+def _merge(points: list[tuple[float, list[int], float, int]], limit: int) -> list[HistoryPoint]:
+    """(t, counts per status, latency sum, latency n) merged down to at most `limit` points."""
+    size = max(1, math.ceil(len(points) / limit))
+    merged: list[HistoryPoint] = []
+    for i in range(0, len(points), size):
+        chunk = points[i : i + size]
+        counts = [sum(p[1][c] for p in chunk) for c in range(len(STATUSES))]
+        latency_n = sum(p[3] for p in chunk)
+        seen: list[Status] = [STATUSES[c] for c in range(len(STATUSES)) if counts[c]]
+        merged.append(
+            HistoryPoint(
+                t=datetime.fromtimestamp(chunk[0][0], UTC),
+                status=worst(seen),
+                latency_ms=round(sum(p[2] for p in chunk) / latency_n, 3) if latency_n else None,
+            )
+        )
+    return merged
+
+
+def _series(
+    state: ComponentState, name: str, start: float, hours: int, limit: int
+) -> HistorySeries:
+    rows: list[tuple[float, list[int], float, int]] = []
+    if hours <= 24:
+        for s in _window(state, start):
+            counts = [0, 0, 0, 0]
+            counts[s.status] = 1
+            latency = s.latency_ms
+            rows.append((s.t, counts, latency or 0.0, 0 if latency is None else 1))
+    else:
+        first_hour = math.floor(start / HOUR_S)
+        for b in state.hours:
+            if b.hour >= first_hour:
+                rows.append((b.hour * HOUR_S, list(b.counts), b.latency_sum, b.latency_n))
+    up = sum(r[1][CODES["healthy"]] + r[1][CODES["degraded"]] for r in rows)
+    total = up + sum(r[1][CODES["unhealthy"]] for r in rows)
+    return HistorySeries(
+        component=name,
+        kind=state.kind,
+        uptime_pct=round(100.0 * up / total, 2) if total else None,
+        checks=sum(sum(r[1]) for r in rows),
+        points=_merge(rows, limit),
+    )
+
+
+def history(
+    view: HealthView, settings: HealthSettings, params: HistoryParams, now: datetime
+) -> HealthHistory:
+    """Each component's points and uptime over the last `hours` (raw up to 24 h, then hourly)."""
+    names = [name for name, _ in configured(settings)]
+    names += sorted(n for n in view.components if n not in names)
+    if params.component is not None:
+        if params.component not in names:
+            raise NotFoundError(f"no health component named {params.component!r}")
+        names = [params.component]
+    start = now - timedelta(hours=params.hours)
+    series: list[HistorySeries] = []
+    kinds = dict(configured(settings))
+    for name in names:
+        state = view.components.get(name)
+        if state is None:
+            series.append(
+                HistorySeries(
+                    component=name, kind=kinds[name], uptime_pct=None, checks=0, points=[]
+                )
+            )
+            continue
+        series.append(
+            _series(state, name, start.timestamp(), params.hours, settings.history_max_points)
+        )
+    return HealthHistory(hours=params.hours, start=start, end=now, series=series)

@@ -1,0 +1,218 @@
+"""The health service's NATS adapter: rounds of probes published as events, queries answered.
+
+Every `health_interval_s` a round runs every probe at once and publishes one `health.checked`
+event per component plus one `health.host_sampled`; the projection folds them. `?fresh=true`
+runs a round now, and requests arriving while one runs share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from datetime import datetime
+
+import httpx
+
+from services.health import probes, queries
+from services.health.events import (
+    HealthChecked,
+    HealthEvent,
+    HostSampled,
+    decode_health_event,
+)
+from services.health.projection import FoldPolicy, HealthView, make_apply, react
+from services.health.settings import HealthSettings
+from shared.bus import STREAMS
+from shared.errors import StockpilotError
+from shared.projection import Projection
+from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+
+log = logging.getLogger("stockpilot.health")
+
+
+def fold_policy(settings: HealthSettings) -> FoldPolicy:
+    """The projection's configuration from the settings."""
+    return FoldPolicy(
+        down_after=settings.hysteresis_down,
+        up_after=settings.hysteresis_up,
+        max_samples=settings.history_max_samples,
+        max_hours=settings.history_max_hours,
+    )
+
+
+def health_projection(settings: HealthSettings) -> Projection[HealthView, HealthEvent]:
+    """The health projection (what the service and the replay tooling fold with)."""
+    return Projection(
+        name="health",
+        stream=STREAMS["health"],
+        view_type=HealthView,
+        decode=decode_health_event,
+        apply=make_apply(fold_policy(settings)),
+        react=react,
+    )
+
+
+def round_events(
+    results: list[probes.ProbeResult], host: probes.HostMetrics, at: datetime, round_id: str
+) -> list[HealthEvent]:
+    """The events of one round: a result per component, then the host sample."""
+    events: list[HealthEvent] = [
+        HealthChecked(
+            id=f"hc-{round_id}-{r.component}",
+            occurred_at=at,
+            component=r.component,
+            kind=r.kind,
+            status=r.status,
+            latency_ms=r.latency_ms,
+            details=r.details,
+            error=r.error,
+            round_id=round_id,
+        )
+        for r in results
+    ]
+    events.append(
+        HostSampled(
+            id=f"hs-{round_id}",
+            occurred_at=at,
+            cpu_percent=host.cpu_percent,
+            memory_percent=host.memory_percent,
+            disk_percent=host.disk_percent,
+            uptime_s=host.uptime_s,
+            round_id=round_id,
+        )
+    )
+    return events
+
+
+class Rounds:
+    """Runs rounds of probes; concurrent callers share the round in flight."""
+
+    def __init__(
+        self, settings: HealthSettings, projection: Projection[HealthView, HealthEvent]
+    ) -> None:
+        self.settings = settings
+        self.projection = projection
+        self.http: httpx.AsyncClient | None = None
+        self._current: asyncio.Task[None] | None = None
+        self.completed = 0
+        # When the latest round that reached the view had started.
+        self.last_started: datetime | None = None
+        probes.sample_host(settings.data_dir)  # primes psutil's CPU counter
+
+    async def run(self, ctx: Context) -> None:
+        """Run a round, or join the one already running; returns once the view has it."""
+        if self._current is None or self._current.done():
+            self._current = asyncio.create_task(self._round(ctx), name="health-round")
+        await asyncio.shield(self._current)
+
+    async def fresh(self, ctx: Context, requested_at: datetime | None) -> None:
+        """A round for a request made at `requested_at`: one in flight, or done since, or new."""
+        running = self._current is not None and not self._current.done()
+        since = requested_at or ctx.now()
+        if not running and self.last_started is not None and self.last_started >= since:
+            return
+        await self.run(ctx)
+
+    async def _round(self, ctx: Context) -> None:
+        if self.http is None:
+            self.http = probes.new_http_client()
+        at = ctx.now()
+        round_id = f"{int(at.timestamp() * 1000)}-{uuid.uuid4().hex[:8]}"
+        results = await probes.probe_all(self.settings, self.http)
+        host = probes.sample_host(self.settings.data_dir)
+        last = 0
+        for event in round_events(results, host, at, round_id):
+            ack = await ctx.publish(event.subject, event)
+            last = max(last, ack.seq)
+        await ctx.wait_applied(self.projection, last, timeout=5.0)
+        self.completed += 1
+        self.last_started = at
+
+    async def close(self) -> None:
+        """Close the HTTP client (the service is stopping)."""
+        if self._current is not None and not self._current.done():
+            self._current.cancel()
+            await asyncio.gather(self._current, return_exceptions=True)
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+
+def build(settings: HealthSettings) -> ServiceDefinition:
+    """The health service: its projection, its query endpoints, its round of probes."""
+    health = health_projection(settings)
+    rounds = Rounds(settings, health)
+
+    async def probe_loop(ctx: Context) -> None:
+        try:
+            while not ctx.stopping.is_set():
+                started = time.monotonic()
+                try:
+                    await rounds.run(ctx)
+                except StockpilotError as exc:
+                    log.warning("health round could not be stored: %s", exc.detail)
+                wait = settings.health_interval_s - (time.monotonic() - started)
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(ctx.stopping.wait(), wait)
+                    except TimeoutError:
+                        pass
+        finally:
+            await rounds.close()
+
+    # Cached answers and fresh ones are separate endpoints: requests to one endpoint are
+    # handled one at a time, and a cached answer must never wait behind a round of probes.
+    async def summary(_: NoParams, ctx: Context) -> queries.HealthSummary:
+        return queries.summary(health.view, settings, ctx.now())
+
+    async def comprehensive(_: NoParams, ctx: Context) -> queries.ComprehensiveHealth:
+        return queries.comprehensive(health.view, settings, ctx.now(), cached=True)
+
+    async def comprehensive_fresh(
+        params: queries.FreshParams, ctx: Context
+    ) -> queries.ComprehensiveHealth:
+        await rounds.fresh(ctx, params.requested_at)
+        return queries.comprehensive(health.view, settings, ctx.now(), cached=False)
+
+    async def component(params: queries.ComponentParams, ctx: Context) -> queries.ComponentAnswer:
+        return queries.component(health.view, settings, params.name, ctx.now(), cached=True)
+
+    async def component_fresh(
+        params: queries.ComponentParams, ctx: Context
+    ) -> queries.ComponentAnswer:
+        queries.component(health.view, settings, params.name, ctx.now(), True)  # 404 first
+        await rounds.fresh(ctx, params.requested_at)
+        return queries.component(health.view, settings, params.name, ctx.now(), cached=False)
+
+    async def external_apis(_: NoParams, ctx: Context) -> queries.ExternalApisHealth:
+        return queries.external_apis(health.view, settings, ctx.now(), cached=True)
+
+    async def external_apis_fresh(
+        params: queries.FreshParams, ctx: Context
+    ) -> queries.ExternalApisHealth:
+        await rounds.fresh(ctx, params.requested_at)
+        return queries.external_apis(health.view, settings, ctx.now(), cached=False)
+
+    async def history(params: queries.HistoryParams, ctx: Context) -> queries.HealthHistory:
+        return queries.history(health.view, settings, params, ctx.now())
+
+    probe_loop.__name__ = "health_probes"
+    return ServiceDefinition(
+        name="health",
+        projections=[health],
+        endpoints=[
+            Endpoint("summary", NoParams, summary),
+            Endpoint("comprehensive", NoParams, comprehensive),
+            Endpoint("comprehensive_fresh", queries.FreshParams, comprehensive_fresh),
+            Endpoint("component", queries.ComponentParams, component),
+            Endpoint("component_fresh", queries.ComponentParams, component_fresh),
+            Endpoint("external_apis", NoParams, external_apis),
+            Endpoint("external_apis_fresh", queries.FreshParams, external_apis_fresh),
+            Endpoint("history", queries.HistoryParams, history),
+        ],
+        background=[probe_loop],
+        alert_source="health",
+        description="StockPilot dependency health: probes, history, status changes",
+    )
