@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Router, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
 from gateway.auth import admin_guard, read_guard
@@ -62,8 +62,8 @@ def _actor(request: Request[Any, Any, Any]) -> str:
 )
 async def recent_executions(
     services: Services,
-    limit: Annotated[int, Parameter(ge=1, le=1000)] = 50,
-    job_id: str | None = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
+    job_id: FromQuery[str | None] = None,
 ) -> RecentExecutions:
     """`?limit=` 1–1000 (default 50), `?job_id=`."""
     if job_id is not None:
@@ -79,8 +79,8 @@ async def recent_executions(
 )
 async def execution_stats(
     services: Services,
-    hours: Annotated[float, Parameter(gt=0, le=24 * 400)] = 24.0,
-    job_id: str | None = None,
+    hours: Annotated[float, QueryParameter(gt=0, le=24 * 400)] = 24.0,
+    job_id: FromQuery[str | None] = None,
 ) -> BatchStats:
     """Executions started in the last `?hours=` (default 24), of `?job_id=` if given."""
     if job_id is not None:
@@ -90,7 +90,7 @@ async def execution_stats(
 
 
 @get("/batch/jobs/{job_id:str}/lock/status", summary="One job's lock", guards=[read_guard])
-async def lock_status(services: Services, job_id: str) -> LockStatus:
+async def lock_status(services: Services, job_id: FromPath[str]) -> LockStatus:
     """Held or not, by whom, until when, expired or not, its fencing token."""
     params = JobParams(job_id=_job_id(job_id))
     return await services.query("batch", "lock_status", LockStatus, params)
@@ -105,8 +105,8 @@ async def lock_status(services: Services, job_id: str) -> LockStatus:
 async def release_lock(
     request: Request[Any, Any, Any],
     services: Services,
-    job_id: str,
-    data: ReleaseBody | None = None,
+    job_id: FromPath[str],
+    data: JSONBody[ReleaseBody | None] = None,
 ) -> ReleaseAnswer:
     """Stores lock.released (reason `forced`); `released` is false when nothing was held."""
     params = ReleaseParams(

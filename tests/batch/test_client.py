@@ -1,0 +1,221 @@
+"""The worker-side client against the real service and gateway: progress, outcomes, lost runs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from litestar.testing import AsyncTestClient
+from nats.aio.client import Client as NATS
+
+from services.batch.client import batch_job, read_lock
+from services.batch.errors import LockHeldError, LockLostError
+from services.batch.events import LockReleased
+from services.batch.queries import RecentExecutions
+from services.batch.settings import BatchSettings
+from shared.runtime import Runtime
+from tests.batch.conftest import ADMIN, alerts_of, eventually
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def recent(api: AsyncTestClient[Any], job_id: str) -> RecentExecutions:
+    response = await api.get("/api/v1/batch/executions/recent", params={"job_id": job_id})
+    assert response.status_code == 200
+    return msgspec.json.decode(response.content, type=RecentExecutions)
+
+
+async def test_running_job_shows_increasing_progress_while_it_runs(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], settings: BatchSettings
+) -> None:
+    seen: list[float] = []
+    async with batch_job(
+        nc, "price-sync", items_total=100, heartbeat_interval_s=0.05, settings=settings
+    ) as run:
+        for _ in range(20):
+            run.advance(5)
+            await asyncio.sleep(0.06)
+            execution = (await recent(api, "price-sync")).executions[0]
+            assert execution.status == "running"
+            assert execution.items_total == 100
+            if execution.progress_pct is not None:
+                seen.append(execution.progress_pct)
+    assert seen == sorted(seen)
+    assert len(set(seen)) >= 5
+    assert any(0 < pct < 100 for pct in seen)
+
+    async def finished() -> bool:
+        return (await recent(api, "price-sync")).executions[0].status == "succeeded"
+
+    await eventually(finished)
+    execution = (await recent(api, "price-sync")).executions[0]
+    assert execution.progress_pct == 100.0
+    assert execution.items_processed == 100
+    assert execution.fencing_token == run.fencing_token
+    assert execution.duration_s is not None and execution.duration_s > 1.0
+    assert execution.throughput_per_s is not None and execution.throughput_per_s > 0
+    assert execution.peak_memory_mb is not None and execution.peak_memory_mb > 1
+    last, _ = await read_lock(nc.jetstream(), "price-sync")
+    assert isinstance(last, LockReleased) and last.reason == "released"
+
+
+async def test_second_run_of_a_held_job_is_skipped_naming_the_holder(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+) -> None:
+    async with batch_job(nc, "reports", owner="box-1:77") as run:
+        with pytest.raises(LockHeldError) as caught:
+            async with batch_job(nc, "reports", owner="box-2:88"):
+                raise AssertionError("must not run")
+        assert caught.value.owner == "box-1:77"
+        assert "box-1:77" in str(caught.value)
+        assert caught.value.fencing_token == run.fencing_token
+    assert (await recent(api, "reports")).total == 1
+
+
+async def test_failed_run_records_error_and_traceback_alerts_once_and_releases(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+) -> None:
+    js = nc.jetstream()
+    with pytest.raises(ValueError, match="bad row 17"):
+        async with batch_job(nc, "etl", items_total=10) as run:
+            run.advance(3)
+            run.warn("slow upstream")
+            raise ValueError("bad row 17")
+
+    async def failed() -> bool:
+        return (await recent(api, "etl")).executions[0].status == "failed"
+
+    await eventually(failed)
+    execution = (await recent(api, "etl")).executions[0]
+    assert execution.error == "ValueError: bad row 17"
+    assert execution.traceback is not None and "raise ValueError" in execution.traceback
+    assert execution.warnings == ["slow upstream"]
+    assert execution.items_processed == 3
+    status = (await api.get("/api/v1/batch/jobs/etl/lock/status")).json()
+    assert status["locked"] is False
+
+    async def alerted() -> bool:
+        return len(await alerts_of(js, "batch.job_failed")) == 1
+
+    await eventually(alerted)
+    alert = (await alerts_of(js, "batch.job_failed"))[0]
+    assert alert.id == f"batch.job_failed:etl:{execution.execution_id}"
+    stats = (await api.get("/api/v1/batch/executions/stats")).json()
+    assert stats["failed"] == 1
+    assert stats["failure_patterns"][0]["error"] == "ValueError: bad row <n>"
+
+
+async def test_cancelled_run_is_recorded_as_cancelled_and_releases_its_lock(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+) -> None:
+    entered = asyncio.Event()
+
+    async def job() -> None:
+        async with batch_job(nc, "cancel-me"):
+            entered.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(job())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    async def cancelled() -> bool:
+        return (await recent(api, "cancel-me")).executions[0].status == "cancelled"
+
+    await eventually(cancelled)
+    last, _ = await read_lock(nc.jetstream(), "cancel-me")
+    assert isinstance(last, LockReleased) and last.reason == "released"
+
+
+async def test_run_learns_at_its_next_heartbeat_that_its_lock_was_force_released(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+) -> None:
+    with pytest.raises(LockLostError) as caught:
+        async with batch_job(nc, "rebalance", heartbeat_interval_s=0.05) as run:
+            run.advance(1)
+            forced = await api.post("/api/v1/batch/jobs/rebalance/lock/release", headers=ADMIN)
+            assert forced.json()["released"] is True
+            await eventually(lambda: asyncio.sleep(0, run.lock_lost), timeout=2)
+            assert "force-released by admin" in (run.lock_lost_reason or "")
+            run.advance(1)
+    assert caught.value.fencing_token == run.fencing_token
+
+    async def failed() -> bool:
+        return (await recent(api, "rebalance")).executions[0].status == "failed"
+
+    await eventually(failed)
+    execution = (await recent(api, "rebalance")).executions[0]
+    assert execution.error is not None and "LockLostError" in execution.error
+    # The run did not release a lock that was no longer its own.
+    last, _ = await read_lock(nc.jetstream(), "rebalance")
+    assert isinstance(last, LockReleased) and last.reason == "forced"
+
+
+async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_over(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+) -> None:
+    js = nc.jetstream()
+    url = nc.connected_url.geturl() if nc.connected_url else ""
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.batch.worker",
+        url,
+        "doomed",
+        "2",
+        "0.1",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert worker.stdout is not None
+    try:
+        line = (await asyncio.wait_for(worker.stdout.readline(), 10)).decode().split()
+        assert line[0] == "started"
+        execution_id, token = line[1], int(line[2])
+
+        async def progressing() -> bool:
+            executions = (await recent(api, "doomed")).executions
+            return bool(executions) and executions[0].items_processed > 0
+
+        await eventually(progressing)
+        worker.send_signal(signal.SIGKILL)
+        await worker.wait()
+    finally:
+        if worker.returncode is None:
+            worker.kill()
+            await worker.wait()
+
+    async def lost() -> bool:
+        return (await recent(api, "doomed")).executions[0].status == "lost"
+
+    await eventually(lost, timeout=3)
+    execution = (await recent(api, "doomed")).executions[0]
+    assert execution.execution_id == execution_id
+    status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
+    assert status["fencing_token"] == token
+
+    async def expired() -> bool:
+        status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
+        return bool(status["expired"])
+
+    await eventually(expired, timeout=4)
+    listed = (await api.get("/api/v1/batch/locks/expired")).json()
+    assert [lock["job_id"] for lock in listed["locks"]] == ["doomed"]
+
+    async with batch_job(nc, "doomed") as run:
+        assert run.fencing_token > token
+
+    async def alerted() -> bool:
+        return len(await alerts_of(js, "batch.job_failed")) >= 1
+
+    await eventually(alerted)
+    await asyncio.sleep(0.3)  # a second alert for the same run would show by now
+    alerts = await alerts_of(js, "batch.job_failed")
+    assert [a.id for a in alerts] == [f"batch.job_failed:doomed:{execution_id}"]

@@ -1,0 +1,29 @@
+"""A worker process running one endless batch job: `python -m tests.batch.worker URL JOB TTL HB`.
+
+Prints `started <execution_id> <fencing_token>` once it holds the lock, then advances forever
+(the test kills it with SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import nats
+
+from services.batch.client import batch_job
+
+
+async def main(url: str, job_id: str, ttl_s: float, heartbeat_s: float) -> None:
+    nc = await nats.connect(url)
+    async with batch_job(
+        nc, job_id, items_total=1_000_000, ttl_s=ttl_s, heartbeat_interval_s=heartbeat_s
+    ) as run:
+        print(f"started {run.execution_id} {run.fencing_token}", flush=True)
+        while True:
+            run.advance(1)
+            await asyncio.sleep(0.02)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])))
