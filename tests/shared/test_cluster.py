@@ -54,7 +54,8 @@ async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsClu
         total = 3_000
         for i in range(total):
             event = Counted(id=f"e{i}", occurred_at=T0, model="m", status_code=200)
-            for _attempt in range(50):
+            # A killed node may have led the stream: allow for reconnecting and re-election.
+            for _attempt in range(300):
                 try:
                     # The same Msg-Id on a retry: stored once even if the first ack was lost.
                     await bus.publish_event(js, "stockpilot.usage.recorded", event, timeout=1)
