@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import random
 import signal
@@ -526,7 +527,13 @@ async def run_demo(settings: CommonSettings, args: argparse.Namespace) -> int:
             _say(f"cannot reach NATS at {','.join(settings.nats_servers)}: {exc}")
             _say("start the stack first (make run), or set STOCKPILOT_NATS_URL")
             return 1
-        stack.push_async_callback(nc.drain)
+
+        async def disconnect() -> None:
+            # Draining is the end of the run, not an outage worth a "reconnecting" warning.
+            logging.getLogger("stockpilot.bus").setLevel(logging.ERROR)
+            await nc.drain()
+
+        stack.push_async_callback(disconnect)
         js = nc.jetstream()
         await bus.provision(js, settings.stream_replicas)
         now = utc_now()
@@ -547,6 +554,13 @@ async def run_demo(settings: CommonSettings, args: argparse.Namespace) -> int:
             )
         except LockHeldError as exc:
             _say(f"{STUCK_JOB}: lock already held ({exc}); no new stuck lock")
+        if stop.is_set():
+            _say("interrupted; stopped cleanly")
+            return 0
+        _say(
+            f"live for {args.duration:g}s: about {args.rate:g} LLM calls/s "
+            "(a rate-limit incident from 15 % to 50 % of the run) and batch runs"
+        )
         counters = Counters()
         tasks = [
             asyncio.create_task(_live_calls(js, rng, args.rate, args.duration, stop, counters)),
