@@ -1,15 +1,443 @@
-"""Placeholder: the `events` commands are registered here by their issue."""
+"""Ops tooling over the streams: `events tail|export|import`, `replay`, `streams`.
+
+Output is JSON lines on stdout (one object per message or per result); progress and
+diagnostics go to stderr. NATS is found as every process finds it (STOCKPILOT_NATS_URL, or
+$STOCKPILOT_DATA_DIR/nats.url written by `stockpilot up`).
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFoundError
+
+from ops import stream_io
+from ops.replay import (
+    STREAM_SERVICES,
+    ReplayError,
+    ReplayResult,
+    load_definition,
+    replay_definition,
+    stream_name,
+)
+from shared import bus
+from shared.events import AwareDatetime
+from shared.runtime import ServiceStatus, endpoint_subject
+from shared.settings import CommonSettings, settings_or_exit
+
+SERVICES = ("health", "usage", "batch")
+CONNECT_TIMEOUT_S = 5.0
+_encode = msgspec.json.Encoder().encode
+
+
+def _err(text: str) -> None:
+    print(f"stockpilot: {text}", file=sys.stderr, flush=True)
+
+
+def _out(line: bytes) -> None:
+    sys.stdout.buffer.write(line + b"\n")
+    sys.stdout.buffer.flush()
+
+
+@contextlib.asynccontextmanager
+async def _connected(settings: CommonSettings) -> AsyncIterator[NATS]:
+    """A connection for a tool: a clear error after a few seconds instead of waiting forever."""
+    # bus.connect retries its first connection forever (nats-py does so with unlimited
+    # reconnects whatever first_connect_attempts says): bound it here.
+    nc = await asyncio.wait_for(
+        bus.connect(settings, "stockpilot-ops", first_connect_attempts=3), timeout=CONNECT_TIMEOUT_S
+    )
+    try:
+        yield nc
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), timeout=3)
+        if not nc.is_closed:
+            await nc.close()
+
+
+def _run(
+    args: argparse.Namespace, work: Callable[[CommonSettings], Coroutine[Any, Any, int]]
+) -> int:
+    from shared.logs import configure_logging
+
+    settings = settings_or_exit(CommonSettings)
+    configure_logging("stockpilot", "ERROR")
+    try:
+        return asyncio.run(work(settings))
+    except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+        _err(f"NATS at {', '.join(settings.nats_servers)} not reachable ({type(exc).__name__})")
+        return 2
+    except (ReplayError, JsNotFoundError, ValueError) as exc:
+        _err(str(exc) or type(exc).__name__)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _rfc3339(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. {text}Z)")
+    return moment
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+# ----- events tail -----------------------------------------------------------------------
+
+
+async def tail(
+    nc: NATS,
+    subject: str,
+    emit: Callable[[stream_io.StoredMessage], None],
+    *,
+    stop: asyncio.Event,
+    from_seq: int | None = None,
+    count: int | None = None,
+) -> int:
+    """Follow `subject` (through its stream when one stores it); how many were emitted."""
+    js = nc.jetstream()
+    seen = 0
+
+    async def callback(msg: Msg) -> None:
+        nonlocal seen
+        if count is not None and seen >= count:
+            return
+        emit(stream_io.from_msg(msg))
+        seen += 1
+        if count is not None and seen >= count:
+            stop.set()
+
+    try:
+        stream: str | None = await js.find_stream_name_by_subject(subject)
+    except JsNotFoundError:
+        stream = None
+    if stream is None:
+        _err(f"no stream stores {subject}: following core NATS messages (no sequences)")
+        subscription: Any = await nc.subscribe(subject, cb=callback)
+    else:
+        config = (
+            stream_io.start_config(from_seq=from_seq)
+            if from_seq is not None
+            else js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
+        )
+        subscription = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=callback,
+            ordered_consumer=True,
+            config=config,
+            idle_heartbeat=5.0,
+            inactive_threshold=30.0,
+        )
+        _err(f"following {subject} on {stream}")
+    try:
+        await stop.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
+    return seen
+
+
+def _tail_command(args: argparse.Namespace) -> int:
+    async def work(settings: CommonSettings) -> int:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        async with _connected(settings) as nc:
+            await tail(
+                nc,
+                args.subject,
+                lambda m: _out(_encode(m)),
+                stop=stop,
+                from_seq=args.from_seq,
+                count=args.count,
+            )
+        return 0
+
+    return _run(args, work)
+
+
+# ----- events export / import --------------------------------------------------------------
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    async def work(settings: CommonSettings) -> int:
+        async with _connected(settings) as nc:
+            js = nc.jetstream()
+            name = stream_name(args.stream) if args.stream.lower() in _KNOWN else args.stream
+            info = await js.stream_info(name)
+            progress = stream_io.Progress(f"export {name}", total=info.state.messages)
+            count = await stream_io.export_stream(
+                js,
+                name,
+                sys.stdout.buffer,
+                since=args.since,
+                until=args.until,
+                from_seq=args.from_seq,
+                progress=progress,
+            )
+            progress.finish()
+            del count
+        return 0
+
+    return _run(args, work)
+
+
+_KNOWN = {*bus.STREAMS, *(s.name.lower() for s in bus.STREAMS.values())}
+
+
+def _import_command(args: argparse.Namespace) -> int:
+    async def work(settings: CommonSettings) -> int:
+        async with _connected(settings) as nc:
+            js = nc.jetstream()
+            if not args.no_provision:
+                await bus.provision(js, settings.stream_replicas)
+            progress = stream_io.Progress("import")
+            report = await stream_io.import_messages(
+                js,
+                stream_io.stdin_batches(sys.stdin.buffer),
+                keep_preconditions=args.keep_preconditions,
+                progress=progress,
+            )
+            progress.finish(f"; {report.published} stored, {report.duplicates} duplicates")
+            _out(_encode(report))
+        return 0
+
+    return _run(args, work)
+
+
+# ----- replay -------------------------------------------------------------------------------
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    async def work(settings: CommonSettings) -> int:
+        name = stream_name(args.stream)
+        results: list[ReplayResult] = []
+        async with _connected(settings) as nc:
+            for service in STREAM_SERVICES[name]:
+                _err(f"replaying {name} into fresh {service} projections")
+                definition = load_definition(service)
+                results += await replay_definition(
+                    nc,
+                    definition,
+                    name,
+                    timeout=args.timeout,
+                    on_result=lambda r: _out(_encode(r)),
+                )
+        unequal = [f"{r.service}/{r.projection}" for r in results if not r.equal]
+        if unequal:
+            _err(f"replay differs from the live view: {', '.join(unequal)}")
+            return 1
+        _err(f"replay equals the live view ({len(results)} projections)")
+        return 0
+
+    return _run(args, work)
+
+
+# ----- streams ------------------------------------------------------------------------------
+
+
+class StreamLine(msgspec.Struct, kw_only=True, tag_field="kind", tag="stream"):
+    """One stream's size."""
+
+    stream: str
+    subjects: list[str]
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
+    consumers: int
+
+
+class ProjectionLine(msgspec.Struct, kw_only=True, tag_field="kind", tag="projection"):
+    """How far one service projection is behind its stream."""
+
+    service: str
+    projection: str
+    stream: str
+    last_seq: int
+    lag: int
+    caught_up: bool
+    snapshot_seq: int
+    snapshot_at: AwareDatetime | None
+
+
+class ServiceLine(msgspec.Struct, kw_only=True, tag_field="kind", tag="service"):
+    """A service as a whole."""
+
+    service: str
+    status: Literal["up", "catching_up", "unavailable"]
+    detail: str | None = None
+    instance: str | None = None
+    uptime_s: float | None = None
+
+
+async def streams_report(nc: NATS, timeout: float = 1.0) -> list[msgspec.Struct]:
+    """Streams, then each service and its projections' lag."""
+    js = nc.jetstream()
+    lines: list[msgspec.Struct] = []
+    for info in await js.streams_info():
+        state = info.state
+        lines.append(
+            StreamLine(
+                stream=info.config.name or "",
+                subjects=list(info.config.subjects or []),
+                messages=state.messages,
+                bytes=state.bytes,
+                first_seq=state.first_seq,
+                last_seq=state.last_seq,
+                consumers=state.consumer_count,
+            )
+        )
+
+    async def one(service: str) -> list[msgspec.Struct]:
+        try:
+            msg = await nc.request(endpoint_subject(service, "status"), b"{}", timeout=timeout)
+            status = msgspec.json.decode(msg.data, type=ServiceStatus)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as exc:
+            detail = (
+                "not running"
+                if isinstance(exc, nats.errors.NoRespondersError)
+                else (f"no answer within {timeout:g}s")
+            )
+            return [ServiceLine(service=service, status="unavailable", detail=detail)]
+        except msgspec.DecodeError as exc:
+            return [ServiceLine(service=service, status="unavailable", detail=str(exc))]
+        found: list[msgspec.Struct] = [
+            ServiceLine(
+                service=service,
+                status="up" if status.ready else "catching_up",
+                instance=status.instance,
+                uptime_s=status.uptime_s,
+            )
+        ]
+        found += [
+            ProjectionLine(
+                service=service,
+                projection=p.name,
+                stream=p.stream,
+                last_seq=p.last_seq,
+                lag=p.lag,
+                caught_up=p.caught_up,
+                snapshot_seq=p.snapshot_seq,
+                snapshot_at=p.snapshot_at,
+            )
+            for p in status.projections
+        ]
+        return found
+
+    for found in await asyncio.gather(*(one(s) for s in SERVICES)):
+        lines += found
+    return lines
+
+
+def _streams_command(args: argparse.Namespace) -> int:
+    async def work(settings: CommonSettings) -> int:
+        async with _connected(settings) as nc:
+            for line in await streams_report(nc, timeout=args.timeout):
+                _out(_encode(line))
+        return 0
+
+    return _run(args, work)
+
+
+# ----- registration -------------------------------------------------------------------------
 
 
 def register(subparsers: Any) -> None:
-    """Add this module's sub-commands (none yet)."""
-    del subparsers
+    """Add `events tail|export|import`, `replay` and `streams`."""
+    events = subparsers.add_parser(
+        "events",
+        help="tail, export and import stream messages as JSON lines",
+        description="Tail, export and import the messages of the StockPilot streams.",
+    )
+    commands = events.add_subparsers(dest="events_command", metavar="ACTION", required=True)
 
+    tail_parser = commands.add_parser(
+        "tail",
+        help="follow new messages on a subject",
+        description=(
+            "Print each new message on SUBJECT (wildcards allowed) as a JSON line with "
+            "stream, seq, subject, time, headers and data, until Ctrl-C."
+        ),
+    )
+    tail_parser.add_argument("subject", metavar="SUBJECT", help="e.g. 'stockpilot.alerts.>'")
+    tail_parser.add_argument("--from-seq", type=int, help="start at this stream sequence")
+    tail_parser.add_argument("--count", type=int, help="exit after this many messages")
+    tail_parser.set_defaults(handler=_tail_command)
 
-def _unused(args: argparse.Namespace) -> int:
-    return 0
+    export = commands.add_parser(
+        "export",
+        help="write a stream's stored messages as JSON lines",
+        description=(
+            "Write every stored message of STREAM (STOCKPILOT_USAGE or usage) as one JSON line: "
+            "stream, seq, subject, time, headers and data (the payload as stored; data_b64 "
+            "when it is not one line of JSON). Progress goes to stderr."
+        ),
+    )
+    export.add_argument("stream", metavar="STREAM")
+    start = export.add_mutually_exclusive_group()
+    start.add_argument("--since", type=_rfc3339, help="first message stored at or after (RFC 3339)")
+    start.add_argument("--from-seq", type=int, help="first stream sequence")
+    export.add_argument("--until", type=_rfc3339, help="last message stored at or before")
+    export.set_defaults(handler=_export_command)
+
+    importer = commands.add_parser(
+        "import",
+        help="publish exported JSON lines from stdin",
+        description=(
+            "Publish the messages of `events export` lines read from stdin to their subjects, "
+            "in order, with their headers (Nats-Msg-Id kept, so a repeated import stores "
+            "nothing twice). Nats-Expected-* publish preconditions are dropped unless "
+            "--keep-preconditions. Meant for a fresh NATS: the streams are provisioned first."
+        ),
+    )
+    importer.add_argument("--keep-preconditions", action="store_true")
+    importer.add_argument(
+        "--no-provision", action="store_true", help="do not create the StockPilot streams"
+    )
+    importer.set_defaults(handler=_import_command)
+
+    replay = subparsers.add_parser(
+        "replay",
+        help="rebuild a stream's projections and compare with the live ones",
+        description=(
+            "Fold STREAM from the first event into fresh projections of the service(s) that "
+            "fold it, up to the sequence the live service reports, and compare state digests. "
+            "One JSON line per projection; exit 0 when every one is equal, 1 otherwise."
+        ),
+    )
+    replay.add_argument("stream", metavar="STREAM", help=", ".join(STREAM_SERVICES))
+    replay.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a service")
+    replay.set_defaults(handler=_replay_command)
+
+    streams = subparsers.add_parser(
+        "streams",
+        help="streams, sizes, consumers and projection lag",
+        description=(
+            "One JSON line per stream (messages, bytes, consumers), per service and per "
+            "projection (last_seq, lag) from each service's status endpoint."
+        ),
+    )
+    streams.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for a service")
+    streams.set_defaults(handler=_streams_command)

@@ -1,0 +1,188 @@
+"""`stockpilot replay`: rebuild a service's projections from the first event and compare.
+
+The live service says, through its built-in `digest` endpoint, how far each projection got
+(`last_seq`) and the fingerprint of its view there. The replay folds the same stream, with
+the same Projection objects, into a fresh view up to exactly that sequence, and compares
+`view_digest`. Equal digests mean the live projection is what its events say it should be.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from ops.stream_io import read_stream
+from shared.alerts import alert_ledger
+from shared.bus import STREAMS
+from shared.projection import Projection, view_digest
+from shared.runtime import DigestAnswer, ServiceDefinition, endpoint_subject
+from shared.settings import CommonSettings, load_settings
+
+# Which services fold which stream (every service keeps an alert ledger over the alerts).
+STREAM_SERVICES: dict[str, tuple[str, ...]] = {
+    STREAMS["usage"].name: ("usage",),
+    STREAMS["health"].name: ("health",),
+    STREAMS["batch"].name: ("batch",),
+    STREAMS["alerts"].name: ("usage", "health", "batch"),
+}
+
+
+class ReplayError(Exception):
+    """The replay could not be compared (service not answering, unknown stream…)."""
+
+
+class ReplayResult(msgspec.Struct, kw_only=True):
+    """One projection rebuilt and compared (one JSON line of `stockpilot replay`)."""
+
+    service: str
+    projection: str
+    stream: str
+    filter_subject: str
+    last_seq: int
+    live_digest: str
+    replayed_digest: str
+    equal: bool
+    events: int
+    refused: int
+    seconds: float
+
+
+def stream_name(text: str) -> str:
+    """`usage`, `STOCKPILOT_USAGE` or `stockpilot_usage` → `STOCKPILOT_USAGE`."""
+    upper = text.strip().upper()
+    if upper in STREAM_SERVICES:
+        return upper
+    if upper.lower() in STREAMS:
+        return STREAMS[upper.lower()].name
+    raise ReplayError(f"unknown stream {text!r}: expected one of {', '.join(STREAM_SERVICES)}")
+
+
+def load_definition(service: str) -> ServiceDefinition:
+    """A fresh definition of a real service, built from its settings (imported lazily)."""
+    settings_module = importlib.import_module(f"services.{service}.settings")
+    service_module = importlib.import_module(f"services.{service}.service")
+    settings_cls = getattr(settings_module, "Settings", None) or getattr(
+        settings_module, f"{service.capitalize()}Settings", None
+    )
+    if settings_cls is None:
+        candidates = [
+            value
+            for value in vars(settings_module).values()
+            if isinstance(value, type)
+            and issubclass(value, CommonSettings)
+            and value is not CommonSettings
+        ]
+        if len(candidates) != 1:
+            raise ReplayError(f"services.{service}.settings has no Settings class")
+        settings_cls = candidates[0]
+    definition: ServiceDefinition = service_module.build(load_settings(settings_cls))
+    return definition
+
+
+def projections_over(definition: ServiceDefinition, stream: str) -> list[Projection[Any, Any]]:
+    """The definition's projections that fold `stream`, the runtime's alert ledger included."""
+    projections = list(definition.projections)
+    if definition.alert_source:
+        projections.insert(0, alert_ledger(definition.alert_source))
+    return [p for p in projections if p.stream.name == stream]
+
+
+async def live_digests(nc: NATS, service: str, timeout: float) -> DigestAnswer:
+    """Ask the live service where its projections stand."""
+    try:
+        msg = await nc.request(endpoint_subject(service, "digest"), b"{}", timeout=timeout)
+    except NoRespondersError:
+        raise ReplayError(f"the {service} service is not running") from None
+    except NatsTimeoutError:
+        raise ReplayError(f"the {service} service did not answer within {timeout:g}s") from None
+    if msg.headers and "Nats-Service-Error" in msg.headers:
+        raise ReplayError(f"the {service} service refused: {msg.headers['Nats-Service-Error']}")
+    return msgspec.json.decode(msg.data, type=DigestAnswer)
+
+
+async def fold_to(
+    js: JetStreamContext, projection: Projection[Any, Any], last_seq: int
+) -> tuple[int, int]:
+    """Fold the projection's events from the first up to `last_seq`; (applied, refused)."""
+    projection.reset()
+    applied = refused = 0
+
+    def on_message(msg: Msg) -> None:
+        nonlocal applied, refused
+        seq = msg.metadata.sequence.stream
+        if seq <= projection.view.last_seq:
+            return
+        try:
+            projection.fold(seq, msg.data)
+        except Exception:  # what the runtime dead-letters: the view only moves its last_seq
+            projection.view.last_seq = seq
+            refused += 1
+        else:
+            applied += 1
+
+    await read_stream(
+        js,
+        projection.stream.name,
+        on_message,
+        subject=projection.subject,
+        start=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL),
+        end_seq=last_seq,
+    )
+    return applied, refused
+
+
+async def replay_definition(
+    nc: NATS,
+    definition: ServiceDefinition,
+    stream: str,
+    *,
+    timeout: float = 5.0,
+    on_result: Callable[[ReplayResult], None] | None = None,
+) -> list[ReplayResult]:
+    """Rebuild the definition's projections over `stream` and compare them with the live ones.
+
+    `definition` must be a fresh one (its views are reset and refolded here).
+    """
+    selected = projections_over(definition, stream)
+    if not selected:
+        return []
+    answer = await live_digests(nc, definition.name, timeout)
+    live = {p.name: p for p in answer.projections}
+    js = nc.jetstream()
+    results: list[ReplayResult] = []
+    for projection in selected:
+        state = live.get(projection.name)
+        if state is None:
+            raise ReplayError(
+                f"the live {definition.name} service has no projection {projection.name!r}"
+            )
+        started = time.monotonic()
+        applied, refused = await fold_to(js, projection, state.last_seq)
+        replayed = view_digest(projection.view)
+        result = ReplayResult(
+            service=definition.name,
+            projection=projection.name,
+            stream=stream,
+            filter_subject=projection.subject,
+            last_seq=state.last_seq,
+            live_digest=state.digest,
+            replayed_digest=replayed,
+            equal=replayed == state.digest and projection.view.last_seq == state.last_seq,
+            events=applied,
+            refused=refused,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
