@@ -35,18 +35,18 @@ async def test_running_job_shows_increasing_progress_while_it_runs(
 ) -> None:
     seen: list[float] = []
     async with batch_job(
-        nc, "price-sync", items_total=100, heartbeat_interval_s=0.05, settings=settings
+        nc, "price-sync", items_total=100, heartbeat_interval_s=0.1, settings=settings
     ) as run:
         for _ in range(20):
             run.advance(5)
-            await asyncio.sleep(0.06)
+            await asyncio.sleep(0.08)
             execution = (await recent(api, "price-sync")).executions[0]
             assert execution.status == "running"
             assert execution.items_total == 100
             if execution.progress_pct is not None:
                 seen.append(execution.progress_pct)
     assert seen == sorted(seen)
-    assert len(set(seen)) >= 5
+    assert len(set(seen)) >= 4
     assert any(0 < pct < 100 for pct in seen)
 
     async def finished() -> bool:
