@@ -125,7 +125,7 @@ class Target:
                     f"HTTP/1.1 {reply.status} {reason}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(reply.body)}\r\n\r\n"
                 )
-                writer.write(head.encode() + reply.body)
+                writer.write(head.encode() + (b"" if method == "HEAD" else reply.body))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return

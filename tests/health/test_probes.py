@@ -1,0 +1,336 @@
+"""Probes against real servers: PostgreSQL, Redis, loopback HTTP, closed and silent ports."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from services.health import probes
+from services.health.settings import HealthSettings
+from shared.settings import load_settings
+from shared.testing import free_port
+from tests.health.targets import Reply, Target, models_body
+
+TIMEOUT_S = 0.5
+# "unhealthy at its timeout": the probe gives up within the timeout plus this much.
+SLACK_S = 0.1
+BASE = {"STOCKPILOT_CONFIG": "tests/empty.toml", "STOCKPILOT_PROBE_TIMEOUT_S": str(TIMEOUT_S)}
+
+
+def settings(**env: str) -> HealthSettings:
+    return load_settings(HealthSettings, BASE | env)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with probes.new_http_client() as client:
+        yield client
+
+
+@pytest.fixture
+async def silent() -> AsyncIterator[Target]:
+    """A server on loopback that accepts connections and never says a word."""
+    async with Target(silent=True) as target:
+        yield target
+
+
+async def timed(coro: object) -> tuple[probes.ProbeResult, float]:
+    started = time.monotonic()
+    result = await coro  # type: ignore[misc]
+    return result, time.monotonic() - started
+
+
+# ----- PostgreSQL ------------------------------------------------------------------------
+
+
+async def test_database_reports_healthy_with_real_details(postgres_url: str) -> None:
+    result = await probes.probe_database(settings(STOCKPILOT_DATABASE_URL=postgres_url))
+    assert result.status == "healthy", result.error
+    assert result.error is None
+    assert result.latency_ms is not None and result.latency_ms > 0
+    details = result.details
+    assert str(details["server_version"])[:1].isdigit()
+    assert isinstance(details["max_connections"], int) and details["max_connections"] > 0
+    assert isinstance(details["connections_in_use"], int) and details["connections_in_use"] >= 1
+    assert details["connections_pct"] == pytest.approx(
+        100 * details["connections_in_use"] / details["max_connections"], abs=0.1
+    )
+
+
+async def test_database_slow_query_threshold_degrades(postgres_url: str) -> None:
+    result = await probes.probe_database(
+        settings(STOCKPILOT_DATABASE_URL=postgres_url, STOCKPILOT_DATABASE_SLOW_MS="0.0001")
+    )
+    assert result.status == "degraded"
+    assert result.error is not None and "query took" in result.error
+
+
+async def test_database_connections_threshold_degrades(postgres_url: str) -> None:
+    result = await probes.probe_database(
+        settings(STOCKPILOT_DATABASE_URL=postgres_url, STOCKPILOT_DATABASE_CONNECTIONS_PCT="0")
+    )
+    assert result.status == "degraded"
+    assert result.error is not None and "max_connections" in result.error
+
+
+async def test_database_closed_port_is_unhealthy_and_says_so() -> None:
+    url = f"postgresql://postgres:hunter22@127.0.0.1:{free_port()}/postgres"
+    result, took = await timed(probes.probe_database(settings(STOCKPILOT_DATABASE_URL=url)))
+    assert result.status == "unhealthy"
+    assert result.error is not None and "connection refused" in result.error
+    assert "hunter22" not in result.error and "hunter22" not in str(result.details)
+    assert took < TIMEOUT_S + SLACK_S
+
+
+async def test_database_unknown_role_is_unhealthy_and_says_so(postgres_url: str) -> None:
+    url = postgres_url.replace("postgres@", "no_such_role:wrong-pass@", 1)
+    result, took = await timed(probes.probe_database(settings(STOCKPILOT_DATABASE_URL=url)))
+    assert result.status == "unhealthy"
+    assert result.error is not None
+    assert 'role "no_such_role" does not exist' in result.error
+    assert "wrong-pass" not in result.error
+    assert result.details["target"] == url.replace("wrong-pass", "***")
+    assert took < TIMEOUT_S + SLACK_S
+
+
+async def test_database_missing_database_is_unhealthy_and_says_so(postgres_url: str) -> None:
+    url = postgres_url.rsplit("/", 1)[0] + "/no_such_database"
+    result = await probes.probe_database(settings(STOCKPILOT_DATABASE_URL=url))
+    assert result.status == "unhealthy"
+    assert result.error is not None
+    assert 'database "no_such_database" does not exist' in result.error
+
+
+async def test_database_silent_server_is_unhealthy_at_the_timeout(silent: Target) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{silent.port}/postgres"
+    result, took = await timed(probes.probe_database(settings(STOCKPILOT_DATABASE_URL=url)))
+    assert result.status == "unhealthy"
+    assert result.error == f"no answer from {url} within 0.5 s"
+    assert TIMEOUT_S - 0.05 <= took < TIMEOUT_S + SLACK_S
+
+
+# ----- Redis -----------------------------------------------------------------------------
+
+
+async def test_redis_reports_healthy_with_real_details(redis_url: str) -> None:
+    result = await probes.probe_redis(settings(STOCKPILOT_REDIS_URL=redis_url))
+    assert result.status == "healthy", result.error
+    assert result.latency_ms is not None and result.latency_ms > 0
+    assert str(result.details["version"])[:1].isdigit()
+    assert isinstance(result.details["used_memory_bytes"], int)
+    assert result.details["used_memory_bytes"] > 0
+    assert isinstance(result.details["connected_clients"], int)
+    assert result.details["connected_clients"] >= 1
+
+
+async def test_redis_slow_ping_threshold_degrades(redis_url: str) -> None:
+    result = await probes.probe_redis(
+        settings(STOCKPILOT_REDIS_URL=redis_url, STOCKPILOT_REDIS_SLOW_MS="0.0001")
+    )
+    assert result.status == "degraded"
+    assert result.error is not None and "PING took" in result.error
+
+
+async def test_redis_closed_port_is_unhealthy_and_says_so() -> None:
+    url = f"redis://:hunter22@127.0.0.1:{free_port()}/0"
+    result, took = await timed(probes.probe_redis(settings(STOCKPILOT_REDIS_URL=url)))
+    assert result.status == "unhealthy"
+    assert result.error is not None and "connection refused" in result.error
+    assert "hunter22" not in result.error and "hunter22" not in str(result.details)
+    assert took < TIMEOUT_S + SLACK_S
+
+
+async def test_redis_wrong_credentials_are_unhealthy_and_say_so(redis_url: str) -> None:
+    url = redis_url.replace("redis://", "redis://no_such_user:wrong-pass@", 1)
+    result = await probes.probe_redis(settings(STOCKPILOT_REDIS_URL=url))
+    assert result.status == "unhealthy"
+    assert result.error is not None and "refused the credentials" in result.error
+    assert "wrong-pass" not in result.error
+
+
+async def test_redis_silent_server_is_unhealthy_at_the_timeout(silent: Target) -> None:
+    url = f"redis://127.0.0.1:{silent.port}/0"
+    result, took = await timed(probes.probe_redis(settings(STOCKPILOT_REDIS_URL=url)))
+    assert result.status == "unhealthy"
+    assert result.error == f"no answer from {url} within 0.5 s"
+    assert TIMEOUT_S - 0.05 <= took < TIMEOUT_S + SLACK_S
+
+
+# ----- OpenAI ----------------------------------------------------------------------------
+
+
+def openai_settings(target: Target, **env: str) -> HealthSettings:
+    return settings(OPENAI_API_KEY="sk-live-secret", OPENAI_BASE_URL=target.url + "/v1", **env)
+
+
+async def test_openai_lists_models_with_the_key(http: httpx.AsyncClient) -> None:
+    async with Target(Reply(body=models_body(7))) as target:
+        result = await probes.probe_openai(openai_settings(target), http)
+    assert result.status == "healthy", result.error
+    assert result.details["models"] == 7
+    assert result.details["http_status"] == 200
+    [request] = target.seen
+    assert (request.method, request.path) == ("GET", "/v1/models")
+    assert request.headers["authorization"] == "Bearer sk-live-secret"
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "says"),
+    [
+        (401, "unhealthy", "invalid API key"),
+        (429, "degraded", "rate limited"),
+        (500, "unhealthy", "server error (500)"),
+        (503, "unhealthy", "server error (503)"),
+        (404, "unhealthy", "unexpected answer 404"),
+    ],
+)
+async def test_openai_error_answers_map_to_statuses(
+    http: httpx.AsyncClient, status: int, expected: str, says: str
+) -> None:
+    async with Target(Reply(status=status, body=b'{"error":{"message":"no"}}')) as target:
+        result = await probes.probe_openai(openai_settings(target), http)
+    assert result.status == expected
+    assert result.error is not None and says in result.error
+    assert "sk-live-secret" not in result.error
+
+
+async def test_openai_slow_answer_is_degraded(http: httpx.AsyncClient) -> None:
+    async with Target(Reply(body=models_body(1), delay_s=0.1)) as target:
+        result = await probes.probe_openai(
+            openai_settings(target, STOCKPILOT_OPENAI_SLOW_MS="50"), http
+        )
+    assert result.status == "degraded"
+    assert result.error is not None and "> 50 ms" in result.error
+
+
+async def test_openai_answer_that_is_not_a_model_list_is_unhealthy(
+    http: httpx.AsyncClient,
+) -> None:
+    async with Target(Reply(body=b"<html>captive portal</html>")) as target:
+        result = await probes.probe_openai(openai_settings(target), http)
+    assert result.status == "unhealthy"
+    assert result.error is not None and "not with a list of models" in result.error
+
+
+async def test_openai_hanging_server_is_unhealthy_at_the_timeout(
+    http: httpx.AsyncClient,
+) -> None:
+    async with Target(Reply(hang=True)) as target:
+        result, took = await timed(probes.probe_openai(openai_settings(target), http))
+    assert result.status == "unhealthy"
+    assert result.error is not None and "within 0.5 s" in result.error
+    assert TIMEOUT_S - 0.05 <= took < TIMEOUT_S + SLACK_S
+
+
+async def test_openai_without_a_key_is_unknown_naming_the_setting(
+    http: httpx.AsyncClient,
+) -> None:
+    result = await probes.probe_openai(settings(), http)
+    assert result.status == "unknown"
+    assert result.details["enable_with"] == "OPENAI_API_KEY"
+
+
+# ----- external APIs ---------------------------------------------------------------------
+
+
+async def test_external_api_sends_env_headers_and_checks_the_expected_status(
+    http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("QUOTES_API_KEY", "q-secret-123")
+    async with Target(Reply(status=202)) as target:
+        apis = [
+            {
+                "name": "quotes",
+                "url": target.url + "/v2/status?apikey=inline-secret",
+                "method": "HEAD",
+                "expect_status": 202,
+                "headers": {"X-Api-Key": "env:QUOTES_API_KEY", "Accept": "text/plain"},
+            }
+        ]
+        s = settings(STOCKPILOT_EXTERNAL_APIS=json.dumps(apis))
+        result = await probes.probe_external(s.external_apis[0], s, http)
+        target.reply = Reply(status=200)
+        wrong = await probes.probe_external(s.external_apis[0], s, http)
+    assert result.component == "external.quotes"
+    assert result.status == "healthy", result.error
+    assert target.seen[0].method == "HEAD"
+    assert target.seen[0].headers["x-api-key"] == "q-secret-123"
+    assert target.seen[0].headers["accept"] == "text/plain"
+    assert "inline-secret" not in str(result.details)
+    assert wrong.status == "unhealthy"
+    assert wrong.error == "answered 200, expected 202"
+
+
+async def test_external_api_uses_its_own_timeout(http: httpx.AsyncClient) -> None:
+    async with Target(Reply(hang=True)) as target:
+        apis = [{"name": "slow", "url": target.url + "/", "timeout_s": 0.2}]
+        s = settings(STOCKPILOT_EXTERNAL_APIS=json.dumps(apis))
+        result, took = await timed(probes.probe_external(s.external_apis[0], s, http))
+    assert result.status == "unhealthy"
+    assert result.error is not None and "within 0.2 s" in result.error
+    assert 0.15 <= took < 0.2 + SLACK_S
+
+
+async def test_external_api_closed_port_is_unhealthy(http: httpx.AsyncClient) -> None:
+    apis = [{"name": "gone", "url": f"http://127.0.0.1:{free_port()}/"}]
+    s = settings(STOCKPILOT_EXTERNAL_APIS=json.dumps(apis))
+    result = await probes.probe_external(s.external_apis[0], s, http)
+    assert result.status == "unhealthy"
+    assert result.error is not None and "ConnectError" in result.error
+
+
+# ----- a whole round ---------------------------------------------------------------------
+
+
+async def test_all_probes_run_at_once_and_a_hang_delays_nothing_else(
+    http: httpx.AsyncClient, silent: Target, postgres_url: str, redis_url: str
+) -> None:
+    async with Target(Reply(body=models_body(2))) as openai, Target(Reply()) as api:
+        apis = [
+            {"name": "up", "url": api.url + "/"},
+            {"name": "mute", "url": silent.url + "/"},
+        ]
+        s = settings(
+            STOCKPILOT_DATABASE_URL=postgres_url,
+            STOCKPILOT_REDIS_URL=f"redis://127.0.0.1:{silent.port}/0",
+            OPENAI_API_KEY="k",
+            OPENAI_BASE_URL=openai.url + "/v1",
+            STOCKPILOT_EXTERNAL_APIS=json.dumps(apis),
+        )
+        results, took = await timed(probes.probe_all(s, http))
+    by_name = {r.component: r for r in results}
+    assert list(by_name) == ["database", "redis", "openai", "external.up", "external.mute"]
+    assert [by_name[n].status for n in by_name] == [
+        "healthy",
+        "unhealthy",
+        "healthy",
+        "healthy",
+        "unhealthy",
+    ]
+    # Two silent targets, each with a 0.5 s timeout: the round takes one timeout, not two.
+    assert took < TIMEOUT_S + SLACK_S
+    fast = [by_name[n].latency_ms for n in ("database", "openai", "external.up")]
+    assert all(ms is not None and ms < 250 for ms in fast)
+
+
+def test_redact_url_hides_passwords_and_secret_query_parameters() -> None:
+    assert (
+        probes.redact_url("postgresql://app:s3cret@db:5432/app?sslmode=require&password=x")
+        == "postgresql://app:***@db:5432/app?sslmode=require&password=%2A%2A%2A"
+    )
+    assert probes.redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert probes.redact_url("https://api.example.com/x?token=abc&q=1") == (
+        "https://api.example.com/x?token=%2A%2A%2A&q=1"
+    )
+
+
+def test_host_sample_is_within_bounds(tmp_path: object) -> None:
+    sample = probes.sample_host(str(tmp_path))
+    assert 0 <= sample.cpu_percent <= 100
+    assert 0 < sample.memory_percent <= 100
+    assert 0 < sample.disk_percent <= 100
+    assert sample.uptime_s > 0
