@@ -31,15 +31,19 @@ log = logging.getLogger("stockpilot.gateway")
 def create_app(settings: GatewaySettings) -> Litestar:
     """Build the gateway application for these settings."""
 
-    services = ServiceClient(settings.service_timeout_s)
+    services = ServiceClient(settings.service_timeout_s, cache_ttl_s=settings.cache_ttl_s)
 
     @contextlib.asynccontextmanager
     async def nats_connection(app: Litestar) -> AsyncIterator[None]:
         # Connect in the background: the gateway serves (503 on NATS-backed routes) while
         # NATS is unreachable at start, instead of not listening at all.
+        async def reconnected() -> None:
+            services.forget_all()  # change notices may have been missed while away
+
         async def connect() -> None:
-            nc = await bus.connect(settings, "stockpilot-gateway")
+            nc = await bus.connect(settings, "stockpilot-gateway", on_reconnected=reconnected)
             services.nc = nc
+            await services.watch_changes()
             with contextlib.suppress(Exception):
                 await bus.provision(nc.jetstream(), settings.stream_replicas)
 

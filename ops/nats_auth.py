@@ -41,6 +41,7 @@ def _service(name: str) -> list[str]:
         f"stockpilot.{name}.>",
         f"stockpilot.alerts.{name}.>",
         f"stockpilot.deadletter.{name}",
+        f"stockpilot.changed.{name}",
         *_JETSTREAM_CLIENT,
     ]
 

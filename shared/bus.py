@@ -98,6 +98,7 @@ async def connect(
     name: str,
     *,
     on_closed: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
     first_connect_attempts: int | None = None,
 ) -> NATS:
     """Connect with explicit reconnect settings: retry forever once connected.
@@ -114,6 +115,8 @@ async def connect(
 
     async def reconnected_cb() -> None:
         log.info("%s: reconnected to NATS", name)
+        if on_reconnected is not None:
+            await on_reconnected()
 
     async def closed_cb() -> None:
         if on_closed is not None:

@@ -66,6 +66,15 @@ def endpoint_subject(service: str, endpoint: str) -> str:
     return f"stockpilot.svc.{service}.{endpoint}"
 
 
+def changed_subject(service: str) -> str:
+    """Core-NATS subject a service announces projection changes on (gateway caches listen)."""
+    return f"stockpilot.changed.{service}"
+
+
+# Change notices are coalesced: at most one per service every few milliseconds.
+CHANGE_NOTICE_INTERVAL_S = 0.005
+
+
 def micro_name(service: str) -> str:
     """The nats.micro service name (`$SRV.PING.<name>`)."""
     return f"stockpilot-{service}"
@@ -241,6 +250,9 @@ class Runtime:
         self.alerts_published = 0
         self._process = psutil.Process()
         self._process.cpu_percent()
+        self._notice: asyncio.TimerHandle | None = None
+        self._last_notice = 0.0
+        self._background_sends: set[asyncio.Task[None]] = set()
         self.nc: NATS
         self.js: JetStreamContext
         self.instance = ""
@@ -429,6 +441,8 @@ class Runtime:
                     if publish_alerts:
                         for alert in alerts:
                             self.queue_alert(alert)
+                if self._notice is None:
+                    self._announce_change()
                 if tracked.waiters:
                     for waiter in tracked.waiters.pop_ready(seq):
                         if isinstance(waiter, asyncio.Future) and not waiter.done():
@@ -438,6 +452,21 @@ class Runtime:
                 log.info("%s: %s caught up at seq %d", service, projection.name, seq)
 
         return on_message
+
+    def _announce_change(self) -> None:
+        """Tell the gateways this service's answers changed (coalesced; fire and forget)."""
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self._last_notice + CHANGE_NOTICE_INTERVAL_S - loop.time())
+        self._notice = loop.call_later(delay, self._send_change_notice)
+
+    def _send_change_notice(self) -> None:
+        self._notice = None
+        loop = asyncio.get_running_loop()
+        self._last_notice = loop.time()
+        if self.nc.is_connected:
+            task = loop.create_task(self.nc.publish(changed_subject(self.definition.name), b""))
+            self._background_sends.add(task)
+            task.add_done_callback(self._background_sends.discard)
 
     async def _refuse(self, tracked: _Tracked, msg: Msg, seq: int, reason: str) -> None:
         projection = tracked.projection
