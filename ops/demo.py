@@ -383,11 +383,15 @@ class ExternalApis:
         self._servers: list[asyncio.Server] = []
 
     async def __aenter__(self) -> ExternalApis:
-        for i, api in enumerate(self.apis):
-            port = self.first_port + i if self.first_port else 0
-            server = await asyncio.start_server(self._handler(api), "127.0.0.1", port)
-            api.port = int(server.sockets[0].getsockname()[1])
-            self._servers.append(server)
+        try:
+            for i, api in enumerate(self.apis):
+                port = self.first_port + i if self.first_port else 0
+                server = await asyncio.start_server(self._handler(api), "127.0.0.1", port)
+                api.port = int(server.sockets[0].getsockname()[1])
+                self._servers.append(server)
+        except BaseException:
+            await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -510,9 +514,17 @@ async def run_demo(settings: CommonSettings, args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     async with contextlib.AsyncExitStack() as stack:
         if args.api_port >= 0:
-            apis = await stack.enter_async_context(
-                ExternalApis(args.api_port, [*demo_apis(), fake_openai()])
-            )
+            try:
+                apis = await stack.enter_async_context(
+                    ExternalApis(args.api_port, [*demo_apis(), fake_openai()])
+                )
+            except OSError as exc:
+                _say(
+                    f"cannot serve the external APIs on ports {args.api_port}-"
+                    f"{args.api_port + 3}: {exc.strerror or exc}; "
+                    "pick others with --api-port (0: free ports, -1: none)"
+                )
+                return 1
             print(f"STOCKPILOT_EXTERNAL_APIS='{apis.setting()}'", flush=True)
             print(f"OPENAI_BASE_URL={apis.openai_base_url()} OPENAI_API_KEY=sk-demo", flush=True)
             _say(

@@ -55,7 +55,7 @@ async function api(path, { method = "GET", bearer, body = null, timeout = FETCH_
     data = null;
   }
   if (!response.ok) {
-    if (response.status === 401 && bearer === undefined) {
+    if (bearer === undefined && (response.status === 401 || (response.status === 403 && readToken))) {
       document.getElementById("read-token-button").hidden = false;
     }
     const detail = (data && (data.detail || data.message)) || response.statusText || "error";
@@ -733,32 +733,95 @@ function renderAlerts() {
 }
 
 let source = null;
+let streamGeneration = 0;
 
+function onStreamAlert(data) {
+  try {
+    addAlert(JSON.parse(data), true);
+  } catch (err) {
+    console.error("bad alert event", err);
+  }
+  renderAlerts();
+}
+
+/** (Re)connect the live feed: EventSource, or a fetch stream when a read token is needed. */
 function connectStream() {
+  streamGeneration += 1;
+  if (source) {
+    source.close();
+    source = null;
+  }
+  if (readToken) {
+    // EventSource cannot send an Authorization header.
+    streamWithFetch(streamGeneration);
+    return;
+  }
   if (typeof EventSource === "undefined") return;
+  const generation = streamGeneration;
   // EventSource resends Last-Event-ID itself when it reconnects, so nothing is missed.
-  source = new EventSource(`${API}/alerts/stream`);
-  source.addEventListener("open", () => {
+  const es = new EventSource(`${API}/alerts/stream`);
+  source = es;
+  es.addEventListener("open", () => {
     state.stream = "connected";
     renderAlerts();
   });
-  source.addEventListener("alert", (event) => {
-    try {
-      addAlert(JSON.parse(event.data), true);
-    } catch (err) {
-      console.error("bad alert event", err);
-    }
-    renderAlerts();
-  });
-  source.addEventListener("error", () => {
+  es.addEventListener("alert", (event) => onStreamAlert(event.data));
+  es.addEventListener("error", () => {
+    if (generation !== streamGeneration) return;
     state.stream = "offline";
     renderAlerts();
-    if (source.readyState === EventSource.CLOSED) {
+    if (es.readyState === EventSource.CLOSED) {
       // a refused connection (503, 401) is not retried by the browser: retry ourselves
-      source.close();
-      setTimeout(connectStream, REFRESH_MS);
+      es.close();
+      setTimeout(() => generation === streamGeneration && connectStream(), REFRESH_MS);
     }
   });
+}
+
+/** Server-sent events read with fetch (sends the read token), resuming with Last-Event-ID. */
+async function streamWithFetch(generation) {
+  let lastId = null;
+  while (generation === streamGeneration) {
+    try {
+      const headers = { Accept: "text/event-stream", Authorization: `Bearer ${readToken}` };
+      if (lastId) headers["Last-Event-ID"] = lastId;
+      const response = await fetch(`${API}/alerts/stream`, { headers, cache: "no-store" });
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      state.stream = "connected";
+      renderAlerts();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      while (generation === streamGeneration) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        for (let m = /\r?\n\r?\n/.exec(buffer); m; m = /\r?\n\r?\n/.exec(buffer)) {
+          const block = buffer.slice(0, m.index);
+          buffer = buffer.slice(m.index + m[0].length);
+          let event = "message";
+          const data = [];
+          for (const line of block.split(/\r?\n/)) {
+            if (!line || line.startsWith(":")) continue;
+            const colon = line.indexOf(":");
+            const name = colon < 0 ? line : line.slice(0, colon);
+            let text = colon < 0 ? "" : line.slice(colon + 1);
+            if (text.startsWith(" ")) text = text.slice(1);
+            if (name === "event") event = text;
+            else if (name === "data") data.push(text);
+            else if (name === "id") lastId = text;
+          }
+          if (event === "alert" && data.length) onStreamAlert(data.join("\n"));
+        }
+      }
+      reader.cancel().catch(() => {});
+    } catch {
+      // fall through: show the interruption and retry
+    }
+    if (generation !== streamGeneration) return;
+    state.stream = "offline";
+    renderAlerts();
+    await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));
+  }
 }
 
 async function loadAlertHistory() {
@@ -828,6 +891,7 @@ document.getElementById("read-token-button").addEventListener("click", () => {
   } catch {
     // kept for this page only
   }
+  connectStream();
   refresh();
 });
 

@@ -95,7 +95,7 @@ const MESSAGES = {
     "stream.connecting": "Connecting…",
     "stream.offline": "Stream interrupted, reconnecting…",
     "panel.unavailable": "Unavailable: {reason}",
-    "panel.serviceDown": "the {service} service does not answer",
+    "panel.serviceDown": "{service} does not answer",
     "panel.staleNote": "showing the last data received",
     "token.title": "Admin token",
     "token.text": "Releasing the lock of {job} needs the admin token (STOCKPILOT_ADMIN_TOKEN). It is sent once and not stored.",

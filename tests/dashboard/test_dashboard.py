@@ -142,6 +142,47 @@ async def test_every_panel_fails_on_its_own_when_no_service_runs(
         assert errors == []
 
 
+async def test_a_read_token_is_asked_for_and_then_sent_with_every_read(
+    env: dict[str, str], tmp_path: Path, postgres_url: str, redis_url: str
+) -> None:
+    guarded = {**env, "STOCKPILOT_READ_TOKEN": "dashboard-read-token"}
+    async with (
+        running_stack(guarded, postgres_url=postgres_url, redis_url=redis_url) as stack,
+        chromium_page(tmp_path / "profile") as page,
+    ):
+        require_routes(stack.app, "/api/v1/alerts/stream")
+        errors = watch_errors(page)
+        await page.goto(f"{stack.url}/?refresh_ms=500")
+        await expect(
+            page.get_by_test_id("panel-executions").locator(".panel-error")
+        ).to_contain_text("HTTP 401", timeout=WAIT_MS)
+        page.once("dialog", lambda dialog: dialog.accept("dashboard-read-token"))
+        await page.locator("#read-token-button").click()
+        await expect(page.get_by_test_id("panel-executions")).to_have_attribute(
+            "data-state", "ok", timeout=WAIT_MS
+        )
+        await expect(page.get_by_test_id("service-batch")).to_have_attribute("data-status", "up")
+        # The live feed carries the token too (EventSource cannot: a fetch stream does).
+        await expect(page.get_by_test_id("alert-stream-state")).to_have_attribute(
+            "data-status", "connected", timeout=WAIT_MS
+        )
+        alert = Alert(
+            id=f"health.status_changed:test:{uuid.uuid4().hex[:8]}",
+            occurred_at=utc_now(),
+            source="health",
+            kind="health.status_changed",
+            severity="warning",
+            title="Token-guarded alert",
+            message="external.fx went from healthy to unhealthy",
+            metric="status",
+            value=0.0,
+            threshold=1.0,
+        )
+        await stack.publish([(alert.subject, alert)])
+        await expect(page.locator(f'[data-alert-id="{alert.id}"]')).to_be_visible(timeout=WAIT_MS)
+        assert errors == []
+
+
 async def _seed(stack: Stack) -> None:
     """The demo's history plus a lock a silent worker left behind (expires in 1 s)."""
     settings_zone = load_settings(GatewaySettings, stack.env).zone

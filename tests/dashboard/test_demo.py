@@ -142,3 +142,13 @@ async def test_ctrl_c_stops_the_demo_cleanly(env: dict[str, str]) -> None:
         _, rest = await asyncio.wait_for(process.communicate(), timeout=15)
     assert process.returncode == 0
     assert b"stopped cleanly" in seen + rest
+
+
+async def test_a_busy_port_is_reported_in_one_line(env: dict[str, str]) -> None:
+    async with demo.ExternalApis(0, [demo.FakeApi("busy")]) as taken:
+        port = str(taken.apis[0].port)
+        async with demo_process(env, f"--api-port={port}", "--duration=1") as process:
+            _, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 1
+    assert f"cannot serve the external APIs on ports {port}-" in err.decode()
+    assert "Traceback" not in err.decode()
