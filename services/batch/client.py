@@ -110,7 +110,8 @@ async def read_lock(js: JetStreamContext, job_id: str) -> tuple[LockEvent | None
         ) from None
 
 
-def _is_wrong_last_sequence(exc: BaseException) -> bool:
+def is_wrong_last_sequence(exc: BaseException) -> bool:
+    """Whether a publish failed because the subject moved on (someone else stored first)."""
     return isinstance(exc, BadRequestError) and exc.err_code == _WRONG_LAST_SEQUENCE
 
 
@@ -153,7 +154,7 @@ async def acquire_lock(
         now_last, now_seq = await read_lock(js, job_id)
         if isinstance(now_last, LockAcquired) and now_last.id == event.id:
             token = now_seq
-        elif _is_wrong_last_sequence(exc):
+        elif is_wrong_last_sequence(exc):
             raise _held_by(job_id, now_last, now_seq) from None
         else:
             raise LockStateError(f"could not store the lock of {job_id}: {exc}") from None
@@ -191,7 +192,7 @@ async def release_lock(
             headers={EXPECTED_LAST_SUBJECT_SEQ: str(lock.fencing_token)},
         )
     except BadRequestError as exc:
-        if _is_wrong_last_sequence(exc):
+        if is_wrong_last_sequence(exc):
             return False
         raise
     return True

@@ -15,7 +15,7 @@ import contextlib
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.batch import queries
-from services.batch.client import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, _is_wrong_last_sequence
+from services.batch.client import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
 from services.batch.decide import expired_locks, release_event
 from services.batch.events import job_id_problem, lock_subject
 from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
@@ -48,7 +48,7 @@ async def _publish_expecting(ctx: Context, job_id: str, event: Event, seq: int) 
             ctx.js, lock_subject(job_id), event, headers={EXPECTED_LAST_SUBJECT_SEQ: str(seq)}
         )
     except Exception as exc:
-        if _is_wrong_last_sequence(exc):
+        if is_wrong_last_sequence(exc):
             return None
         if type(exc).__module__.startswith("nats"):
             raise UnavailableError(f"could not store the event in JetStream: {exc}") from None

@@ -142,7 +142,11 @@ async def test_run_learns_at_its_next_heartbeat_that_its_lock_was_force_released
             run.advance(1)
             forced = await api.post("/api/v1/batch/jobs/rebalance/lock/release", headers=ADMIN)
             assert forced.json()["released"] is True
-            await eventually(lambda: asyncio.sleep(0, run.lock_lost), timeout=2)
+
+            async def noticed() -> bool:
+                return run.lock_lost
+
+            await eventually(noticed, timeout=2)
             assert "force-released by admin" in (run.lock_lost_reason or "")
             run.advance(1)
     assert caught.value.fencing_token == run.fencing_token
