@@ -100,7 +100,17 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
             closed_for_good = True
             stop.set()
 
-    nc = await bus.connect(settings, "stockpilot-hooks", on_closed=on_closed)
+    # A signal while NATS is still unreachable at start must stop the process too.
+    connecting = asyncio.create_task(bus.connect(settings, "stockpilot-hooks", on_closed=on_closed))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        return 0
+    nc = connecting.result()
     try:
         js = nc.jetstream()
         await bus.provision(js, settings.stream_replicas)

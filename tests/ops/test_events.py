@@ -21,7 +21,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ops import stream_io
-from ops.events import ProjectionLine, ServiceLine, StreamLine, streams_report, tail
+from ops.events import HookLine, ProjectionLine, ServiceLine, StreamLine, streams_report, tail
+from ops.hook_delivery import HookRunner, LogHook
 from ops.replay import ReplayError, replay_definition, stream_name
 from shared import bus
 from shared.settings import CommonSettings, load_settings
@@ -244,6 +245,11 @@ async def test_streams_reports_sizes_and_projection_lag(env: dict[str, str]) -> 
     definition, _ = build()
     async with connected(env["STOCKPILOT_NATS_URL"]) as nc:
         await publish_counted(nc.jetstream(), 50)
+        runner = HookRunner(nc.jetstream(), [LogHook()])
+        hooks_task = asyncio.create_task(runner.run())
+        await asyncio.sleep(0.2)
+        runner.stop.set()
+        await asyncio.wait_for(hooks_task, timeout=10)
         async with running_service(definition, settings):
             lines = await streams_report(nc, timeout=0.5)
             code, out, err = await run_shell(cli(env, "streams", "--timeout", "0.5"))
@@ -259,9 +265,12 @@ async def test_streams_reports_sizes_and_projection_lag(env: dict[str, str]) -> 
     )
     # (lag is the runtime's own figure; see the report about its start-up race)
     assert (toy.last_seq, toy.caught_up, toy.stream) == (50, True, USAGE)
+    hooks = [line for line in lines if isinstance(line, HookLine)]
+    assert [(h.hook, h.state) for h in hooks] == [("log", "stopped")]
     assert code == 0, err.decode()
     kinds = [json.loads(text)["kind"] for text in out.decode().splitlines()]
     assert kinds.count("stream") >= 4 and "projection" in kinds and "service" in kinds
+    assert kinds[-1] == "hook"
 
 
 async def test_commands_fail_clearly_without_nats(tmp_path: Path) -> None:

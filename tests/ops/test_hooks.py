@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import msgspec
@@ -260,3 +261,21 @@ async def test_slack_hook_posts_a_text_message(env: dict[str, str]) -> None:
         assert list(message) == ["text"]
         assert "budget 7" in message["text"]
         assert make_alert(7).id in message["text"]
+
+
+async def test_stops_on_request_while_nats_is_still_unreachable(tmp_path: object) -> None:
+    from shared.testing import free_port
+
+    settings = load_settings(
+        HookSettings,
+        {
+            "STOCKPILOT_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
+        },
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_hooks(settings, stop))
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    stop.set()
+    assert await asyncio.wait_for(task, timeout=3) == 0
