@@ -153,6 +153,8 @@ class LockStatus(msgspec.Struct, kw_only=True):
     expired: bool
     fencing_token: int | None
     execution_id: str | None
+    # lock.acquired events stored while this lock was live (they did not take it).
+    ignored_acquires: int = 0
 
 
 class ExpiredLocks(msgspec.Struct, kw_only=True):
@@ -379,6 +381,7 @@ def _status_of(lock: LockState, now: datetime) -> LockStatus:
         expired=expired,
         fencing_token=lock.fencing_token,
         execution_id=lock.execution_id,
+        ignored_acquires=lock.ignored_acquires,
     )
 
 

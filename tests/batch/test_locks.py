@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 
 from services.batch.client import BATCH_STREAM, acquire_lock, read_lock
 from services.batch.events import LockAcquired, LockReleased, lock_subject
+from shared import bus
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN, alerts_of, eventually
 from tests.batch.racer import RoundResult, race
@@ -152,3 +153,27 @@ async def test_force_release_needs_the_admin_token_and_then_frees_the_lock(
     # Free again: the next worker takes it with a higher fencing token.
     taken = await acquire_lock(js, "report-gen", owner="worker-c", execution_id="x3", ttl_s=600)
     assert taken.fencing_token > lock.fencing_token
+
+
+async def test_acquire_stored_without_the_sequence_check_does_not_take_a_live_lock(
+    nc: NATS, service: Runtime, api: AsyncTestClient[object]
+) -> None:
+    """A rogue publisher skipping Expected-Last-Subject-Sequence is ignored and counted."""
+    js = nc.jetstream()
+    lock = await acquire_lock(js, "guarded", owner="rightful", execution_id="r1", ttl_s=600)
+    rogue = LockAcquired(
+        id="rogue-1",
+        occurred_at=lock.acquired_at,
+        job_id="guarded",
+        owner="rogue",
+        expires_at=lock.expires_at,
+    )
+    await bus.publish_event(js, lock_subject("guarded"), rogue)
+
+    async def counted() -> bool:
+        status = (await api.get("/api/v1/batch/jobs/guarded/lock/status")).json()
+        return bool(status["ignored_acquires"] == 1)
+
+    await eventually(counted)
+    status = (await api.get("/api/v1/batch/jobs/guarded/lock/status")).json()
+    assert (status["owner"], status["fencing_token"]) == ("rightful", lock.fencing_token)

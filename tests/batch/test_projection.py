@@ -5,8 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from services.batch.client import batch_job
 from services.batch.decide import decide_acquire, expired_locks, release_event, why_lost
-from services.batch.errors import LockHeldError
+from services.batch.errors import InvalidJobIdError, LockHeldError
 from services.batch.events import BatchEvent
 from services.batch.projection import (
     MAX_TRACEBACK_CHARS,
@@ -228,3 +229,11 @@ def test_snapshot_of_the_full_bounded_history_stays_small_and_round_trips() -> N
     assert len(data) < 1024 * 1024
     restored, _ = decode_snapshot(data, BatchView)
     assert restored == projection.view
+
+
+@pytest.mark.parametrize("job_id", ["a.b", "*", ">", "a b", "x" * 65, "prix-é", ""])
+def test_client_refuses_a_bad_job_id_before_touching_nats(job_id: str) -> None:
+    with pytest.raises(InvalidJobIdError) as caught:
+        batch_job(None, job_id)  # type: ignore[arg-type]
+    assert caught.value.status == 422
+    assert "job_id" in caught.value.detail

@@ -111,6 +111,7 @@ async def test_routes_answer_the_contract_shapes(
         "expired": False,
         "fencing_token": None,
         "execution_id": None,
+        "ignored_acquires": 0,
     }
     assert (await api.get("/api/v1/batch/locks/expired")).json() == {"locks": [], "total": 0}
 
