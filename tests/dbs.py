@@ -178,15 +178,18 @@ def _postgres_bin_for(run_as: _RunAs, scratch: Path) -> Path:
     bin_dir = postgres_bin_dir()
     if run_as.user is None:
         return bin_dir
-    probe = subprocess.run(
-        [str(bin_dir / "postgres"), "--version"],
-        capture_output=True,
-        check=False,
-        cwd=scratch,
-        **run_as.popen_kwargs(),
-    )
-    if probe.returncode == 0:
-        return bin_dir
+    try:
+        probe = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"],
+            capture_output=True,
+            check=False,
+            cwd=scratch,
+            **run_as.popen_kwargs(),
+        )
+        if probe.returncode == 0:
+            return bin_dir
+    except PermissionError:
+        pass  # the exec itself was refused: a directory on the way is closed to that user
     package = bin_dir.parent.parent
     copy = scratch / "pkg"
     shutil.copytree(package / "pginstall", copy / package.name / "pginstall", symlinks=True)

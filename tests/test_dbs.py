@@ -6,15 +6,19 @@ fallback that a machine without PostgreSQL or Redis depends on is exercised ever
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import asyncpg
 import pytest
 import redis
 
 from shared.testing import free_port
+from tests import dbs
 from tests.dbs import (
     DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
@@ -121,3 +125,25 @@ def test_a_server_that_does_not_answer_is_detected_quickly() -> None:
     assert not postgres_answers(dead_url("postgresql", "postgres"))
     assert not redis_answers(dead_url("redis", "0"))
     assert time.monotonic() - started < 4.5
+
+
+@pytest.mark.usefixtures("needs_postgres_package")
+def test_throwaway_postgres_runs_from_a_venv_the_unprivileged_user_cannot_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As root, postgres runs as `nobody`; a venv under a private home is copied out first."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("only root hands PostgreSQL to an unprivileged user")
+    package = dbs.postgres_bin_dir().parent.parent
+    private = tmp_path / "private-home"
+    private.mkdir(mode=0o700)
+    shutil.copytree(package / "pginstall", private / package.name / "pginstall", symlinks=True)
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, private / libs.name, symlinks=True)
+    private.chmod(0o700)
+    monkeypatch.setattr(
+        dbs, "postgres_bin_dir", lambda: private / package.name / "pginstall" / "bin"
+    )
+    with throwaway_postgres() as url:
+        assert postgres_answers(url)
