@@ -224,3 +224,25 @@ async def test_a_client_leaving_releases_its_consumer(env: dict[str, str]) -> No
                 break
             await asyncio.sleep(0.05)
         assert info.state.consumer_count == 0
+
+
+async def test_since_a_time_starts_at_the_first_alert_stored_from_then(env: dict[str, str]) -> None:
+    async with (
+        jetstream(env) as js,
+        gateway(env) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        for n in (1, 2):
+            await bus.publish_event(js, make_alert(n).subject, make_alert(n))
+        await asyncio.sleep(0.05)
+        moment = datetime.now(UTC)
+        await asyncio.sleep(0.05)
+        await bus.publish_event(js, make_alert(3).subject, make_alert(3))
+        since = moment.isoformat().replace("+00:00", "Z")
+        async with client.stream(
+            "GET", "/api/v1/alerts/stream", params={"since": since}
+        ) as response:
+            (event,) = await read_events(response.aiter_lines(), 1)
+        assert event.id == "3"
+        bad = await client.get("/api/v1/alerts/stream", params={"since": "yesterday"})
+        assert bad.status_code == 422
