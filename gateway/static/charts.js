@@ -68,11 +68,19 @@ export function stackedBars({
   if (line) {
     const lmax = niceScale(Math.max(line.min ?? 0, ...line.values.filter((v) => v != null))).top;
     const ly = (v) => pad.top + h - (v / lmax) * h;
-    const pts = line.values
-      .map((v, i) => (v == null ? null : `${(pad.left + slot * i + slot / 2).toFixed(1)},${ly(v).toFixed(1)}`))
-      .filter(Boolean);
-    if (pts.length) {
-      parts.push(`<polyline points="${pts.join(" ")}" fill="none" stroke="${line.color}" stroke-width="2" stroke-linejoin="round"/>`);
+    // A gap (no value: no request in that bucket) breaks the line instead of bridging it.
+    const segments = [[]];
+    line.values.forEach((v, i) => {
+      if (v == null) {
+        if (segments[segments.length - 1].length) segments.push([]);
+        return;
+      }
+      segments[segments.length - 1].push(`${(pad.left + slot * i + slot / 2).toFixed(1)},${ly(v).toFixed(1)}`);
+    });
+    for (const pts of segments) {
+      if (pts.length > 1) {
+        parts.push(`<polyline points="${pts.join(" ")}" fill="none" stroke="${line.color}" stroke-width="2" stroke-linejoin="round"/>`);
+      }
       for (const p of pts) {
         const [cx, cy] = p.split(",");
         parts.push(`<circle cx="${cx}" cy="${cy}" r="2.4" fill="${line.color}"/>`);

@@ -368,7 +368,9 @@ function renderCost(costs) {
   const one = (id, title, period) => {
     const p = period || {};
     const pct = num(p.used_pct) ?? (num(p.budget_usd) ? (100 * (p.cost_usd || 0)) / p.budget_usd : null);
-    const sub = num(p.budget_usd) ? `${fmtPct(pct, 0)} ${t("cost.ofBudget", { budget: fmtUSD(p.budget_usd) })}` : t("cost.noBudget");
+    const sub = num(p.budget_usd)
+      ? t("cost.ofBudget", { pct: fmtPct(pct, 0), budget: fmtUSD(p.budget_usd) })
+      : t("cost.noBudget");
     document.getElementById(id).innerHTML =
       `<div class="gauge-title">${esc(title)}</div>` +
       gauge({ pct: num(p.budget_usd) ? pct : null, value: fmtUSD(p.cost_usd), sub });
