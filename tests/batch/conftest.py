@@ -99,21 +99,3 @@ async def alerts_of(js: JetStreamContext, kind: str) -> list[Alert]:
         found.append(msgspec.json.decode(msg.data, type=Alert))
     await sub.unsubscribe()
     return found
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tolerate Litestar deprecations of other areas' routes (not ours to fix), never ours.
-
-    create_app() builds every router; when another area's routes still use a deprecated
-    declaration style (inferred query parameters, say) Litestar warns and, with warnings as
-    errors, every gateway test here would fail for it. Warnings about /batch routes, and all
-    other warnings, still fail these tests. Remove once the other routes are clean.
-    """
-    mark = pytest.mark.filterwarnings(
-        r"ignore:\[paths='/(?!batch/)[^']*'"
-        ":litestar.exceptions.LitestarDeprecationWarning"
-    )
-    here = str(__file__).rsplit("/", 1)[0]
-    for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(mark)
