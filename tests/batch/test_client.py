@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from services.batch.errors import LockHeldError, LockLostError
 from services.batch.events import LockReleased
 from services.batch.queries import RecentExecutions
 from services.batch.settings import BatchSettings
+from shared.events import utc_now
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN, alerts_of, eventually
 
@@ -204,12 +206,16 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
     assert execution.execution_id == execution_id
     status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
     assert status["fencing_token"] == token
+    expires_at = datetime.fromisoformat(status["expires_at"])
+    if utc_now() < expires_at - timedelta(seconds=0.2):
+        assert (status["locked"], status["expired"]) == (True, False)
 
     async def expired() -> bool:
         status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
         return bool(status["expired"])
 
     await eventually(expired, timeout=4)
+    assert utc_now() >= expires_at
     listed = (await api.get("/api/v1/batch/locks/expired")).json()
     assert [lock["job_id"] for lock in listed["locks"]] == ["doomed"]
 
