@@ -24,7 +24,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from ops import stream_io
-from ops.hook_delivery import read_hooks_status
+from ops.hook_runner import read_hooks_status
 from ops.replay import (
     STREAM_SERVICES,
     ReplayError,

@@ -3,7 +3,7 @@
 Hooks come from settings: a JSON webhook (STOCKPILOT_ALERT_WEBHOOK_URL, signed with
 STOCKPILOT_ALERT_WEBHOOK_SECRET when set), a Slack-compatible webhook
 (STOCKPILOT_SLACK_WEBHOOK_URL) and the log (STOCKPILOT_ALERT_LOG, on by default). The delivery
-logic lives in `ops.hook_delivery`.
+logic lives in `ops.hook_delivery` (the hooks) and `ops.hook_runner` (the delivery).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Annotated, Any
 import httpx
 import msgspec
 
-from ops.hook_delivery import AlertHook, HookRunner, LogHook, RetryPolicy, SlackHook, WebhookHook
+from ops.hook_delivery import AlertHook, LogHook, SlackHook, WebhookHook
+from ops.hook_runner import HookRunner, RetryPolicy
 from shared import bus
 from shared.settings import CommonSettings, PositiveFloat, SettingsError, settings_or_exit
 

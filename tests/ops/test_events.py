@@ -22,7 +22,8 @@ from nats.js import JetStreamContext
 
 from ops import stream_io
 from ops.events import HookLine, ProjectionLine, ServiceLine, StreamLine, streams_report, tail
-from ops.hook_delivery import HookRunner, LogHook
+from ops.hook_delivery import LogHook
+from ops.hook_runner import HookRunner
 from ops.replay import ReplayError, replay_definition, stream_name
 from shared import bus
 from shared.settings import CommonSettings, load_settings

@@ -14,16 +14,14 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from ops.hook_delivery import (
-    SIGNATURE_HEADER,
+from ops.hook_delivery import SIGNATURE_HEADER, WebhookHook, verify_signature
+from ops.hook_runner import (
     HookRunner,
     RetryPolicy,
-    WebhookHook,
     consumer_name,
     delivery_key,
     read_hooks_status,
     sanitise_key_token,
-    verify_signature,
 )
 from ops.hooks import HookSettings, run_hooks
 from shared import bus

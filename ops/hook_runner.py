@@ -1,0 +1,410 @@
+"""The hook runner: every alert of STOCKPILOT_ALERTS to every hook, each at its own pace.
+
+Each hook has its own durable pull consumer (`stockpilot-hooks-<hook>`) and its own task, so a
+hook that keeps failing holds back nobody else. Delivery is at-least-once: an alert is acked
+only after the hook took it, and retried with exponential back-off until it does. A delivery
+mark in the state bucket (`hooks.<hook>.<alert-id>`) is written before the ack, so a
+redelivered alert (lost ack, restart, consumer recreated) is not handed twice to a hook that
+already took it. Each hook's state is published under `hooks.status` (STOCKPILOT_STATE) for
+`GET /api/v1/status` and `stockpilot streams`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+import msgspec
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from ops.hook_delivery import AlertHook, HookError
+from shared import bus
+from shared.events import Alert, AwareDatetime, utc_now
+
+log = logging.getLogger("stockpilot.hooks")
+
+ALERTS_SUBJECT = "stockpilot.alerts.>"
+STATUS_KEY = "hooks.status"
+_HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+_encode = msgspec.json.Encoder().encode
+_decode_alert = msgspec.json.Decoder(Alert).decode
+
+
+# ----- delivery state ------------------------------------------------------------------
+
+
+def sanitise_key_token(text: str) -> str:
+    """An alert id as a KV key token: `[A-Za-z0-9_-]` kept, anything else as `=XX` (injective)."""
+    out: list[str] = []
+    for char in text:
+        if char in _KEY_SAFE:
+            out.append(char)
+        else:
+            out.extend(f"={byte:02X}" for byte in char.encode())
+    return "".join(out)
+
+
+def delivery_key(hook: str, alert_id: str) -> str:
+    """Where the mark saying `hook` took `alert_id` lives in the state bucket."""
+    return f"hooks.{hook}.{sanitise_key_token(alert_id)}"
+
+
+def consumer_name(hook: str) -> str:
+    """The durable consumer one hook reads STOCKPILOT_ALERTS through."""
+    return f"stockpilot-hooks-{hook}"
+
+
+class DeliveryMark(msgspec.Struct, kw_only=True):
+    """Stored once a hook took an alert."""
+
+    alert_id: str
+    stream_seq: int
+    delivered_at: AwareDatetime
+    attempts: int
+
+
+HookStateName = Literal["starting", "ok", "retrying", "failing", "stopped"]
+
+
+class HookStatus(msgspec.Struct, kw_only=True):
+    """One hook as the status route shows it."""
+
+    name: str
+    state: HookStateName
+    delivered: int = 0
+    skipped_duplicates: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    pending: int | None = None
+    last_seq: int = 0
+    last_alert_id: str | None = None
+    last_delivered_at: AwareDatetime | None = None
+    last_error: str | None = None
+    last_error_at: AwareDatetime | None = None
+    next_attempt_at: AwareDatetime | None = None
+
+
+class HooksStatus(msgspec.Struct, kw_only=True):
+    """The value under `hooks.status` in the state bucket (STOCKPILOT_STATE)."""
+
+    updated_at: AwareDatetime
+    pid: int
+    hooks: list[HookStatus]
+
+
+# ----- the runner ----------------------------------------------------------------------
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """Exponential back-off between attempts at one alert."""
+
+    initial_s: float = 0.5
+    max_s: float = 60.0
+    multiplier: float = 2.0
+    # After this many consecutive failures the hook is reported `failing` (not just retrying).
+    failing_after: int = 3
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after the `attempt`-th failure (1-based)."""
+        return float(min(self.max_s, self.initial_s * self.multiplier ** (attempt - 1)))
+
+
+@dataclass
+class _Worker:
+    hook: AlertHook
+    status: HookStatus
+    subscription: JetStreamContext.PullSubscription | None = None
+    task: asyncio.Task[None] | None = None
+    dirty: bool = True
+
+
+@dataclass
+class HookRunner:
+    """Delivers every alert of STOCKPILOT_ALERTS to every hook, each at its own pace."""
+
+    js: JetStreamContext
+    hooks: Sequence[AlertHook]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # A new hook (its consumer does not exist yet) starts with the alerts of this window.
+    backfill_s: float = 86_400.0
+    status_every_s: float = 2.0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _workers: list[_Worker] = field(default_factory=list, init=False)
+    _kv: KeyValue | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        names = [hook.name for hook in self.hooks]
+        for name in names:
+            if not _HOOK_NAME_RE.match(name):
+                raise ValueError(f"hook name {name!r} must match {_HOOK_NAME_RE.pattern}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"hook names must be unique, got {names}")
+        self._workers = [
+            _Worker(hook, HookStatus(name=hook.name, state="starting")) for hook in self.hooks
+        ]
+
+    @property
+    def statuses(self) -> list[HookStatus]:
+        """Every hook's current state."""
+        return [worker.status for worker in self._workers]
+
+    async def run(self) -> None:
+        """Run until `stop` is set; then publish the final state and return."""
+        self._kv = await self.js.key_value(bus.STATE_BUCKET)
+        for worker in self._workers:
+            worker.subscription = await self._subscribe(worker.hook.name)
+        async with contextlib.AsyncExitStack() as stack:
+            for worker in self._workers:
+                worker.task = asyncio.create_task(
+                    self._work(worker), name=f"hook-{worker.hook.name}"
+                )
+            stack.push_async_callback(self._finish)
+            status_task = asyncio.create_task(self._status_loop(), name="hooks-status")
+            stack.push_async_callback(_cancel, status_task)
+            log.info(
+                "delivering alerts to %s",
+                ", ".join(w.hook.name for w in self._workers) or "no hook",
+            )
+            await self.stop.wait()
+
+    async def _finish(self) -> None:
+        tasks = [w.task for w in self._workers if w.task is not None]
+        # Workers watch `stop` and nak what they hold; give them a moment, then cancel.
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in self._workers:
+            worker.status.state = "stopped"
+            worker.status.next_attempt_at = None
+            if worker.subscription is not None:
+                with contextlib.suppress(Exception):
+                    await worker.subscription.unsubscribe()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.publish_status(), timeout=2)
+
+    async def _subscribe(self, hook: str) -> JetStreamContext.PullSubscription:
+        stream = bus.STREAMS["alerts"].name
+        # Long back-offs keep a message in hand; in_progress() is sent before each wait, but
+        # the ack wait must still outlast one attempt plus one wait.
+        config = js_api.ConsumerConfig(
+            durable_name=consumer_name(hook),
+            description=f"StockPilot alert hook {hook}",
+            deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
+            opt_start_time=utc_now() - timedelta(seconds=self.backfill_s),
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=max(30.0, 2 * self.retry.max_s),
+            max_deliver=-1,
+            max_ack_pending=1,
+            filter_subject=ALERTS_SUBJECT,
+        )
+        return await self.js.pull_subscribe(
+            ALERTS_SUBJECT, durable=consumer_name(hook), stream=stream, config=config
+        )
+
+    async def _work(self, worker: _Worker) -> None:
+        assert worker.subscription is not None
+        worker.status.state = "ok"
+        worker.dirty = True
+        while not self.stop.is_set():
+            try:
+                msgs = await worker.subscription.fetch(1, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS reconnecting: the consumer survives, keep pulling
+                log.warning("hook %s: fetching alerts failed (%s); retrying", worker.hook.name, exc)
+                await self._sleep(1.0)
+                continue
+            for msg in msgs:
+                await self._handle(worker, msg)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early when the runner stops."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), timeout=seconds)
+
+    async def _handle(self, worker: _Worker, msg: Msg) -> None:
+        hook, status = worker.hook, worker.status
+        seq = msg.metadata.sequence.stream
+        try:
+            alert = _decode_alert(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning(
+                "hook %s: seq %d is not an alert (%s); skipped",
+                hook.name,
+                seq,
+                bus.describe_decode_error(exc),
+            )
+            await _ack(msg)
+            return
+        key = delivery_key(hook.name, alert.id)
+        if await self._is_marked(key):
+            status.skipped_duplicates += 1
+            status.last_seq = seq
+            worker.dirty = True
+            await _ack(msg)
+            return
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await hook.deliver(alert)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = self.retry.delay(attempt)
+                status.failures += 1
+                status.consecutive_failures += 1
+                status.last_error = (
+                    str(exc)[:300]
+                    if isinstance(exc, HookError)
+                    else f"{type(exc).__name__}: {exc}"[:300]
+                )
+                status.last_error_at = utc_now()
+                status.next_attempt_at = status.last_error_at + timedelta(seconds=delay)
+                status.state = (
+                    "failing"
+                    if status.consecutive_failures >= self.retry.failing_after
+                    else "retrying"
+                )
+                worker.dirty = True
+                log.warning(
+                    "hook %s: alert %s attempt %d failed (%s); retrying in %.1fs",
+                    hook.name,
+                    alert.id,
+                    attempt,
+                    status.last_error,
+                    delay,
+                )
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+                await self._sleep(delay)
+                if self.stop.is_set():
+                    # Not delivered: hand it back at once so the next run starts with it.
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    return
+                continue
+            break
+        mark = DeliveryMark(
+            alert_id=alert.id, stream_seq=seq, delivered_at=utc_now(), attempts=attempt
+        )
+        await self._mark(key, mark)
+        await _ack(msg)
+        status.delivered += 1
+        status.consecutive_failures = 0
+        status.state = "ok"
+        status.next_attempt_at = None
+        status.last_seq = seq
+        status.last_alert_id = alert.id
+        status.last_delivered_at = mark.delivered_at
+        worker.dirty = True
+        log.debug(
+            "hook %s: delivered alert %s (seq %d, attempt %d)", hook.name, alert.id, seq, attempt
+        )
+
+    async def _is_marked(self, key: str) -> bool:
+        assert self._kv is not None
+        delay = 0.2
+        while True:
+            try:
+                await self._kv.get(key)
+                return True
+            except KeyNotFoundError:
+                return False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: without the answer we could deliver twice
+                log.warning("hooks: reading delivery mark %s failed (%s); retrying", key, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _mark(self, key: str, mark: DeliveryMark) -> None:
+        assert self._kv is not None
+        delay = 0.2
+        for _ in range(20):
+            try:
+                await self._kv.put(key, _encode(mark))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("hooks: writing delivery mark %s failed (%s); retrying", key, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.error("hooks: delivery mark %s could not be written; a restart may repeat it", key)
+
+    async def _status_loop(self) -> None:
+        last_full = 0.0
+        while True:
+            now = time.monotonic()
+            # Pending counts come from the server: refresh them every few periods.
+            if now - last_full >= 5 * self.status_every_s:
+                await self._refresh_pending()
+                last_full = now
+            if any(w.dirty for w in self._workers):
+                with contextlib.suppress(Exception):
+                    await self.publish_status()
+            await asyncio.sleep(self.status_every_s)
+
+    async def _refresh_pending(self) -> None:
+        for worker in self._workers:
+            if worker.subscription is None:
+                continue
+            try:
+                info = await worker.subscription.consumer_info()
+            except Exception:
+                continue
+            pending = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            if pending != worker.status.pending:
+                worker.status.pending = pending
+                worker.dirty = True
+
+    async def publish_status(self) -> None:
+        """Write every hook's state under `hooks.status` in the state bucket."""
+        assert self._kv is not None
+        for worker in self._workers:
+            worker.dirty = False
+        value = HooksStatus(updated_at=utc_now(), pid=os.getpid(), hooks=self.statuses)
+        await self._kv.put(STATUS_KEY, _encode(value))
+
+
+async def _ack(msg: Msg) -> None:
+    try:
+        await msg.ack_sync(timeout=2.0)
+    except Exception as exc:  # the delivery mark covers the redelivery this may cause
+        log.warning("hooks: ack of seq %d failed (%s)", msg.metadata.sequence.stream, exc)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def read_hooks_status(js: JetStreamContext) -> HooksStatus | None:
+    """What the hook process last published, or None when it never ran."""
+    kv = await js.key_value(bus.STATE_BUCKET)
+    try:
+        entry = await kv.get(STATUS_KEY)
+    except KeyNotFoundError:
+        return None
+    return msgspec.json.decode(entry.value or b"", type=HooksStatus)
