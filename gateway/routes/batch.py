@@ -22,6 +22,7 @@ from services.batch.queries import (
     CleanupAnswer,
     CleanupParams,
     ExpiredLocks,
+    HeldLocks,
     JobParams,
     LockStatus,
     RecentExecutions,
@@ -125,6 +126,12 @@ async def expired_locks(services: Services) -> ExpiredLocks:
     return await services.query("batch", "expired_locks", ExpiredLocks)
 
 
+@get("/batch/locks", summary="Every lock not released yet (live or expired)", guards=[read_guard])
+async def held_locks(services: Services) -> HeldLocks:
+    """Beyond the contract: all held locks in one answer (the dashboard's lock panel)."""
+    return await services.query("batch", "locks", HeldLocks)
+
+
 @post(
     "/batch/locks/cleanup",
     summary="Release every expired lock (admin)",
@@ -147,6 +154,7 @@ router = Router(
         lock_status,
         release_lock,
         expired_locks,
+        held_locks,
         cleanup_locks,
     ],
 )

@@ -164,6 +164,13 @@ class ExpiredLocks(msgspec.Struct, kw_only=True):
     total: int
 
 
+class HeldLocks(msgspec.Struct, kw_only=True):
+    """Every lock not released yet, live or expired, by job id."""
+
+    locks: list[LockStatus]
+    total: int
+
+
 class ReleaseAnswer(msgspec.Struct, kw_only=True):
     """Result of a force release; `released` is false when nothing was held."""
 
@@ -389,6 +396,12 @@ def expired(view: BatchView, now: datetime) -> ExpiredLocks:
     """Every lock held past its lifetime at `now`."""
     locks = [_status_of(lock, now) for lock in expired_locks(view, now)]
     return ExpiredLocks(locks=locks, total=len(locks))
+
+
+def held(view: BatchView, now: datetime) -> HeldLocks:
+    """Every lock not released yet at `now` (expired ones included, flagged)."""
+    locks = [_status_of(view.locks[job_id], now) for job_id in sorted(view.locks)]
+    return HeldLocks(locks=locks, total=len(locks))
 
 
 def lost_executions(

@@ -79,6 +79,9 @@ def build(settings: BatchSettings) -> ServiceDefinition:
     async def expired(_: NoParams, ctx: Context) -> queries.ExpiredLocks:
         return queries.expired(batch.view, ctx.now())
 
+    async def held(_: NoParams, ctx: Context) -> queries.HeldLocks:
+        return queries.held(batch.view, ctx.now())
+
     async def summary(_: NoParams, ctx: Context) -> queries.BatchSummary:
         return queries.summary(batch.view, ctx.now(), interval)
 
@@ -152,6 +155,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             Endpoint("stats", queries.StatsParams, stats),
             Endpoint("lock_status", queries.JobParams, lock_status),
             Endpoint("expired_locks", NoParams, expired),
+            Endpoint("locks", NoParams, held),
             Endpoint("summary", NoParams, summary),
             Endpoint("release", queries.ReleaseParams, release),
             Endpoint("cleanup", queries.CleanupParams, cleanup),

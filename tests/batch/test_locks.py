@@ -80,6 +80,7 @@ async def test_lock_with_2s_lifetime_expires_and_cleanup_releases_it_with_one_al
     await asyncio.sleep(max(0.0, (lock.expires_at - lock.acquired_at).total_seconds()) + 0.05)
     status = (await api.get("/api/v1/batch/jobs/nightly/lock/status")).json()
     assert status["locked"] is False and status["expired"] is True
+    assert (await api.get("/api/v1/batch/locks")).json() == {"locks": [status], "total": 1}
     expired = (await api.get("/api/v1/batch/locks/expired")).json()
     assert expired["total"] == 1
     assert expired["locks"][0]["job_id"] == "nightly"
