@@ -188,7 +188,7 @@ def _export_command(args: argparse.Namespace) -> int:
             name = stream_name(args.stream) if args.stream.lower() in _KNOWN else args.stream
             info = await js.stream_info(name)
             progress = stream_io.Progress(f"export {name}", total=info.state.messages)
-            count = await stream_io.export_stream(
+            await stream_io.export_stream(
                 js,
                 name,
                 sys.stdout.buffer,
@@ -198,7 +198,6 @@ def _export_command(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             progress.finish()
-            del count
         return 0
 
     return _run(args, work)

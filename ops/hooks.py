@@ -148,6 +148,9 @@ def _command(args: argparse.Namespace) -> int:
 
     settings = settings_or_exit(HookSettings)
     configure_logging("hooks", settings.log_level)
+    # httpx logs every request with its URL at INFO; webhook URLs often carry a token.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return asyncio.run(_main(settings))
 
 

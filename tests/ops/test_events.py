@@ -296,3 +296,13 @@ async def test_replay_of_100k_events(env: dict[str, str]) -> None:
             elapsed = time.monotonic() - started
     assert [(r.equal, r.events) for r in results] == [(True, 100_000)]
     print(f"replayed 100k events in {elapsed:.2f}s", file=sys.stderr)
+
+
+def test_import_drops_publish_preconditions_unless_asked() -> None:
+    headers = {"Nats-Msg-Id": "lock-1", "Nats-Expected-Last-Subject-Sequence": "41", "X-A": "b"}
+    assert stream_io.publish_headers(headers, keep_preconditions=False) == {
+        "Nats-Msg-Id": "lock-1",
+        "X-A": "b",
+    }
+    assert stream_io.publish_headers(headers, keep_preconditions=True) == headers
+    assert stream_io.publish_headers(None, keep_preconditions=False) == {}

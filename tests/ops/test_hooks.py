@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -277,3 +280,32 @@ async def test_stops_on_request_while_nats_is_still_unreachable(tmp_path: object
     assert not task.done()
     stop.set()
     assert await asyncio.wait_for(task, timeout=3) == 0
+
+
+async def test_the_hooks_command_delivers_and_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
+    async with receiving() as receiver, connected(env) as js:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ops",
+            "hooks",
+            env={
+                **os.environ,
+                **env,
+                "STOCKPILOT_ALERT_WEBHOOK_URL": receiver.url,
+                "STOCKPILOT_ALERT_WEBHOOK_SECRET": SECRET,
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await publish(js, make_alert(1))
+            await receiver.wait_accepted(1, timeout=20)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(process.communicate(), timeout=15)
+    assert process.returncode == 0, err.decode()
+    log = err.decode()
+    assert "delivering alerts to webhook, log" in log
+    assert make_alert(1).id in log  # the log hook
+    assert SECRET not in log and receiver.url not in log
