@@ -291,7 +291,7 @@ def _traceback_summary(exc: BaseException) -> str:
     return "".join(summary.format())[-4000:]
 
 
-class batch_job:  # noqa: N801 - used as `async with batch_job(...)`, like a function
+class batch_job:  # lower case: read as a function, `async with batch_job(...) as run`
     """Run one execution of `job_id` under its lock (see the module docstring)."""
 
     def __init__(

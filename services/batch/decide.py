@@ -13,8 +13,6 @@ from services.batch.errors import LockHeldError
 from services.batch.events import LockAcquired, LockEvent, LockReleased, ReleaseReason
 from services.batch.projection import BatchView, LockState
 
-SYSTEM_ACTOR = "stockpilot-batch"
-
 
 def acquire_event_id(job_id: str, execution_id: str) -> str:
     """The id of an execution's lock.acquired (a retried publish is the same event)."""

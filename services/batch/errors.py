@@ -8,14 +8,14 @@ from shared.errors import ConflictError, InvalidRequestError, StockpilotError, U
 
 
 class BatchError(StockpilotError):
-    """Base of the batch errors."""
+    """Base of the batch errors (each also subclasses the shared error of its HTTP status)."""
 
 
-class InvalidJobIdError(InvalidRequestError):
+class InvalidJobIdError(InvalidRequestError, BatchError):
     """A job id that cannot be a subject token (`^[A-Za-z0-9_-]{1,64}$`)."""
 
 
-class LockHeldError(ConflictError):
+class LockHeldError(ConflictError, BatchError):
     """The job's lock is held by someone else: the run is skipped, never queued."""
 
     def __init__(
@@ -39,7 +39,7 @@ class LockHeldError(ConflictError):
         self.execution_id = execution_id
 
 
-class LockLostError(ConflictError):
+class LockLostError(ConflictError, BatchError):
     """The run's lock was force-released, expired or taken over while it ran."""
 
     def __init__(self, job_id: str, fencing_token: int, why: str) -> None:
@@ -51,5 +51,5 @@ class LockLostError(ConflictError):
         self.why = why
 
 
-class LockStateError(UnavailableError):
+class LockStateError(UnavailableError, BatchError):
     """The lock subject could not be read or holds something that is not a lock event."""

@@ -7,7 +7,7 @@ import pytest
 
 from services.batch.client import batch_job
 from services.batch.decide import decide_acquire, expired_locks, release_event, why_lost
-from services.batch.errors import InvalidJobIdError, LockHeldError
+from services.batch.errors import BatchError, InvalidJobIdError, LockHeldError
 from services.batch.events import BatchEvent
 from services.batch.projection import (
     MAX_TRACEBACK_CHARS,
@@ -172,6 +172,7 @@ def test_decide_acquire_refuses_a_live_lock_naming_the_holder() -> None:
     assert caught.value.fencing_token == 7
     assert "host:1" in caught.value.detail
     assert caught.value.status == 409
+    assert isinstance(caught.value, BatchError)
 
 
 def test_decide_acquire_takes_a_free_or_expired_lock() -> None:
