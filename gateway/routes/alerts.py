@@ -110,14 +110,25 @@ async def alert_stream(
     config = _start_config(request.headers.get("last-event-id"), since)
     queue: asyncio.Queue[Msg | object] = asyncio.Queue()
 
+    overflowed = False
+
     async def on_message(msg: Msg) -> None:
+        nonlocal overflowed
+        if overflowed:
+            return
         if queue.qsize() >= CLIENT_BUFFER:
+            overflowed = True
             queue.put_nowait(_CLOSE)
             return
         queue.put_nowait(msg)
 
     try:
         js = nc.jetstream()
+        if config.opt_start_seq is not None:
+            # A Last-Event-ID from before the stream was rebuilt (restored, imported) may lie
+            # past its end: start after the last stored alert, not at a sequence to come.
+            last = (await js.stream_info(STREAMS["alerts"].name)).state.last_seq
+            config.opt_start_seq = min(config.opt_start_seq, last + 1)
         subscription = await js.subscribe(
             ALERTS_SUBJECT,
             stream=STREAMS["alerts"].name,

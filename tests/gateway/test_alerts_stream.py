@@ -246,3 +246,21 @@ async def test_since_a_time_starts_at_the_first_alert_stored_from_then(env: dict
         assert event.id == "3"
         bad = await client.get("/api/v1/alerts/stream", params={"since": "yesterday"})
         assert bad.status_code == 422
+
+
+async def test_a_last_event_id_past_the_end_starts_after_the_last_stored_alert(
+    env: dict[str, str],
+) -> None:
+    """A client that saw a longer, since rebuilt, stream misses nothing stored from now on."""
+    async with (
+        jetstream(env) as js,
+        gateway(env) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+    ):
+        await bus.publish_event(js, make_alert(1).subject, make_alert(1))
+        headers = {"Last-Event-ID": "500"}
+        async with client.stream("GET", "/api/v1/alerts/stream", headers=headers) as response:
+            await asyncio.sleep(0.2)
+            await bus.publish_event(js, make_alert(2).subject, make_alert(2))
+            (event,) = await read_events(response.aiter_lines(), 1)
+        assert event.id == "2"
