@@ -17,7 +17,7 @@ from litestar.status_codes import HTTP_200_OK
 from gateway.auth import admin_guard, read_guard
 from gateway.services import Services
 from services.batch.events import job_id_problem
-from services.batch.queries import (
+from services.batch.schemas import (
     BatchStats,
     CleanupAnswer,
     CleanupParams,

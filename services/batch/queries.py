@@ -1,4 +1,4 @@
-"""Pure queries over the batch view, their parameters and their answers (contract §5).
+"""Pure queries over the batch view, answering in the shapes of `schemas` (contract §5).
 
 Time-dependent answers take `now`: a running execution with no heartbeat for three intervals
 is `lost`, a lock past its `expires_at` is expired. Nothing here changes the view.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timedelta
-from typing import Annotated
 
 import msgspec
 
@@ -21,178 +20,21 @@ from services.batch.projection import (
     LockState,
     lost_at,
 )
-from shared.events import AwareDatetime, JobId
-
-Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
-Hours = Annotated[float, msgspec.Meta(gt=0, le=24 * 400)]
-Note = Annotated[str, msgspec.Meta(max_length=500)]
-Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+from services.batch.schemas import (
+    BatchStats,
+    BatchSummary,
+    ExecutionOut,
+    ExpiredLocks,
+    FailurePattern,
+    HeldLocks,
+    JobStats,
+    LockStatus,
+    RecentExecutions,
+    RecentParams,
+    StatsParams,
+)
 
 MAX_PATTERNS = 20
-
-
-# ----- parameters (what the gateway sends to the service endpoints) ------------------------
-
-
-class RecentParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`recent`: the newest executions, optionally of one job."""
-
-    limit: Limit = 50
-    job_id: JobId | None = None
-
-
-class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`stats`: executions started in the last `hours`, optionally of one job."""
-
-    hours: Hours = 24.0
-    job_id: JobId | None = None
-
-
-class JobParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`lock_status`: one job."""
-
-    job_id: JobId
-
-
-class ReleaseParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`release`: force-release one job's lock on behalf of `actor`."""
-
-    job_id: JobId
-    actor: Actor
-    reason: Note | None = None
-
-
-class CleanupParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`cleanup`: release every expired lock on behalf of `actor`."""
-
-    actor: Actor
-
-
-# ----- answers ----------------------------------------------------------------------------
-
-
-class ExecutionOut(msgspec.Struct, kw_only=True):
-    """One execution as the API shows it (status judged at the time of the query)."""
-
-    execution_id: str
-    job_id: str
-    status: ExecutionStatus
-    started_at: AwareDatetime
-    finished_at: AwareDatetime | None
-    duration_s: float | None
-    items_processed: int
-    items_total: int | None
-    progress_pct: float | None
-    throughput_per_s: float | None
-    peak_memory_mb: float | None
-    avg_cpu_percent: float | None
-    warnings: list[str]
-    error: str | None
-    traceback: str | None
-    host: str
-    pid: int
-    fencing_token: int | None
-    last_heartbeat_at: AwareDatetime | None
-    heartbeat_interval_s: float | None
-
-
-class RecentExecutions(msgspec.Struct, kw_only=True):
-    """Newest first; `total` is how many matching executions the history holds."""
-
-    executions: list[ExecutionOut]
-    total: int
-
-
-class FailurePattern(msgspec.Struct, kw_only=True):
-    """Errors that differ only in numbers, ids or paths, counted together."""
-
-    error: str
-    count: int
-    last_seen: AwareDatetime
-    example: str
-    job_ids: list[str]
-
-
-class JobStats(msgspec.Struct, kw_only=True):
-    """One job's executions in the window."""
-
-    total: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    lost: int
-    running: int
-    success_rate: float | None
-    avg_duration_s: float | None
-    p95_duration_s: float | None
-    avg_throughput_per_s: float | None
-    peak_memory_mb: float | None
-    avg_cpu_percent: float | None
-    last_started_at: AwareDatetime | None
-    last_status: ExecutionStatus | None
-
-
-class BatchStats(JobStats, kw_only=True):
-    """Executions started in the window. `success_rate` is a percentage of the finished ones
-    (succeeded, failed, cancelled, lost); durations are of finished executions."""
-
-    hours: float
-    since: AwareDatetime
-    by_job: dict[str, JobStats]
-    failure_patterns: list[FailurePattern]
-
-
-class LockStatus(msgspec.Struct, kw_only=True):
-    """A job's lock: `locked` while held and live, `expired` once held past `expires_at`."""
-
-    job_id: str
-    locked: bool
-    owner: str | None
-    acquired_at: AwareDatetime | None
-    expires_at: AwareDatetime | None
-    expired: bool
-    fencing_token: int | None
-    execution_id: str | None
-    # lock.acquired events stored while this lock was live (they did not take it).
-    ignored_acquires: int = 0
-
-
-class ExpiredLocks(msgspec.Struct, kw_only=True):
-    """Locks held past their lifetime (cleanup releases them)."""
-
-    locks: list[LockStatus]
-    total: int
-
-
-class HeldLocks(msgspec.Struct, kw_only=True):
-    """Every lock not released yet, live or expired, by job id."""
-
-    locks: list[LockStatus]
-    total: int
-
-
-class ReleaseAnswer(msgspec.Struct, kw_only=True):
-    """Result of a force release; `released` is false when nothing was held."""
-
-    job_id: str
-    released: bool
-    previous_owner: str | None
-    fencing_token: int | None = None
-
-
-class CleanupAnswer(msgspec.Struct, kw_only=True):
-    """The jobs whose expired locks were released."""
-
-    released: list[str]
-    count: int
-
-
-class BatchSummary(msgspec.Struct, kw_only=True):
-    """The `summary` answer (gateway.routes.system.BatchSummary): failed counts lost runs."""
-
-    running: int
-    failed_24h: int
-    expired_locks: int
 
 
 # ----- queries ----------------------------------------------------------------------------

@@ -14,10 +14,10 @@ import contextlib
 
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.batch import queries
-from services.batch.client import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
+from services.batch import queries, schemas
 from services.batch.decide import expired_locks, release_event
 from services.batch.events import job_id_problem, lock_subject
+from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
 from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
 from services.batch.settings import BatchSettings
 from shared import bus
@@ -67,32 +67,32 @@ def build(settings: BatchSettings) -> ServiceDefinition:
     batch: BatchProjection = batch_projection(settings.history_limit)
     interval = settings.heartbeat_interval_s
 
-    async def recent(params: queries.RecentParams, ctx: Context) -> queries.RecentExecutions:
+    async def recent(params: schemas.RecentParams, ctx: Context) -> schemas.RecentExecutions:
         return queries.recent(batch.view, params, ctx.now(), interval)
 
-    async def stats(params: queries.StatsParams, ctx: Context) -> queries.BatchStats:
+    async def stats(params: schemas.StatsParams, ctx: Context) -> schemas.BatchStats:
         return queries.stats(batch.view, params, ctx.now(), interval)
 
-    async def lock_status(params: queries.JobParams, ctx: Context) -> queries.LockStatus:
+    async def lock_status(params: schemas.JobParams, ctx: Context) -> schemas.LockStatus:
         return queries.lock_status(batch.view, params.job_id, ctx.now())
 
-    async def expired(_: NoParams, ctx: Context) -> queries.ExpiredLocks:
+    async def expired(_: NoParams, ctx: Context) -> schemas.ExpiredLocks:
         return queries.expired(batch.view, ctx.now())
 
-    async def held(_: NoParams, ctx: Context) -> queries.HeldLocks:
+    async def held(_: NoParams, ctx: Context) -> schemas.HeldLocks:
         return queries.held(batch.view, ctx.now())
 
-    async def summary(_: NoParams, ctx: Context) -> queries.BatchSummary:
+    async def summary(_: NoParams, ctx: Context) -> schemas.BatchSummary:
         return queries.summary(batch.view, ctx.now(), interval)
 
-    async def release(params: queries.ReleaseParams, ctx: Context) -> queries.ReleaseAnswer:
+    async def release(params: schemas.ReleaseParams, ctx: Context) -> schemas.ReleaseAnswer:
         _check(params.job_id)
         for _ in range(RELEASE_ATTEMPTS):
             seq = await _last_seq(ctx, params.job_id)
             await ctx.wait_applied(batch, seq)
             lock = batch.view.locks.get(params.job_id)
             if lock is None:
-                return queries.ReleaseAnswer(
+                return schemas.ReleaseAnswer(
                     job_id=params.job_id, released=False, previous_owner=None
                 )
             event = release_event(
@@ -101,7 +101,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             stored = await _publish_expecting(ctx, params.job_id, event, seq)
             if stored is not None:
                 await ctx.wait_applied(batch, stored)
-                return queries.ReleaseAnswer(
+                return schemas.ReleaseAnswer(
                     job_id=params.job_id,
                     released=True,
                     previous_owner=lock.owner,
@@ -111,7 +111,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             f"the lock of {params.job_id} kept changing while it was being released; try again"
         )
 
-    async def cleanup(params: queries.CleanupParams, ctx: Context) -> queries.CleanupAnswer:
+    async def cleanup(params: schemas.CleanupParams, ctx: Context) -> schemas.CleanupAnswer:
         released: list[str] = []
         last_stored = 0
         for candidate in expired_locks(batch.view, ctx.now()):
@@ -128,7 +128,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 last_stored = max(last_stored, stored)
         if last_stored:
             await ctx.wait_applied(batch, last_stored)
-        return queries.CleanupAnswer(released=released, count=len(released))
+        return schemas.CleanupAnswer(released=released, count=len(released))
 
     async def watch_lost(ctx: Context) -> None:
         """Raise `batch.job_failed` once for each running execution that went silent."""
@@ -151,14 +151,14 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         name="batch",
         projections=[batch],
         endpoints=[
-            Endpoint("recent", queries.RecentParams, recent),
-            Endpoint("stats", queries.StatsParams, stats),
-            Endpoint("lock_status", queries.JobParams, lock_status),
+            Endpoint("recent", schemas.RecentParams, recent),
+            Endpoint("stats", schemas.StatsParams, stats),
+            Endpoint("lock_status", schemas.JobParams, lock_status),
             Endpoint("expired_locks", NoParams, expired),
             Endpoint("locks", NoParams, held),
             Endpoint("summary", NoParams, summary),
-            Endpoint("release", queries.ReleaseParams, release),
-            Endpoint("cleanup", queries.CleanupParams, cleanup),
+            Endpoint("release", schemas.ReleaseParams, release),
+            Endpoint("cleanup", schemas.CleanupParams, cleanup),
         ],
         background=[watch_lost],
         alert_source="batch",

@@ -14,8 +14,8 @@ import uuid
 import msgspec
 import nats
 
-from services.batch.client import acquire_lock
 from services.batch.errors import LockHeldError
+from services.batch.locks import acquire_lock
 
 
 class RoundResult(msgspec.Struct, kw_only=True):

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from services.batch.client import batch_job, read_lock
 from services.batch.errors import LockHeldError, LockLostError
 from services.batch.events import LockReleased
-from services.batch.queries import RecentExecutions
+from services.batch.schemas import RecentExecutions
 from services.batch.settings import BatchSettings
 from shared.events import utc_now
 from shared.runtime import Runtime

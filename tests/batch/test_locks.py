@@ -10,8 +10,8 @@ import msgspec
 from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
-from services.batch.client import BATCH_STREAM, acquire_lock, read_lock
 from services.batch.events import LockAcquired, LockReleased, lock_subject
+from services.batch.locks import BATCH_STREAM, acquire_lock, read_lock
 from shared import bus
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN, alerts_of, eventually
