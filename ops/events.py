@@ -245,6 +245,7 @@ def _replay_command(args: argparse.Namespace) -> int:
                         name,
                         timeout=args.timeout,
                         on_result=lambda r: _out(_encode(r)),
+                        show_progress=True,
                     )
                 except ReplayError as exc:  # the other services can still be compared
                     _err(f"{service}: not compared: {exc}")

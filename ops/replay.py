@@ -21,7 +21,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from ops.stream_io import read_stream
+from ops.stream_io import Progress, read_stream
 from shared.alerts import alert_ledger
 from shared.bus import STREAMS
 from shared.projection import Projection, view_digest
@@ -111,7 +111,10 @@ async def live_digests(nc: NATS, service: str, timeout: float) -> DigestAnswer:
 
 
 async def fold_to(
-    js: JetStreamContext, projection: Projection[Any, Any], last_seq: int
+    js: JetStreamContext,
+    projection: Projection[Any, Any],
+    last_seq: int,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """Fold the projection's events from the first up to `last_seq`; (applied, refused)."""
     projection.reset()
@@ -119,6 +122,8 @@ async def fold_to(
 
     def on_message(msg: Msg) -> None:
         nonlocal applied, refused
+        if progress is not None:
+            progress.tick()
         seq = msg.metadata.sequence.stream
         if seq <= projection.view.last_seq:
             return
@@ -148,6 +153,7 @@ async def replay_definition(
     *,
     timeout: float = 5.0,
     on_result: Callable[[ReplayResult], None] | None = None,
+    show_progress: bool = False,
 ) -> list[ReplayResult]:
     """Rebuild the definition's projections over `stream` and compare them with the live ones.
 
@@ -167,7 +173,14 @@ async def replay_definition(
                 f"the live {definition.name} service has no projection {projection.name!r}"
             )
         started = time.monotonic()
-        applied, refused = await fold_to(js, projection, state.last_seq)
+        progress = (
+            Progress(f"replay {definition.name}/{projection.name}", total=state.last_seq)
+            if show_progress
+            else None
+        )
+        applied, refused = await fold_to(js, projection, state.last_seq, progress)
+        if progress is not None:
+            progress.finish()
         replayed = view_digest(projection.view)
         result = ReplayResult(
             service=definition.name,
