@@ -38,6 +38,9 @@ log = logging.getLogger("stockpilot.hooks")
 
 ALERTS_SUBJECT = "stockpilot.alerts.>"
 STATUS_KEY = "hooks.status"
+STATUS_EVERY_S = 2.0
+STATUS_REFRESH_S = 5 * STATUS_EVERY_S
+STALE_AFTER_S = 3 * STATUS_REFRESH_S
 _HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -100,7 +103,11 @@ class HookStatus(msgspec.Struct, kw_only=True):
 
 
 class HooksStatus(msgspec.Struct, kw_only=True):
-    """The value under `hooks.status` in the state bucket (STOCKPILOT_STATE)."""
+    """The value under `hooks.status` in the state bucket (STOCKPILOT_STATE).
+
+    Rewritten on every change and at least every STATUS_REFRESH_S seconds while the hook
+    process runs: an `updated_at` older than STALE_AFTER_S means it is not running.
+    """
 
     updated_at: AwareDatetime
     pid: int
@@ -142,7 +149,7 @@ class HookRunner:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # A new hook (its consumer does not exist yet) starts with the alerts of this window.
     backfill_s: float = 86_400.0
-    status_every_s: float = 2.0
+    status_every_s: float = STATUS_EVERY_S
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _workers: list[_Worker] = field(default_factory=list, init=False)
     _kv: KeyValue | None = field(default=None, init=False)
@@ -357,10 +364,13 @@ class HookRunner:
         while True:
             now = time.monotonic()
             # Pending counts come from the server: refresh them every few periods.
-            if now - last_full >= 5 * self.status_every_s:
+            # …and the status is rewritten then even when nothing changed, so a reader can
+            # tell an idle hook process (fresh `updated_at`) from a dead one (stale).
+            full = now - last_full >= 5 * self.status_every_s
+            if full:
                 await self._refresh_pending()
                 last_full = now
-            if any(w.dirty for w in self._workers):
+            if full or any(w.dirty for w in self._workers):
                 with contextlib.suppress(Exception):
                     await self.publish_status()
             await asyncio.sleep(self.status_every_s)

@@ -17,7 +17,7 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from ops.hook_delivery import SIGNATURE_HEADER, WebhookHook, verify_signature
+from ops.hook_delivery import SIGNATURE_HEADER, LogHook, WebhookHook, verify_signature
 from ops.hook_runner import (
     HookRunner,
     RetryPolicy,
@@ -309,3 +309,20 @@ async def test_the_hooks_command_delivers_and_stops_cleanly_on_sigterm(env: dict
     assert "delivering alerts to webhook, log" in log
     assert make_alert(1).id in log  # the log hook
     assert SECRET not in log and receiver.url not in log
+
+
+async def test_an_idle_hook_process_keeps_its_status_fresh(env: dict[str, str]) -> None:
+    async with connected(env) as js:
+        runner = HookRunner(js, [LogHook()], status_every_s=0.05)
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.sleep(0.2)
+            first = await read_hooks_status(js)
+            await asyncio.sleep(0.4)
+            later = await read_hooks_status(js)
+        finally:
+            runner.stop.set()
+            await asyncio.wait_for(task, timeout=10)
+    assert first is not None and later is not None
+    assert later.updated_at > first.updated_at
+    assert [(h.name, h.state, h.pending) for h in later.hooks] == [("log", "ok", 0)]
