@@ -6,14 +6,15 @@ The gateway never publishes usage events itself: posted records go to the usage 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Router, get, post
+from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from gateway.auth import admin_guard, ingest_guard, read_guard
-from gateway.services import ServiceClient
+from gateway.services import Services
 from services.usage.decide import (
     MAX_RECORDS,
     IngestAnswer,
@@ -48,10 +49,10 @@ class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 @get("/usage/stats", summary="LLM usage statistics for a day or a range", guards=[read_guard])
 async def usage_stats(
-    services: ServiceClient,
-    date: str | None = None,
-    start: str | None = None,
-    end: str | None = None,
+    services: Services,
+    date: FromQuery[str | None] = None,
+    start: FromQuery[str | None] = None,
+    end: FromQuery[str | None] = None,
 ) -> UsageStats:
     """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default."""
     params = StatsParams(date=date, start=start, end=end)
@@ -60,10 +61,10 @@ async def usage_stats(
 
 @get("/usage/timeseries", summary="Hourly or daily usage buckets", guards=[read_guard])
 async def usage_timeseries(
-    services: ServiceClient,
-    bucket: str = "hour",
-    start: str | None = None,
-    end: str | None = None,
+    services: Services,
+    bucket: FromQuery[str] = "hour",
+    start: FromQuery[str | None] = None,
+    end: FromQuery[str | None] = None,
 ) -> UsageTimeseries:
     """Every bucket of the range (zeros included); hourly today by default."""
     params = TimeseriesParams(bucket=bucket, start=start, end=end)
@@ -71,13 +72,15 @@ async def usage_timeseries(
 
 
 @get("/usage/costs", summary="Spend against the budgets, by model and day", guards=[read_guard])
-async def usage_costs(services: ServiceClient) -> UsageCosts:
+async def usage_costs(services: Services) -> UsageCosts:
     """Today, this month, by model, the last 30 days, unpriced models and the forecast."""
     return await services.query("usage", "costs", UsageCosts)
 
 
 @get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard])
-async def usage_alerts(services: ServiceClient, limit: int = 100) -> AlertList:
+async def usage_alerts(
+    services: Services, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
+) -> AlertList:
     """The newest `limit` (1–1000) alerts and how many are held."""
     return await services.query("usage", "alerts", AlertList, AlertsParams(limit=limit))
 
@@ -88,7 +91,7 @@ async def usage_alerts(services: ServiceClient, limit: int = 100) -> AlertList:
     guards=[admin_guard],
     status_code=HTTP_200_OK,
 )
-async def usage_reset(request: Request[Any, Any, Any], services: ServiceClient) -> ResetAnswer:
+async def usage_reset(request: Request[Any, Any, Any], services: Services) -> ResetAnswer:
     """Appends `usage.reset`; the stream keeps every event (replay gives the same state)."""
     body = await request.body()
     reset = _decode_body(body, ResetBody) if body.strip() else ResetBody()
@@ -106,7 +109,7 @@ async def usage_reset(request: Request[Any, Any, Any], services: ServiceClient) 
     guards=[ingest_guard],
     status_code=HTTP_202_ACCEPTED,
 )
-async def usage_records(request: Request[Any, Any, Any], services: ServiceClient) -> IngestAnswer:
+async def usage_records(request: Request[Any, Any, Any], services: Services) -> IngestAnswer:
     """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}]."""
     received_at = utc_now()
     body = await request.body()

@@ -29,8 +29,8 @@ from shared.projection import View
 DAY_LIMIT = 410
 HOUR_LIMIT = 24 * 9
 MONTH_LIMIT = 15
-KEY_LIMIT = 200
-USER_LIMIT = 500
+KEY_LIMIT = 100
+USER_LIMIT = 200
 UNPRICED_LIMIT = 1_000
 # Ids are remembered for de-duplication in two generations of this many each.
 SEEN_GENERATION = 50_000

@@ -304,7 +304,7 @@ def _bytes_fold(
         projection.fold(seq, encode_event(event))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(usage_events(), st.integers(min_value=0, max_value=120))
 def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: int) -> None:
     cut = min(cut, len(events))
