@@ -21,10 +21,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from ops import stream_io
-from ops.events import HookLine, ProjectionLine, ServiceLine, StreamLine, streams_report, tail
+from ops.events import tail
 from ops.hook_delivery import LogHook
 from ops.hook_runner import HookRunner
 from ops.replay import ReplayError, replay_definition, stream_name
+from ops.streams_report import HookLine, ProjectionLine, ServiceLine, StreamLine, streams_report
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsServer, running_service
