@@ -83,6 +83,11 @@ def _run(
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not type(exc).__module__.startswith("nats"):
+            raise
+        _err(f"NATS refused: {exc}")
+        return 2
 
 
 def _rfc3339(text: str) -> datetime:

@@ -308,11 +308,16 @@ async def import_messages(
                 report.published += 1
                 report.streams[ack.stream] = report.streams.get(ack.stream, 0) + 1
 
+    number = 0
     async for lines in batches:
         for line in lines:
+            number += 1
             if not line.strip():
                 continue
-            message = decode_line(line)
+            try:
+                message = decode_line(line)
+            except msgspec.DecodeError as exc:
+                raise ValueError(f"line {number} is not an exported message: {exc}") from None
             headers = publish_headers(message.headers, keep_preconditions)
             future = await js.publish_async(
                 message.subject, message.payload(), headers=headers or None

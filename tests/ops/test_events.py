@@ -307,3 +307,14 @@ def test_import_drops_publish_preconditions_unless_asked() -> None:
     }
     assert stream_io.publish_headers(headers, keep_preconditions=True) == headers
     assert stream_io.publish_headers(None, keep_preconditions=False) == {}
+
+
+async def test_import_names_the_line_that_is_not_an_exported_message(env: dict[str, str]) -> None:
+    good = stream_io.encode_line(
+        stream_io.stored_message(
+            "stockpilot.usage.recorded", b"{}", stream=USAGE, seq=1, moment=T0, headers=None
+        )
+    )
+    code, _, err = await run_shell(cli(env, "events", "import"), stdin=good + b'{"seq": 2}\n')
+    assert code == 2
+    assert b"line 2 is not an exported message" in err
