@@ -37,6 +37,7 @@ SEEN_GENERATION = 50_000
 WINDOW_S = 300
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
+COST_EPSILON = 1e-9
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -339,7 +340,8 @@ def _crossings(
     warn_pct: float,
 ) -> None:
     for kind, level in (("usage.cost_warning", budget * warn_pct), ("usage.cost_exceeded", budget)):
-        if before < level <= after:
+        # Float sums drift (0.1 * 8 < 0.8): a nano-dollar of slack keeps crossings exact.
+        if before < level - COST_EPSILON <= after:
             fired.append(Fired(kind=kind, scope=scope, period=period, value=after, threshold=level))
 
 

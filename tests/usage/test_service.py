@@ -1,0 +1,347 @@
+"""The usage service against a real nats-server: alerts (two replicas), dead letters, ingest
+validation, reset and replay, alert history, the summary the gateway's /status reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.js.errors import ObjectNotFoundError
+
+from gateway.routes import system
+from services.usage import service as usage_service
+from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.queries import AlertList, UsageStats
+from services.usage.service import build
+from shared import bus
+from shared.events import Alert, alert_id, utc_now
+from shared.testing import running_service
+from tests.usage.helpers import (
+    ADMIN,
+    INGEST,
+    auth,
+    gateway,
+    gateway_settings,
+    recorded,
+    usage_settings,
+)
+
+
+async def connect(env: dict[str, str]) -> tuple[NATS, Any]:
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    js = nc.jetstream()
+    await bus.provision(js)
+    return nc, js
+
+
+async def publish(js: Any, events: list[UsageRecorded]) -> None:
+    for event in events:
+        await bus.publish_event(js, SUBJECT_RECORDED, event)
+
+
+async def wait_for(check: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def folded(runtime: Any, seq: int) -> bool:
+    return all(p.last_seq >= seq for p in runtime.status().projections if p.name == "usage")
+
+
+async def stored_alerts(js: Any) -> list[Alert]:
+    info = await js.stream_info("STOCKPILOT_ALERTS")
+    alerts = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await js.get_msg("STOCKPILOT_ALERTS", seq)
+        alerts.append(msgspec.json.decode(msg.data, type=Alert))
+    return alerts
+
+
+async def test_budget_alerts_are_raised_once_even_with_two_replicas(env: dict[str, str]) -> None:
+    settings = usage_settings(
+        env, tz="Asia/Seoul", daily_budget_usd="1.0", monthly_budget_usd="100000"
+    )
+    nc, js = await connect(env)
+    now = utc_now()
+    async with (
+        running_service(build(settings), settings) as one,
+        running_service(build(settings), settings) as two,
+    ):
+        await publish(js, [recorded(i, now, cost_usd=0.1) for i in range(15)])
+        await wait_for(lambda: folded(one, 15) and folded(two, 15))
+        await asyncio.sleep(0.5)
+        alerts = await stored_alerts(js)
+    day = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.cost_exceeded", "daily", day),
+        alert_id("usage.cost_warning", "daily", day),
+    ]
+    warning = next(a for a in alerts if a.kind == "usage.cost_warning")
+    assert warning.source == "usage" and warning.severity == "warning"
+    assert warning.threshold == 0.8 and 0.8 <= warning.value < 0.85
+    await nc.close()
+
+
+async def test_error_rate_alert_fires_recovers_and_fires_again(env: dict[str, str]) -> None:
+    settings = usage_settings(env, error_rate_alert_pct="20", error_rate_min_calls="10")
+    nc, js = await connect(env)
+    t0 = utc_now() - timedelta(minutes=10)
+    at = [t0 + timedelta(seconds=i) for i in range(60)]
+    events = [recorded(i, at[i], status_code=500 if i < 3 else 200) for i in range(10)]
+    events += [recorded(i, at[i]) for i in range(10, 30)]
+    events += [recorded(i, at[i], status_code=429, error_code="rate_limit") for i in range(30, 40)]
+    async with running_service(build(settings), settings) as runtime:
+        await publish(js, events)
+        await wait_for(lambda: folded(runtime, len(events)))
+        await asyncio.sleep(0.5)
+        alerts = [a for a in await stored_alerts(js) if a.kind == "usage.error_rate"]
+    assert len(alerts) == 2
+    assert alerts[0].value == 30.0 and alerts[0].threshold == 20.0
+    assert alerts[0].occurred_at == at[9] and alerts[1].occurred_at == at[33]  # 7 of 34 failed
+    await nc.close()
+
+
+async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
+    env: dict[str, str],
+) -> None:
+    settings = usage_settings(env)
+    nc, js = await connect(env)
+    letters: list[bus.DeadLetter] = []
+
+    async def on_letter(msg: Any) -> None:
+        letters.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))
+
+    await nc.subscribe("stockpilot.deadletter.usage", cb=on_letter)
+    async with running_service(build(settings), settings) as runtime:
+        await js.publish(SUBJECT_RECORDED, b"{not json")
+        await js.publish(
+            SUBJECT_RECORDED,
+            b'{"type":"usage.recorded","id":"n1","occurred_at":"2026-11-26T09:00:00Z",'
+            b'"model":"gpt-4o","status_code":200,"prompt_tokens":-5}',
+        )
+        await js.publish(SUBJECT_RECORDED, b'{"type":"usage.unheard_of","id":"u1"}')
+        await publish(js, [recorded(1)])
+        await wait_for(lambda: folded(runtime, 4) and len(letters) == 3)
+        usage = [p for p in runtime.status().projections if p.name == "usage"][0]
+        assert usage.dead_lettered == 3
+        assert usage.events_applied == 1
+    assert "json" in letters[0].reason.lower()
+    assert "prompt_tokens" in letters[1].reason
+    assert "usage.unheard_of" in letters[2].reason
+    await nc.close()
+
+
+async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> None:
+    settings = usage_settings(env)
+    good = msgspec.to_builtins(recorded(1, utc_now()))
+    body = [
+        good,
+        {"status_code": 200},  # no model
+        {"model": "gpt-4o"},  # no status_code
+        {"model": "gpt-4o", "status_code": 200, "completion_tokens": -1},
+        {"type": "usage.reset", "model": "gpt-4o", "status_code": 200},
+        "not an object",
+        {"model": "gpt-4o", "status_code": 200, "occurred_at": "2026-11-26T09:00:00"},
+        {"model": "gpt-4o", "status_code": 200, "request_id": "r-2", "extra": "ignored"},
+        {"model": "gpt-4o", "status_code": 502},  # no id at all: one is assigned
+    ]
+    async with (
+        running_service(build(settings), settings),
+        gateway(gateway_settings(env)) as client,
+    ):
+        response = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert response.status_code == 202
+        answer = response.json()
+        assert answer["accepted"] == 3 and answer["duplicates"] == 0
+        reasons = {r["index"]: r["reason"] for r in answer["rejected"]}
+        assert sorted(reasons) == [1, 2, 3, 4, 5, 6]
+        assert "model" in reasons[1]
+        assert "status_code" in reasons[2]
+        assert "completion_tokens" in reasons[3]
+        assert "usage.reset" in reasons[4]
+        assert "object" in reasons[5]
+        assert "occurred_at" in reasons[6] or "timezone" in reasons[6].lower()
+        assert answer["ids"][:2] == ["req-1", "r-2"]
+        # Right after the answer the records are in the statistics.
+        stats = (await client.get("/api/v1/usage/stats")).json()
+        assert stats["total_requests"] == 3
+        single = await client.post(
+            "/api/v1/usage/records",
+            json={"model": "gpt-4o", "status_code": 200, "request_id": "r-2"},
+            headers=auth(INGEST),
+        )
+        assert single.status_code == 202
+        assert single.json()["duplicates"] == 1
+        # Whole-body problems.
+        bad_json = await client.post("/api/v1/usage/records", content=b"[{", headers=auth(INGEST))
+        assert bad_json.status_code == 422 and "JSON" in bad_json.json()["detail"]
+        too_many = await client.post(
+            "/api/v1/usage/records", json=[good] * 1001, headers=auth(INGEST)
+        )
+        assert too_many.status_code == 422 and "1000" in too_many.json()["detail"]
+        huge = await client.post(
+            "/api/v1/usage/records", content=b" " * (1024 * 1024 + 1), headers=auth(INGEST)
+        )
+        assert huge.status_code == 413
+        assert huge.json()["status_code"] == 413 and huge.json()["detail"]
+        no_token = await client.post("/api/v1/usage/records", json=good)
+        assert no_token.status_code == 401
+        wrong = await client.post("/api/v1/usage/records", json=good, headers=auth("nope"))
+        assert wrong.status_code == 403
+
+
+async def test_a_body_near_one_mebibyte_is_forwarded_in_parts(env: dict[str, str]) -> None:
+    settings = usage_settings(env)
+    now = utc_now()
+    records = [{**msgspec.to_builtins(recorded(i, now)), "note": "x" * 680} for i in range(1000)]
+    assert 900 * 1024 < len(msgspec.json.encode(records)) < 1024 * 1024
+    async with (
+        running_service(build(settings), settings),
+        gateway(gateway_settings(env)) as client,
+    ):
+        response = await client.post("/api/v1/usage/records", json=records, headers=auth(ADMIN))
+        assert response.status_code == 202, response.text
+        assert response.json()["accepted"] == 1000
+        stats = (await client.get("/api/v1/usage/stats")).json()
+        assert stats["total_requests"] == 1000
+
+
+async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
+    env: dict[str, str],
+) -> None:
+    settings = usage_settings(env, tz="Asia/Seoul")
+    now = utc_now()
+    nc, js = await connect(env)
+    async with (
+        running_service(build(settings), settings),
+        gateway(gateway_settings(env, tz="Asia/Seoul")) as client,
+    ):
+        first = [msgspec.to_builtins(recorded(i, now)) for i in range(5)]
+        await client.post("/api/v1/usage/records", json=first, headers=auth(INGEST))
+        refused = await client.post("/api/v1/usage/reset")
+        assert refused.status_code == 401
+        reset = await client.post(
+            "/api/v1/usage/reset", json={"scope": "all", "reason": "test"}, headers=auth(ADMIN)
+        )
+        assert reset.status_code == 200
+        assert reset.json()["reset"] is True and reset.json()["scope"] == "all"
+        assert reset.json()["at"]
+        bad_scope = await client.post(
+            "/api/v1/usage/reset", json={"scope": "some"}, headers=auth(ADMIN)
+        )
+        assert bad_scope.status_code == 422
+        assert (await client.get("/api/v1/usage/stats")).json()["total_requests"] == 0
+        second = [msgspec.to_builtins(recorded(10 + i, now)) for i in range(3)]
+        await client.post("/api/v1/usage/records", json=second, headers=auth(INGEST))
+        live = (await client.get("/api/v1/usage/stats")).content
+        assert msgspec.json.decode(live, type=UsageStats).total_requests == 3
+        live_costs = (await client.get("/api/v1/usage/costs")).json()
+    stored = await js.get_last_msg("STOCKPILOT_USAGE", "stockpilot.usage.reset")
+    assert msgspec.json.decode(stored.data)["actor"] == "admin"
+    # A fresh replica without snapshots replays the whole stream to the same answers.
+    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
+        with contextlib.suppress(ObjectNotFoundError):
+            await obs.delete(name)
+    async with (
+        running_service(build(settings), settings),
+        gateway(gateway_settings(env, tz="Asia/Seoul")) as client,
+    ):
+        assert (await client.get("/api/v1/usage/stats")).content == live
+        replayed_costs = (await client.get("/api/v1/usage/costs")).json()
+        replayed_costs["forecast"] = live_costs["forecast"]  # it moves with the clock
+        assert replayed_costs == live_costs
+    await nc.close()
+
+
+async def test_alert_history_holds_every_source_and_feeds_the_summary(
+    env: dict[str, str],
+) -> None:
+    settings = usage_settings(env, daily_budget_usd="10")
+    nc, js = await connect(env)
+    now = utc_now()
+    batch_alert = Alert(
+        id="batch.job_failed:sync:1",
+        occurred_at=now - timedelta(minutes=5),
+        source="batch",
+        kind="batch.job_failed",
+        severity="warning",
+        title="job failed",
+        message="sync failed",
+        metric="failed",
+        value=1,
+        threshold=1,
+    )
+    old_alert = msgspec.structs.replace(
+        batch_alert, id="batch.job_failed:sync:0", occurred_at=now - timedelta(days=2)
+    )
+    async with (
+        running_service(build(settings), settings),
+        gateway(gateway_settings(env)) as client,
+    ):
+        await bus.publish_event(js, batch_alert.subject, old_alert)
+        await bus.publish_event(js, batch_alert.subject, batch_alert)
+        # The same alert stored again (past the duplicate window) is listed once.
+        await js.publish(batch_alert.subject, bus.encode_event(batch_alert))
+        await client.post(
+            "/api/v1/usage/records",
+            json=[msgspec.to_builtins(recorded(i, now, model="mystery")) for i in range(2)]
+            + [msgspec.to_builtins(recorded(9, now, cost_usd=2.5))],
+            headers=auth(INGEST),
+        )
+
+        async def listed() -> AlertList:
+            body = (await client.get("/api/v1/usage/alerts?limit=50")).content
+            return msgspec.json.decode(body, type=AlertList)
+
+        for _ in range(200):
+            if (await listed()).total == 3:
+                break
+            await asyncio.sleep(0.02)
+        alerts = await listed()
+        assert alerts.total == 3
+        assert [a.id for a in alerts.alerts] == [
+            "usage.unpriced_model:mystery:any",
+            "batch.job_failed:sync:1",
+            "batch.job_failed:sync:0",
+        ]
+        newest = (await client.get("/api/v1/usage/alerts?limit=1")).json()
+        assert len(newest["alerts"]) == 1 and newest["total"] == 3
+        assert (await client.get("/api/v1/usage/alerts?limit=0")).status_code == 422
+        status = (await client.get("/api/v1/status")).json()
+        assert status["alerts_24h"] == 2
+        assert status["usage_today"] == {
+            "requests": 3,
+            "cost_usd": 2.5,
+            "error_rate": 0.0,
+            "budget_used_pct": 25.0,
+        }
+    await nc.close()
+
+
+def test_summary_has_exactly_the_gateway_shape() -> None:
+    def shape(cls: Any) -> list[tuple[str, Any]]:
+        return [(f.name, f.type) for f in msgspec.structs.fields(cls)]
+
+    assert shape(usage_service.UsageSummary)[1] == shape(system.UsageSummary)[1]
+    assert [n for n, _ in shape(usage_service.UsageSummary)] == ["today", "alerts_24h"]
+    assert shape(usage_service.UsageToday) == shape(system.UsageToday)
+    encoded = msgspec.json.encode(
+        usage_service.UsageSummary(
+            today=usage_service.UsageToday(
+                requests=1, cost_usd=0.5, error_rate=0.0, budget_used_pct=None
+            ),
+            alerts_24h=2,
+        )
+    )
+    assert msgspec.json.decode(encoded, type=system.UsageSummary).alerts_24h == 2
