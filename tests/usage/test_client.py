@@ -1,0 +1,129 @@
+"""The usage client against real NATS: what it records, restarts of NATS, a full buffer."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import msgspec
+import nats as nats_py
+import pytest
+
+from services.usage.client import UsageRecorder
+from services.usage.queries import StatsParams, UsageStats
+from services.usage.service import build
+from shared import bus
+from shared.events import utc_now
+from shared.settings import CommonSettings, load_settings
+from shared.testing import NatsServer, running_service
+from tests.usage.helpers import recorded, usage_settings
+
+
+class RateLimitError(Exception):
+    """Shaped like openai.RateLimitError: status_code, code, request_id."""
+
+    status_code = 429
+    code = "rate_limit_exceeded"
+    request_id = "req_limited"
+
+
+async def chat_completion() -> Any:
+    await asyncio.sleep(0.01)
+    return SimpleNamespace(
+        id="chatcmpl-1",
+        _request_id="req_ok",
+        model="gpt-4o-mini-2024-07-18",
+        usage=SimpleNamespace(
+            prompt_tokens=1000,
+            completion_tokens=200,
+            prompt_tokens_details=SimpleNamespace(cached_tokens=400),
+        ),
+    )
+
+
+async def rate_limited() -> Any:
+    raise RateLimitError("slow down")
+
+
+async def stream_count(env: dict[str, str]) -> int:
+    nc = await nats_py.connect(env["STOCKPILOT_NATS_URL"])
+    info = await nc.jetstream().stream_info("STOCKPILOT_USAGE")
+    await nc.close()
+    return int(info.state.messages)
+
+
+async def test_tracked_calls_are_recorded_with_tokens_status_and_latency(
+    env: dict[str, str],
+) -> None:
+    settings = usage_settings(env)
+    async with running_service(build(settings), settings):
+        recorder = await UsageRecorder.connect(settings)
+        response = await recorder.track(
+            chat_completion(), endpoint="/api/v1/analysis", user_id="u-7"
+        )
+        assert response.id == "chatcmpl-1"
+        with pytest.raises(RateLimitError):
+            await recorder.track(rate_limited(), model="gpt-4o", endpoint="/api/v1/chat")
+        await recorder.close()
+        assert (recorder.published, recorder.dropped) == (2, 0)
+        nc = await nats_py.connect(env["STOCKPILOT_NATS_URL"])
+        for _ in range(100):
+            msg = await nc.request(
+                "stockpilot.svc.usage.stats", msgspec.json.encode(StatsParams()), timeout=2
+            )
+            stats = msgspec.json.decode(msg.data, type=UsageStats)
+            if stats.total_requests == 2:
+                break
+            await asyncio.sleep(0.02)
+        await nc.close()
+    assert stats.total_requests == 2 and stats.failed_requests == 1
+    ok = stats.by_model["gpt-4o-mini-2024-07-18"]
+    assert (ok.prompt_tokens, ok.completion_tokens, ok.cached_tokens) == (1000, 200, 400)
+    # gpt-4o-mini: 600 input at 0.15, 400 cached at 0.075, 200 output at 0.60 per million.
+    assert ok.cost_usd == pytest.approx((600 * 0.15 + 400 * 0.075 + 200 * 0.60) / 1e6)
+    assert ok.avg_response_time_ms >= 10
+    assert stats.by_error_code == {"rate_limit_exceeded": 1}
+    assert stats.by_status_code == {"200": 1, "429": 1}
+    assert stats.top_users[0].user_id == "u-7"
+
+
+async def test_a_nats_restart_loses_nothing(nats: NatsServer, env: dict[str, str]) -> None:
+    settings = load_settings(CommonSettings, env)
+    nc = await nats_py.connect(settings.nats_servers)
+    await bus.provision(nc.jetstream())
+    await nc.close()
+    recorder = await UsageRecorder.connect(settings, publish_timeout=0.5)
+    now = utc_now()
+    for i in range(20):
+        recorder.record(recorded(i, now))
+    await recorder.flush()
+    nats.stop()
+    # Two seconds of calls while NATS is down (the design holds for far longer outages:
+    # the buffer only has to hold what arrives meanwhile).
+    for i in range(20, 60):
+        recorder.record(recorded(i, now))
+        await asyncio.sleep(0.05)
+    assert recorder.pending > 0
+    nats.start()
+    await asyncio.wait_for(recorder.flush(), timeout=30)
+    await recorder.close()
+    assert recorder.dropped == 0
+    assert recorder.published + recorder.duplicates == 60
+    assert await stream_count(env) == 60
+
+
+async def test_a_full_buffer_drops_and_counts(env: dict[str, str]) -> None:
+    settings = load_settings(CommonSettings, env)
+    nc = await nats_py.connect(settings.nats_servers)
+    await bus.provision(nc.jetstream())
+    recorder = UsageRecorder(nc, buffer_size=5)
+    now = utc_now()
+    kept = [recorder.record(recorded(i, now)) for i in range(8)]
+    assert kept == [True] * 5 + [False] * 3
+    assert (recorder.pending, recorder.dropped) == (5, 3)
+    recorder.start()
+    await recorder.close()
+    assert recorder.published == 5
+    assert await stream_count(env) == 5
+    await nc.close()
