@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated
 
 import msgspec
 
-from shared.settings import CommonSettings, NonNegativeFloat, Percent, PositiveFloat, PositiveInt
+from shared.settings import CommonSettings, NonNegativeFloat, PositiveFloat, PositiveInt
+
+Threshold = Annotated[float, msgspec.Meta(gt=0, le=100)]
 
 
 class ModelPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -20,20 +22,16 @@ class ModelPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 class UsageSettings(CommonSettings, frozen=True, kw_only=True):
     """Budgets (unset → no budget alerts), thresholds in percent, the `[prices]` override."""
 
-    __env_names__: ClassVar[dict[str, str]] = {}
-
     daily_budget_usd: PositiveFloat | None = None
     monthly_budget_usd: PositiveFloat | None = None
-    cost_alert_pct: Annotated[float, msgspec.Meta(gt=0, le=100)] = 80.0
-    error_rate_alert_pct: Annotated[float, msgspec.Meta(gt=0, le=100)] = 20.0
+    cost_alert_pct: Threshold = 80.0
+    error_rate_alert_pct: Threshold = 20.0
     error_rate_min_calls: PositiveInt = 10
-    # Model → price, over the shipped services/usage/prices.toml (TOML `[prices]` table or
-    # STOCKPILOT_PRICES as JSON).
+    # Model → price, over the shipped services/usage/prices.toml (a `[prices]` table in
+    # stockpilot.toml, or STOCKPILOT_PRICES as JSON).
     prices: dict[str, ModelPrice] = {}
     # Users listed in /usage/stats (the projection holds more, bounded per day).
     top_users: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
 
 
 Settings = UsageSettings
-
-__all__ = ["ModelPrice", "Percent", "Settings", "UsageSettings"]
