@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
@@ -43,6 +44,11 @@ class PriceTable:
         prices = shipped_prices()
         prices.update(overrides)
         return cls(prices)
+
+    def fingerprint(self) -> str:
+        """A stable digest of every price (part of the projection's configuration)."""
+        encoded = msgspec.json.encode(sorted(self._prices.items()))
+        return hashlib.sha256(encoded).hexdigest()
 
     def price(self, model: str) -> ModelPrice | None:
         """The model's price, or None when the model is unknown."""

@@ -12,9 +12,11 @@ with deterministic ids, so every replica and every replay derives the same ones.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import Annotated, cast
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -131,6 +133,38 @@ class FoldConfig:
     cost_alert_pct: float = 80.0
     error_rate_alert_pct: float = 20.0
     error_rate_min_calls: int = 10
+
+
+def config_fingerprint(config: FoldConfig) -> str:
+    """A digest of everything the fold's result depends on besides the events."""
+    parts = [
+        config.zone.key,
+        config.prices.fingerprint(),
+        repr(config.daily_budget_usd),
+        repr(config.monthly_budget_usd),
+        repr(config.cost_alert_pct),
+        repr(config.error_rate_alert_pct),
+        repr(config.error_rate_min_calls),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def view_type_for(config: FoldConfig) -> type[UsageView]:
+    """UsageView stamped with the configuration's fingerprint.
+
+    A snapshot folded under another time zone, price table or set of thresholds fails to
+    decode into this type (the `config` pattern does not match), and the runtime then
+    rebuilds the view from the first event instead of mixing two configurations.
+    """
+    fingerprint = config_fingerprint(config)
+    stamped = msgspec.defstruct(
+        "UsageView",
+        [("config", Annotated[str, msgspec.Meta(pattern=f"^{fingerprint}$")], fingerprint)],
+        bases=(UsageView,),
+        kw_only=True,
+        module=__name__,
+    )
+    return cast(type[UsageView], stamped)
 
 
 def new_agg() -> Agg:

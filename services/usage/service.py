@@ -15,7 +15,13 @@ from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, Reset
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
 from services.usage.history import AlertHistory, apply_alert, decode_alert
 from services.usage.prices import PriceTable
-from services.usage.projection import FoldConfig, UsageView, make_apply, make_react
+from services.usage.projection import (
+    FoldConfig,
+    UsageView,
+    make_apply,
+    make_react,
+    view_type_for,
+)
 from services.usage.settings import UsageSettings
 from shared.bus import STREAMS, encode_event
 from shared.errors import UnavailableError
@@ -61,7 +67,7 @@ def usage_projection(settings: UsageSettings) -> Projection[UsageView, Any]:
     return Projection(
         name="usage",
         stream=STREAMS["usage"],
-        view_type=UsageView,
+        view_type=view_type_for(config),
         decode=decode_usage_event,
         apply=make_apply(config),
         react=make_react(config),

@@ -345,3 +345,27 @@ def test_summary_has_exactly_the_gateway_shape() -> None:
         )
     )
     assert msgspec.json.decode(encoded, type=system.UsageSummary).alerts_24h == 2
+
+
+async def test_a_snapshot_from_another_time_zone_is_not_reused(env: dict[str, str]) -> None:
+    """Days depend on STOCKPILOT_TZ: a changed zone rebuilds from the first event."""
+    nc, js = await connect(env)
+    late_evening = utc_now().replace(hour=20, minute=0)  # the next day in Seoul
+    await publish(js, [recorded(i, late_evening) for i in range(5)])
+    utc = usage_settings(env)
+    async with running_service(build(utc), utc):
+        pass  # stopping takes a snapshot
+    seoul = usage_settings(env, tz="Asia/Seoul")
+    async with running_service(build(seoul), seoul) as runtime:
+        usage = [p for p in runtime.status().projections if p.name == "usage"][0]
+        assert usage.events_applied == 5 and usage.snapshot_seq == 0
+        msg = await nc.request(
+            "stockpilot.svc.usage.stats",
+            msgspec.json.encode({"date": (late_evening + timedelta(days=1)).date().isoformat()}),
+            timeout=2,
+        )
+        assert msgspec.json.decode(msg.data, type=UsageStats).total_requests == 5
+    async with running_service(build(seoul), seoul) as runtime:
+        usage = [p for p in runtime.status().projections if p.name == "usage"][0]
+        assert usage.snapshot_seq == 5 and usage.events_applied == 0
+    await nc.close()
