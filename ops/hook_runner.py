@@ -20,7 +20,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
 
 import msgspec
 import nats.errors
@@ -33,14 +32,16 @@ from nats.js.kv import KeyValue
 from ops.hook_delivery import AlertHook, HookError
 from shared import bus
 from shared.events import Alert, AwareDatetime, utc_now
+from shared.hook_status import (
+    STATUS_KEY,
+    HooksStatus,
+    HookStatus,
+)
 
 log = logging.getLogger("stockpilot.hooks")
 
 ALERTS_SUBJECT = "stockpilot.alerts.>"
-STATUS_KEY = "hooks.status"
 STATUS_EVERY_S = 2.0
-STATUS_REFRESH_S = 5 * STATUS_EVERY_S
-STALE_AFTER_S = 3 * STATUS_REFRESH_S
 _HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -79,39 +80,6 @@ class DeliveryMark(msgspec.Struct, kw_only=True):
     stream_seq: int
     delivered_at: AwareDatetime
     attempts: int
-
-
-HookStateName = Literal["starting", "ok", "retrying", "failing", "stopped"]
-
-
-class HookStatus(msgspec.Struct, kw_only=True):
-    """One hook as the status route shows it."""
-
-    name: str
-    state: HookStateName
-    delivered: int = 0
-    skipped_duplicates: int = 0
-    failures: int = 0
-    consecutive_failures: int = 0
-    pending: int | None = None
-    last_seq: int = 0
-    last_alert_id: str | None = None
-    last_delivered_at: AwareDatetime | None = None
-    last_error: str | None = None
-    last_error_at: AwareDatetime | None = None
-    next_attempt_at: AwareDatetime | None = None
-
-
-class HooksStatus(msgspec.Struct, kw_only=True):
-    """The value under `hooks.status` in the state bucket (STOCKPILOT_STATE).
-
-    Rewritten on every change and at least every STATUS_REFRESH_S seconds while the hook
-    process runs: an `updated_at` older than STALE_AFTER_S means it is not running.
-    """
-
-    updated_at: AwareDatetime
-    pid: int
-    hooks: list[HookStatus]
 
 
 # ----- the runner ----------------------------------------------------------------------
@@ -408,13 +376,3 @@ async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-
-
-async def read_hooks_status(js: JetStreamContext) -> HooksStatus | None:
-    """What the hook process last published, or None when it never ran."""
-    kv = await js.key_value(bus.STATE_BUCKET)
-    try:
-        entry = await kv.get(STATUS_KEY)
-    except KeyNotFoundError:
-        return None
-    return msgspec.json.decode(entry.value or b"", type=HooksStatus)

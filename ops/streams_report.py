@@ -12,8 +12,8 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from ops.hook_runner import read_hooks_status
 from shared.events import AwareDatetime
+from shared.hook_status import read_hooks_status
 from shared.runtime import ServiceStatus, endpoint_subject
 
 SERVICES = ("health", "usage", "batch")

@@ -404,7 +404,9 @@ class Runtime:
             pending_bytes_limit=256 * 1024 * 1024,
         )
         info = await tracked.subscription.consumer_info()
-        tracked.lag = info.num_pending or 0
+        if projection.view.last_seq < start:
+            # Nothing delivered yet; once something is, its metadata keeps `lag` current.
+            tracked.lag = info.num_pending or 0
         if tracked.lag == 0:
             tracked.caught_up.set()
         else:

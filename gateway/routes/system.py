@@ -7,13 +7,16 @@ import time
 from typing import Any, Literal
 
 import msgspec
+import nats.errors
+import nats.js.errors
 from litestar import Request, Response, Router, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.auth import read_guard
-from gateway.services import Services
-from shared.errors import StockpilotError
+from gateway.services import ServiceClient, Services
+from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime, utc_now
+from shared.hook_status import STALE_AFTER_S, read_hooks_status
 from shared.runtime import VERSION, ServiceStatus
 
 SERVICES = ("health", "usage", "batch")
@@ -89,6 +92,18 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     expired_locks: int
 
 
+class HookState(msgspec.Struct, kw_only=True):
+    """One alert hook as the hook process last reported it."""
+
+    name: str
+    state: str
+    delivered: int
+    failures: int
+    consecutive_failures: int
+    last_error: str | None
+    last_delivered_at: AwareDatetime | None
+
+
 class SystemStatus(msgspec.Struct, kw_only=True):
     """Everything an operator needs at a glance."""
 
@@ -99,6 +114,9 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     usage_today: UsageToday | None
     batch: BatchSummary | None
     alerts_24h: int | None
+    # The alert hooks; `hooks_process` is `unavailable` when its status is stale or missing.
+    hooks_process: Literal["up", "unavailable", "not_configured"] = "not_configured"
+    hooks: list[HookState] = msgspec.field(default_factory=list)
 
 
 def _gateway_health(request: Request[Any, Any, Any], services: Services) -> GatewayHealth:
@@ -167,6 +185,32 @@ async def ready(services: Services) -> Response[Readiness]:
     return Response(body, status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE)
 
 
+async def _hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
+    """The hook process's last published status (KV), judged stale after STALE_AFTER_S."""
+    if services.nc is None or not services.nc.is_connected:
+        raise UnavailableError("NATS is unavailable")
+    try:
+        status = await asyncio.wait_for(read_hooks_status(services.nc.jetstream()), PROBE_TIMEOUT_S)
+    except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+        raise UnavailableError("the state bucket cannot be read") from None
+    if status is None:
+        return "not_configured", []
+    age = (utc_now() - status.updated_at).total_seconds()
+    hooks = [
+        HookState(
+            name=h.name,
+            state=h.state,
+            delivered=h.delivered,
+            failures=h.failures,
+            consecutive_failures=h.consecutive_failures,
+            last_error=h.last_error,
+            last_delivered_at=h.last_delivered_at,
+        )
+        for h in status.hooks
+    ]
+    return ("up" if age <= STALE_AFTER_S else "unavailable"), hooks
+
+
 async def _optional(coro: Any) -> Any:
     try:
         return await coro
@@ -181,11 +225,12 @@ async def _optional(coro: Any) -> Any:
 )
 async def system_status(services: Services) -> SystemStatus:
     """Never hangs: a service that does not answer shows as `unavailable`."""
-    states, health, usage, batch = await asyncio.gather(
+    states, health, usage, batch, hooks = await asyncio.gather(
         _service_states(services),
         _optional(services.query("health", "summary", HealthSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("usage", "summary", UsageSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("batch", "summary", BatchSummary, timeout=PROBE_TIMEOUT_S)),
+        _optional(_hooks(services)),
     )
     overall: Literal["healthy", "degraded", "unhealthy"] = "healthy"
     if health is not None and health.status in ("degraded", "unhealthy"):
@@ -206,6 +251,8 @@ async def system_status(services: Services) -> SystemStatus:
         usage_today=usage.today if usage is not None else None,
         batch=batch,
         alerts_24h=usage.alerts_24h if usage is not None else None,
+        hooks_process=hooks[0] if hooks is not None else "unavailable",
+        hooks=hooks[1] if hooks is not None else [],
     )
 
 

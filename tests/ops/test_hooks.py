@@ -23,12 +23,12 @@ from ops.hook_runner import (
     RetryPolicy,
     consumer_name,
     delivery_key,
-    read_hooks_status,
     sanitise_key_token,
 )
 from ops.hooks import HookSettings, run_hooks
 from shared import bus
 from shared.events import Alert
+from shared.hook_status import read_hooks_status
 from shared.settings import SettingsError, load_settings
 from tests.ops.receiver import receiving
 

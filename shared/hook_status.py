@@ -1,0 +1,63 @@
+"""The alert-hook process's status, as it publishes it and the gateway reads it.
+
+Shared because two processes use it: `stockpilot hooks` writes it under `hooks.status` in the
+state bucket (STOCKPILOT_STATE); the gateway's /api/v1/status and `stockpilot streams` read it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from shared import bus
+from shared.events import AwareDatetime
+
+STATUS_KEY = "hooks.status"
+# The hook process rewrites its status at least this often; older means it is not running.
+STATUS_REFRESH_S = 10.0
+STALE_AFTER_S = 3 * STATUS_REFRESH_S
+
+HookStateName = Literal["starting", "ok", "retrying", "failing", "stopped"]
+
+
+class HookStatus(msgspec.Struct, kw_only=True):
+    """One hook as the status route shows it."""
+
+    name: str
+    state: HookStateName
+    delivered: int = 0
+    skipped_duplicates: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    pending: int | None = None
+    last_seq: int = 0
+    last_alert_id: str | None = None
+    last_delivered_at: AwareDatetime | None = None
+    last_error: str | None = None
+    last_error_at: AwareDatetime | None = None
+    next_attempt_at: AwareDatetime | None = None
+
+
+class HooksStatus(msgspec.Struct, kw_only=True):
+    """The value under `hooks.status` in the state bucket (STOCKPILOT_STATE).
+
+    Rewritten on every change and at least every STATUS_REFRESH_S seconds while the hook
+    process runs: an `updated_at` older than STALE_AFTER_S means it is not running.
+    """
+
+    updated_at: AwareDatetime
+    pid: int
+    hooks: list[HookStatus]
+
+
+async def read_hooks_status(js: JetStreamContext) -> HooksStatus | None:
+    """What the hook process last published, or None when it never ran."""
+    kv = await js.key_value(bus.STATE_BUCKET)
+    try:
+        entry = await kv.get(STATUS_KEY)
+    except KeyNotFoundError:
+        return None
+    return msgspec.json.decode(entry.value or b"", type=HooksStatus)
