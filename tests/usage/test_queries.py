@@ -131,3 +131,25 @@ def test_bad_usage_settings_name_the_variable(tmp_path: Path) -> None:
         UsageSettings, base | {"STOCKPILOT_DAILY_BUDGET_USD": "", "STOCKPILOT_TZ": "Asia/Seoul"}
     )
     assert loaded.daily_budget_usd is None and loaded.cost_alert_pct == 80
+
+
+def test_costs_forecast_extrapolates_the_month_so_far() -> None:
+    settings = UsageSettings(tz="Asia/Seoul", monthly_budget_usd=100.0, daily_budget_usd=10.0)
+    apply = make_apply(FoldConfig(zone=settings.zone, prices=PriceTable.with_overrides({})))
+    view = UsageView()
+    # November 2026 in Seoul starts at 2026-10-31T15:00Z; NOW is 25.5 days into its 30.
+    for seq, event in enumerate([recorded(i, NOW, cost_usd=9.0) for i in range(10)], start=1):
+        apply(view, event)
+        view.last_seq = seq
+    costs = queries.costs(view, NOW, settings)
+    assert costs.currency == "USD"
+    assert (costs.today.cost_usd, costs.today.budget_usd, costs.today.used_pct) == (
+        90.0,
+        10.0,
+        900.0,
+    )
+    assert (costs.month.cost_usd, costs.month.used_pct) == (90.0, 90.0)
+    assert costs.forecast.month_end_cost_usd == pytest.approx(90.0 * 30 / 25.5)
+    assert costs.forecast.over_budget is True
+    assert costs.forecast.elapsed_pct == pytest.approx(85.0)
+    assert costs.daily[-1].cost_usd == 90.0 and costs.daily[-2].cost_usd == 0.0
