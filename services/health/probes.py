@@ -7,6 +7,7 @@ understands. Targets are shown redacted (no password, no key) in details and err
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -386,6 +387,8 @@ async def probe_all(settings: HealthSettings, http: httpx.AsyncClient) -> list[P
 
 def new_http_client() -> httpx.AsyncClient:
     """The HTTP client the probes share (no proxies from the environment; no redirects)."""
+    # httpx logs every request's full URL at INFO; a probed URL may carry a key in its query.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return httpx.AsyncClient(trust_env=False, follow_redirects=False)
 
 

@@ -248,35 +248,51 @@ def component_health(view: HealthView, name: str, kind: Kind, now: datetime) -> 
     )
 
 
+Board = dict[str, ComponentHealth]
+
+
+def board(view: HealthView, settings: HealthSettings, now: datetime) -> Board:
+    """Every configured component as it stands, in display order (the costly part: windows)."""
+    return {name: component_health(view, name, kind, now) for name, kind in configured(settings)}
+
+
 def _age(view: HealthView, now: datetime) -> float | None:
     at = newest(view)
     return round(max(0.0, (now - at).total_seconds()), 3) if at else None
 
 
 def component(
-    view: HealthView, settings: HealthSettings, name: str, now: datetime, cached: bool
+    view: HealthView,
+    settings: HealthSettings,
+    name: str,
+    now: datetime,
+    cached: bool,
+    current: Board | None = None,
 ) -> ComponentAnswer:
     """The answer of /health/database, /openai, /redis (and any component by id)."""
-    kinds = dict(configured(settings))
-    state = view.components.get(name)
-    if name not in kinds and state is None:
-        raise NotFoundError(f"no health component named {name!r}")
-    kind = kinds.get(name) or (state.kind if state else "external_api")
-    one = component_health(view, name, kind, now)
+    one = (current or {}).get(name)
+    if one is None:
+        state = view.components.get(name)
+        kinds = dict(configured(settings))
+        if name not in kinds and state is None:
+            raise NotFoundError(f"no health component named {name!r}")
+        kind = kinds.get(name) or (state.kind if state else "external_api")
+        one = component_health(view, name, kind, now)
     return ComponentAnswer(
         **msgspec.structs.asdict(one), cached=cached, age_s=_age(view, now) if cached else 0.0
     )
 
 
 def external_apis(
-    view: HealthView, settings: HealthSettings, now: datetime, cached: bool
+    view: HealthView,
+    settings: HealthSettings,
+    now: datetime,
+    cached: bool,
+    current: Board | None = None,
 ) -> ExternalApisHealth:
     """The external APIs and their aggregate status."""
-    apis = [
-        component_health(view, name, kind, now)
-        for name, kind in configured(settings)
-        if kind == "external_api"
-    ]
+    current = current if current is not None else board(view, settings, now)
+    apis = [c for c in current.values() if c.kind == "external_api"]
     known = [a for a in apis if a.status != "unknown"]
     reachable = sum(1 for a in known if a.status in ("healthy", "degraded"))
     pct = round(100.0 * reachable / len(known), 2) if known else None
@@ -303,11 +319,16 @@ def external_apis(
 
 
 def comprehensive(
-    view: HealthView, settings: HealthSettings, now: datetime, cached: bool
+    view: HealthView,
+    settings: HealthSettings,
+    now: datetime,
+    cached: bool,
+    current: Board | None = None,
 ) -> ComprehensiveHealth:
     """Everything: core components, the external APIs' aggregate, the host."""
-    components = [component_health(view, name, kind, now) for name, kind in configured(settings)]
-    externals = external_apis(view, settings, now, cached)
+    current = current if current is not None else board(view, settings, now)
+    components = list(current.values())
+    externals = external_apis(view, settings, now, cached, current)
     core = [c.status for c in components if c.kind != "external_api"]
     host = view.host
     return ComprehensiveHealth(
@@ -329,9 +350,11 @@ def comprehensive(
     )
 
 
-def summary(view: HealthView, settings: HealthSettings, now: datetime) -> HealthSummary:
+def summary(
+    view: HealthView, settings: HealthSettings, now: datetime, current: Board | None = None
+) -> HealthSummary:
     """The overall status and each component's status, for /api/v1/status."""
-    whole = comprehensive(view, settings, now, cached=True)
+    whole = comprehensive(view, settings, now, True, current)
     components: dict[str, str] = {c.name: c.status for c in whole.components}
     if settings.external_apis:
         components["external-apis"] = whole.external_apis.status

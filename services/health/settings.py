@@ -37,6 +37,13 @@ class ExternalApi(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     timeout_s: ProbeTimeout | None = None
     headers: dict[str, str] = {}
 
+    def __repr__(self) -> str:
+        # Header values may be secrets resolved from the environment: never shown.
+        return (
+            f"ExternalApi(name={self.name!r}, method={self.method!r}, "
+            f"expect_status={self.expect_status}, headers={sorted(self.headers)})"
+        )
+
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"external API {self.name!r}: url must start with http:// or https://")
@@ -94,6 +101,15 @@ class HealthSettings(CommonSettings, frozen=True, kw_only=True):
     history_max_samples: Annotated[int, msgspec.Meta(ge=10, le=100_000)] = 5_000
     history_max_hours: Annotated[int, msgspec.Meta(ge=1, le=2160)] = 2160
     history_max_points: Annotated[int, msgspec.Meta(ge=10, le=10_000)] = 1_000
+
+    def __repr__(self) -> str:
+        # The key, passwords in URLs and header values are secrets: show what is configured.
+        return (
+            f"HealthSettings(database={self.database_url is not None}, "
+            f"redis={self.redis_url is not None}, openai={self.openai_api_key is not None}, "
+            f"external_apis={[api.name for api in self.external_apis]}, "
+            f"interval_s={self.health_interval_s:g}, probe_timeout_s={self.probe_timeout_s:g})"
+        )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -93,3 +93,16 @@ def test_bad_numbers_name_their_variable() -> None:
         load(STOCKPILOT_HYSTERESIS_DOWN="0")
     with pytest.raises(SettingsError, match="STOCKPILOT_EXTERNAL_DEGRADED_PCT"):
         load(STOCKPILOT_EXTERNAL_DEGRADED_PCT="90", STOCKPILOT_EXTERNAL_HEALTHY_PCT="80")
+
+
+def test_repr_shows_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUOTES_API_KEY", "q-secret-9")
+    apis = [{"name": "q", "url": "http://x/", "headers": {"X-Key": "env:QUOTES_API_KEY"}}]
+    s = load(
+        STOCKPILOT_EXTERNAL_APIS=json.dumps(apis),
+        OPENAI_API_KEY="sk-secret-8",
+        STOCKPILOT_DATABASE_URL="postgresql://app:pw-secret-7@db/app",
+    )
+    shown = f"{s!r} {s.external_apis!r}"
+    assert "secret" not in shown
+    assert "'q'" in shown
