@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -84,6 +85,32 @@ def history_projection() -> Projection[AlertHistory, Any]:
         apply=apply_alert,
         filter_subject="stockpilot.alerts.>",
     )
+
+
+class AnswerCache:
+    """Encoded answers by (endpoint, params, view positions, second of `now`).
+
+    Dashboards ask the same questions many times a second; an answer changes only when a
+    projection folds something or the clock moves on (requests per minute, "today").
+    """
+
+    LIMIT = 512
+
+    def __init__(self) -> None:
+        self._answers: dict[tuple[object, ...], bytes] = {}
+
+    def get_or_make(self, key: tuple[object, ...], make: Callable[[], msgspec.Struct]) -> bytes:
+        """The cached bytes for `key`, or `make()` encoded and kept."""
+        found = self._answers.get(key)
+        if found is None:
+            found = _encode(make())
+            if len(self._answers) >= self.LIMIT:
+                self._answers.clear()
+            self._answers[key] = found
+        return found
+
+
+_encode = msgspec.json.Encoder().encode
 
 
 def _new_id() -> str:
