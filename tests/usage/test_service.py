@@ -194,6 +194,15 @@ async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> Non
         )
         assert huge.status_code == 413
         assert huge.json()["status_code"] == 413 and huge.json()["detail"]
+        # Bad query parameters are 422s that name the parameter.
+        for path, named in [
+            ("/api/v1/usage/stats?date=2026-13-01", "'date'"),
+            ("/api/v1/usage/stats?start=2026-01-01&end=2026-11-26", "'end'"),
+            ("/api/v1/usage/timeseries?bucket=minute", "'bucket'"),
+            ("/api/v1/usage/timeseries?start=2026-01-01&end=2026-11-26", "'end'"),
+        ]:
+            refused = await client.get(path)
+            assert refused.status_code == 422 and named in refused.json()["detail"], path
         no_token = await client.post("/api/v1/usage/records", json=good)
         assert no_token.status_code == 401
         wrong = await client.post("/api/v1/usage/records", json=good, headers=auth("nope"))
