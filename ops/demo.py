@@ -186,7 +186,7 @@ JOBS: dict[str, tuple[int, float]] = {
 }
 STUCK_JOB = "portfolio-rebalance"
 FAILING_JOB = "report-generation"
-FAILURE = "OpenAIError: request timed out after 3 retries (model gpt-4o, 60.0s)"
+FAILURE = "request to gpt-4o timed out after 3 retries (60.0s each)"
 
 
 def _run_subject(job_id: str) -> str:
@@ -290,8 +290,8 @@ async def stuck_lock(nc: NATS, *, ttl_s: float, job_id: str = STUCK_JOB) -> str:
     return execution_id
 
 
-class DemoJobError(RuntimeError):
-    """The failure the demo injects into one batch run."""
+class OpenAITimeoutError(RuntimeError):
+    """The failure the demo injects into one batch run (as a report job would see it)."""
 
 
 async def live_run(
@@ -314,13 +314,13 @@ async def live_run(
                 if stop is not None and stop.is_set():
                     raise asyncio.CancelledError
                 if fail and step == steps // 2:
-                    raise DemoJobError(FAILURE)
+                    raise OpenAITimeoutError(FAILURE)
                 await asyncio.sleep(seconds / steps)
                 run.advance(items // steps)
             if job_id == "news-ingest":
                 run.warn("3 articles skipped: feed returned HTTP 404")
             return "succeeded"
-    except DemoJobError:
+    except OpenAITimeoutError:
         return "failed"
     except LockHeldError:
         return "skipped (lock held)"
@@ -381,6 +381,7 @@ class ExternalApis:
         self.apis = apis if apis is not None else demo_apis()
         self.first_port = first_port
         self._servers: list[asyncio.Server] = []
+        self._connections: dict[asyncio.StreamWriter, asyncio.Task[Any]] = {}
 
     async def __aenter__(self) -> ExternalApis:
         try:
@@ -397,12 +398,22 @@ class ExternalApis:
     async def __aexit__(self, *exc: object) -> None:
         for server in self._servers:
             server.close()
+        # Close kept-alive connections (a prober's pool) so their handlers end on EOF
+        # instead of being cancelled by the event loop's shutdown.
+        handlers = list(self._connections.values())
+        for writer in list(self._connections):
+            writer.close()
+        if handlers:
+            await asyncio.wait(handlers, timeout=2)
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), timeout=2)
 
     def _handler(self, api: FakeApi) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._connections[writer] = task
             try:
                 while True:
                     line = await asyncio.wait_for(reader.readline(), timeout=10)
@@ -429,6 +440,7 @@ class ExternalApis:
             except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
                 return
             finally:
+                self._connections.pop(writer, None)
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()

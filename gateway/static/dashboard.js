@@ -619,8 +619,8 @@ function renderLocks({ held }) {
   body.innerHTML = held.length
     ? held.map((l) => `<tr data-testid="lock-row" data-job-id="${esc(l.job_id)}" data-expired="${l.expired ? "true" : "false"}" class="${l.expired ? "expired" : ""}">
         <td class="job">${esc(l.job_id)} ${badge(l.expired ? "expired" : "running", l.expired ? t("status.expired") : t("status.held"))}</td>
-        <td>${esc(l.owner ?? "–")}</td>
-        <td>${esc(fmtTime(l.acquired_at))}</td>
+        <td class="owner" title="${esc(l.owner ?? "")}">${esc(l.owner ?? "–")}</td>
+        <td title="${esc(`${t("locks.acquired")} ${fmtTime(l.acquired_at)}`)}">${esc(fmtTime(l.acquired_at, false))}</td>
         <td title="${esc(fmtTime(l.expires_at))}">${esc(fmtRelative(l.expires_at))}</td>
         <td class="num">${esc(l.fencing_token ?? "–")}</td>
         <td class="num"><button type="button" class="danger" data-testid="lock-release" data-job-id="${esc(l.job_id)}">${esc(t("locks.release"))}</button></td>

@@ -184,9 +184,23 @@ async def test_a_read_token_is_asked_for_and_then_sent_with_every_read(
 
 
 async def _seed(stack: Stack) -> None:
-    """The demo's history plus a lock a silent worker left behind (expires in 1 s)."""
+    """What `stockpilot demo` sends, compressed: history, an incident, runs, a stuck lock."""
     settings_zone = load_settings(GatewaySettings, stack.env).zone
-    await stack.publish(demo_history(utc_now(), settings_zone))
+    now = utc_now()
+    await stack.publish(demo_history(now, settings_zone))
+    # The rate-limit incident of the last minutes (trips the error-rate alert).
+    rng = random.Random(11)
+    incident: list[tuple[str, Event]] = [
+        (demo.USAGE_SUBJECT, demo.usage_event(rng, now - timedelta(seconds=i * 5), error_rate=0.5))
+        for i in range(40)
+    ]
+    await stack.publish(incident)
+    # Live runs through the worker client: one succeeds, the report job fails. No heartbeat
+    # falls inside these short runs: a cancel arriving during one can be swallowed by nats-py
+    # and leave the client's heartbeat task running (reported to the batch client's owner).
+    assert await demo.live_run(stack.nc, "price-sync", seconds=0.4, heartbeat_s=30) == "succeeded"
+    failed = await demo.live_run(stack.nc, demo.FAILING_JOB, fail=True, seconds=0.4, heartbeat_s=30)
+    assert failed == "failed"
     await demo.stuck_lock(stack.nc, ttl_s=1.0)
 
 
@@ -214,6 +228,18 @@ async def test_live_data_alerts_and_lock_release(
             await expect(page.get_by_test_id("component-database")).to_have_attribute(
                 "data-status", "healthy", timeout=WAIT_MS
             )
+
+            # The README screenshot: the demo's data as an operator sees it.
+            lock = page.locator(f'[data-testid=lock-row][data-job-id="{demo.STUCK_JOB}"]')
+            await expect(lock).to_have_attribute("data-expired", "true", timeout=WAIT_MS)
+            await expect(page.locator('[data-alert-id^="usage.error_rate"]')).to_be_visible(
+                timeout=WAIT_MS
+            )
+            if os.environ.get("STOCKPILOT_UPDATE_SCREENSHOT") == "1":
+                await _screenshot(page, SCREENSHOT)
+            shot = tmp_path / "dashboard.png"
+            await _screenshot(page, shot)
+            assert shot.stat().st_size > 50_000
 
             # Usage published now shows up: the request count and a new endpoint.
             async with httpx.AsyncClient(base_url=stack.url) as client:
@@ -264,14 +290,7 @@ async def test_live_data_alerts_and_lock_release(
                 await expect(item).to_have_attribute("data-severity", "critical")
 
                 # The expired lock is highlighted; releasing it needs the admin token.
-                lock = page.locator(f'[data-testid=lock-row][data-job-id="{demo.STUCK_JOB}"]')
-                await expect(lock).to_have_attribute("data-expired", "true", timeout=WAIT_MS)
-                if os.environ.get("STOCKPILOT_UPDATE_SCREENSHOT") == "1":
-                    await _screenshot(page, SCREENSHOT)
-                shot = tmp_path / "dashboard.png"
-                await _screenshot(page, shot)
-                assert shot.stat().st_size > 50_000
-
+                await expect(lock).to_have_attribute("data-expired", "true")
                 message = page.get_by_test_id("lock-message")
                 for token, status in (("", "401"), ("not-the-token", "403")):
                     await lock.get_by_test_id("lock-release").click()

@@ -152,3 +152,14 @@ async def test_a_busy_port_is_reported_in_one_line(env: dict[str, str]) -> None:
     assert process.returncode == 1
     assert f"cannot serve the external APIs on ports {port}-" in err.decode()
     assert "Traceback" not in err.decode()
+
+
+async def test_kept_alive_connections_end_quietly_when_the_apis_stop() -> None:
+    async with demo.ExternalApis(0, [demo.FakeApi("quotes")]) as apis:
+        url = f"http://127.0.0.1:{apis.apis[0].port}/v1/ping"
+        client = httpx.AsyncClient()
+        assert (await client.get(url)).status_code == 200
+    # The server side closed the pooled connection: the client sees a closed socket,
+    # and no handler was left for the loop to cancel.
+    assert apis._connections == {}
+    await client.aclose()
