@@ -267,6 +267,7 @@ function drawHeader() {
   overall.dataset.status = status;
   overall.querySelector(".overall-label").textContent = statusLabel(status);
   overall.title = state.statusError ? errorText(state.statusError) : "";
+  document.title = `${statusLabel(status)} · StockPilot Ops`;
   for (const name of ["health", "usage", "batch"]) {
     const el = document.querySelector(`[data-testid=service-${name}]`);
     const svc = s && s.services ? s.services[name] : null;
@@ -552,7 +553,10 @@ function renderExecutions(answer) {
   body.innerHTML = rows.map((x) => {
     const running = x.status === "running";
     const started = parseTime(x.started_at);
-    const duration = num(x.duration_s) ?? (running && started ? (Date.now() - started.getTime()) / 1000 : null);
+    const lastBeat = parseTime(x.last_heartbeat_at);
+    const duration = num(x.duration_s)
+      ?? (running && started ? (Date.now() - started.getTime()) / 1000
+        : x.status === "lost" && started && lastBeat ? (lastBeat.getTime() - started.getTime()) / 1000 : null);
     const pct = num(x.progress_pct) ?? (x.items_total ? (100 * (x.items_processed || 0)) / x.items_total : x.status === "succeeded" ? 100 : null);
     const barColor = x.status === "failed" || x.status === "lost" ? "var(--bad)" : running ? "var(--accent)" : "var(--ok)";
     return `<tr data-testid="execution-row" data-execution-id="${esc(x.execution_id)}" data-status="${esc(x.status)}">
