@@ -378,3 +378,30 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(env: dict[str, st
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
         assert usage.snapshot_seq == 5 and usage.events_applied == 0
     await nc.close()
+
+
+async def test_stockpilot_replay_rebuilds_the_same_usage_views(env: dict[str, str]) -> None:
+    from ops.replay import replay_definition
+
+    settings = usage_settings(env, tz="Asia/Seoul", daily_budget_usd="1", error_rate_min_calls="5")
+    nc, js = await connect(env)
+    now = utc_now()
+    events = [
+        recorded(i, now - timedelta(hours=i % 50), status_code=500 if i % 3 else 200, cost_usd=0.05)
+        for i in range(60)
+    ]
+    async with (
+        running_service(build(settings), settings) as runtime,
+        gateway(gateway_settings(env)) as client,
+    ):
+        await publish(js, events[:30])
+        await js.publish(SUBJECT_RECORDED, b"{broken")
+        await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
+        await publish(js, events[20:])  # ten repeats JetStream dedupes, fifty new
+        await js.publish(SUBJECT_RECORDED, bus.encode_event(events[45]))  # past the window
+        await wait_for(lambda: folded(runtime, 63))
+        results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
+    assert [r.projection for r in results] == ["usage"]
+    assert results[0].equal, results[0]
+    assert results[0].refused == 1
+    await nc.close()
