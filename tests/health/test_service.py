@@ -11,13 +11,13 @@ from typing import Any
 
 import msgspec
 import nats
-import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from gateway.routes.system import HealthSummary
 from gateway.settings import GatewaySettings
+from ops.replay import replay_definition
 from services.health.events import HealthChecked, HostSampled
 from services.health.queries import ComprehensiveHealth, ExternalApisHealth, FreshParams
 from services.health.service import build
@@ -27,13 +27,6 @@ from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.testing import running_service
 from tests.health.targets import Reply, Target, models_body
-
-# TEMPORARY: other route modules still use Litestar's deprecated inferred dependencies and
-# query parameters (the app fails to build under filterwarnings=error); remove once they don't.
-# tests/health/test_routes.py checks that the health routes themselves raise none.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore::litestar.exceptions.base_exceptions.LitestarDeprecationWarning"
-)
 
 
 @asynccontextmanager
@@ -267,19 +260,21 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
         alerts.append(msgspec.json.decode(msg.data, type=Alert))
 
     await nc.subscribe("stockpilot.alerts.health.>", cb=keep)
-    async with (
-        Target(Reply(status=200)) as flaky,
-        stack(env, {"STOCKPILOT_EXTERNAL_APIS": externals(("flaky", flaky))}) as (client, _),
-    ):
-        # Round 1 was the start-up round (up); then 3 down, then 2 up: 6 results.
-        for status in (503, 503, 503, 200, 200):
-            flaky.reply = Reply(status=status)
-            answer = await client.get("/api/v1/health/external-apis?fresh=true")
-            assert answer.status_code == 200
-        history = (
-            await client.get("/api/v1/health/history?component=external.flaky&hours=1")
-        ).json()
-        await asyncio.sleep(0.2)
+    async with Target(Reply(status=200)) as flaky:
+        flaky_env = {"STOCKPILOT_EXTERNAL_APIS": externals(("flaky", flaky))}
+        async with stack(env, flaky_env) as (client, _):
+            # Round 1 was the start-up round (up); then 3 down, then 2 up: 6 results.
+            for status in (503, 503, 503, 200, 200):
+                flaky.reply = Reply(status=status)
+                answer = await client.get("/api/v1/health/external-apis?fresh=true")
+                assert answer.status_code == 200
+            history = (
+                await client.get("/api/v1/health/history?component=external.flaky&hours=1")
+            ).json()
+            await asyncio.sleep(0.2)
+            # `stockpilot replay`: the stream folded from its first event gives the live view.
+            settings = load_settings(HealthSettings, env | flaky_env)
+            replayed = await replay_definition(nc, build(settings), "STOCKPILOT_HEALTH")
     await nc.close()
     [series] = history["series"]
     assert series["component"] == "external.flaky"
@@ -297,6 +292,8 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
         ("external.flaky is unhealthy", "critical"),
         ("external.flaky is healthy", "info"),
     ]
+    assert {r.projection for r in replayed} == {"health"}
+    assert all(r.equal for r in replayed), replayed
 
 
 async def test_history_hours_out_of_range_is_422_naming_the_parameter(
