@@ -219,12 +219,15 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
                 await release_lock(self._js, lock)
             raise
         self.run = run
+        self._beats_stopped = asyncio.Event()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(run), name="batch-heartbeat")
         return run
 
     async def _heartbeat_loop(self, run: BatchRun) -> None:
-        while True:
+        while not self._beats_stopped.is_set():
             await asyncio.sleep(self.heartbeat_interval_s)
+            if self._beats_stopped.is_set():
+                return
             try:
                 await self._beat(run)
             except asyncio.CancelledError:
@@ -260,7 +263,12 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         run = self.run
         assert run is not None, "__aexit__ without a successful __aenter__"
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
+            # nats-py can swallow a CancelledError inside a request, so a single cancel()
+            # may not end the loop: flag it to stop too, and cancel until it is done.
+            self._beats_stopped.set()
+            while not self._heartbeat.done():
+                self._heartbeat.cancel()
+                await asyncio.wait({self._heartbeat}, timeout=0.2)
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         self._sampler.sample()
         lost_error: LockLostError | None = None
