@@ -15,14 +15,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.services import Services
-from services.usage.decide import (
-    MAX_RECORDS,
-    IngestAnswer,
-    IngestParams,
-    ResetAnswer,
-    ResetParams,
-)
-from services.usage.queries import (
+from services.usage.answers import (
     AlertList,
     AlertsParams,
     StatsParams,
@@ -30,6 +23,13 @@ from services.usage.queries import (
     UsageCosts,
     UsageStats,
     UsageTimeseries,
+)
+from services.usage.decide import (
+    MAX_RECORDS,
+    IngestAnswer,
+    IngestParams,
+    ResetAnswer,
+    ResetParams,
 )
 from shared.errors import InvalidRequestError
 from shared.events import utc_now

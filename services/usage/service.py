@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
 from nats.js import api as js_api
 
 from services.usage import decide, queries
+from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
 from services.usage.history import AlertHistory, apply_alert, decode_alert
@@ -122,21 +123,36 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     usage = usage_projection(settings)
     history = history_projection()
 
-    async def stats(params: queries.StatsParams, ctx: Context) -> queries.UsageStats:
-        return queries.stats(usage.view, params, ctx.now(), settings)
+    cache = AnswerCache()
 
-    async def timeseries(params: queries.TimeseriesParams, ctx: Context) -> queries.UsageTimeseries:
-        return queries.timeseries(usage.view, params, ctx.now(), settings)
+    def key(endpoint: str, params: object, now: datetime) -> tuple[object, ...]:
+        second = int(now.timestamp())
+        return (endpoint, params, usage.view.last_seq, history.view.last_seq, second)
 
-    async def costs(_: NoParams, ctx: Context) -> queries.UsageCosts:
-        return queries.costs(usage.view, ctx.now(), settings)
+    async def stats(params: StatsParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(
+            key("stats", params, now), lambda: queries.stats(usage.view, params, now, settings)
+        )
 
-    async def alerts(params: queries.AlertsParams, ctx: Context) -> queries.AlertList:
+    async def timeseries(params: TimeseriesParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(
+            key("timeseries", params, now),
+            lambda: queries.timeseries(usage.view, params, now, settings),
+        )
+
+    async def costs(params: NoParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(
+            key("costs", params, now), lambda: queries.costs(usage.view, now, settings)
+        )
+
+    async def alerts(params: AlertsParams, ctx: Context) -> AlertList:
         return queries.alerts(history.view, params)
 
-    async def summary(_: NoParams, ctx: Context) -> UsageSummary:
-        now = ctx.now()
-        today = queries.stats(usage.view, queries.StatsParams(), now, settings)
+    def make_summary(now: datetime) -> UsageSummary:
+        today = queries.stats(usage.view, StatsParams(), now, settings)
         budget = settings.daily_budget_usd
         return UsageSummary(
             today=UsageToday(
@@ -149,6 +165,10 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             ),
             alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
         )
+
+    async def summary(params: NoParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(key("summary", params, now), lambda: make_summary(now))
 
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
@@ -182,10 +202,10 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         name="usage",
         projections=[usage, history],
         endpoints=[
-            Endpoint("stats", queries.StatsParams, stats),
-            Endpoint("timeseries", queries.TimeseriesParams, timeseries),
+            Endpoint("stats", StatsParams, stats),
+            Endpoint("timeseries", TimeseriesParams, timeseries),
             Endpoint("costs", NoParams, costs),
-            Endpoint("alerts", queries.AlertsParams, alerts),
+            Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("ingest", IngestParams, ingest),
             Endpoint("reset", ResetParams, reset),

@@ -11,17 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.usage import queries
+from services.usage.answers import StatsParams, TimeseriesParams, UsageStats
 from services.usage.events import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
 from services.usage.prices import PriceTable
-from services.usage.projection import (
-    DAY_LIMIT,
-    HOUR_LIMIT,
-    FoldConfig,
-    UsageView,
-    make_apply,
-    make_react,
-)
+from services.usage.projection import make_apply, make_react
 from services.usage.settings import UsageSettings
+from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
 from shared.bus import STREAMS, encode_event
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot, view_digest
@@ -54,8 +49,8 @@ def seoul_settings(**extra: object) -> UsageSettings:
     return UsageSettings(tz="Asia/Seoul", **extra)  # type: ignore[arg-type]
 
 
-def day_stats(view: UsageView, day: str) -> queries.UsageStats:
-    return queries.stats(view, queries.StatsParams(date=day), T0, seoul_settings())
+def day_stats(view: UsageView, day: str) -> UsageStats:
+    return queries.stats(view, StatsParams(date=day), T0, seoul_settings())
 
 
 def test_duplicate_id_is_counted_once() -> None:
@@ -206,7 +201,7 @@ def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
     now = last + timedelta(minutes=30)
     series = queries.timeseries(
         view,
-        queries.TimeseriesParams(
+        TimeseriesParams(
             bucket="hour",
             start=(now - timedelta(days=7)).isoformat(),
             end=last.isoformat(),
@@ -325,8 +320,8 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: in
     _bytes_fold(restored, events[cut:], cut + 1)
     assert view_digest(restored.view) == view_digest(full.view)
     assert msgspec.json.encode(
-        queries.stats(restored.view, queries.StatsParams(), T0, seoul_settings())
-    ) == msgspec.json.encode(queries.stats(full.view, queries.StatsParams(), T0, seoul_settings()))
+        queries.stats(restored.view, StatsParams(), T0, seoul_settings())
+    ) == msgspec.json.encode(queries.stats(full.view, StatsParams(), T0, seoul_settings()))
 
 
 @settings(max_examples=30, deadline=None)
@@ -344,7 +339,7 @@ def test_stats_and_timeseries_match_the_oracle(events: list[UsageEvent]) -> None
     oracle = Oracle(counted, SEOUL, PRICES)
     s = seoul_settings()
     for day in sorted({(T0 + timedelta(days=d)).astimezone(SEOUL).date() for d in range(-4, 4)}):
-        got = queries.stats(view, queries.StatsParams(date=day.isoformat()), T0, s)
+        got = queries.stats(view, StatsParams(date=day.isoformat()), T0, s)
         want = oracle.days([day])
         assert got.total_requests == want.requests
         assert got.failed_requests == want.failures
@@ -359,7 +354,7 @@ def test_stats_and_timeseries_match_the_oracle(events: list[UsageEvent]) -> None
     start = (T0 - timedelta(days=1)).astimezone(SEOUL).date()
     series = queries.timeseries(
         view,
-        queries.TimeseriesParams(
+        TimeseriesParams(
             bucket="hour", start=start.isoformat(), end=(start + timedelta(days=1)).isoformat()
         ),
         T0,

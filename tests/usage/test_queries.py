@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from services.usage import queries
+from services.usage.answers import StatsParams, TimeseriesParams
 from services.usage.prices import PriceTable, base_model, shipped_prices
-from services.usage.projection import FoldConfig, UsageView, make_apply
+from services.usage.projection import make_apply
 from services.usage.settings import ModelPrice, UsageSettings
+from services.usage.view import FoldConfig, UsageView
 from shared.errors import InvalidRequestError
 from shared.settings import SettingsError, load_settings
 from tests.usage.helpers import recorded
@@ -22,18 +24,16 @@ SETTINGS = UsageSettings(tz="Asia/Seoul")
 @pytest.mark.parametrize(
     ("params", "named"),
     [
-        (queries.StatsParams(date="26-11-2026"), "'date'"),
-        (queries.StatsParams(date="2026-02-30"), "'date'"),
-        (queries.StatsParams(start="2026-11-01", end="nope"), "'end'"),
-        (queries.StatsParams(start="yesterday", end="2026-11-26"), "'start'"),
-        (queries.StatsParams(start="2026-11-27", end="2026-11-26"), "'start'"),
-        (queries.StatsParams(start="2026-01-01", end="2026-11-26"), "'end'"),
-        (queries.StatsParams(date="2026-11-26", start="2026-11-25"), "'date'"),
+        (StatsParams(date="26-11-2026"), "'date'"),
+        (StatsParams(date="2026-02-30"), "'date'"),
+        (StatsParams(start="2026-11-01", end="nope"), "'end'"),
+        (StatsParams(start="yesterday", end="2026-11-26"), "'start'"),
+        (StatsParams(start="2026-11-27", end="2026-11-26"), "'start'"),
+        (StatsParams(start="2026-01-01", end="2026-11-26"), "'end'"),
+        (StatsParams(date="2026-11-26", start="2026-11-25"), "'date'"),
     ],
 )
-def test_bad_stats_parameters_are_422_naming_the_parameter(
-    params: queries.StatsParams, named: str
-) -> None:
+def test_bad_stats_parameters_are_422_naming_the_parameter(params: StatsParams, named: str) -> None:
     with pytest.raises(InvalidRequestError) as raised:
         queries.stats(UsageView(), params, NOW, SETTINGS)
     assert named in raised.value.detail
@@ -41,7 +41,7 @@ def test_bad_stats_parameters_are_422_naming_the_parameter(
 
 def test_a_90_day_window_is_allowed() -> None:
     stats = queries.stats(
-        UsageView(), queries.StatsParams(start="2026-08-29", end="2026-11-26"), NOW, SETTINGS
+        UsageView(), StatsParams(start="2026-08-29", end="2026-11-26"), NOW, SETTINGS
     )
     assert (stats.period.start.isoformat(), stats.period.end.isoformat()) == (
         "2026-08-29",
@@ -52,14 +52,14 @@ def test_a_90_day_window_is_allowed() -> None:
 @pytest.mark.parametrize(
     ("params", "named"),
     [
-        (queries.TimeseriesParams(bucket="week"), "'bucket'"),
-        (queries.TimeseriesParams(start="2026-01-01", end="2026-11-26"), "'end'"),
-        (queries.TimeseriesParams(bucket="day", start="2026-13-01"), "'start'"),
-        (queries.TimeseriesParams(start="2026-11-26", end="2026-11-20"), "'start'"),
+        (TimeseriesParams(bucket="week"), "'bucket'"),
+        (TimeseriesParams(start="2026-01-01", end="2026-11-26"), "'end'"),
+        (TimeseriesParams(bucket="day", start="2026-13-01"), "'start'"),
+        (TimeseriesParams(start="2026-11-26", end="2026-11-20"), "'start'"),
     ],
 )
 def test_bad_timeseries_parameters_are_422_naming_the_parameter(
-    params: queries.TimeseriesParams, named: str
+    params: TimeseriesParams, named: str
 ) -> None:
     with pytest.raises(InvalidRequestError) as raised:
         queries.timeseries(UsageView(), params, NOW, SETTINGS)
@@ -67,11 +67,11 @@ def test_bad_timeseries_parameters_are_422_naming_the_parameter(
 
 
 def test_default_timeseries_is_every_hour_of_today_in_the_zone() -> None:
-    series = queries.timeseries(UsageView(), queries.TimeseriesParams(), NOW, SETTINGS)
+    series = queries.timeseries(UsageView(), TimeseriesParams(), NOW, SETTINGS)
     assert len(series.points) == 24
     assert series.points[0].t.isoformat() == "2026-11-26T00:00:00+09:00"
     assert all(p.requests == 0 and p.p95_response_time_ms == 0 for p in series.points)
-    daily = queries.timeseries(UsageView(), queries.TimeseriesParams(bucket="day"), NOW, SETTINGS)
+    daily = queries.timeseries(UsageView(), TimeseriesParams(bucket="day"), NOW, SETTINGS)
     assert len(daily.points) == 30 and daily.points[-1].t.date().isoformat() == "2026-11-26"
 
 
@@ -83,9 +83,9 @@ def test_requests_per_minute_is_the_last_five_minutes_today_and_the_day_average_
     for seq, event in enumerate(events, start=1):
         apply(view, event)
         view.last_seq = seq
-    today = queries.stats(view, queries.StatsParams(), NOW, SETTINGS)
+    today = queries.stats(view, StatsParams(), NOW, SETTINGS)
     assert today.requests_per_minute == 10 / 5  # 10 calls in the last 5 minutes
-    yesterday = queries.stats(view, queries.StatsParams(date="2026-11-25"), NOW, SETTINGS)
+    yesterday = queries.stats(view, StatsParams(date="2026-11-25"), NOW, SETTINGS)
     assert yesterday.requests_per_minute == pytest.approx(144 / 1440)
 
 

@@ -15,9 +15,9 @@ import nats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.usage.answers import UsageCosts, UsageStats, UsageTimeseries
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.prices import PriceTable
-from services.usage.queries import UsageCosts, UsageStats, UsageTimeseries
 from services.usage.service import build
 from shared import bus
 from shared.events import utc_now

@@ -15,8 +15,8 @@ from nats.js.errors import ObjectNotFoundError
 
 from gateway.routes import system
 from services.usage import service as usage_service
+from services.usage.answers import AlertList, UsageStats
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
-from services.usage.queries import AlertList, UsageStats
 from services.usage.service import build
 from shared import bus
 from shared.events import Alert, alert_id, utc_now

@@ -1,0 +1,69 @@
+"""Alerts from what the last usage event crossed: deterministic ids, contract fields."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from services.usage.events import UsageEvent
+from services.usage.view import WINDOW_S, Fired, FoldConfig, UsageView
+from shared.events import Alert, Severity, alert_id
+
+_TEXT: dict[str, tuple[Severity, str, str]] = {
+    "usage.cost_warning": ("warning", "{scope} LLM cost budget {pct}% used", "{metric}"),
+    "usage.cost_exceeded": ("critical", "{scope} LLM cost budget exceeded", "{metric}"),
+    "usage.cost_forecast": ("warning", "monthly LLM cost forecast over budget", "{metric}"),
+    "usage.error_rate": ("critical", "LLM error rate high", "error_rate_pct"),
+    "usage.unpriced_model": ("info", "model without a price", "unpriced_model"),
+}
+
+
+def make_react(config: FoldConfig) -> Callable[[UsageView, UsageEvent], Sequence[Alert]]:
+    """Alerts for what the last event crossed (deterministic ids: kind + scope + period)."""
+
+    def react(view: UsageView, event: UsageEvent) -> Sequence[Alert]:
+        if not view.fired:
+            return ()
+        return [_alert(f, event, config) for f in view.fired]
+
+    return react
+
+
+def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:
+    severity, title, metric = _TEXT[fired.kind]
+    scope = fired.scope
+    metric = metric.format(metric=f"{scope}_cost_usd" if scope in ("daily", "monthly") else "")
+    if fired.kind == "usage.cost_forecast":
+        metric = "forecast_month_cost_usd"
+    if fired.kind in ("usage.cost_warning", "usage.cost_exceeded"):
+        message = (
+            f"{scope} LLM spend for {fired.period} is {_usd(fired.value)}, "
+            f"at or over {_usd(fired.threshold)}"
+        )
+    elif fired.kind == "usage.cost_forecast":
+        message = (
+            f"at the current pace {fired.period} ends at {_usd(fired.value)}, "
+            f"over the monthly budget of {_usd(fired.threshold)}"
+        )
+    elif fired.kind == "usage.error_rate":
+        message = (
+            f"{fired.value:.1f}% of LLM calls failed over the last {WINDOW_S // 60} minutes "
+            f"(threshold {fired.threshold:g}%, at least {config.error_rate_min_calls} calls)"
+        )
+    else:
+        message = f"model {scope!r} is not in the price table: its calls are counted at $0"
+    return Alert(
+        id=alert_id(fired.kind, scope, fired.period),
+        occurred_at=event.occurred_at,
+        source="usage",
+        kind=fired.kind,
+        severity=severity,
+        title=title.format(scope=scope, pct=f"{config.cost_alert_pct:g}"),
+        message=message,
+        metric=metric,
+        value=round(fired.value, 6),
+        threshold=round(fired.threshold, 6),
+    )
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.4f}"

@@ -1,0 +1,176 @@
+"""Parameters and answers of the usage endpoints (the gateway's response schemas)."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+
+import msgspec
+
+from shared.events import Alert, AwareDatetime
+
+# ----- parameters --------------------------------------------------------------------------
+
+
+class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?date=` or `?start=&end=` (YYYY-MM-DD in STOCKPILOT_TZ); today by default."""
+
+    date: str | None = None
+    start: str | None = None
+    end: str | None = None
+
+
+class TimeseriesParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?bucket=hour|day&start=&end=`; hourly today by default."""
+
+    bucket: str = "hour"
+    start: str | None = None
+    end: str | None = None
+
+
+class AlertsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`?limit=` 1–1000."""
+
+    limit: int = 100
+
+
+# ----- answers -----------------------------------------------------------------------------
+
+
+class StatsPeriod(msgspec.Struct, kw_only=True):
+    """The days a statistics answer covers (inclusive, in `timezone`)."""
+
+    start: date
+    end: date
+    timezone: str
+
+
+class Breakdown(msgspec.Struct, kw_only=True):
+    """Usage of one endpoint, model or user."""
+
+    requests: int
+    successful_requests: int
+    failed_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    cost_usd: float
+    avg_response_time_ms: float
+
+
+class UserUsage(msgspec.Struct, kw_only=True):
+    """One of the heaviest users."""
+
+    user_id: str
+    requests: int
+    failed_requests: int
+    total_tokens: int
+    cost_usd: float
+
+
+class UsageStats(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/stats`; rates are percentages (0–100)."""
+
+    period: StatsPeriod
+    total_requests: int
+    successful_requests: int
+    failed_requests: int
+    success_rate: float
+    error_rate: float
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    total_tokens: int
+    total_cost_usd: float
+    avg_response_time_ms: float
+    p50_response_time_ms: float
+    p95_response_time_ms: float
+    p99_response_time_ms: float
+    requests_per_minute: float
+    by_endpoint: dict[str, Breakdown]
+    by_model: dict[str, Breakdown]
+    by_error_code: dict[str, int]
+    by_status_code: dict[str, int]
+    top_users: list[UserUsage]
+    unpriced_models: list[str]
+
+
+class TimePoint(msgspec.Struct, kw_only=True):
+    """One bucket of the time series (`t` is its start in STOCKPILOT_TZ)."""
+
+    t: AwareDatetime
+    requests: int
+    failed: int
+    tokens: int
+    cost_usd: float
+    avg_response_time_ms: float
+    p95_response_time_ms: float
+
+
+class UsageTimeseries(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/timeseries`: every bucket of the range, zeros included."""
+
+    bucket: Literal["hour", "day"]
+    timezone: str
+    start: AwareDatetime
+    end: AwareDatetime
+    points: list[TimePoint]
+
+
+class BudgetUse(msgspec.Struct, kw_only=True):
+    """Spend against a budget (`budget_usd`/`used_pct` null without a budget)."""
+
+    cost_usd: float
+    budget_usd: float | None
+    used_pct: float | None
+    requests: int
+
+
+class ModelCost(msgspec.Struct, kw_only=True):
+    """One model's spend this month."""
+
+    cost_usd: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class DailyCost(msgspec.Struct, kw_only=True):
+    """One day's spend."""
+
+    date: date
+    cost_usd: float
+    requests: int
+
+
+class CostForecast(msgspec.Struct, kw_only=True):
+    """This month's spend extrapolated to its end at the pace so far."""
+
+    month_end_cost_usd: float
+    budget_usd: float | None
+    over_budget: bool
+    elapsed_pct: float
+
+
+class UsageCosts(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/costs`."""
+
+    currency: str
+    today: BudgetUse
+    month: BudgetUse
+    by_model: dict[str, ModelCost]
+    daily: list[DailyCost]
+    unpriced_models: list[str]
+    forecast: CostForecast
+
+
+class AlertList(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/alerts`: newest first; `total` alerts held."""
+
+    alerts: list[Alert]
+    total: int
+
+
+# ----- helpers -----------------------------------------------------------------------------

@@ -1,0 +1,203 @@
+"""The usage view: bounded day/hour/month buckets, alert state, and its configuration.
+
+Days, hours and months are those of `occurred_at` in the configured time zone. Everything
+held is bounded: hourly buckets (HOUR_LIMIT, more than 7 days), daily buckets (DAY_LIMIT,
+more than 400 days), months, breakdown keys per day, users per day, the ids remembered for
+de-duplication and the rolling error-rate window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Annotated, cast
+from zoneinfo import ZoneInfo
+
+import msgspec
+
+from services.usage.events import UsageRecorded
+from services.usage.prices import PriceTable
+from services.usage.sketch import Sketch
+from shared.projection import View
+
+DAY_LIMIT = 410
+HOUR_LIMIT = 24 * 9
+MONTH_LIMIT = 15
+KEY_LIMIT = 100
+USER_LIMIT = 200
+UNPRICED_LIMIT = 1_000
+# Ids are remembered for de-duplication in two generations of this many each.
+SEEN_GENERATION = 50_000
+WINDOW_S = 300
+# A month-end forecast extrapolates only once this much of the month has passed.
+FORECAST_MIN_ELAPSED_S = 86_400.0
+COST_EPSILON = 1e-9
+OTHER = "(other)"
+NO_ENDPOINT = "(none)"
+
+
+class Agg(msgspec.Struct, kw_only=True, array_like=True):
+    """Counters of a set of calls."""
+
+    requests: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_n: int = 0
+    latency_sum: float = 0.0
+
+
+class Hour(msgspec.Struct, kw_only=True, array_like=True):
+    """One hour of calls (in the configured zone)."""
+
+    total: Agg
+    latency: Sketch
+
+
+class Day(msgspec.Struct, kw_only=True):
+    """One day of calls with its breakdowns (keys bounded; the rest under `(other)`)."""
+
+    total: Agg
+    latency: Sketch
+    by_endpoint: dict[str, Agg] = {}
+    by_model: dict[str, Agg] = {}
+    by_error_code: dict[str, int] = {}
+    by_status_code: dict[str, int] = {}
+    by_user: dict[str, Agg] = {}
+
+
+class Month(msgspec.Struct, kw_only=True, array_like=True):
+    """Month totals, and what the forecast needs: where the month starts and ends."""
+
+    requests: int = 0
+    failures: int = 0
+    cost_usd: float = 0.0
+    start: float = 0.0
+    end: float = 0.0
+    last_at: float = 0.0
+    forecast_fired: bool = False
+
+
+class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A condition the last event crossed: what `react` turns into an alert."""
+
+    kind: str
+    scope: str
+    period: str
+    value: float
+    threshold: float
+
+
+class UsageView(View, kw_only=True):
+    """Everything the usage routes answer from."""
+
+    days: dict[str, Day] = {}
+    hours: dict[int, Hour] = {}
+    months: dict[str, Month] = {}
+    unpriced: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    seen_prev: dict[str, int] = {}
+    recorded: int = 0
+    duplicates: int = 0
+    too_old: int = 0
+    # Rolling error-rate window by event time: second → [calls, failures].
+    window: dict[int, list[int]] = {}
+    window_end: int = 0
+    window_calls: int = 0
+    window_failures: int = 0
+    error_alert_active: bool = False
+    error_episodes: int = 0
+    resets: int = 0
+    reset_at: float | None = None
+    fired: list[Fired] = []
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """What the fold depends on besides the events (fixed for a projection's life)."""
+
+    zone: ZoneInfo
+    prices: PriceTable
+    daily_budget_usd: float | None = None
+    monthly_budget_usd: float | None = None
+    cost_alert_pct: float = 80.0
+    error_rate_alert_pct: float = 20.0
+    error_rate_min_calls: int = 10
+
+
+def config_fingerprint(config: FoldConfig) -> str:
+    """A digest of everything the fold's result depends on besides the events."""
+    parts = [
+        config.zone.key,
+        config.prices.fingerprint(),
+        repr(config.daily_budget_usd),
+        repr(config.monthly_budget_usd),
+        repr(config.cost_alert_pct),
+        repr(config.error_rate_alert_pct),
+        repr(config.error_rate_min_calls),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def view_type_for(config: FoldConfig) -> type[UsageView]:
+    """UsageView stamped with the configuration's fingerprint.
+
+    A snapshot folded under another time zone, price table or set of thresholds fails to
+    decode into this type (the `config` pattern does not match), and the runtime then
+    rebuilds the view from the first event instead of mixing two configurations.
+    """
+    fingerprint = config_fingerprint(config)
+    stamped = msgspec.defstruct(
+        "UsageView",
+        [("config", Annotated[str, msgspec.Meta(pattern=f"^{fingerprint}$")], fingerprint)],
+        bases=(UsageView,),
+        kw_only=True,
+        module=__name__,
+    )
+    return cast(type[UsageView], stamped)
+
+
+def add_call(agg: Agg, event: UsageRecorded, cost: float, failed: bool) -> None:
+    """Count one call into `agg`."""
+    agg.requests += 1
+    if failed:
+        agg.failures += 1
+    agg.prompt_tokens += event.prompt_tokens
+    agg.completion_tokens += event.completion_tokens
+    agg.cached_tokens += event.cached_tokens
+    agg.cost_usd += cost
+    if event.response_time_ms is not None:
+        agg.latency_n += 1
+        agg.latency_sum += event.response_time_ms
+
+
+def merge_agg(target: Agg, other: Agg) -> None:
+    """Add `other`'s counters to `target`."""
+    target.requests += other.requests
+    target.failures += other.failures
+    target.prompt_tokens += other.prompt_tokens
+    target.completion_tokens += other.completion_tokens
+    target.cached_tokens += other.cached_tokens
+    target.cost_usd += other.cost_usd
+    target.latency_n += other.latency_n
+    target.latency_sum += other.latency_sum
+
+
+def month_bounds(year: int, month: int, zone: ZoneInfo) -> tuple[float, float]:
+    """Epoch seconds of a month's first and next month's first midnight in `zone`."""
+    start = datetime(year, month, 1, tzinfo=zone)
+    end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=zone)
+    return start.timestamp(), end.timestamp()
+
+
+def hour_key(local: datetime) -> int:
+    """Epoch seconds of the start of a local hour."""
+    return int(local.replace(minute=0, second=0, microsecond=0).timestamp())
+
+
+def day_start(day: date, zone: ZoneInfo) -> datetime:
+    """Midnight at the start of `day` in `zone`."""
+    return datetime(day.year, day.month, day.day, tzinfo=zone)
