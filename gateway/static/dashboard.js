@@ -170,7 +170,8 @@ const costOf = (e) => num(e.cost_usd) ?? num(e.total_cost_usd) ?? num(e.cost) ??
 const failedOf = (e) => num(e.failed) ?? num(e.failed_requests) ?? num(e.errors) ?? null;
 
 /** A rate given either as a fraction or as a percentage, as a percentage. */
-const asPct = (v) => (num(v) == null ? null : v <= 1 ? v * 100 : v);
+// Every rate the API answers (error_rate, success_rate, used_pct, uptime_pct) is a percentage.
+const asPct = (v) => num(v);
 
 // ----- panels ------------------------------------------------------------------------------
 
