@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from datetime import datetime
 
 import httpx
+from nats.errors import Error as NatsError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from services.health import probes, queries
 from services.health.events import (
@@ -24,7 +25,7 @@ from services.health.events import (
 )
 from services.health.projection import FoldPolicy, HealthView, make_apply, react
 from services.health.settings import HealthSettings
-from shared.bus import STREAMS
+from shared.bus import STATE_BUCKET, STREAMS
 from shared.errors import StockpilotError
 from shared.projection import Projection
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
@@ -140,6 +141,34 @@ class Rounds:
             self.http = None
 
 
+ROUND_KEY = "health.round"
+
+
+async def claim_round(ctx: Context, slot: int) -> bool:
+    """Whether this instance runs the scheduled round of time slot `slot`.
+
+    Replicas (and a restarted service) share the schedule: the slot number is claimed with a
+    compare-and-set on a key of the state bucket, so each slot's round runs once. When NATS
+    cannot say, the round runs (probing twice beats not probing).
+    """
+    try:
+        kv = await ctx.js.key_value(STATE_BUCKET)
+        try:
+            entry = await kv.get(ROUND_KEY)
+        except KeyNotFoundError:
+            await kv.create(ROUND_KEY, str(slot).encode())
+            return True
+        if int(entry.value or b"0") >= slot:
+            return False
+        await kv.update(ROUND_KEY, str(slot).encode(), last=entry.revision)
+        return True
+    except KeyWrongLastSequenceError:
+        return False  # another replica claimed it first
+    except (ValueError, TimeoutError, OSError, NatsError) as exc:
+        log.warning("could not claim health round %d (%s); running it anyway", slot, exc)
+        return True
+
+
 class CurrentBoard:
     """The configured components' answers, computed once per view change.
 
@@ -175,14 +204,16 @@ def build(settings: HealthSettings) -> ServiceDefinition:
     current = CurrentBoard(settings, health)
 
     async def probe_loop(ctx: Context) -> None:
+        interval = settings.health_interval_s
         try:
             while not ctx.stopping.is_set():
-                started = time.monotonic()
-                try:
-                    await rounds.run(ctx)
-                except StockpilotError as exc:
-                    log.warning("health round could not be stored: %s", exc.detail)
-                wait = settings.health_interval_s - (time.monotonic() - started)
+                slot = int(ctx.now().timestamp() // interval)
+                if await claim_round(ctx, slot):
+                    try:
+                        await rounds.run(ctx)
+                    except StockpilotError as exc:
+                        log.warning("health round could not be stored: %s", exc.detail)
+                wait = (slot + 1) * interval - ctx.now().timestamp()
                 if wait > 0:
                     try:
                         await asyncio.wait_for(ctx.stopping.wait(), wait)

@@ -309,3 +309,28 @@ async def test_history_hours_out_of_range_is_422_naming_the_parameter(
         every = (await client.get("/api/v1/health/history")).json()
         assert [s["component"] for s in every["series"]] == ["database", "redis", "openai"]
         assert every["hours"] == 24
+
+
+async def test_rounds_run_every_interval_and_replicas_share_the_schedule(
+    env: dict[str, str],
+) -> None:
+    async with Target(Reply(status=200)) as api:
+        settings = load_settings(
+            HealthSettings,
+            env
+            | {
+                "STOCKPILOT_HEALTH_INTERVAL_S": "0.4",
+                "STOCKPILOT_EXTERNAL_APIS": externals(("api", api)),
+            },
+        )
+        async with running_service(build(settings), settings):
+            await asyncio.sleep(1.5)
+            alone = len(api.seen)
+            async with running_service(build(settings), settings):
+                started = len(api.seen)
+                await asyncio.sleep(1.6)
+                together = len(api.seen) - started
+    # Start-up round plus one every 0.4 s.
+    assert 3 <= alone <= 5, alone
+    # A second replica sees the first one's rounds and waits for the next one due.
+    assert 3 <= together <= 5, together
