@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -10,9 +10,9 @@ from shared.events import Event
 
 Status = Literal["healthy", "degraded", "unhealthy", "unknown"]
 Kind = Literal["database", "redis", "openai", "external_api"]
-# Probe details are small and flat: versions, counts, percentages, the (redacted) target.
-DetailValue = str | int | float | bool | None
-Details = dict[str, DetailValue]
+# Probe details are small: versions, counts, percentages, the (redacted) target. Any JSON is
+# accepted, so a result from another prober with richer details is not refused.
+Details = dict[str, Any]
 
 CHECKED_SUBJECT_PREFIX = "stockpilot.health.checked."
 HOST_SUBJECT = "stockpilot.health.host"

@@ -241,7 +241,10 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
                     ) from None
                 raise ProbeFailed(f"cannot connect to Redis at {where}: {exc}") from None
             ping_ms = _ms(start)
-            info = await client.info()
+            try:
+                info = await client.info()
+            except ResponseError:  # INFO renamed away or not allowed by an ACL
+                info = {}
         finally:
             await client.aclose()
         used = int(info.get("used_memory", 0))
@@ -262,7 +265,7 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
             latency_ms=ping_ms,
             details={
                 "target": target,
-                "version": str(info.get("redis_version", "")),
+                "version": str(info.get("redis_version", "unknown (INFO not allowed)")),
                 "used_memory_bytes": used,
                 "maxmemory_bytes": maxmemory,
                 "memory_pct": memory_pct,

@@ -31,7 +31,7 @@ from tests.health.targets import Reply, Target, models_body
 
 @asynccontextmanager
 async def stack(
-    env: dict[str, str], extra: dict[str, str]
+    env: dict[str, str], extra: dict[str, str], gateway: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[AsyncTestClient[Litestar], Runtime]]:
     """The health service (rounds only on demand after the first) and the gateway."""
     settings = load_settings(
@@ -39,7 +39,7 @@ async def stack(
         env | {"STOCKPILOT_HEALTH_INTERVAL_S": "3600", "STOCKPILOT_PROBE_TIMEOUT_S": "0.5"} | extra,
     )
     async with running_service(build(settings), settings) as runtime:
-        app = create_app(load_settings(GatewaySettings, env))
+        app = create_app(load_settings(GatewaySettings, env | (gateway or {})))
         async with AsyncTestClient(app) as client:
             deadline = time.monotonic() + 10
             while not app.state.services.connected:
@@ -334,3 +334,28 @@ async def test_rounds_run_every_interval_and_replicas_share_the_schedule(
     assert 3 <= alone <= 5, alone
     # A second replica sees the first one's rounds and waits for the next one due.
     assert 3 <= together <= 5, together
+
+
+ROUTES = (
+    "/api/v1/health/comprehensive",
+    "/api/v1/health/database",
+    "/api/v1/health/openai",
+    "/api/v1/health/redis",
+    "/api/v1/health/external-apis",
+    "/api/v1/health/history",
+)
+
+
+async def test_routes_need_the_read_token_when_one_is_set_and_are_documented(
+    env: dict[str, str],
+) -> None:
+    async with stack(env, {}, gateway={"STOCKPILOT_READ_TOKEN": "r-token"}) as (client, _):
+        for route in ROUTES:
+            assert (await client.get(route)).status_code == 401, route
+            allowed = await client.get(route, headers={"Authorization": "Bearer r-token"})
+            assert allowed.status_code == 200, (route, allowed.text)
+        schema = (await client.get("/schema/openapi.json")).json()
+    for route in ROUTES:
+        assert "200" in schema["paths"][route]["get"]["responses"], route
+    history = schema["paths"]["/api/v1/health/history"]["get"]["parameters"]
+    assert {p["name"] for p in history} >= {"component", "hours"}
