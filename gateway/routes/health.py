@@ -14,15 +14,13 @@ from litestar.params import QueryParameter
 
 from gateway.auth import read_guard
 from gateway.services import ServiceClient, Services
+from services.health.history import MAX_HOURS, HealthHistory, HistoryParams
 from services.health.queries import (
-    MAX_HOURS,
     ComponentAnswer,
     ComponentParams,
     ComprehensiveHealth,
     ExternalApisHealth,
     FreshParams,
-    HealthHistory,
-    HistoryParams,
 )
 from shared.events import utc_now
 

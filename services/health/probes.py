@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import httpx
 import msgspec
-import psutil
 from redis.asyncio import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, ResponseError
@@ -25,9 +22,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.health.events import Details, Kind, Status
+from services.health.redact import hostport, password_of, redact_url, scrub
 from services.health.settings import ExternalApi, HealthSettings
-
-_SECRET_WORDS = ("pass", "key", "token", "secret", "auth", "sig")
 
 
 class ProbeResult(msgspec.Struct, kw_only=True):
@@ -43,48 +39,6 @@ class ProbeResult(msgspec.Struct, kw_only=True):
 
 class ProbeFailed(Exception):
     """A probe's own, already readable, failure reason."""
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password and without secret-looking query parameters."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"{user}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode(
-            [(k, "***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in pairs]
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _scrub(text: str, *secrets: str | None) -> str:
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
-def _hostport(url: str, default_port: int) -> str:
-    try:
-        parts = urlsplit(url)
-        return f"{parts.hostname or '127.0.0.1'}:{parts.port or default_port}"
-    except ValueError:
-        return "the configured address"
 
 
 def _ms(start: float) -> float:
@@ -140,7 +94,7 @@ async def bounded(
         status="unhealthy",
         latency_ms=_ms(start),
         details={"target": target},
-        error=_scrub(error, *secrets),
+        error=scrub(error, *secrets),
     )
 
 
@@ -155,7 +109,7 @@ async def probe_database(settings: HealthSettings, timeout: float | None = None)
         return unconfigured("database", "database", "STOCKPILOT_DATABASE_URL")
     limit = timeout or settings.probe_timeout_s
     target = redact_url(url)
-    where = _hostport(url, 5432)
+    where = hostport(url, 5432)
 
     async def run() -> ProbeResult:
         start = time.perf_counter()
@@ -206,7 +160,7 @@ async def probe_database(settings: HealthSettings, timeout: float | None = None)
             error=error,
         )
 
-    return await bounded("database", "database", target, limit, run, (_password(url),))
+    return await bounded("database", "database", target, limit, run, (password_of(url),))
 
 
 async def probe_redis(settings: HealthSettings, timeout: float | None = None) -> ProbeResult:
@@ -216,7 +170,7 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
         return unconfigured("redis", "redis", "STOCKPILOT_REDIS_URL")
     limit = timeout or settings.probe_timeout_s
     target = redact_url(url)
-    where = _hostport(url, 6379)
+    where = hostport(url, 6379)
 
     async def run() -> ProbeResult:
         client = Redis.from_url(
@@ -274,7 +228,7 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
             error=error,
         )
 
-    return await bounded("redis", "redis", target, limit, run, (_password(url),))
+    return await bounded("redis", "redis", target, limit, run, (password_of(url),))
 
 
 async def probe_openai(
@@ -393,23 +347,3 @@ def new_http_client() -> httpx.AsyncClient:
     # httpx logs every request's full URL at INFO; a probed URL may carry a key in its query.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return httpx.AsyncClient(trust_env=False, follow_redirects=False)
-
-
-class HostMetrics(msgspec.Struct, kw_only=True):
-    """CPU, memory and disk use of this host, and how long it has been up."""
-
-    cpu_percent: float
-    memory_percent: float
-    disk_percent: float
-    uptime_s: float
-
-
-def sample_host(path: str) -> HostMetrics:
-    """Sample the host with psutil (CPU since the previous sample; disk of `path`'s volume)."""
-    disk_path = path if os.path.exists(path) else os.path.abspath(os.sep)
-    return HostMetrics(
-        cpu_percent=float(psutil.cpu_percent(interval=None)),
-        memory_percent=float(psutil.virtual_memory().percent),
-        disk_percent=float(psutil.disk_usage(disk_path).percent),
-        uptime_s=round(time.time() - psutil.boot_time(), 1),
-    )

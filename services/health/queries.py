@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from datetime import datetime
 
 import msgspec
 
@@ -14,7 +13,6 @@ from services.health.projection import (
     CODES,
     HOUR_S,
     RANK,
-    STATUSES,
     ComponentState,
     HealthView,
     Sample,
@@ -24,7 +22,6 @@ from services.health.settings import HealthSettings
 from shared.errors import NotFoundError
 from shared.events import AwareDatetime
 
-MAX_HOURS = 2160
 CORE: tuple[tuple[str, Kind], ...] = (
     ("database", "database"),
     ("redis", "redis"),
@@ -50,13 +47,6 @@ class ComponentParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     name: str
     requested_at: AwareDatetime | None = None
-
-
-class HistoryParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Which component (all when absent) over how many hours."""
-
-    component: str | None = None
-    hours: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOURS)] = 24
 
 
 # ----- answers ---------------------------------------------------------------------------
@@ -125,33 +115,6 @@ class ComprehensiveHealth(msgspec.Struct, kw_only=True):
     system_metrics: SystemMetrics | None
 
 
-class HistoryPoint(msgspec.Struct, kw_only=True):
-    """One point of a series (several results merged into one when the window is long)."""
-
-    t: AwareDatetime
-    status: Status
-    latency_ms: float | None
-
-
-class HistorySeries(msgspec.Struct, kw_only=True):
-    """A component's results over the window and its uptime there."""
-
-    component: str
-    kind: Kind
-    uptime_pct: float | None
-    checks: int
-    points: list[HistoryPoint]
-
-
-class HealthHistory(msgspec.Struct, kw_only=True):
-    """The answer of /api/v1/health/history."""
-
-    hours: int
-    start: AwareDatetime
-    end: AwareDatetime
-    series: list[HistorySeries]
-
-
 class HealthSummary(msgspec.Struct, kw_only=True):
     """What /api/v1/status shows of health (gateway.routes.system.HealthSummary)."""
 
@@ -193,7 +156,8 @@ def _p95(values: list[float]) -> float | None:
     return round(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)], 3)
 
 
-def _window(state: ComponentState, since: float) -> list[Sample]:
+def window(state: ComponentState, since: float) -> list[Sample]:
+    """The component's raw samples taken at or after `since` (epoch seconds)."""
     samples = state.samples
     lo, hi = 0, len(samples)
     while lo < hi:
@@ -227,7 +191,7 @@ def component_health(view: HealthView, name: str, kind: Kind, now: datetime) -> 
             latency_p95_ms_24h=None,
         )
     t = now.timestamp()
-    hour, day = _window(state, t - HOUR_S), _window(state, t - 24 * HOUR_S)
+    hour, day = window(state, t - HOUR_S), window(state, t - 24 * HOUR_S)
     latest = state.latest
     return ComponentHealth(
         name=name,
@@ -359,79 +323,3 @@ def summary(
     if settings.external_apis:
         components["external-apis"] = whole.external_apis.status
     return HealthSummary(status=whole.status, components=components)
-
-
-# ----- history ---------------------------------------------------------------------------
-
-
-def _merge(points: list[tuple[float, list[int], float, int]], limit: int) -> list[HistoryPoint]:
-    """(t, counts per status, latency sum, latency n) merged down to at most `limit` points."""
-    size = max(1, math.ceil(len(points) / limit))
-    merged: list[HistoryPoint] = []
-    for i in range(0, len(points), size):
-        chunk = points[i : i + size]
-        counts = [sum(p[1][c] for p in chunk) for c in range(len(STATUSES))]
-        latency_n = sum(p[3] for p in chunk)
-        seen: list[Status] = [STATUSES[c] for c in range(len(STATUSES)) if counts[c]]
-        merged.append(
-            HistoryPoint(
-                t=datetime.fromtimestamp(chunk[0][0], UTC),
-                status=worst(seen),
-                latency_ms=round(sum(p[2] for p in chunk) / latency_n, 3) if latency_n else None,
-            )
-        )
-    return merged
-
-
-def _series(
-    state: ComponentState, name: str, start: float, hours: int, limit: int
-) -> HistorySeries:
-    rows: list[tuple[float, list[int], float, int]] = []
-    if hours <= 24:
-        for s in _window(state, start):
-            counts = [0, 0, 0, 0]
-            counts[s.status] = 1
-            latency = s.latency_ms
-            rows.append((s.t, counts, latency or 0.0, 0 if latency is None else 1))
-    else:
-        first_hour = math.floor(start / HOUR_S)
-        for b in state.hours:
-            if b.hour >= first_hour:
-                rows.append((b.hour * HOUR_S, list(b.counts), b.latency_sum, b.latency_n))
-    up = sum(r[1][CODES["healthy"]] + r[1][CODES["degraded"]] for r in rows)
-    total = up + sum(r[1][CODES["unhealthy"]] for r in rows)
-    return HistorySeries(
-        component=name,
-        kind=state.kind,
-        uptime_pct=round(100.0 * up / total, 2) if total else None,
-        checks=sum(sum(r[1]) for r in rows),
-        points=_merge(rows, limit),
-    )
-
-
-def history(
-    view: HealthView, settings: HealthSettings, params: HistoryParams, now: datetime
-) -> HealthHistory:
-    """Each component's points and uptime over the last `hours` (raw up to 24 h, then hourly)."""
-    names = [name for name, _ in configured(settings)]
-    names += sorted(n for n in view.components if n not in names)
-    if params.component is not None:
-        if params.component not in names:
-            raise NotFoundError(f"no health component named {params.component!r}")
-        names = [params.component]
-    start = now - timedelta(hours=params.hours)
-    series: list[HistorySeries] = []
-    kinds = dict(configured(settings))
-    for name in names:
-        state = view.components.get(name)
-        if state is None:
-            series.append(
-                HistorySeries(
-                    component=name, kind=kinds[name], uptime_pct=None, checks=0, points=[]
-                )
-            )
-            continue
-        series.append(
-            _series(state, name, start.timestamp(), params.hours, settings.history_max_points)
-        )
-    return HealthHistory(hours=params.hours, start=start, end=now, series=series)

@@ -16,7 +16,7 @@ import httpx
 from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from services.health import probes, queries
+from services.health import history, host, probes, queries
 from services.health.events import (
     HealthChecked,
     HealthEvent,
@@ -56,7 +56,7 @@ def health_projection(settings: HealthSettings) -> Projection[HealthView, Health
 
 
 def round_events(
-    results: list[probes.ProbeResult], host: probes.HostMetrics, at: datetime, round_id: str
+    results: list[probes.ProbeResult], sample: host.HostMetrics, at: datetime, round_id: str
 ) -> list[HealthEvent]:
     """The events of one round: a result per component, then the host sample."""
     events: list[HealthEvent] = [
@@ -77,10 +77,10 @@ def round_events(
         HostSampled(
             id=f"hs-{round_id}",
             occurred_at=at,
-            cpu_percent=host.cpu_percent,
-            memory_percent=host.memory_percent,
-            disk_percent=host.disk_percent,
-            uptime_s=host.uptime_s,
+            cpu_percent=sample.cpu_percent,
+            memory_percent=sample.memory_percent,
+            disk_percent=sample.disk_percent,
+            uptime_s=sample.uptime_s,
             round_id=round_id,
         )
     )
@@ -100,7 +100,7 @@ class Rounds:
         self.completed = 0
         # When the latest round that reached the view had started.
         self.last_started: datetime | None = None
-        probes.sample_host(settings.data_dir)  # primes psutil's CPU counter
+        host.sample_host(settings.data_dir)  # primes psutil's CPU counter
 
     async def run(self, ctx: Context) -> None:
         """Run a round, or join the one already running; returns once the view has it."""
@@ -122,9 +122,9 @@ class Rounds:
         at = ctx.now()
         round_id = f"{int(at.timestamp() * 1000)}-{uuid.uuid4().hex[:8]}"
         results = await probes.probe_all(self.settings, self.http)
-        host = probes.sample_host(self.settings.data_dir)
+        sample = host.sample_host(self.settings.data_dir)
         last = 0
-        for event in round_events(results, host, at, round_id):
+        for event in round_events(results, sample, at, round_id):
             ack = await ctx.publish(event.subject, event)
             last = max(last, ack.seq)
         await ctx.wait_applied(self.projection, last, timeout=5.0)
@@ -262,8 +262,8 @@ def build(settings: HealthSettings) -> ServiceDefinition:
         now = ctx.now()
         return queries.external_apis(health.view, settings, now, False, current.at(now))
 
-    async def history(params: queries.HistoryParams, ctx: Context) -> queries.HealthHistory:
-        return queries.history(health.view, settings, params, ctx.now())
+    async def series(params: history.HistoryParams, ctx: Context) -> history.HealthHistory:
+        return history.history(health.view, settings, params, ctx.now())
 
     probe_loop.__name__ = "health_probes"
     return ServiceDefinition(
@@ -277,7 +277,7 @@ def build(settings: HealthSettings) -> ServiceDefinition:
             Endpoint("component_fresh", queries.ComponentParams, component_fresh),
             Endpoint("external_apis", NoParams, external_apis),
             Endpoint("external_apis_fresh", queries.FreshParams, external_apis_fresh),
-            Endpoint("history", queries.HistoryParams, history),
+            Endpoint("history", history.HistoryParams, series),
         ],
         background=[probe_loop],
         alert_source="health",

@@ -10,6 +10,8 @@ import httpx
 import pytest
 
 from services.health import probes
+from services.health.host import sample_host
+from services.health.redact import redact_url
 from services.health.settings import HealthSettings
 from shared.settings import load_settings
 from shared.testing import free_port
@@ -319,17 +321,17 @@ async def test_all_probes_run_at_once_and_a_hang_delays_nothing_else(
 
 def test_redact_url_hides_passwords_and_secret_query_parameters() -> None:
     assert (
-        probes.redact_url("postgresql://app:s3cret@db:5432/app?sslmode=require&password=x")
+        redact_url("postgresql://app:s3cret@db:5432/app?sslmode=require&password=x")
         == "postgresql://app:***@db:5432/app?sslmode=require&password=%2A%2A%2A"
     )
-    assert probes.redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
-    assert probes.redact_url("https://api.example.com/x?token=abc&q=1") == (
+    assert redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redact_url("https://api.example.com/x?token=abc&q=1") == (
         "https://api.example.com/x?token=%2A%2A%2A&q=1"
     )
 
 
 def test_host_sample_is_within_bounds(tmp_path: object) -> None:
-    sample = probes.sample_host(str(tmp_path))
+    sample = sample_host(str(tmp_path))
     assert 0 <= sample.cpu_percent <= 100
     assert 0 < sample.memory_percent <= 100
     assert 0 < sample.disk_percent <= 100

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.health import queries
+from services.health import history, queries
 from services.health.events import HealthChecked, HostSampled, Status
 from services.health.projection import FoldPolicy, HealthView, apply
 from services.health.settings import HealthSettings
@@ -120,10 +120,10 @@ def test_history_points_and_uptime_of_a_target_going_down_and_up() -> None:
         for i, c in enumerate(pattern)
     ]
     now = T0 + timedelta(minutes=10)
-    answer = queries.history(
+    answer = history.history(
         view_of(*events),
         settings(1),
-        queries.HistoryParams(component="external.api0", hours=1),
+        history.HistoryParams(component="external.api0", hours=1),
         now,
     )
     [series] = answer.series
@@ -139,8 +139,8 @@ def test_history_is_bounded_per_component_and_merges_the_worst_status() -> None:
         for i in range(100)
     ]
     s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10")
-    answer = queries.history(
-        view_of(*events), s, queries.HistoryParams(component="database"), T0 + timedelta(hours=1)
+    answer = history.history(
+        view_of(*events), s, history.HistoryParams(component="database"), T0 + timedelta(hours=1)
     )
     [series] = answer.series
     assert len(series.points) == 10
@@ -156,23 +156,23 @@ def test_history_beyond_a_day_uses_hourly_buckets() -> None:
         for m in (0, 30)
     ]
     now = T0 + timedelta(hours=72)
-    answer = queries.history(
-        view_of(*events), settings(), queries.HistoryParams(component="database", hours=72), now
+    answer = history.history(
+        view_of(*events), settings(), history.HistoryParams(component="database", hours=72), now
     )
     [series] = answer.series
     assert len(series.points) == 72
     assert series.points[1].status == "unhealthy"
     assert series.checks == 144
     assert series.uptime_pct == pytest.approx(100 * 142 / 144, abs=0.01)
-    day = queries.history(
-        view_of(*events), settings(), queries.HistoryParams(component="database"), now
+    day = history.history(
+        view_of(*events), settings(), history.HistoryParams(component="database"), now
     )
     assert day.series[0].checks == 48  # raw samples of the last 24 h
 
 
 def test_history_lists_every_component_and_unknown_names_are_404() -> None:
     view = view_of(result("external.old", "healthy", T0))
-    answer = queries.history(view, settings(1), queries.HistoryParams(), T0)
+    answer = history.history(view, settings(1), history.HistoryParams(), T0)
     assert [s.component for s in answer.series] == [
         "database",
         "redis",
@@ -181,7 +181,7 @@ def test_history_lists_every_component_and_unknown_names_are_404() -> None:
         "external.old",
     ]
     with pytest.raises(NotFoundError):
-        queries.history(view, settings(), queries.HistoryParams(component="nope"), T0)
+        history.history(view, settings(), history.HistoryParams(component="nope"), T0)
 
 
 def test_summary_matches_the_status_route_shape() -> None:
