@@ -68,6 +68,10 @@ def _describe(exc: BaseException, where: str) -> str:
         return f"connection refused by {where}: nothing listens there"
     if isinstance(exc, OSError):
         return f"cannot connect to {where}: {exc.strerror or exc}"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect to {where}: {exc or 'the connection failed'}"
+    if isinstance(exc, httpx.HTTPError):
+        return f"HTTP request to {where} failed: {type(exc).__name__}: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
