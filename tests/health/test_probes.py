@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,7 +17,7 @@ from services.health.host import sample_host
 from services.health.redact import redact_url
 from services.health.settings import HealthSettings
 from shared.settings import load_settings
-from shared.testing import free_port
+from shared.testing import free_port, wait_for_port
 from tests.health.targets import Reply, Target, models_body
 
 TIMEOUT_S = 0.5
@@ -336,3 +339,37 @@ def test_host_sample_is_within_bounds(tmp_path: object) -> None:
     assert 0 < sample.memory_percent <= 100
     assert 0 < sample.disk_percent <= 100
     assert sample.uptime_s > 0
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[str]:
+    """A throwaway redis-server with a 2 MB maxmemory (the shared one has none set)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    child = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--maxmemory", "2mb"]
+        + ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        child.terminate()
+        child.wait(10)
+
+
+async def test_redis_memory_near_maxmemory_is_degraded(small_redis: str) -> None:
+    result = await probes.probe_redis(
+        settings(STOCKPILOT_REDIS_URL=small_redis, STOCKPILOT_REDIS_MEMORY_PCT="10")
+    )
+    assert result.details["maxmemory_bytes"] == 2 * 1024 * 1024
+    used = result.details["used_memory_bytes"]
+    assert result.details["memory_pct"] == pytest.approx(100 * used / (2 * 1024 * 1024), abs=0.1)
+    assert result.status == "degraded"
+    assert result.error is not None and "of maxmemory used (> 10 %)" in result.error
+    relaxed = await probes.probe_redis(settings(STOCKPILOT_REDIS_URL=small_redis))
+    assert relaxed.status == "healthy"  # ~1 MB of 2 MB is under the default 90 %
