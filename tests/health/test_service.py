@@ -359,3 +359,20 @@ async def test_routes_need_the_read_token_when_one_is_set_and_are_documented(
         assert "200" in schema["paths"][route]["get"]["responses"], route
     history = schema["paths"]["/api/v1/health/history"]["get"]["parameters"]
     assert {p["name"] for p in history} >= {"component", "hours"}
+
+
+async def test_gateway_serves_an_answer_for_a_second_then_asks_again(env: dict[str, str]) -> None:
+    async with stack(env, {}) as (client, _):
+        first = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+        again = (await client.get("/api/v1/health/comprehensive")).json()
+        assert (again["cached"], again["checked_at"]) == (True, first["checked_at"])
+        # A round the gateway did not ask for (a scheduled one, say).
+        nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+        asked = msgspec.json.encode(FreshParams(requested_at=utc_now()))
+        await nc.request("stockpilot.svc.health.comprehensive_fresh", asked, timeout=5)
+        await nc.close()
+        await asyncio.sleep(1.1)
+        later = (await client.get("/api/v1/health/comprehensive")).json()
+        assert later["cached"] is True
+        assert later["checked_at"] > first["checked_at"]
+        assert later["age_s"] >= 0
