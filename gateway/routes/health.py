@@ -1,8 +1,8 @@
 """The /api/v1/health routes: dependency health served from the health service's projection.
 
-Answers come from the projection (`cached: true` with its age); `?fresh=true` has the service
-run a round of probes first (requests arriving meanwhile share that round), so those requests
-wait up to the longest probe timeout.
+Answers come from the projection (`cached: true` with its age), and the gateway keeps each
+for a second; `?fresh=true` has the service run a round of probes first (requests arriving
+meanwhile share that round), so those requests wait up to the longest probe timeout.
 """
 
 from __future__ import annotations
