@@ -36,10 +36,11 @@ _encode = msgspec.json.Encoder().encode
 
 # Endpoints that only read a projection: their answers may be cached. Everything else
 # (commands, fresh health rounds, the built-in status/digest) goes to the service every time.
+# The health routes keep their own short-lived answers (they report the answer's age).
 READ_ENDPOINTS: dict[str, frozenset[str]] = {
     "health": frozenset(),
-    "usage": frozenset(),
-    "batch": frozenset(),
+    "usage": frozenset({"stats", "timeseries", "costs", "alerts", "summary"}),
+    "batch": frozenset({"recent", "stats", "summary", "locks", "expired_locks", "lock_status"}),
 }
 
 
