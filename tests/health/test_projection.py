@@ -276,3 +276,20 @@ def test_snapshot_at_the_largest_bounded_size_round_trips() -> None:
     restored, _ = decode_snapshot(data, HealthView)
     assert msgspec.msgpack.encode(restored) == msgspec.msgpack.encode(view)
     assert len(data) < 4 * 1024 * 1024  # the object store chunks it; this keeps restarts quick
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from("hdu"), min_size=1, max_size=40))
+def test_no_change_without_enough_consecutive_results(letters: list[str]) -> None:
+    """The confirmed status only moves after a run of down_after/up_after equal results."""
+    view, alerts, confirmed = fold("".join(letters))
+    rank = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+    changes = 0
+    for i in range(1, len(confirmed)):
+        if confirmed[i] != confirmed[i - 1]:
+            changes += 1
+            needed = 3 if rank[confirmed[i]] > rank[confirmed[i - 1]] else 2
+            run = letters[i - needed + 1 : i + 1]
+            assert len(run) == needed and all(SHORT[c] == confirmed[i] for c in run)
+    first_alert = 1 if confirmed[0] != "healthy" else 0
+    assert len(alerts) == changes + first_alert
