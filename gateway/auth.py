@@ -1,4 +1,8 @@
-"""Bearer-token guards: admin for mutating routes, ingest for usage records, read when set."""
+"""Bearer-token guards: admin for mutating routes, ingest for usage records, read when set.
+
+The guards are `async def` although they do no I/O: Litestar runs a sync guard in a worker
+thread, which cost ~0.15 ms on every guarded request.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def _settings(connection: ASGIConnection[Any, Any, Any, Any]) -> GatewaySettings
     return settings
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Mutating routes: the admin token, or 403 saying how to enable them."""
     settings = _settings(connection)
     if not settings.admin_token:
@@ -48,7 +52,7 @@ def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHand
         raise ForbiddenError("the admin token is wrong")
 
 
-def ingest_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def ingest_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Usage ingest: the ingest token or the admin token."""
     settings = _settings(connection)
     if not settings.ingest_token and not settings.admin_token:
@@ -63,7 +67,7 @@ def ingest_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHan
         raise ForbiddenError("the ingest token is wrong")
 
 
-def read_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def read_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """GET routes: free unless STOCKPILOT_READ_TOKEN is set (admin token accepted too)."""
     settings = _settings(connection)
     if not settings.read_token:

@@ -91,6 +91,10 @@ class Endpoint(Generic[P]):
     name: str
     params: type[P]
     handler: Callable[[P, Context], Awaitable[msgspec.Struct | bytes]]
+    # nats-py hands one subscription's messages to its callback one at a time: a slow
+    # endpoint (a command waiting for its event to be folded, a fresh probe round) would
+    # queue every other request to it. Such endpoints run each request in its own task.
+    concurrent: bool = False
 
 
 Background = Callable[["Context"], Awaitable[None]]
@@ -612,7 +616,26 @@ class Runtime:
                 raise MicroServiceError("500", f"internal error in {endpoint.name}") from exc
             await request.respond(result if isinstance(result, bytes) else encode(result))
 
-        return handle
+        if not endpoint.concurrent:
+            return handle
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def respond_error(request: Request, error: MicroServiceError) -> None:
+            with contextlib.suppress(Exception):
+                await request.respond_error(error.code, error.description)
+
+        async def in_its_own_task(request: Request) -> None:
+            try:
+                await handle(request)
+            except MicroServiceError as error:
+                await respond_error(request, error)
+
+        async def spawn(request: Request) -> None:
+            task = asyncio.create_task(in_its_own_task(request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        return spawn
 
     async def _status_endpoint(self, _: NoParams, ctx: Context) -> ServiceStatus:
         return self.status()

@@ -139,7 +139,11 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
 
 def _shown(variable: str, raw: Any) -> str:
     """The bad value for the error line, unless it may be a secret."""
-    if any(word in variable for word in ("TOKEN", "KEY", "PASSWORD", "SECRET")):
+    # Tokens, keys and passwords; URLs may carry a password; external API configs, headers.
+    if any(
+        word in variable
+        for word in ("TOKEN", "KEY", "PASSWORD", "SECRET", "URL", "EXTERNAL_APIS", "PRICES")
+    ):
         return "a value that is not shown because it may be a secret"
     return repr(raw)
 

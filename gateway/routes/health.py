@@ -14,8 +14,6 @@ from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
 from litestar import Router, get
-from litestar.connection import ASGIConnection
-from litestar.handlers.base import BaseRouteHandler
 from litestar.params import QueryParameter
 
 from gateway.auth import read_guard
@@ -61,17 +59,6 @@ class _Answers:
 
 # Per ServiceClient, that is per app: two apps in one process never share answers.
 _answers: weakref.WeakKeyDictionary[ServiceClient, _Answers] = weakref.WeakKeyDictionary()
-
-
-async def _read_guard(
-    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
-) -> None:
-    """gateway.auth.read_guard, called in the event loop.
-
-    Litestar runs a sync guard through a worker thread, which costs about 0.15 ms a request
-    (more than the rest of a cached health answer); an async guard is just called.
-    """
-    read_guard(connection, handler)
 
 
 def _aged(value: T, elapsed: float) -> T:
@@ -132,26 +119,26 @@ async def _ask(
 @get(
     "/health/comprehensive",
     summary="Every dependency, the overall status and the host's metrics",
-    guards=[_read_guard],
+    guards=[read_guard],
 )
 async def comprehensive(services: Services, fresh: Fresh = False) -> ComprehensiveHealth:
     """Overall: any unhealthy → unhealthy, else any degraded → degraded (unknown ignored)."""
     return await _ask(services, "comprehensive", ComprehensiveHealth, fresh)
 
 
-@get("/health/database", summary="PostgreSQL", guards=[_read_guard])
+@get("/health/database", summary="PostgreSQL", guards=[read_guard])
 async def database(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """Connect, SELECT 1, server version, connections in use vs max_connections."""
     return await _ask(services, "component", ComponentAnswer, fresh, "database")
 
 
-@get("/health/openai", summary="OpenAI", guards=[_read_guard])
+@get("/health/openai", summary="OpenAI", guards=[read_guard])
 async def openai(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """GET {OPENAI_BASE_URL}/models with the key: the count of models, 401/429/5xx mapped."""
     return await _ask(services, "component", ComponentAnswer, fresh, "openai")
 
 
-@get("/health/redis", summary="Redis", guards=[_read_guard])
+@get("/health/redis", summary="Redis", guards=[read_guard])
 async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """PING latency, memory used vs maxmemory, connected clients, version."""
     return await _ask(services, "component", ComponentAnswer, fresh, "redis")
@@ -160,7 +147,7 @@ async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
 @get(
     "/health/external-apis",
     summary="The external APIs of STOCKPILOT_EXTERNAL_APIS and their aggregate",
-    guards=[_read_guard],
+    guards=[read_guard],
 )
 async def external_apis(services: Services, fresh: Fresh = False) -> ExternalApisHealth:
     """Healthy at >= 80 % reachable, degraded at >= 50 %, else unhealthy."""
@@ -170,7 +157,7 @@ async def external_apis(services: Services, fresh: Fresh = False) -> ExternalApi
 @get(
     "/health/history",
     summary="Status points and uptime per component over the last hours",
-    guards=[_read_guard],
+    guards=[read_guard],
 )
 async def history(
     services: Services,

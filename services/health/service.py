@@ -272,11 +272,15 @@ def build(settings: HealthSettings) -> ServiceDefinition:
         endpoints=[
             Endpoint("summary", NoParams, summary),
             Endpoint("comprehensive", NoParams, comprehensive),
-            Endpoint("comprehensive_fresh", queries.FreshParams, comprehensive_fresh),
+            Endpoint(
+                "comprehensive_fresh", queries.FreshParams, comprehensive_fresh, concurrent=True
+            ),
             Endpoint("component", queries.ComponentParams, component),
-            Endpoint("component_fresh", queries.ComponentParams, component_fresh),
+            Endpoint("component_fresh", queries.ComponentParams, component_fresh, concurrent=True),
             Endpoint("external_apis", NoParams, external_apis),
-            Endpoint("external_apis_fresh", queries.FreshParams, external_apis_fresh),
+            Endpoint(
+                "external_apis_fresh", queries.FreshParams, external_apis_fresh, concurrent=True
+            ),
             Endpoint("history", history.HistoryParams, series),
         ],
         background=[probe_loop],
