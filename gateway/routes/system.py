@@ -14,6 +14,9 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.auth import read_guard
 from gateway.services import ServiceClient, Services
+from services.batch.schemas import BatchSummary
+from services.health.queries import HealthSummary
+from services.usage.service import UsageSummary, UsageToday
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime, utc_now
 from shared.hook_status import STALE_AFTER_S, read_hooks_status
@@ -59,37 +62,6 @@ class ServiceState(msgspec.Struct, kw_only=True):
     rss_mb: float | None = None
     cpu_percent: float | None = None
     uptime_s: float | None = None
-
-
-class HealthSummary(msgspec.Struct, kw_only=True):
-    """The health service's `summary` answer."""
-
-    status: str
-    components: dict[str, str]
-
-
-class UsageToday(msgspec.Struct, kw_only=True):
-    """Today's LLM usage at a glance."""
-
-    requests: int
-    cost_usd: float
-    error_rate: float
-    budget_used_pct: float | None
-
-
-class UsageSummary(msgspec.Struct, kw_only=True):
-    """The usage service's `summary` answer."""
-
-    today: UsageToday
-    alerts_24h: int
-
-
-class BatchSummary(msgspec.Struct, kw_only=True):
-    """The batch service's `summary` answer."""
-
-    running: int
-    failed_24h: int
-    expired_locks: int
 
 
 class HookState(msgspec.Struct, kw_only=True):

@@ -171,7 +171,7 @@ class CleanupAnswer(msgspec.Struct, kw_only=True):
 
 
 class BatchSummary(msgspec.Struct, kw_only=True):
-    """The `summary` answer (gateway.routes.system.BatchSummary): failed counts lost runs."""
+    """The `summary` answer (shown in /api/v1/status): failed counts lost runs."""
 
     running: int
     failed_24h: int

@@ -116,7 +116,7 @@ class ComprehensiveHealth(msgspec.Struct, kw_only=True):
 
 
 class HealthSummary(msgspec.Struct, kw_only=True):
-    """What /api/v1/status shows of health (gateway.routes.system.HealthSummary)."""
+    """What /api/v1/status shows of health; the gateway's /status decodes it."""
 
     status: str
     components: dict[str, str]
