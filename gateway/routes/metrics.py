@@ -1,25 +1,44 @@
 """`GET /metrics`: Prometheus text format.
 
 Per-route request counts and latency histograms come from Litestar's Prometheus middleware
-(global registry); the system's own figures are gathered from the services at scrape time
-into a fresh registry, so they match what the REST routes answer at that moment.
+(global registry, `stockpilot_gateway_*`). The system's own figures are gathered at scrape
+time, concurrently and with a short timeout, from the same service answers the REST routes
+serve (through the same client and its cache), so both agree. A source that does not answer
+only drops its own families (`stockpilot_metrics_source_up` says which); the scrape never
+fails because of it. The families themselves are built in `gateway.metrics_families`.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
+import msgspec
+import nats.errors
+import nats.js.errors
 from litestar import Response, get
 from litestar.router import Router
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway import metrics_families as fam
+from gateway.auth import read_guard
 from gateway.services import ServiceClient, Services
+from services.batch import schemas as batch
+from services.health.queries import ComprehensiveHealth
+from services.usage.answers import StatsParams, UsageCosts, UsageStats
+from services.usage.service import UsageSummary
 from shared.errors import StockpilotError
+from shared.events import utc_now
+from shared.hook_status import HooksStatus, read_hooks_status
 from shared.runtime import ServiceStatus
 
+T = TypeVar("T")
+
 SERVICES = ("health", "usage", "batch")
+# A scrape must not hang on a wedged service (Prometheus' own timeout is 10 s by default).
 SCRAPE_TIMEOUT_S = 1.5
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,67 +46,136 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Families(Collector):
     """A collector over metric families already built for one scrape."""
 
-    def __init__(self, families: list[GaugeMetricFamily]) -> None:
+    def __init__(self, families: list[Metric]) -> None:
         self.families = families
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterable[Metric]:
         yield from self.families
 
 
-async def _service_families(services: ServiceClient) -> list[GaugeMetricFamily]:
-    up = GaugeMetricFamily(
-        "stockpilot_service_up", "1 when the service answers", labels=["service"]
-    )
-    lag = GaugeMetricFamily(
-        "stockpilot_projection_lag_events",
-        "events in the stream not yet folded into the projection",
-        labels=["service", "projection"],
-    )
-    last_seq = GaugeMetricFamily(
-        "stockpilot_projection_last_seq",
-        "last stream sequence folded",
-        labels=["service", "projection"],
-    )
-    dead = GaugeMetricFamily(
-        "stockpilot_projection_dead_lettered",
-        "messages refused and dead-lettered since the process started",
-        labels=["service", "projection"],
-    )
-    rss = GaugeMetricFamily("stockpilot_process_rss_bytes", "resident memory", labels=["service"])
+class Scrape:
+    """One scrape's questions: each answer or None, and which sources answered."""
 
-    async def one(name: str) -> ServiceStatus | None:
+    def __init__(self, services: ServiceClient) -> None:
+        self.services = services
+        self.timeout = min(services.timeout, SCRAPE_TIMEOUT_S)
+        self.sources: dict[tuple[str, str], bool] = {}
+
+    async def ask(
+        self,
+        service: str,
+        endpoint: str,
+        answer: type[T],
+        params: msgspec.Struct | None = None,
+    ) -> T | None:
+        """The service's answer (what the REST route would serve), or None."""
         try:
-            return await services.query(name, "status", ServiceStatus, timeout=SCRAPE_TIMEOUT_S)
+            value = await self.services.query(
+                service, endpoint, answer, params, timeout=self.timeout
+            )
         except StockpilotError:
+            self.sources[(service, endpoint)] = False
             return None
+        self.sources[(service, endpoint)] = True
+        return value
 
-    statuses = await asyncio.gather(*(one(name) for name in SERVICES))
-    for name, status in zip(SERVICES, statuses, strict=True):
-        up.add_metric([name], 0.0 if status is None else 1.0)
-        if status is None:
-            continue
-        rss.add_metric([name], status.process.rss_mb * 1024 * 1024)
-        for projection in status.projections:
-            lag.add_metric([name, projection.name], projection.lag)
-            last_seq.add_metric([name, projection.name], projection.last_seq)
-            dead.add_metric([name, projection.name], projection.dead_lettered)
-    return [up, lag, last_seq, dead, rss]
+    async def hooks(self) -> tuple[bool, HooksStatus | None]:
+        """The hook process's published status (KV): (read, status or None when never run)."""
+        nc = self.services.nc
+        status: HooksStatus | None = None
+        ok = nc is not None and nc.is_connected
+        if nc is not None and ok:
+            try:
+                status = await asyncio.wait_for(read_hooks_status(nc.jetstream()), self.timeout)
+            except (
+                TimeoutError,
+                nats.errors.Error,
+                nats.js.errors.Error,
+                msgspec.DecodeError,
+            ):
+                ok = False
+        self.sources[("hooks", "status")] = ok
+        return ok, status
 
 
-# Each area adds its own families here (usage, health, batch, hooks); see `collectors`.
-COLLECTORS: list = []  # type: ignore[type-arg]
+async def _services(scrape: Scrape) -> list[Metric]:
+    statuses = await asyncio.gather(
+        *(scrape.ask(name, "status", ServiceStatus) for name in SERVICES)
+    )
+    return fam.service_families(dict(zip(SERVICES, statuses, strict=True)))
 
 
-@get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def _usage(scrape: Scrape) -> list[Metric]:
+    # The same parameters as the REST routes' defaults: the same cached answers.
+    stats, costs, summary = await asyncio.gather(
+        scrape.ask("usage", "stats", UsageStats, StatsParams()),
+        scrape.ask("usage", "costs", UsageCosts),
+        scrape.ask("usage", "summary", UsageSummary),
+    )
+    families: list[Metric] = []
+    if stats is not None:
+        families.extend(fam.usage_today_families(stats))
+    if costs is not None:
+        families.extend(fam.usage_month_families(costs))
+    if summary is not None:
+        families.extend(fam.alert_families(summary))
+    return fam.merge(families)
+
+
+async def _health(scrape: Scrape) -> list[Metric]:
+    health = await scrape.ask("health", "comprehensive", ComprehensiveHealth)
+    return [] if health is None else fam.health_families(health)
+
+
+async def _batch(scrape: Scrape) -> list[Metric]:
+    stats, locks = await asyncio.gather(
+        scrape.ask("batch", "stats", batch.BatchStats, batch.StatsParams()),
+        scrape.ask("batch", "locks", batch.HeldLocks),
+    )
+    families: list[Metric] = []
+    if stats is not None:
+        families.extend(fam.batch_families(stats))
+    if locks is not None:
+        families.extend(fam.lock_families(locks))
+    return families
+
+
+async def _hooks(scrape: Scrape) -> list[Metric]:
+    ok, status = await scrape.hooks()
+    return fam.hook_families(status, utc_now()) if ok else []
+
+
+# One collector per area, run concurrently at every scrape.
+COLLECTORS: tuple[Callable[[Scrape], Awaitable[list[Metric]]], ...] = (
+    _services,
+    _usage,
+    _health,
+    _batch,
+    _hooks,
+)
+
+
+def _source_family(sources: dict[tuple[str, str], bool]) -> Metric:
+    family = GaugeMetricFamily(
+        "stockpilot_metrics_source_up",
+        "1 when the answer behind a group of families arrived during this scrape, else 0",
+        labels=["service", "answer"],
+    )
+    for (service, answer), ok in sorted(sources.items()):
+        family.add_metric([service, answer], 1.0 if ok else 0.0)
+    return family
+
+
+@get("/metrics", summary="Prometheus metrics", guards=[read_guard], include_in_schema=True)
 async def metrics(services: Services) -> Response[bytes]:
     """The gateway's request metrics plus the system's figures, in the text format."""
-    families = await _service_families(services)
-    extra = await asyncio.gather(*(collect(services) for collect in COLLECTORS))
-    for group in extra:
-        families.extend(group)
-    scrape = CollectorRegistry()
-    scrape.register(_Families(families))
-    body = generate_latest(REGISTRY) + generate_latest(scrape)
+    scrape = Scrape(services)
+    groups = await asyncio.gather(*(collect(scrape) for collect in COLLECTORS))
+    families = [family for group in groups for family in group]
+    families.append(_source_family(scrape.sources))
+    registry = CollectorRegistry()
+    registry.register(_Families(families))
+    body = generate_latest(REGISTRY) + generate_latest(registry)
     return Response(body, media_type=CONTENT_TYPE)
 
 
