@@ -80,6 +80,24 @@ def micro_name(service: str) -> str:
     return f"stockpilot-{service}"
 
 
+def ack_position(msg: Msg) -> tuple[int, int]:
+    """A JetStream message's stream sequence and pending count, read from its reply subject.
+
+    `msg.metadata` builds a Metadata, a SequencePair and a datetime for every message: about
+    a fifth of the runtime's per-message cost while catching up (docs/profiles/). Only the two
+    integers are needed; anything unexpected falls back to nats-py's parser.
+    """
+    tokens = (msg.reply or "").split(".")
+    count = len(tokens)
+    if tokens[0] == "$JS" and tokens[1:2] == ["ACK"]:
+        if count == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            return int(tokens[5]), int(tokens[8])
+        if count >= 11:  # v2: $JS.ACK.<domain>.<hash>.<stream>... (+ a random token)
+            return int(tokens[7]), int(tokens[10])
+    meta = msg.metadata
+    return meta.sequence.stream, meta.num_pending
+
+
 class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of an endpoint that takes none."""
 
@@ -428,9 +446,7 @@ class Runtime:
         publish_alerts = self._ledger is not None and projection is not self._ledger
 
         async def on_message(msg: Msg) -> None:
-            meta = msg.metadata
-            seq = meta.sequence.stream
-            tracked.lag = meta.num_pending
+            seq, tracked.lag = ack_position(msg)
             if seq > projection.view.last_seq:
                 try:
                     alerts = projection.fold(seq, msg.data)
