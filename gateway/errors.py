@@ -25,9 +25,13 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 
 def _response(
-    status: int, detail: str, extra: list[dict[str, Any]] | None = None
+    status: int,
+    detail: str,
+    extra: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[ErrorBody]:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = (headers or {}) | {"WWW-Authenticate": "Bearer"}
     return Response(
         ErrorBody(status_code=status, detail=detail, extra=extra),
         status_code=status,
@@ -49,6 +53,8 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
             key = item.get("key")
             message = item.get("message", "invalid")
             source = item.get("source")
+            # Litestar gives the source as a ParamType enum: "query", not "ParamType.QUERY".
+            source = getattr(source, "value", source)
             where = (
                 f"{source} parameter {key!r}" if source and key else f"{key!r}" if key else "body"
             )
@@ -59,7 +65,8 @@ def _validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Re
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
-    return _response(exc.status_code, str(exc.detail))
+    # Keep the exception's headers: a 405 must say which methods are allowed (`Allow`).
+    return _response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
