@@ -19,6 +19,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.plugins.prometheus import PrometheusConfig
 
 from gateway.errors import exception_handlers
+from gateway.openapi import document_errors
 from gateway.routes import all_routers
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
@@ -85,6 +86,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             render_plugins=[SwaggerRenderPlugin()],
         ),
     )
+    document_errors(app.openapi_schema)
     app.state.settings = settings
     app.state.services = services
     app.state.started = time.monotonic()
