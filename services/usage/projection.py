@@ -9,6 +9,8 @@ the same ones.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from services.usage import sketch
 from services.usage.alerting import make_react
@@ -44,6 +46,12 @@ from shared.events import rfc3339
 __all__ = ["FoldConfig", "UsageView", "make_apply", "make_react", "view_type_for"]
 
 
+_SLOT_S = 900
+_SLOT = timedelta(seconds=_SLOT_S)
+_SLOT_END = timedelta(seconds=_SLOT_S, microseconds=-1)
+_SLOT_LIMIT = 10_000
+
+
 def _bounded_key(mapping: dict[str, object], key: str, limit: int) -> str:
     return key if key in mapping or len(mapping) < limit else OTHER
 
@@ -56,11 +64,43 @@ def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
     return agg
 
 
+def make_local_keys(zone: ZoneInfo) -> Callable[[datetime, float], tuple[str, int, int, int]]:
+    """(local day "YYYY-MM-DD", local hour start in epoch s, local year, month) of an instant."""
+    # Local day and hour by 15-minute UTC slot. astimezone + isoformat + hour_key were about
+    # a sixth of the fold (docs/profiles/usage-catchup-*.txt). A slot over which the zone's
+    # offset is constant and a multiple of 15 minutes (every zone today) lies within one
+    # local hour and day, with one fold value, so its keys are the same for every instant in
+    # it; any other slot (a transition, an old LMT offset) is computed every time.
+    slots: dict[int, tuple[str, int, int, int]] = {}
+
+    def local_keys(occurred_at: datetime, at: float) -> tuple[str, int, int, int]:
+        slot = int(at // _SLOT_S)
+        keys = slots.get(slot)
+        if keys is not None:
+            return keys
+        local = occurred_at.astimezone(zone)
+        keys = (local.date().isoformat(), hour_key(local), local.year, local.month)
+        try:
+            start = datetime.fromtimestamp(slot * _SLOT_S, UTC)
+            first = start.astimezone(zone).utcoffset()
+            last = (start + _SLOT_END).astimezone(zone).utcoffset()
+        except (OverflowError, ValueError, OSError):  # the ends of datetime's range
+            return keys
+        if first == last and first is not None and first % _SLOT == timedelta(0):
+            if len(slots) >= _SLOT_LIMIT:
+                slots.clear()
+            slots[slot] = keys
+        return keys
+
+    return local_keys
+
+
 def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageView]:
     """The fold for this configuration (zone, prices, budgets, thresholds)."""
     zone = config.zone
     prices = config.prices
     warn_pct = config.cost_alert_pct / 100.0
+    local_keys = make_local_keys(zone)
 
     def record(view: UsageView, event: UsageRecorded) -> None:
         fired = view.fired
@@ -95,8 +135,8 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                         )
                 if event.model in view.unpriced:
                     view.unpriced[event.model] += 1
-        local = event.occurred_at.astimezone(zone)
-        day_key = local.date().isoformat()
+        at = event.occurred_at.timestamp()
+        day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
         days = view.days
         day = days.get(day_key)
         if day is None:
@@ -129,7 +169,6 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         statuses[status_key] = statuses.get(status_key, 0) + 1
 
         hours = view.hours
-        h_key = hour_key(local)
         hour = hours.get(h_key)
         if hour is None:
             if len(hours) >= HOUR_LIMIT:
@@ -149,7 +188,7 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         month_key = day_key[:7]
         month = view.months.get(month_key)
         if month is None:
-            start, end = month_bounds(local.year, local.month, zone)
+            start, end = month_bounds(local_year, local_month, zone)
             month = view.months[month_key] = Month(start=start, end=end)
             if len(view.months) > MONTH_LIMIT:
                 del view.months[min(view.months)]
@@ -157,7 +196,6 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         month.requests += 1
         month.failures += failed
         month.cost_usd += cost
-        at = event.occurred_at.timestamp()
         month.last_at = max(month.last_at, at)
 
         if config.daily_budget_usd is not None:
