@@ -260,6 +260,9 @@ async def test_metrics_agree_with_the_rest_answers(
         # The first round runs at start-up; no other one changes the figures meanwhile.
         "STOCKPILOT_HEALTH_INTERVAL_S": "3600",
         "STOCKPILOT_PROBE_TIMEOUT_S": "1",
+        # A busy test machine must not make them degraded.
+        "STOCKPILOT_DATABASE_SLOW_MS": "900",
+        "STOCKPILOT_REDIS_SLOW_MS": "900",
         "STOCKPILOT_DAILY_BUDGET_USD": "10",
     }
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
@@ -337,3 +340,14 @@ async def test_metrics_agree_with_the_rest_answers(
         and ("path", "/api/v1/usage/stats") in labels
     ]
     assert buckets
+
+
+async def test_metrics_need_the_read_token_when_one_is_set(env: dict[str, str]) -> None:
+    settings = load_settings(GatewaySettings, env | {"STOCKPILOT_READ_TOKEN": "r-secret"})
+    async with AsyncTestClient(create_app(settings)) as client:
+        assert (await client.get("/metrics")).status_code == 401
+        wrong = await client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403
+        right = await client.get("/metrics", headers={"Authorization": "Bearer r-secret"})
+        assert right.status_code == 200
+        assert "stockpilot_service_up" in right.text
