@@ -12,7 +12,7 @@ from shared.projection import FoldError, Projection, View
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 
-class Counted(Event, tag="usage.recorded"):
+class Counted(Event, frozen=True, kw_only=True, tag="usage.recorded"):
     """Reuses the usage stream's subject space: one counted thing."""
 
     model: str
