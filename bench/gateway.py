@@ -77,7 +77,13 @@ async def run(report: Report, ctx: object) -> None:
             note = f"{bad} non-2xx answers" if bad else ""
             report.results.append(
                 Result(
-                    f"GET {route} throughput", rps, "req/s", "bare_rps", target="≥ 0.85", note=note
+                    f"GET {route} throughput",
+                    rps,
+                    "req/s",
+                    "bare_rps",
+                    target="≥ 0.85",
+                    note=note,
+                    min_ratio=0.85,
                 )
             )
             report.results.append(
@@ -91,5 +97,6 @@ async def run(report: Report, ctx: object) -> None:
                     "bare_p99",
                     higher_is_better=False,
                     target="≥ 0.67 (p99 ≤ 1.5×)",
+                    min_ratio=1 / 1.5,
                 )
             )

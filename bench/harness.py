@@ -34,6 +34,10 @@ class Result:
     higher_is_better: bool = True
     target: str = ""
     note: str = ""
+    # How the target is checked: the ratio to the ceiling at least `min_ratio`, or the
+    # median at most `max_value` (in `unit`).
+    min_ratio: float | None = None
+    max_value: float | None = None
 
     @property
     def median(self) -> float:
@@ -54,6 +58,15 @@ class Report:
         if ceiling == 0 or result.median == 0:
             return None
         return result.median / ceiling if result.higher_is_better else ceiling / result.median
+
+    def met(self, result: Result) -> str:
+        """ "yes"/"no" against the result's target, "" when it has none."""
+        if result.min_ratio is not None:
+            ratio = self.ratio(result)
+            return "" if ratio is None else ("yes" if ratio >= result.min_ratio else "**no**")
+        if result.max_value is not None:
+            return "yes" if result.median <= result.max_value else "**no**"
+        return ""
 
 
 def log(message: str) -> None:
@@ -208,16 +221,20 @@ def write_report(report: Report, path: Path, runs: int, seconds: float) -> None:
         "",
         "## Figures",
         "",
-        "| figure | median | min | max | unit | ceiling | ratio | target | note |",
-        "| --- | ---: | ---: | ---: | --- | --- | ---: | --- | --- |",
+        "| figure | median | min | max | unit | ceiling | ratio | target | met | note |",
+        "| --- | ---: | ---: | ---: | --- | --- | ---: | --- | --- | --- |",
     ]
     for result in report.results:
         ratio = report.ratio(result)
         lines.append(
             f"| {result.name} | {_fmt(result.median)} | {_fmt(min(result.values))} | "
             f"{_fmt(max(result.values))} | {result.unit} | {result.ceiling or '—'} | "
-            f"{'—' if ratio is None else f'{ratio:.2f}'} | {result.target} | {result.note} |"
+            f"{'—' if ratio is None else f'{ratio:.2f}'} | {result.target} | "
+            f"{report.met(result)} | {result.note} |"
         )
+    explanations = ROOT / "bench" / "EXPLANATIONS.md"
+    if explanations.exists():
+        lines += ["", explanations.read_text().rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -1,0 +1,280 @@
+"""Usage with every service as its own OS process (what `stockpilot up` runs):
+
+- ingest end to end: events published by a client with `publish_async` (the bytes and the
+  Msg-Id of the raw-publish ceiling) until the usage service's projection reflects the last one;
+- restart to serving: the usage service stopped (it snapshots on SIGTERM), a tail of events
+  published meanwhile, then the time from spawning it again until its `status` endpoint says
+  ready at the stream's last sequence (snapshot + tail);
+- RSS of each process (health, usage, batch, gateway) once the usage stream holds 1M events
+  and again at 3M (`--quick`: 50k and 150k).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import msgspec
+import nats
+import psutil
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from bench.ceilings import sample_event
+from bench.harness import ROOT, Report, Result, log
+from shared import bus
+from shared.runtime import ServiceStatus
+from shared.testing import free_port, wait_for_port
+
+STREAM = "STOCKPILOT_USAGE"
+SUBJECT = "stockpilot.usage.recorded"
+TAIL = 10_000  # events published while the usage service is stopped
+READ_ROUTES = (
+    "/api/v1/status",
+    "/api/v1/usage/stats",
+    "/api/v1/health/comprehensive",
+    "/api/v1/batch/executions/recent",
+)
+_status = msgspec.json.Decoder(ServiceStatus).decode
+
+
+class Stack:
+    """health, usage, batch and the gateway as processes; usage can be restarted."""
+
+    def __init__(self, nats_url: str, data_dir: Path) -> None:
+        self.port = free_port()
+        self.env = {
+            "STOCKPILOT_NATS_URL": nats_url,
+            "STOCKPILOT_DATA_DIR": str(data_dir),
+            "STOCKPILOT_HTTP_PORT": str(self.port),
+            "STOCKPILOT_LOG_LEVEL": "WARNING",
+        }
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs = data_dir / "logs"
+        self._logs.mkdir(parents=True, exist_ok=True)
+
+    def spawn(self, name: str) -> subprocess.Popen[bytes]:
+        """Start one process (`usage`, `health`, `batch` or `gateway`)."""
+        import os
+
+        command = [
+            sys.executable,
+            "-m",
+            "ops",
+            *(["gateway"] if name == "gateway" else ["service", name]),
+        ]
+        with open(self._logs / f"{name}.log", "ab") as out:
+            child = subprocess.Popen(
+                command, env=os.environ | self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
+            )
+        self.children[name] = child
+        return child
+
+    def stop(self, name: str) -> None:
+        """SIGTERM one process and wait for it (a service snapshots on the way out)."""
+        child = self.children.pop(name)
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+    def rss_mb(self) -> dict[str, float]:
+        """Resident memory of every running process, MB."""
+        return {
+            name: psutil.Process(child.pid).memory_info().rss / 1024 / 1024
+            for name, child in self.children.items()
+        }
+
+
+@contextlib.contextmanager
+def running_stack(nats_url: str, data_dir: Path) -> Iterator[Stack]:
+    """All four processes, stopped at the end."""
+    stack = Stack(nats_url, data_dir)
+    try:
+        for name in ("health", "usage", "batch", "gateway"):
+            stack.spawn(name)
+        wait_for_port("127.0.0.1", stack.port, timeout=60)
+        yield stack
+    finally:
+        for name in list(stack.children):
+            stack.stop(name)
+
+
+async def usage_status(nc: NATS, timeout: float = 2.0) -> ServiceStatus | None:
+    """The usage service's status, or None while it does not answer."""
+    try:
+        msg = await nc.request("stockpilot.svc.usage.status", b"{}", timeout=timeout)
+    except Exception:
+        return None
+    if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
+        return None
+    return _status(msg.data)
+
+
+def _cpu(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _usage_seq(status: ServiceStatus) -> int:
+    return next(p.last_seq for p in status.projections if p.name == "usage")
+
+
+async def wait_folded(nc: NATS, seq: int, timeout: float = 900, interval: float = 0.01) -> None:
+    """Until the usage service is ready and its usage projection has folded `seq`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await usage_status(nc, timeout=1.0)
+        if status is not None and status.ready and _usage_seq(status) >= seq:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"usage service did not fold seq {seq}")
+        await asyncio.sleep(interval)
+
+
+async def last_seq(js: JetStreamContext) -> int:
+    """The usage stream's last sequence."""
+    return int((await js.stream_info(STREAM)).state.last_seq)
+
+
+async def publish(js: JetStreamContext, start: int, stop: int) -> None:
+    """Events `start`..`stop-1` with publish_async (the library's own in-flight limit)."""
+    for i in range(start, stop):
+        await js.publish_async(SUBJECT, sample_event(i), headers={"Nats-Msg-Id": f"stream-{i}"})
+    await js.publish_async_completed()
+
+
+async def fill_to(js: JetStreamContext, target: int, next_id: int) -> int:
+    """Publish until the stream holds `target` messages; the next event number."""
+    missing = target - int((await js.stream_info(STREAM)).state.messages)
+    chunk = 100_000
+    while missing > 0:
+        n = min(chunk, missing)
+        await publish(js, next_id, next_id + n)
+        next_id += n
+        missing -= n
+    return next_id
+
+
+async def touch_routes(port: int) -> None:
+    """Each read route a few times, so the gateway holds its answers when RSS is read."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+        for _ in range(5):
+            for route in READ_ROUTES:
+                await http.get(route)
+
+
+async def run(report: Report, ctx: object) -> None:
+    """Ingest end to end, restart to serving, RSS at 1M and 3M events."""
+    url: str = ctx.nats_url  # type: ignore[attr-defined]
+    runs: int = ctx.runs  # type: ignore[attr-defined]
+    workdir: Path = ctx.workdir  # type: ignore[attr-defined]
+    count = ctx.count  # type: ignore[attr-defined]
+    first, second = count(1_000_000), count(3_000_000)
+    ingest_n = count(200_000)
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await bus.provision(js)
+    next_id = 0
+    with running_stack(url, workdir / "stream") as stack:
+        await wait_folded(nc, await last_seq(js), timeout=600)
+
+        rates, busy = [], []
+        usage, me = psutil.Process(stack.children["usage"].pid), psutil.Process()
+        for i in range(runs):
+            cpu = (_cpu(usage), _cpu(me))
+            started = time.perf_counter()
+            await publish(js, next_id, next_id + ingest_n)
+            next_id += ingest_n
+            await wait_folded(nc, await last_seq(js))
+            elapsed = time.perf_counter() - started
+            rates.append(ingest_n / elapsed)
+            busy.append(((_cpu(usage) - cpu[0]) / elapsed, (_cpu(me) - cpu[1]) / elapsed))
+            log(
+                f"  ingest end to end run {i + 1}/{runs}: {rates[-1]:,.0f} events/s "
+                f"(usage process {busy[-1][0]:.0%} of a core, client {busy[-1][1]:.0%})"
+            )
+        usage_busy = sorted(b[0] for b in busy)[len(busy) // 2]
+        client_busy = sorted(b[1] for b in busy)[len(busy) // 2]
+        report.results.append(
+            Result(
+                "usage ingest end to end: client publish_async → folded by the usage process",
+                rates,
+                "events/s",
+                ceiling="publish",
+                target="≥ 0.9",
+                min_ratio=0.9,
+                note=f"{ingest_n:,} events a run; same bytes and Msg-Id as the ceiling; the "
+                f"usage process folds while the client publishes: it used {usage_busy:.0%} of a "
+                f"core, the client {client_busy:.0%} (median run), nats-server the rest",
+            )
+        )
+
+        log(f"usage: filling the stream to {first:,} events")
+        started = time.perf_counter()
+        next_id = await fill_to(js, first, next_id)
+        await wait_folded(nc, await last_seq(js))
+        log(f"  filled and folded in {time.perf_counter() - started:.0f} s")
+
+        restarts = []
+        for i in range(runs):
+            stack.stop("usage")
+            await publish(js, next_id, next_id + TAIL)
+            next_id += TAIL
+            target = await last_seq(js)
+            started = time.perf_counter()
+            stack.spawn("usage")
+            await wait_folded(nc, target, timeout=300, interval=0.005)
+            restarts.append(time.perf_counter() - started)
+            log(f"  restart to serving run {i + 1}/{runs}: {restarts[-1]:.2f} s")
+        report.results.append(
+            Result(
+                f"usage restart to serving, {first:,} events in the stream "
+                f"(snapshot + {TAIL:,}-event tail)",
+                restarts,
+                "s",
+                higher_is_better=False,
+                target="≤ 2 s",
+                max_value=2.0,
+                note="from spawning the process to its status endpoint saying ready at the "
+                "stream's last sequence; includes interpreter start and imports",
+            )
+        )
+
+        await touch_routes(stack.port)
+        rss_first = stack.rss_mb()
+        log(f"usage: filling the stream to {second:,} events")
+        next_id = await fill_to(js, second, next_id)
+        await wait_folded(nc, await last_seq(js))
+        await touch_routes(stack.port)
+        rss_second = stack.rss_mb()
+    await nc.close()
+
+    for name in ("usage", "health", "batch", "gateway"):
+        a, b = rss_first[name], rss_second[name]
+        growth = 100.0 * (b - a) / a
+        log(f"  RSS {name}: {a:.1f} MB at {first:,}, {b:.1f} MB at {second:,} ({growth:+.1f} %)")
+        restarted = (
+            " (restarted from its snapshot before the first mark)" if name == "usage" else ""
+        )
+        report.results.append(
+            Result(
+                f"RSS growth of the {name} process, {first:,} → {second:,} usage events",
+                [growth],
+                "%",
+                higher_is_better=False,
+                target="≤ 10 %",
+                max_value=10.0,
+                note=f"{a:.1f} MB → {b:.1f} MB{restarted}; one pass",
+            )
+        )
