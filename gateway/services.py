@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 from litestar.di import NamedDependency
@@ -37,10 +37,20 @@ _encode = msgspec.json.Encoder().encode
 # Endpoints that only read a projection: their answers may be cached. Everything else
 # (commands, fresh health rounds, the built-in status/digest) goes to the service every time.
 # The health routes keep their own short-lived answers (they report the answer's age).
+# `status` (every service's built-in) is cached too: a service announces its own shutdown.
 READ_ENDPOINTS: dict[str, frozenset[str]] = {
-    "health": frozenset(),
-    "usage": frozenset({"stats", "timeseries", "costs", "alerts", "summary"}),
-    "batch": frozenset({"recent", "stats", "summary", "locks", "expired_locks", "lock_status"}),
+    "health": frozenset({"status", "summary"}),
+    "usage": frozenset({"status", "stats", "timeseries", "costs", "alerts", "summary"}),
+    "batch": frozenset(
+        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status"}
+    ),
+}
+# Endpoints that change a service's state: its cached answers are dropped after each one.
+# Anything in neither list (digest, …) is asked every time and changes nothing.
+COMMANDS: dict[str, frozenset[str]] = {
+    "health": frozenset({"comprehensive_fresh", "component_fresh", "external_apis_fresh"}),
+    "usage": frozenset({"ingest", "reset"}),
+    "batch": frozenset({"release", "cleanup"}),
 }
 
 
@@ -53,15 +63,18 @@ class ServiceClient:
         nc: NATS | None = None,
         cache_ttl_s: float = 1.0,
         read_endpoints: dict[str, frozenset[str]] | None = None,
+        commands: dict[str, frozenset[str]] | None = None,
     ) -> None:
         # None until the lifespan's first connection succeeds (the gateway serves meanwhile).
         self.nc = nc
         self.timeout = timeout
         self.cache_ttl_s = cache_ttl_s
         self.read_endpoints = READ_ENDPOINTS if read_endpoints is None else read_endpoints
+        self.commands = COMMANDS if commands is None else commands
         self._versions: dict[str, int] = {}
         self._cache: dict[tuple[str, str, bytes], tuple[int, float, bytes]] = {}
         self._inflight: dict[tuple[str, str, bytes], asyncio.Future[bytes]] = {}
+        self._decoded: dict[tuple[str, str, bytes, type[Any]], tuple[bytes, Any]] = {}
 
     def changed(self, service: str) -> None:
         """Forget a service's cached answers (it announced a change, or got a command)."""
@@ -100,7 +113,9 @@ class ServiceClient:
             raise UnavailableError(f"the {service} service cannot be reached: NATS is unavailable")
         payload = _encode(params) if params is not None else b"{}"
         if endpoint not in self.read_endpoints.get(service, ()):
-            # A command (or an uncacheable read): answers cached before it may be stale now.
+            if endpoint not in self.commands.get(service, ()):
+                return await self._request(service, endpoint, payload, timeout)
+            # A command: answers cached before it may be stale now.
             try:
                 return await self._request(service, endpoint, payload, timeout)
             finally:
@@ -131,6 +146,7 @@ class ServiceClient:
             # makes this answer stale at once.
             if len(self._cache) > 10_000:
                 self._cache.clear()
+                self._decoded.clear()
             self._cache[key] = (version, now + self.cache_ttl_s, data)
             return data
         finally:
@@ -173,14 +189,28 @@ class ServiceClient:
         *,
         timeout: float | None = None,
     ) -> T:
-        """The service's answer decoded into `response_type`."""
+        """The service's answer decoded into `response_type`.
+
+        A cached answer is decoded once: callers get the same object until it changes, so
+        they must not mutate it (copy with msgspec.structs.replace instead).
+        """
         data = await self.query_raw(service, endpoint, params, timeout=timeout)
+        # One entry per question (not per answer), so the memo never outgrows the cache.
+        key = (service, endpoint, _encode(params) if params is not None else b"", response_type)
+        decoded = self._decoded.get(key)
+        if decoded is not None and decoded[0] is data:
+            return cast(T, decoded[1])
         try:
-            return msgspec.json.decode(data, type=response_type)
+            value = msgspec.json.decode(data, type=response_type)
         except msgspec.ValidationError as exc:
             raise StockpilotError(
                 f"the {service} service answered {endpoint} in an unexpected shape: {exc}"
             ) from None
+        if endpoint in self.read_endpoints.get(service, ()):
+            if len(self._decoded) > 10_000:
+                self._decoded.clear()
+            self._decoded[key] = (data, value)
+        return value
 
 
 # How route handlers ask for the client: `services: Services`.

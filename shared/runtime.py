@@ -326,6 +326,9 @@ class Runtime:
             log.info("%s service %s listening on stockpilot.svc.%s.*", name, self.instance, name)
             await self.stop.wait()
             log.info("%s: stopping", name)
+            # Gateways drop this service's cached answers (its status says it is gone).
+            with contextlib.suppress(Exception):
+                await self.nc.publish(changed_subject(name), b"")
         return 1 if self.closed_for_good else 0
 
     async def _close_connection(self) -> None:

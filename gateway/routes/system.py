@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any, Literal
 
 import msgspec
@@ -157,8 +158,24 @@ async def ready(services: Services) -> Response[Readiness]:
     return Response(body, status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE)
 
 
+# The hook status changes every few seconds at most: read the bucket once a second, not on
+# every /status request (per client, so two apps in one process never share it).
+_HOOKS_TTL_S = 1.0
+_hooks_read: weakref.WeakKeyDictionary[ServiceClient, tuple[float, tuple[str, list[HookState]]]]
+_hooks_read = weakref.WeakKeyDictionary()
+
+
 async def _hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
     """The hook process's last published status (KV), judged stale after STALE_AFTER_S."""
+    remembered = _hooks_read.get(services)
+    if remembered is not None and remembered[0] > time.monotonic():
+        return remembered[1]
+    answer = await _read_hooks(services)
+    _hooks_read[services] = (time.monotonic() + _HOOKS_TTL_S, answer)
+    return answer
+
+
+async def _read_hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
     if services.nc is None or not services.nc.is_connected:
         raise UnavailableError("NATS is unavailable")
     try:

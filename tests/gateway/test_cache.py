@@ -27,7 +27,14 @@ async def test_cached_answers_until_the_service_announces_a_change(env: dict[str
     definition, projection = build()
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    client = ServiceClient(2.0, nc, cache_ttl_s=60, read_endpoints={"usage": frozenset({"count"})})
+    # The toy service has no command; its built-in `digest` stands in for one here.
+    client = ServiceClient(
+        2.0,
+        nc,
+        cache_ttl_s=60,
+        read_endpoints={"usage": frozenset({"count"})},
+        commands={"usage": frozenset({"digest"})},
+    )
     await client.watch_changes()
     async with running_service(definition, load_settings(CommonSettings, env)):
         first = await client.query("usage", "count", CountAnswer)
@@ -52,8 +59,12 @@ async def test_cached_answers_until_the_service_announces_a_change(env: dict[str
         served = await requests_served(nc)
         assert served >= 2
 
-        # A command to the service drops its cached answers at once.
+        # A read that is not cached changes nothing...
         await client.query_raw("usage", "status")
+        await client.query("usage", "count", CountAnswer)
+        assert await requests_served(nc) == served
+        # ...a command to the service drops its cached answers at once.
+        await client.query_raw("usage", "digest")
         await client.query("usage", "count", CountAnswer)
         assert await requests_served(nc) == served + 1
     await nc.close()
