@@ -209,7 +209,7 @@ async def stored(nc: NATS, stream: str) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg(stream, seq)
-        out.append((msg.subject, msgspec.json.decode(msg.data or b"{}")))
+        out.append((msg.subject or "", msgspec.json.decode(msg.data or b"{}")))
     return out
 
 

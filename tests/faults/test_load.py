@@ -26,6 +26,7 @@ import msgspec
 import nats as nats_py
 import psutil
 import pytest
+from nats.js.api import PubAck
 
 from bench.harness import WrkResult, wrk
 from shared.testing import NatsServer
@@ -62,7 +63,7 @@ class Ingest:
         next_at = loop.time()
         try:
             while not self.stop.is_set():
-                futures = []
+                futures: list[asyncio.Future[PubAck]] = []
                 for _ in range(per_tick):
                     i = self.acked + len(futures)
                     data = msgspec.json.encode(

@@ -184,7 +184,8 @@ async def test_two_usage_replicas_store_a_budget_alert_once(
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     if info.state.messages == 0:
                         break
-                    alert = msgspec.json.decode((await js.get_msg("STOCKPILOT_ALERTS", seq)).data)
+                    stored = await js.get_msg("STOCKPILOT_ALERTS", seq)
+                    alert = msgspec.json.decode(stored.data or b"{}")
                     ids.append(alert["id"])
                     kinds[alert["kind"]] = kinds.get(alert["kind"], 0) + 1
                 if {"usage.cost_warning", "usage.cost_exceeded"} <= set(kinds):
