@@ -113,7 +113,7 @@ async def load(base: str, seconds: int) -> dict[str, WrkResult]:
 )
 @pytest.mark.timeout(SECONDS + WARMUP_SECONDS + 120)
 async def test_read_routes_under_256_connections_while_ingesting_no_5xx_flat_memory(
-    nats: NatsServer, tmp_path: Path
+    nats: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = service_env(nats.url, tmp_path / "data", STOCKPILOT_HEALTH_INTERVAL_S="2")
     with contextlib.ExitStack() as stack:
@@ -159,14 +159,16 @@ async def test_read_routes_under_256_connections_while_ingesting_no_5xx_flat_mem
                     break
                 await asyncio.sleep(0.1)
 
-    print(f"\nload: {SECONDS} s, 256 connections, ingest {rate:,.0f} events/s")
-    for route, result in results.items():
-        print(
-            f"  {route:<36} {result.rps:>8,.0f} req/s  p50 {result.p50_ms:8.2f} ms  "
-            f"p99 {result.p99_ms:8.2f} ms  non-2xx {result.non_2xx}"
-        )
-    for name in processes:
-        print(f"  RSS {name:<12} {before[name]:7.1f} MB -> {after[name]:7.1f} MB")
+    # Shown even when the test passes (pytest captures output otherwise).
+    with capsys.disabled():
+        print(f"\nload: {SECONDS} s, 256 connections, ingest {rate:,.0f} events/s")
+        for route, result in results.items():
+            print(
+                f"  {route:<36} {result.rps:>8,.0f} req/s  p50 {result.p50_ms:8.2f} ms  "
+                f"p99 {result.p99_ms:8.2f} ms  non-2xx {result.non_2xx}"
+            )
+        for name in processes:
+            print(f"  RSS {name:<12} {before[name]:7.1f} MB -> {after[name]:7.1f} MB")
     for phase in (warm, results):
         for route, result in phase.items():
             assert result.non_2xx == 0, f"{route}: {result.non_2xx} answers were not 2xx"
