@@ -7,20 +7,11 @@ import signal
 from pathlib import Path
 
 import nats as nats_py
-import pytest
 
 from shared.testing import NatsServer
 from tests.faults.stack import digest, service_env, spawn, stop
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known bug, reported: shared/runtime.py Runtime._close_connection awaits nc.close() "
-        "unguarded; with NATS away nats-py writes its pending buffer to the closed uvloop "
-        "transport, RuntimeError escapes run() and the process exits 1 with a traceback"
-    ),
-)
 async def test_sigterm_while_nats_is_away_exits_zero_without_a_traceback(
     nats: NatsServer, tmp_path: Path
 ) -> None:
