@@ -269,6 +269,10 @@ class Runtime:
             projections.insert(0, self._ledger)
         self.tracked = {p.name: _Tracked(p) for p in projections}
         self._alerts: asyncio.Queue[Alert] = asyncio.Queue(maxsize=10_000)
+        # Alerts queued or being published; no snapshot is taken while any is (see snapshot).
+        self._alerts_unpublished = 0
+        self._alerts_idle = asyncio.Event()
+        self._alerts_idle.set()
         self.alerts_published = 0
         self._process = psutil.Process()
         self._process.cpu_percent()
@@ -528,8 +532,15 @@ class Runtime:
             return
         try:
             self._alerts.put_nowait(alert)
+            self._alerts_unpublished += 1
+            self._alerts_idle.clear()
         except asyncio.QueueFull:
             log.error("%s: alert queue full; dropped alert %s", self.definition.name, alert.id)
+
+    def _alert_settled(self) -> None:
+        self._alerts_unpublished -= 1
+        if self._alerts_unpublished == 0:
+            self._alerts_idle.set()
 
     async def _publish_alerts(self) -> None:
         # Alerts wait until the ledger has caught up, so a restart does not repeat old ones.
@@ -538,6 +549,7 @@ class Runtime:
         while True:
             alert = await self._alerts.get()
             if self._ledger is not None and alert.id in self._ledger.view.ids:
+                self._alert_settled()
                 continue
             delay = 0.2
             while True:
@@ -546,6 +558,7 @@ class Runtime:
                     if not ack.duplicate:
                         self.alerts_published += 1
                         log.info("%s: alert %s (%s)", self.definition.name, alert.id, alert.title)
+                    self._alert_settled()
                     break
                 except asyncio.CancelledError:
                     raise
@@ -576,7 +589,14 @@ class Runtime:
                     last[name] = time.monotonic()
 
     async def snapshot(self, tracked: _Tracked) -> None:
-        """Store the projection's view with its last_seq."""
+        """Store the projection's view with its last_seq.
+
+        Not while alerts derived from folded events wait to be published: after a crash the
+        service resumes *after* the snapshot and would never derive them again. The next
+        tick (or the shutdown, which first waits for them) takes it instead.
+        """
+        if self._alerts_unpublished:  # queued or being published
+            return
         projection = tracked.projection
         taken_at = utc_now()
         data = encode_snapshot(projection, taken_at)
@@ -600,6 +620,8 @@ class Runtime:
         )
 
     async def _final_snapshots(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._alerts_idle.wait(), timeout=3)
         for tracked in self.tracked.values():
             if tracked.since_snapshot and self.nc.is_connected:
                 with contextlib.suppress(Exception):
