@@ -262,8 +262,14 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
     await nc.subscribe("stockpilot.alerts.health.>", cb=keep)
     async with Target(Reply(status=200)) as flaky:
         flaky_env = {"STOCKPILOT_EXTERNAL_APIS": externals(("flaky", flaky))}
-        async with stack(env, flaky_env) as (client, _):
-            # Round 1 was the start-up round (up); then 3 down, then 2 up: 6 results.
+        async with stack(env, flaky_env) as (client, runtime):
+            # Round 1 is the start-up round (up): wait for its result, or the first fresh
+            # request below would share that round and see the 503 meant for round 2.
+            deadline = time.monotonic() + 10
+            while "external.flaky" not in runtime.definition.projections[0].view.components:
+                assert time.monotonic() < deadline, "the start-up round never finished"
+                await asyncio.sleep(0.02)
+            # Then 3 down, then 2 up: 6 results.
             for status in (503, 503, 503, 200, 200):
                 flaky.reply = Reply(status=status)
                 answer = await client.get("/api/v1/health/external-apis?fresh=true")
