@@ -40,7 +40,8 @@ T = TypeVar("T")
 SERVICES = ("health", "usage", "batch")
 # A scrape must not hang on a wedged service (Prometheus' own timeout is 10 s by default).
 SCRAPE_TIMEOUT_S = 1.5
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Litestar appends "; charset=utf-8" to text media types itself.
+CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 class _Families(Collector):
@@ -166,7 +167,13 @@ def _source_family(sources: dict[tuple[str, str], bool]) -> Metric:
     return family
 
 
-@get("/metrics", summary="Prometheus metrics", guards=[read_guard], include_in_schema=True)
+@get(
+    "/metrics",
+    summary="Prometheus metrics",
+    guards=[read_guard],
+    media_type=CONTENT_TYPE,
+    include_in_schema=True,
+)
 async def metrics(services: Services) -> Response[bytes]:
     """The gateway's request metrics plus the system's figures, in the text format."""
     scrape = Scrape(services)
