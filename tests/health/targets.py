@@ -121,11 +121,14 @@ class Target:
                 if reply.delay_s:
                     await asyncio.sleep(reply.delay_s)
                 reason = _REASONS.get(reply.status, "Status")
+                # 204 and 304 never carry a body: sending one would corrupt the next answer
+                # on the kept-alive connection.
+                body = b"" if reply.status in (204, 304) else reply.body
                 head = (
                     f"HTTP/1.1 {reply.status} {reason}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(reply.body)}\r\n\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
                 )
-                writer.write(head.encode() + (b"" if method == "HEAD" else reply.body))
+                writer.write(head.encode() + (b"" if method == "HEAD" else body))
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return
