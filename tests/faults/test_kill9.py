@@ -1,9 +1,8 @@
 """kill -9 each service during an ingest, restart it: nothing lost, the live projection equals
 a full replay of its stream.
 
-The issue asks for a 50k-event ingest; the default here is 20k events per service
-(STOCKPILOT_KILL_EVENTS raises it) so that the three runs fit the suite's time budget on a
-2-core machine. The mechanism is the same: the service runs as its own OS process
+A 50k-event ingest per service, as the issue asks (~12 s each on a 2-core machine;
+STOCKPILOT_KILL_EVENTS changes it). The service runs as its own OS process
 (`stockpilot service NAME`), snapshots every half second, is SIGKILLed during the ingest once
 it has stored a snapshot, more is published while it is dead, it restarts while the ingest
 goes on, and the restarted process must resume from its snapshot, fold the rest and answer
@@ -42,7 +41,7 @@ from tests.faults.stack import (
     wait_caught_up,
 )
 
-EVENTS = int(os.environ.get("STOCKPILOT_KILL_EVENTS", "20000"))
+EVENTS = int(os.environ.get("STOCKPILOT_KILL_EVENTS", "50000"))
 WINDOW = 512
 
 Message = tuple[str, str, bytes]  # subject, Nats-Msg-Id, payload

@@ -8,8 +8,8 @@ end of a warm-up and the end of the run (growth under 20 % or 30 MB, whichever i
 nats-server's is printed only: it grows with the events it stores). The p99 of each route is
 printed, never asserted.
 
-The issue asks for 60 s; `make test` runs STOCKPILOT_LOAD_SECONDS=20 by default (a 2-core
-machine, a 10-minute suite); set it to 60 for the full figure.
+60 s, as the issue asks (STOCKPILOT_LOAD_SECONDS changes it; the whole suite stays well
+inside its 10-minute budget on 2 cores).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from bench.harness import WrkResult, wrk
 from shared.testing import NatsServer
 from tests.faults.stack import gateway_process, service_env, service_process
 
-SECONDS = int(os.environ.get("STOCKPILOT_LOAD_SECONDS", "20"))
+SECONDS = int(os.environ.get("STOCKPILOT_LOAD_SECONDS", "60"))
 WARMUP_SECONDS = 5
 RATE = 5_000  # events per second
 ROUTES = [
