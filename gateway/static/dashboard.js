@@ -599,12 +599,20 @@ function renderJobs(stats) {
 // ----- locks ---------------------------------------------------------------------------------
 
 async function loadLocks(ctx) {
+  // Every held lock in one answer (GET /batch/locks, beyond the contract); the per-job
+  // lookups below are the fallback for a gateway without that route.
+  const all = await ctx.get("/batch/locks").catch(() => null);
+  if (all && Array.isArray(all.locks)) {
+    const held = all.locks.filter((l) => l.locked || l.expired);
+    held.sort((a, b) => Number(Boolean(b.expired)) - Number(Boolean(a.expired)) || a.job_id.localeCompare(b.job_id));
+    return { held };
+  }
   const [expired, recent, stats] = await Promise.all([
     ctx.get("/batch/locks/expired"),
     ctx.get("/batch/executions/recent?limit=12").catch(() => ({ executions: [] })),
     ctx.get("/batch/executions/stats").catch(() => ({})),
   ]);
-  // The contract has no "all locks" route: ask the lock status of every job we know of.
+  // Ask the lock status of every job we know of.
   const jobs = new Set();
   for (const l of expired.locks || []) jobs.add(l.job_id);
   for (const x of recent.executions || []) jobs.add(x.job_id);
