@@ -14,9 +14,9 @@ without NATS. Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import get_args
+from typing import Protocol, get_args
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -111,17 +111,21 @@ def service_families(statuses: dict[str, ServiceStatus | None]) -> list[Metric]:
 # ----- usage -------------------------------------------------------------------------------
 
 
-def usage_today_families(stats: UsageStats) -> list[Metric]:
-    """LLM calls of today's statistics (GET /api/v1/usage/stats): by model, error and status."""
-    window = ["today"]
+class _ModelRow(Protocol):
+    """What a per-model row of the stats answer and of the costs answer both carry."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: float
+
+
+def _per_model_families(window: str, rows: Mapping[str, _ModelRow]) -> list[Metric]:
+    """Calls, tokens by type and spend by model: the same families for today and the month."""
     requests = GaugeMetricFamily(
         "stockpilot_llm_requests",
         "LLM calls in the window, by model",
-        labels=["model", "window"],
-    )
-    failed = GaugeMetricFamily(
-        "stockpilot_llm_failed_requests",
-        "Failed LLM calls (status code >= 400 or an error code) in the window, by model",
         labels=["model", "window"],
     )
     tokens = GaugeMetricFamily(
@@ -132,18 +136,30 @@ def usage_today_families(stats: UsageStats) -> list[Metric]:
     cost = GaugeMetricFamily(
         "stockpilot_llm_cost_usd", "LLM spend in the window, by model", labels=["model", "window"]
     )
+    for model, row in sorted(rows.items()):
+        requests.add_metric([model, window], row.requests)
+        tokens.add_metric([model, "prompt", window], row.prompt_tokens)
+        tokens.add_metric([model, "completion", window], row.completion_tokens)
+        tokens.add_metric([model, "cached", window], row.cached_tokens)
+        cost.add_metric([model, window], row.cost_usd)
+    return [requests, tokens, cost]
+
+
+def usage_today_families(stats: UsageStats) -> list[Metric]:
+    """LLM calls of today's statistics (GET /api/v1/usage/stats): by model, error and status."""
+    window = ["today"]
+    failed = GaugeMetricFamily(
+        "stockpilot_llm_failed_requests",
+        "Failed LLM calls (status code >= 400 or an error code) in the window, by model",
+        labels=["model", "window"],
+    )
     avg_latency = GaugeMetricFamily(
         "stockpilot_llm_response_time_avg_ms",
         "Mean LLM response time in the window, by model",
         labels=["model", "window"],
     )
     for model, row in sorted(stats.by_model.items()):
-        requests.add_metric([model, *window], row.requests)
         failed.add_metric([model, *window], row.failed_requests)
-        tokens.add_metric([model, "prompt", *window], row.prompt_tokens)
-        tokens.add_metric([model, "completion", *window], row.completion_tokens)
-        tokens.add_metric([model, "cached", *window], row.cached_tokens)
-        cost.add_metric([model, *window], row.cost_usd)
         avg_latency.add_metric([model, *window], row.avg_response_time_ms)
     by_error = GaugeMetricFamily(
         "stockpilot_llm_errors",
@@ -187,10 +203,8 @@ def usage_today_families(stats: UsageStats) -> list[Metric]:
     for model in stats.unpriced_models:
         unpriced.add_metric([model], 1.0)
     return [
-        requests,
+        *_per_model_families("today", stats.by_model),
         failed,
-        tokens,
-        cost,
         avg_latency,
         by_error,
         by_status,
@@ -203,26 +217,6 @@ def usage_today_families(stats: UsageStats) -> list[Metric]:
 
 def usage_month_families(costs: UsageCosts) -> list[Metric]:
     """Month-to-date spend (GET /api/v1/usage/costs): by model, and both budgets."""
-    window = ["month"]
-    requests = GaugeMetricFamily(
-        "stockpilot_llm_requests",
-        "LLM calls in the window, by model",
-        labels=["model", "window"],
-    )
-    tokens = GaugeMetricFamily(
-        "stockpilot_llm_tokens",
-        "LLM tokens in the window, by model and type (prompt, completion, cached)",
-        labels=["model", "type", "window"],
-    )
-    cost = GaugeMetricFamily(
-        "stockpilot_llm_cost_usd", "LLM spend in the window, by model", labels=["model", "window"]
-    )
-    for model, row in sorted(costs.by_model.items()):
-        requests.add_metric([model, *window], row.requests)
-        tokens.add_metric([model, "prompt", *window], row.prompt_tokens)
-        tokens.add_metric([model, "completion", *window], row.completion_tokens)
-        tokens.add_metric([model, "cached", *window], row.cached_tokens)
-        cost.add_metric([model, *window], row.cost_usd)
     spend = GaugeMetricFamily(
         "stockpilot_llm_spend_usd", "All LLM spend in the window", labels=["window"]
     )
@@ -245,7 +239,7 @@ def usage_month_families(costs: UsageCosts) -> list[Metric]:
         "This month's spend extrapolated to its end at the pace so far",
     )
     forecast.add_metric([], costs.forecast.month_end_cost_usd)
-    return [requests, tokens, cost, spend, budget, used, forecast]
+    return [*_per_model_families("month", costs.by_model), spend, budget, used, forecast]
 
 
 def merge(families: Iterable[Metric]) -> list[Metric]:
