@@ -11,15 +11,18 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.plugins.prometheus import PrometheusConfig
+from litestar.types import ASGIApp
 
 from gateway.errors import exception_handlers
 from gateway.openapi import document_errors
+from gateway.request_metrics import RequestMetrics
+from gateway.response_cache import ResponseCache
 from gateway.routes import all_routers
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
@@ -62,15 +65,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
     def provide_services() -> ServiceClient:
         return services
 
-    prometheus = PrometheusConfig(
-        app_name="stockpilot_gateway",
-        prefix="stockpilot_gateway",
-        group_path=True,  # label by route template, not by every job id
-        exclude=["/metrics", "/static"],
-    )
     app = Litestar(
         route_handlers=all_routers(),
-        middleware=[prometheus.middleware],
         lifespan=[nats_connection],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers=exception_handlers(),
@@ -87,6 +83,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
         ),
     )
     document_errors(app.openapi_schema)
+    # Outside the router, inside Litestar's __call__ (so lifespan, state and the test client
+    # are Litestar's own): every request is counted, and kept answers skip the framework.
+    front = RequestMetrics(ResponseCache(app.asgi_handler, services, settings))
+    app.asgi_handler = cast("ASGIApp", front)  # plain ASGI dicts, see gateway.asgi
     app.state.settings = settings
     app.state.services = services
     app.state.started = time.monotonic()

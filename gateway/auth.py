@@ -17,7 +17,10 @@ from shared.errors import ForbiddenError, UnauthorizedError
 
 
 def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    header = connection.headers.get("authorization", "")
+    return _token(connection.headers.get("authorization", ""))
+
+
+def _token(header: str) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
@@ -65,6 +68,14 @@ async def ingest_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRo
         raise UnauthorizedError("this route needs the ingest token: Authorization: Bearer <token>")
     if not _matches(token, settings.ingest_token, settings.admin_token):
         raise ForbiddenError("the ingest token is wrong")
+
+
+def read_allowed(authorization: str, settings: GatewaySettings) -> bool:
+    """Whether `read_guard` lets a request with this Authorization header value through."""
+    if not settings.read_token:
+        return True
+    token = _token(authorization)
+    return token is not None and _matches(token, settings.read_token, settings.admin_token)
 
 
 async def read_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:

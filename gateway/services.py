@@ -72,6 +72,8 @@ class ServiceClient:
         self.read_endpoints = READ_ENDPOINTS if read_endpoints is None else read_endpoints
         self.commands = COMMANDS if commands is None else commands
         self._versions: dict[str, int] = {}
+        # Bumped on every change of any service: what `gateway.response_cache` keys on.
+        self.generation = 0
         self._cache: dict[tuple[str, str, bytes], tuple[int, float, bytes]] = {}
         self._inflight: dict[tuple[str, str, bytes], asyncio.Future[bytes]] = {}
         self._decoded: dict[tuple[str, str, bytes, type[Any]], tuple[bytes, Any]] = {}
@@ -79,11 +81,13 @@ class ServiceClient:
     def changed(self, service: str) -> None:
         """Forget a service's cached answers (it announced a change, or got a command)."""
         self._versions[service] = self._versions.get(service, 0) + 1
+        self.generation += 1
 
     def forget_all(self) -> None:
         """Forget every cached answer (after a reconnect notices may have been missed)."""
         for service in list(self._versions):
             self.changed(service)
+        self.generation += 1
         self._cache.clear()
 
     async def watch_changes(self) -> None:

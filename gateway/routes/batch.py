@@ -15,6 +15,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK
 
 from gateway.auth import admin_guard, read_guard
+from gateway.response_cache import CACHED
 from gateway.services import Services
 from services.batch.events import job_id_problem
 from services.batch.schemas import (
@@ -60,6 +61,7 @@ def _actor(request: Request[Any, Any, Any]) -> str:
     "/batch/executions/recent",
     summary="The newest executions (of one job), newest first",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def recent_executions(
     services: Services,
@@ -77,6 +79,7 @@ async def recent_executions(
     "/batch/executions/stats",
     summary="Counts, success rate, durations and failure patterns over a window",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def execution_stats(
     services: Services,
@@ -90,7 +93,12 @@ async def execution_stats(
     return await services.query("batch", "stats", BatchStats, params)
 
 
-@get("/batch/jobs/{job_id:str}/lock/status", summary="One job's lock", guards=[read_guard])
+@get(
+    "/batch/jobs/{job_id:str}/lock/status",
+    summary="One job's lock",
+    guards=[read_guard],
+    opt=CACHED,
+)
 async def lock_status(services: Services, job_id: FromPath[str]) -> LockStatus:
     """Held or not, by whom, until when, expired or not, its fencing token."""
     params = JobParams(job_id=_job_id(job_id))
@@ -120,13 +128,23 @@ async def release_lock(
     )
 
 
-@get("/batch/locks/expired", summary="Locks held past their lifetime", guards=[read_guard])
+@get(
+    "/batch/locks/expired",
+    summary="Locks held past their lifetime",
+    guards=[read_guard],
+    opt=CACHED,
+)
 async def expired_locks(services: Services) -> ExpiredLocks:
     """Every lock whose `expires_at` has passed and that nobody released yet."""
     return await services.query("batch", "expired_locks", ExpiredLocks)
 
 
-@get("/batch/locks", summary="Every lock not released yet (live or expired)", guards=[read_guard])
+@get(
+    "/batch/locks",
+    summary="Every lock not released yet (live or expired)",
+    guards=[read_guard],
+    opt=CACHED,
+)
 async def held_locks(services: Services) -> HeldLocks:
     """Beyond the contract: all held locks in one answer (the dashboard's lock panel)."""
     return await services.query("batch", "locks", HeldLocks)

@@ -17,6 +17,7 @@ from litestar import Router, get
 from litestar.params import QueryParameter
 
 from gateway.auth import read_guard
+from gateway.response_cache import CACHED
 from gateway.services import ServiceClient, Services
 from services.health.history import MAX_HOURS, HealthHistory, HistoryParams
 from services.health.queries import (
@@ -120,25 +121,26 @@ async def _ask(
     "/health/comprehensive",
     summary="Every dependency, the overall status and the host's metrics",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def comprehensive(services: Services, fresh: Fresh = False) -> ComprehensiveHealth:
     """Overall: any unhealthy → unhealthy, else any degraded → degraded (unknown ignored)."""
     return await _ask(services, "comprehensive", ComprehensiveHealth, fresh)
 
 
-@get("/health/database", summary="PostgreSQL", guards=[read_guard])
+@get("/health/database", summary="PostgreSQL", guards=[read_guard], opt=CACHED)
 async def database(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """Connect, SELECT 1, server version, connections in use vs max_connections."""
     return await _ask(services, "component", ComponentAnswer, fresh, "database")
 
 
-@get("/health/openai", summary="OpenAI", guards=[read_guard])
+@get("/health/openai", summary="OpenAI", guards=[read_guard], opt=CACHED)
 async def openai(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """GET {OPENAI_BASE_URL}/models with the key: the count of models, 401/429/5xx mapped."""
     return await _ask(services, "component", ComponentAnswer, fresh, "openai")
 
 
-@get("/health/redis", summary="Redis", guards=[read_guard])
+@get("/health/redis", summary="Redis", guards=[read_guard], opt=CACHED)
 async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     """PING latency, memory used vs maxmemory, connected clients, version."""
     return await _ask(services, "component", ComponentAnswer, fresh, "redis")
@@ -148,6 +150,7 @@ async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     "/health/external-apis",
     summary="The external APIs of STOCKPILOT_EXTERNAL_APIS and their aggregate",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def external_apis(services: Services, fresh: Fresh = False) -> ExternalApisHealth:
     """Healthy at >= 80 % reachable, degraded at >= 50 %, else unhealthy."""
@@ -158,6 +161,7 @@ async def external_apis(services: Services, fresh: Fresh = False) -> ExternalApi
     "/health/history",
     summary="Status points and uptime per component over the last hours",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def history(
     services: Services,

@@ -14,6 +14,7 @@ from litestar import Request, Response, Router, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.auth import read_guard
+from gateway.response_cache import CACHED
 from gateway.services import ServiceClient, Services
 from services.batch.schemas import BatchSummary
 from services.health.queries import HealthSummary
@@ -211,6 +212,7 @@ async def _optional(coro: Any) -> Any:
     "/status",
     summary="Everything at a glance: services, components, usage, batch, alerts",
     guards=[read_guard],
+    opt=CACHED,
 )
 async def system_status(services: Services) -> SystemStatus:
     """Never hangs: a service that does not answer shows as `unavailable`."""

@@ -14,6 +14,7 @@ from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from gateway.auth import admin_guard, ingest_guard, read_guard
+from gateway.response_cache import CACHED
 from gateway.services import Services
 from services.usage.answers import (
     AlertList,
@@ -47,7 +48,12 @@ class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     reason: str | None = None
 
 
-@get("/usage/stats", summary="LLM usage statistics for a day or a range", guards=[read_guard])
+@get(
+    "/usage/stats",
+    summary="LLM usage statistics for a day or a range",
+    guards=[read_guard],
+    opt=CACHED,
+)
 async def usage_stats(
     services: Services,
     date: FromQuery[str | None] = None,
@@ -59,7 +65,7 @@ async def usage_stats(
     return await services.query("usage", "stats", UsageStats, params)
 
 
-@get("/usage/timeseries", summary="Hourly or daily usage buckets", guards=[read_guard])
+@get("/usage/timeseries", summary="Hourly or daily usage buckets", guards=[read_guard], opt=CACHED)
 async def usage_timeseries(
     services: Services,
     bucket: FromQuery[str] = "hour",
@@ -71,13 +77,18 @@ async def usage_timeseries(
     return await services.query("usage", "timeseries", UsageTimeseries, params)
 
 
-@get("/usage/costs", summary="Spend against the budgets, by model and day", guards=[read_guard])
+@get(
+    "/usage/costs",
+    summary="Spend against the budgets, by model and day",
+    guards=[read_guard],
+    opt=CACHED,
+)
 async def usage_costs(services: Services) -> UsageCosts:
     """Today, this month, by model, the last 30 days, unpriced models and the forecast."""
     return await services.query("usage", "costs", UsageCosts)
 
 
-@get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard])
+@get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard], opt=CACHED)
 async def usage_alerts(
     services: Services, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
 ) -> AlertList:
