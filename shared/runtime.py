@@ -43,6 +43,7 @@ from nats.micro.service import ServiceConfig
 
 from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
+from shared.catch_up import catch_up
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import Alert, AwareDatetime, Event, utc_now
 from shared.projection import (
@@ -70,6 +71,10 @@ def changed_subject(service: str) -> str:
     """Core-NATS subject a service announces projection changes on (gateway caches listen)."""
     return f"stockpilot.changed.{service}"
 
+
+# A backlog this long is read over a bare connection first (shared.catch_up); a shorter one
+# (the tail after a recent snapshot) goes straight to the ordered consumer.
+CATCH_UP_MIN_EVENTS = 20_000
 
 # Change notices are coalesced: at most one per service every few milliseconds.
 CHANGE_NOTICE_INTERVAL_S = 0.005
@@ -198,6 +203,7 @@ class _Tracked:
     snapshot_at: datetime | None = None
     waiters: SeqWaiters = field(default_factory=SeqWaiters)
     subscription: Any = None
+    catch_up: asyncio.Task[None] | None = None
 
 
 class Context:
@@ -253,9 +259,17 @@ class Context:
 class Runtime:
     """Runs one ServiceDefinition against NATS."""
 
-    def __init__(self, definition: ServiceDefinition, settings: CommonSettings) -> None:
+    def __init__(
+        self,
+        definition: ServiceDefinition,
+        settings: CommonSettings,
+        catch_up_min_events: int | None = None,
+    ) -> None:
         self.definition = definition
         self.settings = settings
+        self.catch_up_min_events = (
+            CATCH_UP_MIN_EVENTS if catch_up_min_events is None else catch_up_min_events
+        )
         self.stop = asyncio.Event()
         self.closed_for_good = False
         self.started_at = utc_now()
@@ -352,6 +366,10 @@ class Runtime:
 
     async def _unsubscribe(self) -> None:
         for tracked in self.tracked.values():
+            if tracked.catch_up is not None:
+                tracked.catch_up.cancel()
+                with contextlib.suppress(BaseException):
+                    await tracked.catch_up
             if tracked.subscription is not None:
                 with contextlib.suppress(Exception):
                     await tracked.subscription.unsubscribe()
@@ -421,6 +439,71 @@ class Runtime:
         await self._restore(tracked)
         projection = tracked.projection
         start = projection.view.last_seq + 1
+        state = (await self.js.stream_info(projection.stream.name)).state
+        backlog = max(0, state.last_seq - start + 1)
+        if backlog >= self.catch_up_min_events:
+            # A long backlog: read it over a bare connection first (shared.catch_up), then
+            # follow the stream as usual. In a task, so the service answers meanwhile.
+            tracked.lag = backlog
+            tracked.catch_up = asyncio.create_task(
+                self._catch_up_then_follow(tracked), name=f"catch-up-{projection.name}"
+            )
+            return
+        await self._follow(tracked)
+
+    async def _catch_up_then_follow(self, tracked: _Tracked) -> None:
+        projection = tracked.projection
+        service = self.definition.name
+        start = projection.view.last_seq + 1
+        log.info(
+            "%s: %s catching up on up to %d events from seq %d",
+            service,
+            projection.name,
+            tracked.lag,
+            start,
+        )
+        began = time.monotonic()
+
+        def apply(seq: int, pending: int, subject: str, data: bytes) -> None:
+            tracked.lag = pending
+            self._apply(tracked, seq, subject, data)
+
+        try:
+            applied = await catch_up(
+                self.nc, projection.stream.name, projection.subject, start, apply
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "%s: %s catch-up read stopped at seq %d (%s); following from there",
+                service,
+                projection.name,
+                projection.view.last_seq,
+                exc,
+            )
+        else:
+            elapsed = time.monotonic() - began
+            log.info(
+                "%s: %s read %d events in %.1fs (%.0f/s) up to seq %d",
+                service,
+                projection.name,
+                applied,
+                elapsed,
+                applied / elapsed if elapsed > 0 else 0.0,
+                projection.view.last_seq,
+            )
+        try:
+            await self._follow(tracked)
+        except Exception:
+            log.exception("%s: could not follow %s; exiting", service, projection.name)
+            self.closed_for_good = True
+            self.stop.set()
+
+    async def _follow(self, tracked: _Tracked) -> None:
+        """Fold the stream from the view's next sequence with an ordered push consumer."""
+        projection = tracked.projection
+        start = projection.view.last_seq + 1
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start,
@@ -437,13 +520,13 @@ class Runtime:
         )
         info = await tracked.subscription.consumer_info()
         if projection.view.last_seq < start:
-            # Nothing delivered yet; once something is, its metadata keeps `lag` current.
+            # Nothing delivered yet; once something is, its position keeps `lag` current.
             tracked.lag = info.num_pending or 0
         if tracked.lag == 0:
             tracked.caught_up.set()
         else:
             log.info(
-                "%s: %s catching up on %d events from seq %d",
+                "%s: %s following %d events from seq %d",
                 self.definition.name,
                 projection.name,
                 tracked.lag,
@@ -453,37 +536,44 @@ class Runtime:
     def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
         projection = tracked.projection
         service = self.definition.name
-        publish_alerts = self._ledger is not None and projection is not self._ledger
 
         async def on_message(msg: Msg) -> None:
             seq, tracked.lag = ack_position(msg)
-            if seq > projection.view.last_seq:
-                try:
-                    alerts = projection.fold(seq, msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    await self._refuse(tracked, msg, seq, bus.describe_decode_error(exc))
-                except FoldError as exc:
-                    await self._refuse(tracked, msg, seq, str(exc))
-                except Exception as exc:
-                    log.exception("%s: %s could not apply seq %d", service, projection.name, seq)
-                    await self._refuse(tracked, msg, seq, f"could not be applied: {exc!r}"[:500])
-                else:
-                    tracked.events_applied += 1
-                    tracked.since_snapshot += 1
-                    if publish_alerts:
-                        for alert in alerts:
-                            self.queue_alert(alert)
-                if self._notice is None:
-                    self._announce_change()
-                if tracked.waiters:
-                    for waiter in tracked.waiters.pop_ready(seq):
-                        if isinstance(waiter, asyncio.Future) and not waiter.done():
-                            waiter.set_result(True)
+            self._apply(tracked, seq, msg.subject, msg.data)
             if tracked.lag == 0 and not tracked.caught_up.is_set():
                 tracked.caught_up.set()
                 log.info("%s: %s caught up at seq %d", service, projection.name, seq)
 
         return on_message
+
+    def _apply(self, tracked: _Tracked, seq: int, subject: str, data: bytes) -> None:
+        """Fold one stored event (or dead-letter it); skip what the view already holds."""
+        projection = tracked.projection
+        if seq <= projection.view.last_seq:
+            return
+        try:
+            alerts = projection.fold(seq, data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._refuse(tracked, subject, data, seq, bus.describe_decode_error(exc))
+        except FoldError as exc:
+            self._refuse(tracked, subject, data, seq, str(exc))
+        except Exception as exc:
+            log.exception(
+                "%s: %s could not apply seq %d", self.definition.name, projection.name, seq
+            )
+            self._refuse(tracked, subject, data, seq, f"could not be applied: {exc!r}"[:500])
+        else:
+            tracked.events_applied += 1
+            tracked.since_snapshot += 1
+            if alerts and self._ledger is not None and projection is not self._ledger:
+                for alert in alerts:
+                    self.queue_alert(alert)
+        if self._notice is None:
+            self._announce_change()
+        if tracked.waiters:
+            for waiter in tracked.waiters.pop_ready(seq):
+                if isinstance(waiter, asyncio.Future) and not waiter.done():
+                    waiter.set_result(True)
 
     def _announce_change(self) -> None:
         """Tell the gateways this service's answers changed (coalesced; fire and forget)."""
@@ -500,15 +590,24 @@ class Runtime:
             self._background_sends.add(task)
             task.add_done_callback(self._background_sends.discard)
 
-    async def _refuse(self, tracked: _Tracked, msg: Msg, seq: int, reason: str) -> None:
+    def _refuse(self, tracked: _Tracked, subject: str, data: bytes, seq: int, reason: str) -> None:
         projection = tracked.projection
         projection.view.last_seq = seq
         tracked.dead_lettered += 1
         log.warning(
-            "%s: dead-lettered seq %d on %s: %s", self.definition.name, seq, msg.subject, reason
+            "%s: dead-lettered seq %d on %s: %s", self.definition.name, seq, subject, reason
         )
+        # Sent in the background (tasks start in the order they are created, so dead letters
+        # keep their order): folding never waits on NATS.
+        task = asyncio.get_running_loop().create_task(
+            self._send_dead_letter(subject, data, reason, seq)
+        )
+        self._background_sends.add(task)
+        task.add_done_callback(self._background_sends.discard)
+
+    async def _send_dead_letter(self, subject: str, data: bytes, reason: str, seq: int) -> None:
         with contextlib.suppress(Exception):
-            await bus.dead_letter(self.nc, self.definition.name, msg.subject, msg.data, reason, seq)
+            await bus.dead_letter(self.nc, self.definition.name, subject, data, reason, seq)
 
     async def wait_applied(
         self, projection: Projection[Any, Any], seq: int, timeout: float

@@ -121,7 +121,10 @@ def nats_server(store_dir: Path) -> Iterator[NatsServer]:
 
 @contextlib.asynccontextmanager
 async def running_service(
-    definition: ServiceDefinition, settings: CommonSettings, ready_timeout: float = 30.0
+    definition: ServiceDefinition,
+    settings: CommonSettings,
+    ready_timeout: float = 30.0,
+    catch_up_min_events: int | None = None,
 ) -> AsyncIterator[Runtime]:
     """Run a service until the block ends; wait until it is caught up.
 
@@ -129,7 +132,7 @@ async def running_service(
     clients that block the test's loop while a request is handled (Litestar's
     AsyncTestClient runs the app through a blocking portal) must not freeze the service.
     """
-    runtime = Runtime(definition, settings)
+    runtime = Runtime(definition, settings, catch_up_min_events)
     loop = asyncio.new_event_loop()
     failure: list[BaseException] = []
 

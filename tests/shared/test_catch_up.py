@@ -1,0 +1,120 @@
+"""The bare-connection catch-up: the view the ordered consumer builds, faster, or a fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+import msgspec
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from shared import bus
+from shared.catch_up import CatchUpStopped, catch_up
+from shared.projection import view_digest
+from shared.settings import CommonSettings, load_settings
+from shared.testing import running_service
+from tests.shared.toy import Counted, build
+
+T0 = datetime(2026, 11, 26, tzinfo=UTC)
+SUBJECT = "stockpilot.usage.recorded"
+STREAM = bus.STREAMS["usage"].name
+
+
+async def publish(js: JetStreamContext, first: int, count: int) -> None:
+    futures = [
+        await js.publish_async(
+            SUBJECT,
+            bus.encode_event(
+                Counted(id=f"e{i}", occurred_at=T0, model=f"m{i % 7}", status_code=200)
+            ),
+            headers={"Nats-Msg-Id": f"e{i}"},
+        )
+        for i in range(first, first + count)
+    ]
+    await asyncio.gather(*futures)
+
+
+async def forget_snapshots(js: JetStreamContext) -> None:
+    snapshots = await js.object_store(bus.SNAPSHOT_BUCKET)
+    for info in await snapshots.list():
+        await snapshots.delete(info.name)
+
+
+async def test_a_long_backlog_is_read_over_the_bare_connection_with_the_same_result(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(CommonSettings, env)
+    nc = await nats.connect(settings.nats_servers)
+    js = nc.jetstream()
+    await bus.provision(js)
+    letters: list[bus.DeadLetter] = []
+
+    async def on_letter(msg: object) -> None:
+        letters.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))  # type: ignore[attr-defined]
+
+    await nc.subscribe("stockpilot.deadletter.usage", cb=on_letter)
+    await publish(js, 0, 2_000)
+    await js.publish(SUBJECT, b"{not json")  # with no headers: a MSG frame, not HMSG
+    await nc.publish("stockpilot.health.checked", b"{}")  # another stream: not in the read
+    await publish(js, 2_000, 1_500)
+    await nc.flush()
+
+    slow_definition, slow = build()
+    async with running_service(slow_definition, settings, catch_up_min_events=10**9):
+        pass
+    await forget_snapshots(js)  # the next run starts from the first event too
+    caplog.set_level(logging.INFO, logger="stockpilot.runtime")
+    fast_definition, fast = build()
+    async with running_service(fast_definition, settings, catch_up_min_events=1) as runtime:
+        assert any("read 3501 events" in r.getMessage() for r in caplog.records), [
+            r.getMessage() for r in caplog.records
+        ]
+        assert fast.view.count == slow.view.count == 3_500
+        assert view_digest(fast.view) == view_digest(slow.view)
+        # After the catch-up the service follows the stream as usual.
+        await publish(js, 3_500, 10)
+        for _ in range(200):
+            if fast.view.count == 3_510:
+                break
+            await asyncio.sleep(0.02)
+        assert fast.view.count == 3_510
+        assert runtime.status().ready
+    # Both runs refused the malformed event, each with the reason.
+    for _ in range(100):
+        if len(letters) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert [letter.stream_seq for letter in letters] == [2_001, 2_001]
+    assert all("json" in letter.reason.lower() for letter in letters)
+    await nc.close()
+
+
+async def test_a_read_that_stops_early_applies_everything_before_the_stop(
+    env: dict[str, str],
+) -> None:
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    js = nc.jetstream()
+    await bus.provision(js)
+    await publish(js, 0, 500)
+    seen: list[int] = []
+
+    def apply(seq: int, pending: int, subject: str, data: bytes) -> None:
+        if seq == 300:
+            raise ValueError("the fold gave up")
+        seen.append(seq)
+
+    with pytest.raises(CatchUpStopped, match="gave up"):
+        await catch_up(nc, STREAM, SUBJECT, 1, apply)
+    assert seen == list(range(1, 300))
+    # The read from a later start picks up where that one stopped, to the end.
+    rest: list[int] = []
+    count = await catch_up(
+        nc, STREAM, SUBJECT, 300, lambda seq, pending, subject, data: rest.append(seq)
+    )
+    assert count == 201 and rest == list(range(300, 501))
+    # Its consumers are gone (deleted at the end of each read).
+    assert (await js.stream_info(STREAM)).state.consumer_count == 0
+    await nc.close()
