@@ -43,7 +43,6 @@ from nats.micro.service import ServiceConfig
 
 from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
-from shared.catch_up import catch_up
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import Alert, AwareDatetime, Event, utc_now
 from shared.projection import (
@@ -55,6 +54,7 @@ from shared.projection import (
     view_digest,
 )
 from shared.settings import CommonSettings
+from shared.stream_reader import read_stream
 
 log = logging.getLogger("stockpilot.runtime")
 
@@ -71,10 +71,6 @@ def changed_subject(service: str) -> str:
     """Core-NATS subject a service announces projection changes on (gateway caches listen)."""
     return f"stockpilot.changed.{service}"
 
-
-# A backlog this long is read over a bare connection first (shared.catch_up); a shorter one
-# (the tail after a recent snapshot) goes straight to the ordered consumer.
-CATCH_UP_MIN_EVENTS = 20_000
 
 # Change notices are coalesced: at most one per service every few milliseconds.
 CHANGE_NOTICE_INTERVAL_S = 0.005
@@ -203,7 +199,7 @@ class _Tracked:
     snapshot_at: datetime | None = None
     waiters: SeqWaiters = field(default_factory=SeqWaiters)
     subscription: Any = None
-    catch_up: asyncio.Task[None] | None = None
+    reader: asyncio.Task[None] | None = None
 
 
 class Context:
@@ -263,13 +259,13 @@ class Runtime:
         self,
         definition: ServiceDefinition,
         settings: CommonSettings,
-        catch_up_min_events: int | None = None,
+        bare_reads: bool = True,
     ) -> None:
         self.definition = definition
         self.settings = settings
-        self.catch_up_min_events = (
-            CATCH_UP_MIN_EVENTS if catch_up_min_events is None else catch_up_min_events
-        )
+        # Projections read over a bare connection (shared.stream_reader); False: nats-py only.
+        self.bare_reads = bare_reads
+        self._reconnected = asyncio.Event()
         self.stop = asyncio.Event()
         self.closed_for_good = False
         self.started_at = utc_now()
@@ -313,7 +309,15 @@ class Runtime:
                 self.closed_for_good = True
                 self.stop.set()
 
-        self.nc = await bus.connect(self.settings, f"stockpilot-{name}", on_closed=on_closed)
+        async def on_reconnected() -> None:
+            self._reconnected.set()
+
+        self.nc = await bus.connect(
+            self.settings,
+            f"stockpilot-{name}",
+            on_closed=on_closed,
+            on_reconnected=on_reconnected,
+        )
         self.js = self.nc.jetstream()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_connection)
@@ -366,10 +370,10 @@ class Runtime:
 
     async def _unsubscribe(self) -> None:
         for tracked in self.tracked.values():
-            if tracked.catch_up is not None:
-                tracked.catch_up.cancel()
+            if tracked.reader is not None:
+                tracked.reader.cancel()
                 with contextlib.suppress(BaseException):
-                    await tracked.catch_up
+                    await tracked.reader
             if tracked.subscription is not None:
                 with contextlib.suppress(Exception):
                     await tracked.subscription.unsubscribe()
@@ -438,67 +442,83 @@ class Runtime:
     async def _start_projection(self, tracked: _Tracked) -> None:
         await self._restore(tracked)
         projection = tracked.projection
-        start = projection.view.last_seq + 1
-        state = (await self.js.stream_info(projection.stream.name)).state
-        backlog = max(0, state.last_seq - start + 1)
-        if backlog >= self.catch_up_min_events:
-            # A long backlog: read it over a bare connection first (shared.catch_up), then
-            # follow the stream as usual. In a task, so the service answers meanwhile.
-            tracked.lag = backlog
-            tracked.catch_up = asyncio.create_task(
-                self._catch_up_then_follow(tracked), name=f"catch-up-{projection.name}"
-            )
+        if not self.bare_reads:
+            await self._follow(tracked)
             return
-        await self._follow(tracked)
+        # Until the reader's first answer: at most what the stream holds past the view.
+        state = (await self.js.stream_info(projection.stream.name)).state
+        tracked.lag = max(0, state.last_seq - projection.view.last_seq)
+        tracked.reader = asyncio.create_task(
+            self._read_bare(tracked), name=f"read-{projection.name}"
+        )
 
-    async def _catch_up_then_follow(self, tracked: _Tracked) -> None:
+    async def _read_bare(self, tracked: _Tracked) -> None:
+        """Fold the stream over a bare connection (shared.stream_reader) for as long as it works.
+
+        A read that stops after making progress (NATS restarted, a consumer lost) starts
+        again from the view's next sequence once NATS is back; one that stops without any
+        (TLS, an auth scheme it does not speak) hands over to nats-py's ordered consumer.
+        """
         projection = tracked.projection
         service = self.definition.name
-        start = projection.view.last_seq + 1
-        log.info(
-            "%s: %s catching up on up to %d events from seq %d",
-            service,
-            projection.name,
-            tracked.lag,
-            start,
-        )
-        began = time.monotonic()
 
         def apply(seq: int, pending: int, subject: str, data: bytes) -> None:
             tracked.lag = pending
             self._apply(tracked, seq, subject, data)
 
-        try:
-            applied = await catch_up(
-                self.nc, projection.stream.name, projection.subject, start, apply
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning(
-                "%s: %s catch-up read stopped at seq %d (%s); following from there",
-                service,
-                projection.name,
-                projection.view.last_seq,
-                exc,
-            )
-        else:
-            elapsed = time.monotonic() - began
-            log.info(
-                "%s: %s read %d events in %.1fs (%.0f/s) up to seq %d",
-                service,
-                projection.name,
-                applied,
-                elapsed,
-                applied / elapsed if elapsed > 0 else 0.0,
-                projection.view.last_seq,
-            )
-        try:
-            await self._follow(tracked)
-        except Exception:
-            log.exception("%s: could not follow %s; exiting", service, projection.name)
-            self.closed_for_good = True
-            self.stop.set()
+        def caught_up() -> None:
+            tracked.lag = 0
+            if not tracked.caught_up.is_set():
+                tracked.caught_up.set()
+                log.info(
+                    "%s: %s caught up at seq %d (%d events folded)",
+                    service,
+                    projection.name,
+                    projection.view.last_seq,
+                    tracked.events_applied,
+                )
+
+        while True:
+            began = time.monotonic()
+            folded_before = projection.view.last_seq
+            try:
+                await read_stream(
+                    self.nc,
+                    projection.stream.name,
+                    projection.subject,
+                    projection.view.last_seq + 1,
+                    apply,
+                    follow=True,
+                    on_caught_up=caught_up,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                progressed = (
+                    projection.view.last_seq > folded_before or time.monotonic() - began > 30
+                )
+                log.warning(
+                    "%s: %s read stopped at seq %d (%s); %s",
+                    service,
+                    projection.name,
+                    projection.view.last_seq,
+                    exc,
+                    "reading again" if progressed else "following with nats-py instead",
+                )
+                if not progressed:
+                    break
+                self._reconnected.clear()
+                if not self.nc.is_connected:
+                    await self._reconnected.wait()
+        while True:
+            try:
+                await self._follow(tracked)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: nats-py reconnects, then this succeeds
+                log.warning("%s: cannot follow %s yet (%s)", service, projection.name, exc)
+                await asyncio.sleep(1)
 
     async def _follow(self, tracked: _Tracked) -> None:
         """Fold the stream from the view's next sequence with an ordered push consumer."""

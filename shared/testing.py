@@ -124,7 +124,7 @@ async def running_service(
     definition: ServiceDefinition,
     settings: CommonSettings,
     ready_timeout: float = 30.0,
-    catch_up_min_events: int | None = None,
+    bare_reads: bool = True,
 ) -> AsyncIterator[Runtime]:
     """Run a service until the block ends; wait until it is caught up.
 
@@ -132,7 +132,7 @@ async def running_service(
     clients that block the test's loop while a request is handled (Litestar's
     AsyncTestClient runs the app through a blocking portal) must not freeze the service.
     """
-    runtime = Runtime(definition, settings, catch_up_min_events)
+    runtime = Runtime(definition, settings, bare_reads)
     loop = asyncio.new_event_loop()
     failure: list[BaseException] = []
 

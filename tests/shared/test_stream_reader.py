@@ -1,4 +1,4 @@
-"""The bare-connection catch-up: the view the ordered consumer builds, faster, or a fallback."""
+"""Reads over the bare connection: the view nats-py's ordered consumer builds, or a fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from shared import bus
-from shared.catch_up import CatchUpStopped, catch_up
+from shared.stream_reader import ReadStopped, read_stream
 from shared.projection import view_digest
 from shared.settings import CommonSettings, load_settings
 from shared.testing import running_service
@@ -43,7 +43,7 @@ async def forget_snapshots(js: JetStreamContext) -> None:
         await snapshots.delete(info.name)
 
 
-async def test_a_long_backlog_is_read_over_the_bare_connection_with_the_same_result(
+async def test_the_bare_read_folds_what_the_ordered_consumer_folds_and_follows(
     env: dict[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings = load_settings(CommonSettings, env)
@@ -63,13 +63,13 @@ async def test_a_long_backlog_is_read_over_the_bare_connection_with_the_same_res
     await nc.flush()
 
     slow_definition, slow = build()
-    async with running_service(slow_definition, settings, catch_up_min_events=10**9):
+    async with running_service(slow_definition, settings, bare_reads=False):
         pass
     await forget_snapshots(js)  # the next run starts from the first event too
     caplog.set_level(logging.INFO, logger="stockpilot.runtime")
     fast_definition, fast = build()
-    async with running_service(fast_definition, settings, catch_up_min_events=1) as runtime:
-        assert any("read 3501 events" in r.getMessage() for r in caplog.records), [
+    async with running_service(fast_definition, settings, bare_reads=True) as runtime:
+        assert any("(3500 events folded)" in r.getMessage() for r in caplog.records), [
             r.getMessage() for r in caplog.records
         ]
         assert fast.view.count == slow.view.count == 3_500
@@ -106,12 +106,12 @@ async def test_a_read_that_stops_early_applies_everything_before_the_stop(
             raise ValueError("the fold gave up")
         seen.append(seq)
 
-    with pytest.raises(CatchUpStopped, match="gave up"):
-        await catch_up(nc, STREAM, SUBJECT, 1, apply)
+    with pytest.raises(ReadStopped, match="gave up"):
+        await read_stream(nc, STREAM, SUBJECT, 1, apply)
     assert seen == list(range(1, 300))
     # The read from a later start picks up where that one stopped, to the end.
     rest: list[int] = []
-    count = await catch_up(
+    count = await read_stream(
         nc, STREAM, SUBJECT, 300, lambda seq, pending, subject, data: rest.append(seq)
     )
     assert count == 201 and rest == list(range(300, 501))

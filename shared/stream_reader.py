@@ -1,25 +1,29 @@
-"""Long stream backlogs read over a bare NATS protocol connection, several times faster.
+"""Projection reads over a bare NATS protocol connection: several times cheaper per event.
 
-Why: a service starting on a long stream (no snapshot, or a snapshot far behind) spends its
-start-up reading. nats-py hands each message through its parser, a `Msg` object, header
-parsing, the ordered consumer's sequence checks, a queue and a callback task: about 140k
-messages/s on the benchmark machine, while the protocol itself parses at about 500k/s in
-Python (measured side by side over the same 300k-event stream; see BENCHMARKS.md). With a
-projection folding at ~165k events/s, that difference decides whether a replay runs at 0.5 or
-0.8 of a raw read. nats-core, the NATS team's lean client, needs Python 3.13 (this project
-runs 3.11), so the few frames a catch-up needs are parsed here.
+Why: every service spends its CPU on two things, reading its stream and folding it. nats-py
+hands each message through its parser, a `Msg` object, header parsing, the ordered
+consumer's sequence checks, a queue and a callback task: about 140k messages/s on the
+benchmark machine, while the same frames parse at about 500k/s in Python (measured side by
+side over one 300k-event stream; BENCHMARKS.md). With a projection folding at ~150k events/s
+that decides whether a replay runs at 0.4 or 0.7 of a raw read, and how much of a core a
+service takes from the publishers while following a busy stream. nats-core, the NATS team's
+lean client, needs Python 3.13 (this project runs 3.11), so the few frames a projection
+read needs are parsed here; everything else (requests, publishing, the JetStream API) stays
+on nats-py.
 
-How: an ephemeral push consumer (no acks, flow control, idle heartbeats, in memory, removed
-by the server when idle) delivers from `start_seq` to an inbox of a second connection opened
-to the same server with the same credentials. Each message's stream sequence, pending count,
-subject and payload go straight to `apply`, in order, inside the socket's read callback (so
-reading waits while the fold works: no unbounded buffer). The read ends when a message says
-nothing is pending, or when the consumer is idle.
+How: an ephemeral push consumer (no acks, flow control, idle heartbeats every second, in
+memory, removed by the server once nobody reads it) delivers from `start_seq` to an inbox of
+a second connection opened to the server the main connection uses, with its credentials.
+Each message's stream sequence, pending count, subject and payload go straight to `apply`,
+in order, inside the socket's read callback, so reading waits while the fold works (no
+unbounded buffer). `on_caught_up` is called whenever nothing is pending. Without `follow`
+the read ends there; with it, it goes on until cancelled.
 
 Anything unexpected — TLS, credentials other than user/password or a token, an `-ERR`, a gap
-in the consumer sequence, a lost socket, a timeout — ends the read early and is logged; the
-caller goes on with the ordered consumer from the last sequence applied, so this path only
-ever makes a catch-up faster, never different.
+in the consumer sequence (also at a heartbeat), a lost socket, silence past `stall_s` —
+ends the read with ReadStopped after everything before that point was applied; the caller
+reads again (or with nats-py's ordered consumer) from the last sequence it applied, so this
+path only ever makes a read cheaper, never different.
 """
 
 from __future__ import annotations
@@ -35,26 +39,28 @@ from urllib.parse import unquote
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
-log = logging.getLogger("stockpilot.catch_up")
+log = logging.getLogger("stockpilot.stream_reader")
 
 # apply(stream sequence, messages still pending after it, subject, payload)
 Apply = Callable[[int, int, str, bytes], None]
 
 _ACK_PREFIX = b"$JS.ACK."
+_LAST_CONSUMER = b"Nats-Last-Consumer:"
 _CONNECT_TIMEOUT_S = 5.0
 _HEARTBEAT_S = 1.0
 
 
-class CatchUpStopped(Exception):
-    """Why a catch-up read ended before the end of the stream."""
+class ReadStopped(Exception):
+    """Why a read ended before it was asked to."""
 
 
 class _Reader(asyncio.Protocol):
     """Parses INFO, PING, -ERR, MSG and HMSG frames; hands JetStream messages to `apply`."""
 
-    def __init__(self, sid: bytes, apply: Apply) -> None:
-        self.sid = sid
+    def __init__(self, apply: Apply, follow: bool, on_caught_up: Callable[[], None]) -> None:
         self.apply = apply
+        self.follow = follow
+        self.on_caught_up = on_caught_up
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
@@ -72,7 +78,7 @@ class _Reader(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._end(CatchUpStopped(f"connection lost: {exc or 'closed by the server'}"))
+        self._end(ReadStopped(f"connection lost: {exc or 'closed by the server'}"))
 
     def data_received(self, data: bytes) -> None:
         self.last_read = asyncio.get_running_loop().time()
@@ -84,8 +90,7 @@ class _Reader(asyncio.Protocol):
                 line_end = buffer.find(b"\r\n", position)
                 if line_end < 0:
                     break
-                first = buffer[position]
-                if first in (72, 77):  # HMSG / MSG
+                if buffer[position] in (72, 77):  # HMSG / MSG
                     consumed = self._message(buffer, position, line_end)
                     if consumed < 0:
                         break  # the payload has not fully arrived yet
@@ -94,10 +99,10 @@ class _Reader(asyncio.Protocol):
                 line = bytes(buffer[position:line_end])
                 position = line_end + 2
                 self._control(line)
-        except CatchUpStopped as exc:
+        except ReadStopped as exc:
             self._end(exc)
-        except Exception as exc:  # a frame this parser cannot read: stop, the caller falls back
-            self._end(CatchUpStopped(f"unreadable frame: {exc!r}"))
+        except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
+            self._end(ReadStopped(f"unreadable frame: {exc!r}"))
         del buffer[:position]
 
     # ----- frames ----------------------------------------------------------------------
@@ -112,7 +117,7 @@ class _Reader(asyncio.Protocol):
             if not self.info.done():
                 self.info.set_result(json.loads(line[5:]))
         elif line.startswith(b"-ERR"):
-            self._end(CatchUpStopped(f"server error: {line[5:].decode(errors='replace')}"))
+            raise ReadStopped(f"server error: {line[5:].decode(errors='replace')}")
         # +OK and anything else: nothing to do.
 
     def _message(self, buffer: bytearray, position: int, line_end: int) -> int:
@@ -129,23 +134,17 @@ class _Reader(asyncio.Protocol):
         if reply.startswith(_ACK_PREFIX):
             self._jetstream_message(parts[1], reply, bytes(buffer[body_start + header_size : end]))
         elif with_headers:  # a status message: heartbeat or flow control request
-            status = bytes(buffer[body_start : body_start + header_size]).split(b"\r\n", 1)[0]
-            if not status.startswith(b"NATS/1.0 100"):
-                raise CatchUpStopped(f"consumer status {status.decode(errors='replace')}")
-            if reply:
-                self._write(b"PUB " + reply + b" 0\r\n\r\n")  # flow control: keep sending
-            else:
-                self._end(None)  # idle heartbeat: nothing more to deliver right now
+            self._status(bytes(buffer[body_start : body_start + header_size]), reply)
         return end + 2
 
     def _jetstream_message(self, subject: bytes, reply: bytes, payload: bytes) -> None:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
         tokens = reply.split(b".")
         if len(tokens) != 9:
-            raise CatchUpStopped(f"unexpected reply subject {reply!r}")
+            raise ReadStopped(f"unexpected reply subject {reply!r}")
         consumer_seq = int(tokens[6])
         if consumer_seq != self.next_consumer_seq:
-            raise CatchUpStopped(
+            raise ReadStopped(
                 f"consumer sequence {consumer_seq} after {self.next_consumer_seq - 1}"
             )
         self.next_consumer_seq += 1
@@ -153,9 +152,29 @@ class _Reader(asyncio.Protocol):
         self.apply(int(tokens[5]), pending, subject.decode(), payload)
         self.applied += 1
         if pending == 0:
-            self._end(None)
+            self._caught_up()
+
+    def _status(self, headers: bytes, reply: bytes) -> None:
+        status = headers.split(b"\r\n", 1)[0]
+        if not status.startswith(b"NATS/1.0 100"):
+            raise ReadStopped(f"consumer status {status.decode(errors='replace')}")
+        if reply:  # flow control: the server waits for this before sending more
+            self._write(b"PUB " + reply + b" 0\r\n\r\n")
+            return
+        # An idle heartbeat: it names the last consumer sequence sent (a lost tail shows here).
+        at = headers.find(_LAST_CONSUMER)
+        if at >= 0:
+            last = int(headers[at + len(_LAST_CONSUMER) : headers.find(b"\r\n", at)])
+            if last != self.next_consumer_seq - 1:
+                raise ReadStopped(f"heartbeat says {last} sent, {self.next_consumer_seq - 1} read")
+        self._caught_up()
 
     # ----- helpers ---------------------------------------------------------------------
+
+    def _caught_up(self) -> None:
+        self.on_caught_up()
+        if not self.follow:
+            self._end(None)
 
     def _write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -164,63 +183,77 @@ class _Reader(asyncio.Protocol):
     def _end(self, reason: BaseException | None) -> None:
         for future in (self.info, self.pong):
             if not future.done():
-                future.set_exception(reason or CatchUpStopped("ended before the handshake"))
+                future.set_exception(reason or ReadStopped("ended before the handshake"))
                 future.exception()
         if not self.finished.done():
             if reason is None:
                 self.finished.set_result(None)
             else:
                 self.finished.set_exception(reason)
-                self.finished.exception()  # read by catch_up; never "never retrieved"
+                self.finished.exception()  # read by read_stream; never "never retrieved"
 
 
 def _connect_options(nc: NATS, info: dict[str, Any]) -> bytes:
     url = nc.connected_url
     if url is None:
-        raise CatchUpStopped("not connected")
+        raise ReadStopped("not connected")
     if url.scheme not in ("nats", "") or info.get("tls_required"):
-        raise CatchUpStopped("TLS connections are not read this way")
+        raise ReadStopped("TLS connections are read by nats-py")
     options: dict[str, Any] = {
         "verbose": False,
         "pedantic": False,
         "headers": True,
         "no_responders": True,
         "protocol": 1,
-        "name": "stockpilot-catch-up",
+        "name": "stockpilot-stream-reader",
         "lang": "python3",
         "version": "stockpilot",
     }
+    # The main connection's credentials: in its URL, or given to nats-py as options.
+    given = nc.options
+    if given.get("user_credentials") or given.get("nkeys_seed") or given.get("nkeys_seed_str"):
+        raise ReadStopped("NKey and JWT credentials are read by nats-py")
     if url.username and url.password is not None:
         options["user"] = unquote(url.username)
         options["pass"] = unquote(url.password)
     elif url.username:
         options["auth_token"] = unquote(url.username)
+    elif given.get("user"):
+        options["user"] = given["user"]
+        options["pass"] = given.get("password") or ""
+    elif given.get("token"):
+        options["auth_token"] = given["token"]
     elif info.get("auth_required"):
-        raise CatchUpStopped("the server wants credentials this reader does not handle")
+        raise ReadStopped("the server wants credentials this reader does not handle")
     return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
 
 
-async def catch_up(
+async def read_stream(
     nc: NATS,
     stream: str,
     subject: str,
     start_seq: int,
     apply: Apply,
     *,
-    stall_s: float = 10.0,
+    follow: bool = False,
+    on_caught_up: Callable[[], None] = lambda: None,
+    stall_s: float = 5.0,
 ) -> int:
-    """Deliver `stream`'s messages on `subject` from `start_seq` to its end to `apply`.
+    """Deliver `stream`'s messages on `subject` from `start_seq` to `apply`, in order.
 
-    Returns how many were applied; raises CatchUpStopped (or a NATS error from creating the
-    consumer) when the read ended early, after applying everything before that point.
+    Without `follow`, returns how many were applied once nothing is pending. With it, runs
+    until cancelled. Raises ReadStopped (or a NATS error from creating the consumer) when
+    the read ended early, after applying everything before that point.
     """
     url = nc.connected_url
     if url is None or url.hostname is None:
-        raise CatchUpStopped("not connected")
+        raise ReadStopped("not connected")
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()
     transport, reader = await asyncio.wait_for(
-        loop.create_connection(lambda: _Reader(b"1", apply), url.hostname, url.port or 4222),
+        loop.create_connection(
+            lambda: _Reader(apply, follow, on_caught_up), url.hostname, url.port or 4222
+        ),
         _CONNECT_TIMEOUT_S,
     )
     consumer: str | None = None
@@ -242,21 +275,24 @@ async def catch_up(
                 mem_storage=True,
                 num_replicas=1,
                 inactive_threshold=30.0,
-                description="stockpilot catch-up read",
+                description="stockpilot projection read",
             ),
         )
         consumer = created.name
+        sent = created.delivered.consumer_seq if created.delivered is not None else 0
+        if not created.num_pending and not sent:
+            reader._caught_up()  # nothing to read: say so now, not at the first heartbeat
         # Heartbeats arrive every second when the consumer is idle: silence means trouble.
         while not reader.finished.done():
             await asyncio.wait([reader.finished], timeout=1.0)
             if loop.time() - reader.last_read > stall_s:
-                raise CatchUpStopped(f"nothing received for {stall_s:g}s")
+                raise ReadStopped(f"nothing received for {stall_s:g}s")
         reader.finished.result()
         return reader.applied
     except TimeoutError:
-        raise CatchUpStopped("no answer from the server while connecting") from None
+        raise ReadStopped("no answer from the server while connecting") from None
     finally:
         transport.close()
         if consumer is not None:
             with contextlib.suppress(Exception):
-                await nc.jetstream().delete_consumer(stream, consumer)
+                await asyncio.wait_for(nc.jetstream().delete_consumer(stream, consumer), 2.0)
