@@ -462,7 +462,7 @@ class Runtime:
         projection = tracked.projection
         service = self.definition.name
 
-        def apply(seq: int, pending: int, subject: str, data: bytes) -> None:
+        def apply(seq: int, pending: int, subject: bytes, data: bytes) -> None:
             tracked.lag = pending
             self._apply(tracked, seq, subject, data)
 
@@ -566,7 +566,7 @@ class Runtime:
 
         return on_message
 
-    def _apply(self, tracked: _Tracked, seq: int, subject: str, data: bytes) -> None:
+    def _apply(self, tracked: _Tracked, seq: int, subject: str | bytes, data: bytes) -> None:
         """Fold one stored event (or dead-letter it); skip what the view already holds."""
         projection = tracked.projection
         if seq <= projection.view.last_seq:
@@ -610,7 +610,11 @@ class Runtime:
             self._background_sends.add(task)
             task.add_done_callback(self._background_sends.discard)
 
-    def _refuse(self, tracked: _Tracked, subject: str, data: bytes, seq: int, reason: str) -> None:
+    def _refuse(
+        self, tracked: _Tracked, subject: str | bytes, data: bytes, seq: int, reason: str
+    ) -> None:
+        if isinstance(subject, bytes):
+            subject = subject.decode(errors="replace")
         projection = tracked.projection
         projection.view.last_seq = seq
         tracked.dead_lettered += 1

@@ -41,8 +41,9 @@ from nats.js import api as js_api
 
 log = logging.getLogger("stockpilot.stream_reader")
 
-# apply(stream sequence, messages still pending after it, subject, payload)
-Apply = Callable[[int, int, str, bytes], None]
+# apply(stream sequence, messages still pending after it, subject, payload); the subject is
+# left as bytes (decoding it for every message cost more than the rare dead letter needs).
+Apply = Callable[[int, int, bytes, bytes], None]
 
 _ACK_PREFIX = b"$JS.ACK."
 _LAST_CONSUMER = b"Nats-Last-Consumer:"
@@ -149,7 +150,7 @@ class _Reader(asyncio.Protocol):
             )
         self.next_consumer_seq += 1
         pending = int(tokens[8])
-        self.apply(int(tokens[5]), pending, subject.decode(), payload)
+        self.apply(int(tokens[5]), pending, subject, payload)
         self.applied += 1
         if pending == 0:
             self._caught_up()

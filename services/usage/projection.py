@@ -149,8 +149,10 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
             day = days[day_key] = Day(total=Agg(), latency=Sketch(bins={}))
         day_cost_before = day.total.cost_usd
         add_call(day.total, event, cost, failed)
-        if event.response_time_ms is not None:
-            sketch.add(day.latency, event.response_time_ms)
+        latency = event.response_time_ms
+        latency_at = None if latency is None else sketch.index_of(latency)
+        if latency is not None:
+            sketch.add_at(day.latency, latency_at)
         add_call(
             _count_into(day.by_endpoint, event.endpoint or NO_ENDPOINT, KEY_LIMIT),
             event,
@@ -182,8 +184,8 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                 hour = hours[h_key] = Hour(total=Agg(), latency=Sketch(bins={}))
         if hour is not None:
             add_call(hour.total, event, cost, failed)
-            if event.response_time_ms is not None:
-                sketch.add(hour.latency, event.response_time_ms)
+            if latency is not None:
+                sketch.add_at(hour.latency, latency_at)
 
         month_key = day_key[:7]
         month = view.months.get(month_key)
@@ -196,7 +198,8 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         month.requests += 1
         month.failures += failed
         month.cost_usd += cost
-        month.last_at = max(month.last_at, at)
+        if at > month.last_at:
+            month.last_at = at
 
         if config.daily_budget_usd is not None:
             _crossings(

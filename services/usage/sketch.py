@@ -46,11 +46,23 @@ def estimate(index: int) -> float:
 
 def add(sketch: Sketch, value: float, count: int = 1) -> None:
     """Count `value` (non-negative) `count` times."""
+    add_at(sketch, index_of(value), count)
+
+
+def index_of(value: float) -> int | None:
+    """Where `value` is counted: its bucket, or None for the zero count.
+
+    With `add_at`, lets one value go into several sketches for one logarithm.
+    """
+    return None if value <= MIN_VALUE else bucket_of(value)
+
+
+def add_at(sketch: Sketch, index: int | None, count: int = 1) -> None:
+    """Count a value `count` times at `index` (from `index_of`)."""
     sketch.count += count
-    if value <= MIN_VALUE:
+    if index is None:
         sketch.zero += count
         return
-    index = bucket_of(value)
     bins = sketch.bins
     bins[index] = bins.get(index, 0) + count
     if len(bins) > MAX_BUCKETS:

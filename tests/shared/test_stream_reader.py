@@ -12,9 +12,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from shared import bus
-from shared.stream_reader import ReadStopped, read_stream
 from shared.projection import view_digest
 from shared.settings import CommonSettings, load_settings
+from shared.stream_reader import ReadStopped, read_stream
 from shared.testing import running_service
 from tests.shared.toy import Counted, build
 
