@@ -12,7 +12,7 @@ from shared import bus
 from shared.events import Alert
 from shared.settings import CommonSettings, load_settings
 from shared.testing import running_service
-from tests.shared.toy import CountAnswer, Counted, build
+from tests.shared.toy import CountAnswer, Counted, build, dead_letters
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 
@@ -46,12 +46,7 @@ async def test_malformed_message_is_dead_lettered_and_service_goes_on(env: dict[
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
     await bus.provision(js)
-    letters: list[bus.DeadLetter] = []
-
-    async def on_letter(msg: object) -> None:
-        letters.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))  # type: ignore[attr-defined]
-
-    await nc.subscribe("stockpilot.deadletter.usage", cb=on_letter)
+    letters = await dead_letters(nc)
     async with running_service(definition, settings) as runtime:
         await js.publish("stockpilot.usage.recorded", b"{not json")
         await js.publish("stockpilot.usage.recorded", b'{"type":"usage.recorded","id":"x"}')

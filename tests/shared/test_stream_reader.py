@@ -6,7 +6,6 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 
-import msgspec
 import nats
 import pytest
 from nats.js import JetStreamContext
@@ -16,7 +15,7 @@ from shared.projection import view_digest
 from shared.settings import CommonSettings, load_settings
 from shared.stream_reader import ReadStopped, read_stream
 from shared.testing import running_service
-from tests.shared.toy import Counted, build
+from tests.shared.toy import Counted, build, dead_letters
 
 T0 = datetime(2026, 11, 26, tzinfo=UTC)
 SUBJECT = "stockpilot.usage.recorded"
@@ -50,12 +49,7 @@ async def test_the_bare_read_folds_what_the_ordered_consumer_folds_and_follows(
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
     await bus.provision(js)
-    letters: list[bus.DeadLetter] = []
-
-    async def on_letter(msg: object) -> None:
-        letters.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))  # type: ignore[attr-defined]
-
-    await nc.subscribe("stockpilot.deadletter.usage", cb=on_letter)
+    letters = await dead_letters(nc)
     await publish(js, 0, 2_000)
     await js.publish(SUBJECT, b"{not json")  # with no headers: a MSG frame, not HMSG
     await nc.publish("stockpilot.health.checked", b"{}")  # another stream: not in the read

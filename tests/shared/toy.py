@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from shared.bus import STREAMS
+from shared.bus import STREAMS, DeadLetter, dead_letter_subject
 from shared.events import Alert, Event, alert_id
 from shared.projection import FoldError, Projection, View
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
@@ -83,3 +85,14 @@ def build() -> tuple[ServiceDefinition, Projection[ToyView, Counted]]:
         alert_source="usage",
     )
     return definition, projection
+
+
+async def dead_letters(nc: NATS, service: str = "usage") -> list[DeadLetter]:
+    """A list that fills with the service's dead letters as they arrive."""
+    letters: list[DeadLetter] = []
+
+    async def on_letter(msg: Msg) -> None:
+        letters.append(msgspec.json.decode(msg.data, type=DeadLetter))
+
+    await nc.subscribe(dead_letter_subject(service), cb=on_letter)
+    return letters
