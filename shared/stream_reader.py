@@ -62,7 +62,8 @@ class _Reader(asyncio.Protocol):
         self.apply = apply
         self.follow = follow
         self.on_caught_up = on_caught_up
-        self.buffer = bytearray()
+        # The unparsed end of the last chunk (a frame cut in two by the socket).
+        self.rest = b""
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.info: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -83,28 +84,67 @@ class _Reader(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = asyncio.get_running_loop().time()
-        buffer = self.buffer
-        buffer += data
+        # Parsed as immutable bytes: slices and splits are then the payloads and fields
+        # themselves, with no bytearray-to-bytes copy per message (a fifth of the reader).
+        buffer = self.rest + data if self.rest else data
+        size = len(buffer)
         position = 0
         try:
             while not self.finished.done():
                 line_end = buffer.find(b"\r\n", position)
                 if line_end < 0:
                     break
-                if buffer[position] in (72, 77):  # HMSG / MSG
+                if buffer[position] == 72:  # HMSG: what a projection read is made of
+                    position = self._hmsg(buffer, size, position, line_end)
+                    if position < 0:
+                        position = -position  # the payload has not fully arrived yet
+                        break
+                elif buffer[position] == 77:  # MSG: a stored message without headers
                     consumed = self._message(buffer, position, line_end)
                     if consumed < 0:
-                        break  # the payload has not fully arrived yet
+                        break
                     position = consumed
-                    continue
-                line = bytes(buffer[position:line_end])
-                position = line_end + 2
-                self._control(line)
+                else:
+                    line = buffer[position:line_end]
+                    position = line_end + 2
+                    self._control(line)
         except ReadStopped as exc:
             self._end(exc)
         except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
             self._end(ReadStopped(f"unreadable frame: {exc!r}"))
-        del buffer[:position]
+        self.rest = buffer[position:]
+
+    def _hmsg(self, buffer: bytes, size: int, position: int, line_end: int) -> int:
+        """One HMSG frame: the position after it, or minus `position` if it is incomplete.
+
+        The common case (a JetStream message) is parsed inline: this runs once per event, and
+        the general path (`_message`) cost a third more per message (bench: reader alone).
+        """
+        # HMSG <subject> <sid> [<reply>] <header size> <total size>
+        parts = buffer[position + 5 : line_end].split(b" ")
+        end = line_end + 2 + int(parts[-1])
+        if size < end + 2:
+            return -position
+        if len(parts) == 5 and parts[2].startswith(_ACK_PREFIX):
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>
+            tokens = parts[2].rsplit(b".", 4)
+            if tokens[0].count(b".") != 4:
+                raise ReadStopped(f"unexpected reply subject {parts[2]!r}")
+            consumer_seq = int(tokens[2])
+            if consumer_seq != self.next_consumer_seq:
+                raise ReadStopped(
+                    f"consumer sequence {consumer_seq} after {self.next_consumer_seq - 1}"
+                )
+            self.next_consumer_seq = consumer_seq + 1
+            pending = int(tokens[4])
+            payload = buffer[line_end + 2 + int(parts[3]) : end]
+            self.apply(int(tokens[1]), pending, parts[0], payload)
+            self.applied += 1
+            if pending == 0:
+                self._caught_up()
+        else:
+            self._message(buffer, position, line_end)
+        return end + 2
 
     # ----- frames ----------------------------------------------------------------------
 
@@ -121,9 +161,9 @@ class _Reader(asyncio.Protocol):
             raise ReadStopped(f"server error: {line[5:].decode(errors='replace')}")
         # +OK and anything else: nothing to do.
 
-    def _message(self, buffer: bytearray, position: int, line_end: int) -> int:
+    def _message(self, buffer: bytes, position: int, line_end: int) -> int:
         """Handle one MSG/HMSG frame; the position after it, or -1 if it is incomplete."""
-        parts = bytes(buffer[position:line_end]).split(b" ")
+        parts = buffer[position:line_end].split(b" ")
         with_headers = parts[0] == b"HMSG"
         total = int(parts[-1])
         header_size = int(parts[-2]) if with_headers else 0
@@ -133,9 +173,9 @@ class _Reader(asyncio.Protocol):
         if len(buffer) < end + 2:
             return -1
         if reply.startswith(_ACK_PREFIX):
-            self._jetstream_message(parts[1], reply, bytes(buffer[body_start + header_size : end]))
+            self._jetstream_message(parts[1], reply, buffer[body_start + header_size : end])
         elif with_headers:  # a status message: heartbeat or flow control request
-            self._status(bytes(buffer[body_start : body_start + header_size]), reply)
+            self._status(buffer[body_start : body_start + header_size], reply)
         return end + 2
 
     def _jetstream_message(self, subject: bytes, reply: bytes, payload: bytes) -> None:
