@@ -1,9 +1,10 @@
 """`GET /metrics`: Prometheus text format.
 
 Per-route request counts and latency histograms come from `gateway.request_metrics`
-(global registry, `stockpilot_gateway_*`), which sees every request, kept answers included. The system's own figures are gathered at scrape
-time, concurrently and with a short timeout, from the same service answers the REST routes
-serve (through the same client and its cache), so both agree. A source that does not answer
+(global registry, `stockpilot_gateway_*`), which sees every request, kept answers included.
+The system's own figures are gathered at scrape time, concurrently and with a short timeout,
+from the same service answers the REST routes serve (through the same client and its
+cache), so both agree. A source that does not answer
 only drops its own families (`stockpilot_metrics_source_up` says which); the scrape never
 fails because of it. The families themselves are built in `gateway.metrics_families`.
 """
