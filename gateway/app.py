@@ -32,6 +32,16 @@ from shared.runtime import VERSION
 log = logging.getLogger("stockpilot.gateway")
 
 
+def app_from_environment() -> Litestar:
+    """The app for settings from the environment: what each uvicorn worker process builds."""
+    from shared.logs import configure_logging
+    from shared.settings import settings_or_exit
+
+    settings = settings_or_exit(GatewaySettings)
+    configure_logging("gateway", settings.log_level)
+    return create_app(settings)
+
+
 def create_app(settings: GatewaySettings) -> Litestar:
     """Build the gateway application for these settings."""
 

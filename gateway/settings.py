@@ -14,6 +14,11 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
 
     http_host: str = "127.0.0.1"
     http_port: Port = 8000
+    # Gateway processes sharing the port. Each keeps its own answers, so a second one
+    # roughly doubles the read routes' throughput where a core is free for it
+    # (BENCHMARKS.md: 36k -> 57k req/s on 2 cores, services idle), at ~60 MB each and at
+    # the cost of the CPU the services and nats-server need while events stream in.
+    http_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     admin_token: str | None = None
     ingest_token: str | None = None
     read_token: str | None = None

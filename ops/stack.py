@@ -78,23 +78,32 @@ def _gateway(args: argparse.Namespace) -> int:
 
     settings = settings_or_exit(GatewaySettings)
     configure_logging("gateway", settings.log_level)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=3,
-        lifespan="on",
-    )
+    server_options: dict[str, Any] = {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_graceful_shutdown": 3,
+        "lifespan": "on",
+    }
     print(
-        f"gateway: serving http://{settings.http_host}:{settings.http_port}",
+        f"gateway: serving http://{settings.http_host}:{settings.http_port}"
+        + (f" with {settings.http_workers} workers" if settings.http_workers > 1 else ""),
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.Server(config).run()
+    if settings.http_workers > 1:
+        # uvicorn's supervisor starts each worker from an import string.
+        uvicorn.run(
+            "gateway.app:app_from_environment",
+            factory=True,
+            workers=settings.http_workers,
+            **server_options,
+        )
+        return 0
+    uvicorn.Server(uvicorn.Config(create_app(settings), **server_options)).run()
     return 0
 
 
