@@ -15,7 +15,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from shared.runtime import Runtime, ServiceDefinition
@@ -125,6 +125,7 @@ async def running_service(
     settings: CommonSettings,
     ready_timeout: float = 30.0,
     bare_reads: bool = True,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
 ) -> AsyncIterator[Runtime]:
     """Run a service until the block ends; wait until it is caught up.
 
@@ -133,7 +134,7 @@ async def running_service(
     AsyncTestClient runs the app through a blocking portal) must not freeze the service.
     """
     runtime = Runtime(definition, settings, bare_reads)
-    loop = asyncio.new_event_loop()
+    loop = loop_factory()
     failure: list[BaseException] = []
 
     def serve() -> None:
