@@ -34,8 +34,11 @@ from gateway.settings import GatewaySettings
 # `opt` for a route handler whose 200 answer depends only on its path, query string, the
 # services' state and the clock (never on who asks, beyond passing the read guard).
 CACHED: dict[str, Any] = {"cache_response": True}
-# Distinct requests kept (path × query string); past it the oldest half is dropped.
+# Distinct requests kept (path × query string) and their bytes in all: past either, the
+# oldest half is dropped (every distinct query string is an entry, so junk parameters
+# must not be able to grow the memory without bound).
 MAX_ENTRIES = 1024
+MAX_BYTES = 32 * 1024 * 1024
 
 
 class _Kept:
@@ -68,6 +71,7 @@ class ResponseCache:
         self.settings = settings
         self.ttl_s = settings.cache_ttl_s
         self._kept: dict[tuple[str, bytes], _Kept] = {}
+        self._kept_bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "GET" or self.ttl_s <= 0:
@@ -117,16 +121,28 @@ class ResponseCache:
             or self.services.generation != generation  # built across a change: maybe stale
         ):
             return
-        if len(self._kept) >= MAX_ENTRIES:
-            for old in list(self._kept)[: MAX_ENTRIES // 2]:
-                del self._kept[old]
+        answer = b"".join(body)
+        if len(answer) > MAX_BYTES // 4:
+            return  # too large to keep
+        replaced = self._kept.pop(key, None)
+        if replaced is not None:
+            self._kept_bytes -= len(replaced.body)
+        if len(self._kept) >= MAX_ENTRIES or self._kept_bytes + len(answer) > MAX_BYTES:
+            for old in list(self._kept)[: len(self._kept) // 2 + 1]:
+                self._kept_bytes -= len(self._kept.pop(old).body)
         self._kept[key] = _Kept(
             generation,
             time.monotonic() + self.ttl_s,
             str(scope.get("path_template") or scope["path"]),
             list(start.get("headers", [])),
-            b"".join(body),
+            answer,
         )
+        self._kept_bytes += len(answer)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the answers kept now (bounded by MAX_BYTES)."""
+        return self._kept_bytes
 
     def _authorised(self, scope: Scope) -> bool:
         if not self.settings.read_token:

@@ -10,7 +10,7 @@ import nats
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.asgi import Message, Scope
-from gateway.response_cache import CACHED, ResponseCache
+from gateway.response_cache import CACHED, MAX_BYTES, ResponseCache
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
 from services.usage.service import build
@@ -102,8 +102,11 @@ async def test_a_kept_answer_expires_after_the_ttl(env: dict[str, str]) -> None:
 class Inner:
     """A stand-in for the framework behind the cache: counts calls, answers `status`."""
 
-    def __init__(self, services: ServiceClient, status: int = 200, opt: Any = CACHED) -> None:
+    def __init__(
+        self, services: ServiceClient, status: int = 200, opt: Any = CACHED, padding: int = 0
+    ) -> None:
         self.services = services
+        self.padding = padding
         self.status = status
         self.opt = opt
         self.calls = 0
@@ -118,7 +121,7 @@ class Inner:
             await self.gate.wait()
         if self.bump_generation:
             self.services.changed("usage")
-        body = f"answer {self.calls}".encode()
+        body = f"answer {self.calls}".encode() + b" " * self.padding
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         await send({"type": "http.response.body", "body": body})
 
@@ -190,3 +193,15 @@ async def test_one_request_rebuilds_an_expired_answer_while_the_others_get_the_o
     assert await rebuild == b"answer 2"
     assert await get(app) == b"answer 2"
     assert inner.calls == 2
+
+
+async def test_distinct_query_strings_cannot_grow_the_kept_bytes_without_bound() -> None:
+    services = ServiceClient(1.0)
+    inner = Inner(services, padding=1024 * 1024)
+    app = cache_over(inner)
+    for i in range(100):  # 100 distinct requests of 1 MiB each
+        assert (await get(app, f"/thing/{i}")).startswith(f"answer {i + 1} ".encode())
+    assert 0 < app.kept_bytes <= MAX_BYTES
+    # The newest answers are the ones kept.
+    assert await get(app, "/thing/99") == b"answer 100 " + b" " * (1024 * 1024 - 1)
+    assert inner.calls == 100
