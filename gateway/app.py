@@ -71,6 +71,11 @@ def create_app(settings: GatewaySettings) -> Litestar:
             if services.nc is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(services.nc.drain(), timeout=3)
+                # A drain that failed or timed out leaves the socket open: close it, or its
+                # stream outlives the event loop (a ResourceWarning when it is collected).
+                if not services.nc.is_closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(services.nc.close(), timeout=3)
 
     def provide_services() -> ServiceClient:
         return services
