@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
@@ -470,15 +470,7 @@ class Runtime:
 
         def caught_up() -> None:
             tracked.lag = 0
-            if not tracked.caught_up.is_set():
-                tracked.caught_up.set()
-                log.info(
-                    "%s: %s caught up at seq %d (%d events folded)",
-                    service,
-                    projection.name,
-                    projection.view.last_seq,
-                    tracked.events_applied,
-                )
+            self._mark_caught_up(tracked)
 
         while True:
             began = time.monotonic()
@@ -545,7 +537,7 @@ class Runtime:
             # Nothing delivered yet; once something is, its position keeps `lag` current.
             tracked.lag = info.num_pending or 0
         if tracked.lag == 0:
-            tracked.caught_up.set()
+            self._mark_caught_up(tracked)
         else:
             log.info(
                 "%s: %s following %d events from seq %d",
@@ -556,17 +548,25 @@ class Runtime:
             )
 
     def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
-        projection = tracked.projection
-        service = self.definition.name
-
         async def on_message(msg: Msg) -> None:
             seq, tracked.lag = ack_position(msg)
             self._apply(tracked, seq, msg.subject, msg.data)
-            if tracked.lag == 0 and not tracked.caught_up.is_set():
-                tracked.caught_up.set()
-                log.info("%s: %s caught up at seq %d", service, projection.name, seq)
+            if tracked.lag == 0:
+                self._mark_caught_up(tracked)
 
         return on_message
+
+    def _mark_caught_up(self, tracked: _Tracked) -> None:
+        """The projection has folded everything its stream held (logged the first time)."""
+        if not tracked.caught_up.is_set():
+            tracked.caught_up.set()
+            log.info(
+                "%s: %s caught up at seq %d (%d events folded)",
+                self.definition.name,
+                tracked.projection.name,
+                tracked.projection.view.last_seq,
+                tracked.events_applied,
+            )
 
     def _apply(self, tracked: _Tracked, seq: int, subject: str | bytes, data: bytes) -> None:
         """Fold one stored event (or dead-letter it); skip what the view already holds."""
@@ -608,9 +608,13 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._last_notice = loop.time()
         if self.nc.is_connected:
-            task = loop.create_task(self.nc.publish(changed_subject(self.definition.name), b""))
-            self._background_sends.add(task)
-            task.add_done_callback(self._background_sends.discard)
+            self._send_in_background(self.nc.publish(changed_subject(self.definition.name), b""))
+
+    def _send_in_background(self, send: Coroutine[Any, Any, None]) -> None:
+        """Run a send without waiting for it; tasks start in creation order, so sends keep it."""
+        task = asyncio.get_running_loop().create_task(send)
+        self._background_sends.add(task)
+        task.add_done_callback(self._background_sends.discard)
 
     def _refuse(
         self, tracked: _Tracked, subject: str | bytes, data: bytes, seq: int, reason: str
@@ -623,13 +627,8 @@ class Runtime:
         log.warning(
             "%s: dead-lettered seq %d on %s: %s", self.definition.name, seq, subject, reason
         )
-        # Sent in the background (tasks start in the order they are created, so dead letters
-        # keep their order): folding never waits on NATS.
-        task = asyncio.get_running_loop().create_task(
-            self._send_dead_letter(subject, data, reason, seq)
-        )
-        self._background_sends.add(task)
-        task.add_done_callback(self._background_sends.discard)
+        # Folding never waits on NATS.
+        self._send_in_background(self._send_dead_letter(subject, data, reason, seq))
 
     async def _send_dead_letter(self, subject: str, data: bytes, reason: str, seq: int) -> None:
         with contextlib.suppress(Exception):
