@@ -158,12 +158,17 @@ def process(
                 wait_for_port("127.0.0.1", port, timeout=30)
             yield child
         finally:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            terminate(child, timeout=15)
+
+
+def terminate(child: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM and wait (a service snapshots on the way out); SIGKILL after `timeout`."""
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def serve_bare_route() -> tuple[list[str], int]:

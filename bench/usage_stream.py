@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bench.ceilings import sample_event
-from bench.harness import ROOT, Report, Result, log
+from bench.harness import ROOT, Report, Result, log, terminate
 from shared import bus
 from shared.runtime import ServiceStatus
 from shared.testing import free_port, wait_for_port
@@ -83,13 +82,7 @@ class Stack:
 
     def stop(self, name: str) -> None:
         """SIGTERM one process and wait for it (a service snapshots on the way out)."""
-        child = self.children.pop(name)
-        child.send_signal(signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        terminate(self.children.pop(name), timeout=30)
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of every running process, MB."""
