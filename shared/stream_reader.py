@@ -1,4 +1,4 @@
-"""Projection reads over a bare NATS protocol connection: several times cheaper per event.
+"""Projection reads over a bare NATS protocol connection (`shared.bare_nats`).
 
 Why: every service spends its CPU on two things, reading its stream and folding it. nats-py
 hands each message through its parser, a `Msg` object, header parsing, the ordered
@@ -6,10 +6,7 @@ consumer's sequence checks, a queue and a callback task: about 140k messages/s o
 benchmark machine, while the same frames parse at about 500k/s in Python (measured side by
 side over one 300k-event stream; BENCHMARKS.md). With a projection folding at ~150k events/s
 that decides whether a replay runs at 0.4 or 0.7 of a raw read, and how much of a core a
-service takes from the publishers while following a busy stream. nats-core, the NATS team's
-lean client, needs Python 3.13 (this project runs 3.11), so the few frames a projection
-read needs are parsed here; everything else (requests, publishing, the JetStream API) stays
-on nats-py.
+service takes from the publishers while following a busy stream.
 
 How: an ephemeral push consumer (no acks, flow control, idle heartbeats every second, in
 memory, removed by the server once nobody reads it) delivers from `start_seq` to an inbox of
@@ -30,14 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import unquote
 
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
+
+from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
 
 log = logging.getLogger("stockpilot.stream_reader")
 
@@ -47,83 +43,43 @@ Apply = Callable[[int, int, bytes, bytes], None]
 
 _ACK_PREFIX = b"$JS.ACK."
 _LAST_CONSUMER = b"Nats-Last-Consumer:"
-_CONNECT_TIMEOUT_S = 5.0
 _HEARTBEAT_S = 1.0
 
 
-class ReadStopped(Exception):
+class ReadStopped(BareUnavailable):
     """Why a read ended before it was asked to."""
 
 
-class _Reader(asyncio.Protocol):
-    """Parses INFO, PING, -ERR, MSG and HMSG frames; hands JetStream messages to `apply`."""
+class _Reader(FrameProtocol):
+    """Hands a push consumer's JetStream messages to `apply`; answers flow control."""
 
     def __init__(self, apply: Apply, follow: bool, on_caught_up: Callable[[], None]) -> None:
+        super().__init__()
         self.apply = apply
         self.follow = follow
         self.on_caught_up = on_caught_up
-        # The unparsed end of the last chunk (a frame cut in two by the socket).
-        self.rest = b""
-        self.transport: asyncio.Transport | None = None
-        loop = asyncio.get_running_loop()
-        self.info: asyncio.Future[dict[str, Any]] = loop.create_future()
-        self.pong: asyncio.Future[None] = loop.create_future()
-        self.finished: asyncio.Future[None] = loop.create_future()
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.next_consumer_seq = 1
         self.applied = 0
-        self.last_read = loop.time()
 
-    # ----- asyncio.Protocol ------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finished.done()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._end(ReadStopped(f"connection lost: {exc or 'closed by the server'}"))
-
-    def data_received(self, data: bytes) -> None:
-        self.last_read = asyncio.get_running_loop().time()
-        # Parsed as immutable bytes: slices and splits are then the payloads and fields
-        # themselves, with no bytearray-to-bytes copy per message (a fifth of the reader).
-        buffer = self.rest + data if self.rest else data
-        position = 0
-        try:
-            while not self.finished.done():
-                line_end = buffer.find(b"\r\n", position)
-                if line_end < 0:
-                    break
-                if buffer[position] in (72, 77):  # HMSG / MSG
-                    consumed = self._message(buffer, position, line_end)
-                    if consumed < 0:
-                        break  # the payload has not fully arrived yet
-                    position = consumed
-                else:
-                    line = buffer[position:line_end]
-                    position = line_end + 2
-                    self._control(line)
-        except ReadStopped as exc:
-            self._end(exc)
-        except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
-            self._end(ReadStopped(f"unreadable frame: {exc!r}"))
-        self.rest = buffer[position:]
+    def stopped(self, reason: Exception | None) -> None:
+        if reason is not None and not isinstance(reason, ReadStopped):
+            reason = ReadStopped(str(reason))
+        self._fail_handshake(reason or ReadStopped("ended before the handshake"))
+        if not self.finished.done():
+            if reason is None:
+                self.finished.set_result(None)
+            else:
+                self.finished.set_exception(reason)
+                self.finished.exception()  # read by read_stream; never "never retrieved"
 
     # ----- frames ----------------------------------------------------------------------
 
-    def _control(self, line: bytes) -> None:
-        if line.startswith(b"PING"):
-            self._write(b"PONG\r\n")
-        elif line.startswith(b"PONG"):
-            if not self.pong.done():
-                self.pong.set_result(None)
-        elif line.startswith(b"INFO "):
-            if not self.info.done():
-                self.info.set_result(json.loads(line[5:]))
-        elif line.startswith(b"-ERR"):
-            raise ReadStopped(f"server error: {line[5:].decode(errors='replace')}")
-        # +OK and anything else: nothing to do.
-
-    def _message(self, buffer: bytes, position: int, line_end: int) -> int:
+    def message(self, buffer: bytes, position: int, line_end: int) -> int:
         """Handle one MSG/HMSG frame; the position after it, or -1 if it is incomplete."""
         parts = buffer[position:line_end].split(b" ")
         with_headers = parts[0] == b"HMSG"
@@ -162,7 +118,7 @@ class _Reader(asyncio.Protocol):
         if not status.startswith(b"NATS/1.0 100"):
             raise ReadStopped(f"consumer status {status.decode(errors='replace')}")
         if reply:  # flow control: the server waits for this before sending more
-            self._write(b"PUB " + reply + b" 0\r\n\r\n")
+            self.write(b"PUB " + reply + b" 0\r\n\r\n")
             return
         # An idle heartbeat: it names the last consumer sequence sent (a lost tail shows here).
         at = headers.find(_LAST_CONSUMER)
@@ -177,58 +133,7 @@ class _Reader(asyncio.Protocol):
     def _caught_up(self) -> None:
         self.on_caught_up()
         if not self.follow:
-            self._end(None)
-
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _end(self, reason: BaseException | None) -> None:
-        for future in (self.info, self.pong):
-            if not future.done():
-                future.set_exception(reason or ReadStopped("ended before the handshake"))
-                future.exception()
-        if not self.finished.done():
-            if reason is None:
-                self.finished.set_result(None)
-            else:
-                self.finished.set_exception(reason)
-                self.finished.exception()  # read by read_stream; never "never retrieved"
-
-
-def _connect_options(nc: NATS, info: dict[str, Any]) -> bytes:
-    url = nc.connected_url
-    if url is None:
-        raise ReadStopped("not connected")
-    if url.scheme not in ("nats", "") or info.get("tls_required"):
-        raise ReadStopped("TLS connections are read by nats-py")
-    options: dict[str, Any] = {
-        "verbose": False,
-        "pedantic": False,
-        "headers": True,
-        "no_responders": True,
-        "protocol": 1,
-        "name": "stockpilot-stream-reader",
-        "lang": "python3",
-        "version": "stockpilot",
-    }
-    # The main connection's credentials: in its URL, or given to nats-py as options.
-    given = nc.options
-    if given.get("user_credentials") or given.get("nkeys_seed") or given.get("nkeys_seed_str"):
-        raise ReadStopped("NKey and JWT credentials are read by nats-py")
-    if url.username and url.password is not None:
-        options["user"] = unquote(url.username)
-        options["pass"] = unquote(url.password)
-    elif url.username:
-        options["auth_token"] = unquote(url.username)
-    elif given.get("user"):
-        options["user"] = given["user"]
-        options["pass"] = given.get("password") or ""
-    elif given.get("token"):
-        options["auth_token"] = given["token"]
-    elif info.get("auth_required"):
-        raise ReadStopped("the server wants credentials this reader does not handle")
-    return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
+            self.stopped(None)
 
 
 async def read_stream(
@@ -248,23 +153,16 @@ async def read_stream(
     until cancelled. Raises ReadStopped (or a NATS error from creating the consumer) when
     the read ended early, after applying everything before that point.
     """
-    url = nc.connected_url
-    if url is None or url.hostname is None:
-        raise ReadStopped("not connected")
     loop = asyncio.get_running_loop()
     inbox = nc.new_inbox()
-    transport, reader = await asyncio.wait_for(
-        loop.create_connection(
-            lambda: _Reader(apply, follow, on_caught_up), url.hostname, url.port or 4222
-        ),
-        _CONNECT_TIMEOUT_S,
-    )
+    try:
+        transport, reader = await open_bare(
+            nc, lambda: _Reader(apply, follow, on_caught_up), "stockpilot-stream-reader", inbox
+        )
+    except BareUnavailable as exc:
+        raise ReadStopped(str(exc)) from None
     consumer: str | None = None
     try:
-        info = await asyncio.wait_for(reader.info, _CONNECT_TIMEOUT_S)
-        transport.write(_connect_options(nc, info))
-        transport.write(f"SUB {inbox} 1\r\nPING\r\n".encode())
-        await asyncio.wait_for(reader.pong, _CONNECT_TIMEOUT_S)  # connected and subscribed
         created = await nc.jetstream().add_consumer(
             stream,
             js_api.ConsumerConfig(
@@ -292,8 +190,6 @@ async def read_stream(
                 raise ReadStopped(f"nothing received for {stall_s:g}s")
         reader.finished.result()
         return reader.applied
-    except TimeoutError:
-        raise ReadStopped("no answer from the server while connecting") from None
     finally:
         transport.close()
         if consumer is not None:
