@@ -9,10 +9,17 @@
     await recorder.close()
 
 Every call becomes a `usage.recorded` event published to JetStream with `Nats-Msg-Id` = its
-id and an acknowledgement awaited. Events wait in a bounded in-memory buffer; while NATS is
-away (a restart, a failover) the sender keeps retrying the oldest one with backoff, so an
-outage shorter than the buffer lasts loses nothing, and a retried publish is stored once.
-When the buffer is full the new event is dropped, counted and logged.
+id and an acknowledgement awaited. Events wait in a bounded in-memory buffer until their
+acknowledgement comes; while NATS is away (a restart, a failover) the sender keeps retrying
+from the oldest unacknowledged one with backoff, so an outage shorter than the buffer lasts
+loses nothing, and a retried publish is stored once. When the buffer is full the new event
+is dropped, counted and logged.
+
+Sending is pipelined: windows of up to SEND_WINDOW events go out one after another, up to
+MAX_IN_FLIGHT unacknowledged, over a bare protocol connection (`shared.bare_publisher`, a
+fraction of nats-py's CPU per event, which the application's own process pays); when that
+connection cannot be opened (TLS, NKey or JWT credentials) they go through nats-py's
+`publish_async` instead.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from nats.aio.client import Client as NATS
 
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from shared import bus
+from shared.bare_nats import BareUnavailable
+from shared.bare_publisher import BarePublisher, Published
 from shared.events import utc_now
 from shared.settings import CommonSettings
 
@@ -42,8 +51,11 @@ T = TypeVar("T")
 DEFAULT_BUFFER = 10_000
 # Backoff between attempts while NATS is away: short first, never longer than this.
 MAX_BACKOFF_S = 2.0
-# Events in flight at once (publish_async, acknowledgements awaited together).
+# Events per publish window (one write, one future), and unacknowledged events at most.
 SEND_WINDOW = 256
+MAX_IN_FLIGHT = 4096
+# After the bare connection could not be opened, nats-py publishes for this long.
+BARE_RETRY_S = 30.0
 
 
 class UsageRecorder:
@@ -56,12 +68,23 @@ class UsageRecorder:
         buffer_size: int = DEFAULT_BUFFER,
         publish_timeout: float = 2.0,
         owns_connection: bool = False,
+        bare: bool = True,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self._nc = nc
         self._js = nc.jetstream()
+        # Every event not yet acknowledged, oldest first; the first `_sent` are in flight,
+        # in the windows of `_in_flight` (their sizes and outcomes), in order.
         self._buffer: collections.deque[UsageRecorded] = collections.deque()
+        self._sent = 0
+        self._in_flight: collections.deque[tuple[int, asyncio.Future[Published]]] = (
+            collections.deque()
+        )
+        # Publish over a bare connection when one can be opened (False: nats-py only).
+        self._use_bare = bare
+        self._bare: BarePublisher | None = None
+        self._bare_refused_at = -BARE_RETRY_S
         self._capacity = buffer_size
         self._timeout = publish_timeout
         self._owns = owns_connection
@@ -102,6 +125,10 @@ class UsageRecorder:
             self._sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
+        self._abandon_in_flight()
+        if self._bare is not None:
+            self._bare.close()
+            self._bare = None
         if self._buffer:
             log.error("usage recorder closed with %d events unsent", len(self._buffer))
         if self._owns:
@@ -184,29 +211,82 @@ class UsageRecorder:
     async def _send_forever(self) -> None:
         backoff = 0.05
         while True:
-            if not self._buffer:
+            # Keep the pipe full: windows go out while acknowledgements of earlier ones come.
+            while self._sent < len(self._buffer) and self._sent < MAX_IN_FLIGHT:
+                window = list(itertools.islice(self._buffer, self._sent, self._sent + SEND_WINDOW))
+                self._in_flight.append((len(window), await self._start_window(window)))
+                self._sent += len(window)
+            if not self._in_flight:
                 self._idle.set()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            # Events stay buffered (and counted) until acknowledged; a window of them is
-            # pipelined with publish_async, which is several times faster than one by one.
-            window = list(itertools.islice(self._buffer, SEND_WINDOW))
-            acked = await self._send(window)
-            for _ in range(acked):
+            size, outcome = self._in_flight[0]
+            try:
+                published = await asyncio.wait_for(asyncio.shield(outcome), self._timeout)
+            except TimeoutError:
+                published = Published(size, 0, 0, "no acknowledgement in time")
+            self._in_flight.popleft()
+            self._sent -= size
+            for _ in range(published.acked):
                 self._buffer.popleft()
-            if acked == len(window):
+            self.published += published.acked - published.duplicates
+            self.duplicates += published.duplicates
+            if published.error is None:
                 backoff = 0.05
                 continue
+            # Everything after the first unacknowledged event goes again (same Msg-Ids: what
+            # was stored meanwhile is stored once), on a new connection, after a pause.
+            self._abandon_in_flight()
+            if self._bare is not None:
+                self._bare.close()
+                self._bare = None
             self.retries += 1
             if self.retries == 1 or self.retries % 50 == 0:
-                log.warning("usage publish failed; %d events buffered, retrying", self.pending)
+                log.warning(
+                    "usage publish failed (%s); %d events buffered, retrying",
+                    published.error,
+                    self.pending,
+                )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _send(self, window: list[UsageRecorded]) -> int:
-        """Publish a window; how many from its start were acknowledged."""
+    async def _start_window(self, window: list[UsageRecorded]) -> asyncio.Future[Published]:
+        """Publish a window; a future of what became of it."""
+        loop = asyncio.get_running_loop()
+        if not self._nc.is_connected:  # nats-py is reconnecting: try again after a pause
+            outcome: asyncio.Future[Published] = loop.create_future()
+            outcome.set_result(Published(len(window), 0, 0, "NATS is not connected"))
+            return outcome
+        if (
+            self._use_bare
+            and self._bare is None
+            and loop.time() - self._bare_refused_at >= BARE_RETRY_S
+        ):
+            try:
+                self._bare = await BarePublisher.open(self._nc, "stockpilot-usage-client")
+            except BareUnavailable as exc:
+                self._bare_refused_at = loop.time()
+                log.info("usage client publishes with nats-py for now: %s", exc)
+        if self._bare is not None:
+            return self._bare.publish(
+                SUBJECT_RECORDED, [(event.id, bus.encode_event(event)) for event in window]
+            )
+        return asyncio.ensure_future(self._publish_with_nats_py(window))
+
+    def _abandon_in_flight(self) -> None:
+        """Stop waiting for the windows in flight; their events are sent again."""
+        for _, outcome in self._in_flight:
+            if self._bare is not None:
+                self._bare.forget(outcome)
+            outcome.cancel()
+        self._in_flight.clear()
+        self._sent = 0
+
+    async def _publish_with_nats_py(self, window: list[UsageRecorded]) -> Published:
+        """The same window through nats-py's publish_async (the bare connection is away)."""
         futures: list[asyncio.Future[Any]] = []
+        error: str | None = None
         try:
             for event in window:
                 futures.append(
@@ -215,27 +295,29 @@ class UsageRecorder:
                     )
                 )
         except asyncio.CancelledError:
-            raise
-        except Exception:
-            pass  # the events not yet handed over are retried with the rest
-        if futures:
-            done, pending = await asyncio.wait(futures, timeout=self._timeout)
-            for future in pending:
+            for future in futures:
                 future.cancel()  # releases the library's in-flight slot
-        acked = 0
+            raise
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__  # the rest are retried with the window
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=self._timeout)
+            for future in pending:
+                future.cancel()
+        acked = duplicates = 0
         for future in futures:
             if future.cancelled() or future.exception() is not None:
+                error = error or str(future.exception() if not future.cancelled() else "timeout")
                 break
             acked += 1
-            if future.result().duplicate:
-                self.duplicates += 1
-            else:
-                self.published += 1
+            duplicates += bool(future.result().duplicate)
         # Read the remaining outcomes so no "exception was never retrieved" is logged.
         for future in futures[acked:]:
             if not future.cancelled():
                 future.exception()
-        return acked
+        if acked < len(window) and error is None:
+            error = "not acknowledged"
+        return Published(len(window), acked, duplicates, error)
 
 
 def _get(obj: Any, *names: str) -> Any:

@@ -88,12 +88,15 @@ async def test_tracked_calls_are_recorded_with_tokens_status_and_latency(
     assert stats.top_users[0].user_id == "u-7"
 
 
-async def test_a_nats_restart_loses_nothing(nats: NatsServer, env: dict[str, str]) -> None:
+@pytest.mark.parametrize("bare", [True, False], ids=["bare-connection", "nats-py"])
+async def test_a_nats_restart_loses_nothing(
+    nats: NatsServer, env: dict[str, str], bare: bool
+) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
     await nc.close()
-    recorder = await UsageRecorder.connect(settings, publish_timeout=0.5)
+    recorder = await UsageRecorder.connect(settings, publish_timeout=0.5, bare=bare)
     now = utc_now()
     for i in range(20):
         recorder.record(recorded(i, now))
@@ -126,4 +129,32 @@ async def test_a_full_buffer_drops_and_counts(env: dict[str, str]) -> None:
     await recorder.close()
     assert recorder.published == 5
     assert await stream_count(env) == 5
+    await nc.close()
+
+
+@pytest.mark.parametrize("bare", [True, False], ids=["bare-connection", "nats-py"])
+async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_duplicates(
+    env: dict[str, str], bare: bool
+) -> None:
+    settings = load_settings(CommonSettings, env)
+    nc = await nats_py.connect(settings.nats_servers)
+    js = nc.jetstream()
+    await bus.provision(js)
+    recorder = UsageRecorder(nc, buffer_size=20_000, bare=bare)
+    recorder.start()
+    now = utc_now()
+    # More than MAX_IN_FLIGHT, so windows are acknowledged while later ones go out.
+    for i in range(10_000):
+        assert recorder.record(recorded(i, now))
+    await asyncio.wait_for(recorder.flush(), timeout=60)
+    for i in range(0, 10_000, 1000):  # the same calls again: JetStream keeps the first
+        recorder.record(recorded(i, now))
+    await recorder.close()
+    assert (recorder.published, recorder.duplicates, recorder.dropped) == (10_000, 10, 0)
+    assert await stream_count(env) == 10_000
+    first = await js.get_msg("STOCKPILOT_USAGE", 1)
+    last = await js.get_msg("STOCKPILOT_USAGE", 10_000)
+    assert first.data is not None and last.data is not None
+    assert msgspec.json.decode(first.data)["id"] == "req-0"
+    assert msgspec.json.decode(last.data)["id"] == "req-9999"
     await nc.close()

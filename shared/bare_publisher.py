@@ -1,0 +1,195 @@
+"""JetStream publishes over a bare NATS protocol connection (`shared.bare_nats`).
+
+Why: the usage client publishes every LLM call StockPilot makes, from the same process and
+cores as the application. nats-py's `publish_async` costs a future, a semaphore, a token and
+its whole receive path (parser, `Msg`, queue, callback task, JSON decode) per message; with
+the services and nats-server on the same two cores that cost is what limited ingest
+(BENCHMARKS.md). Here a batch of messages is written as one buffer of HPUB frames, each
+with `Nats-Msg-Id` and a reply subject numbering it, and the acknowledgements are read as
+bytes in the socket's read callback and counted per batch: one future per batch.
+
+A batch's outcome says how many of its messages, from the first, the stream acknowledged,
+how many of those were duplicates, and why the rest were not (an error answer, no stream,
+a lost connection). Nothing is retried here: the caller sends the rest again with the same
+Msg-Ids, which JetStream stores once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+
+from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
+
+# A message's outcome in its batch (bytearray cells).
+_WAITING = 0
+_OK = 1
+_DUPLICATE = 2
+_ERROR = 3
+# The server writes `"duplicate": true` (with a space) and only when it is true.
+_DUPLICATE_FIELD = b'"duplicate"'
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What became of a batch: `acked` of its messages, from the first, are stored."""
+
+    size: int
+    acked: int
+    duplicates: int
+    error: str | None
+
+
+@dataclass(slots=True)
+class _Batch:
+    first: int  # the number in its first message's reply subject
+    size: int
+    future: asyncio.Future[Published]
+    outcomes: bytearray = field(init=False)
+    answered: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.outcomes = bytearray(self.size)
+
+    def finish(self, error: str | None = None) -> None:
+        if self.future.done():
+            return
+        acked = duplicates = 0
+        for outcome in self.outcomes:
+            if outcome != _OK and outcome != _DUPLICATE:
+                break
+            acked += 1
+            duplicates += outcome == _DUPLICATE
+        if acked < self.size and error is None:
+            error = self.errors[0] if self.errors else "not acknowledged"
+        self.future.set_result(Published(self.size, acked, duplicates, error))
+
+
+class _Acks(FrameProtocol):
+    """Reads the acknowledgements (MSG) and status answers (HMSG) to `<inbox>.<number>`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: collections.deque[_Batch] = collections.deque()
+        self.lost: str | None = None
+
+    def message(self, buffer: bytes, position: int, line_end: int) -> int:
+        # MSG <subject> <sid> <size> | HMSG <subject> <sid> <header size> <total size>
+        parts = buffer[position:line_end].split(b" ")
+        total = int(parts[-1])
+        body_start = line_end + 2
+        end = body_start + total
+        if len(buffer) < end + 2:
+            return -1
+        number = int(parts[1][parts[1].rfind(b".") + 1 :])
+        if parts[0] == b"MSG":
+            body = buffer[body_start:end]
+            if body.startswith(b'{"stream"'):
+                self._answer(number, _DUPLICATE if _DUPLICATE_FIELD in body else _OK, None)
+            else:
+                self._answer(number, _ERROR, _error_of(body))
+        else:  # a status instead of an answer: 503 when no stream takes the subject
+            status = buffer[body_start : body_start + int(parts[-2])].split(b"\r\n", 1)[0]
+            if status.startswith(b"NATS/1.0 503"):
+                reason = "no stream takes the subject (503)"
+            else:
+                reason = status.decode(errors="replace")
+            self._answer(number, _ERROR, reason)
+        return end + 2
+
+    def _answer(self, number: int, outcome: int, error: str | None) -> None:
+        for batch in self.batches:
+            index = number - batch.first
+            if 0 <= index < batch.size:
+                batch.outcomes[index] = outcome
+                if error is not None:
+                    batch.errors.append(error)
+                batch.answered += 1
+                if batch.answered == batch.size:
+                    batch.finish()
+                    self.batches.remove(batch)
+                return
+        # An answer to a batch given up on (timed out): nothing waits for it.
+
+    def stopped(self, reason: Exception | None) -> None:
+        self.lost = str(reason or "closed")
+        self._fail_handshake(reason or BareUnavailable("closed"))
+        while self.batches:
+            self.batches.popleft().finish(error=self.lost)
+
+
+def _error_of(body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error") or {}
+        return f"{error.get('description', 'error')} ({error.get('code', '?')})"
+    except (ValueError, AttributeError):
+        return f"unexpected answer {body[:80]!r}"
+
+
+class BarePublisher:
+    """Publishes batches to JetStream with Nats-Msg-Id; one future per batch."""
+
+    def __init__(self, transport: asyncio.Transport, acks: _Acks, inbox: str) -> None:
+        self._transport = transport
+        self._acks = acks
+        self._reply = inbox[:-1].encode()  # "<inbox>." : numbers follow
+        self._next = 0
+
+    @classmethod
+    async def open(cls, nc: NATS, name: str = "stockpilot-publisher") -> BarePublisher:
+        """A publisher on its own connection to `nc`'s server; raises BareUnavailable."""
+        inbox = nc.new_inbox() + ".*"
+        transport, acks = await open_bare(nc, _Acks, name, inbox)
+        return cls(transport, acks, inbox)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (the caller opens a new publisher)."""
+        return self._acks.lost is not None or self._transport.is_closing()
+
+    def publish(
+        self, subject: str, messages: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[Published]:
+        """Send (msg id, payload) pairs as one write; the future says what was stored."""
+        future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
+        batch = _Batch(self._next, len(messages), future)
+        if self.closed:
+            batch.finish(error=self._acks.lost or "publisher closed")
+            return future
+        head = b"HPUB " + subject.encode() + b" " + self._reply
+        frames = []
+        number = self._next
+        for msg_id, payload in messages:
+            headers = b"NATS/1.0\r\nNats-Msg-Id: " + msg_id.encode() + b"\r\n\r\n"
+            size = len(headers)
+            frames.append(
+                b"%s%d %d %d\r\n%s%s\r\n"
+                % (head, number, size, size + len(payload), headers, payload)
+            )
+            number += 1
+        self._next = number
+        if messages:
+            self._acks.batches.append(batch)
+            self._transport.write(b"".join(frames))
+        else:
+            batch.finish()
+        return future
+
+    def forget(self, future: asyncio.Future[Published]) -> None:
+        """Stop waiting for a batch (timed out); its late answers are ignored."""
+        for batch in self._acks.batches:
+            if batch.future is future:
+                self._acks.batches.remove(batch)
+                batch.finish(error="no acknowledgement in time")
+                return
+
+    def close(self) -> None:
+        """Close the connection; batches still waiting finish as not acknowledged."""
+        self._transport.close()
+        self._acks.stopped(None)
