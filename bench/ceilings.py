@@ -6,35 +6,37 @@ import asyncio
 import time
 from datetime import UTC, datetime
 
-import msgspec
 import nats
 from nats.js import api as js_api
 
 from bench.harness import Report, Result, log, process, repeat, serve_bare_route, wrk
+from services.usage.events import UsageRecorded
+from shared import bus
 
 SUBJECT = "bench.raw.usage"
 
 
-def sample_event(i: int) -> bytes:
-    """A usage event of realistic size (what the usage benchmark publishes)."""
-    return msgspec.json.encode(
-        {
-            "type": "usage.recorded",
-            "id": f"req-{i:09d}",
-            "occurred_at": datetime(2026, 11, 26, 9, 0, tzinfo=UTC),
-            "request_id": f"req-{i:09d}",
-            "model": ("gpt-4o-mini", "gpt-4o", "o3-mini")[i % 3],
-            "endpoint": ("/api/v1/analysis", "/api/v1/chat", "/api/v1/report")[i % 3],
-            "prompt_tokens": 812 + i % 100,
-            "completion_tokens": 164 + i % 50,
-            "cached_tokens": 0,
-            "cost_usd": None,
-            "status_code": 200 if i % 20 else 500,
-            "error_code": None if i % 20 else "server_error",
-            "response_time_ms": 1432.5 + i % 1000,
-            "user_id": f"u-{i % 500}",
-        }
+def sample_usage(i: int, prefix: str = "req") -> UsageRecorded:
+    """A usage event of realistic size (what the usage benchmarks publish)."""
+    return UsageRecorded(
+        id=f"{prefix}-{i:09d}",
+        occurred_at=datetime(2026, 11, 26, 9, 0, tzinfo=UTC),
+        request_id=f"{prefix}-{i:09d}",
+        model=("gpt-4o-mini", "gpt-4o", "o3-mini")[i % 3],
+        endpoint=("/api/v1/analysis", "/api/v1/chat", "/api/v1/report")[i % 3],
+        prompt_tokens=812 + i % 100,
+        completion_tokens=164 + i % 50,
+        cached_tokens=0,
+        status_code=200 if i % 20 else 500,
+        error_code=None if i % 20 else "server_error",
+        response_time_ms=1432.5 + i % 1000,
+        user_id=f"u-{i % 500}",
     )
+
+
+def sample_event(i: int) -> bytes:
+    """`sample_usage(i)` as the usage client sends it (the same bytes)."""
+    return bus.encode_event(sample_usage(i))
 
 
 async def _fresh_stream(js: object, name: str, subject: str = SUBJECT) -> None:
