@@ -42,6 +42,11 @@ log = logging.getLogger("stockpilot.hooks")
 
 ALERTS_SUBJECT = "stockpilot.alerts.>"
 STATUS_EVERY_S = 2.0
+# Once `stop` is set the runner returns within this, whatever its hooks do. Workers end what
+# they hold (an idle one with its current 1 s fetch, one mid-retry naks its alert at once); a
+# delivery still in flight when only the final status's share is left is cancelled.
+STOP_TIMEOUT_S = 4.0
+_FINAL_STATUS_S = 1.0
 _HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -139,40 +144,66 @@ class HookRunner:
         return [worker.status for worker in self._workers]
 
     async def run(self) -> None:
-        """Run until `stop` is set; then publish the final state and return."""
+        """Run until `stop` is set; then publish the final state and return, in STOP_TIMEOUT_S."""
         self._kv = await self.js.key_value(bus.STATE_BUCKET)
         for worker in self._workers:
             worker.subscription = await self._subscribe(worker.hook.name)
-        async with contextlib.AsyncExitStack() as stack:
-            for worker in self._workers:
-                worker.task = asyncio.create_task(
-                    self._work(worker), name=f"hook-{worker.hook.name}"
-                )
-            stack.push_async_callback(self._finish)
-            status_task = asyncio.create_task(self._status_loop(), name="hooks-status")
-            stack.push_async_callback(_cancel, status_task)
+        for worker in self._workers:
+            worker.task = asyncio.create_task(self._work(worker), name=f"hook-{worker.hook.name}")
+        status_task = asyncio.create_task(self._status_loop(), name="hooks-status")
+        try:
             log.info(
                 "delivering alerts to %s",
                 ", ".join(w.hook.name for w in self._workers) or "no hook",
             )
             await self.stop.wait()
+        finally:
+            await self._finish(status_task)
 
-    async def _finish(self) -> None:
-        tasks = [w.task for w in self._workers if w.task is not None]
-        # Workers watch `stop` and nak what they hold; give them a moment, then cancel.
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=5)
-            for task in pending:
+    async def _finish(self, status_task: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT_S
+        # The final status written below replaces the periodic one.
+        status_task.cancel()
+        tasks = {status_task, *(w.task for w in self._workers if w.task is not None)}
+        grace = STOP_TIMEOUT_S - _FINAL_STATUS_S
+        done, busy = await asyncio.wait(tasks, timeout=grace)
+        for task in done:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                log.error("hooks: %s had failed: %r", task.get_name(), exc)
+        if busy:
+            log.warning(
+                "hooks: still busy %.1fs after stop, cancelled: %s",
+                grace,
+                ", ".join(sorted(task.get_name() for task in busy)),
+            )
+            for task in busy:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
         for worker in self._workers:
             worker.status.state = "stopped"
             worker.status.next_attempt_at = None
             if worker.subscription is not None:
+                # A buffered UNSUB, no round trip: the NATS drain after this then has no pull
+                # subscription left to wait for.
                 with contextlib.suppress(Exception):
                     await worker.subscription.unsubscribe()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.publish_status(), timeout=2)
+        # The cancelled tasks unwind (naking what they held) while the final status is written.
+        publishing = asyncio.create_task(self.publish_status(), name="hooks-final-status")
+        _, late = await asyncio.wait({publishing, *busy}, timeout=max(deadline - loop.time(), 0))
+        if publishing in late:
+            publishing.cancel()
+            log.warning(
+                "hooks: final status not written within %.1fs of stop; it still shows the last "
+                "periodic one",
+                STOP_TIMEOUT_S,
+            )
+        elif (exc := publishing.exception()) is not None:
+            log.warning("hooks: writing the final status failed (%s)", exc)
+        if left_behind := late - {publishing}:
+            log.warning(
+                "hooks: did not end when cancelled, left behind: %s",
+                ", ".join(sorted(task.get_name() for task in left_behind)),
+            )
 
     async def _subscribe(self, hook: str) -> JetStreamContext.PullSubscription:
         stream = bus.STREAMS["alerts"].name
@@ -209,7 +240,19 @@ class HookRunner:
                 await self._sleep(1.0)
                 continue
             for msg in msgs:
-                await self._handle(worker, msg)
+                try:
+                    await self._handle(worker, msg)
+                except asyncio.CancelledError:
+                    # Stopping cut this delivery short: hand the alert back now, or the next
+                    # run waits out the ack wait (max_ack_pending=1) before it gets it again.
+                    log.warning(
+                        "hook %s: delivery of seq %d cut short by stopping; handed back",
+                        worker.hook.name,
+                        msg.metadata.sequence.stream,
+                    )
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
+                    raise
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, waking early when the runner stops."""
@@ -370,9 +413,3 @@ async def _ack(msg: Msg) -> None:
         await msg.ack_sync(timeout=2.0)
     except Exception as exc:  # the delivery mark covers the redelivery this may cause
         log.warning("hooks: ack of seq %d failed (%s)", msg.metadata.sequence.stream, exc)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

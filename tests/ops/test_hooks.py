@@ -19,13 +19,14 @@ from nats.js import JetStreamContext
 
 from ops.hook_delivery import SIGNATURE_HEADER, LogHook, WebhookHook, verify_signature
 from ops.hook_runner import (
+    STOP_TIMEOUT_S,
     HookRunner,
     RetryPolicy,
     consumer_name,
     delivery_key,
     sanitise_key_token,
 )
-from ops.hooks import HookSettings, run_hooks
+from ops.hooks import CLOSE_TIMEOUT_S, DRAIN_TIMEOUT_S, HookSettings, run_hooks
 from shared import bus
 from shared.events import Alert
 from shared.hook_status import read_hooks_status
@@ -88,6 +89,30 @@ def hook_settings(env: dict[str, str], **extra: str) -> HookSettings:
 
 def alert_ids(bodies: list[bytes]) -> list[str]:
     return [msgspec.json.decode(body, type=Alert).id for body in bodies]
+
+
+@contextlib.asynccontextmanager
+async def never_answering() -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A loopback URL that takes requests and never answers; the event: one arrived."""
+    arrived = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readline()
+            arrived.set()
+            await reader.read()  # until the client gives up and closes
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield f"http://127.0.0.1:{port}/hook", arrived
+        server.close()
 
 
 async def test_alert_reaches_the_webhook_once_with_a_verifiable_signature(
@@ -279,7 +304,10 @@ async def test_stops_on_request_while_nats_is_still_unreachable(tmp_path: object
     await asyncio.sleep(0.5)
     assert not task.done()
     stop.set()
-    assert await asyncio.wait_for(task, timeout=3) == 0
+    # Not wait_for: the cancellation it sends at its timeout would end a task that missed `stop`.
+    done, _ = await asyncio.wait({task}, timeout=3)
+    assert done, "still connecting 3 s after stop"
+    assert task.result() == 0
 
 
 async def test_the_hooks_command_delivers_and_stops_cleanly_on_sigterm(env: dict[str, str]) -> None:
@@ -309,6 +337,36 @@ async def test_the_hooks_command_delivers_and_stops_cleanly_on_sigterm(env: dict
     assert "delivering alerts to webhook, log" in log
     assert make_alert(1).id in log  # the log hook
     assert SECRET not in log and receiver.url not in log
+
+
+async def test_a_receiver_that_never_answers_does_not_hold_up_stopping(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A delivery stuck in flight is cut short within the stop deadline, its alert handed back."""
+    async with never_answering() as (url, arrived), receiving() as receiver, connected(env) as js:
+        stuck = hook_settings(
+            env,
+            STOCKPILOT_ALERT_WEBHOOK_URL=url,
+            STOCKPILOT_ALERT_LOG="false",
+            STOCKPILOT_HOOK_TIMEOUT_S="60",
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(run_hooks(stuck, stop))
+        await publish(js, make_alert(1))
+        await asyncio.wait_for(arrived.wait(), timeout=10)
+        loop = asyncio.get_running_loop()
+        stopped_at = loop.time()
+        stop.set()
+        assert await asyncio.wait_for(task, timeout=15) == 0
+        assert loop.time() - stopped_at < STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 2 * CLOSE_TIMEOUT_S
+        assert "hook webhook: delivery of seq 1 cut short by stopping" in caplog.text
+        # Handed back at once: the next run has it without waiting out the ack wait (30 s).
+        healthy = hook_settings(
+            env, STOCKPILOT_ALERT_WEBHOOK_URL=receiver.url, STOCKPILOT_ALERT_LOG="false"
+        )
+        async with hook_process(healthy):
+            await receiver.wait_accepted(1, timeout=5)
+        assert alert_ids([r.body for r in receiver.accepted]) == [make_alert(1).id]
 
 
 async def test_an_idle_hook_process_keeps_its_status_fresh(env: dict[str, str]) -> None:
