@@ -69,13 +69,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             with contextlib.suppress(BaseException):
                 await task
             if services.nc is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(services.nc.drain(), timeout=3)
-                # A drain that failed or timed out leaves the socket open: close it, or its
-                # stream outlives the event loop (a ResourceWarning when it is collected).
-                if not services.nc.is_closed:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(services.nc.close(), timeout=3)
+                await bus.drain_or_close(services.nc)
 
     def provide_services() -> ServiceClient:
         return services

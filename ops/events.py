@@ -60,10 +60,7 @@ async def _connected(settings: CommonSettings) -> AsyncIterator[NATS]:
     try:
         yield nc
     finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.drain(), timeout=3)
-        if not nc.is_closed:
-            await nc.close()
+        await bus.drain_or_close(nc)
 
 
 def _run(

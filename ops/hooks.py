@@ -27,11 +27,9 @@ from shared.settings import CommonSettings, PositiveFloat, SettingsError, settin
 
 log = logging.getLogger("stockpilot.hooks")
 
-# After the runner stopped (STOP_TIMEOUT_S), the NATS drain gets DRAIN_TIMEOUT_S, then the
-# connection is closed as it is (twice CLOSE_TIMEOUT_S at most): whatever a hook or NATS does,
-# a SIGTERM ends the process within 8 s, well inside a supervisor's grace period (~1 s idle).
-DRAIN_TIMEOUT_S = 2.0
-CLOSE_TIMEOUT_S = 1.0
+# After the runner stopped (STOP_TIMEOUT_S), `bus.drain_or_close` drains or closes the NATS
+# connection (4 s at most): whatever a hook or NATS does, a SIGTERM ends the process within
+# 8 s, well inside a supervisor's grace period (~1 s idle).
 
 
 class HookSettings(CommonSettings, frozen=True, kw_only=True):
@@ -133,7 +131,7 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
             )
             await runner.run()
     finally:
-        await _drain_or_close(nc)
+        await bus.drain_or_close(nc)
     return 1 if closed_for_good else 0
 
 
@@ -148,26 +146,6 @@ async def _give_up_connecting(connecting: asyncio.Task[NATS]) -> None:
     if not connecting.cancelled():
         # Connected between two cancellations: this connection is not going to be used.
         await connecting.result().close()
-
-
-async def _drain_or_close(nc: NATS) -> None:
-    """Drain `nc` within DRAIN_TIMEOUT_S; past that (or when it fails) close it as it is."""
-    # Not wait_for(nc.drain()): nats-py's drain takes a cancellation as "stop waiting for the
-    # subscriptions", then still flushes (up to 10 s) and closes, so that bounds nothing.
-    draining = asyncio.create_task(nc.drain(), name="nats-drain")
-    done, _ = await asyncio.wait({draining}, timeout=DRAIN_TIMEOUT_S)
-    if not done:
-        log.warning("NATS drain not finished within %.1fs; closing the connection", DRAIN_TIMEOUT_S)
-    elif (exc := draining.exception()) is not None:
-        log.warning("NATS drain failed (%s); closing the connection", exc)
-    if not nc.is_closed:
-        # With NATS away, close() may fail or stall writing its buffer to a dead transport.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(nc.close(), timeout=CLOSE_TIMEOUT_S)
-    # A drain still waiting (for a subscription, a flush) has nothing left to wait for once the
-    # connection is closed: cancelled, it ends at once. A no-op when it is done.
-    draining.cancel()
-    await asyncio.wait({draining}, timeout=CLOSE_TIMEOUT_S)
 
 
 async def _main(settings: HookSettings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -91,6 +92,35 @@ _encode = msgspec.json.Encoder().encode
 def encode_event(event: Event) -> bytes:
     """An event as its one JSON object."""
     return _encode(event)
+
+
+# How long a closing connection may drain, then how long closing it may take (twice at most).
+DRAIN_TIMEOUT_S = 2.0
+CLOSE_TIMEOUT_S = 1.0
+
+
+async def drain_or_close(nc: NATS) -> None:
+    """Drain `nc` within DRAIN_TIMEOUT_S; past that (or when it fails) close it as it is.
+
+    Bounded whatever NATS does: a stopping process ends within a supervisor's grace period.
+    """
+    # Not wait_for(nc.drain()): nats-py's drain takes a cancellation as "stop waiting for the
+    # subscriptions", then still flushes (up to 10 s) and closes, so that bounds nothing.
+    draining = asyncio.create_task(nc.drain(), name="nats-drain")
+    done, _ = await asyncio.wait({draining}, timeout=DRAIN_TIMEOUT_S)
+    if not done:
+        log.warning("NATS drain not finished within %.1fs; closing the connection", DRAIN_TIMEOUT_S)
+    elif (exc := draining.exception()) is not None:
+        log.warning("NATS drain failed (%s); closing the connection", exc)
+    if not nc.is_closed:
+        # With NATS away, close() may fail or stall writing its buffer to a dead transport; a
+        # connection left open would outlive the event loop (a ResourceWarning when collected).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout=CLOSE_TIMEOUT_S)
+    # A drain still waiting (for a subscription, a flush) has nothing left to wait for once the
+    # connection is closed: cancelled, it ends at once. A no-op when it is done.
+    draining.cancel()
+    await asyncio.wait({draining}, timeout=CLOSE_TIMEOUT_S)
 
 
 async def connect(

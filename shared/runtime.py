@@ -356,13 +356,9 @@ class Runtime:
         return 1 if self.closed_for_good else 0
 
     async def _close_connection(self) -> None:
-        # With NATS away, drain times out and close() may fail writing its pending buffer
-        # to a transport that is already gone: neither is a reason to exit non-zero.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.nc.drain(), timeout=3)
-        if not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), timeout=3)
+        # With NATS away the drain times out and closing may fail: not a reason to exit
+        # non-zero.
+        await bus.drain_or_close(self.nc)
 
     @staticmethod
     async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

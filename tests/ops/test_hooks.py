@@ -26,7 +26,7 @@ from ops.hook_runner import (
     delivery_key,
     sanitise_key_token,
 )
-from ops.hooks import CLOSE_TIMEOUT_S, DRAIN_TIMEOUT_S, HookSettings, run_hooks
+from ops.hooks import HookSettings, run_hooks
 from shared import bus
 from shared.events import Alert
 from shared.hook_status import read_hooks_status
@@ -358,7 +358,10 @@ async def test_a_receiver_that_never_answers_does_not_hold_up_stopping(
         stopped_at = loop.time()
         stop.set()
         assert await asyncio.wait_for(task, timeout=15) == 0
-        assert loop.time() - stopped_at < STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 2 * CLOSE_TIMEOUT_S
+        assert (
+            loop.time() - stopped_at
+            < STOP_TIMEOUT_S + bus.DRAIN_TIMEOUT_S + 2 * bus.CLOSE_TIMEOUT_S
+        )
         assert "hook webhook: delivery of seq 1 cut short by stopping" in caplog.text
         # Handed back at once: the next run has it without waiting out the ack wait (30 s).
         healthy = hook_settings(
