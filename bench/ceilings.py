@@ -65,8 +65,9 @@ async def raw_publish(url: str, count: int, payloads: list[bytes]) -> float:
     return count / elapsed
 
 
-async def raw_read(url: str, count: int) -> float:
-    """Ordered push consumer with a callback over the stream raw_publish filled: msgs/s."""
+async def raw_read(url: str, count: int, subject: str = SUBJECT) -> float:
+    """Ordered push consumer with a callback over `count` messages on `subject` (by default
+    the stream raw_publish filled): msgs/s."""
     nc = await nats.connect(url)
     js = nc.jetstream()
     done = asyncio.Event()
@@ -80,7 +81,7 @@ async def raw_read(url: str, count: int) -> float:
 
     started = time.perf_counter()
     sub = await js.subscribe(
-        SUBJECT,
+        subject,
         cb=on_message,
         ordered_consumer=True,
         pending_msgs_limit=-1,
