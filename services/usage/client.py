@@ -54,6 +54,8 @@ MAX_BACKOFF_S = 2.0
 # Events per publish window (one write, one future), and unacknowledged events at most.
 SEND_WINDOW = 256
 MAX_IN_FLIGHT = 4096
+# An encoded event larger than this is not sent (room left for the Nats-Msg-Id header).
+MAX_PAYLOAD = bus.MAX_EVENT_BYTES - 1024
 # After the bare connection could not be opened, nats-py publishes for this long.
 BARE_RETRY_S = 30.0
 
@@ -76,7 +78,7 @@ class UsageRecorder:
         self._js = nc.jetstream()
         # Every event not yet acknowledged, oldest first; the first `_sent` are in flight,
         # in the windows of `_in_flight` (their sizes and outcomes), in order.
-        self._buffer: collections.deque[UsageRecorded] = collections.deque()
+        self._buffer: collections.deque[tuple[str, bytes]] = collections.deque()  # id, JSON
         self._sent = 0
         self._in_flight: collections.deque[tuple[int, asyncio.Future[Published]]] = (
             collections.deque()
@@ -159,7 +161,19 @@ class UsageRecorder:
                     self.dropped,
                 )
             return False
-        self._buffer.append(event)
+        payload = bus.encode_event(event)
+        if len(payload) > MAX_PAYLOAD:
+            # The stream would refuse it (and nats-server drop the connection carrying it):
+            # sent, it would be retried forever and hold up every event behind it.
+            self.dropped += 1
+            log.error(
+                "usage event %s dropped: %d bytes, over the %d-byte limit of a message",
+                event.id[:80],
+                len(payload),
+                MAX_PAYLOAD,
+            )
+            return False
+        self._buffer.append((event.id, payload))
         self._idle.clear()
         self._wakeup.set()
         return True
@@ -251,7 +265,7 @@ class UsageRecorder:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
-    async def _start_window(self, window: list[UsageRecorded]) -> asyncio.Future[Published]:
+    async def _start_window(self, window: list[tuple[str, bytes]]) -> asyncio.Future[Published]:
         """Publish a window; a future of what became of it."""
         loop = asyncio.get_running_loop()
         if not self._nc.is_connected:  # nats-py is reconnecting: try again after a pause
@@ -269,9 +283,7 @@ class UsageRecorder:
                 self._bare_refused_at = loop.time()
                 log.info("usage client publishes with nats-py for now: %s", exc)
         if self._bare is not None:
-            return self._bare.publish(
-                SUBJECT_RECORDED, [(event.id, bus.encode_event(event)) for event in window]
-            )
+            return self._bare.publish(SUBJECT_RECORDED, window)
         return asyncio.ensure_future(self._publish_with_nats_py(window))
 
     def _abandon_in_flight(self) -> None:
@@ -283,15 +295,15 @@ class UsageRecorder:
         self._in_flight.clear()
         self._sent = 0
 
-    async def _publish_with_nats_py(self, window: list[UsageRecorded]) -> Published:
+    async def _publish_with_nats_py(self, window: list[tuple[str, bytes]]) -> Published:
         """The same window through nats-py's publish_async (the bare connection is away)."""
         futures: list[asyncio.Future[Any]] = []
         error: str | None = None
         try:
-            for event in window:
+            for msg_id, payload in window:
                 futures.append(
                     await self._js.publish_async(
-                        SUBJECT_RECORDED, bus.encode_event(event), headers={"Nats-Msg-Id": event.id}
+                        SUBJECT_RECORDED, payload, headers={"Nats-Msg-Id": msg_id}
                     )
                 )
         except asyncio.CancelledError:

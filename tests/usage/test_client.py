@@ -158,3 +158,24 @@ async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_dup
     assert msgspec.json.decode(first.data)["id"] == "req-0"
     assert msgspec.json.decode(last.data)["id"] == "req-9999"
     await nc.close()
+
+
+async def test_an_event_too_large_for_a_message_is_dropped_and_the_rest_go_on(
+    env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(CommonSettings, env)
+    nc = await nats_py.connect(settings.nats_servers)
+    await bus.provision(nc.jetstream())
+    recorder = UsageRecorder(nc)
+    recorder.start()
+    now = utc_now()
+    # Constructing an event does not check field lengths; a message over the limit would be
+    # refused by nats-server and, retried forever, hold up everything behind it.
+    huge = recorded(1, now, endpoint="/" + "x" * 1_100_000)
+    kept = [recorder.record(event) for event in (recorded(0, now), huge, recorded(2, now))]
+    assert kept == [True, False, True]
+    await recorder.close()
+    assert (recorder.published, recorder.dropped) == (2, 1)
+    assert await stream_count(env) == 2
+    assert "usage event req-1 dropped" in caplog.text
+    await nc.close()
