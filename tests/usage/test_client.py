@@ -116,6 +116,34 @@ async def test_a_nats_restart_loses_nothing(
     assert await stream_count(env) == 60
 
 
+@pytest.mark.slow
+async def test_a_30_second_nats_outage_loses_nothing(nats: NatsServer, env: dict[str, str]) -> None:
+    # The bound: calls go on for the whole outage, and all of them are stored once.
+    settings = load_settings(CommonSettings, env)
+    nc = await nats_py.connect(settings.nats_servers)
+    await bus.provision(nc.jetstream())
+    await nc.close()
+    recorder = await UsageRecorder.connect(settings, publish_timeout=0.5)
+    now = utc_now()
+    recorder.record(recorded(0, now))
+    await recorder.flush()
+    nats.stop()
+    loop = asyncio.get_running_loop()
+    outage_ends = loop.time() + 30.0
+    count = 1
+    while loop.time() < outage_ends:
+        recorder.record(recorded(count, now))
+        count += 1
+        await asyncio.sleep(0.1)
+    assert recorder.pending == count - 1
+    nats.start()
+    await asyncio.wait_for(recorder.flush(), timeout=60)
+    await recorder.close()
+    assert recorder.dropped == 0
+    assert recorder.published + recorder.duplicates == count
+    assert await stream_count(env) == count
+
+
 async def test_a_full_buffer_drops_and_counts(env: dict[str, str]) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
