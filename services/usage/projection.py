@@ -264,12 +264,20 @@ def _error_window(
 ) -> None:
     window = view.window
     if second > view.window_end:
+        # The window holds seconds in (end - WINDOW_S, end]: moving its end to `second`, the
+        # seconds up to `second - WINDOW_S` leave it. Popped by range rather than by a scan
+        # of every key, which cost ~5 % of a replay where events are seconds apart.
+        if second - view.window_end >= WINDOW_S:
+            window.clear()
+            view.window_calls = 0
+            view.window_failures = 0
+        else:
+            for gone in range(view.window_end - WINDOW_S + 1, second - WINDOW_S + 1):
+                slot = window.pop(gone, None)
+                if slot is not None:
+                    view.window_calls -= slot[0]
+                    view.window_failures -= slot[1]
         view.window_end = second
-        cutoff = second - WINDOW_S
-        for key in [k for k in window if k <= cutoff]:
-            calls, failures = window.pop(key)
-            view.window_calls -= calls
-            view.window_failures -= failures
     if second <= view.window_end - WINDOW_S:
         return  # older than the rolling window: it counts in its day, not in the rate
     slot = window.get(second)
