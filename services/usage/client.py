@@ -87,6 +87,7 @@ class UsageRecorder:
         self._use_bare = bare
         self._bare: BarePublisher | None = None
         self._bare_refused_at = -BARE_RETRY_S
+        self._last_connection = ""
         self._capacity = buffer_size
         self._timeout = publish_timeout
         self._owns = owns_connection
@@ -108,6 +109,12 @@ class UsageRecorder:
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
         return recorder
+
+    @property
+    def connection(self) -> str:
+        """What the last window went over: "bare" (a bare NATS connection), "nats-py", or ""
+        before the first."""
+        return self._last_connection
 
     @property
     def pending(self) -> int:
@@ -283,7 +290,9 @@ class UsageRecorder:
                 self._bare_refused_at = loop.time()
                 log.info("usage client publishes with nats-py for now: %s", exc)
         if self._bare is not None:
+            self._last_connection = "bare"
             return self._bare.publish(SUBJECT_RECORDED, window)
+        self._last_connection = "nats-py"
         return asyncio.ensure_future(self._publish_with_nats_py(window))
 
     def _abandon_in_flight(self) -> None:

@@ -13,10 +13,12 @@ import nats
 import pytest
 
 from ops import nats_auth
+from services.usage.client import UsageRecorder
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import free_port, nats_server_binary, running_service, wait_for_port
 from tests.shared.toy import Counted, build
+from tests.usage.helpers import recorded
 
 T0 = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -83,6 +85,28 @@ async def test_service_runs_under_its_own_credentials(
         assert json.loads(answer.data)["count"] == 5
         await gateway.close()
     await client.close()
+
+
+async def test_the_usage_client_publishes_over_its_bare_connection_as_client(
+    secured: tuple[int, dict[str, str]],
+) -> None:
+    port, passwords = secured
+    admin = await connect(port, "ops", passwords["ops"])
+    await bus.provision(admin.jetstream())
+    nc = await connect(port, "client", passwords["client"])
+    recorder = UsageRecorder(nc)
+    recorder.start()
+    for i in range(300):
+        recorder.record(recorded(i, T0))
+    await asyncio.wait_for(recorder.flush(), timeout=10)
+    # The bare connection carried them, under the same user and permissions.
+    assert recorder.connection == "bare"
+    await recorder.close()
+    assert (recorder.published, recorder.dropped) == (300, 0)
+    info = await admin.jetstream().stream_info("STOCKPILOT_USAGE")
+    assert info.state.messages == 300
+    await nc.close()
+    await admin.close()
 
 
 @pytest.mark.parametrize(

@@ -178,6 +178,7 @@ async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_dup
     for i in range(0, 10_000, 1000):  # the same calls again: JetStream keeps the first
         recorder.record(recorded(i, now))
     await recorder.close()
+    assert recorder.connection == ("bare" if bare else "nats-py")
     assert (recorder.published, recorder.duplicates, recorder.dropped) == (10_000, 10, 0)
     assert await stream_count(env) == 10_000
     first = await js.get_msg("STOCKPILOT_USAGE", 1)
