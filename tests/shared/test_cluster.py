@@ -10,10 +10,12 @@ from pathlib import Path
 import nats
 import pytest
 
+from services.usage.client import UsageRecorder
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsCluster, running_service
 from tests.shared.toy import Counted, build
+from tests.usage.helpers import recorded
 
 T0 = datetime(2026, 11, 26, tzinfo=UTC)
 
@@ -89,3 +91,37 @@ async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsClu
         assert names == {"n0", "n1", "n2"}
         assert all(r.current for r in info.cluster.replicas or [])
         await nc.close()
+
+
+async def test_the_usage_client_fails_over_when_its_node_dies(cluster: NatsCluster) -> None:
+    await wait_for_jetstream(cluster.url)
+    env = {
+        "STOCKPILOT_NATS_URL": cluster.url,
+        "STOCKPILOT_STREAM_REPLICAS": "3",
+        "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
+    }
+    settings = load_settings(CommonSettings, env)
+    admin = await nats.connect(settings.nats_servers)
+    await bus.provision(admin.jetstream(), replicas=3)
+    recorder = await UsageRecorder.connect(settings, publish_timeout=1.0)
+    total = 3_000
+    for i in range(total):
+        recorder.record(recorded(i, T0))
+        if i == total // 3:
+            await recorder.flush()
+            assert recorder.connection == "bare"
+            # The node both of the client's connections are on (nats-py's and the bare one).
+            url = recorder._nc.connected_url
+            assert url is not None
+            victim = next(node for node in cluster.nodes if node.port == url.port)
+            victim.stop(kill=True)
+        if i % 100 == 0:
+            await asyncio.sleep(0.02)
+    await asyncio.wait_for(recorder.flush(), timeout=60)
+    await recorder.close()
+    assert recorder.dropped == 0
+    assert recorder.published + recorder.duplicates == total
+    info = await admin.jetstream().stream_info("STOCKPILOT_USAGE")
+    assert info.state.messages == total
+    victim.start()
+    await admin.close()
