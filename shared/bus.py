@@ -140,8 +140,14 @@ async def connect(
     async def error_cb(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
 
+    connected: list[NATS] = []  # the client, once it exists
+
     async def disconnected_cb() -> None:
-        log.warning("%s: disconnected from NATS, reconnecting", name)
+        # nats-py calls this when the connection is closed on purpose too (a drain at shutdown).
+        if connected and connected[0].is_closed:
+            log.info("%s: NATS connection closed", name)
+        else:
+            log.warning("%s: disconnected from NATS, reconnecting", name)
 
     async def reconnected_cb() -> None:
         log.info("%s: reconnected to NATS", name)
@@ -176,7 +182,9 @@ async def connect(
     while True:
         attempt += 1
         try:
-            return await nats.connect(**options)
+            client = await nats.connect(**options)
+            connected.append(client)
+            return client
         except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
             if first_connect_attempts is not None and attempt >= first_connect_attempts:
                 raise
