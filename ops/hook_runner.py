@@ -69,7 +69,7 @@ def sanitise_key_token(text: str) -> str:
 
 
 def delivery_key(hook: str, alert_id: str) -> str:
-    """Where the mark saying `hook` took `alert_id` lives in the state bucket."""
+    """Where the mark saying `hook` took `alert_id` lives in the marks bucket."""
     return f"hooks.{hook}.{sanitise_key_token(alert_id)}"
 
 
@@ -126,6 +126,7 @@ class HookRunner:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _workers: list[_Worker] = field(default_factory=list, init=False)
     _kv: KeyValue | None = field(default=None, init=False)
+    _marks: KeyValue | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         names = [hook.name for hook in self.hooks]
@@ -146,6 +147,7 @@ class HookRunner:
     async def run(self) -> None:
         """Run until `stop` is set; then publish the final state and return, in STOP_TIMEOUT_S."""
         self._kv = await self.js.key_value(bus.STATE_BUCKET)
+        self._marks = await self.js.key_value(bus.HOOK_MARKS_BUCKET)
         for worker in self._workers:
             worker.subscription = await self._subscribe(worker.hook.name)
         for worker in self._workers:
@@ -340,11 +342,11 @@ class HookRunner:
         )
 
     async def _is_marked(self, key: str) -> bool:
-        assert self._kv is not None
+        assert self._marks is not None
         delay = 0.2
         while True:
             try:
-                await self._kv.get(key)
+                await self._marks.get(key)
                 return True
             except KeyNotFoundError:
                 return False
@@ -356,11 +358,11 @@ class HookRunner:
                 delay = min(delay * 2, 5.0)
 
     async def _mark(self, key: str, mark: DeliveryMark) -> None:
-        assert self._kv is not None
+        assert self._marks is not None
         delay = 0.2
         for _ in range(20):
             try:
-                await self._kv.put(key, _encode(mark))
+                await self._marks.put(key, _encode(mark))
                 return
             except asyncio.CancelledError:
                 raise

@@ -44,8 +44,9 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
     # Exponential back-off between attempts at one alert: first wait, longest wait.
     hook_retry_initial_s: PositiveFloat = 0.5
     hook_retry_max_s: PositiveFloat = 60.0
-    # A hook seen for the first time starts with the alerts of this many seconds back.
-    hook_backfill_s: Annotated[float, msgspec.Meta(ge=0)] = 86_400.0
+    # A hook seen for the first time starts with the alerts of this many seconds back (at
+    # most 30 days: its delivery marks, which keep it from repeating one, expire after 35).
+    hook_backfill_s: Annotated[float, msgspec.Meta(ge=0, le=bus.HOOK_BACKFILL_MAX_S)] = 86_400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -27,6 +27,7 @@ _JETSTREAM_CLIENT = [
     "$JS.FC.>",
     "$O.STOCKPILOT_SNAPSHOTS.>",
     "$KV.STOCKPILOT_STATE.>",
+    "$KV.STOCKPILOT_HOOK_MARKS.>",
 ]
 # Nobody but the operator may delete or purge the history.
 _PROTECT_HISTORY = [

@@ -28,6 +28,11 @@ DUPLICATE_WINDOW_S = 20 * 60.0
 MAX_EVENT_BYTES = 1024 * 1024
 SNAPSHOT_BUCKET = "STOCKPILOT_SNAPSHOTS"
 STATE_BUCKET = "STOCKPILOT_STATE"
+# Which alerts each hook has delivered. A mark only has to outlive the oldest alert a hook
+# can be handed again (its backfill, at most HOOK_BACKFILL_MAX_S), so marks expire.
+HOOK_MARKS_BUCKET = "STOCKPILOT_HOOK_MARKS"
+HOOK_BACKFILL_MAX_S = 30 * DAY_S
+HOOK_MARK_TTL_S = 35 * DAY_S
 
 _STREAM_ALREADY_IN_USE = 10058
 
@@ -245,18 +250,23 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
                 replicas=replicas,
             ),
         )
-    try:
-        await js.key_value(STATE_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        await js.create_key_value(
-            js_api.KeyValueConfig(
-                bucket=STATE_BUCKET,
-                description="Small operational state: snapshot index, hook delivery marks.",
-                history=1,
-                storage=js_api.StorageType.FILE,
-                replicas=replicas,
+    for bucket, description, ttl in (
+        (STATE_BUCKET, "Small operational state: health rounds, hook status.", None),
+        (HOOK_MARKS_BUCKET, "Which alerts each hook delivered (expire).", HOOK_MARK_TTL_S),
+    ):
+        try:
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            await js.create_key_value(
+                js_api.KeyValueConfig(
+                    bucket=bucket,
+                    description=description,
+                    history=1,
+                    ttl=ttl,
+                    storage=js_api.StorageType.FILE,
+                    replicas=replicas,
+                )
             )
-        )
 
 
 async def publish_event(

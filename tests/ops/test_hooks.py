@@ -187,7 +187,8 @@ async def test_restarts_never_repeat_an_alert_a_hook_already_took(env: dict[str,
         status = await read_hooks_status(js)
         assert status is not None
         assert [(h.name, h.skipped_duplicates) for h in status.hooks] == [("webhook", 2)]
-        kv = await js.key_value(bus.STATE_BUCKET)
+        kv = await js.key_value(bus.HOOK_MARKS_BUCKET)
+        assert (await kv.status()).ttl == bus.HOOK_MARK_TTL_S  # marks expire
         entry = await kv.get(delivery_key("webhook", make_alert(1).id))
         assert b'"attempts":1' in (entry.value or b"")
 
