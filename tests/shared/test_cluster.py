@@ -39,14 +39,19 @@ async def wait_for_jetstream(url: str) -> None:
     await nc.close()
 
 
-async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsCluster) -> None:
+async def cluster_settings(cluster: NatsCluster) -> CommonSettings:
+    """Settings for the cluster (streams on all three nodes), once it can serve JetStream."""
     await wait_for_jetstream(cluster.url)
     env = {
         "STOCKPILOT_NATS_URL": cluster.url,
         "STOCKPILOT_STREAM_REPLICAS": "3",
         "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
     }
-    settings = load_settings(CommonSettings, env)
+    return load_settings(CommonSettings, env)
+
+
+async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsCluster) -> None:
+    settings = await cluster_settings(cluster)
     definition, projection = build()
     async with running_service(definition, settings):
         nc = await nats.connect(
@@ -94,13 +99,7 @@ async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsClu
 
 
 async def test_the_usage_client_fails_over_when_its_node_dies(cluster: NatsCluster) -> None:
-    await wait_for_jetstream(cluster.url)
-    env = {
-        "STOCKPILOT_NATS_URL": cluster.url,
-        "STOCKPILOT_STREAM_REPLICAS": "3",
-        "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
-    }
-    settings = load_settings(CommonSettings, env)
+    settings = await cluster_settings(cluster)
     admin = await nats.connect(settings.nats_servers)
     await bus.provision(admin.jetstream(), replicas=3)
     recorder = await UsageRecorder.connect(settings, publish_timeout=1.0)
