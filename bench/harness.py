@@ -8,7 +8,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from shared.testing import free_port, wait_for_port
+from shared.testing import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,17 +157,7 @@ def process(
                 wait_for_port("127.0.0.1", port, timeout=30)
             yield child
         finally:
-            terminate(child, timeout=15)
-
-
-def terminate(child: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM and wait (a service snapshots on the way out); SIGKILL after `timeout`."""
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+            stop_process(child, timeout=15)
 
 
 def serve_bare_route() -> tuple[list[str], int]:

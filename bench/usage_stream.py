@@ -32,12 +32,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bench.ceilings import raw_read, sample_event, sample_usage
-from bench.harness import ROOT, Report, Result, log, terminate
+from bench.harness import ROOT, Report, Result, log
 from services.usage.client import UsageRecorder
 from services.usage.events import UsageRecorded
 from shared import bus
 from shared.runtime import ServiceStatus
-from shared.testing import free_port, wait_for_port
+from shared.testing import free_port, stop_process, wait_for_port
 
 STREAM = "STOCKPILOT_USAGE"
 SUBJECT = "stockpilot.usage.recorded"
@@ -86,7 +86,7 @@ class Stack:
 
     def stop(self, name: str) -> None:
         """SIGTERM one process and wait for it (a service snapshots on the way out)."""
-        terminate(self.children.pop(name), timeout=30)
+        stop_process(self.children.pop(name), timeout=30)
 
     def rss_mb(self) -> dict[str, float]:
         """Resident memory of every running process, MB."""

@@ -36,6 +36,19 @@ def nats_server_binary() -> str:
     )
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM and wait (a service snapshots on the way out); SIGKILL after `timeout`. Its
+    exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""
     with socket.socket() as sock:
@@ -99,13 +112,9 @@ class NatsServer:
             return
         if kill:
             self.process.kill()
-        else:
-            self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
             self.process.wait()
+        else:
+            stop_process(self.process, timeout=10)
         self.process = None
 
 

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import importlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from nats.aio.client import Client as NATS
 from shared.bus import STREAMS
 from shared.runtime import DigestAnswer, Runtime, endpoint_subject
 from shared.settings import CommonSettings, load_settings
-from shared.testing import free_port, running_service, wait_for_port
+from shared.testing import free_port, running_service, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMPTY_TOML = str(ROOT / "tests" / "empty.toml")
@@ -42,18 +41,6 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         )
 
 
-def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM, then SIGKILL if it does not stop in time; its exit status."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return int(process.returncode)
-
-
 @contextlib.contextmanager
 def service_process(
     name: str, env: dict[str, str], log_dir: Path
@@ -63,7 +50,7 @@ def service_process(
     try:
         yield process
     finally:
-        stop(process)
+        stop_process(process)
 
 
 @contextlib.contextmanager
@@ -79,7 +66,7 @@ def gateway_process(env: dict[str, str], log_dir: Path) -> Iterator[str]:
         wait_for_port("127.0.0.1", port, timeout=60)
         yield f"http://127.0.0.1:{port}"
     finally:
-        stop(process)
+        stop_process(process)
 
 
 async def digest(nc: NATS, service: str, timeout: float = 2.0) -> DigestAnswer | None:

@@ -31,13 +31,12 @@ from ops.replay import replay_definition
 from shared.bus import STREAMS, provision
 from shared.runtime import ServiceStatus, endpoint_subject
 from shared.settings import load_settings
-from shared.testing import NatsServer
+from shared.testing import NatsServer, stop_process
 from tests.faults.stack import (
     _settings_class,
     digest,
     service_env,
     spawn,
-    stop,
     wait_caught_up,
 )
 
@@ -266,7 +265,7 @@ async def test_sigkill_mid_ingest_then_restart_loses_nothing_and_equals_replay(
     finally:
         for process in (first, second):
             if process is not None:
-                stop(process)
+                stop_process(process)
         await nc.close()
 
 

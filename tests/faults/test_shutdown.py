@@ -8,8 +8,8 @@ from pathlib import Path
 
 import nats as nats_py
 
-from shared.testing import NatsServer
-from tests.faults.stack import digest, service_env, spawn, stop
+from shared.testing import NatsServer, stop_process
+from tests.faults.stack import digest, service_env, spawn
 
 
 async def test_sigterm_while_nats_is_away_exits_zero_without_a_traceback(
@@ -35,4 +35,4 @@ async def test_sigterm_while_nats_is_away_exits_zero_without_a_traceback(
         assert "Traceback" not in output, output[-2000:]
         assert status == 0
     finally:
-        stop(process)
+        stop_process(process)
