@@ -47,8 +47,13 @@ class FrameProtocol(asyncio.Protocol):
 
     # ----- to implement ------------------------------------------------------------------
 
-    def message(self, buffer: bytes, position: int, line_end: int) -> int:
-        """Handle the MSG/HMSG frame at `position`; the position after it, -1 if incomplete."""
+    def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
+        """Handle one whole MSG/HMSG frame.
+
+        `parts` is its control line split on spaces (`MSG <subject> <sid> [reply] <size>` or
+        `HMSG <subject> <sid> [reply] <header size> <total size>`); its body, headers first
+        for HMSG, is `buffer[body_start:end]`.
+        """
         raise NotImplementedError
 
     def stopped(self, reason: Exception | None) -> None:
@@ -79,10 +84,13 @@ class FrameProtocol(asyncio.Protocol):
                 if line_end < 0:
                     break
                 if buffer[position] in (72, 77):  # HMSG / MSG
-                    consumed = self.message(buffer, position, line_end)
-                    if consumed < 0:
+                    parts = buffer[position:line_end].split(b" ")
+                    body_start = line_end + 2
+                    end = body_start + int(parts[-1])
+                    if len(buffer) < end + 2:
                         break  # the payload has not fully arrived yet
-                    position = consumed
+                    self.message(parts, buffer, body_start, end)
+                    position = end + 2
                 else:
                     line = buffer[position:line_end]
                     position = line_end + 2

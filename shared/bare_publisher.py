@@ -79,14 +79,7 @@ class _Acks(FrameProtocol):
         self.batches: collections.deque[_Batch] = collections.deque()
         self.lost: str | None = None
 
-    def message(self, buffer: bytes, position: int, line_end: int) -> int:
-        # MSG <subject> <sid> <size> | HMSG <subject> <sid> <header size> <total size>
-        parts = buffer[position:line_end].split(b" ")
-        total = int(parts[-1])
-        body_start = line_end + 2
-        end = body_start + total
-        if len(buffer) < end + 2:
-            return -1
+    def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
         number = int(parts[1][parts[1].rfind(b".") + 1 :])
         if parts[0] == b"MSG":
             body = buffer[body_start:end]
@@ -101,7 +94,6 @@ class _Acks(FrameProtocol):
             else:
                 reason = status.decode(errors="replace")
             self._answer(number, _ERROR, reason)
-        return end + 2
 
     def _answer(self, number: int, outcome: int, error: str | None) -> None:
         for batch in self.batches:
@@ -115,7 +107,7 @@ class _Acks(FrameProtocol):
                     batch.finish()
                     self.batches.remove(batch)
                 return
-        # An answer to a batch given up on (timed out): nothing waits for it.
+        # An answer to no batch still waiting (not expected of the server): ignored.
 
     def stopped(self, reason: Exception | None) -> None:
         self.lost = str(reason or "closed")
@@ -180,14 +172,6 @@ class BarePublisher:
         else:
             batch.finish()
         return future
-
-    def forget(self, future: asyncio.Future[Published]) -> None:
-        """Stop waiting for a batch (timed out); its late answers are ignored."""
-        for batch in self._acks.batches:
-            if batch.future is future:
-                self._acks.batches.remove(batch)
-                batch.finish(error="no acknowledgement in time")
-                return
 
     def close(self) -> None:
         """Close the connection; batches still waiting finish as not acknowledged."""

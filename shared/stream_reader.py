@@ -79,22 +79,14 @@ class _Reader(FrameProtocol):
 
     # ----- frames ----------------------------------------------------------------------
 
-    def message(self, buffer: bytes, position: int, line_end: int) -> int:
-        """Handle one MSG/HMSG frame; the position after it, or -1 if it is incomplete."""
-        parts = buffer[position:line_end].split(b" ")
+    def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
         with_headers = parts[0] == b"HMSG"
-        total = int(parts[-1])
         header_size = int(parts[-2]) if with_headers else 0
         reply = parts[3] if len(parts) == (6 if with_headers else 5) else b""
-        body_start = line_end + 2
-        end = body_start + total
-        if len(buffer) < end + 2:
-            return -1
         if reply.startswith(_ACK_PREFIX):
             self._jetstream_message(parts[1], reply, buffer[body_start + header_size : end])
         elif with_headers:  # a status message: heartbeat or flow control request
             self._status(buffer[body_start : body_start + header_size], reply)
-        return end + 2
 
     def _jetstream_message(self, subject: bytes, reply: bytes, payload: bytes) -> None:
         # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>

@@ -135,9 +135,6 @@ class UsageRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sender
         self._abandon_in_flight()
-        if self._bare is not None:
-            self._bare.close()
-            self._bare = None
         if self._buffer:
             log.error("usage recorder closed with %d events unsent", len(self._buffer))
         if self._owns:
@@ -259,9 +256,6 @@ class UsageRecorder:
             # Everything after the first unacknowledged event goes again (same Msg-Ids: what
             # was stored meanwhile is stored once), on a new connection, after a pause.
             self._abandon_in_flight()
-            if self._bare is not None:
-                self._bare.close()
-                self._bare = None
             self.retries += 1
             if self.retries == 1 or self.retries % 50 == 0:
                 log.warning(
@@ -296,11 +290,13 @@ class UsageRecorder:
         return asyncio.ensure_future(self._publish_with_nats_py(window))
 
     def _abandon_in_flight(self) -> None:
-        """Stop waiting for the windows in flight; their events are sent again."""
+        """Stop waiting for the windows in flight (their events are sent again) and close the
+        bare connection: what it still owed is not waited for, the next window opens anew."""
+        if self._bare is not None:
+            self._bare.close()  # its windows finish as not acknowledged
+            self._bare = None
         for _, outcome in self._in_flight:
-            if self._bare is not None:
-                self._bare.forget(outcome)
-            outcome.cancel()
+            outcome.cancel()  # a nats-py window's task: releases the library's slots
         self._in_flight.clear()
         self._sent = 0
 
