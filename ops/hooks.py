@@ -18,7 +18,6 @@ from typing import Annotated, Any
 
 import httpx
 import msgspec
-from nats.aio.client import Client as NATS
 
 from ops.hook_delivery import AlertHook, LogHook, SlackHook, WebhookHook
 from ops.hook_runner import HookRunner, RetryPolicy
@@ -26,10 +25,6 @@ from shared import bus
 from shared.settings import CommonSettings, PositiveFloat, SettingsError, settings_or_exit
 
 log = logging.getLogger("stockpilot.hooks")
-
-# After the runner stopped (STOP_TIMEOUT_S), `bus.drain_or_close` drains or closes the NATS
-# connection (4 s at most): whatever a hook or NATS does, a SIGTERM ends the process within
-# 8 s, well inside a supervisor's grace period (~1 s idle).
 
 
 class HookSettings(CommonSettings, frozen=True, kw_only=True):
@@ -107,15 +102,9 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
             closed_for_good = True
             stop.set()
 
-    # A signal while NATS is still unreachable at start must stop the process too.
-    connecting = asyncio.create_task(bus.connect(settings, "stockpilot-hooks", on_closed=on_closed))
-    stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not connecting.done():
-        await _give_up_connecting(connecting)
+    nc = await bus.connect_unless_stopped(stop, settings, "stockpilot-hooks", on_closed=on_closed)
+    if nc is None:
         return 0
-    nc = connecting.result()
     try:
         js = nc.jetstream()
         await bus.provision(js, settings.stream_replicas)
@@ -132,21 +121,11 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
             )
             await runner.run()
     finally:
+        # After the runner stopped (STOP_TIMEOUT_S), the drain or close takes 4 s at most:
+        # whatever a hook or NATS does, a SIGTERM ends the process within 8 s, well inside a
+        # supervisor's grace period (~1 s idle).
         await bus.drain_or_close(nc)
     return 1 if closed_for_good else 0
-
-
-async def _give_up_connecting(connecting: asyncio.Task[NATS]) -> None:
-    """Cancel a first connection attempt and wait until it really ended."""
-    # Python 3.11's wait_for loses a cancellation that arrives just as the awaited operation
-    # fails, and nats-py's connect loop awaits one that fails at once while NATS is down: the
-    # cancellation is taken for one more failed attempt and the loop goes on. So cancel again.
-    while not connecting.done():
-        connecting.cancel()
-        await asyncio.wait({connecting}, timeout=0.1)
-    if not connecting.cancelled():
-        # Connected between two cancellations: this connection is not going to be used.
-        await connecting.result().close()
 
 
 async def _main(settings: HookSettings) -> int:

@@ -204,6 +204,33 @@ async def connect(
             delay = min(delay * 2, 5.0)
 
 
+async def connect_unless_stopped(
+    stop: asyncio.Event,
+    settings: CommonSettings,
+    name: str,
+    **options: Any,
+) -> NATS | None:
+    """`connect`, given up when `stop` is set first (None): a process told to stop while NATS
+    is still unreachable at its start stops."""
+    connecting = asyncio.create_task(connect(settings, name, **options))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    # Python 3.11's wait_for loses a cancellation that arrives just as the awaited operation
+    # fails, and nats-py's own connect loop awaits one that fails at once while NATS is down:
+    # the cancellation is taken for one more failed attempt and the loop goes on. So cancel
+    # until it has ended.
+    while not connecting.done():
+        connecting.cancel()
+        await asyncio.wait({connecting}, timeout=0.1)
+    if connecting.cancelled():
+        return None
+    if stop.is_set():  # connected just as it was told to stop: not going to be used
+        await connecting.result().close()
+        return None
+    return connecting.result()
+
+
 def redact_url(url: str) -> str:
     """A NATS URL without its credentials, for logs and errors."""
     scheme, sep, rest = url.partition("://")

@@ -314,12 +314,17 @@ class Runtime:
         async def on_reconnected() -> None:
             self._reconnected.set()
 
-        self.nc = await bus.connect(
+        nc = await bus.connect_unless_stopped(
+            self.stop,
             self.settings,
             f"stockpilot-{name}",
             on_closed=on_closed,
             on_reconnected=on_reconnected,
         )
+        if nc is None:
+            log.info("%s: stopped before NATS could be reached", name)
+            return 0
+        self.nc = nc
         self.js = self.nc.jetstream()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_connection)

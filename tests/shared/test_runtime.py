@@ -110,3 +110,28 @@ async def test_derived_alert_is_published_once_across_restarts(env: dict[str, st
     alert = msgspec.json.decode(stored.data, type=Alert)
     assert alert.id == "usage.toy_three:all:ever"
     await nc.close()
+
+
+async def test_a_stop_while_nats_is_still_unreachable_ends_the_service(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from shared.runtime import Runtime
+    from shared.testing import free_port
+
+    settings = load_settings(
+        CommonSettings,
+        {
+            "STOCKPILOT_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+            "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
+        },
+    )
+    definition, _ = build()
+    runtime = Runtime(definition, settings)
+    task = asyncio.create_task(runtime.run())
+    await asyncio.sleep(0.5)
+    assert not task.done()
+    runtime.stop.set()
+    # Not wait_for: the cancellation it sends at its timeout would end a task that missed `stop`.
+    done, _ = await asyncio.wait({task}, timeout=3)
+    assert done, "still connecting 3 s after stop"
+    assert task.result() == 0
