@@ -27,6 +27,7 @@ from gateway.routes import all_routers
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
 from shared import bus
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.runtime import VERSION
 
 log = logging.getLogger("stockpilot.gateway")
@@ -42,8 +43,8 @@ def app_from_environment() -> Litestar:
     return create_app(settings)
 
 
-def create_app(settings: GatewaySettings) -> Litestar:
-    """Build the gateway application for these settings."""
+def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litestar:
+    """Build the gateway application for these settings; `clock` tells every route's "now"."""
 
     services = ServiceClient(settings.service_timeout_s, cache_ttl_s=settings.cache_ttl_s)
 
@@ -74,10 +75,16 @@ def create_app(settings: GatewaySettings) -> Litestar:
     def provide_services() -> ServiceClient:
         return services
 
+    def provide_clock() -> Clock:
+        return clock
+
     app = Litestar(
         route_handlers=all_routers(),
         lifespan=[nats_connection],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "clock": Provide(provide_clock, sync_to_thread=False),
+        },
         exception_handlers=exception_handlers(),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
@@ -98,5 +105,6 @@ def create_app(settings: GatewaySettings) -> Litestar:
     app.asgi_handler = cast("ASGIApp", front)  # plain ASGI dicts, see gateway.asgi
     app.state.settings = settings
     app.state.services = services
+    app.state.clock = clock
     app.state.started = time.monotonic()
     return app

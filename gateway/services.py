@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError, TimeoutError
 
+from shared.clock import Clock
 from shared.errors import StockpilotError, UnavailableError, error_for_status
 from shared.runtime import changed_subject, endpoint_subject
 
@@ -219,3 +220,7 @@ class ServiceClient:
 
 # How route handlers ask for the client: `services: Services`.
 Services = NamedDependency[ServiceClient]
+
+# How route handlers ask for the gateway's clock (`create_app(settings, clock)`): `clock:
+# GatewayClock`. Every "now" a route stamps or compares comes from it, so tests can set it.
+GatewayClock = NamedDependency[Clock]

@@ -45,8 +45,9 @@ from nats.micro.service import ServiceConfig
 
 from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.errors import StockpilotError, UnavailableError
-from shared.events import Alert, AwareDatetime, Event, utc_now
+from shared.events import Alert, AwareDatetime, Event
 from shared.projection import (
     FoldError,
     Projection,
@@ -226,8 +227,8 @@ class Context:
         return self._runtime.stop
 
     def now(self) -> datetime:
-        """The current time (handlers pass it to pure query functions)."""
-        return utc_now()
+        """The current time from the runtime's clock (handlers pass it to pure queries)."""
+        return self._runtime.clock.now()
 
     async def publish(
         self, subject: str, event: Event, headers: dict[str, str] | None = None
@@ -262,15 +263,18 @@ class Runtime:
         definition: ServiceDefinition,
         settings: CommonSettings,
         bare_reads: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.definition = definition
         self.settings = settings
+        # Every "now" of this service (queries, loops, stamps) comes from here; tests set it.
+        self.clock = clock
         # Projections read over a bare connection (shared.stream_reader); False: nats-py only.
         self.bare_reads = bare_reads
         self._reconnected = asyncio.Event()
         self.stop = asyncio.Event()
         self.closed_for_good = False
-        self.started_at = utc_now()
+        self.started_at = clock.now()
         self._started_monotonic = time.monotonic()
         self.context = Context(self)
         self._ledger: Projection[AlertLedger, Alert] | None = (
@@ -633,7 +637,9 @@ class Runtime:
 
     async def _send_dead_letter(self, subject: str, data: bytes, reason: str, seq: int) -> None:
         with contextlib.suppress(Exception):
-            await bus.dead_letter(self.nc, self.definition.name, subject, data, reason, seq)
+            await bus.dead_letter(
+                self.nc, self.definition.name, subject, data, reason, seq, self.clock.now()
+            )
 
     async def wait_applied(
         self, projection: Projection[Any, Any], seq: int, timeout: float
@@ -723,7 +729,7 @@ class Runtime:
         if self._alerts_unpublished:  # queued or being published
             return
         projection = tracked.projection
-        taken_at = utc_now()
+        taken_at = self.clock.now()
         data = encode_snapshot(projection, taken_at)
         seq = projection.view.last_seq
         since = tracked.since_snapshot

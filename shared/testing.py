@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.runtime import Runtime, ServiceDefinition
 from shared.settings import CommonSettings
 
@@ -135,6 +136,7 @@ async def running_service(
     ready_timeout: float = 30.0,
     bare_reads: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Runtime]:
     """Run a service until the block ends; wait until it is caught up.
 
@@ -142,7 +144,7 @@ async def running_service(
     clients that block the test's loop while a request is handled (Litestar's
     AsyncTestClient runs the app through a blocking portal) must not freeze the service.
     """
-    runtime = Runtime(definition, settings, bare_reads)
+    runtime = Runtime(definition, settings, bare_reads, clock)
     loop = loop_factory()
     failure: list[BaseException] = []
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from shared.clock import ManualClock
 from shared.testing import NatsServer, nats_server
+from tests.clocks import NOON
 
 # PostgreSQL and Redis fixtures (real servers; throwaway ones when none answers).
 pytest_plugins = ["tests.dbs"]
@@ -28,3 +30,10 @@ def env(nats: NatsServer, tmp_path: Path) -> dict[str, str]:
         "STOCKPILOT_DATA_DIR": str(tmp_path / "data"),
         "STOCKPILOT_CONFIG": str(Path(__file__).parent / "empty.toml"),
     }
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """The test's clock, set to the run's noon (tests.clocks.NOON); hand it to services and the
+    gateway, date events from it, move it with `set`/`advance`."""
+    return ManualClock(NOON)

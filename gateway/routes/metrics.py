@@ -26,13 +26,13 @@ from prometheus_client.registry import Collector
 
 from gateway import metrics_families as fam
 from gateway.auth import read_guard
-from gateway.services import ServiceClient, Services
+from gateway.services import GatewayClock, ServiceClient, Services
 from services.batch import schemas as batch
 from services.health.queries import ComprehensiveHealth
 from services.usage.answers import StatsParams, UsageCosts, UsageStats
 from services.usage.service import UsageSummary
+from shared.clock import Clock
 from shared.errors import StockpilotError
-from shared.events import utc_now
 from shared.hook_status import HooksStatus, read_hooks_status
 from shared.runtime import ServiceStatus
 
@@ -58,8 +58,9 @@ class _Families(Collector):
 class Scrape:
     """One scrape's questions: each answer or None, and which sources answered."""
 
-    def __init__(self, services: ServiceClient) -> None:
+    def __init__(self, services: ServiceClient, clock: Clock) -> None:
         self.services = services
+        self.clock = clock
         self.timeout = min(services.timeout, SCRAPE_TIMEOUT_S)
         self.sources: dict[tuple[str, str], bool] = {}
 
@@ -144,7 +145,7 @@ async def _batch(scrape: Scrape) -> list[Metric]:
 
 async def _hooks(scrape: Scrape) -> list[Metric]:
     ok, status = await scrape.hooks()
-    return fam.hook_families(status, utc_now()) if ok else []
+    return fam.hook_families(status, scrape.clock.now()) if ok else []
 
 
 # One collector per area, run concurrently at every scrape.
@@ -175,9 +176,9 @@ def _source_family(sources: dict[tuple[str, str], bool]) -> Metric:
     media_type=CONTENT_TYPE,
     include_in_schema=True,
 )
-async def metrics(services: Services) -> Response[bytes]:
+async def metrics(services: Services, clock: GatewayClock) -> Response[bytes]:
     """The gateway's request metrics plus the system's figures, in the text format."""
-    scrape = Scrape(services)
+    scrape = Scrape(services, clock)
     groups = await asyncio.gather(*(collect(scrape) for collect in COLLECTORS))
     families = [family for group in groups for family in group]
     families.append(_source_family(scrape.sources))

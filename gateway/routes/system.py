@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
@@ -15,12 +16,12 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 
 from gateway.auth import read_guard
 from gateway.response_cache import CACHED
-from gateway.services import ServiceClient, Services
+from gateway.services import GatewayClock, ServiceClient, Services
 from services.batch.schemas import BatchSummary
 from services.health.queries import HealthSummary
 from services.usage.service import UsageSummary, UsageToday
 from shared.errors import StockpilotError, UnavailableError
-from shared.events import AwareDatetime, utc_now
+from shared.events import AwareDatetime
 from shared.hook_status import STALE_AFTER_S, read_hooks_status
 from shared.runtime import VERSION, ServiceStatus
 
@@ -93,31 +94,33 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     hooks: list[HookState] = msgspec.field(default_factory=list)
 
 
-def _gateway_health(request: Request[Any, Any, Any], services: Services) -> GatewayHealth:
+def _gateway_health(
+    request: Request[Any, Any, Any], services: Services, clock: GatewayClock
+) -> GatewayHealth:
     connected = services.connected
     return GatewayHealth(
         status="healthy" if connected else "unhealthy",
         version=VERSION,
         uptime_s=round(time.monotonic() - request.app.state.started, 3),
-        timestamp=utc_now(),
+        timestamp=clock.now(),
         nats_connected=connected,
     )
 
 
 @get("/health", summary="Gateway health (503 when NATS cannot be reached)", guards=[read_guard])
 async def gateway_health(
-    request: Request[Any, Any, Any], services: Services
+    request: Request[Any, Any, Any], services: Services, clock: GatewayClock
 ) -> Response[GatewayHealth]:
     """The gateway itself: 200 with NATS reachable, 503 otherwise."""
-    body = _gateway_health(request, services)
+    body = _gateway_health(request, services, clock)
     code = HTTP_200_OK if body.nats_connected else HTTP_503_SERVICE_UNAVAILABLE
     return Response(body, status_code=code)
 
 
 @get("/health/live", summary="Liveness for orchestrators (the process answers)")
-async def live() -> Liveness:
+async def live(clock: GatewayClock) -> Liveness:
     """Always 200 while the process runs."""
-    return Liveness(status="alive", timestamp=utc_now())
+    return Liveness(status="alive", timestamp=clock.now())
 
 
 async def _service_states(services: Services) -> dict[str, ServiceState]:
@@ -139,7 +142,7 @@ async def _service_states(services: Services) -> dict[str, ServiceState]:
 
 
 @get("/health/ready", summary="Readiness: NATS and all three services answering")
-async def ready(services: Services) -> Response[Readiness]:
+async def ready(services: Services, clock: GatewayClock) -> Response[Readiness]:
     """200 when NATS is connected and every service answers caught up; 503 otherwise."""
     states = (
         await _service_states(services)
@@ -154,7 +157,7 @@ async def ready(services: Services) -> Response[Readiness]:
         ready=is_ready,
         nats_connected=services.connected,
         services={name: s.status for name, s in states.items()},
-        timestamp=utc_now(),
+        timestamp=clock.now(),
     )
     return Response(body, status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE)
 
@@ -166,17 +169,17 @@ _hooks_read: weakref.WeakKeyDictionary[ServiceClient, tuple[float, tuple[str, li
 _hooks_read = weakref.WeakKeyDictionary()
 
 
-async def _hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
+async def _hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
     """The hook process's last published status (KV), judged stale after STALE_AFTER_S."""
     remembered = _hooks_read.get(services)
     if remembered is not None and remembered[0] > time.monotonic():
         return remembered[1]
-    answer = await _read_hooks(services)
+    answer = await _read_hooks(services, now)
     _hooks_read[services] = (time.monotonic() + _HOOKS_TTL_S, answer)
     return answer
 
 
-async def _read_hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
+async def _read_hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
     if services.nc is None or not services.nc.is_connected:
         raise UnavailableError("NATS is unavailable")
     try:
@@ -185,7 +188,7 @@ async def _read_hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
         raise UnavailableError("the state bucket cannot be read") from None
     if status is None:
         return "not_configured", []
-    age = (utc_now() - status.updated_at).total_seconds()
+    age = (now - status.updated_at).total_seconds()
     hooks = [
         HookState(
             name=h.name,
@@ -214,14 +217,14 @@ async def _optional(coro: Any) -> Any:
     guards=[read_guard],
     opt=CACHED,
 )
-async def system_status(services: Services) -> SystemStatus:
+async def system_status(services: Services, clock: GatewayClock) -> SystemStatus:
     """Never hangs: a service that does not answer shows as `unavailable`."""
     states, health, usage, batch, hooks = await asyncio.gather(
         _service_states(services),
         _optional(services.query("health", "summary", HealthSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("usage", "summary", UsageSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("batch", "summary", BatchSummary, timeout=PROBE_TIMEOUT_S)),
-        _optional(_hooks(services)),
+        _optional(_hooks(services, clock.now())),
     )
     overall: Literal["healthy", "degraded", "unhealthy"] = "healthy"
     if health is not None and health.status in ("degraded", "unhealthy"):
@@ -236,7 +239,7 @@ async def system_status(services: Services) -> SystemStatus:
         overall = "unhealthy"
     return SystemStatus(
         status=overall,
-        timestamp=utc_now(),
+        timestamp=clock.now(),
         services=states,
         components=health.components if health is not None else {},
         usage_today=usage.today if usage is not None else None,

@@ -15,7 +15,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
-from gateway.services import Services
+from gateway.services import GatewayClock, Services
 from services.usage.answers import (
     AlertList,
     AlertsParams,
@@ -33,7 +33,6 @@ from services.usage.decide import (
     ResetParams,
 )
 from shared.errors import InvalidRequestError
-from shared.events import utc_now
 
 # A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
 FORWARD_MAX_BYTES = 900 * 1024
@@ -120,9 +119,11 @@ async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Re
     guards=[ingest_guard],
     status_code=HTTP_202_ACCEPTED,
 )
-async def usage_records(request: Request[Any, Any, Any], services: Services) -> IngestAnswer:
+async def usage_records(
+    request: Request[Any, Any, Any], services: Services, clock: GatewayClock
+) -> IngestAnswer:
     """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}]."""
-    received_at = utc_now()
+    received_at = clock.now()
     body = await request.body()
     data = _decode_body(body, Any)
     if isinstance(data, dict):

@@ -15,15 +15,18 @@ from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
 from services.usage.service import build
 from shared import bus
+from shared.clock import ManualClock
 from shared.testing import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 
-async def test_status_is_kept_until_a_change_notice(env: dict[str, str]) -> None:
+async def test_status_is_kept_until_a_change_notice(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = usage_settings(env)
     async with (
-        running_service(build(settings), settings) as runtime,
-        gateway(gateway_settings(env, cache_ttl_s="60")) as client,
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env, cache_ttl_s="60"), clock) as client,
     ):
         first = await client.get("/api/v1/status")
         second = await client.get("/api/v1/status")
@@ -33,7 +36,10 @@ async def test_status_is_kept_until_a_change_notice(env: dict[str, str]) -> None
         assert first.json()["usage_today"]["requests"] == 0
 
         nc = await nats.connect(settings.nats_servers)
-        await bus.publish_event(nc.jetstream(), "stockpilot.usage.recorded", recorded(1))
+        # Dated by the test's clock: "today" is the clock's day, whatever the calendar says.
+        await bus.publish_event(
+            nc.jetstream(), "stockpilot.usage.recorded", recorded(1, at=clock.now())
+        )
         await nc.close()
         body: dict[str, Any] = {}
         for _ in range(200):

@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -19,11 +19,14 @@ from gateway.settings import GatewaySettings
 from services.usage.events import UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.settings import UsageSettings
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.settings import load_settings
+from tests.clocks import NOON
 
 ADMIN = "admin-secret"
 INGEST = "ingest-secret"
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# 09:00 UTC on the day of the test clock (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 def usage_settings(env: dict[str, str], **extra: str) -> UsageSettings:
@@ -42,9 +45,11 @@ def gateway_settings(env: dict[str, str], **extra: str) -> GatewaySettings:
 
 
 @contextlib.asynccontextmanager
-async def gateway(settings: GatewaySettings) -> AsyncIterator[AsyncTestClient[Any]]:
+async def gateway(
+    settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK
+) -> AsyncIterator[AsyncTestClient[Any]]:
     """The real gateway app through Litestar's test client, connected to NATS."""
-    app = create_app(settings)
+    app = create_app(settings, clock)
     async with AsyncTestClient(app=app) as client:
         services = app.state.services
         for _ in range(200):
