@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint format typecheck bench demo clean lock
+.PHONY: install run test test-fast check lint format typecheck bench demo clean lock
 
 # A venv with the locked dependencies; re-run only when the lock or pyproject changes.
 install: $(STAMP)
@@ -25,6 +25,10 @@ check: install
 
 test: check
 	$(BIN)/python -m pytest
+
+# The fast inner loop: the pure tests only (folds, decisions, queries, settings; no servers).
+test-fast: install
+	$(BIN)/python -m pytest -m "not servers" -q
 
 bench: install
 	$(BIN)/python -m bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,33 @@ from tests.clocks import NOON
 
 # PostgreSQL and Redis fixtures (real servers; throwaway ones when none answers).
 pytest_plugins = ["tests.dbs"]
+
+# `make test-fast` runs the pure tier only (`-m "not servers"`): folds, decisions, queries,
+# settings. A test needs servers when it asks for a fixture that starts one, or when its module
+# starts processes or connects by itself (the names below); both are found here, so a new test
+# module is sorted without anyone remembering a marker.
+SERVER_FIXTURES = frozenset(
+    {
+        "nats", "env", "postgres_url", "redis_url", "cluster", "secured", "databases", "http",
+        "silent", "small_redis", "compose", "batch_env", "nc", "service", "api",
+    }
+)  # fmt: skip
+_STARTS_THINGS = re.compile(
+    r"NatsServer\(|nats_server\(|NatsCluster\(|running_service\(|subprocess|nats\.connect\("
+    r"|asyncpg\.connect|redis\.|tests\.faults\.stack|tests\.dashboard\.harness|start_server"
+)
+_module_starts_things: dict[Path, bool] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs real servers `servers` (see SERVER_FIXTURES)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if path not in _module_starts_things:
+            _module_starts_things[path] = bool(_STARTS_THINGS.search(path.read_text()))
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _module_starts_things[path] or fixtures & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.servers)
 
 
 @pytest.fixture
