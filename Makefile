@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Node.js clients the tests drive as outside programs would (tests/node/package.json).
+NODE_DIR := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install run test test-fast check lint format typecheck bench demo clean lock
+.PHONY: install node run test test-fast check lint format typecheck bench demo clean lock
 
 # A venv with the locked dependencies; re-run only when the lock or pyproject changes.
 install: $(STAMP)
@@ -15,6 +18,13 @@ $(STAMP): requirements.lock pyproject.toml
 	@$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .
 	@touch $(STAMP)
 
+# The locked Node packages; needs Node.js and npm (Debian: apt-get install nodejs npm).
+node: $(NODE_STAMP)
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json $(NODE_DIR)/package.json
+	@command -v npm >/dev/null || { echo "make: npm not found: apt-get install nodejs npm" >&2; exit 1; }
+	@npm ci --prefix $(NODE_DIR) --no-audit --no-fund --silent
+	@touch $@
+
 run: install
 	$(BIN)/stockpilot up
 
@@ -22,8 +32,9 @@ check: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m gateway.asyncapi --check docs/asyncapi.json
 
-test: check
+test: check node
 	$(BIN)/python -m pytest
 
 # The fast inner loop: the pure tests only (folds, decisions, queries, settings; no servers).

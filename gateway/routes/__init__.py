@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from litestar import Router
 
-from gateway.routes import alerts, batch, dashboard, health, metrics, system, usage
+from gateway.routes import alerts, batch, dashboard, docs, health, metrics, system, usage
 
 
 def all_routers() -> list[Router]:
@@ -17,4 +17,5 @@ def all_routers() -> list[Router]:
         alerts.router,
         metrics.router,
         dashboard.router,
+        docs.router,
     ]
