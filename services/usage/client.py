@@ -29,6 +29,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable
@@ -420,5 +421,11 @@ def failure_event(
     )
 
 
+# A word starts at a capital after a lower-case letter or digit, or at the last capital of a
+# run followed by lower case: APIConnectionError -> API|Connection|Error (as OpenAI names it).
+_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
 def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    """An exception class name as the provider's error code: `api_connection_error`."""
+    return _WORD_START.sub("_", name).lower()
