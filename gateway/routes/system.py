@@ -21,7 +21,7 @@ from services.health.queries import HealthSummary
 from services.usage.service import UsageSummary, UsageToday
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime, utc_now
-from shared.hook_status import STALE_AFTER_S, read_hooks_status
+from shared.hook_status import hooks_process_state, read_hooks_status
 from shared.runtime import VERSION, ServiceStatus
 
 SERVICES = ("health", "usage", "batch")
@@ -167,7 +167,7 @@ _hooks_read = weakref.WeakKeyDictionary()
 
 
 async def _hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
-    """The hook process's last published status (KV), judged stale after STALE_AFTER_S."""
+    """The hook process's last published status (KV): not `up` once stopped, failed or stale."""
     remembered = _hooks_read.get(services)
     if remembered is not None and remembered[0] > time.monotonic():
         return remembered[1]
@@ -185,7 +185,6 @@ async def _read_hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
         raise UnavailableError("the state bucket cannot be read") from None
     if status is None:
         return "not_configured", []
-    age = (utc_now() - status.updated_at).total_seconds()
     hooks = [
         HookState(
             name=h.name,
@@ -198,7 +197,7 @@ async def _read_hooks(services: ServiceClient) -> tuple[str, list[HookState]]:
         )
         for h in status.hooks
     ]
-    return ("up" if age <= STALE_AFTER_S else "unavailable"), hooks
+    return hooks_process_state(status, utc_now()), hooks
 
 
 async def _optional(coro: Any) -> Any:
