@@ -11,6 +11,7 @@ A service declares its projections, its query/command endpoints and any backgrou
   decode or apply,
 - publish the alerts the projections derive (once: see `shared.alerts`),
 - snapshot every N events / T seconds and on shutdown,
+- run every loop under `shared.supervise`: one that fails ends the process (exit 70),
 - answer requests through the `nats.micro` framework (`$SRV.PING|INFO|STATS` included) on
   `stockpilot.svc.<service>.<endpoint>`, queue-grouped so replicas share the load,
 - stop cleanly on SIGINT/SIGTERM.
