@@ -26,6 +26,7 @@ from services.health.queries import ComponentHealth, ComprehensiveHealth
 from services.usage.answers import UsageCosts, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
+from shared.hook_status import hooks_process_state as process_state
 from shared.runtime import ServiceStatus
 
 COMPONENT_STATUSES: tuple[str, ...] = get_args(Status)
@@ -428,11 +429,8 @@ def lock_families(held: HeldLocks) -> list[Metric]:
 
 
 def hooks_process_state(status: HooksStatus | None, now: datetime) -> str:
-    """`not_configured` (never ran), `up`, or `unavailable` (its status is stale)."""
-    if status is None:
-        return "not_configured"
-    age = (now - status.updated_at).total_seconds()
-    return "up" if age <= STALE_AFTER_S else "unavailable"
+    """`not_configured` (never ran), `up`, or `unavailable` (stopped, failed or stale)."""
+    return process_state(status, now)
 
 
 def hook_families(status: HooksStatus | None, now: datetime) -> list[Metric]:
@@ -440,7 +438,7 @@ def hook_families(status: HooksStatus | None, now: datetime) -> list[Metric]:
     process = state_set(
         "stockpilot_alert_hooks_process",
         "The alert-hook process as GET /api/v1/status shows it"
-        f" (unavailable: its status is older than {STALE_AFTER_S:g} s)",
+        f" (unavailable: stopped, or its status is older than {STALE_AFTER_S:g} s)",
         [],
         "state",
     )
@@ -477,6 +475,7 @@ def hook_families(status: HooksStatus | None, now: datetime) -> list[Metric]:
         deliveries.add_metric([hook.name, "delivered"], hook.delivered)
         deliveries.add_metric([hook.name, "failed"], hook.failures)
         deliveries.add_metric([hook.name, "skipped_duplicate"], hook.skipped_duplicates)
+        deliveries.add_metric([hook.name, "parked"], hook.parked)
         add_state(state, [hook.name], HOOK_STATES, hook.state)
         streak.add_metric([hook.name], hook.consecutive_failures)
         if hook.pending is not None:

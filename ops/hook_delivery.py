@@ -1,9 +1,14 @@
 """Alert hooks: the plugin interface (`AlertHook`) and the built-in hooks.
 
 A hook takes one alert and returns once it was accepted, or raises. Retries, back-off,
-"never twice" and status reporting are the runner's (`ops.hook_runner`), so a hook stays a
-few lines: the JSON webhook (optionally HMAC-SHA256-signed), a Slack-compatible webhook, and
-the log. Error messages never carry a URL or a secret (webhook URLs often embed a token).
+parking what cannot be delivered, the delivery marks and status reporting are the runner's
+(`ops.hook_runner`), so a hook stays a few lines: the JSON webhook (optionally
+HMAC-SHA256-signed), a Slack-compatible webhook, and the log. Error messages never carry a URL
+or a secret (webhook URLs often embed a token).
+
+Alert fields come from event payloads, which any producer shapes: nothing of them reaches an
+HTTP header unescaped (`header_value`), and Slack text escapes `&`, `<` and `>` so a model name
+cannot mention `<!channel>` or hide a link (`slack_escape`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import string
 from typing import Protocol, runtime_checkable
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -20,12 +27,42 @@ from shared.events import Alert, rfc3339
 
 SIGNATURE_HEADER = "X-StockPilot-Signature"
 ALERT_ID_HEADER = "X-StockPilot-Alert-Id"
+# The alert id again, under the name receivers' idempotency middleware looks for
+# (draft-ietf-httpapi-idempotency-key-header): delivery is at least once, and a redelivery
+# (after a crash between the receiver's 2xx and the delivery mark) carries the same key.
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+
+# Visible ASCII but `%`, which escapes everything else (the mapping stays reversible), and
+# no space (a receiver trims it from the ends of a header value).
+_HEADER_SAFE = "".join(c for c in string.printable if c.isprintable() and c not in "% ")
 
 _encode = msgspec.json.Encoder().encode
 
 
 class HookError(Exception):
     """A hook could not deliver an alert (the message never carries a secret)."""
+
+
+class UndeliverableError(HookError):
+    """This alert can never be delivered by this hook; retrying cannot help (it is parked)."""
+
+
+def header_value(text: str) -> str:
+    """`text` as an HTTP header value: printable ASCII as is, anything else %-encoded (UTF-8).
+
+    A control character would split the header (or make the HTTP library refuse the request
+    on every attempt); non-ASCII is not valid in a header value at all.
+    """
+    return quote(text, safe=_HEADER_SAFE)
+
+
+def slack_escape(text: str) -> str:
+    """`text` as literal Slack text: `&`, `<`, `>` escaped, as Slack documents.
+
+    Slack's control sequences (`<!channel>`, `<!here>`, `<@U…>`, `<http://…|label>`) all
+    start with `<`; escaped, they show as typed and notify or link nobody.
+    """
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 @runtime_checkable
@@ -62,11 +99,20 @@ async def _post(
     client: httpx.AsyncClient, hook: str, url: str, body: bytes, headers: dict[str, str]
 ) -> None:
     try:
-        response = await client.post(url, content=body, headers=headers)
+        # Streamed: the status line decides, and the runner records the delivery as soon as
+        # it arrives, not after a slow receiver finally ends its body (a crash in between
+        # would deliver the alert again). The body is never read.
+        async with client.stream("POST", url, content=body, headers=headers) as response:
+            status = response.status_code
     except httpx.HTTPError as exc:
         raise _post_error(hook, url, exc) from None
-    if response.status_code >= 300:
-        raise HookError(f"{hook}: the receiver answered HTTP {response.status_code}")
+    except (UnicodeError, ValueError, TypeError) as exc:
+        # The request could not even be built from this alert: the same on every attempt.
+        raise UndeliverableError(
+            f"{hook}: the alert cannot be sent as an HTTP request ({type(exc).__name__})"
+        ) from None
+    if status >= 300:
+        raise HookError(f"{hook}: the receiver answered HTTP {status}")
 
 
 class WebhookHook:
@@ -96,7 +142,12 @@ class WebhookHook:
     async def deliver(self, alert: Alert) -> None:
         """POST the alert; raises HookError unless the receiver answers 2xx."""
         body = _encode(alert)
-        headers = {"Content-Type": "application/json", ALERT_ID_HEADER: alert.id}
+        key = header_value(alert.id)
+        headers = {
+            "Content-Type": "application/json",
+            ALERT_ID_HEADER: key,
+            IDEMPOTENCY_KEY_HEADER: key,
+        }
         if self._secret:
             headers[SIGNATURE_HEADER] = sign(self._secret, body)
         await _post(self._client, self._name, self._url, body, headers)
@@ -116,9 +167,11 @@ _SEVERITY_MARK = {
 
 
 def slack_text(alert: Alert) -> str:
-    """One readable message for a chat channel."""
+    """One readable message for a chat channel; nothing in it mentions anyone or links."""
     mark = _SEVERITY_MARK.get(alert.severity, "")
-    return (
+    # The template itself holds no `&`, `<` or `>`: escaping the whole text escapes exactly
+    # what the alert brought.
+    return slack_escape(
         f"{mark} *[{alert.severity.upper()}] {alert.title}*\n{alert.message}\n"
         f"`{alert.kind}` {alert.metric}={alert.value:g} (threshold {alert.threshold:g}) "
         f"at {rfc3339(alert.occurred_at)} · id `{alert.id}`"
@@ -143,7 +196,7 @@ class SlackHook:
 
     async def deliver(self, alert: Alert) -> None:
         """POST the message; raises HookError unless the receiver answers 2xx."""
-        body = _encode(SlackMessage(text=slack_text(alert)))
+        body = _encode(SlackMessage(text=slack_text(alert)))  # no header carries alert data
         await _post(self._client, self._name, self._url, body, {"Content-Type": "application/json"})
 
 

@@ -1,12 +1,21 @@
 """The hook runner: every alert of STOCKPILOT_ALERTS to every hook, each at its own pace.
 
 Each hook has its own durable pull consumer (`stockpilot-hooks-<hook>`) and its own task, so a
-hook that keeps failing holds back nobody else. Delivery is at-least-once: an alert is acked
-only after the hook took it, and retried with exponential back-off until it does. A delivery
-mark in the state bucket (`hooks.<hook>.<alert-id>`) is written before the ack, so a
-redelivered alert (lost ack, restart, consumer recreated) is not handed twice to a hook that
-already took it. Each hook's state is published under `hooks.status` (STOCKPILOT_STATE) for
-`GET /api/v1/status` and `stockpilot streams`.
+hook that keeps failing holds back nobody else. Delivery is at least once, with an idempotency
+key (the alert id, in `Idempotency-Key`): an alert is acked only after the hook took it, and
+retried with exponential back-off up to `max_attempts` times; one that still fails (or that can
+never be sent, e.g. a request that cannot be built from it) is parked on
+`stockpilot.deadletter.hooks` with the reason, and the hook goes on with the next alert.
+
+A delivery mark in the marks bucket (`hooks.<hook>.<alert-id>`) is written the moment the hook
+returns, before the ack, so a redelivered alert (lost ack, restart, consumer recreated) is not
+handed again to a hook that took it. What remains is the window between the receiver's 2xx and
+that one KV write: a crash there (kill -9 during a slow reply) delivers the alert a second time,
+with the same idempotency key, so a receiver can drop it. Each hook's state is published under
+`hooks.status` (STOCKPILOT_STATE) for `GET /api/v1/status` and `stockpilot streams`.
+
+Every task runs under a `shared.supervise.Supervisor`: a worker or the status loop that fails
+stops the runner, and `stockpilot hooks` exits non-zero to be restarted.
 """
 
 from __future__ import annotations
@@ -20,23 +29,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 import msgspec
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from ops.hook_delivery import AlertHook, HookError
+from ops.hook_delivery import AlertHook, HookError, UndeliverableError
 from shared import bus
-from shared.events import Alert, AwareDatetime, utc_now
+from shared.clock import SYSTEM_CLOCK, Clock
+from shared.events import Alert, AwareDatetime
 from shared.hook_status import (
     STATUS_KEY,
     HooksStatus,
     HookStatus,
 )
+from shared.supervise import Supervisor
 
 log = logging.getLogger("stockpilot.hooks")
 
@@ -47,6 +60,11 @@ STATUS_EVERY_S = 2.0
 # delivery still in flight when only the final status's share is left is cancelled.
 STOP_TIMEOUT_S = 4.0
 _FINAL_STATUS_S = 1.0
+# Consecutive failed fetches, while connected, after which a worker fails (its consumer is gone
+# or refused to it): the process exits and its restart creates the consumer again.
+FETCH_MAX_FAILURES = 10
+DEAD_LETTER_SERVICE = "hooks"
+PARKED_SUBJECT = bus.dead_letter_subject(DEAD_LETTER_SERVICE)  # stockpilot.deadletter.hooks
 _HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -79,12 +97,13 @@ def consumer_name(hook: str) -> str:
 
 
 class DeliveryMark(msgspec.Struct, kw_only=True):
-    """Stored once a hook took an alert."""
+    """Stored once a hook took an alert, or gave up on it (`parked`)."""
 
     alert_id: str
     stream_seq: int
     delivered_at: AwareDatetime
     attempts: int
+    outcome: Literal["delivered", "parked"] = "delivered"
 
 
 # ----- the runner ----------------------------------------------------------------------
@@ -98,6 +117,8 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     multiplier: float = 2.0
     # After this many consecutive failures the hook is reported `failing` (not just retrying).
     failing_after: int = 3
+    # Attempts at one alert before it is parked on the dead-letter subject.
+    max_attempts: int = 10
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after the `attempt`-th failure (1-based)."""
@@ -125,8 +146,13 @@ class HookRunner:
     status_every_s: float = STATUS_EVERY_S
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     _workers: list[_Worker] = field(default_factory=list, init=False)
+    # Where parked alerts are published (core NATS); the JetStream context's connection if unset.
+    nc: NATS | None = None
+    # "Now" for backfill starts, delivery marks and status stamps (tests set it).
+    clock: Clock = SYSTEM_CLOCK
     _kv: KeyValue | None = field(default=None, init=False)
     _marks: KeyValue | None = field(default=None, init=False)
+    supervisor: Supervisor = field(init=False)
 
     def __post_init__(self) -> None:
         names = [hook.name for hook in self.hooks]
@@ -138,6 +164,7 @@ class HookRunner:
         self._workers = [
             _Worker(hook, HookStatus(name=hook.name, state="starting")) for hook in self.hooks
         ]
+        self.supervisor = Supervisor("hooks", self.stop)
 
     @property
     def statuses(self) -> list[HookStatus]:
@@ -151,8 +178,10 @@ class HookRunner:
         for worker in self._workers:
             worker.subscription = await self._subscribe(worker.hook.name)
         for worker in self._workers:
-            worker.task = asyncio.create_task(self._work(worker), name=f"hook-{worker.hook.name}")
-        status_task = asyncio.create_task(self._status_loop(), name="hooks-status")
+            worker.task = self.supervisor.start(
+                self._work(worker), f"hook-{worker.hook.name}", forever=True
+            )
+        status_task = self.supervisor.start(self._status_loop(), "hooks-status", forever=True)
         try:
             log.info(
                 "delivering alerts to %s",
@@ -169,10 +198,8 @@ class HookRunner:
         status_task.cancel()
         tasks = {status_task, *(w.task for w in self._workers if w.task is not None)}
         grace = STOP_TIMEOUT_S - _FINAL_STATUS_S
-        done, busy = await asyncio.wait(tasks, timeout=grace)
-        for task in done:
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                log.error("hooks: %s had failed: %r", task.get_name(), exc)
+        # A task that failed was logged, with its traceback, by the supervisor.
+        _, busy = await asyncio.wait(tasks, timeout=grace)
         if busy:
             log.warning(
                 "hooks: still busy %.1fs after stop, cancelled: %s",
@@ -182,6 +209,10 @@ class HookRunner:
             for task in busy:
                 task.cancel()
         for worker in self._workers:
+            ended = worker.task
+            if ended is not None and ended.done() and not ended.cancelled() and ended.exception():
+                worker.status.last_error = f"delivery loop failed: {ended.exception()!r}"[:300]
+                worker.status.last_error_at = self.clock.now()
             worker.status.state = "stopped"
             worker.status.next_attempt_at = None
             if worker.subscription is not None:
@@ -190,7 +221,9 @@ class HookRunner:
                 with contextlib.suppress(Exception):
                     await worker.subscription.unsubscribe()
         # The cancelled tasks unwind (naking what they held) while the final status is written.
-        publishing = asyncio.create_task(self.publish_status(), name="hooks-final-status")
+        publishing = asyncio.create_task(
+            self.publish_status(stopped=True), name="hooks-final-status"
+        )
         _, late = await asyncio.wait({publishing, *busy}, timeout=max(deadline - loop.time(), 0))
         if publishing in late:
             publishing.cancel()
@@ -215,7 +248,7 @@ class HookRunner:
             durable_name=consumer_name(hook),
             description=f"StockPilot alert hook {hook}",
             deliver_policy=js_api.DeliverPolicy.BY_START_TIME,
-            opt_start_time=utc_now() - timedelta(seconds=self.backfill_s),
+            opt_start_time=self.clock.now() - timedelta(seconds=self.backfill_s),
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=max(30.0, 2 * self.retry.max_s),
             max_deliver=-1,
@@ -230,17 +263,29 @@ class HookRunner:
         assert worker.subscription is not None
         worker.status.state = "ok"
         worker.dirty = True
+        failed_fetches = 0
         while not self.stop.is_set():
             try:
                 msgs = await worker.subscription.fetch(1, timeout=1.0)
             except nats.errors.TimeoutError:
+                failed_fetches = 0
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # NATS reconnecting: the consumer survives, keep pulling
+                if self._nc.is_connected:
+                    failed_fetches += 1
+                    if failed_fetches >= FETCH_MAX_FAILURES:
+                        # Connected, yet the consumer keeps refusing: it was deleted or its
+                        # permission revoked. Say so and exit; the restart recreates it.
+                        raise RuntimeError(
+                            f"hook {worker.hook.name}: fetching alerts failed "
+                            f"{failed_fetches} times in a row while connected: {exc!r}"
+                        ) from exc
                 log.warning("hook %s: fetching alerts failed (%s); retrying", worker.hook.name, exc)
                 await self._sleep(1.0)
                 continue
+            failed_fetches = 0
             for msg in msgs:
                 try:
                     await self._handle(worker, msg)
@@ -298,19 +343,23 @@ class HookRunner:
                     if isinstance(exc, HookError)
                     else f"{type(exc).__name__}: {exc}"[:300]
                 )
-                status.last_error_at = utc_now()
-                status.next_attempt_at = status.last_error_at + timedelta(seconds=delay)
+                status.last_error_at = self.clock.now()
                 status.state = (
                     "failing"
                     if status.consecutive_failures >= self.retry.failing_after
                     else "retrying"
                 )
                 worker.dirty = True
+                if isinstance(exc, UndeliverableError) or attempt >= self.retry.max_attempts:
+                    await self._park(worker, msg, alert, attempt, status.last_error)
+                    return
+                status.next_attempt_at = status.last_error_at + timedelta(seconds=delay)
                 log.warning(
-                    "hook %s: alert %s attempt %d failed (%s); retrying in %.1fs",
+                    "hook %s: alert %s attempt %d of %d failed (%s); retrying in %.1fs",
                     hook.name,
                     alert.id,
                     attempt,
+                    self.retry.max_attempts,
                     status.last_error,
                     delay,
                 )
@@ -324,8 +373,10 @@ class HookRunner:
                     return
                 continue
             break
+        # The receiver took it: the mark goes out first, before anything else is awaited, so
+        # the window in which a crash means a second delivery is this one KV write.
         mark = DeliveryMark(
-            alert_id=alert.id, stream_seq=seq, delivered_at=utc_now(), attempts=attempt
+            alert_id=alert.id, stream_seq=seq, delivered_at=self.clock.now(), attempts=attempt
         )
         await self._mark(key, mark)
         await _ack(msg)
@@ -340,6 +391,41 @@ class HookRunner:
         log.debug(
             "hook %s: delivered alert %s (seq %d, attempt %d)", hook.name, alert.id, seq, attempt
         )
+
+    async def _park(
+        self, worker: _Worker, msg: Msg, alert: Alert, attempts: int, error: str
+    ) -> None:
+        """Give up on `alert` for this hook: dead-letter it with the reason, mark it, ack it.
+
+        The hook then goes on with the next alert; the parked one stays in STOCKPILOT_ALERTS
+        and its copy on `stockpilot.deadletter.hooks` says which hook gave up and why.
+        """
+        hook, status = worker.hook, worker.status
+        seq = msg.metadata.sequence.stream
+        reason = f"hook {hook.name} gave up after {attempts} attempt(s): {error}"[:500]
+        log.error("hook %s: alert %s parked on %s: %s", hook.name, alert.id, PARKED_SUBJECT, reason)
+        try:
+            await bus.dead_letter(self._nc, DEAD_LETTER_SERVICE, msg.subject, msg.data, reason, seq)
+        except Exception as exc:  # the log line above and the mark below still record it
+            log.error("hook %s: could not publish parked alert %s (%s)", hook.name, alert.id, exc)
+        mark = DeliveryMark(
+            alert_id=alert.id,
+            stream_seq=seq,
+            delivered_at=self.clock.now(),
+            attempts=attempts,
+            outcome="parked",
+        )
+        await self._mark(delivery_key(hook.name, alert.id), mark)
+        await _ack(msg)
+        status.parked += 1
+        status.next_attempt_at = None
+        status.last_seq = seq
+        status.last_parked_alert_id = alert.id
+        worker.dirty = True
+
+    @property
+    def _nc(self) -> NATS:
+        return self.nc if self.nc is not None else self.js._nc
 
     async def _is_marked(self, key: str) -> bool:
         assert self._marks is not None
@@ -401,12 +487,18 @@ class HookRunner:
                 worker.status.pending = pending
                 worker.dirty = True
 
-    async def publish_status(self) -> None:
+    async def publish_status(self, stopped: bool = False) -> None:
         """Write every hook's state under `hooks.status` in the state bucket."""
         assert self._kv is not None
         for worker in self._workers:
             worker.dirty = False
-        value = HooksStatus(updated_at=utc_now(), pid=os.getpid(), hooks=self.statuses)
+        value = HooksStatus(
+            updated_at=self.clock.now(),
+            pid=os.getpid(),
+            hooks=self.statuses,
+            stopped=stopped,
+            failure=self.supervisor.failure,
+        )
         await self._kv.put(STATUS_KEY, _encode(value))
 
 

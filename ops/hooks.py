@@ -22,7 +22,13 @@ import msgspec
 from ops.hook_delivery import AlertHook, LogHook, SlackHook, WebhookHook
 from ops.hook_runner import HookRunner, RetryPolicy
 from shared import bus
-from shared.settings import CommonSettings, PositiveFloat, SettingsError, settings_or_exit
+from shared.settings import (
+    CommonSettings,
+    PositiveFloat,
+    PositiveInt,
+    SettingsError,
+    settings_or_exit,
+)
 
 log = logging.getLogger("stockpilot.hooks")
 
@@ -39,6 +45,9 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
     # Exponential back-off between attempts at one alert: first wait, longest wait.
     hook_retry_initial_s: PositiveFloat = 0.5
     hook_retry_max_s: PositiveFloat = 60.0
+    # Attempts at one alert before it is parked on stockpilot.deadletter.hooks and the hook
+    # goes on with the next one (with the defaults, about 4 minutes of retrying).
+    hook_max_attempts: PositiveInt = 10
     # A hook seen for the first time starts with the alerts of this many seconds back (at
     # most 30 days: its delivery marks, which keep it from repeating one, expire after 35).
     hook_backfill_s: Annotated[float, msgspec.Meta(ge=0, le=bus.HOOK_BACKFILL_MAX_S)] = 86_400.0
@@ -60,7 +69,11 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
     @property
     def retry(self) -> RetryPolicy:
         """The back-off policy these settings describe."""
-        return RetryPolicy(initial_s=self.hook_retry_initial_s, max_s=self.hook_retry_max_s)
+        return RetryPolicy(
+            initial_s=self.hook_retry_initial_s,
+            max_s=self.hook_retry_max_s,
+            max_attempts=self.hook_max_attempts,
+        )
 
 
 def build_hooks(settings: HookSettings, client: httpx.AsyncClient) -> list[AlertHook]:
@@ -91,7 +104,8 @@ async def http_client(settings: HookSettings) -> AsyncIterator[httpx.AsyncClient
 
 
 async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -> int:
-    """Run the hook process until `stop` (or a signal); 1 if NATS closed for good."""
+    """Run the hook process until `stop` (or a signal); 1 if NATS closed for good, 70 if a
+    delivery or status loop failed (shared.supervise)."""
     stop = stop or asyncio.Event()
     closed_for_good = False
 
@@ -105,6 +119,7 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
     nc = await bus.connect_unless_stopped(stop, settings, "stockpilot-hooks", on_closed=on_closed)
     if nc is None:
         return 0
+    runner: HookRunner | None = None
     try:
         js = nc.jetstream()
         await bus.provision(js, settings.stream_replicas)
@@ -118,6 +133,7 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
                 retry=settings.retry,
                 backfill_s=settings.hook_backfill_s,
                 stop=stop,
+                nc=nc,
             )
             await runner.run()
     finally:
@@ -125,7 +141,8 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
         # whatever a hook or NATS does, a SIGTERM ends the process within 8 s, well inside a
         # supervisor's grace period (~1 s idle).
         await bus.drain_or_close(nc)
-    return 1 if closed_for_good else 0
+    status = 1 if closed_for_good else 0
+    return runner.supervisor.exit_status(status) if runner is not None else status
 
 
 async def _main(settings: HookSettings) -> int:
@@ -157,8 +174,11 @@ def register(subparsers: Any) -> None:
             "webhook (STOCKPILOT_ALERT_WEBHOOK_URL, HMAC-SHA256-signed in X-StockPilot-Signature "
             "when STOCKPILOT_ALERT_WEBHOOK_SECRET is set), a Slack-compatible webhook "
             "(STOCKPILOT_SLACK_WEBHOOK_URL) and the log (STOCKPILOT_ALERT_LOG, default true). "
-            "At-least-once with exponential back-off; an alert a hook took is never handed to "
-            "it again, across restarts. Runs until SIGINT/SIGTERM."
+            "At least once, with an idempotency key (the alert id, in Idempotency-Key): "
+            "exponential back-off, and an alert a hook still cannot deliver after "
+            "STOCKPILOT_HOOK_MAX_ATTEMPTS tries is parked on stockpilot.deadletter.hooks with "
+            "the reason while delivery goes on. A crash between a receiver's 2xx and the "
+            "delivery mark can repeat that one alert. Runs until SIGINT/SIGTERM."
         ),
     )
     parser.set_defaults(handler=_command)

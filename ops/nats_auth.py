@@ -52,7 +52,7 @@ PUBLISH_ALLOW: dict[str, list[str]] = {
     "usage": _service("usage"),
     "batch": _service("batch"),
     "gateway": ["stockpilot.svc.>", "$SRV.>", *_JETSTREAM_CLIENT],
-    "hooks": [*_JETSTREAM_CLIENT],
+    "hooks": ["stockpilot.deadletter.hooks", *_JETSTREAM_CLIENT],  # alerts it parks
     "client": ["stockpilot.usage.recorded", "stockpilot.batch.>", *_JETSTREAM_CLIENT],
     "ops": [">"],
 }

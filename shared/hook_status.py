@@ -6,6 +6,7 @@ state bucket (STOCKPILOT_STATE); the gateway's /api/v1/status and `stockpilot st
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Literal
 
 import msgspec
@@ -31,6 +32,9 @@ class HookStatus(msgspec.Struct, kw_only=True):
     delivered: int = 0
     skipped_duplicates: int = 0
     failures: int = 0
+    # Alerts given up on after the last attempt, copied to stockpilot.deadletter.hooks.
+    parked: int = 0
+    last_parked_alert_id: str | None = None
     consecutive_failures: int = 0
     pending: int | None = None
     last_seq: int = 0
@@ -51,6 +55,22 @@ class HooksStatus(msgspec.Struct, kw_only=True):
     updated_at: AwareDatetime
     pid: int
     hooks: list[HookStatus]
+    # The last status the process wrote on its way out (stopped, or a loop of it failed).
+    stopped: bool = False
+    # Why it stopped when a background loop failed (the process exits non-zero).
+    failure: str | None = None
+
+
+HooksProcessState = Literal["up", "unavailable", "not_configured"]
+
+
+def hooks_process_state(status: HooksStatus | None, now: datetime) -> HooksProcessState:
+    """`up` only while the hook process runs: a fresh status it did not write on its way out."""
+    if status is None:
+        return "not_configured"
+    if status.stopped or (now - status.updated_at).total_seconds() > STALE_AFTER_S:
+        return "unavailable"
+    return "up"
 
 
 async def read_hooks_status(js: JetStreamContext) -> HooksStatus | None:

@@ -11,6 +11,7 @@ A service declares its projections, its query/command endpoints and any backgrou
   decode or apply,
 - publish the alerts the projections derive (once: see `shared.alerts`),
 - snapshot every N events / T seconds and on shutdown,
+- run every loop under `shared.supervise`: one that fails ends the process (exit 70),
 - answer requests through the `nats.micro` framework (`$SRV.PING|INFO|STATS` included) on
   `stockpilot.svc.<service>.<endpoint>`, queue-grouped so replicas share the load,
 - stop cleanly on SIGINT/SIGTERM.
@@ -58,6 +59,7 @@ from shared.projection import (
 )
 from shared.settings import CommonSettings
 from shared.stream_reader import read_stream
+from shared.supervise import Supervisor
 
 log = logging.getLogger("stockpilot.runtime")
 
@@ -74,6 +76,9 @@ def changed_subject(service: str) -> str:
     """Core-NATS subject a service announces projection changes on (gateway caches listen)."""
     return f"stockpilot.changed.{service}"
 
+
+# Consecutive failed snapshot writes, while connected, after which the snapshot loop fails.
+SNAPSHOT_MAX_FAILURES = 10
 
 # Change notices are coalesced: at most one per service every few milliseconds.
 CHANGE_NOTICE_INTERVAL_S = 0.005
@@ -119,7 +124,7 @@ class Endpoint(Generic[P]):
     concurrent: bool = False
 
 
-Background = Callable[["Context"], Awaitable[None]]
+Background = Callable[["Context"], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -273,6 +278,8 @@ class Runtime:
         self.bare_reads = bare_reads
         self._reconnected = asyncio.Event()
         self.stop = asyncio.Event()
+        # Every loop of the process runs under it: one that fails stops the process (exit 70).
+        self.supervisor = Supervisor(definition.name, self.stop)
         self.closed_for_good = False
         self.started_at = clock.now()
         self._started_monotonic = time.monotonic()
@@ -334,9 +341,8 @@ class Runtime:
             stack.push_async_callback(self._close_connection)
             await bus.provision(self.js, self.settings.stream_replicas)
             self._obs = await self.js.object_store(bus.SNAPSHOT_BUCKET)
-            tasks: list[asyncio.Task[None]] = []
-            stack.push_async_callback(self._cancel, tasks)
-            tasks.append(asyncio.create_task(self._publish_alerts(), name="alerts"))
+            stack.push_async_callback(self.supervisor.cancel_all)
+            self.supervisor.start(self._publish_alerts(), "alerts", forever=True)
             for tracked in self.tracked.values():
                 await self._start_projection(tracked)
             stack.push_async_callback(self._final_snapshots)
@@ -354,26 +360,20 @@ class Runtime:
             self.instance = service.id
             stack.push_async_callback(service.stop)
             await self._add_endpoints(service)
-            tasks.append(asyncio.create_task(self._snapshot_loop(), name="snapshots"))
-            tasks.append(asyncio.create_task(self._start_background(tasks), name="background"))
+            self.supervisor.start(self._snapshot_loop(), "snapshots", forever=True)
+            self.supervisor.start(self._start_background(), "background")
             log.info("%s service %s listening on stockpilot.svc.%s.*", name, self.instance, name)
             await self.stop.wait()
             log.info("%s: stopping", name)
             # Gateways drop this service's cached answers (its status says it is gone).
             with contextlib.suppress(Exception):
                 await self.nc.publish(changed_subject(name), b"")
-        return 1 if self.closed_for_good else 0
+        return self.supervisor.exit_status(1 if self.closed_for_good else 0)
 
     async def _close_connection(self) -> None:
         # With NATS away the drain times out and closing may fail: not a reason to exit
         # non-zero.
         await bus.drain_or_close(self.nc)
-
-    @staticmethod
-    async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _unsubscribe(self) -> None:
         for tracked in self.tracked.values():
@@ -385,28 +385,16 @@ class Runtime:
                 with contextlib.suppress(Exception):
                     await tracked.subscription.unsubscribe()
 
-    async def _start_background(self, tasks: list[asyncio.Task[None]]) -> None:
-        """Background work starts once every projection has caught up with its stream."""
+    async def _start_background(self) -> None:
+        """Background work starts once every projection has caught up with its stream.
+
+        Each runs until the service stops; one that fails (or returns early) stops the
+        service, which exits non-zero and is restarted (shared.supervise).
+        """
         await asyncio.gather(*(t.caught_up.wait() for t in self.tracked.values()))
         log.info("%s: projections caught up", self.definition.name)
         for work in self.definition.background:
-            tasks.append(asyncio.create_task(self._guard(work), name=work.__name__))
-
-    async def _guard(self, work: Background) -> None:
-        """A background task that fails is logged and restarted; it never kills the service."""
-        while not self.stop.is_set():
-            try:
-                await work(self.context)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception(
-                    "%s: background task %s failed; restarting in 1s",
-                    self.definition.name,
-                    work.__name__,
-                )
-                await asyncio.sleep(1)
+            self.supervisor.start(work(self.context), work.__name__, forever=True)
 
     # ----- projections -----------------------------------------------------------------
 
@@ -455,9 +443,7 @@ class Runtime:
         # Until the reader's first answer: at most what the stream holds past the view.
         state = (await self.js.stream_info(projection.stream.name)).state
         tracked.lag = max(0, state.last_seq - projection.view.last_seq)
-        tracked.reader = asyncio.create_task(
-            self._read_bare(tracked), name=f"read-{projection.name}"
-        )
+        tracked.reader = self.supervisor.start(self._read_bare(tracked), f"read-{projection.name}")
 
     async def _read_bare(self, tracked: _Tracked) -> None:
         """Fold the stream over a bare connection (shared.stream_reader) for as long as it works.
@@ -709,6 +695,7 @@ class Runtime:
         every_s = self.settings.snapshot_every_s
         every_events = self.settings.snapshot_every_events
         last = {name: time.monotonic() for name in self.tracked}
+        failures = dict.fromkeys(self.tracked, 0)
         while True:
             await asyncio.sleep(min(1.0, every_s))
             for name, tracked in self.tracked.items():
@@ -716,18 +703,28 @@ class Runtime:
                 if tracked.since_snapshot and (
                     due_by_time or tracked.since_snapshot >= every_events
                 ):
-                    await self.snapshot(tracked)
+                    if await self.snapshot(tracked) is False and self.nc.is_connected:
+                        # Retried next tick; while connected, a write that keeps failing (the
+                        # bucket gone, no permission) is not a blip: without snapshots every
+                        # restart refolds more, so the process says so and exits instead.
+                        failures[name] += 1
+                        if failures[name] >= SNAPSHOT_MAX_FAILURES:
+                            raise RuntimeError(
+                                f"snapshot of {name} failed {failures[name]} times in a row"
+                            )
+                        continue
+                    failures[name] = 0
                     last[name] = time.monotonic()
 
-    async def snapshot(self, tracked: _Tracked) -> None:
-        """Store the projection's view with its last_seq.
+    async def snapshot(self, tracked: _Tracked) -> bool | None:
+        """Store the projection's view with its last_seq; False when the write failed.
 
         Not while alerts derived from folded events wait to be published: after a crash the
         service resumes *after* the snapshot and would never derive them again. The next
         tick (or the shutdown, which first waits for them) takes it instead.
         """
         if self._alerts_unpublished:  # queued or being published
-            return
+            return None
         projection = tracked.projection
         taken_at = self.clock.now()
         data = encode_snapshot(projection, taken_at)
@@ -739,7 +736,7 @@ class Runtime:
         except Exception as exc:
             tracked.since_snapshot += since
             log.warning("%s: snapshot of %s failed: %s", self.definition.name, projection.name, exc)
-            return
+            return False
         tracked.snapshot_seq = seq
         tracked.snapshot_at = taken_at
         log.debug(
@@ -749,6 +746,7 @@ class Runtime:
             seq,
             len(data),
         )
+        return True
 
     async def _final_snapshots(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -855,7 +853,8 @@ class Runtime:
             version=VERSION,
             started_at=self.started_at,
             uptime_s=round(time.monotonic() - self._started_monotonic, 3),
-            ready=all(p.caught_up for p in projections),
+            # A process whose loop died is on its way out: never "up".
+            ready=all(p.caught_up for p in projections) and not self.supervisor.failed,
             projections=projections,
             process=ProcessStatus(pid=os.getpid(), rss_mb=round(rss, 1), cpu_percent=cpu),
             alerts_published=self.alerts_published,

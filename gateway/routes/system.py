@@ -22,7 +22,7 @@ from services.health.queries import HealthSummary
 from services.usage.service import UsageSummary, UsageToday
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime
-from shared.hook_status import STALE_AFTER_S, read_hooks_status
+from shared.hook_status import hooks_process_state, read_hooks_status
 from shared.runtime import VERSION, ServiceStatus
 
 SERVICES = ("health", "usage", "batch")
@@ -170,7 +170,7 @@ _hooks_read = weakref.WeakKeyDictionary()
 
 
 async def _hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
-    """The hook process's last published status (KV), judged stale after STALE_AFTER_S."""
+    """The hook process's last published status (KV): not `up` once stopped, failed or stale."""
     remembered = _hooks_read.get(services)
     if remembered is not None and remembered[0] > time.monotonic():
         return remembered[1]
@@ -188,7 +188,6 @@ async def _read_hooks(services: ServiceClient, now: datetime) -> tuple[str, list
         raise UnavailableError("the state bucket cannot be read") from None
     if status is None:
         return "not_configured", []
-    age = (now - status.updated_at).total_seconds()
     hooks = [
         HookState(
             name=h.name,
@@ -201,7 +200,7 @@ async def _read_hooks(services: ServiceClient, now: datetime) -> tuple[str, list
         )
         for h in status.hooks
     ]
-    return ("up" if age <= STALE_AFTER_S else "unavailable"), hooks
+    return hooks_process_state(status, now), hooks
 
 
 async def _optional(coro: Any) -> Any:

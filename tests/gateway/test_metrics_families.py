@@ -445,7 +445,12 @@ def test_hook_deliveries_by_outcome_and_state(age_s: float, process: str) -> Non
         hooks=[
             HookStatus(name="slack", state="ok", delivered=5, skipped_duplicates=2, failures=1),
             HookStatus(
-                name="pager", state="failing", failures=4, consecutive_failures=4, pending=3
+                name="pager",
+                state="failing",
+                failures=4,
+                consecutive_failures=4,
+                pending=3,
+                parked=1,
             ),
         ],
     )
@@ -457,13 +462,23 @@ def test_hook_deliveries_by_outcome_and_state(age_s: float, process: str) -> Non
         key(hook="slack", outcome="delivered"): 5,
         key(hook="slack", outcome="failed"): 1,
         key(hook="slack", outcome="skipped_duplicate"): 2,
+        key(hook="slack", outcome="parked"): 0,
         key(hook="pager", outcome="delivered"): 0,
         key(hook="pager", outcome="failed"): 4,
         key(hook="pager", outcome="skipped_duplicate"): 0,
+        key(hook="pager", outcome="parked"): 1,
     }
     assert found[("stockpilot_alert_hook_state", key(hook="pager", state="failing"))] == 1.0
     assert found[("stockpilot_alert_hook_state", key(hook="pager", state="ok"))] == 0.0
     assert series(found, "stockpilot_alert_hook_pending_alerts") == {key(hook="pager"): 3}
+
+
+def test_a_hook_process_that_stopped_is_unavailable_while_its_status_is_fresh() -> None:
+    """Its last status, written on the way out (stopped or a loop failed), never says `up`."""
+    status = HooksStatus(updated_at=NOW, pid=9, hooks=[], stopped=True, failure="hook-x: boom")
+    found = render(fam.hook_families(status, NOW))
+    assert found[("stockpilot_alert_hooks_process", key(state="unavailable"))] == 1.0
+    assert found[("stockpilot_alert_hooks_process", key(state="up"))] == 0.0
 
 
 def test_every_family_has_help_and_the_prefix() -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import msgspec
@@ -17,7 +18,14 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from ops.hook_delivery import SIGNATURE_HEADER, LogHook, WebhookHook, verify_signature
+from ops.hook_delivery import (
+    SIGNATURE_HEADER,
+    LogHook,
+    WebhookHook,
+    header_value,
+    slack_escape,
+    verify_signature,
+)
 from ops.hook_runner import (
     STOP_TIMEOUT_S,
     HookRunner,
@@ -388,3 +396,24 @@ async def test_an_idle_hook_process_keeps_its_status_fresh(env: dict[str, str]) 
     assert first is not None and later is not None
     assert later.updated_at > first.updated_at
     assert [(h.name, h.state, h.pending) for h in later.hooks] == [("log", "ok", 0)]
+
+
+@pytest.mark.parametrize(
+    "alert_id",
+    [
+        "usage.cost_warning:all:daily:2026-11-26",
+        "usage.budget_exceeded:model:gpt\r\nX-Injected: 1:daily",
+        "model:模型-é\x1b[31m\x00",
+        " leading and trailing ",
+        "50%:already%20encoded",
+    ],
+)
+def test_header_values_are_visible_ascii_and_give_back_the_id(alert_id: str) -> None:
+    value = header_value(alert_id)
+    assert all(0x21 <= ord(char) <= 0x7E for char in value)
+    assert unquote(value) == alert_id
+
+
+def test_slack_escape_leaves_no_control_sequence() -> None:
+    text = slack_escape("<!channel> <@U1> <http://x.example|y> a&b")
+    assert text == "&lt;!channel&gt; &lt;@U1&gt; &lt;http://x.example|y&gt; a&amp;b"
