@@ -130,7 +130,7 @@ def test_history_points_and_uptime_of_a_target_going_down_and_up(moment: Moment)
     ]
     answer = history.history(
         view_of(*events),
-        settings(1),
+        settings(1, STOCKPILOT_TZ=moment.zone),
         history.HistoryParams(component="external.api0", hours=1),
         now,
     )
@@ -148,7 +148,7 @@ def test_history_is_bounded_per_component_and_merges_the_worst_status(moment: Mo
         result("database", "unhealthy" if i == 7 else "healthy", first + timedelta(seconds=30 * i))
         for i in range(100)
     ]
-    s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10")
+    s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10", STOCKPILOT_TZ=moment.zone)
     answer = history.history(
         view_of(*events), s, history.HistoryParams(component="database"), moment.at
     )
@@ -162,6 +162,7 @@ def test_history_is_bounded_per_component_and_merges_the_worst_status(moment: Mo
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_history_beyond_a_day_uses_hourly_buckets(moment: Moment) -> None:
     now = moment.at
+    zoned = settings(STOCKPILOT_TZ=moment.zone)  # windows are hours back from now, in any zone
     first = now - timedelta(hours=72)
     # Two results in each of the 72 (UTC) hours before now's: at `first`'s minute of the hour,
     # and halfway from there to the hour's end (on the hour: at :00 and :30).
@@ -172,16 +173,14 @@ def test_history_beyond_a_day_uses_hourly_buckets(moment: Moment) -> None:
         for d in (timedelta(0), rest / 2)
     ]
     answer = history.history(
-        view_of(*events), settings(), history.HistoryParams(component="database", hours=72), now
+        view_of(*events), zoned, history.HistoryParams(component="database", hours=72), now
     )
     [series] = answer.series
     assert len(series.points) == 72
     assert series.points[1].status == "unhealthy"
     assert series.checks == 144
     assert series.uptime_pct == pytest.approx(100 * 142 / 144, abs=0.01)
-    day = history.history(
-        view_of(*events), settings(), history.HistoryParams(component="database"), now
-    )
+    day = history.history(view_of(*events), zoned, history.HistoryParams(component="database"), now)
     assert day.series[0].checks == 48  # raw samples of the last 24 h
 
 
