@@ -68,6 +68,7 @@ async def test_running_job_shows_increasing_progress_while_it_runs(
     assert execution.progress_pct == 100.0
     assert execution.items_processed == 100
     assert execution.fencing_token == run.fencing_token
+    assert execution.started_at == clock.now()  # the worker dates its run by its clock
     assert execution.duration_s is not None and execution.duration_s > 1.0
     assert execution.throughput_per_s is not None and execution.throughput_per_s > 0
     assert execution.peak_memory_mb is not None and execution.peak_memory_mb > 1
