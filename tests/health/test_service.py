@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -22,6 +23,7 @@ from services.health.events import HealthChecked, HostSampled
 from services.health.queries import ComprehensiveHealth, ExternalApisHealth, FreshParams
 from services.health.service import build
 from services.health.settings import HealthSettings
+from shared.clock import SYSTEM_CLOCK, Clock, ManualClock
 from shared.events import Alert, utc_now
 from shared.runtime import Runtime
 from shared.settings import load_settings
@@ -31,15 +33,19 @@ from tests.health.targets import Reply, Target, models_body
 
 @asynccontextmanager
 async def stack(
-    env: dict[str, str], extra: dict[str, str], gateway: dict[str, str] | None = None
+    env: dict[str, str],
+    extra: dict[str, str],
+    gateway: dict[str, str] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[tuple[AsyncTestClient[Litestar], Runtime]]:
-    """The health service (rounds only on demand after the first) and the gateway."""
+    """The health service (rounds only on demand after the first) and the gateway, on `clock`
+    (the real one unless told: "fresh" and the schedule need a clock that moves by itself)."""
     settings = load_settings(
         HealthSettings,
         env | {"STOCKPILOT_HEALTH_INTERVAL_S": "3600", "STOCKPILOT_PROBE_TIMEOUT_S": "0.5"} | extra,
     )
-    async with running_service(build(settings), settings) as runtime:
-        app = create_app(load_settings(GatewaySettings, env | (gateway or {})))
+    async with running_service(build(settings), settings, clock=clock) as runtime:
+        app = create_app(load_settings(GatewaySettings, env | (gateway or {})), clock)
         async with AsyncTestClient(app) as client:
             deadline = time.monotonic() + 10
             while not app.state.services.connected:
@@ -256,7 +262,9 @@ async def test_rounds_publish_checked_and_host_events_on_their_subjects(
     assert host.memory_percent > 0
 
 
-async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -> None:
+async def test_history_follows_a_target_going_down_and_up(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     alerts: list[Alert] = []
 
@@ -266,7 +274,8 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
     await nc.subscribe("stockpilot.alerts.health.>", cb=keep)
     async with Target(Reply(status=200)) as flaky:
         flaky_env = {"STOCKPILOT_EXTERNAL_APIS": externals(("flaky", flaky))}
-        async with stack(env, flaky_env) as (client, runtime):
+        started = clock.now()
+        async with stack(env, flaky_env, clock=clock) as (client, runtime):
             # Round 1 is the start-up round (up): wait for its result, or the first fresh
             # request below would share that round and see the 503 meant for round 2.
             deadline = time.monotonic() + 10
@@ -274,7 +283,10 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
                 assert time.monotonic() < deadline, "the start-up round never finished"
                 await asyncio.sleep(0.02)
             # Then 3 down, then 2 up: 6 results.
+            # Each round 10 s after the last on the test's clock (rounds are dated from it,
+            # and the last hour of history is the clock's).
             for status in (503, 503, 503, 200, 200):
+                clock.advance(timedelta(seconds=10))
                 flaky.reply = Reply(status=status)
                 answer = await client.get("/api/v1/health/external-apis?fresh=true")
                 assert answer.status_code == 200
@@ -297,6 +309,10 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
         "healthy",
     ]
     assert series["uptime_pct"] == 50.0
+    # Each result is dated by the service's clock: the start-up round, then one every 10 s.
+    assert [datetime.fromisoformat(p["t"]) for p in series["points"]] == [
+        started + timedelta(seconds=10 * k) for k in range(6)
+    ]
     assert all(p["latency_ms"] is not None for p in series["points"])
     assert [(a.title, a.severity) for a in alerts] == [
         ("external.flaky is unhealthy", "critical"),

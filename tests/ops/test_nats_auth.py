@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 
 import nats
@@ -17,10 +17,13 @@ from services.usage.client import UsageRecorder
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import free_port, nats_server_binary, running_service, wait_for_port
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 @pytest.fixture

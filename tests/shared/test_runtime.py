@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import timedelta
 
 import msgspec
 import nats
@@ -12,9 +12,12 @@ from shared import bus
 from shared.events import Alert
 from shared.settings import CommonSettings, load_settings
 from shared.testing import running_service
+from tests.clocks import NOON
 from tests.shared.toy import CountAnswer, Counted, build, dead_letters
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 async def publish_counted(js: object, n: int, start: int = 0) -> None:
