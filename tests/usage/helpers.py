@@ -21,7 +21,7 @@ from services.usage.prices import PriceTable
 from services.usage.settings import UsageSettings
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.settings import load_settings
-from tests.clocks import NOON
+from tests.clocks import NOON, recent_noon
 
 ADMIN = "admin-secret"
 INGEST = "ingest-secret"
@@ -193,3 +193,16 @@ def close(actual: float, expected: float, rel: float = 0.0101, abs_: float = 1e-
 def decode(data: bytes, kind: type[Any]) -> Any:
     """Decode a JSON body into a struct."""
     return msgspec.json.decode(data, type=kind)
+
+
+def mid_month_noon(zone: str, days_left: int, now: datetime | None = None) -> datetime:
+    """The latest local noon at or before now (UTC) with at least `days_left` days of its
+    month after it: a test that needs room before the month ends, on any day it runs."""
+    tz = ZoneInfo(zone)
+    noon = recent_noon(zone, now)
+    while True:
+        day = noon.astimezone(tz).date()
+        next_first = (day.replace(day=1) + timedelta(days=31)).replace(day=1)
+        if (next_first - day).days - 1 >= days_left:
+            return noon
+        noon = datetime.combine(day - timedelta(days=1), time(12), tzinfo=tz).astimezone(UTC)
