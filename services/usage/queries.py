@@ -166,7 +166,9 @@ def stats(
     else:
         span_start = day_start(start, zone)
         span_end = min(day_start(end + timedelta(days=1), zone), now.astimezone(zone))
-        minutes = (span_end - span_start).total_seconds() / 60
+        # Timestamps, not a difference of the local datetimes: two datetimes of one zone
+        # subtract as wall clocks, an hour off across a daylight-saving change.
+        minutes = (span_end.timestamp() - span_start.timestamp()) / 60
         rpm = total.requests / minutes if minutes > 0 else 0.0
     users = sorted(by_user.items(), key=lambda item: (-item[1].requests, item[0]))
     return UsageStats(

@@ -118,6 +118,17 @@ def test_requests_per_minute_is_the_last_five_minutes_today_and_the_day_average_
     # The average over the day's real minutes (1380 or 1500 on a daylight-saving change).
     minutes = hours_in(yesterday, settings.zone) * 60
     assert answer.requests_per_minute == pytest.approx(144 / minutes)
+    # Yesterday and today so far: every call over the real minutes since yesterday began.
+    both = queries.stats(
+        view,
+        StatsParams(start=yesterday.isoformat(), end=moment.local.date().isoformat()),
+        now,
+        settings,
+    )
+    assert both.total_requests == len(events)
+    elapsed = now - local_midnight(yesterday, settings.zone)
+    rate = len(events) / (elapsed.total_seconds() / 60)
+    assert both.requests_per_minute == pytest.approx(rate, abs=5e-5)  # rounded to 4 places
 
 
 def test_shipped_prices_cover_current_models_and_dated_names() -> None:
