@@ -15,9 +15,9 @@ from services.usage.settings import ModelPrice, UsageSettings
 from services.usage.view import FoldConfig, UsageView
 from shared.errors import InvalidRequestError
 from shared.settings import SettingsError, load_settings
-from tests.clocks import MOMENTS, SEOUL, Moment
+from tests.clocks import MOMENTS, SEOUL, Moment, dst_changes
 from tests.usage import helpers
-from tests.usage.helpers import hours_in, local_midnight, mid_month_noon, recorded
+from tests.usage.helpers import Oracle, hours_in, local_midnight, mid_month_noon, recorded
 
 # Noon in Seoul (03:00 UTC) on the test clock's day, and that day.
 NOW = helpers.T0 - timedelta(hours=6)
@@ -209,3 +209,39 @@ def test_costs_forecast_extrapolates_the_month_so_far(moment: Moment) -> None:
     assert costs.forecast.elapsed_pct == pytest.approx(100.0 * elapsed / month, abs=1e-4)
     assert costs.daily[-1].cost_usd == 90.0 and costs.daily[-2].cost_usd == 0.0
     assert costs.daily[-1].date == moment.local.date() and len(costs.daily) == 30
+
+
+HALF_HOUR_ZONE = "Australia/Lord_Howe"  # its clocks move by 30 minutes
+
+
+@pytest.mark.parametrize(
+    "change",
+    [pytest.param(c, id=f"lord-howe-{n}") for n, c in enumerate(dst_changes(HALF_HOUR_ZONE))],
+)
+def test_hourly_buckets_hold_every_call_across_a_half_hour_clock_change(change: datetime) -> None:
+    settings = UsageSettings(tz=HALF_HOUR_ZONE)
+    zone = settings.zone
+    apply = make_apply(FoldConfig(zone=zone, prices=PriceTable.with_overrides({})))
+    view = UsageView()
+    # A call every ten minutes from six hours before the change to six after it.
+    events = [
+        recorded(i, change - timedelta(hours=6) + timedelta(minutes=10 * i)) for i in range(73)
+    ]
+    for seq, event in enumerate(events, start=1):
+        apply(view, event)
+        view.last_seq = seq
+    day = change.astimezone(zone).date()
+    series = queries.timeseries(
+        view,
+        TimeseriesParams(start=day.isoformat(), end=day.isoformat()),
+        change + timedelta(hours=7),
+        settings,
+    )
+    oracle = Oracle(events, zone, PriceTable.with_overrides({}))
+    assert series.points[0].t == local_midnight(day, zone)
+    starts = [p.t.timestamp() for p in series.points]
+    assert starts == sorted(set(starts))
+    for point in series.points:
+        want = oracle.hour(point.t)
+        assert point.requests == (want.requests if want else 0), point.t
+    assert sum(p.requests for p in series.points) == oracle.days([day]).requests
