@@ -436,7 +436,7 @@ async def test_stockpilot_replay_rebuilds_the_same_usage_views(
 async def test_today_through_the_gateway_at_every_awkward_instant(
     env: dict[str, str], moment: Moment
 ) -> None:
-    """/usage/stats, /usage/costs and /usage/timeseries with the clock set to the instant."""
+    """/usage/stats, /usage/costs, /usage/timeseries and /status with the clock set there."""
     clock = ManualClock(moment.at)
     zone = ZoneInfo(moment.zone)
     today = moment.local.date()
@@ -469,6 +469,9 @@ async def test_today_through_the_gateway_at_every_awkward_instant(
         series = msgspec.json.decode(
             (await client.get("/api/v1/usage/timeseries")).content, type=UsageTimeseries
         )
+        status = (await client.get("/api/v1/status")).json()
+    assert status["usage_today"]["requests"] == len(todays)
+    assert status["usage_today"]["cost_usd"] == pytest.approx(oracle.days([today]).cost)
 
     assert (stats.period.start, stats.period.end, stats.period.timezone) == (
         today,
