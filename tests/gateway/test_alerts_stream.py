@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import msgspec
@@ -22,8 +22,10 @@ from shared import bus
 from shared.events import Alert
 from shared.settings import load_settings
 from shared.testing import free_port
+from tests.clocks import NOON
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# When the alerts say they occurred (the stream is read by when they were stored).
+T0 = NOON - timedelta(hours=3)
 
 
 def make_alert(n: int) -> Alert:
@@ -235,6 +237,7 @@ async def test_since_a_time_starts_at_the_first_alert_stored_from_then(env: dict
         for n in (1, 2):
             await bus.publish_event(js, make_alert(n).subject, make_alert(n))
         await asyncio.sleep(0.05)
+        # `since` is matched against the time JetStream stored each alert: the machine's.
         moment = datetime.now(UTC)
         await asyncio.sleep(0.05)
         await bus.publish_event(js, make_alert(3).subject, make_alert(3))
