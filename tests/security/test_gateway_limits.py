@@ -1,0 +1,199 @@
+"""Gateway limits against real sockets: header timeout, SSE fan-out and caps, `?fresh=true`.
+
+The gateway runs as `stockpilot gateway` does (gateway.http_server's uvicorn configuration),
+on a free loopback port; the health service and the probe targets are real too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import uvicorn
+
+from gateway.app import create_app
+from gateway.http_server import server_config
+from gateway.settings import GatewaySettings
+from services.health.service import build
+from services.health.settings import HealthSettings
+from shared.settings import load_settings
+from shared.testing import free_port, running_service
+from tests.health.targets import Reply, Target
+
+ADMIN = "admin-secret"
+READ = "read-secret"
+AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+
+
+@contextlib.asynccontextmanager
+async def served(env: dict[str, str], **extra: str) -> AsyncIterator[str]:
+    """The gateway with its production server options on a real socket; its base URL."""
+    port = free_port()
+    settings = load_settings(
+        GatewaySettings,
+        env | {"STOCKPILOT_HTTP_HOST": "127.0.0.1", "STOCKPILOT_HTTP_PORT": str(port)} | extra,
+    )
+    server = uvicorn.Server(server_config(create_app(settings), settings))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(base_url=base, headers=AS_ADMIN) as client:
+            for _ in range(200):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/api/v1/health")).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise TimeoutError("gateway did not reach NATS")
+        yield base
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the connection (EOF) within a bounded wait."""
+    try:
+        async with asyncio.timeout(15):
+            while await reader.read(4096):
+                pass
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return True
+
+
+# ----- header and keep-alive timeouts ----------------------------------------------------
+
+
+async def test_slow_header_connections_are_closed_while_others_are_served(
+    env: dict[str, str],
+) -> None:
+    async with served(env, STOCKPILOT_HTTP_HEADER_TIMEOUT_S="1") as base:
+        port = int(base.rsplit(":", 1)[1])
+        slow: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        for n in range(300):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if n % 3:  # a partial header; every third connection sends nothing at all
+                writer.write(b"GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                await writer.drain()
+            slow.append((reader, writer))
+        async with httpx.AsyncClient(base_url=base) as client:
+            live = await client.get("/api/v1/health/live")
+        assert live.status_code == 200
+        # Still trickling bytes does not help: the deadline is for the whole header.
+        for _, writer in slow[1:50:3]:
+            writer.write(b"a")
+        closed = await asyncio.gather(*(closed_by_server(reader) for reader, _ in slow))
+        for _, writer in slow:
+            writer.close()
+        assert all(closed), f"{closed.count(False)} slow connections left open"
+
+
+async def test_a_kept_alive_connection_slow_on_its_next_header_is_closed(
+    env: dict[str, str],
+) -> None:
+    async with served(
+        env, STOCKPILOT_HTTP_HEADER_TIMEOUT_S="1", STOCKPILOT_HTTP_KEEP_ALIVE_TIMEOUT_S="30"
+    ) as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            status = await reader.readline()
+        assert status.startswith(b"HTTP/1.1 200")
+        # The first answer came; the next request never finishes its headers.
+        writer.write(b"GET /api/v1/health/live HTTP/1.1\r\nHo")
+        await writer.drain()
+        assert await closed_by_server(reader)
+        writer.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(env: dict[str, str]) -> None:
+    async with served(env, STOCKPILOT_HTTP_KEEP_ALIVE_TIMEOUT_S="1") as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        assert await closed_by_server(reader)
+        writer.close()
+
+
+# ----- ?fresh=true -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def health_service(env: dict[str, str], target: Target) -> AsyncIterator[None]:
+    """The health service probing `target` as an external API; the start-up round done."""
+    settings = load_settings(
+        HealthSettings,
+        env
+        | {
+            "STOCKPILOT_HEALTH_INTERVAL_S": "3600",
+            "STOCKPILOT_PROBE_TIMEOUT_S": "2",
+            "STOCKPILOT_EXTERNAL_APIS": f'[{{"name": "quotes", "url": "{target.url}/q"}}]',
+        },
+    )
+    async with running_service(build(settings), settings):
+        deadline = time.monotonic() + 10
+        while not target.seen:
+            assert time.monotonic() < deadline, "the start-up round never reached the target"
+            await asyncio.sleep(0.02)
+        yield
+
+
+async def test_fifty_fresh_asks_run_at_most_one_round(env: dict[str, str]) -> None:
+    async with (
+        Target(Reply(status=200, delay_s=0.2)) as target,
+        health_service(env, target),
+        served(env, STOCKPILOT_ADMIN_TOKEN=ADMIN) as base,
+        httpx.AsyncClient(base_url=base, headers=AS_ADMIN, timeout=30) as client,
+    ):
+        before = len(target.seen)
+        routes = ["comprehensive", "external-apis", "openai", "database", "redis"]
+        asks = [client.get(f"/api/v1/health/{routes[n % 5]}?fresh=true") for n in range(25)]
+        answers = await asyncio.gather(*asks)
+        # And 25 more one after another, after that round is over.
+        for n in range(25):
+            answers.append(await client.get(f"/api/v1/health/{routes[n % 5]}?fresh=true"))
+        assert [a.status_code for a in answers] == [200] * 50, answers[0].text
+        assert len(target.seen) - before == 1
+        fresh = answers[0].json()
+        assert fresh["cached"] is False
+        assert {c["name"] for c in fresh["components"]} >= {"external.quotes"}
+
+
+async def test_fresh_needs_the_admin_token(env: dict[str, str]) -> None:
+    async with (
+        Target(Reply(status=200)) as target,
+        health_service(env, target),
+        served(env, STOCKPILOT_ADMIN_TOKEN=ADMIN, STOCKPILOT_READ_TOKEN=READ) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        before = len(target.seen)
+        ok = await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+        assert ok.status_code == 200
+        as_reader = {"Authorization": f"Bearer {READ}"}
+        refused = await client.get("/api/v1/health/comprehensive?fresh=true", headers=as_reader)
+        assert refused.status_code == 403, refused.text
+        assert "needs the admin token" in refused.json()["detail"]
+        wrong = {"Authorization": "Bearer wrong"}
+        refused = await client.get("/api/v1/health/comprehensive?fresh=true", headers=wrong)
+        assert refused.status_code == 403, refused.text
+        # The plain answer is still for readers.
+        read = await client.get("/api/v1/health/comprehensive", headers=as_reader)
+        assert read.status_code == 200
+        assert len(target.seen) - before == 1
+
+
+async def test_fresh_is_refused_when_no_admin_token_is_configured(env: dict[str, str]) -> None:
+    async with served(env) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
+        refused = await client.get("/api/v1/health/openai?fresh=true")
+        assert refused.status_code == 403
+        assert "STOCKPILOT_ADMIN_TOKEN" in refused.json()["detail"]
