@@ -84,30 +84,32 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def _header_timeout(self) -> None:
         self._header_timer = None
-        self._abort()
-
-    def _abort(self) -> None:
-        # The peer is too slow to answer: close, as the keep-alive timeout does.
+        # As the keep-alive timeout does; nothing is waiting to be written yet.
         if not self.transport.is_closing():
             self.transport.close()
 
+    def _abort(self) -> None:
+        # Not close(): that waits to flush what is buffered, to a peer that does not read.
+        self.transport.abort()
+
 
 def server_config(app: Any, settings: GatewaySettings, **options: Any) -> ServerConfig:
-    """The uvicorn configuration the gateway is served with (`stockpilot gateway`)."""
-    return ServerConfig(
-        app,
-        header_timeout_s=settings.http_header_timeout_s,
-        host=settings.http_host,
-        port=settings.http_port,
-        loop="uvloop",
-        http=PROTOCOL,
-        log_level="warning",
-        access_log=False,
-        timeout_keep_alive=settings.http_keep_alive_timeout_s,
-        timeout_graceful_shutdown=3,
-        lifespan="on",
-        **options,
-    )
+    """The uvicorn configuration the gateway is served with (`stockpilot gateway`).
+
+    `options` are more uvicorn options, or overrides (a test's own loop, say).
+    """
+    defaults: dict[str, Any] = {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "loop": "uvloop",
+        "http": PROTOCOL,
+        "log_level": "warning",
+        "access_log": False,
+        "timeout_keep_alive": settings.http_keep_alive_timeout_s,
+        "timeout_graceful_shutdown": 3,
+        "lifespan": "on",
+    }
+    return ServerConfig(app, header_timeout_s=settings.http_header_timeout_s, **defaults | options)
 
 
 def raise_open_files_limit() -> None:
