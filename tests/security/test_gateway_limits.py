@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
+import nats
+import psutil
 import uvicorn
 
 from gateway.app import create_app
@@ -19,8 +26,9 @@ from gateway.http_server import server_config
 from gateway.settings import GatewaySettings
 from services.health.service import build
 from services.health.settings import HealthSettings
+from shared import bus
 from shared.settings import load_settings
-from shared.testing import free_port, running_service
+from shared.testing import free_port, running_service, stop_process
 from tests.health.targets import Reply, Target
 
 ADMIN = "admin-secret"
@@ -123,6 +131,112 @@ async def test_an_idle_keep_alive_connection_is_closed(env: dict[str, str]) -> N
         await writer.drain()
         assert await closed_by_server(reader)
         writer.close()
+
+
+# ----- the alert stream (SSE) -----------------------------------------------------------
+
+
+async def test_sse_clients_beyond_the_cap_get_503_with_a_detail(env: dict[str, str]) -> None:
+    async with (
+        served(env, STOCKPILOT_SSE_MAX_CLIENTS="3") as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+        contextlib.AsyncExitStack() as streams,
+    ):
+        first = [
+            await streams.enter_async_context(client.stream("GET", "/api/v1/alerts/stream"))
+            for _ in range(3)
+        ]
+        assert [r.status_code for r in first] == [200, 200, 200]
+        refused = await client.get("/api/v1/alerts/stream")
+        assert refused.status_code == 503
+        assert "STOCKPILOT_SSE_MAX_CLIENTS" in refused.json()["detail"]
+        # A client that leaves gives its place back.
+        await first[0].aclose()
+        for _ in range(100):
+            async with client.stream("GET", "/api/v1/alerts/stream") as again:
+                if again.status_code == 200:
+                    break
+            await asyncio.sleep(0.05)
+        assert again.status_code == 200
+
+
+@contextlib.contextmanager
+def gateway_process(env: dict[str, str], tmp: Path, **extra: str) -> Iterator[int]:
+    """`stockpilot gateway` as its own process; yields its port once it reaches NATS."""
+    port = free_port()
+    environment = {**os.environ, **env, **extra}
+    environment |= {"STOCKPILOT_HTTP_PORT": str(port), "STOCKPILOT_LOG_LEVEL": "WARNING"}
+    log = (tmp / "gateway.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ops", "gateway"], env=environment, stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, (tmp / "gateway.log").read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/api/v1/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "the gateway did not reach NATS"
+            time.sleep(0.1)
+        yield process.pid
+    finally:
+        stop_process(process)
+        log.close()
+
+
+def non_reading_client(port: int) -> socket.socket:
+    """An SSE client that never reads, with a receive buffer as small as the kernel allows."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /api/v1/alerts/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock
+
+
+CLIENTS = 40
+BUFFER = 256 * 1024
+
+
+async def test_sse_clients_that_never_read_do_not_grow_the_gateway(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """40 such clients and 12 MB of alerts: without a bound, up to 480 MB of buffers."""
+    with gateway_process(env, tmp_path, STOCKPILOT_SSE_CLIENT_BUFFER_BYTES=str(BUFFER)) as pid:
+        gateway = psutil.Process(pid)
+        port = int(gateway.environ()["STOCKPILOT_HTTP_PORT"])
+        nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+        js = nc.jetstream()
+        sockets = [non_reading_client(port) for _ in range(CLIENTS)]
+        try:
+            body = b'{"type":"alert","message":"' + b"x" * 4000 + b'"}'
+            for n in range(200):  # warm-up: the allocations every alert needs
+                await js.publish(f"stockpilot.alerts.test.n{n % 7}", body)
+            await asyncio.sleep(0.5)
+            before = gateway.memory_info().rss
+            for n in range(3000):
+                await js.publish(f"stockpilot.alerts.test.n{n % 7}", body)
+            # The most it reaches while the alerts go out (a bounded number of samples).
+            after = before
+            for _ in range(40):
+                after = max(after, gateway.memory_info().rss)
+                await asyncio.sleep(0.1)
+            # Each was dropped when its buffer filled; the last one out deleted the consumer.
+            for _ in range(100):
+                info = await js.stream_info(bus.STREAMS["alerts"].name)
+                if info.state.consumer_count == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert info.state.consumer_count == 0
+        finally:
+            for sock in sockets:
+                sock.close()
+            await nc.close()
+        # Each client may hold its buffer plus what the socket layer keeps (~64 KiB in the
+        # transport); 256 KiB of slack per client and 20 MB for the allocator on top.
+        bound_mb = CLIENTS * (BUFFER + 256 * 1024) / 1e6 + 20
+        grown_mb = (after - before) / 1e6
+        assert grown_mb < bound_mb, f"the gateway grew by {grown_mb:.0f} MB"
 
 
 # ----- ?fresh=true -----------------------------------------------------------------------
