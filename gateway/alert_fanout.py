@@ -144,7 +144,11 @@ class AlertFanout:
         if client.dropped:
             self.dropped_total += 1
         if not self.clients:
-            task = asyncio.get_running_loop().create_task(self._stop_if_idle())
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # the loop is gone: so is the process, and the consumer with it
+            task = loop.create_task(self._stop_if_idle())
             self._stopping.add(task)
             task.add_done_callback(self._stopping.discard)
 

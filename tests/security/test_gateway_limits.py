@@ -266,7 +266,7 @@ async def test_fifty_fresh_asks_run_at_most_one_round(env: dict[str, str]) -> No
     async with (
         Target(Reply(status=200, delay_s=0.2)) as target,
         health_service(env, target),
-        served(env, STOCKPILOT_ADMIN_TOKEN=ADMIN) as base,
+        served(env, STOCKPILOT_ADMIN_TOKEN=ADMIN, STOCKPILOT_HEALTH_FRESH_INTERVAL_S="600") as base,
         httpx.AsyncClient(base_url=base, headers=AS_ADMIN, timeout=30) as client,
     ):
         before = len(target.seen)
@@ -281,6 +281,22 @@ async def test_fifty_fresh_asks_run_at_most_one_round(env: dict[str, str]) -> No
         fresh = answers[0].json()
         assert fresh["cached"] is False
         assert {c["name"] for c in fresh["components"]} >= {"external.quotes"}
+
+
+async def test_a_fresh_ask_after_the_window_runs_a_new_round(env: dict[str, str]) -> None:
+    async with (
+        Target(Reply(status=200)) as target,
+        health_service(env, target),
+        served(env, STOCKPILOT_ADMIN_TOKEN=ADMIN, STOCKPILOT_HEALTH_FRESH_INTERVAL_S="0.5") as base,
+        httpx.AsyncClient(base_url=base, headers=AS_ADMIN, timeout=30) as client,
+    ):
+        before = len(target.seen)
+        first = await client.get("/api/v1/health/external-apis?fresh=true")
+        await asyncio.sleep(0.6)
+        second = await client.get("/api/v1/health/external-apis?fresh=true")
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert len(target.seen) - before == 2
+        assert first.json()["apis"][0]["checked_at"] < second.json()["apis"][0]["checked_at"]
 
 
 async def test_fresh_needs_the_admin_token(env: dict[str, str]) -> None:
