@@ -31,6 +31,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     # Slowloris: a connection whose request line and headers are not all in after this many
     # seconds is closed (uvicorn has no such timeout of its own, see gateway.http_server).
     http_header_timeout_s: PositiveFloat = 10.0
+    # A request whose body is not all in this many seconds after its headers is closed.
+    http_body_timeout_s: PositiveFloat = 30.0
     # An idle keep-alive connection is closed after this many seconds.
     http_keep_alive_timeout_s: PositiveFloat = 5.0
     # SSE clients of /api/v1/alerts/stream per gateway process; beyond it 503. They all share

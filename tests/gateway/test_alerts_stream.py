@@ -59,6 +59,11 @@ SERVED: dict[str, Any] = {}
 @contextlib.asynccontextmanager
 async def gateway(env: dict[str, str], **extra: str) -> AsyncIterator[str]:
     """The gateway on a real socket; yields its base URL once it reaches NATS."""
+    # The gateway creates the streams once it reaches NATS, a moment after /health says
+    # 200: create them first, or the first stream request may find none (503).
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    await bus.provision(nc.jetstream())
+    await nc.close()
     settings = load_settings(GatewaySettings, {**env, **extra})
     port = free_port()
     # The production server options (gateway.http_server), on the test's own loop.

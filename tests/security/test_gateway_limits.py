@@ -39,6 +39,11 @@ AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 @contextlib.asynccontextmanager
 async def served(env: dict[str, str], **extra: str) -> AsyncIterator[str]:
     """The gateway with its production server options on a real socket; its base URL."""
+    # The gateway creates the streams once it reaches NATS, a moment after /health says
+    # 200: create them first, or the first stream request may find none (503).
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    await bus.provision(nc.jetstream())
+    await nc.close()
     port = free_port()
     settings = load_settings(
         GatewaySettings,
@@ -121,6 +126,39 @@ async def test_a_kept_alive_connection_slow_on_its_next_header_is_closed(
         await writer.drain()
         assert await closed_by_server(reader)
         writer.close()
+
+
+async def test_a_body_that_never_finishes_is_closed(env: dict[str, str]) -> None:
+    async with served(env, STOCKPILOT_HTTP_BODY_TIMEOUT_S="1", STOCKPILOT_INGEST_TOKEN="i") as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /api/v1/usage/records HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer i\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{"
+        )
+        await writer.drain()
+        assert await closed_by_server(reader)
+        writer.close()
+
+
+async def test_oversized_headers_are_refused_with_431(env: dict[str, str]) -> None:
+    async with served(env) as base:
+        port = int(base.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /api/v1/health/live HTTP/1.1\r\nHost: x\r\n")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):  # 100 x 1 KiB headers, never ending
+                writer.write(b"X-Junk: " + b"j" * 1024 + b"\r\n")
+                await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 431")
+        assert b"larger than" in body
+        async with httpx.AsyncClient(base_url=base) as client:
+            normal = await client.get("/api/v1/health/live", headers={"X-Fine": "f" * 4000})
+        assert normal.status_code == 200
 
 
 async def test_an_idle_keep_alive_connection_is_closed(env: dict[str, str]) -> None:
