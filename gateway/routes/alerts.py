@@ -144,11 +144,18 @@ async def alert_stream(
         sent = seen
         try:
             if sent < live_from:
-                async for item in backlog(js, sent, live_from):
-                    if client.ended:
-                        return
-                    yield _sse(item)
-                    sent = item.seq
+                try:
+                    async for item in backlog(js, sent, live_from):
+                        if client.ended:
+                            return
+                        yield _sse(item)
+                        sent = item.seq
+                except Exception as exc:
+                    if not type(exc).__module__.startswith("nats"):
+                        raise
+                    # End this response; the client resumes after the last event it got.
+                    log.warning("alert stream: reading the backlog failed: %s", exc)
+                    return
                 sent = max(sent, live_from)  # the rest of the backlog was deleted
             while True:
                 live = await client.next(HEARTBEAT_S)

@@ -179,6 +179,7 @@ async def test_idle_stream_sends_heartbeat_comments(
     monkeypatch.setattr(alerts_routes, "HEARTBEAT_S", 0.2)
     async with gateway(env) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
         async with client.stream("GET", "/api/v1/alerts/stream") as response:
+            assert response.status_code == 200
             comments: list[str] = []
             await read_events(response.aiter_lines(), 0, comments)
     assert comments == ["heartbeat"]
