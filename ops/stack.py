@@ -71,23 +71,17 @@ def _service(args: argparse.Namespace) -> int:
 def _gateway(args: argparse.Namespace) -> int:
     del args
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from gateway.app import create_app
+    from gateway.http_server import raise_open_files_limit, server_config
     from gateway.settings import GatewaySettings
     from shared.logs import configure_logging
 
     settings = settings_or_exit(GatewaySettings)
     configure_logging("gateway", settings.log_level)
-    server_options: dict[str, Any] = {
-        "host": settings.http_host,
-        "port": settings.http_port,
-        "loop": "uvloop",
-        "http": "httptools",
-        "log_level": "warning",
-        "access_log": False,
-        "timeout_graceful_shutdown": 3,
-        "lifespan": "on",
-    }
+    # Header and keep-alive timeouts, uvloop, httptools: gateway.http_server.
+    raise_open_files_limit()
     print(
         f"gateway: serving http://{settings.http_host}:{settings.http_port}"
         + (f" with {settings.http_workers} workers" if settings.http_workers > 1 else ""),
@@ -95,15 +89,17 @@ def _gateway(args: argparse.Namespace) -> int:
         flush=True,
     )
     if settings.http_workers > 1:
-        # uvicorn's supervisor starts each worker from an import string.
-        uvicorn.run(
+        # What uvicorn.run does for workers (each starts the app from an import string),
+        # with our Config, which uvicorn.run cannot take.
+        config = server_config(
             "gateway.app:app_from_environment",
+            settings,
             factory=True,
             workers=settings.http_workers,
-            **server_options,
         )
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0
-    uvicorn.Server(uvicorn.Config(create_app(settings), **server_options)).run()
+    uvicorn.Server(server_config(create_app(settings), settings)).run()
     return 0
 
 
