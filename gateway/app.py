@@ -59,7 +59,9 @@ def create_app(settings: GatewaySettings) -> Litestar:
             services.nc = nc
             await services.watch_changes()
             with contextlib.suppress(Exception):
-                await bus.provision(nc.jetstream(), settings.stream_replicas)
+                await bus.provision_or_check(
+                    nc.jetstream(), settings, (bus.STREAMS["alerts"].name,)
+                )
 
         task = asyncio.create_task(connect())
         try:
