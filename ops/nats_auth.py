@@ -235,6 +235,9 @@ def permissions(user: str) -> dict[str, Any]:
         # The hooks' delivery state is theirs: no other user may fetch, ack, change or
         # delete their durable consumers (the wildcards above would otherwise reach them).
         block["publish"]["deny"] = _hooks_consumers()
+    if user == "ops":
+        # The operator may follow any event subject, never take the services' requests.
+        block["subscribe"]["deny"] = ["stockpilot.svc.>"]
     if user in SERVICES:
         # Only a service answers requests: one reply per request, to the requester's inbox.
         block["allow_responses"] = True
