@@ -56,10 +56,23 @@ def inbox_prefix(user: str | None) -> str:
     return f"_INBOX.{user}" if user else "_INBOX"
 
 
+def nats_user(settings: CommonSettings) -> str | None:
+    """The NATS user this process connects as: STOCKPILOT_NATS_USER, or the user named in
+    the (first) server URL (`nats://ops:…@host:port`, what `nats.url` holds)."""
+    if settings.nats_user:
+        return settings.nats_user
+    for url in settings.nats_servers:
+        rest = url.partition("://")[2]
+        if "@" in rest:
+            return rest.rsplit("@", 1)[0].split(":", 1)[0] or None
+    return None
+
+
 def may_administer(settings: CommonSettings) -> bool:
     """Whether this process's NATS user may create and update streams: `ops`, or any client
     of a server without users (a development server, the tests' throwaway one)."""
-    return not settings.nats_user or settings.nats_user == ADMIN_USER
+    user = nats_user(settings)
+    return not user or user == ADMIN_USER
 
 
 class NotProvisionedError(Exception):
@@ -211,7 +224,8 @@ async def connect(
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password or ""
-        options["inbox_prefix"] = inbox_prefix(settings.nats_user)
+    if user := nats_user(settings):
+        options["inbox_prefix"] = inbox_prefix(user)
     attempt = 0
     delay = 0.2
     while True:
