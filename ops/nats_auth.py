@@ -119,6 +119,8 @@ def _object_store(bucket: str) -> list[str]:
     stream = f"OBJ_{bucket}"
     return [
         f"$O.{bucket}.>",
+        # nats-py's get finds the bucket's stream by the chunk subject (stream names only).
+        "$JS.API.STREAM.NAMES",
         *_read_stream(stream),
         *_drop_own_consumers(stream),
         f"$JS.API.STREAM.PURGE.{stream}",
@@ -179,7 +181,10 @@ def _roles() -> dict[str, tuple[list[str], list[str]]]:
             [_inbox("producer")],
         ),
         "observer": (
-            [subject for stream in EVENT_STREAMS for subject in _read_stream(stream)],
+            [
+                "$JS.API.STREAM.NAMES",  # a subscribe without the stream's name looks it up
+                *(subject for stream in EVENT_STREAMS for subject in _read_stream(stream)),
+            ],
             [_inbox("observer"), "stockpilot.alerts.>"],
         ),
         "gateway": (
@@ -252,10 +257,32 @@ def users(passwords: dict[str, str]) -> list[dict[str, Any]]:
     ]
 
 
+def credentials_file(data_dir: Path) -> Path:
+    """Where the embedded server's per-role passwords are kept (0600)."""
+    return data_dir / "credentials.json"
+
+
+def kept_passwords(data_dir: Path) -> dict[str, str]:
+    """The passwords of the last start, for the roles that still exist (CONTRACT §2: an
+    outside program configured once keeps working across restarts of `stockpilot up`)."""
+    try:
+        kept = json.loads(credentials_file(data_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(kept, dict):
+        return {}
+    return {
+        user: password
+        for user, password in kept.items()
+        if user in ROLES and isinstance(password, str) and len(password) >= 16
+    }
+
+
 def generate(data_dir: Path, port: int) -> tuple[Path, dict[str, str]]:
     """Write the embedded server's config and the credentials file (both 0600); the config
-    path and the passwords."""
-    passwords = {user: secrets.token_urlsafe(24) for user in ROLES}
+    path and the passwords (those of the last start, a new random one for a role without)."""
+    kept = kept_passwords(data_dir)
+    passwords = {user: kept.get(user) or secrets.token_urlsafe(24) for user in ROLES}
     store = data_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
     # nats-server's config format accepts JSON.
@@ -267,7 +294,7 @@ def generate(data_dir: Path, port: int) -> tuple[Path, dict[str, str]]:
     }
     config_path = data_dir / "nats-server.conf"
     write_private(config_path, json.dumps(config, indent=2))
-    write_private(data_dir / "credentials.json", json.dumps(passwords, indent=2))
+    write_private(credentials_file(data_dir), json.dumps(passwords, indent=2))
     return config_path, passwords
 
 

@@ -3,6 +3,8 @@ kill -9 of the supervisor, and a second stack on the same data dir is refused.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -12,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import nats
 import psutil
 import pytest
+from nats.aio.msg import Msg
 
 from ops import nats_auth
 from ops.stack import child_environment
+from shared import bus
 from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
 
 ROOT = Path(__file__).parents[2]
@@ -80,44 +85,48 @@ def children_by_name(up: subprocess.Popen[bytes]) -> dict[str, psutil.Process]:
     return named
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
-    """A running `stockpilot up`; killed (with anything it left) at the end."""
-    env = up_env(tmp_path / "data")
+APIS = '[{"name":"quotes","url":"http://127.0.0.1:9/","headers":{"X-Key":"env:QUOTES_TOKEN"}}]'
+
+
+def stop(up: subprocess.Popen[bytes], leftovers: list[psutil.Process]) -> None:
+    if up.poll() is None:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait()
+    for process in leftovers:
+        if process.is_running():
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, str], Path]]:
+    """One running `stockpilot up` (with secrets of every kind) for the tests that only
+    look at it."""
+    tmp_path = tmp_path_factory.mktemp("stack")
+    env = up_env(tmp_path / "data", STOCKPILOT_EXTERNAL_APIS=APIS, **SECRETS)
     log = tmp_path / "up.log"
     up = start(env, log)
+    leftovers: list[psutil.Process] = []
     try:
         wait_serving(env, up)
+        leftovers = psutil.Process(up.pid).children(recursive=True)
         yield up, env, log
     finally:
-        leftovers = []
-        if psutil.pid_exists(up.pid):
-            with_children = psutil.Process(up.pid).children(recursive=True)
-            leftovers.extend(with_children)
-        if up.poll() is None:
-            up.send_signal(signal.SIGINT)
-            try:
-                up.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                up.kill()
-                up.wait()
-        for process in leftovers:
-            if process.is_running():
-                process.kill()
+        stop(up, leftovers)
 
 
-def test_each_child_gets_only_the_settings_it_uses(tmp_path: Path) -> None:
-    apis = '[{"name":"quotes","url":"http://127.0.0.1:9/","headers":{"X-Key":"env:QUOTES_TOKEN"}}]'
-    env = up_env(tmp_path / "data", STOCKPILOT_EXTERNAL_APIS=apis, **SECRETS)
-    up = start(env, tmp_path / "up.log")
-    try:
-        wait_serving(env, up)
-        children = children_by_name(up)
-        assert set(children) == {"nats", "health", "usage", "batch", "hooks", "gateway"}
-        seen = {name: process.environ() for name, process in children.items()}
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=15)
+def test_each_child_gets_only_the_settings_it_uses(
+    stack: tuple[subprocess.Popen[bytes], dict[str, str], Path],
+) -> None:
+    up, _, _ = stack
+    children = children_by_name(up)
+    assert set(children) == {"nats", "health", "usage", "batch", "hooks", "gateway"}
+    seen = {name: process.environ() for name, process in children.items()}
     for name, environ in seen.items():
         assert "UNRELATED_SECRET" not in environ, name
     assert not any(key.startswith(("STOCKPILOT_", "OPENAI_")) for key in seen["nats"])
@@ -144,10 +153,14 @@ def test_the_allow_list_is_built_from_each_childs_settings() -> None:
     assert child_environment("gateway", parent) == {"PATH": "/bin", "STOCKPILOT_READ_TOKEN": "r"}
 
 
-def test_a_kill_9_of_up_leaves_no_process_behind(
-    stack: tuple[subprocess.Popen[bytes], dict[str, str], Path],
-) -> None:
-    up, env, _ = stack
+def test_a_kill_9_of_up_leaves_no_process_behind(tmp_path: Path) -> None:
+    env = up_env(tmp_path / "data")
+    up = start(env, tmp_path / "up.log")
+    try:
+        wait_serving(env, up)
+    except AssertionError:
+        stop(up, psutil.Process(up.pid).children(recursive=True))
+        raise
     children = psutil.Process(up.pid).children(recursive=True)
     assert len(children) >= 6
     up.kill()
@@ -216,3 +229,69 @@ def test_a_leftover_nats_server_of_an_earlier_stack_is_refused(tmp_path: Path) -
         assert orphan.poll() is None
     finally:
         stop_process(orphan)
+
+
+async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> None:
+    """CONTRACT §2: an outside subscriber configured once keeps working across restarts of
+    `stockpilot up`; the port and passwords live under the data dir, owner-only."""
+    data = tmp_path / "data"
+    env = up_env(data)
+    first = start(env, tmp_path / "first.log")
+    try:
+        wait_serving(env, first)
+        passwords = json.loads((data / "credentials.json").read_text())
+        port = int((data / "nats.port").read_text())
+        for name in ("credentials.json", "nats.port", "nats.url", "nats-server.conf"):
+            assert (data / name).stat().st_mode & 0o077 == 0, name
+        received: list[str] = []
+        arrived = asyncio.Event()
+        reconnected = asyncio.Event()
+
+        async def on_alert(msg: Msg) -> None:
+            received.append(msg.subject)
+            arrived.set()
+
+        async def on_reconnect() -> None:
+            reconnected.set()
+
+        # Configured once, reconnecting forever: an outside observer.
+        observer = await nats.connect(
+            f"nats://127.0.0.1:{port}",
+            user="observer",
+            password=passwords["observer"],
+            inbox_prefix=bus.inbox_prefix("observer"),
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            reconnected_cb=on_reconnect,
+        )
+        await observer.subscribe("stockpilot.alerts.>", cb=on_alert)
+        await observer.flush()
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=15)
+    second = start(env, tmp_path / "second.log")
+    try:
+        wait_serving(env, second)
+        assert json.loads((data / "credentials.json").read_text()) == passwords
+        assert int((data / "nats.port").read_text()) == port
+        usage = await nats.connect(
+            f"nats://127.0.0.1:{port}",
+            user="usage",
+            password=passwords["usage"],
+            inbox_prefix=bus.inbox_prefix("usage"),
+        )
+        async with asyncio.timeout(20):
+            await reconnected.wait()
+            await observer.flush()
+            await usage.publish("stockpilot.alerts.usage.cost_warning", b"{}")
+            await arrived.wait()
+        assert received == ["stockpilot.alerts.usage.cost_warning"]
+        await usage.close()
+        await observer.close()
+    finally:
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=15) == 0
+    # Restoring from the snapshots the first run took works under the services' roles too.
+    log = (tmp_path / "second.log").read_text(errors="replace")
+    assert "restored" in log
+    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
