@@ -305,12 +305,18 @@ async def test_an_ephemeral_create_cannot_take_over_the_hooks_consumer(
 # ----- service requests ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", [r for r in ROLES if r != "usage"])
-async def test_only_usage_may_take_usage_requests(secured: Secured, role: str) -> None:
+@pytest.mark.parametrize("role", ROLES)
+async def test_only_a_service_takes_its_own_requests(secured: Secured, role: str) -> None:
+    """stockpilot.svc.<service>.* and the service's $SRV discovery subjects: refused to
+    every other user (a forged answer needs the request first)."""
     conn = await secured.connect(role)
-    await conn.refused_subscribe("stockpilot.svc.usage.stats")
-    if role != "ops":  # ops's stockpilot.> is allowed, with the svc subjects filtered out
-        await conn.refused_subscribe("stockpilot.svc.usage.*")
+    for service in bus.SERVICES:
+        if service == role:
+            continue
+        await conn.refused_subscribe(f"stockpilot.svc.{service}.stats")
+        await conn.refused_subscribe(f"$SRV.INFO.stockpilot-{service}")
+        if role != "ops":  # ops's stockpilot.> is allowed, with the svc subjects filtered out
+            await conn.refused_subscribe(f"stockpilot.svc.{service}.*")
 
 
 async def test_ops_wildcard_subscription_never_sees_service_requests(secured: Secured) -> None:
@@ -595,3 +601,32 @@ async def first_sse_event(http: httpx.AsyncClient, url: str) -> str:
             if line.startswith("data:"):
                 return line
     raise AssertionError("the SSE stream ended without an event")
+
+
+@pytest.mark.parametrize(
+    ("role", "command"), [("batch", ["service", "batch"]), ("hooks", ["hooks"])]
+)
+def test_a_process_whose_streams_are_missing_stops_saying_who_creates_them(
+    server: tuple[int, dict[str, str]], tmp_path: Path, role: str, command: list[str]
+) -> None:
+    """Its user may not create streams: one line naming what to run, exit 1, no violation
+    (it only looked)."""
+    port, passwords = server
+    env = up_environment(tmp_path / "data", free_port()) | {
+        "STOCKPILOT_NATS_URL": f"nats://127.0.0.1:{port}",
+        "STOCKPILOT_NATS_USER": role,
+        "STOCKPILOT_NATS_PASSWORD": passwords[role],
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ops", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "does not exist and this process's NATS user may not create it" in output
+    assert "stockpilot up" in output
+    assert "violation" not in output.lower()
