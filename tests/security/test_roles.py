@@ -630,3 +630,50 @@ def test_a_process_whose_streams_are_missing_stops_saying_who_creates_them(
     assert "does not exist and this process's NATS user may not create it" in output
     assert "stockpilot up" in output
     assert "violation" not in output.lower()
+
+
+@pytest.mark.parametrize(("role", "status"), [("ops", 0), ("usage", 1)])
+def test_provision_creates_the_streams_as_ops_only(
+    server: tuple[int, dict[str, str]], tmp_path: Path, role: str, status: int
+) -> None:
+    """`stockpilot provision` (compose's one-shot step): ops creates everything; any other
+    user is refused and says the user must be ops."""
+    port, passwords = server
+    env = up_environment(tmp_path / "data", free_port()) | {
+        "STOCKPILOT_NATS_URL": f"nats://127.0.0.1:{port}",
+        "STOCKPILOT_NATS_USER": role,
+        "STOCKPILOT_NATS_PASSWORD": passwords[role],
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ops", "provision"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == status, result.stderr
+    names = asyncio.run(stream_names(port, passwords["ops"]))
+    if status == 0:
+        assert set(names) >= {
+            *(spec.name for spec in bus.STREAMS.values()),
+            *(f"OBJ_{bus.snapshot_bucket(s)}" for s in bus.SERVICES),
+            f"KV_{bus.STATE_BUCKET}",
+            f"KV_{bus.HOOK_MARKS_BUCKET}",
+        }
+    else:
+        assert names == []
+        assert "the NATS user must be 'ops'" in result.stderr
+
+
+async def stream_names(port: int, ops_password: str) -> list[str]:
+    nc = await nats.connect(
+        f"nats://127.0.0.1:{port}",
+        user="ops",
+        password=ops_password,
+        inbox_prefix=bus.inbox_prefix("ops"),
+    )
+    try:
+        return [info.config.name or "" for info in await nc.jetstream().streams_info()]
+    finally:
+        await nc.close()
