@@ -307,7 +307,8 @@ class Stack:
         self.pumps: list[asyncio.Task[None]] = []
         self.stop = asyncio.Event()
         self.width = 8
-        # Per-process NATS passwords when the embedded server runs (none for an external one).
+        # Per-role NATS passwords: the embedded server's, or an external server's from
+        # STOCKPILOT_NATS_<ROLE>_PASSWORD (none: every child uses STOCKPILOT_NATS_USER).
         self.passwords: dict[str, str] = {}
         self._lock: IO[str] | None = None
 
@@ -317,8 +318,8 @@ class Stack:
 
     async def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> Child:
         env = child_environment(name, env)
-        if self.passwords and name != "nats":
-            # The embedded server's users (ops.nats_auth): each process under its own role.
+        if name in self.passwords:
+            # The NATS roles (ops.nats_auth): each process under its own user.
             env |= {
                 "STOCKPILOT_NATS_USER": name,
                 "STOCKPILOT_NATS_PASSWORD": self.passwords[name],
@@ -365,14 +366,8 @@ class Stack:
             if not self.settings.nats_url:
                 if not await self._start_nats(data_dir, env):
                     return 1
-            elif bus.may_administer(self.settings):
-                try:
-                    await self._provision(self.settings)
-                except Exception as exc:
-                    self._say(
-                        f"error: cannot create the streams on {self.settings.nats_url}: {exc}"
-                    )
-                    return 1
+            elif not await self._use_external_nats(env):
+                return 1
             python = sys.executable
             for name in SERVICES:
                 await self._spawn(name, [python, "-m", "ops", "service", name], env)
@@ -422,6 +417,35 @@ class Stack:
             f"embedded NATS with JetStream at {url}, store {data_dir / 'nats'}, "
             f"per-process credentials in {data_dir / 'credentials.json'}"
         )
+        return True
+
+    async def _use_external_nats(self, env: dict[str, str]) -> bool:
+        """An external NATS (STOCKPILOT_NATS_URL): with STOCKPILOT_NATS_<ROLE>_PASSWORD set,
+        as on compose, each child connects as its role and the streams are created as
+        `ops`; otherwise every child uses STOCKPILOT_NATS_USER, and `up` creates the streams
+        only when that user may."""
+        self.passwords = {
+            role: env[nats_auth.password_variable(role)]
+            for role in nats_auth.ROLES
+            if env.get(nats_auth.password_variable(role))
+        }
+        admin: CommonSettings | None = None
+        if bus.ADMIN_USER in self.passwords:
+            admin = msgspec.structs.replace(
+                self.settings,
+                nats_user=bus.ADMIN_USER,
+                nats_password=self.passwords[bus.ADMIN_USER],
+            )
+        elif bus.may_administer(self.settings):
+            admin = self.settings
+        if admin is None:
+            return True
+        try:
+            await self._provision(admin)
+        except Exception as exc:
+            where = ", ".join(bus.redact_url(url) for url in self.settings.nats_servers)
+            self._say(f"error: cannot create the streams on {where}: {exc}")
+            return False
         return True
 
     async def _provision(self, settings: CommonSettings) -> None:

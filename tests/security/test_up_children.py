@@ -295,3 +295,42 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
     log = (tmp_path / "second.log").read_text(errors="replace")
     assert "restored" in log
     assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
+
+
+def test_up_on_an_external_nats_with_users_runs_each_child_as_its_role(tmp_path: Path) -> None:
+    """The compose users on a server of one's own (STOCKPILOT_NATS_URL): given the roles'
+    passwords as compose is, `up` creates the streams as ops and each child connects as its
+    role; the server reports no violation."""
+    passwords = {role: f"pw-{role}-{i}-x" for i, role in enumerate(nats_auth.ROLES)}
+    variables = {nats_auth.password_variable(r): p for r, p in passwords.items()}
+    port = free_port()
+    server_log = tmp_path / "nats.log"
+    with open(server_log, "wb") as out:
+        server = subprocess.Popen(
+            [nats_server_binary(), "--config", str(nats_auth.COMPOSE_CONFIG), "-js"]
+            + ["-sd", str(tmp_path / "store"), "-a", "127.0.0.1", "-p", str(port)],
+            env=os.environ | variables,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port("127.0.0.1", port)
+        env = up_env(tmp_path / "data", **variables)
+        env["STOCKPILOT_NATS_URL"] = f"nats://127.0.0.1:{port}"
+        up = start(env, tmp_path / "up.log")
+        try:
+            wait_serving(env, up)
+            children = children_by_name(up)
+            assert set(children) == {"health", "usage", "batch", "hooks", "gateway"}
+            for name, process in children.items():
+                environ = process.environ()
+                assert environ["STOCKPILOT_NATS_USER"] == name
+                assert environ["STOCKPILOT_NATS_PASSWORD"] == passwords[name]
+                assert not any(v in environ for v in variables), name
+        finally:
+            up.send_signal(signal.SIGINT)
+            assert up.wait(timeout=15) == 0
+    finally:
+        stop_process(server)
+    log = server_log.read_text(errors="replace")
+    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
