@@ -62,7 +62,9 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
             services.nc = nc
             await services.watch_changes()
             with contextlib.suppress(Exception):
-                await bus.provision(nc.jetstream(), settings.stream_replicas)
+                await bus.provision_or_check(
+                    nc.jetstream(), settings, (bus.STREAMS["alerts"].name,)
+                )
 
         task = asyncio.create_task(connect())
         try:

@@ -279,7 +279,7 @@ async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
     stored = await js.get_last_msg("STOCKPILOT_USAGE", "stockpilot.usage.reset")
     assert msgspec.json.decode(stored.data)["actor"] == "admin"
     # A fresh replica without snapshots replays the whole stream to the same answers.
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(ObjectNotFoundError):
             await obs.delete(name)
