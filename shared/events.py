@@ -80,9 +80,10 @@ def timing_problem(occurred_at: datetime, stored_at: float) -> str | None:
     return None
 
 
-def wrong_subject(kind: str, subject: str, expected: str) -> str:
-    """The reason for an event stored on a subject its type does not belong to."""
-    return f"a {kind} event belongs on {expected}, not on {subject[:200]}"
+def wrong_subject(what: str, subject: str, expected: str) -> str:
+    """The reason for an event (`what`, e.g. "a usage.reset event") stored on a subject it
+    does not belong to."""
+    return f"{what} belongs on {expected}, not on {subject[:200]}"
 
 
 Severity = Literal["info", "warning", "critical"]
@@ -114,7 +115,7 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
         """An alert belongs on its kind's subject, whose first token is its source."""
         expected = alert_subject(self.kind)
         if subject != expected:
-            return wrong_subject(f"alert of kind {self.kind!r}", subject, expected)
+            return wrong_subject(f"an alert of kind {self.kind!r}", subject, expected)
         if not self.kind.startswith(self.source + "."):
             return f"an alert of kind {self.kind!r} cannot come from source {self.source!r}"
         return None

@@ -80,7 +80,7 @@ class _RunEventBase(Event, frozen=True, kw_only=True):
         expected = run_subject(self.job_id)
         if subject == expected:
             return None
-        return wrong_subject(f"run event of job {self.job_id!r}", subject, expected)
+        return wrong_subject(f"a run event of job {self.job_id!r}", subject, expected)
 
 
 class _LockEventBase(Event, frozen=True, kw_only=True):
@@ -97,7 +97,7 @@ class _LockEventBase(Event, frozen=True, kw_only=True):
         expected = lock_subject(self.job_id)
         if subject == expected:
             return None
-        return wrong_subject(f"lock event of job {self.job_id!r}", subject, expected)
+        return wrong_subject(f"a lock event of job {self.job_id!r}", subject, expected)
 
 
 class BatchStarted(_RunEventBase, frozen=True, kw_only=True, tag="batch.started"):

@@ -60,7 +60,9 @@ class HealthChecked(Event, frozen=True, kw_only=True, tag="health.checked"):
         expected = CHECKED_SUBJECT_PREFIX + self.component
         if subject == expected:
             return None
-        return wrong_subject(f"health.checked of component {self.component!r}", subject, expected)
+        return wrong_subject(
+            f"the health.checked event of component {self.component!r}", subject, expected
+        )
 
     @property
     def subject(self) -> str:
@@ -81,7 +83,7 @@ class HostSampled(Event, frozen=True, kw_only=True, tag="health.host_sampled"):
         """A host sample belongs on `stockpilot.health.host`."""
         if subject == HOST_SUBJECT:
             return None
-        return wrong_subject("health.host_sampled", subject, HOST_SUBJECT)
+        return wrong_subject("a health.host_sampled event", subject, HOST_SUBJECT)
 
     @property
     def subject(self) -> str:

@@ -50,7 +50,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
         """A recorded call belongs on `stockpilot.usage.recorded` only."""
         if subject == SUBJECT_RECORDED:
             return None
-        return wrong_subject("usage.recorded", subject, SUBJECT_RECORDED)
+        return wrong_subject("a usage.recorded event", subject, SUBJECT_RECORDED)
 
     @property
     def failed(self) -> bool:
@@ -69,7 +69,7 @@ class UsageReset(Event, frozen=True, kw_only=True, tag="usage.reset"):
         """A reset belongs on `stockpilot.usage.reset` only (which producers may not publish)."""
         if subject == SUBJECT_RESET:
             return None
-        return wrong_subject("usage.reset", subject, SUBJECT_RESET)
+        return wrong_subject("a usage.reset event", subject, SUBJECT_RESET)
 
 
 UsageEvent = UsageRecorded | UsageReset

@@ -1,0 +1,256 @@
+"""Input validation (issue #22): nothing a producer publishes or a client sends is folded where
+it does not belong, counted when dated in the future, or able to make a route answer 500.
+
+Everything runs for real: a throwaway nats-server, the real services on the real runtime,
+the real gateway app. Hostile events are published straight to the real streams, as a
+producer with the `producer` role (or anyone who got past it) could.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+
+from ops.replay import replay_definition
+from services.batch.events import BatchStarted, LockAcquired, lock_subject, run_subject
+from services.health.events import CHECKED_SUBJECT_PREFIX, HOST_SUBJECT, HealthChecked
+from services.usage.answers import StatsParams, UsageStats
+from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, UsageReset
+from services.usage.service import build as build_usage
+from shared import bus
+from shared.events import Alert, rfc3339, utc_now
+from shared.runtime import Runtime, endpoint_subject
+from shared.testing import running_service
+from tests.faults.stack import in_process_services, service_env
+from tests.usage.helpers import (
+    ADMIN,
+    INGEST,
+    auth,
+    gateway,
+    gateway_settings,
+    recorded,
+    usage_settings,
+)
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Letters:
+    """Dead letters of every service, as they arrive on `stockpilot.deadletter.>`."""
+
+    def __init__(self) -> None:
+        self.items: list[bus.DeadLetter] = []
+
+    async def on_letter(self, msg: Any) -> None:
+        self.items.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))
+
+    def of(self, service: str) -> list[bus.DeadLetter]:
+        return [letter for letter in self.items if letter.service == service]
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str) -> AsyncIterator[tuple[NATS, Any, Letters]]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await bus.provision(js)
+    letters = Letters()
+    await nc.subscribe("stockpilot.deadletter.>", cb=letters.on_letter)
+    try:
+        yield nc, js, letters
+    finally:
+        await nc.close()
+
+
+async def wait_for(check: Any, timeout: float = 15.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def projection_status(runtime: Runtime, name: str) -> Any:
+    return next(p for p in runtime.status().projections if p.name == name)
+
+
+def folded(runtime: Runtime, name: str, seq: int) -> bool:
+    return bool(projection_status(runtime, name).last_seq >= seq)
+
+
+async def publish_raw(js: Any, subject: str, payload: bytes | dict[str, Any]) -> int:
+    data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+    ack = await js.publish(subject, data)
+    return int(ack.seq)
+
+
+async def stored_alerts(js: Any) -> list[Alert]:
+    info = await js.stream_info("STOCKPILOT_ALERTS")
+    alerts = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        msg = await js.get_msg("STOCKPILOT_ALERTS", seq)
+        alerts.append(msgspec.json.decode(msg.data, type=Alert))
+    return alerts
+
+
+def usage_record(event_id: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        "type": "usage.recorded",
+        "id": event_id,
+        "occurred_at": rfc3339(at),
+        "model": "gpt-4o-mini",
+        "status_code": 200,
+    }
+    values.update(fields)
+    return values
+
+
+# ------------------------------------------------------------------- events vs subjects
+
+
+async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letters(
+    env: dict[str, str],
+) -> None:
+    """A reset on the recorded subject, a record dated 64 years, a day and 30 minutes ahead:
+    all dead letters; the real calls after them are counted, the error-rate alert fires,
+    nothing is alerted for tomorrow, and a replay refuses exactly the same events."""
+    settings = usage_settings(
+        env, daily_budget_usd="1.0", error_rate_alert_pct="20", error_rate_min_calls="5"
+    )
+    now = utc_now()
+    tomorrow = now + timedelta(days=1)
+    async with (
+        connected(env["STOCKPILOT_NATS_URL"]) as (nc, js, letters),
+        running_service(build_usage(settings), settings) as runtime,
+    ):
+        reset = UsageReset(id="evil-reset", occurred_at=now, actor="attacker")
+        await bus.publish_event(js, SUBJECT_RECORDED, reset)
+        hostile = [
+            recorded(900, now + timedelta(days=64 * 365), status_code=500),
+            recorded(901, tomorrow, cost_usd=0.95),
+            recorded(902, now + timedelta(minutes=30), status_code=500),
+        ]
+        for event in hostile:
+            await bus.publish_event(js, SUBJECT_RECORDED, event)
+        # Real calls after them: 5 of 10 fail within the last minute, $1.00 spent.
+        real = [
+            recorded(i, now - timedelta(seconds=50 - i), status_code=500 if i < 5 else 200)
+            for i in range(10)
+        ]
+        real = [msgspec.structs.replace(e, cost_usd=0.1) for e in real]
+        for event in real:
+            await bus.publish_event(js, SUBJECT_RECORDED, event)
+        # A reset where resets belong still works (and is folded, not dead-lettered).
+        await wait_for(lambda: folded(runtime, "usage", 14) and len(letters.of("usage")) >= 4)
+
+        usage = letters.of("usage")
+        assert len(usage) == 4, [letter.reason for letter in usage]
+        assert "belongs on stockpilot.usage.reset" in usage[0].reason
+        for letter in usage[1:]:
+            assert "after the event was stored" in letter.reason, letter.reason
+        assert projection_status(runtime, "usage").dead_lettered == 4
+
+        answer = await nc.request(
+            endpoint_subject("usage", "stats"),
+            msgspec.json.encode(
+                StatsParams(
+                    start=(now - timedelta(days=1)).date().isoformat(),
+                    end=now.date().isoformat(),
+                )
+            ),
+            timeout=5,
+        )
+        stats = msgspec.json.decode(answer.data, type=UsageStats)
+        assert stats.total_requests == 10  # not reset, nothing from the future
+        assert stats.failed_requests == 5
+        ahead = await nc.request(
+            endpoint_subject("usage", "stats"),
+            msgspec.json.encode(StatsParams(date=tomorrow.date().isoformat())),
+            timeout=5,
+        )
+        assert msgspec.json.decode(ahead.data, type=UsageStats).total_requests == 0
+
+        await wait_for(lambda: runtime.alerts_published >= 1)
+        await asyncio.sleep(0.3)
+        alerts = await stored_alerts(js)
+        assert any(a.kind == "usage.error_rate" for a in alerts), [a.id for a in alerts]
+        tomorrow_key = tomorrow.date().isoformat()
+        assert not [a.id for a in alerts if tomorrow_key in a.id]
+
+        # Decided from the stored timestamp: a replay refuses the same four events.
+        results = await replay_definition(nc, build_usage(settings), "STOCKPILOT_USAGE")
+        [result] = [r for r in results if r.projection == "usage"]
+        assert result.equal and result.refused == 4 and result.events == 10
+
+        # A reset on its own subject still resets.
+        await bus.publish_event(
+            js, SUBJECT_RESET, UsageReset(id="real-reset", occurred_at=utc_now(), actor="ops")
+        )
+        await wait_for(lambda: folded(runtime, "usage", 15))
+        assert len(letters.of("usage")) == 4
+
+
+async def test_health_and_batch_events_off_their_subject_are_dead_letters(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A result of `redis` on the database subject, a host sample on a component subject,
+    a lock event of job `victim` on job `attacker`'s lock subject, a run of `victim` on
+    `attacker`'s run subject: all dead letters; the victim's lock stays free."""
+    now = utc_now()
+    full_env = service_env(env["STOCKPILOT_NATS_URL"], tmp_path / "svc")
+    async with (
+        connected(env["STOCKPILOT_NATS_URL"]) as (nc, js, letters),
+        in_process_services(full_env, ("health", "batch")) as runtimes,
+    ):
+        redis = HealthChecked(
+            id="evil-hc", occurred_at=now, component="redis", kind="redis", status="unhealthy"
+        )
+        await bus.publish_event(js, CHECKED_SUBJECT_PREFIX + "database", redis)
+        await bus.publish_event(js, HOST_SUBJECT, msgspec.structs.replace(redis, id="evil-hc2"))
+        acquired = LockAcquired(
+            id="evil-lock",
+            occurred_at=now,
+            job_id="victim",
+            owner="attacker",
+            expires_at=now + timedelta(hours=1),
+        )
+        lock_seq = (await bus.publish_event(js, lock_subject("attacker"), acquired)).seq
+        started = BatchStarted(
+            id="evil-run",
+            occurred_at=now,
+            execution_id="evil-1",
+            job_id="victim",
+            host="h",
+            pid=1,
+        )
+        await bus.publish_event(js, run_subject("attacker"), started)
+        await wait_for(lambda: len(letters.of("health")) >= 2 and len(letters.of("batch")) >= 2)
+        health = letters.of("health")
+        assert {letter.subject for letter in health} == {
+            CHECKED_SUBJECT_PREFIX + "database",
+            HOST_SUBJECT,
+        }
+        assert all("redis" in letter.reason for letter in health)
+        batch = letters.of("batch")
+        assert {letter.subject for letter in batch} == {
+            lock_subject("attacker"),
+            run_subject("attacker"),
+        }
+        assert any(letter.stream_seq == lock_seq for letter in batch)
+        assert all("victim" in letter.reason for letter in batch)
+        status = await nc.request(
+            endpoint_subject("batch", "lock_status"), b'{"job_id":"victim"}', timeout=5
+        )
+        assert msgspec.json.decode(status.data)["locked"] is False
+        recent = await nc.request(endpoint_subject("batch", "recent"), b"{}", timeout=5)
+        assert msgspec.json.decode(recent.data)["executions"] == []
+        assert projection_status(runtimes["batch"], "batch").dead_lettered == 2
