@@ -71,12 +71,13 @@ def timing_problem(occurred_at: datetime, stored_at: float) -> str | None:
     at = occurred_at.timestamp()
     if at - stored_at > MAX_FUTURE_S:
         stored = datetime.fromtimestamp(stored_at, UTC)
+        # As given: in UTC, a time near the end of datetime's range may not exist.
         return (
-            f"occurred_at {rfc3339(occurred_at)} is more than {MAX_FUTURE_S:g} s after the event "
-            f"was stored ({rfc3339(stored)}): an event dated in the future is not counted"
+            f"occurred_at {occurred_at.isoformat()} is more than {MAX_FUTURE_S:g} s after the "
+            f"event was stored ({rfc3339(stored)}): an event dated in the future is not counted"
         )
     if at < _EARLIEST_S:
-        return f"occurred_at {rfc3339(occurred_at)} is before {rfc3339(EARLIEST)}"
+        return f"occurred_at {occurred_at.isoformat()} is before {rfc3339(EARLIEST)}"
     return None
 
 

@@ -31,9 +31,6 @@ from shared.runtime import Runtime, endpoint_subject
 from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env
 from tests.usage.helpers import (
-    ADMIN,
-    INGEST,
-    auth,
     gateway,
     gateway_settings,
     recorded,
@@ -254,3 +251,197 @@ async def test_health_and_batch_events_off_their_subject_are_dead_letters(
         recent = await nc.request(endpoint_subject("batch", "recent"), b"{}", timeout=5)
         assert msgspec.json.decode(recent.data)["executions"] == []
         assert projection_status(runtimes["batch"], "batch").dead_lettered == 2
+
+
+# --------------------------------------------------------------- bounds on the streams
+
+DEEP = b"[" * 10_000 + b"]" * 10_000
+HUGE = "x" * 600_000
+
+
+def hostile_events(now: datetime) -> list[tuple[str, bytes | dict[str, Any]]]:
+    """What the attacker published: every value outside the contract's bounds."""
+    at = rfc3339(now)
+    usage = SUBJECT_RECORDED
+    run = run_subject("nightly")
+    started = {
+        "type": "batch.started",
+        "occurred_at": at,
+        "execution_id": "x1",
+        "job_id": "nightly",
+        "host": "h",
+        "pid": 1,
+    }
+    progress = {
+        "type": "batch.progress",
+        "occurred_at": at,
+        "execution_id": "x1",
+        "job_id": "nightly",
+        "items_processed": 1,
+        "memory_mb": 1.0,
+        "cpu_percent": 1.0,
+    }
+    checked = {
+        "type": "health.checked",
+        "occurred_at": at,
+        "component": "database",
+        "kind": "database",
+        "status": "healthy",
+    }
+    database = CHECKED_SUBJECT_PREFIX + "database"
+    return [
+        (usage, usage_record("h-cost", now, cost_usd=1.7e308)),
+        (usage, usage_record("h-tokens", now, prompt_tokens=2**64 - 1)),
+        (usage, usage_record("h-tokens-2", now, completion_tokens=10**9)),
+        (usage, usage_record("h-latency", now, response_time_ms=1e8)),
+        (usage, usage_record("h-negative", now, response_time_ms=-1.0)),
+        (usage, usage_record("h-model", now, model=HUGE)),
+        (usage, usage_record("h-user", now, user_id="u" * 10_000)),
+        (usage, usage_record("h-far", datetime(9999, 12, 31, 23, 59, tzinfo=UTC))),
+        (
+            usage,
+            msgspec.json.encode(usage_record("h-old", now)).replace(
+                at.encode(), b"0001-01-01T00:00:00+09:00"
+            ),
+        ),
+        (
+            usage,
+            msgspec.json.encode(usage_record("h-utf8", now, user_id="@")).replace(
+                b'"@"', b'"\xff\xfe"'
+            ),
+        ),
+        (usage, msgspec.json.encode(usage_record("h-deep", now, model="@")).replace(b'"@"', DEEP)),
+        (run, {**started, "id": "h-host", "host": HUGE}),
+        (run, {**started, "id": "h-pid", "pid": 2**64 - 1}),
+        (run, {**progress, "id": "h-memory", "memory_mb": 1.7e308}),
+        (run, {**progress, "id": "h-items", "items_processed": 2**64 - 1}),
+        (
+            run,
+            {
+                **progress,
+                "id": "h-warnings",
+                "type": "batch.finished",
+                "status": "failed",
+                "duration_s": 1.0,
+                "throughput_per_s": 1.0,
+                "peak_memory_mb": 1.0,
+                "avg_cpu_percent": 1.0,
+                "warnings": ["w" * 100] * 10_000,
+            },
+        ),
+        (database, {**checked, "id": "h-details", "details": {"target": HUGE}}),
+        (database, {**checked, "id": "h-nested", "details": {"a": {"b": {"c": [1]}}}}),
+        (database, {**checked, "id": "h-bigint", "details": {"n": 2**70}}),
+        (database, {**checked, "id": "h-latency", "latency_ms": -5.0}),
+        (database, {**checked, "id": "h-error", "error": HUGE}),
+    ]
+
+
+def good_events(now: datetime) -> list[tuple[str, dict[str, Any]]]:
+    """Real traffic after the attack (and one extreme but valid lock)."""
+    at = rfc3339(now)
+    return [
+        (SUBJECT_RECORDED, usage_record("g-1", now, cost_usd=0.5, prompt_tokens=999_999_999)),
+        (
+            run_subject("nightly"),
+            {
+                "type": "batch.started",
+                "id": "g-run",
+                "occurred_at": at,
+                "execution_id": "g-1",
+                "job_id": "nightly",
+                "host": "worker-1",
+                "pid": 42,
+            },
+        ),
+        (
+            lock_subject("nightly"),
+            {
+                "type": "lock.acquired",
+                "id": "g-lock",
+                "occurred_at": at,
+                "job_id": "nightly",
+                "owner": "worker-1",
+                "expires_at": "9999-12-31T23:59:59Z",
+            },
+        ),
+        (
+            CHECKED_SUBJECT_PREFIX + "database",
+            {
+                "type": "health.checked",
+                "id": "g-hc",
+                "occurred_at": at,
+                "component": "database",
+                "kind": "database",
+                "status": "healthy",
+                "latency_ms": 1.5,
+                "details": {"version": "16", "connections_pct": 3.5, "ok": True},
+            },
+        ),
+    ]
+
+
+async def test_out_of_range_events_are_dead_letters_and_no_get_route_answers_5xx(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The issue's hostile values, straight to the real streams: each is a dead letter with a
+    reason; real events after them are folded, snapshots go on being taken, and every GET
+    route of the real gateway answers below 500."""
+    url = env["STOCKPILOT_NATS_URL"]
+    full_env = service_env(url, tmp_path / "svc", STOCKPILOT_SNAPSHOT_EVERY_S="0.2")
+    now = utc_now()
+    async with (
+        connected(url) as (nc, js, letters),
+        in_process_services(full_env) as runtimes,
+    ):
+        refused: dict[str, set[int]] = {"usage": set(), "batch": set(), "health": set()}
+        for subject, payload in hostile_events(now):
+            seq = await publish_raw(js, subject, payload)
+            refused[subject.split(".")[1]].add(seq)
+        last: dict[str, int] = {}
+        for subject, payload in good_events(now):
+            last[subject.split(".")[1]] = await publish_raw(js, subject, payload)
+
+        def all_lettered() -> bool:
+            return all(
+                seqs <= {letter.stream_seq for letter in letters.of(service)}
+                for service, seqs in refused.items()
+            )
+
+        await wait_for(all_lettered)
+        # A refused event near the server's limit is copied in part (the letter must fit).
+        assert any(x.payload_truncated and x.payload_bytes for x in letters.of("batch"))
+        assert all(letter.reason.strip() for letter in letters.items)
+        assert not any("could not be applied" in letter.reason for letter in letters.items)
+        for service, seq in last.items():
+            await wait_for(lambda s=service, q=seq: folded(runtimes[s], s, q))  # type: ignore[misc]
+            status = projection_status(runtimes[service], service)
+            assert status.dead_lettered >= len(refused[service])
+            # The snapshot loop lives on and catches up with what was folded.
+            await wait_for(
+                lambda s=service, q=seq: projection_status(runtimes[s], s).snapshot_seq >= q  # type: ignore[misc]
+            )
+
+        async with gateway(gateway_settings(full_env)) as client:
+            stats = (await client.get("/api/v1/usage/stats")).json()
+            assert stats["total_requests"] >= 1 and stats["total_cost_usd"] >= 0.5
+            paths = get_routes(client)
+            assert len(paths) >= 15
+            for path in paths:
+                response = await client.get(path)
+                assert response.status_code < 500, (path, response.status_code, response.text)
+            recent = (await client.get("/api/v1/batch/executions/recent")).json()
+            assert [e["host"] for e in recent["executions"]] == ["worker-1"]
+
+
+def get_routes(client: Any) -> list[str]:
+    """Every GET path of the app (path parameters filled in), the never-ending SSE left out."""
+    paths = []
+    for route in client.app.routes:
+        if "GET" not in getattr(route, "methods", ()):
+            continue
+        path = route.path.replace("{job_id:str}", "nightly")
+        if path.endswith("/alerts/stream") or "{" in path:
+            continue
+        paths.append(path)
+    return sorted(set(paths))
