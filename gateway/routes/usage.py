@@ -182,10 +182,10 @@ async def usage_records(request: Request[Any, Any, Any], services: Services) -> 
 def _decode_body(body: bytes, kind: Any) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:  # a DecodeError too: valid JSON, wrong content
+        raise InvalidRequestError(f"body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from None
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"body: {exc}") from None
     except RecursionError:
         raise InvalidRequestError(
             "body: JSON nested too deeply (thousands of levels); send flat records"

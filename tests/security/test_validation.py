@@ -31,6 +31,9 @@ from shared.runtime import Runtime, endpoint_subject
 from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env
 from tests.usage.helpers import (
+    ADMIN,
+    INGEST,
+    auth,
     gateway,
     gateway_settings,
     recorded,
@@ -445,3 +448,100 @@ def get_routes(client: Any) -> list[str]:
             continue
         paths.append(path)
     return sorted(set(paths))
+
+
+# ------------------------------------------------------------------------------ over HTTP
+
+
+async def test_out_of_range_input_over_http_is_422_with_a_detail_never_500(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The same bounds over HTTP: a refused single record is a 422 naming the field, a list
+    names each refused record; deep JSON, invalid UTF-8, dates out of range and 600 KB
+    strings are 422 (too large a body 413), every time with a `detail`."""
+    url = env["STOCKPILOT_NATS_URL"]
+    full_env = service_env(url, tmp_path / "svc")
+    now = utc_now()
+    records = "/api/v1/usage/records"
+    ingest = auth(INGEST)
+    admin = auth(ADMIN)
+    single_cases = [
+        ({"cost_usd": 1.7e308}, "cost_usd"),
+        ({"prompt_tokens": 2**64 - 1}, "prompt_tokens"),
+        ({"cached_tokens": 10**9}, "cached_tokens"),
+        ({"response_time_ms": 1e8}, "response_time_ms"),
+        ({"model": HUGE}, "model"),
+        ({"endpoint": "/" * 600}, "endpoint"),
+        ({"user_id": "u" * 300}, "user_id"),
+        ({"occurred_at": rfc3339(now + timedelta(days=1))}, "in the future"),
+        ({"occurred_at": "9999-12-31T23:59:59Z"}, "in the future"),
+        ({"occurred_at": "0001-01-01T00:00:00+09:00"}, "before 2000"),
+    ]
+    async with (
+        in_process_services(full_env, ("usage", "batch")),
+        gateway(gateway_settings(full_env)) as client,
+    ):
+
+        async def refused(response: Any, status: int = 422) -> str:
+            assert response.status_code == status, (response.status_code, response.text)
+            detail = response.json()["detail"]
+            assert isinstance(detail, str) and detail.strip()
+            return detail
+
+        for fields, named in single_cases:
+            body = {"model": "gpt-4o-mini", "status_code": 200, "request_id": "r", **fields}
+            detail = await refused(await client.post(records, json=body, headers=ingest))
+            assert named in detail, (fields.keys(), detail)
+        listed = [
+            {"model": "gpt-4o-mini", "status_code": 200, "request_id": f"r{i}", **fields}
+            for i, (fields, _) in enumerate(single_cases)
+        ]
+        listed.append({"model": "gpt-4o-mini", "status_code": 200, "request_id": "fine"})
+        answer = await client.post(records, json=listed, headers=ingest)
+        assert answer.status_code == 202
+        assert answer.json()["accepted"] == 1
+        reasons = {r["index"]: r["reason"] for r in answer.json()["rejected"]}
+        assert sorted(reasons) == list(range(len(single_cases)))
+        for index, (_, named) in enumerate(single_cases):
+            assert named in reasons[index], reasons[index]
+
+        deep = b"[" * 10_000 + b"]" * 10_000
+        deep_object = b'{"model":' + deep + b',"status_code":200}'
+        bodies = [
+            ("/api/v1/usage/records", ingest),
+            ("/api/v1/usage/reset", admin),
+            ("/api/v1/batch/jobs/nightly/lock/release", admin),
+        ]
+        for path, headers in bodies:
+            # A typed body refuses a wrong shape before reading deeper: any detail will do.
+            deep_named = "deep" if path == records else ""
+            field = b"model" if path == records else b"reason"
+            not_utf8 = b'{"' + field + b'":"gpt-\xff\xfe","status_code":200}'
+            for content, named in [(deep, deep_named), (deep_object, ""), (not_utf8, "UTF-8")]:
+                headers = {**headers, "Content-Type": "application/json"}
+                response = await client.post(path, content=content, headers=headers)
+                detail = await refused(response)
+                assert named in detail, (path, detail)
+            long_reason = msgspec.json.encode({"reason": HUGE})
+            response = await client.post(path, content=long_reason, headers=headers)
+            assert response.status_code == 422, (path, response.text)
+            too_big = await client.post(path, content=b" " * (2 * 1024 * 1024), headers=headers)
+            await refused(too_big, 413)
+
+        for path, named in [
+            ("/api/v1/usage/stats?date=9999-12-31", "'date'"),
+            ("/api/v1/usage/stats?start=0001-01-01&end=0001-01-02", "'start'"),
+            ("/api/v1/usage/stats?start=2020-01-01&end=9999-12-31", "'end'"),
+            ("/api/v1/usage/timeseries?start=9999-12-31", "'start'"),
+            ("/api/v1/usage/timeseries?start=0001-01-01T00:00:00Z", "'start'"),
+            ("/api/v1/usage/timeseries?bucket=day&end=9999-12-31T23:59:59-09:00", "'end'"),
+            (f"/api/v1/usage/stats?date={'9' * 10_000}", "'date'"),
+            ("/api/v1/usage/stats?date=%FF%FE", "'date'"),
+            (f"/api/v1/batch/executions/recent?job_id={'j' * 10_000}", "'job_id'"),
+            ("/api/v1/batch/executions/recent?job_id=%FF", "'job_id'"),
+            (f"/api/v1/batch/jobs/{'j' * 10_000}/lock/status", "'job_id'"),
+            ("/api/v1/batch/executions/stats?hours=1e308", "hours"),
+            ("/api/v1/usage/alerts?limit=18446744073709551615", "limit"),
+        ]:
+            detail = await refused(await client.get(path))
+            assert named in detail, (path, detail)
