@@ -359,7 +359,8 @@ def test_summary_has_exactly_the_gateway_shape() -> None:
 async def test_a_snapshot_from_another_time_zone_is_not_reused(env: dict[str, str]) -> None:
     """Days depend on STOCKPILOT_TZ: a changed zone rebuilds from the first event."""
     nc, js = await connect(env)
-    late_evening = utc_now().replace(hour=20, minute=0)  # the next day in Seoul
+    # Yesterday: an event dated later today would be in the future (a dead letter).
+    late_evening = (utc_now() - timedelta(days=1)).replace(hour=20, minute=0)  # next day in Seoul
     await publish(js, [recorded(i, late_evening) for i in range(5)])
     utc = usage_settings(env)
     async with running_service(build(utc), utc):
