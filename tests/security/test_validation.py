@@ -545,3 +545,53 @@ async def test_out_of_range_input_over_http_is_422_with_a_detail_never_500(
         ]:
             detail = await refused(await client.get(path))
             assert named in detail, (path, detail)
+
+
+async def test_a_full_history_of_the_largest_valid_executions_is_still_answered(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A thousand failed runs, each with the longest host, error, warnings and traceback the
+    events allow: /recent?limit=1000 fits in one answer (older texts shortened) instead of a
+    500, and the stats' failure patterns are computed in time (no quadratic regex)."""
+    url = env["STOCKPILOT_NATS_URL"]
+    full_env = service_env(url, tmp_path / "svc")
+    at = rfc3339(utc_now())
+    async with (
+        connected(url) as (nc, js, letters),
+        in_process_services(full_env, ("batch",)) as runtimes,
+    ):
+        acks = []
+        for i in range(1000):
+            base = {"occurred_at": at, "execution_id": f"x{i}", "job_id": "nightly"}
+            started = {**base, "type": "batch.started", "id": f"s{i}", "host": "h" * 255, "pid": 1}
+            finished = {
+                **base,
+                "type": "batch.finished",
+                "id": f"f{i}",
+                "status": "failed",
+                "items_processed": 1,
+                "duration_s": 1.0,
+                "throughput_per_s": 1.0,
+                "peak_memory_mb": 1.0,
+                "avg_cpu_percent": 1.0,
+                "warnings": ["w" * 1000] * 100,
+                "error": "e" * 10_000,
+                "traceback": "t" * 100_000,
+            }
+            for event in (started, finished):
+                acks.append(
+                    await js.publish_async(run_subject("nightly"), msgspec.json.encode(event))
+                )
+        last = (await asyncio.gather(*acks))[-1].seq
+        await wait_for(lambda: folded(runtimes["batch"], "batch", last), 60)
+        assert letters.of("batch") == []
+        async with gateway(gateway_settings(full_env)) as client:
+            recent = await client.get("/api/v1/batch/executions/recent?limit=1000")
+            assert recent.status_code == 200, recent.text[:300]
+            body = recent.json()
+            assert body["total"] == 1000 and len(body["executions"]) >= 50
+            newest = body["executions"][0]
+            assert newest["execution_id"] == "x999" and newest["traceback"]
+            stats = await client.get("/api/v1/batch/executions/stats")
+            assert stats.status_code == 200, stats.text[:300]
+            assert stats.json()["failed"] == 1000
