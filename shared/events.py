@@ -34,11 +34,12 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     id: EventId
     occurred_at: AwareDatetime
 
-    def subject_problem(self, subject: str) -> str | None:
-        """Why this event does not belong on `subject`, or None when it does.
+    def stored_problem(self, subject: str) -> str | None:
+        """Why this event, stored on `subject`, may not be folded; None when it may.
 
         Each event type says where it may arrive; a type published on another type's subject
         (a `usage.reset` on `stockpilot.usage.recorded`) must not be folded as if it belonged.
+        Also where a type puts checks that would slow every decode down in `__post_init__`.
         """
         return None
 
@@ -57,7 +58,7 @@ def admission_problem(
     if subject is not None:
         if isinstance(subject, bytes):
             subject = subject.decode(errors="replace")
-        problem = event.subject_problem(subject)
+        problem = event.stored_problem(subject)
         if problem is not None:
             return problem
     if stored_ns is not None:
@@ -112,7 +113,7 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
     value: Figure
     threshold: Figure
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """An alert belongs on its kind's subject, whose first token is its source."""
         expected = alert_subject(self.kind)
         if subject != expected:

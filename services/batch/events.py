@@ -75,7 +75,7 @@ class _RunEventBase(Event, frozen=True, kw_only=True):
 
     job_id: JobId
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """`stockpilot.batch.run.<job_id>`, the job of the event itself."""
         expected = run_subject(self.job_id)
         if subject == expected:
@@ -92,7 +92,7 @@ class _LockEventBase(Event, frozen=True, kw_only=True):
 
     job_id: JobId
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """`stockpilot.batch.lock.<job_id>`, the job of the event itself."""
         expected = lock_subject(self.job_id)
         if subject == expected:

@@ -55,7 +55,7 @@ class HealthChecked(Event, frozen=True, kw_only=True, tag="health.checked"):
     # The round this result belongs to (results of one round share it).
     round_id: RoundId | None = None
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """A result belongs on its own component's subject: the projection keys it by name."""
         expected = CHECKED_SUBJECT_PREFIX + self.component
         if subject == expected:
@@ -79,7 +79,7 @@ class HostSampled(Event, frozen=True, kw_only=True, tag="health.host_sampled"):
     uptime_s: Seconds
     round_id: RoundId | None = None
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """A host sample belongs on `stockpilot.health.host`."""
         if subject == HOST_SUBJECT:
             return None

@@ -46,16 +46,42 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
 
-    def subject_problem(self, subject: str) -> str | None:
-        """A recorded call belongs on `stockpilot.usage.recorded` only."""
-        if subject == SUBJECT_RECORDED:
-            return None
-        return wrong_subject("a usage.recorded event", subject, SUBJECT_RECORDED)
+    def stored_problem(self, subject: str) -> str | None:
+        """A recorded call belongs on `stockpilot.usage.recorded` only, and its names are
+        printable: they reach alert ids (a Nats-Msg-Id header), logs and webhook texts.
+
+        Checked here rather than in `__post_init__`, which would make every decode half as
+        slow again; one expression, as this runs for every event folded.
+        """
+        if subject != SUBJECT_RECORDED:
+            return wrong_subject("a usage.recorded event", subject, SUBJECT_RECORDED)
+        if not (
+            self.model.isprintable()
+            and self.id.isprintable()
+            and (self.user_id is None or self.user_id.isprintable())
+            and (self.endpoint is None or self.endpoint.isprintable())
+            and (self.request_id is None or self.request_id.isprintable())
+            and (self.error_code is None or self.error_code.isprintable())
+        ):
+            return UNPRINTABLE
+        return None
 
     @property
     def failed(self) -> bool:
         """A call fails with an HTTP status >= 400 or any error code."""
         return self.status_code >= 400 or bool(self.error_code)
+
+
+UNPRINTABLE = (
+    "id, model, request_id, endpoint, user_id and error_code must not contain control characters"
+)
+
+
+def printable(value: str, name: str) -> None:
+    """Refuse (ValueError: msgspec reports it as a validation error) a name with control or
+    other non-printable characters."""
+    if not value.isprintable():
+        raise ValueError(f"`{name}` must not contain control characters")
 
 
 class UsageReset(Event, frozen=True, kw_only=True, tag="usage.reset"):
@@ -65,7 +91,7 @@ class UsageReset(Event, frozen=True, kw_only=True, tag="usage.reset"):
     scope: Literal["all"] = "all"
     reason: Reason | None = None
 
-    def subject_problem(self, subject: str) -> str | None:
+    def stored_problem(self, subject: str) -> str | None:
         """A reset belongs on `stockpilot.usage.reset` only (which producers may not publish)."""
         if subject == SUBJECT_RESET:
             return None
@@ -99,3 +125,9 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("id", "model", "request_id", "endpoint", "user_id", "error_code"):
+            value = getattr(self, name)
+            if value is not None:
+                printable(value, name)

@@ -190,6 +190,7 @@ OUT_OF_RANGE: dict[str, list[tuple[str, object]]] = {
         ("status_code", 1000),
         ("model", "m" * 129),
         ("model", ""),
+        ("model", "gpt\r\nX-Injected: 1"),
         ("user_id", "u" * 257),
         ("endpoint", "/" * 513),
     ],

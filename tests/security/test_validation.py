@@ -300,6 +300,7 @@ def hostile_events(now: datetime) -> list[tuple[str, bytes | dict[str, Any]]]:
         (usage, usage_record("h-negative", now, response_time_ms=-1.0)),
         (usage, usage_record("h-model", now, model=HUGE)),
         (usage, usage_record("h-user", now, user_id="u" * 10_000)),
+        (usage, usage_record("h-ctrl", now, model="evil\r\nNats-Expected-Stream: NOPE")),
         (usage, usage_record("h-far", datetime(9999, 12, 31, 23, 59, tzinfo=UTC))),
         (
             usage,
@@ -473,6 +474,8 @@ async def test_out_of_range_input_over_http_is_422_with_a_detail_never_500(
         ({"model": HUGE}, "model"),
         ({"endpoint": "/" * 600}, "endpoint"),
         ({"user_id": "u" * 300}, "user_id"),
+        ({"model": "gpt\r\nX-Injected: 1"}, "control characters"),
+        ({"request_id": "r\x1b[31m"}, "control characters"),
         ({"occurred_at": rfc3339(now + timedelta(days=1))}, "in the future"),
         ({"occurred_at": "9999-12-31T23:59:59Z"}, "in the future"),
         ({"occurred_at": "0001-01-01T00:00:00+09:00"}, "before 2000"),
