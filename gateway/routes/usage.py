@@ -152,7 +152,11 @@ async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Re
     status_code=HTTP_202_ACCEPTED,
 )
 async def usage_records(request: Request[Any, Any, Any], services: Services) -> IngestAnswer:
-    """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}]."""
+    """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}].
+
+    A single record (a JSON object, not a list) that is refused makes the request a 422 with
+    the reason as `detail`; a list answers 202 and names each refused record.
+    """
     received_at = utc_now()
     body = await request.body()
     data = _decode_body(body, Any)

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from ops.replay import replay_definition
 from services.batch.events import BatchStarted, LockAcquired, lock_subject, run_subject
@@ -27,7 +28,7 @@ from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, UsageReset
 from services.usage.service import build as build_usage
 from shared import bus
 from shared.events import Alert, rfc3339, utc_now
-from shared.runtime import Runtime, endpoint_subject
+from shared.runtime import Runtime, ack_metadata, endpoint_subject
 from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env
 from tests.usage.helpers import (
@@ -598,3 +599,36 @@ async def test_a_full_history_of_the_largest_valid_executions_is_still_answered(
             stats = await client.get("/api/v1/batch/executions/stats")
             assert stats.status_code == 200, stats.text[:300]
             assert stats.json()["failed"] == 1000
+
+
+async def test_the_nats_py_path_decides_from_the_stored_timestamp_too(
+    env: dict[str, str],
+) -> None:
+    """With the bare reader off (nats-py's ordered consumer), the same record is refused: the
+    time comes from the message's JetStream metadata either way."""
+    settings = usage_settings(env)
+    now = utc_now()
+    async with (
+        connected(env["STOCKPILOT_NATS_URL"]) as (nc, js, letters),
+        running_service(build_usage(settings), settings, bare_reads=False) as runtime,
+    ):
+        await bus.publish_event(js, SUBJECT_RECORDED, recorded(1, now + timedelta(minutes=10)))
+        await bus.publish_event(js, SUBJECT_RECORDED, recorded(2, now + timedelta(minutes=4)))
+        await bus.publish_event(js, SUBJECT_RECORDED, recorded(3, now))
+        await wait_for(lambda: folded(runtime, "usage", 3) and len(letters.of("usage")) == 1)
+        [letter] = letters.of("usage")
+        assert letter.stream_seq == 1 and "after the event was stored" in letter.reason
+        # Within the allowance (a producer's clock a little ahead) a record counts.
+        assert projection_status(runtime, "usage").events_applied == 2
+
+
+def test_ack_metadata_reads_the_stored_time_like_nats_py() -> None:
+    for reply in (
+        "$JS.ACK.STOCKPILOT_USAGE.c1.1.42.7.1700000000123456789.99",
+        "$JS.ACK._.HASH.STOCKPILOT_USAGE.c1.1.42.7.1700000000123456789.99.rnd",
+    ):
+        msg = Msg(None, subject="stockpilot.usage.recorded", reply=reply)  # type: ignore[arg-type]
+        seq, pending, stored_ns = ack_metadata(msg)
+        assert (seq, pending) == (msg.metadata.sequence.stream, msg.metadata.num_pending)
+        assert stored_ns == 1700000000123456789
+        assert abs(stored_ns / 1e9 - msg.metadata.timestamp.timestamp()) < 1e-3
