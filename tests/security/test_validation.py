@@ -432,6 +432,17 @@ async def test_out_of_range_events_are_dead_letters_and_no_get_route_answers_5xx
             assert stats["total_requests"] >= 1 and stats["total_cost_usd"] >= 0.5
             paths = get_routes(client)
             assert len(paths) >= 15
+            day = now.date()
+            paths += [
+                "/api/v1/batch/executions/recent?limit=1000",
+                "/api/v1/batch/executions/recent?job_id=nightly",
+                "/api/v1/batch/executions/stats?hours=9600",
+                "/api/v1/usage/alerts?limit=1000",
+                f"/api/v1/usage/stats?start={day - timedelta(days=89)}&end={day}",
+                f"/api/v1/usage/timeseries?bucket=day&start={day - timedelta(days=89)}&end={day}",
+                "/api/v1/health/history?hours=2160",
+                "/api/v1/health/history?component=database",
+            ]
             for path in paths:
                 response = await client.get(path)
                 assert response.status_code < 500, (path, response.status_code, response.text)
