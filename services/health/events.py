@@ -36,7 +36,8 @@ Millis = Annotated[float, msgspec.Meta(ge=0, lt=1e8)]
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, lt=1e10)]
 # A probe error is a sentence or two (a driver's message, redacted).
-ErrorText = Annotated[str, msgspec.Meta(max_length=4000)]
+MAX_ERROR_CHARS = 4000
+ErrorText = Annotated[str, msgspec.Meta(max_length=MAX_ERROR_CHARS)]
 RoundId = Annotated[str, msgspec.Meta(max_length=128)]
 
 CHECKED_SUBJECT_PREFIX = "stockpilot.health.checked."
