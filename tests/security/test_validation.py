@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from services.usage.answers import StatsParams, UsageStats
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, UsageReset
 from services.usage.service import build as build_usage
 from shared import bus
-from shared.events import Alert, rfc3339, utc_now
+from shared.events import Alert, admission_problem, rfc3339, utc_now
 from shared.runtime import Runtime, ack_metadata, endpoint_subject
 from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env
@@ -643,3 +643,22 @@ def test_ack_metadata_reads_the_stored_time_like_nats_py() -> None:
         assert (seq, pending) == (msg.metadata.sequence.stream, msg.metadata.num_pending)
         assert stored_ns == 1700000000123456789
         assert abs(stored_ns / 1e9 - msg.metadata.timestamp.timestamp()) < 1e-3
+
+
+def test_the_five_minute_allowance_is_exact_whatever_the_offset_or_order() -> None:
+    """The fast comparison per stored second never changes the exact decision."""
+    event = recorded(1)
+    stored_ns = int(utc_now().timestamp()) * 10**9 + 700_000_000
+    other_ns = stored_ns - 86_400 * 10**9
+    stored = datetime.fromtimestamp(stored_ns / 1e9, UTC)
+    seoul = timezone(timedelta(hours=9))
+    cases = [(299.9, True), (300.0, True), (300.2, False), (301.0, False), (-86_400.0, True)]
+    for ahead, allowed in cases:
+        for zone in (UTC, seoul):
+            at = (stored + timedelta(seconds=ahead)).astimezone(zone)
+            dated = msgspec.structs.replace(event, occurred_at=at)
+            # Alternate with another stored second, so the per-second bound is recomputed.
+            assert admission_problem(dated, None, other_ns) is not None or ahead < -86_000
+            assert (admission_problem(dated, None, stored_ns) is None) == allowed, (ahead, zone)
+    old = msgspec.structs.replace(event, occurred_at=datetime(1999, 12, 31, 23, 59, tzinfo=UTC))
+    assert "before 2000" in (admission_problem(old, None, stored_ns) or "")
