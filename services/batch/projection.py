@@ -297,9 +297,15 @@ class BatchProjection(Projection[BatchView, BatchEvent]):
 
     history_limit: int = DEFAULT_HISTORY_LIMIT
 
-    def fold(self, seq: int, data: bytes) -> Sequence[Alert]:
-        """Decode and apply one stored message at `seq`."""
-        event = self.decode(data)
+    def fold(
+        self,
+        seq: int,
+        data: bytes,
+        subject: str | bytes | None = None,
+        stored_ns: int | None = None,
+    ) -> Sequence[Alert]:
+        """Decode, check and apply one stored message at `seq`."""
+        event = self.admit(data, subject, stored_ns)
         self.view = apply(self.view, event, seq, self.history_limit)
         self.view.last_seq = seq
         return react(self.view, event)
