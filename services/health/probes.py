@@ -106,10 +106,9 @@ def excerpt(body: bytes, shown: Redactor) -> str:
     """A server's answer as one short line for an error: OpenAI-style `error.message` if any."""
     try:
         decoded = msgspec.json.decode(body, type=_ErrorBody)
-        text = decoded.error.message if decoded.error else decoded.detail or ""
-    except msgspec.DecodeError:
-        text = ""
-    text = text or body.decode("utf-8", "replace")
+        text = (decoded.error.message if decoded.error else "") or decoded.detail or ""
+    except msgspec.DecodeError:  # not a JSON error object: the text itself
+        text = body.decode("utf-8", "replace")
     # Redacted before it is cut: a cut could leave half a secret that no longer matches.
     line = " ".join(shown(text).split())
     return line if len(line) <= BODY_EXCERPT_CHARS else line[: BODY_EXCERPT_CHARS - 1] + "…"
