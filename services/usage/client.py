@@ -192,9 +192,15 @@ class UsageRecorder:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), timeout)
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            # Python 3.11's wait_for loses a cancellation that arrives as the awaited window
+            # completes, and the sender then sends on (awaiting it would hang this close).
+            # So cancel until it has ended; awaiting it via wait() keeps a cancellation of
+            # close itself apart from the sender's.
+            while not self._sender.done():
+                self._sender.cancel()
+                await asyncio.wait({self._sender}, timeout=0.1)
+            if not self._sender.cancelled() and self._sender.exception() is not None:
+                log.error("usage sender had failed", exc_info=self._sender.exception())
         self._abandon_in_flight()
         unsent = self.pending
         if self._spool is not None:
@@ -209,8 +215,8 @@ class UsageRecorder:
         elif unsent:
             log.error("usage recorder closed with %d events unsent (no spool: lost)", unsent)
         if self._owns:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+            # Bounded and closing even while NATS is away (which is when a close spools).
+            await bus.drain_or_close(self._nc)
 
     async def flush(self) -> None:
         """Wait until every buffered event is acknowledged."""

@@ -234,3 +234,25 @@ def test_the_spool_keeps_order_and_its_cursor_across_reopening_and_cuts_a_torn_l
     reopened.commit(reopened.end)
     reopened.close()
     assert not list(tmp_path.glob("*.jsonl"))  # all acknowledged: nothing left on disk
+
+
+async def test_starts_closed_at_once_again_and_again_store_every_call_once_in_order(
+    nats: NatsServer, env: dict[str, str], tmp_path: Path
+) -> None:
+    """A close that comes while windows are in flight (or acknowledgements arriving) ends, and
+    keeps in the spool exactly what is not acknowledged."""
+    await provision(nats.url)
+    settings = spool_settings(env, tmp_path / "spool")
+    now = utc_now()
+    recorder = await UsageRecorder.connect(settings, buffer_size=300)
+    for i in range(3_000):
+        recorder.record(recorded(i, now))
+    await asyncio.wait_for(recorder.close(timeout=0), timeout=30)
+    for attempt in range(100):
+        if not recorder.pending:
+            break
+        recorder = await UsageRecorder.connect(settings, buffer_size=300)
+        await asyncio.sleep(0.01 * (attempt % 4))  # closed at different points of the sending
+        await asyncio.wait_for(recorder.close(timeout=0), timeout=30)
+    assert recorder.pending == 0
+    assert await stored_ids(nats.url) == [f"req-{i}" for i in range(3_000)]
