@@ -7,21 +7,27 @@ JetStream store is full, a server that is down when the application stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 
 import msgspec
 import nats as nats_py
 import pytest
+from litestar.testing import AsyncTestClient
 from nats.js import api
 from nats.js.errors import APIError
 
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
 from services.usage.client import RecorderSettings, UsageRecorder
 from services.usage.spool import Spool, SpoolBusy
 from shared import bus
 from shared.events import utc_now
-from shared.settings import load_settings
-from shared.testing import NatsServer
+from shared.settings import CommonSettings, load_settings
+from shared.testing import NatsServer, running_service
+from tests.shared import toy
 from tests.usage.helpers import recorded
 
 STREAM = "STOCKPILOT_USAGE"
@@ -256,3 +262,45 @@ async def test_starts_closed_at_once_again_and_again_store_every_call_once_in_or
         await asyncio.wait_for(recorder.close(timeout=0), timeout=30)
     assert recorder.pending == 0
     assert await stored_ids(nats.url) == [f"req-{i}" for i in range(3_000)]
+
+
+async def test_ready_and_status_name_a_usage_stream_that_refuses_writes(
+    nats: NatsServer, env: dict[str, str]
+) -> None:
+    settings = load_settings(CommonSettings, env)
+    app = create_app(load_settings(GatewaySettings, env))
+    async with contextlib.AsyncExitStack() as stack:
+        for name in ("health", "usage", "batch"):  # three stand-ins on the real runtime
+            definition = dataclasses.replace(toy.build()[0], name=name)
+            await stack.enter_async_context(running_service(definition, settings))
+        client = await stack.enter_async_context(AsyncTestClient(app))
+        for _ in range(100):
+            if client.app.state.services.connected:
+                break
+            await asyncio.sleep(0.02)
+        ready = await client.get("/api/v1/health/ready")
+        assert ready.status_code == 200, ready.json()
+        assert ready.json()["detail"] is None
+
+        # The stream fills up (a test-only admin caps it, then writes until it refuses).
+        await set_usage_limit(nats.url, 8_000)
+        nc = await nats_py.connect(nats.url)
+        js = nc.jetstream()
+        now = utc_now()
+        with pytest.raises(APIError, match="maximum bytes exceeded"):
+            for i in range(100):
+                await js.publish("stockpilot.usage.recorded", bus.encode_event(recorded(i, now)))
+        await nc.close()
+
+        ready = await client.get("/api/v1/health/ready")
+        assert ready.status_code == 503
+        assert "stream STOCKPILOT_USAGE is full" in ready.json()["detail"]
+        status = (await client.get("/api/v1/status")).json()
+        assert status["status"] == "unhealthy"
+        assert status["usage_stream"]["stream"] == STREAM
+        assert status["usage_stream"]["accepting"] is False
+        assert "max_bytes" in status["usage_stream"]["detail"]
+
+        await set_usage_limit(nats.url, -1)  # room again: ready again
+        ready = await client.get("/api/v1/health/ready")
+        assert ready.status_code == 200 and ready.json()["detail"] is None
