@@ -413,7 +413,7 @@ def _locks(seen: Observed, reasons: list[Reason]) -> Area:
             status="degraded",
             summary=f"{count} expired lock(s) still held: "
             f"{_names(lock.job_id for lock in batch.expired)}",
-            code="locks.expired",
+            code="locks.expired_summary",
             params={"count": count, "jobs": _names(lock.job_id for lock in batch.expired)},
         )
     return Area(status="healthy", summary="no expired lock", code="locks.ok")
