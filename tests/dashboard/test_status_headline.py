@@ -32,37 +32,28 @@ COLOURS = {
     "unknown": "rgb(125, 133, 144)",
 }
 LABELS = {
-    "en": {"healthy": "Healthy", "degraded": "Degraded", "unhealthy": "Unhealthy", "unknown": "Unknown"},
-    "ko": {"healthy": "정상", "degraded": "성능 저하", "unhealthy": "장애", "unknown": "알 수 없음"},
-}  # fmt: skip
+    "en": {
+        "healthy": "Healthy",
+        "degraded": "Degraded",
+        "unhealthy": "Unhealthy",
+        "unknown": "Unknown",
+    },
+    "ko": {
+        "healthy": "정상",
+        "degraded": "성능 저하",
+        "unhealthy": "장애",
+        "unknown": "알 수 없음",
+    },
+}
 # Steady loopback dependencies (none flaps), so only the state a test drives is wrong.
 STEADY = [demo.FakeApi("quotes", delay_s=0.01), demo.fake_openai()]
 
 # Every element inside a panel (or the top bar) must lie within it; labels must not be cut.
-OVERFLOW_JS = """
-() => {
-  const bad = [];
-  for (const box of document.querySelectorAll('.panel, .topbar')) {
-    const outer = box.getBoundingClientRect();
-    for (const el of box.querySelectorAll('*')) {
-      if (el.closest('.reasons-pop')) continue;
-      const r = el.getBoundingClientRect();
-      if (!r.width || !r.height) continue;
-      if (r.right > outer.right + 1 || r.left < outer.left - 1) {
-        bad.push(`${box.id || box.className}: <${el.tagName.toLowerCase()} class="${el.className.baseVal ?? el.className}"> ${el.textContent.trim().slice(0, 40)} [${Math.round(r.left)}, ${Math.round(r.right)}] outside [${Math.round(outer.left)}, ${Math.round(outer.right)}]`);
-      }
-    }
-  }
-  const labels = 'h1, h2, h3, th, .kpi-label, .gauge-title, .gauge-sub, .overall-label, .reason-count, .svc, button, .badge, .tile-kind, .subtitle, .alerts24, .updated';
-  for (const el of document.querySelectorAll(labels)) {
-    if (el.closest('.reasons-pop') || !el.getClientRects().length) continue;
-    if (el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflow !== 'visible') {
-      bad.push(`cut off: <${el.tagName.toLowerCase()} class="${el.className}"> ${el.textContent.trim().slice(0, 40)}`);
-    }
-  }
-  return bad;
-}
-"""
+OVERFLOW_JS = "\n".join(
+    line
+    for line in (Path(__file__).parent / "layout_check.js").read_text().splitlines()
+    if not line.startswith("//")
+)
 
 
 def expect(target: Any) -> Any:
@@ -160,24 +151,37 @@ class Case:
 
 CASES = {
     "budget-over": Case(
-        budget_over, "unhealthy", ("llm_spend", "daily LLM budget 300 % used", "일일 LLM 예산 300%")
+        budget_over,
+        "unhealthy",
+        ("llm_spend", "daily LLM budget 300 % used", "일일 LLM 예산 300%"),
     ),
     "errors-over": Case(
-        errors_over, "degraded", ("llm_errors", "50.0 % of 40 LLM calls failed", "40건 중 50.0% 실패")
+        errors_over,
+        "degraded",
+        ("llm_errors", "50.0 % of 40 LLM calls failed", "40건 중 50.0% 실패"),
     ),
     "failed-job": Case(
-        failed_job, "degraded", ("batch", "the last run of price-sync failed", "price-sync의 마지막 실행이 실패")
+        failed_job,
+        "degraded",
+        ("batch", "the last run of price-sync failed", "price-sync의 마지막 실행이 실패"),
     ),
     "expired-lock": Case(
-        expired_lock, "degraded", ("locks", f"the lock of {demo.STUCK_JOB} expired", "아직 보유 중")
+        expired_lock,
+        "degraded",
+        ("locks", f"the lock of {demo.STUCK_JOB} expired", "아직 보유 중"),
     ),
     "usage-stopped": Case(
-        usage_stopped, "degraded", ("services", "the usage service does not answer", "사용량 서비스가 응답하지 않습니다")
+        usage_stopped,
+        "degraded",
+        ("services", "the usage service does not answer", "사용량 서비스가 응답하지 않습니다"),
     ),
     "nothing-configured": Case(
-        nothing, "unknown", ("dependencies", "no dependency is configured", "설정된 의존성이 없습니다"), False
+        nothing,
+        "unknown",
+        ("dependencies", "no dependency is configured", "설정된 의존성이 없습니다"),
+        configured=False,
     ),
-}  # fmt: skip
+}
 
 
 async def check_headline(page: Any, status: str, lang: str, area: str, fragment: str) -> None:
