@@ -289,6 +289,13 @@ def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
                 metric=f"{event.component}.status_changes",
                 value=float(len(state.changes)),
                 threshold=float(FLAP_CHANGES),
+                params={
+                    "component": event.component,
+                    "to": change.to_status,
+                    "changes": len(state.changes),
+                    "minutes": int(FLAP_WINDOW_S // 60),
+                    "error": event.error if change.to_status != "healthy" else None,
+                },
             )
         ]
     if change.note == "settled":
@@ -307,6 +314,13 @@ def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
                 metric=f"{event.component}.status_rank",
                 value=float(RANK.get(change.to_status, -1)),
                 threshold=float(RANK.get(change.to_status, -1)),
+                params={
+                    "component": event.component,
+                    "to": change.to_status,
+                    "settled": True,
+                    "minutes": int(FLAP_WINDOW_S // 60),
+                    "error": event.error if change.to_status != "healthy" else None,
+                },
             )
         ]
     return [
@@ -324,6 +338,13 @@ def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
             metric=f"{event.component}.status_rank",
             value=float(RANK.get(change.to_status, -1)),
             threshold=float(RANK.get(change.from_status, -1)),
+            params={
+                "component": event.component,
+                "from": change.from_status,
+                "to": change.to_status,
+                "results": change.results,
+                "error": event.error if change.to_status != "healthy" else None,
+            },
         )
     ]
 

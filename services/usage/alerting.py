@@ -64,6 +64,13 @@ def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:
         metric=metric,
         value=round(fired.value, 6),
         threshold=round(fired.threshold, 6),
+        params={
+            "scope": scope,
+            "period": fired.period,
+            "warn_pct": config.cost_alert_pct,
+            "minutes": WINDOW_S // 60,
+            "min_calls": config.error_rate_min_calls,
+        },
     )
 
 
@@ -86,6 +93,7 @@ def _recovered(fired: Fired, event: UsageEvent) -> Alert:
         metric="error_rate_pct",
         value=round(fired.value, 6),
         threshold=round(fired.threshold, 6),
+        params={"recovered": True, "minutes": QUIET_S // 60, "period": fired.period},
     )
 
 
