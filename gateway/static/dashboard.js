@@ -399,13 +399,18 @@ function renderComponents({ comprehensive, history, statusComponents }) {
       const label = name.startsWith("external.") ? name.slice("external.".length) : name;
       const kind = c.kind && t(`kind.${c.kind}`) !== `kind.${c.kind}` ? t(`kind.${c.kind}`) : c.kind || "";
       const uptime = s ? asPctStrict(s.uptime_pct) : null;
-      return `<div class="tile" data-testid="component-${esc(name)}" data-status="${esc(c.status)}" title="${esc(c.checked_at ? fmtTime(c.checked_at) : "")}">
-        <div class="tile-head"><span class="tile-name">${esc(label)}</span>${badge(c.status)}</div>
+      // A probe switched off is "not configured" (and says how to switch it on), not "unknown".
+      const off = c.details && c.details.configured === false;
+      const setting = off ? c.details.enable_with : null;
+      const hint = off ? t("components.enableWith", { setting: setting || "?" }) : null;
+      return `<div class="tile" data-testid="component-${esc(name)}" data-status="${esc(c.status)}" data-configured="${off ? "false" : "true"}" title="${esc(c.checked_at ? fmtTime(c.checked_at) : "")}">
+        <div class="tile-head"><span class="tile-name">${esc(label)}</span>${off ? badge("unknown", t("components.notConfigured")) : badge(c.status)}</div>
         <div class="tile-kind">${esc(kind)}</div>
         <div class="tile-metrics"><span>${esc(t("components.latency"))} <b>${esc(fmtMs(c.latency_ms))}</b></span>
           <span>${esc(t("components.uptime"))} <b>${esc(fmtPct(uptime, uptime === 100 ? 0 : 1))}</b></span></div>
         ${sparkline(points)}
         ${c.error ? `<div class="tile-error" title="${esc(c.error)}">${esc(c.error)}</div>` : ""}
+        ${hint ? `<div class="tile-hint" title="${esc(hint)}">${esc(hint)}</div>` : ""}
       </div>`;
     }).join("");
   }
@@ -663,8 +668,11 @@ function renderJobs(stats) {
     }).join("")
     : `<div class="empty">${esc(t("jobs.none"))}</div>`;
   const patterns = entries(stats.failure_patterns, "error").slice(0, 4);
+  // The two patterns the batch service itself words are said in the chosen language.
+  const own = { "execution lost: heartbeats stopped": "jobs.lostPattern", "failed without an error message": "jobs.noMessagePattern" };
+  const said = (key) => (own[key] ? t(own[key]) : key);
   document.getElementById("failures").innerHTML = patterns.length
-    ? patterns.map((p) => `<div class="failure"><span title="${esc(p.key)}">${esc(p.key)}</span><span class="count">×${esc(fmtInt(countOf(p)))}${p.last_seen ? ` · ${esc(fmtTime(p.last_seen, false))}` : ""}</span></div>`).join("")
+    ? patterns.map((p) => `<div class="failure"><span title="${esc(p.example || p.key)}">${esc(said(p.key))}</span><span class="count">×${esc(fmtInt(countOf(p)))}${p.last_seen ? ` · ${esc(fmtTime(p.last_seen, false))}` : ""}</span></div>`).join("")
     : `<div class="empty">${esc(t("jobs.noFailures"))}</div>`;
 }
 
@@ -813,6 +821,31 @@ function addAlert(alert, fresh) {
   }
 }
 
+/** The alert's title and message in the chosen language, from its kind and params. */
+function alertText(a) {
+  const p = a.params || {};
+  if (currentLang() === "en" || !a.kind) return { title: a.title || a.kind, message: a.message };
+  const scope = p.scope === "daily" || p.scope === "monthly" ? t(`period.${p.scope}`) : p.scope;
+  const status = (s) => (s ? statusLabel(s) : "–");
+  const error = p.error ? `: ${p.error}` : "";
+  const vars = {
+    ...p,
+    scope,
+    value: a.metric && a.metric.endsWith("cost_usd") ? fmtUSD(a.value) : fmtDec(a.value, 1),
+    threshold: a.metric && a.metric.endsWith("cost_usd") ? fmtUSD(a.threshold) : fmtDec(a.threshold, 0),
+    from: status(p.from),
+    to: status(p.to),
+    error,
+  };
+  let key = a.kind;
+  if (a.kind === "usage.error_rate" && p.recovered) key = "usage.error_rate.recovered";
+  if (a.kind === "batch.job_failed" && p.lost) key = "batch.job_lost";
+  if (a.kind === "health.status_changed" && p.settled) key = "health.settled";
+  const title = t(`alert.${key}.title`, vars);
+  if (title === `alert.${key}.title`) return { title: a.title || a.kind, message: a.message };
+  return { title, message: t(`alert.${key}.message`, vars) };
+}
+
 const byNewest = (a, b) => String(b.occurred_at).localeCompare(String(a.occurred_at));
 
 function renderAlerts() {
@@ -822,12 +855,15 @@ function renderAlerts() {
   const historyDown = serviceDown("usage") || state.alertHistoryError != null;
   const emptyText = historyDown ? t("alerts.unknown") : t("alerts.none");
   feed.innerHTML = items.length
-    ? items.map((a) => `<li class="alert${a.fresh ? " fresh" : ""}" data-testid="alert-item" data-alert-id="${esc(a.id)}" data-severity="${esc(a.severity)}">
-        <span class="alert-sev">${esc(a.severity)}</span>
-        <span class="alert-title" title="${esc(a.kind)}">${esc(a.title || a.kind)}</span>
+    ? items.map((a) => {
+      const text = alertText(a);
+      return `<li class="alert${a.fresh ? " fresh" : ""}" data-testid="alert-item" data-alert-id="${esc(a.id)}" data-severity="${esc(a.severity)}" data-kind="${esc(a.kind)}">
+        <span class="alert-sev">${esc(t(`severity.${a.severity}`))}</span>
+        <span class="alert-title" title="${esc(text.title)}">${esc(text.title)}</span>
         <span class="alert-time">${esc(fmtTime(a.occurred_at))}</span>
-        <span class="alert-msg" title="${esc(a.message)}">${esc(a.message)}</span>
-      </li>`).join("")
+        <span class="alert-msg" title="${esc(text.message)}">${esc(text.message)}</span>
+      </li>`;
+    }).join("")
     : `<li class="empty">${esc(emptyText)}</li>`;
   for (const a of items) a.fresh = false;
   const streamState = document.getElementById("stream-state");

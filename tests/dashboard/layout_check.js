@@ -20,5 +20,14 @@
       bad.push(`cut off: <${el.tagName.toLowerCase()} class="${el.className}"> ${el.textContent.trim().slice(0, 40)}`);
     }
   }
+  // SVG text is clipped by its SVG, never wrapped: it must fit.
+  for (const text of document.querySelectorAll('.panel svg text')) {
+    const r = text.getBoundingClientRect();
+    const svg = text.closest('svg').getBoundingClientRect();
+    if (!r.width) continue;
+    if (r.left < svg.left - 1 || r.right > svg.right + 1) {
+      bad.push(`cut off: <svg text> ${text.textContent.trim().slice(0, 40)}`);
+    }
+  }
   return bad;
 }

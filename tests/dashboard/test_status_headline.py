@@ -229,6 +229,22 @@ async def test_headline_tells_the_bad_state_with_its_reasons(
             await page.get_by_test_id("lang-toggle").click()
             await check_headline(page, spec.status, "ko", area, korean)
             await check_layout(page)
+            if case == "budget-over":
+                # The alert itself in Korean, from its kind and params.
+                alert = page.locator('[data-testid=alert-item][data-kind="usage.cost_exceeded"]')
+                await expect(alert.first).to_contain_text(
+                    "일일 LLM 비용 예산 초과", timeout=WAIT_MS
+                )
+            if case == "failed-job":
+                alert = page.locator('[data-testid=alert-item][data-kind="batch.job_failed"]')
+                await expect(alert.first).to_contain_text(
+                    "배치 작업 price-sync 실패", timeout=WAIT_MS
+                )
+            if case == "nothing-configured":
+                tile = page.get_by_test_id("component-database")
+                await expect(tile).to_have_attribute("data-configured", "false", timeout=WAIT_MS)
+                await expect(tile).to_contain_text("미설정")
+                await expect(tile).to_contain_text("STOCKPILOT_DATABASE_URL")
             if case == "usage-stopped":
                 # Its panels and the alert feed say so: never "No alerts" or zeros.
                 for panel in ("cost", "requests", "alerts"):
