@@ -359,6 +359,13 @@ async def test_headline_tells_each_bad_state_with_its_reasons_in_both_languages(
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             await page.goto(f"{stack.url}/?refresh_ms=500")
+            # Hovering the headline shows its reasons and leaving hides them (a click pins
+            # them open: check_reasons). The stack starts in the first state already.
+            await check_headline(page, STATES[0].status, "en")
+            await page.get_by_test_id("overall-status").hover()
+            await expect(page.get_by_test_id("status-reasons")).to_be_visible()
+            await page.mouse.move(0, 900)
+            await expect(page.get_by_test_id("status-reasons")).to_be_hidden()
             for state in STATES:
                 await state.drive(stack)
                 first = await language(page)
