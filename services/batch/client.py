@@ -56,7 +56,7 @@ from services.batch.locks import (
 )
 from services.batch.settings import BatchSettings
 from shared import bus
-from shared.events import utc_now
+from shared.clock import SYSTEM_CLOCK, Clock
 
 # The lock primitives are part of the worker-side API too.
 __all__ = [
@@ -173,6 +173,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         heartbeat_interval_s: float | None = None,
         owner: str | None = None,
         settings: BatchSettings | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         check_job_id(job_id)
         defaults = settings or BatchSettings()
@@ -186,6 +187,8 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         self.pid = os.getpid()
         self.owner = owner or f"{self.host}:{self.pid}:{self.execution_id[:8]}"
         self.run: BatchRun | None = None
+        # Stamps the run's events and judges lock expiry; durations stay on time.monotonic.
+        self._clock = clock
         self._sampler = _Sampler()
         self._started = 0.0
         self._beats = 0
@@ -198,12 +201,13 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             owner=self.owner,
             execution_id=self.execution_id,
             ttl_s=self.ttl_s,
+            clock=self._clock,
         )
         run = BatchRun(lock, self.items_total)
         self._started = time.monotonic()
         started = BatchStarted(
             id=f"{self.execution_id}.started",
-            occurred_at=utc_now(),
+            occurred_at=self._clock.now(),
             execution_id=self.execution_id,
             job_id=self.job_id,
             host=self.host,
@@ -216,7 +220,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             await bus.publish_event(self._js, run_subject(self.job_id), started)
         except BaseException:
             with contextlib.suppress(Exception):
-                await release_lock(self._js, lock)
+                await release_lock(self._js, lock, clock=self._clock)
             raise
         self.run = run
         self._beats_stopped = asyncio.Event()
@@ -240,7 +244,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         self._beats += 1
         progress = BatchProgress(
             id=f"{self.execution_id}.progress.{self._beats}",
-            occurred_at=utc_now(),
+            occurred_at=self._clock.now(),
             execution_id=self.execution_id,
             job_id=self.job_id,
             items_processed=run.items_processed,
@@ -250,7 +254,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         )
         await bus.publish_event(self._js, run_subject(self.job_id), progress)
         if not run.lock_lost:
-            why = await check_lock(self._js, run.lock)
+            why = await check_lock(self._js, run.lock, self._clock)
             if why is not None:
                 run._mark_lost(why)
 
@@ -274,7 +278,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         lost_error: LockLostError | None = None
         if not run.lock_lost:
             with contextlib.suppress(LockStateError):
-                why = await check_lock(self._js, run.lock)
+                why = await check_lock(self._js, run.lock, self._clock)
                 if why is not None:
                     run._mark_lost(why)
         status: FinishedStatus
@@ -294,7 +298,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         await self._finish(run, status, error, trace)
         if not run.lock_lost:
             try:
-                if not await release_lock(self._js, run.lock):
+                if not await release_lock(self._js, run.lock, clock=self._clock):
                     run._mark_lost("it was no longer ours when the run released it")
             except Exception as exc_release:
                 log.error("batch job %s: could not release its lock: %s", self.job_id, exc_release)
@@ -307,7 +311,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         duration = max(0.0, time.monotonic() - self._started)
         finished = BatchFinished(
             id=f"{self.execution_id}.finished",
-            occurred_at=utc_now(),
+            occurred_at=self._clock.now(),
             execution_id=self.execution_id,
             job_id=self.job_id,
             status=status,

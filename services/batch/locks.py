@@ -30,7 +30,7 @@ from services.batch.events import (
     lock_subject,
 )
 from shared import bus
-from shared.events import utc_now
+from shared.clock import SYSTEM_CLOCK, Clock
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE = 10071
@@ -94,6 +94,7 @@ async def acquire_lock(
     owner: str,
     execution_id: str,
     ttl_s: float,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> HeldLock:
     """Take the job's lock or raise LockHeldError naming the holder (never waits)."""
     check_job_id(job_id)
@@ -105,7 +106,7 @@ async def acquire_lock(
         owner=owner,
         execution_id=execution_id,
         ttl_s=ttl_s,
-        now=utc_now(),
+        now=clock.now(),
     )
     try:
         ack = await bus.publish_event(
@@ -139,11 +140,12 @@ async def release_lock(
     *,
     reason: ReleaseReason = "released",
     by: str | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> bool:
     """Give the lock back; False when it was no longer ours (someone else moved the subject)."""
     event = LockReleased(
         id=release_event_id(lock.job_id, lock.fencing_token),
-        occurred_at=utc_now(),
+        occurred_at=clock.now(),
         job_id=lock.job_id,
         owner=lock.owner,
         reason=reason,
@@ -163,9 +165,11 @@ async def release_lock(
     return True
 
 
-async def check_lock(js: JetStreamContext, lock: HeldLock) -> str | None:
-    """Why `lock` is no longer held, or None while it is."""
+async def check_lock(
+    js: JetStreamContext, lock: HeldLock, clock: Clock = SYSTEM_CLOCK
+) -> str | None:
+    """Why `lock` is no longer held, or None while it is (expired: by `clock`'s now)."""
     last, seq = await read_lock(js, lock.job_id)
     return why_lost(
-        last, seq, fencing_token=lock.fencing_token, expires_at=lock.expires_at, now=utc_now()
+        last, seq, fencing_token=lock.fencing_token, expires_at=lock.expires_at, now=clock.now()
     )

@@ -42,7 +42,7 @@ from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from shared import bus
 from shared.bare_nats import BareUnavailable
 from shared.bare_publisher import BarePublisher, Published
-from shared.events import utc_now
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.settings import CommonSettings
 
 log = logging.getLogger("stockpilot.usage.client")
@@ -72,6 +72,7 @@ class UsageRecorder:
         publish_timeout: float = 2.0,
         owns_connection: bool = False,
         bare: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
@@ -92,6 +93,8 @@ class UsageRecorder:
         self._capacity = buffer_size
         self._timeout = publish_timeout
         self._owns = owns_connection
+        # Stamps each call's occurred_at (tests hand a ManualClock; durations stay monotonic).
+        self._clock = clock
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,7 +196,7 @@ class UsageRecorder:
         request_id: str | None = None,
     ) -> T:
         """Await an OpenAI-style call (or any awaitable), record it, return or re-raise."""
-        started_at = utc_now()
+        started_at = self._clock.now()
         start = time.perf_counter()
         try:
             result = await call

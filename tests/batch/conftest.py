@@ -19,6 +19,7 @@ from gateway.settings import GatewaySettings
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared import bus
+from shared.clock import ManualClock
 from shared.events import Alert
 from shared.runtime import Runtime
 from shared.settings import load_settings
@@ -53,19 +54,25 @@ async def nc(settings: BatchSettings) -> AsyncIterator[NATS]:
 
 
 @pytest.fixture
-async def service(settings: BatchSettings, nc: NATS) -> AsyncIterator[Runtime]:
-    """The real batch service running in the test's loop."""
-    async with running_service(build(settings), settings) as runtime:
+async def service(settings: BatchSettings, nc: NATS, clock: ManualClock) -> AsyncIterator[Runtime]:
+    """The real batch service running in the test's loop, on the test's clock (tests pass the
+    same clock to their workers, and move it to expire locks or lose runs)."""
+    async with running_service(build(settings), settings, clock=clock) as runtime:
         yield runtime
 
 
 @pytest.fixture
-async def api(batch_env: dict[str, str], service: Runtime) -> AsyncIterator[AsyncTestClient[Any]]:
-    """The real gateway (admin token set) in front of the running batch service."""
+async def api(
+    batch_env: dict[str, str], service: Runtime, clock: ManualClock
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The real gateway (admin token set, the test's clock) in front of the batch service."""
+    # No kept answers: their lifetime runs on the real (monotonic) clock, and these tests move
+    # the test clock to expire locks and lose runs, then expect the very next answer to see it.
     gateway_settings = load_settings(
-        GatewaySettings, {**batch_env, "STOCKPILOT_ADMIN_TOKEN": ADMIN_TOKEN}
+        GatewaySettings,
+        {**batch_env, "STOCKPILOT_ADMIN_TOKEN": ADMIN_TOKEN, "STOCKPILOT_CACHE_TTL_S": "0"},
     )
-    async with AsyncTestClient(app=create_app(gateway_settings)) as client:
+    async with AsyncTestClient(app=create_app(gateway_settings, clock)) as client:
         for _ in range(200):
             if (await client.get("/api/v1/health")).status_code == 200:
                 break

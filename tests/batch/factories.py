@@ -1,8 +1,12 @@
-"""Event builders shared by the batch tests (plain constructors, no test doubles)."""
+"""Event builders shared by the batch tests (plain constructors, no test doubles).
+
+Times are seconds after a base instant: `T0` (09:00 UTC on the test clock's day, never a
+literal date), or `base=` one computed from an awkward moment (tests.clocks.MOMENTS).
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from services.batch.events import (
     BatchFinished,
@@ -13,13 +17,15 @@ from services.batch.events import (
     LockReleased,
     ReleaseReason,
 )
+from tests.clocks import NOON
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Three hours before the run's noon: events dated from it are in the past of the real clock.
+T0 = NOON - timedelta(hours=3)
 
 
-def at(seconds: float) -> datetime:
-    """T0 plus some seconds."""
-    return T0 + timedelta(seconds=seconds)
+def at(seconds: float, base: datetime = T0) -> datetime:
+    """`base` (T0 unless told) plus some seconds."""
+    return base + timedelta(seconds=seconds)
 
 
 def started(
@@ -28,10 +34,11 @@ def started(
     t: float = 0,
     items_total: int | None = None,
     interval: float | None = 10.0,
+    base: datetime = T0,
 ) -> BatchStarted:
     return BatchStarted(
         id=f"{execution_id}.started",
-        occurred_at=at(t),
+        occurred_at=at(t, base),
         execution_id=execution_id,
         job_id=job_id,
         host="worker-1",
@@ -49,10 +56,11 @@ def progress(
     total: int | None = None,
     memory_mb: float = 100.0,
     cpu: float = 50.0,
+    base: datetime = T0,
 ) -> BatchProgress:
     return BatchProgress(
         id=f"{execution_id}.progress.{t}",
-        occurred_at=at(t),
+        occurred_at=at(t, base),
         execution_id=execution_id,
         job_id=job_id,
         items_processed=done,
@@ -72,10 +80,11 @@ def finished(
     error: str | None = None,
     memory_mb: float = 120.0,
     cpu: float = 40.0,
+    base: datetime = T0,
 ) -> BatchFinished:
     return BatchFinished(
         id=f"{execution_id}.finished",
-        occurred_at=at(t),
+        occurred_at=at(t, base),
         execution_id=execution_id,
         job_id=job_id,
         status=status,
@@ -90,15 +99,20 @@ def finished(
 
 
 def acquired(
-    job_id: str = "job", owner: str = "w1", t: float = 0, ttl: float = 60, eid: str = "a"
+    job_id: str = "job",
+    owner: str = "w1",
+    t: float = 0,
+    ttl: float = 60,
+    eid: str = "a",
+    base: datetime = T0,
 ) -> LockAcquired:
     return LockAcquired(
         id=f"acq.{job_id}.{owner}.{t}.{eid}",
-        occurred_at=at(t),
+        occurred_at=at(t, base),
         job_id=job_id,
         owner=owner,
         execution_id=eid,
-        expires_at=at(t + ttl),
+        expires_at=at(t + ttl, base),
     )
 
 
@@ -108,10 +122,11 @@ def released(
     t: float = 5,
     reason: ReleaseReason = "released",
     by: str = "w1",
+    base: datetime = T0,
 ) -> LockReleased:
     return LockReleased(
         id=f"rel.{job_id}.{owner}.{t}",
-        occurred_at=at(t),
+        occurred_at=at(t, base),
         job_id=job_id,
         owner=owner,
         reason=reason,

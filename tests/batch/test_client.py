@@ -19,7 +19,7 @@ from services.batch.errors import LockHeldError, LockLostError
 from services.batch.events import LockReleased
 from services.batch.schemas import RecentExecutions
 from services.batch.settings import BatchSettings
-from shared.events import utc_now
+from shared.clock import ManualClock
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN, alerts_of, eventually
 
@@ -33,11 +33,20 @@ async def recent(api: AsyncTestClient[Any], job_id: str) -> RecentExecutions:
 
 
 async def test_running_job_shows_increasing_progress_while_it_runs(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any], settings: BatchSettings
+    nc: NATS,
+    service: Runtime,
+    api: AsyncTestClient[Any],
+    settings: BatchSettings,
+    clock: ManualClock,
 ) -> None:
     seen: list[float] = []
     async with batch_job(
-        nc, "price-sync", items_total=100, heartbeat_interval_s=0.1, settings=settings
+        nc,
+        "price-sync",
+        items_total=100,
+        heartbeat_interval_s=0.1,
+        settings=settings,
+        clock=clock,
     ) as run:
         for _ in range(20):
             run.advance(5)
@@ -59,6 +68,7 @@ async def test_running_job_shows_increasing_progress_while_it_runs(
     assert execution.progress_pct == 100.0
     assert execution.items_processed == 100
     assert execution.fencing_token == run.fencing_token
+    assert execution.started_at == clock.now()  # the worker dates its run by its clock
     assert execution.duration_s is not None and execution.duration_s > 1.0
     assert execution.throughput_per_s is not None and execution.throughput_per_s > 0
     assert execution.peak_memory_mb is not None and execution.peak_memory_mb > 1
@@ -67,11 +77,11 @@ async def test_running_job_shows_increasing_progress_while_it_runs(
 
 
 async def test_second_run_of_a_held_job_is_skipped_naming_the_holder(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
-    async with batch_job(nc, "reports", owner="box-1:77") as run:
+    async with batch_job(nc, "reports", owner="box-1:77", clock=clock) as run:
         with pytest.raises(LockHeldError) as caught:
-            async with batch_job(nc, "reports", owner="box-2:88"):
+            async with batch_job(nc, "reports", owner="box-2:88", clock=clock):
                 raise AssertionError("must not run")
         assert caught.value.owner == "box-1:77"
         assert "box-1:77" in str(caught.value)
@@ -80,11 +90,11 @@ async def test_second_run_of_a_held_job_is_skipped_naming_the_holder(
 
 
 async def test_failed_run_records_error_and_traceback_alerts_once_and_releases(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
     js = nc.jetstream()
     with pytest.raises(ValueError, match="bad row 17"):
-        async with batch_job(nc, "etl", items_total=10) as run:
+        async with batch_job(nc, "etl", items_total=10, clock=clock) as run:
             run.advance(3)
             run.warn("slow upstream")
             raise ValueError("bad row 17")
@@ -113,12 +123,12 @@ async def test_failed_run_records_error_and_traceback_alerts_once_and_releases(
 
 
 async def test_cancelled_run_is_recorded_as_cancelled_and_releases_its_lock(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
     entered = asyncio.Event()
 
     async def job() -> None:
-        async with batch_job(nc, "cancel-me"):
+        async with batch_job(nc, "cancel-me", clock=clock):
             entered.set()
             await asyncio.sleep(60)
 
@@ -137,10 +147,10 @@ async def test_cancelled_run_is_recorded_as_cancelled_and_releases_its_lock(
 
 
 async def test_run_learns_at_its_next_heartbeat_that_its_lock_was_force_released(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
     with pytest.raises(LockLostError) as caught:
-        async with batch_job(nc, "rebalance", heartbeat_interval_s=0.05) as run:
+        async with batch_job(nc, "rebalance", heartbeat_interval_s=0.05, clock=clock) as run:
             run.advance(1)
             forced = await api.post("/api/v1/batch/jobs/rebalance/lock/release", headers=ADMIN)
             assert forced.json()["released"] is True
@@ -165,7 +175,7 @@ async def test_run_learns_at_its_next_heartbeat_that_its_lock_was_force_released
 
 
 async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_over(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
     js = nc.jetstream()
     url = nc.connected_url.geturl() if nc.connected_url else ""
@@ -177,6 +187,7 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
         "doomed",
         "2",
         "0.1",
+        clock.now().isoformat(),  # the worker's clock reads the test's instant
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -197,6 +208,9 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
         if worker.returncode is None:
             worker.kill()
             await worker.wait()
+    # Its heartbeats are dated from the test's instant: a second later three intervals of
+    # 0.1 s have passed in silence, and the 2 s lock is still live.
+    clock.advance(timedelta(seconds=1))
 
     async def lost() -> bool:
         return (await recent(api, "doomed")).executions[0].status == "lost"
@@ -207,19 +221,19 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
     status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
     assert status["fencing_token"] == token
     expires_at = datetime.fromisoformat(status["expires_at"])
-    if utc_now() < expires_at - timedelta(seconds=0.2):
-        assert (status["locked"], status["expired"]) == (True, False)
+    assert clock.now() < expires_at
+    assert (status["locked"], status["expired"]) == (True, False)
+    clock.set(expires_at)
 
     async def expired() -> bool:
         status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
         return bool(status["expired"])
 
     await eventually(expired, timeout=4)
-    assert utc_now() >= expires_at
     listed = (await api.get("/api/v1/batch/locks/expired")).json()
     assert [lock["job_id"] for lock in listed["locks"]] == ["doomed"]
 
-    async with batch_job(nc, "doomed") as run:
+    async with batch_job(nc, "doomed", clock=clock) as run:
         assert run.fencing_token > token
 
     async def alerted() -> bool:

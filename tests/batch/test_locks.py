@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from services.batch.events import LockAcquired, LockReleased, lock_subject
 from services.batch.locks import BATCH_STREAM, acquire_lock, read_lock
 from shared import bus
+from shared.clock import ManualClock
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN, alerts_of, eventually
 from tests.batch.racer import RoundResult, race
@@ -67,17 +68,20 @@ async def test_exactly_one_of_50_racers_in_two_processes_wins_every_time(
 
 
 async def test_lock_with_2s_lifetime_expires_and_cleanup_releases_it_with_one_alert(
-    nc: NATS, service: Runtime, api: AsyncTestClient[object]
+    nc: NATS, service: Runtime, api: AsyncTestClient[object], clock: ManualClock
 ) -> None:
     js = nc.jetstream()
-    lock = await acquire_lock(js, "nightly", owner="worker-a", execution_id="x1", ttl_s=2)
+    lock = await acquire_lock(
+        js, "nightly", owner="worker-a", execution_id="x1", ttl_s=2, clock=clock
+    )
     status = (await api.get("/api/v1/batch/jobs/nightly/lock/status")).json()
     assert status["locked"] is True and status["expired"] is False
     assert status["owner"] == "worker-a"
     assert status["fencing_token"] == lock.fencing_token
     assert (await api.get("/api/v1/batch/locks/expired")).json() == {"locks": [], "total": 0}
 
-    await asyncio.sleep(max(0.0, (lock.expires_at - lock.acquired_at).total_seconds()) + 0.05)
+    # The lifetime passes on the service's clock (the lock is dated from it too).
+    clock.set(lock.expires_at)
     status = (await api.get("/api/v1/batch/jobs/nightly/lock/status")).json()
     assert status["locked"] is False and status["expired"] is True
     assert (await api.get("/api/v1/batch/locks")).json() == {"locks": [status], "total": 1}
@@ -115,10 +119,12 @@ async def test_lock_with_2s_lifetime_expires_and_cleanup_releases_it_with_one_al
 
 
 async def test_force_release_needs_the_admin_token_and_then_frees_the_lock(
-    nc: NATS, service: Runtime, api: AsyncTestClient[object]
+    nc: NATS, service: Runtime, api: AsyncTestClient[object], clock: ManualClock
 ) -> None:
     js = nc.jetstream()
-    lock = await acquire_lock(js, "report-gen", owner="worker-b", execution_id="x2", ttl_s=600)
+    lock = await acquire_lock(
+        js, "report-gen", owner="worker-b", execution_id="x2", ttl_s=600, clock=clock
+    )
     url = "/api/v1/batch/jobs/report-gen/lock/release"
     before = (await api.get("/api/v1/batch/jobs/report-gen/lock/status")).json()
 
@@ -152,16 +158,20 @@ async def test_force_release_needs_the_admin_token_and_then_frees_the_lock(
     assert nothing.json()["released"] is False
     assert nothing.json()["previous_owner"] is None
     # Free again: the next worker takes it with a higher fencing token.
-    taken = await acquire_lock(js, "report-gen", owner="worker-c", execution_id="x3", ttl_s=600)
+    taken = await acquire_lock(
+        js, "report-gen", owner="worker-c", execution_id="x3", ttl_s=600, clock=clock
+    )
     assert taken.fencing_token > lock.fencing_token
 
 
 async def test_acquire_stored_without_the_sequence_check_does_not_take_a_live_lock(
-    nc: NATS, service: Runtime, api: AsyncTestClient[object]
+    nc: NATS, service: Runtime, api: AsyncTestClient[object], clock: ManualClock
 ) -> None:
     """A rogue publisher skipping Expected-Last-Subject-Sequence is ignored and counted."""
     js = nc.jetstream()
-    lock = await acquire_lock(js, "guarded", owner="rightful", execution_id="r1", ttl_s=600)
+    lock = await acquire_lock(
+        js, "guarded", owner="rightful", execution_id="r1", ttl_s=600, clock=clock
+    )
     rogue = LockAcquired(
         id="rogue-1",
         occurred_at=lock.acquired_at,

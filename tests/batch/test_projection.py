@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import msgspec
 import pytest
 
@@ -29,6 +31,7 @@ from tests.batch.factories import (
     released,
     started,
 )
+from tests.clocks import MOMENTS, Moment
 
 
 def fold(events: list[BatchEvent], limit: int = 1000) -> BatchView:
@@ -114,8 +117,10 @@ def test_acquire_while_another_lock_is_live_is_ignored_and_counted() -> None:
     assert view.locks["job"].ignored_acquires == 1
 
 
-def test_acquire_after_expiry_takes_the_lock_with_a_higher_token() -> None:
-    view = fold([acquired(owner="w1", ttl=60), acquired(owner="w2", t=60)])
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_acquire_after_expiry_takes_the_lock_with_a_higher_token(moment: Moment) -> None:
+    base = moment.at - timedelta(seconds=60)  # the first lock expires at the moment itself
+    view = fold([acquired(owner="w1", ttl=60, base=base), acquired(owner="w2", t=60, base=base)])
     assert view.locks["job"].owner == "w2"
     assert view.locks["job"].fencing_token == 2
     assert view.ignored_acquires == 0
@@ -131,14 +136,16 @@ def test_release_by_the_holder_frees_the_lock_and_others_are_ignored() -> None:
     assert (status.locked, status.owner, status.fencing_token) == (False, None, None)
 
 
-def test_lock_expiry_is_judged_at_query_time() -> None:
-    view = fold([acquired(owner="w1", ttl=2)])
-    before = lock_status(view, "job", at(1.9))
-    after = lock_status(view, "job", at(2))
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_lock_expiry_is_judged_at_query_time(moment: Moment) -> None:
+    base = moment.at - timedelta(seconds=2)  # the lock expires at the moment itself
+    view = fold([acquired(owner="w1", ttl=2, base=base)])
+    before = lock_status(view, "job", at(1.9, base))
+    after = lock_status(view, "job", moment.at)
     assert (before.locked, before.expired) == (True, False)
     assert (after.locked, after.expired) == (False, True)
-    assert [lock.job_id for lock in expired_locks(view, at(2))] == ["job"]
-    assert expired_locks(view, at(1)) == []
+    assert [lock.job_id for lock in expired_locks(view, moment.at)] == ["job"]
+    assert expired_locks(view, at(1, base)) == []
 
 
 def test_failed_run_raises_job_failed_once_with_a_deterministic_id() -> None:
@@ -164,10 +171,12 @@ def test_cleanup_release_raises_lock_expired_per_job_and_token() -> None:
     assert list(react(apply(view2, forced, 2), forced)) == []
 
 
-def test_decide_acquire_refuses_a_live_lock_naming_the_holder() -> None:
-    live = acquired(owner="host:1", ttl=60)
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_decide_acquire_refuses_a_live_lock_naming_the_holder(moment: Moment) -> None:
+    # Taken 59 s before the moment, for 60 s: still live a second before it expires.
+    live = acquired(owner="host:1", ttl=60, base=moment.at - timedelta(seconds=59))
     with pytest.raises(LockHeldError) as caught:
-        decide_acquire(live, 7, job_id="job", owner="me", execution_id="x", ttl_s=10, now=at(59))
+        decide_acquire(live, 7, job_id="job", owner="me", execution_id="x", ttl_s=10, now=moment.at)
     assert caught.value.owner == "host:1"
     assert caught.value.fencing_token == 7
     assert "host:1" in caught.value.detail
@@ -175,26 +184,34 @@ def test_decide_acquire_refuses_a_live_lock_naming_the_holder() -> None:
     assert isinstance(caught.value, BatchError)
 
 
-def test_decide_acquire_takes_a_free_or_expired_lock() -> None:
-    for last in (None, released(), acquired(ttl=60)):
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_decide_acquire_takes_a_free_or_expired_lock(moment: Moment) -> None:
+    base = moment.at - timedelta(seconds=60)  # the old lock expires at the moment itself
+    for last in (None, released(base=base), acquired(ttl=60, base=base)):
         event = decide_acquire(
-            last, 3, job_id="job", owner="me", execution_id="x", ttl_s=10, now=at(60)
+            last, 3, job_id="job", owner="me", execution_id="x", ttl_s=10, now=moment.at
         )
         assert event.owner == "me"
-        assert event.expires_at == at(70)
+        assert event.occurred_at == moment.at
+        assert event.expires_at == at(70, base)
 
 
-def test_why_lost_names_forced_release_takeover_and_expiry() -> None:
-    forced = released(reason="forced", by="admin")
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_why_lost_names_forced_release_takeover_and_expiry(moment: Moment) -> None:
+    base = moment.at - timedelta(seconds=60)  # the lock expires at the moment itself
+    expires = moment.at
+    forced = released(reason="forced", by="admin", base=base)
     assert "force-released by admin" in (
-        why_lost(forced, 9, fencing_token=4, expires_at=at(60), now=at(1)) or ""
+        why_lost(forced, 9, fencing_token=4, expires_at=expires, now=at(1, base)) or ""
     )
-    other = acquired(owner="w2")
+    other = acquired(owner="w2", base=base)
     assert "taken over by w2" in (
-        why_lost(other, 9, fencing_token=4, expires_at=at(60), now=at(1)) or ""
+        why_lost(other, 9, fencing_token=4, expires_at=expires, now=at(1, base)) or ""
     )
-    assert "expired" in (why_lost(other, 4, fencing_token=4, expires_at=at(60), now=at(60)) or "")
-    assert why_lost(other, 4, fencing_token=4, expires_at=at(60), now=at(59)) is None
+    assert "expired" in (
+        why_lost(other, 4, fencing_token=4, expires_at=expires, now=moment.at) or ""
+    )
+    assert why_lost(other, 4, fencing_token=4, expires_at=expires, now=at(59, base)) is None
 
 
 def test_release_event_id_is_one_per_lock() -> None:
@@ -225,7 +242,7 @@ def test_snapshot_of_the_full_bounded_history_stays_small_and_round_trips() -> N
     assert len(execution.warnings) == MAX_WARNINGS
     assert len(execution.warnings[0]) == MAX_WARNING_CHARS
     assert len(execution.traceback or "") == MAX_TRACEBACK_CHARS
-    data = encode_snapshot(projection, T0)
+    data = encode_snapshot(projection, T0)  # the taken-at stamp only; any instant does
     # Bounded: well under the 1 MiB KV/payload limit even at the largest size.
     assert len(data) < 1024 * 1024
     restored, _ = decode_snapshot(data, BatchView)

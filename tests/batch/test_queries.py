@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import msgspec
 import pytest
@@ -18,8 +18,8 @@ from services.batch.queries import error_pattern, recent, stats, summary
 from services.batch.schemas import RecentParams, StatsParams
 from shared.projection import decode_snapshot, encode_snapshot, view_digest
 from tests.batch.factories import T0, acquired, at, finished, progress, released, started
+from tests.clocks import MOMENTS, Moment
 
-NOW = T0 + timedelta(hours=48)
 INTERVAL = 10.0
 TEMPLATES = [
     lambda r: (
@@ -52,8 +52,9 @@ class Planned(msgspec.Struct, kw_only=True):
     finished_s: float | None = None
 
 
-def plan_history(seed: int, n: int = 1500) -> tuple[list[BatchEvent], list[Planned]]:
-    """n executions over 48 h before NOW, every final status, some still running or lost."""
+def plan_history(seed: int, now: datetime, n: int = 1500) -> tuple[list[BatchEvent], list[Planned]]:
+    """n executions over 48 h before `now`, every final status, some still running or lost."""
+    base = now - timedelta(hours=48)
     r = random.Random(seed)
     events: list[BatchEvent] = []
     plans: list[Planned] = []
@@ -63,13 +64,13 @@ def plan_history(seed: int, n: int = 1500) -> tuple[list[BatchEvent], list[Plann
         eid = f"e{i:05d}"
         t = i * span / n
         plan = Planned(execution_id=eid, job_id=job, started_s=t, status="running")
-        events.append(started(eid, job_id=job, t=t, items_total=100, interval=INTERVAL))
+        events.append(started(eid, job_id=job, t=t, items_total=100, interval=INTERVAL, base=base))
         if i >= n - 10:
             # The newest ten are still running: five heartbeating, five silent (lost).
             beat = span - 1 if i % 2 else t
             plan.status = "running" if i % 2 else "lost"
             if i % 2:
-                events.append(progress(eid, job_id=job, t=beat, done=10))
+                events.append(progress(eid, job_id=job, t=beat, done=10, base=base))
         else:
             status: FinishedStatus = r.choice(["succeeded", "succeeded", "failed", "cancelled"])
             duration = round(r.uniform(1, 600), 3)
@@ -87,6 +88,7 @@ def plan_history(seed: int, n: int = 1500) -> tuple[list[BatchEvent], list[Plann
                     done=100,
                     duration_s=duration,
                     error=error,
+                    base=base,
                 )
             )
         plans.append(plan)
@@ -98,13 +100,18 @@ def nearest_rank_p95(values: list[float]) -> float:
     return ordered[math.ceil(len(ordered) * 0.95) - 1]
 
 
+@pytest.mark.parametrize("moment", MOMENTS)
 @pytest.mark.parametrize("seed", [1, 2])
-def test_history_of_1500_keeps_the_newest_1000_and_stats_match_an_oracle(seed: int) -> None:
-    events, plans = plan_history(seed)
+def test_history_of_1500_keeps_the_newest_1000_and_stats_match_an_oracle(
+    seed: int, moment: Moment
+) -> None:
+    now = moment.at
+    base = now - timedelta(hours=48)
+    events, plans = plan_history(seed, now)
     view = fold(events)
     held = plans[-1000:]
     assert list(view.executions) == [p.execution_id for p in held]
-    everything = recent(view, RecentParams(limit=1000), NOW, INTERVAL)
+    everything = recent(view, RecentParams(limit=1000), now, INTERVAL)
     assert everything.total == 1000
     assert [e.execution_id for e in everything.executions] == [
         p.execution_id for p in reversed(held)
@@ -113,14 +120,14 @@ def test_history_of_1500_keeps_the_newest_1000_and_stats_match_an_oracle(seed: i
         p.status for p in reversed(held[-10:])
     ]
 
-    for job_id in (None, "job-3"):
+    for hours, job_id in [(h, j) for h in (1, 24, 48) for j in (None, "job-3")]:
         window = [
             p
             for p in held
-            if at(p.started_s) >= NOW - timedelta(hours=24)
+            if at(p.started_s, base) >= now - timedelta(hours=hours)
             and (job_id is None or p.job_id == job_id)
         ]
-        answer = stats(view, StatsParams(hours=24, job_id=job_id), NOW, INTERVAL)
+        answer = stats(view, StatsParams(hours=hours, job_id=job_id), now, INTERVAL)
         count = {
             s: sum(1 for p in window if p.status == s)
             for s in ("succeeded", "failed", "cancelled", "running", "lost")
@@ -145,34 +152,45 @@ def test_history_of_1500_keeps_the_newest_1000_and_stats_match_an_oracle(seed: i
         for p in window:
             if p.status == "failed":
                 assert p.template is not None and p.finished_s is not None
-                seen = patterns.get(p.template, (0, at(0)))
-                patterns[p.template] = (seen[0] + 1, max(seen[1], at(p.finished_s)))
+                seen = patterns.get(p.template, (0, base))
+                patterns[p.template] = (seen[0] + 1, max(seen[1], at(p.finished_s, base)))
         lost = [p for p in window if p.status == "lost"]
-        expected = sorted(patterns.values(), key=lambda c: -c[0])
+        # By count, then last seen: within an hour several patterns are seen once.
+        expected = sorted(patterns.values(), key=lambda c: (-c[0], c[1]))
         got = [(fp.count, fp.last_seen) for fp in answer.failure_patterns if "lost" not in fp.error]
-        assert sorted(got, key=lambda c: -c[0]) == expected
+        assert sorted(got, key=lambda c: (-c[0], c[1])) == expected
         assert sum(fp.count for fp in answer.failure_patterns if "lost" in fp.error) == len(lost)
 
 
-def test_summary_counts_running_failed_and_lost_in_24h_and_expired_locks() -> None:
-    events, plans = plan_history(3, n=200)
-    events += [acquired(job_id="a", ttl=10), acquired(job_id="b", ttl=10**6)]
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_summary_counts_running_failed_and_lost_in_24h_and_expired_locks(moment: Moment) -> None:
+    now = moment.at
+    base = now - timedelta(hours=48)
+    events, plans = plan_history(3, now, n=200)
+    events += [
+        acquired(job_id="a", ttl=10, base=base),
+        acquired(job_id="b", ttl=10**6, base=base),
+    ]
     view = fold(events)
-    answer = summary(view, NOW, INTERVAL)
-    window = [p for p in plans if at(p.started_s) >= NOW - timedelta(hours=24)]
+    answer = summary(view, now, INTERVAL)
+    window = [p for p in plans if at(p.started_s, base) >= now - timedelta(hours=24)]
     assert answer.running == sum(1 for p in plans if p.status == "running")
     assert answer.failed_24h == sum(1 for p in window if p.status in ("failed", "lost"))
     assert answer.expired_locks == 1
 
 
-def test_running_execution_turns_lost_after_three_silent_intervals() -> None:
-    view = fold([started("e1", interval=2.0), progress("e1", t=5)])
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_running_execution_turns_lost_after_three_silent_intervals(moment: Moment) -> None:
+    # The last heartbeat's three intervals run out at the moment itself.
+    base = moment.at - timedelta(seconds=11)
+    view = fold([started("e1", interval=2.0, base=base), progress("e1", t=5, base=base)])
     params = RecentParams(limit=1)
-    assert recent(view, params, at(11), INTERVAL).executions[0].status == "running"
-    assert recent(view, params, at(11.01), INTERVAL).executions[0].status == "lost"
-    view = fold([started("e1", interval=None)])
-    assert recent(view, params, at(30), INTERVAL).executions[0].status == "running"
-    assert recent(view, params, at(31), INTERVAL).executions[0].status == "lost"
+    assert recent(view, params, moment.at, INTERVAL).executions[0].status == "running"
+    assert recent(view, params, at(11.01, base), INTERVAL).executions[0].status == "lost"
+    base = moment.at - timedelta(seconds=30)
+    view = fold([started("e1", interval=None, base=base)])
+    assert recent(view, params, moment.at, INTERVAL).executions[0].status == "running"
+    assert recent(view, params, at(31, base), INTERVAL).executions[0].status == "lost"
 
 
 @pytest.mark.parametrize(
@@ -261,7 +279,7 @@ def test_snapshot_plus_tail_equals_full_replay(
     head = batch_projection(limit)
     head_alerts = [a.id for seq, data in enumerate(stored[:cut], 1) for a in head.fold(seq, data)]
     resumed = batch_projection(limit)
-    resumed.view, _ = decode_snapshot(encode_snapshot(head, T0), BatchView)
+    resumed.view, _ = decode_snapshot(encode_snapshot(head, T0), BatchView)  # any stamp
     tail_alerts = [
         a.id
         for seq, data in enumerate(stored, 1)

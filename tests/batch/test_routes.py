@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,7 @@ from nats.aio.msg import Msg
 
 from gateway.routes.system import BatchSummary
 from services.batch.client import acquire_lock, batch_job
+from shared.clock import ManualClock
 from shared.runtime import Runtime
 from tests.batch.conftest import ADMIN
 
@@ -76,9 +78,9 @@ async def test_limit_outside_1_to_1000_is_422(
 
 
 async def test_routes_answer_the_contract_shapes(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
-    async with batch_job(nc, "shape-job", items_total=4) as run:
+    async with batch_job(nc, "shape-job", items_total=4, clock=clock) as run:
         run.advance(4)
     recent = (await api.get("/api/v1/batch/executions/recent?limit=1")).json()
     assert set(recent) >= {"executions", "total"}
@@ -117,13 +119,14 @@ async def test_routes_answer_the_contract_shapes(
 
 
 async def test_summary_endpoint_answers_exactly_the_gateway_batch_summary(
-    nc: NATS, service: Runtime, api: AsyncTestClient[Any]
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
-    await acquire_lock(nc.jetstream(), "gone", owner="w", execution_id="e", ttl_s=0.05)
+    await acquire_lock(nc.jetstream(), "gone", owner="w", execution_id="e", ttl_s=0.05, clock=clock)
     with pytest.raises(RuntimeError):
-        async with batch_job(nc, "broken"):
+        async with batch_job(nc, "broken", clock=clock):
             raise RuntimeError("no data")
-    await asyncio.sleep(0.1)
+    clock.advance(timedelta(seconds=0.1))  # the lock's lifetime is over
+    await asyncio.sleep(0.1)  # the service has folded both
     msg = await nc.request("stockpilot.svc.batch.summary", b"{}", timeout=2)
     raw = msgspec.json.decode(msg.data)
     assert set(raw) == set(BatchSummary.__struct_fields__)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import msgspec
 import pytest
@@ -22,18 +22,25 @@ from services.health.projection import (
 from shared.bus import STREAMS
 from shared.events import Alert
 from shared.projection import FoldError, Projection, decode_snapshot, encode_snapshot
+from tests.clocks import MOMENTS, NOON, Moment
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# 09:00 UTC on the day of the run's noon (tests.clocks.NOON): on the hour, never a literal date.
+T0 = NOON - timedelta(hours=3)
 POLICY = FoldPolicy(down_after=3, up_after=2)
 SHORT = {"h": "healthy", "d": "degraded", "u": "unhealthy", "?": "unknown"}
 
 
 def checked(
-    i: int, status: Status, component: str = "database", latency: float | None = 5.0
+    i: int,
+    status: Status,
+    component: str = "database",
+    latency: float | None = 5.0,
+    base: datetime = T0,
 ) -> HealthChecked:
+    """The i-th result of a probe every 30 s from `base`."""
     return HealthChecked(
         id=f"hc-{i}-{component}",
-        occurred_at=T0 + timedelta(seconds=30 * i),
+        occurred_at=base + timedelta(seconds=30 * i),
         component=component,
         kind="database" if component == "database" else "external_api",
         status=status,
@@ -105,7 +112,8 @@ def test_a_confirmed_change_gives_exactly_one_alert_with_a_deterministic_id() ->
     view, alerts, _ = fold("huuuuuuu")
     [alert] = alerts
     confirming = checked(3, "unhealthy")
-    assert alert.id == f"health.status_changed:database:{T0.isoformat()[:10]}T09:01:30Z"
+    at = (T0 + timedelta(seconds=90)).strftime("%Y-%m-%dT%H:%M:%SZ")  # the 4th result
+    assert alert.id == f"health.status_changed:database:{at}"
     assert alert.occurred_at == confirming.occurred_at
     assert alert.kind == "health.status_changed"
     assert alert.source == "health"
@@ -136,22 +144,27 @@ def test_latest_result_and_pending_change_are_kept() -> None:
     assert view.checked_at == T0 + timedelta(seconds=60)
 
 
-def test_raw_history_is_bounded_by_a_day_and_by_count() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_raw_history_is_bounded_by_a_day_and_by_count(moment: Moment) -> None:
+    # 25 whole hours (buckets are UTC hours) ending in the hour before the moment's.
+    base = moment.at.replace(minute=0, second=0, microsecond=0) - timedelta(hours=25)
     view = HealthView()
     policy = FoldPolicy(max_samples=100, max_hours=5)
     for i in range(3000):  # 25 hours at 30 s
-        view = apply(view, checked(i, "healthy"), policy)
+        view = apply(view, checked(i, "healthy", base=base), policy)
     state = view.components["database"]
     assert len(state.samples) == 100
-    assert state.samples[-1].t == checked(2999, "healthy").occurred_at.timestamp()
+    assert state.samples[-1].t == checked(2999, "healthy", base=base).occurred_at.timestamp()
     assert len(state.hours) == 5
     assert sum(state.hours[-1].counts) == 120
 
 
-def test_samples_older_than_a_day_are_dropped() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_samples_older_than_a_day_are_dropped(moment: Moment) -> None:
+    base = moment.at - timedelta(seconds=30 * (2 * 2880 + 1))  # the second result: the moment
     view = HealthView()
-    view = apply(view, checked(0, "healthy"), POLICY)
-    view = apply(view, checked(2 * 2880 + 1, "unhealthy"), POLICY)  # two days later
+    view = apply(view, checked(0, "healthy", base=base), POLICY)
+    view = apply(view, checked(2 * 2880 + 1, "unhealthy", base=base), POLICY)  # two days later
     assert len(view.components["database"].samples) == 1
 
 
@@ -252,7 +265,7 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[HealthEvent], cut: i
     first = projection()
     alerts = [a for seq, data in enumerate(encoded[:cut], 1) for a in first.fold(seq, data)]
     restored = projection()
-    restored.view, _ = decode_snapshot(encode_snapshot(first, T0), HealthView)
+    restored.view, _ = decode_snapshot(encode_snapshot(first, T0), HealthView)  # any stamp
     alerts += [
         a for seq, data in enumerate(encoded[cut:], cut + 1) for a in restored.fold(seq, data)
     ]

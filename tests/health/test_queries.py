@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -13,8 +13,10 @@ from services.health.projection import FoldPolicy, HealthView, apply
 from services.health.settings import HealthSettings
 from shared.errors import NotFoundError
 from shared.settings import load_settings
+from tests.clocks import MOMENTS, NOON, Moment
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# 09:00 UTC on the day of the run's noon (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 POLICY = FoldPolicy(down_after=1, up_after=1)
 
 
@@ -94,12 +96,16 @@ def test_unconfigured_and_unchecked_components_do_not_drag_the_overall_status() 
     assert whole.system_metrics is None
 
 
-def test_uptime_and_p95_over_an_hour_and_a_day() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_uptime_and_p95_over_an_hour_and_a_day(moment: Moment) -> None:
+    now = moment.at
+    first = now - timedelta(minutes=6 * 239, seconds=1)
     events = [
-        result("database", "unhealthy" if i < 10 else "healthy", T0 + timedelta(minutes=6 * i), i)
+        result(
+            "database", "unhealthy" if i < 10 else "healthy", first + timedelta(minutes=6 * i), i
+        )
         for i in range(240)  # 24 h, one result every 6 min; the first hour down
     ]
-    now = T0 + timedelta(minutes=6 * 239, seconds=1)
     one = queries.component_health(view_of(*events), "database", "database", now)
     assert one.uptime_pct_1h == 100.0
     assert one.uptime_pct_24h == pytest.approx(100 * 230 / 240, abs=0.01)
@@ -112,35 +118,39 @@ def test_component_by_unknown_name_is_404() -> None:
         queries.component(HealthView(), settings(), "nope", T0, cached=True)
 
 
-def test_history_points_and_uptime_of_a_target_going_down_and_up() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_history_points_and_uptime_of_a_target_going_down_and_up(moment: Moment) -> None:
     pattern = "hhuuuuhhhh"
     letters = {"h": "healthy", "u": "unhealthy"}
+    now = moment.at
+    first = now - timedelta(minutes=10)
     events = [
-        result("external.api0", letters[c], T0 + timedelta(minutes=i), 5.0 + i)  # type: ignore[arg-type]
+        result("external.api0", letters[c], first + timedelta(minutes=i), 5.0 + i)  # type: ignore[arg-type]
         for i, c in enumerate(pattern)
     ]
-    now = T0 + timedelta(minutes=10)
     answer = history.history(
         view_of(*events),
-        settings(1),
+        settings(1, STOCKPILOT_TZ=moment.zone),
         history.HistoryParams(component="external.api0", hours=1),
         now,
     )
     [series] = answer.series
     assert [p.status for p in series.points] == [letters[c] for c in pattern]
     assert series.uptime_pct == 60.0
-    assert series.points[0].t == T0
+    assert series.points[0].t == first
     assert series.points[-1].latency_ms == 14.0
 
 
-def test_history_is_bounded_per_component_and_merges_the_worst_status() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_history_is_bounded_per_component_and_merges_the_worst_status(moment: Moment) -> None:
+    first = moment.at - timedelta(hours=1)
     events = [
-        result("database", "unhealthy" if i == 7 else "healthy", T0 + timedelta(seconds=30 * i))
+        result("database", "unhealthy" if i == 7 else "healthy", first + timedelta(seconds=30 * i))
         for i in range(100)
     ]
-    s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10")
+    s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10", STOCKPILOT_TZ=moment.zone)
     answer = history.history(
-        view_of(*events), s, history.HistoryParams(component="database"), T0 + timedelta(hours=1)
+        view_of(*events), s, history.HistoryParams(component="database"), moment.at
     )
     [series] = answer.series
     assert len(series.points) == 10
@@ -149,24 +159,28 @@ def test_history_is_bounded_per_component_and_merges_the_worst_status() -> None:
     assert series.uptime_pct == 99.0
 
 
-def test_history_beyond_a_day_uses_hourly_buckets() -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_history_beyond_a_day_uses_hourly_buckets(moment: Moment) -> None:
+    now = moment.at
+    zoned = settings(STOCKPILOT_TZ=moment.zone)  # windows are hours back from now, in any zone
+    first = now - timedelta(hours=72)
+    # Two results in each of the 72 (UTC) hours before now's: at `first`'s minute of the hour,
+    # and halfway from there to the hour's end (on the hour: at :00 and :30).
+    rest = timedelta(hours=1) - (first - first.replace(minute=0, second=0, microsecond=0))
     events = [
-        result("database", "unhealthy" if h == 1 else "healthy", T0 + timedelta(hours=h, minutes=m))
+        result("database", "unhealthy" if h == 1 else "healthy", first + timedelta(hours=h) + d)
         for h in range(72)
-        for m in (0, 30)
+        for d in (timedelta(0), rest / 2)
     ]
-    now = T0 + timedelta(hours=72)
     answer = history.history(
-        view_of(*events), settings(), history.HistoryParams(component="database", hours=72), now
+        view_of(*events), zoned, history.HistoryParams(component="database", hours=72), now
     )
     [series] = answer.series
     assert len(series.points) == 72
     assert series.points[1].status == "unhealthy"
     assert series.checks == 144
     assert series.uptime_pct == pytest.approx(100 * 142 / 144, abs=0.01)
-    day = history.history(
-        view_of(*events), settings(), history.HistoryParams(component="database"), now
-    )
+    day = history.history(view_of(*events), zoned, history.HistoryParams(component="database"), now)
     assert day.series[0].checks == 48  # raw samples of the last 24 h
 
 

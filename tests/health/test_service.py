@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -22,24 +23,34 @@ from services.health.events import HealthChecked, HostSampled
 from services.health.queries import ComprehensiveHealth, ExternalApisHealth, FreshParams
 from services.health.service import build
 from services.health.settings import HealthSettings
+from shared.clock import SYSTEM_CLOCK, Clock, ManualClock
 from shared.events import Alert, utc_now
 from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.testing import running_service
 from tests.health.targets import Reply, Target, models_body
 
+ADMIN = "a-token"
+AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+
 
 @asynccontextmanager
 async def stack(
-    env: dict[str, str], extra: dict[str, str], gateway: dict[str, str] | None = None
+    env: dict[str, str],
+    extra: dict[str, str],
+    gateway: dict[str, str] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[tuple[AsyncTestClient[Litestar], Runtime]]:
-    """The health service (rounds only on demand after the first) and the gateway."""
+    """The health service (rounds only on demand after the first) and the gateway, on `clock`
+    (the real one unless told: "fresh" and the schedule need a clock that moves by itself)."""
     settings = load_settings(
         HealthSettings,
         env | {"STOCKPILOT_HEALTH_INTERVAL_S": "3600", "STOCKPILOT_PROBE_TIMEOUT_S": "0.5"} | extra,
     )
-    async with running_service(build(settings), settings) as runtime:
-        app = create_app(load_settings(GatewaySettings, env | (gateway or {})))
+    async with running_service(build(settings), settings, clock=clock) as runtime:
+        # `?fresh=true` needs the admin token; no fresh window: these tests count rounds.
+        fresh_env = {"STOCKPILOT_ADMIN_TOKEN": ADMIN, "STOCKPILOT_HEALTH_FRESH_INTERVAL_S": "0"}
+        app = create_app(load_settings(GatewaySettings, env | fresh_env | (gateway or {})), clock)
         async with AsyncTestClient(app) as client:
             deadline = time.monotonic() + 10
             while not app.state.services.connected:
@@ -73,7 +84,7 @@ async def test_comprehensive_reports_real_dependencies(
             "STOCKPILOT_DATABASE_SLOW_MS": "5000",
         }
         async with stack(env, extra) as (client, _):
-            response = await client.get("/api/v1/health/comprehensive?fresh=true")
+            response = await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["status"] == "healthy", [
@@ -114,7 +125,9 @@ async def test_unconfigured_components_are_unknown_and_ignored(env: dict[str, st
         Target(Reply(status=200)) as up,
         stack(env, {"STOCKPILOT_EXTERNAL_APIS": externals(("up", up))}) as (client, _),
     ):
-        body = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+        body = (
+            await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+        ).json()
         assert body["status"] == "healthy"
         database = (await client.get("/api/v1/health/database")).json()
         assert database["status"] == "unknown"
@@ -127,7 +140,7 @@ async def test_summary_has_the_shape_the_status_route_expects(
     env: dict[str, str], postgres_url: str
 ) -> None:
     async with stack(env, {"STOCKPILOT_DATABASE_URL": postgres_url}) as (client, _):
-        await client.get("/api/v1/health/comprehensive?fresh=true")
+        await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
         nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
         msg = await nc.request("stockpilot.svc.health.summary", b"{}", timeout=2)
         await nc.close()
@@ -161,7 +174,9 @@ async def test_a_hanging_target_is_unhealthy_at_its_timeout_and_delays_nothing_e
         }
         async with stack(env, extra) as (client, _):
             started = time.monotonic()
-            body = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+            body = (
+                await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+            ).json()
             elapsed = time.monotonic() - started
             assert elapsed < 0.5 + 0.4, elapsed
             by_name = {c["name"]: c for c in body["components"]}
@@ -220,7 +235,7 @@ async def test_rounds_publish_checked_and_host_events_on_their_subjects(
         Target(Reply(status=200)) as quotes,
         stack(env, {"STOCKPILOT_EXTERNAL_APIS": externals(("quotes", quotes))}) as (client, _),
     ):
-        await client.get("/api/v1/health/comprehensive?fresh=true")
+        await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
         await asyncio.sleep(0.1)
     await nc.close()
     subjects = {subject for subject, _ in received}
@@ -256,7 +271,9 @@ async def test_rounds_publish_checked_and_host_events_on_their_subjects(
     assert host.memory_percent > 0
 
 
-async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -> None:
+async def test_history_follows_a_target_going_down_and_up(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     alerts: list[Alert] = []
 
@@ -266,7 +283,8 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
     await nc.subscribe("stockpilot.alerts.health.>", cb=keep)
     async with Target(Reply(status=200)) as flaky:
         flaky_env = {"STOCKPILOT_EXTERNAL_APIS": externals(("flaky", flaky))}
-        async with stack(env, flaky_env) as (client, runtime):
+        started = clock.now()
+        async with stack(env, flaky_env, clock=clock) as (client, runtime):
             # Round 1 is the start-up round (up): wait for its result, or the first fresh
             # request below would share that round and see the 503 meant for round 2.
             deadline = time.monotonic() + 10
@@ -274,9 +292,14 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
                 assert time.monotonic() < deadline, "the start-up round never finished"
                 await asyncio.sleep(0.02)
             # Then 3 down, then 2 up: 6 results.
+            # Each round 10 s after the last on the test's clock (rounds are dated from it,
+            # and the last hour of history is the clock's).
             for status in (503, 503, 503, 200, 200):
+                clock.advance(timedelta(seconds=10))
                 flaky.reply = Reply(status=status)
-                answer = await client.get("/api/v1/health/external-apis?fresh=true")
+                answer = await client.get(
+                    "/api/v1/health/external-apis?fresh=true", headers=AS_ADMIN
+                )
                 assert answer.status_code == 200
             history = (
                 await client.get("/api/v1/health/history?component=external.flaky&hours=1")
@@ -297,6 +320,10 @@ async def test_history_follows_a_target_going_down_and_up(env: dict[str, str]) -
         "healthy",
     ]
     assert series["uptime_pct"] == 50.0
+    # Each result is dated by the service's clock: the start-up round, then one every 10 s.
+    assert [datetime.fromisoformat(p["t"]) for p in series["points"]] == [
+        started + timedelta(seconds=10 * k) for k in range(6)
+    ]
     assert all(p["latency_ms"] is not None for p in series["points"])
     assert [(a.title, a.severity) for a in alerts] == [
         ("external.flaky is unhealthy", "critical"),
@@ -373,7 +400,9 @@ async def test_routes_need_the_read_token_when_one_is_set_and_are_documented(
 
 async def test_gateway_serves_an_answer_for_a_second_then_asks_again(env: dict[str, str]) -> None:
     async with stack(env, {}) as (client, _):
-        first = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+        first = (
+            await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+        ).json()
         again = (await client.get("/api/v1/health/comprehensive")).json()
         assert (again["cached"], again["checked_at"]) == (True, first["checked_at"])
         # A round the gateway did not ask for (a scheduled one, say).

@@ -29,9 +29,12 @@ from ops.streams_report import HookLine, ProjectionLine, ServiceLine, StreamLine
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsServer, running_service
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 USAGE = "STOCKPILOT_USAGE"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,7 +139,7 @@ async def test_export_ranges_by_sequence_and_time(env: dict[str, str]) -> None:
         js = nc.jetstream()
         await publish_counted(js, 10)
         await asyncio.sleep(0.05)
-        middle = datetime.now(UTC)
+        middle = datetime.now(UTC)  # the real clock: the stream stamps messages with it
         await asyncio.sleep(0.05)
         await publish_counted(js, 5, start=10)
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -39,15 +39,18 @@ from shared import bus
 from shared.events import Alert
 from shared.hook_status import read_hooks_status
 from shared.settings import SettingsError, load_settings
+from tests.clocks import NOON
 from tests.ops.receiver import receiving
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 SECRET = "s3cret-for-tests"
 
 
 def make_alert(n: int) -> Alert:
     return Alert(
-        id=f"usage.cost_warning:daily:2026-11-{n:02d}",
+        id=f"usage.cost_warning:daily:{T0.date() - timedelta(days=n)}",
         occurred_at=T0,
         source="usage",
         kind="usage.cost_warning",
@@ -268,7 +271,7 @@ async def test_a_permanently_failing_hook_does_not_delay_a_healthy_one(
 
 
 def test_sanitised_alert_ids_are_valid_distinct_key_tokens() -> None:
-    ids = ["usage.cost_warning:daily:2026-11-26", "a b", "a_b", "a=20b", "é/ü", "x.y", "x:y"]
+    ids = [f"usage.cost_warning:daily:{T0.date()}", "a b", "a_b", "a=20b", "é/ü", "x.y", "x:y"]
     tokens = [sanitise_key_token(i) for i in ids]
     assert len(set(tokens)) == len(tokens)
     for token in tokens:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 
 import nats
@@ -17,10 +17,13 @@ from services.usage.client import UsageRecorder
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import free_port, nats_server_binary, running_service, wait_for_port
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 @pytest.fixture
@@ -43,7 +46,11 @@ async def connect(port: int, user: str, password: str) -> nats.NATS:
         pass
 
     return await nats.connect(
-        f"nats://127.0.0.1:{port}", user=user, password=password, error_cb=quiet
+        f"nats://127.0.0.1:{port}",
+        user=user,
+        password=password,
+        error_cb=quiet,
+        inbox_prefix=bus.inbox_prefix(user),
     )
 
 
@@ -52,7 +59,16 @@ def test_config_and_credentials_are_private(tmp_path: Path) -> None:
     assert config.stat().st_mode & 0o077 == 0
     assert (tmp_path / "credentials.json").stat().st_mode & 0o077 == 0
     assert json.loads((tmp_path / "credentials.json").read_text()) == passwords
-    assert set(passwords) >= {"health", "usage", "batch", "gateway", "client", "ops"}
+    assert set(passwords) == {
+        "producer",
+        "observer",
+        "health",
+        "usage",
+        "batch",
+        "gateway",
+        "hooks",
+        "ops",
+    }
 
 
 async def test_service_runs_under_its_own_credentials(
@@ -68,8 +84,11 @@ async def test_service_runs_under_its_own_credentials(
             "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
         },
     )
+    admin = await connect(port, "ops", passwords["ops"])
+    await bus.provision(admin.jetstream())  # what `stockpilot up` does before the services
+    await admin.close()
     definition, projection = build()  # a service named "usage" on the real runtime
-    client = await connect(port, "client", passwords["client"])
+    client = await connect(port, "producer", passwords["producer"])
     async with running_service(definition, settings):
         js = client.jetstream()
         for i in range(5):
@@ -87,13 +106,13 @@ async def test_service_runs_under_its_own_credentials(
     await client.close()
 
 
-async def test_the_usage_client_publishes_over_its_bare_connection_as_client(
+async def test_the_usage_client_publishes_over_its_bare_connection_as_producer(
     secured: tuple[int, dict[str, str]],
 ) -> None:
     port, passwords = secured
     admin = await connect(port, "ops", passwords["ops"])
     await bus.provision(admin.jetstream())
-    nc = await connect(port, "client", passwords["client"])
+    nc = await connect(port, "producer", passwords["producer"])
     recorder = UsageRecorder(nc)
     recorder.start()
     for i in range(300):
@@ -115,7 +134,7 @@ async def test_the_usage_client_publishes_over_its_bare_connection_as_client(
         ("gateway", "stockpilot.usage.recorded"),
         ("usage", "stockpilot.batch.run.nightly"),
         ("health", "stockpilot.alerts.usage.cost_warning"),
-        ("client", "stockpilot.health.checked.database"),
+        ("producer", "stockpilot.health.checked.database"),
     ],
 )
 async def test_publishing_outside_ones_subjects_is_refused(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 
 import nats
@@ -14,10 +14,13 @@ from services.usage.client import UsageRecorder
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsCluster, running_service
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 @pytest.fixture

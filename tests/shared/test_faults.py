@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import timedelta
 
 import nats
 
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsServer, running_service
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 async def publish_range(url: str, start: int, stop: int) -> None:

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -18,9 +18,12 @@ from hypothesis import strategies as st
 from shared import bus
 from shared.projection import decode_snapshot, encode_snapshot, view_digest
 from shared.runtime import DigestAnswer
+from tests.clocks import NOON
 from tests.shared.toy import Counted, ToyView, build
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 events = st.lists(
     st.builds(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import timedelta
 
 import msgspec
 import nats
@@ -12,9 +12,12 @@ from shared import bus
 from shared.events import Alert
 from shared.settings import CommonSettings, load_settings
 from shared.testing import running_service
+from tests.clocks import NOON
 from tests.shared.toy import CountAnswer, Counted, build, dead_letters
 
-T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 
 
 async def publish_counted(js: object, n: int, start: int = 0) -> None:
@@ -98,7 +101,7 @@ async def test_derived_alert_is_published_once_across_restarts(env: dict[str, st
         await asyncio.sleep(0.3)
     # A fresh replica folds from the first event again (no snapshot used) and derives the
     # same alert: the ledger keeps it from being raised twice.
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
     for name in ("usage.toy", "usage.usage-alert-ledger"):
         await obs.delete(name)
     definition, _ = build()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import timedelta
 
 import nats
 import pytest
@@ -15,9 +15,12 @@ from shared.projection import view_digest
 from shared.settings import CommonSettings, load_settings
 from shared.stream_reader import ReadStopped, read_stream
 from shared.testing import running_service
+from tests.clocks import NOON
 from tests.shared.toy import Counted, build, dead_letters
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+# Any past instant does, nothing here depends on the day: three hours before the run's noon
+# (tests.clocks.NOON), never a literal date.
+T0 = NOON - timedelta(hours=3)
 SUBJECT = "stockpilot.usage.recorded"
 STREAM = bus.STREAMS["usage"].name
 
@@ -37,7 +40,7 @@ async def publish(js: JetStreamContext, first: int, count: int) -> None:
 
 
 async def forget_snapshots(js: JetStreamContext) -> None:
-    snapshots = await js.object_store(bus.SNAPSHOT_BUCKET)
+    snapshots = await js.object_store(bus.snapshot_bucket("usage"))
     for info in await snapshots.list():
         await snapshots.delete(info.name)
 
