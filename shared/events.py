@@ -118,6 +118,14 @@ AlertMessage = Annotated[str, msgspec.Meta(max_length=10_000)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
 # Finite: an alert's figures are encoded into JSON answers (where infinity becomes null).
 Figure = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
+# An alert's params: a few named values of its title and message, each short.
+AlertParams = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(max_length=64)],
+        Annotated[str, msgspec.Meta(max_length=1000)] | bool | int | Figure | None,
+    ],
+    msgspec.Meta(max_length=32),
+]
 
 
 class Alert(Event, frozen=True, kw_only=True, tag="alert"):
@@ -131,6 +139,10 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
     metric: MetricName
     value: Figure
     threshold: Figure
+
+    # The values in `title` and `message` by name (component, job_id, period, from/to, …), so a
+    # reader can say the alert in another language from `kind` + `params` (the dashboard does).
+    params: AlertParams = {}
 
     def stored_problem(self, subject: str) -> str | None:
         """An alert belongs on its kind's subject, whose first token is its source."""

@@ -245,6 +245,12 @@ def job_failed_alert(execution: Execution, occurred_at: datetime, why: str) -> A
         metric="failed_executions",
         value=1,
         threshold=1,
+        params={
+            "job_id": execution.job_id,
+            "execution_id": execution.execution_id,
+            "lost": why != "failed",
+            "error": execution.error[:300] if execution.error else None,
+        },
     )
 
 
@@ -286,6 +292,11 @@ def react(view: BatchView, event: BatchEvent) -> Sequence[Alert]:
                         metric="lock_ttl_s",
                         value=ttl,
                         threshold=ttl,
+                        params={
+                            "job_id": released.job_id,
+                            "owner": released.owner,
+                            "by": released.by,
+                        },
                     )
                 ]
     return ()

@@ -111,6 +111,8 @@ class Stack:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     stops: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     apis: demo.ExternalApis | None = None
+    # The settings with every dependency configured (what `configure_dependencies` switches to).
+    configured_env: dict[str, str] = field(default_factory=dict)
 
     async def start_service(self, name: str) -> Runtime:
         """Run services.<name> in this loop (skipped while it is not importable)."""
@@ -129,22 +131,41 @@ class Stack:
         await self.stops.pop(name).aclose()
         self.runtimes.pop(name)
 
+    async def configure_dependencies(self) -> None:
+        """Restart the health service with every dependency configured (a stack started with
+        `configured=False` then probes them all)."""
+        self.env = dict(self.configured_env)
+        if "health" in self.runtimes:
+            await self.stop_service("health")
+        await self.start_service("health")
+
     async def publish(self, events: list[tuple[str, Event]]) -> None:
         """Publish contract events as StockPilot AI's processes would."""
         await demo.publish_all(self.nc.jetstream(), events)
 
 
 def stack_env(
-    env: Mapping[str, str], *, postgres_url: str, redis_url: str, apis: demo.ExternalApis
+    env: Mapping[str, str],
+    *,
+    postgres_url: str,
+    redis_url: str,
+    apis: demo.ExternalApis,
+    configured: bool = True,
 ) -> dict[str, str]:
-    """Settings for every process of the test stack: fast probes, budgets, loopback APIs."""
-    return {
-        **env,
+    """Settings for every process of the test stack: fast probes, budgets, loopback APIs.
+
+    `configured=False` leaves every dependency unset (nothing for the health service to probe).
+    """
+    dependencies = {
         "STOCKPILOT_DATABASE_URL": postgres_url,
         "STOCKPILOT_REDIS_URL": redis_url,
         "OPENAI_API_KEY": "sk-dashboard-test",
         "OPENAI_BASE_URL": apis.openai_base_url() or "",
         "STOCKPILOT_EXTERNAL_APIS": apis.setting(),
+    }
+    return {
+        **env,
+        **(dependencies if configured else {}),
         "STOCKPILOT_HEALTH_INTERVAL_S": "1",
         "STOCKPILOT_DAILY_BUDGET_USD": "25",
         "STOCKPILOT_MONTHLY_BUDGET_USD": "400",
@@ -161,19 +182,33 @@ async def running_stack(
     postgres_url: str,
     redis_url: str,
     services: tuple[str, ...] = SERVICES,
+    apis: list[demo.FakeApi] | None = None,
+    configured: bool = True,
 ) -> AsyncIterator[Stack]:
-    """Loopback APIs, NATS streams, the named services and the gateway on a real socket."""
-    apis = [*demo.demo_apis(), demo.fake_openai()]
+    """Loopback APIs (the demo's, flapping fx included, unless given), NATS streams, the named
+    services and the gateway on a real socket."""
+    apis = apis if apis is not None else [*demo.demo_apis(), demo.fake_openai()]
     async with contextlib.AsyncExitStack() as stack:
         external = await stack.enter_async_context(demo.ExternalApis(first_port=0, apis=apis))
-        full_env = stack_env(env, postgres_url=postgres_url, redis_url=redis_url, apis=external)
+        configured_env = stack_env(
+            env, postgres_url=postgres_url, redis_url=redis_url, apis=external
+        )
+        full_env = (
+            configured_env
+            if configured
+            else stack_env(
+                env, postgres_url=postgres_url, redis_url=redis_url, apis=external, configured=False
+            )
+        )
         gateway_settings = load_settings(GatewaySettings, full_env)
         nc = await nats.connect(gateway_settings.nats_servers)
         stack.push_async_callback(nc.close)
         await bus.provision(nc.jetstream())
         app = create_app(gateway_settings)
         url = await stack.enter_async_context(gateway_server(app))
-        result = Stack(env=full_env, nc=nc, app=app, url=url, apis=external)
+        result = Stack(
+            env=full_env, nc=nc, app=app, url=url, apis=external, configured_env=configured_env
+        )
 
         async def stop_all() -> None:
             for name in list(result.stops):
