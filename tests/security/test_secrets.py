@@ -472,15 +472,17 @@ async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
 
     sweep = Sweep()
     await sweep_routes(stack, sweep)
-    # The probes met servers that quote what they were sent, and the results say so, with the
-    # quoted credentials hidden: the sweep looks at errors that did hold the secrets.
+    # The probes met servers that refused the credentials and quoted them back: the sweep
+    # looks at errors that did hold the secrets.
     shown = sweep.joined("GET /api/v1/health/comprehensive")
-    assert "Incorrect API key provided: Bearer ***" in shown
-    assert "Incorrect API key provided: ***" in shown
-    assert "refused the credentials" in shown or "WRONGPASS" in shown
-    assert "refused the connection" in shown
+    for refusal in (
+        "Incorrect API key provided: ",  # OpenAI and both external APIs
+        "password authentication failed",  # PostgreSQL
+        "invalid username-password pair",  # Redis
+    ):
+        assert refusal in shown, refusal
     await sweep_receivers(stack, sweep)
-    assert "Incorrect API key provided" in sweep.joined("webhook")
+    assert "Incorrect API key provided: " in sweep.joined("webhook")
     await sweep_nats(stack, sweep)
     await stop_stack(stack.up)
     assert stack.up.returncode == 0, stack.log.read_text(errors="replace")[-3000:]
