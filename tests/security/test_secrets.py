@@ -31,6 +31,8 @@ import msgspec
 import nats
 import psutil
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from ops import nats_auth
@@ -50,6 +52,7 @@ NL = "\n"  # every secret is set with it, as a secret file read by `$(cat …)` 
 # the stack writes by itself). Passwords carry characters a URL must percent-encode.
 OPENAI_KEY = "sk-sweep-openai-Q7d2Kx9Lm4Vb"
 QUOTES_KEY = "quotes-key-sweep-R3t8Wp"  # an external API header given as env:QUOTES_TOKEN
+QUOTES_URL_PASSWORD = "quotes-url-pw-sweep-B6"  # userinfo in an external API's URL
 NEWS_BEARER = "news-bearer-sweep-H5j2Nc"  # an external API header written inline
 NEWS_QUERY_KEY = "news-query-sweep-Z8m1Yq"  # an external API key in the URL's query
 PG_URL_PASSWORD = "pg/url@sweep K4"
@@ -256,7 +259,7 @@ async def stack(
         apis = [
             {
                 "name": "quotes",
-                "url": f"{quotes.url}/v1/quotes",
+                "url": f"http://quotes:{QUOTES_URL_PASSWORD}@127.0.0.1:{quotes.port}/v1/quotes",
                 "headers": {"X-Api-Key": "env:QUOTES_TOKEN"},
             },
             {
@@ -299,6 +302,7 @@ async def stack(
             "database password": pg_password,
             "redis password": REDIS_PASSWORD,
             "QUOTES_TOKEN (env: header)": QUOTES_KEY,
+            "quotes URL password": QUOTES_URL_PASSWORD,
             "news Authorization header": NEWS_BEARER,
             "news api_key query parameter": NEWS_QUERY_KEY,
             "STOCKPILOT_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -389,17 +393,21 @@ async def sweep_sse(stack: Stack, url: str, sweep: Sweep) -> None:
     sweep.add(f"GET {url}?since=0 (SSE, {events} events)", "\n".join(lines))
 
 
-async def sweep_nats(stack: Stack, sweep: Sweep) -> None:
-    """Every message of every stream (the four, the KV buckets' and the object stores'),
-    read as the ops user; and every snapshot object, decompressed."""
+async def ops_connection(stack: Stack) -> NATS:
+    """A connection to the stack's NATS as the ops user (who may read everything)."""
     passwords = json.loads((stack.data / "credentials.json").read_text())
-    url = (stack.data / "nats.port").read_text().strip()
-    nc = await nats.connect(
-        f"nats://127.0.0.1:{url}",
+    port = (stack.data / "nats.port").read_text().strip()
+    return await nats.connect(
+        f"nats://127.0.0.1:{port}",
         user="ops",
         password=passwords["ops"],
         inbox_prefix=bus.inbox_prefix("ops"),
     )
+
+
+async def sweep_nats(nc: NATS, sweep: Sweep) -> None:
+    """Every message of every stream (the four, the KV buckets' and the object stores'),
+    read as the ops user; and every snapshot object, decompressed."""
     try:
         js = nc.jetstream()
         names = []
@@ -451,6 +459,14 @@ async def sweep_receivers(stack: Stack, sweep: Sweep) -> None:
 @pytest.mark.timeout(150)
 async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
     http = stack.http
+    nc = await ops_connection(stack)
+    # Dead letters are core NATS, stored nowhere: whatever is dead-lettered from now on.
+    dead_letters: list[Msg] = []
+
+    async def keep(msg: Msg) -> None:
+        dead_letters.append(msg)
+
+    await nc.subscribe("stockpilot.deadletter.>", cb=keep)
     # The ingest token (which ended with a newline) is the one a client sends without it.
     record = {
         "request_id": "sweep-1",
@@ -483,7 +499,9 @@ async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
         assert refusal in shown, refusal
     await sweep_receivers(stack, sweep)
     assert "Incorrect API key provided: " in sweep.joined("webhook")
-    await sweep_nats(stack, sweep)
+    await sweep_nats(nc, sweep)  # closes nc
+    for msg in dead_letters:
+        sweep.add(f"dead letter on {msg.subject}", msg.data)
     await stop_stack(stack.up)
     assert stack.up.returncode == 0, stack.log.read_text(errors="replace")[-3000:]
     # Every process's stdout and stderr, through the supervisor's output.
