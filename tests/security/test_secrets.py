@@ -35,11 +35,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
+from gateway.settings import GatewaySettings
 from ops import nats_auth
+from ops.hooks import HookSettings
 from ops.stack import CHILD_SETTINGS
 from shared import bus
 from shared.redact import forms
-from shared.settings import env_name
+from shared.settings import env_name, load_settings
 from shared.testing import free_port
 from tests.health.targets import Reply, Target
 from tests.ops.receiver import Receiver, receiving
@@ -524,3 +526,29 @@ def test_the_sweep_sets_every_secret_setting() -> None:
                 secret_settings.add(env_name(cls, item.name))
     assert "STOCKPILOT_ALERT_WEBHOOK_SECRET" in secret_settings
     assert secret_settings - SET_BY_UP <= SWEPT_VARIABLES
+
+
+def test_secrets_read_from_files_lose_their_trailing_newline() -> None:
+    """The token a client sends, the URL a hook posts to, the password NATS checks: none
+    of them has the newline a secret file ends with."""
+    env = {
+        "STOCKPILOT_CONFIG": str(ROOT / "tests" / "empty.toml"),
+        "STOCKPILOT_ADMIN_TOKEN": ADMIN_TOKEN + NL,
+        "STOCKPILOT_INGEST_TOKEN": " " + INGEST_TOKEN + "\r\n",
+        "STOCKPILOT_READ_TOKEN": READ_TOKEN + NL,
+        "STOCKPILOT_NATS_PASSWORD": "nats-pw-sweep" + NL,
+        "STOCKPILOT_ALERT_WEBHOOK_URL": "https://hooks.example/x?token=t" + NL,
+        "STOCKPILOT_ALERT_WEBHOOK_SECRET": WEBHOOK_SECRET + NL,
+        "STOCKPILOT_SLACK_WEBHOOK_URL": "https://hooks.slack.example/T/B/x" + NL,
+    }
+    gateway = load_settings(GatewaySettings, env)
+    assert (gateway.admin_token, gateway.ingest_token, gateway.read_token) == (
+        ADMIN_TOKEN,
+        INGEST_TOKEN,
+        READ_TOKEN,
+    )
+    assert gateway.nats_password == "nats-pw-sweep"
+    hooks = load_settings(HookSettings, env)
+    assert hooks.alert_webhook_url == "https://hooks.example/x?token=t"
+    assert hooks.alert_webhook_secret == WEBHOOK_SECRET
+    assert hooks.slack_webhook_url == "https://hooks.slack.example/T/B/x"
