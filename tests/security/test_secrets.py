@@ -37,6 +37,7 @@ from nats.js.errors import NotFoundError
 
 from gateway.settings import GatewaySettings
 from ops import nats_auth
+from ops.hook_delivery import SIGNATURE_HEADER, verify_signature
 from ops.hooks import HookSettings
 from ops.stack import CHILD_SETTINGS
 from shared import bus
@@ -126,10 +127,10 @@ class Sweep:
                 places = [(where, text) for where, text in self.texts if shape in text]
                 if places:
                     where, text = places[0]
-                    line = next(ln for ln in text.splitlines() if shape in ln)
+                    at = text.index(shape)
+                    around = text[max(0, at - 160) : at + len(shape) + 80]
                     found.append(
-                        f"{name} as {shape!r} in {len(places)} place(s), first {where}: "
-                        f"{line[:240]!r}"
+                        f"{name} as {shape!r} in {len(places)} place(s), first {where}: {around!r}"
                     )
         return found
 
@@ -195,7 +196,8 @@ class Stack:
         return Path(self.env["STOCKPILOT_DATA_DIR"])
 
 
-def read_headers(token: str) -> dict[str, str]:
+def bearer(token: str) -> dict[str, str]:
+    """The Authorization header for `token`."""
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -228,8 +230,7 @@ async def stack(
     tmp_path: Path, dsn_form: str, redis_address: tuple[str, int]
 ) -> AsyncIterator[Stack]:
     """`stockpilot up` with every secret set (each with a trailing newline), pointed at
-    loopback servers that refuse the credentials and quote them, until five alerts reached
-    both receivers."""
+    loopback servers that refuse the credentials and quote them back, once it serves."""
     openai = Target(Reply(status=401, echo_header="authorization"))
     quotes = Target(Reply(status=401, echo_header="x-api-key"))
     news = Target(Reply(status=403, echo_header="authorization"))
@@ -325,7 +326,7 @@ async def stack(
                 async def serving() -> bool:
                     assert up.poll() is None, log.read_text(errors="replace")[-3000:]
                     try:
-                        answer = await http.get("/api/v1/status", headers=read_headers(READ_TOKEN))
+                        answer = await http.get("/api/v1/status", headers=bearer(READ_TOKEN))
                         services = answer.json()["services"]
                     except (httpx.HTTPError, KeyError, ValueError):
                         return False
@@ -349,7 +350,7 @@ async def sweep_routes(stack: Stack, sweep: Sweep) -> None:
     """Every GET route of the OpenAPI document (and the pages outside it), with the read
     token; the health routes also with `?fresh=true` and the admin token."""
     http = stack.http
-    schema = (await http.get("/schema/openapi.json", headers=read_headers(READ_TOKEN))).json()
+    schema = (await http.get("/schema/openapi.json", headers=bearer(READ_TOKEN))).json()
     gets = [path for path, item in schema["paths"].items() if "get" in item]
     assert "/api/v1/health/comprehensive" in gets and len(gets) > 15
     for path in [*gets, *OTHER_PAGES]:
@@ -357,16 +358,14 @@ async def sweep_routes(stack: Stack, sweep: Sweep) -> None:
         if path == "/api/v1/alerts/stream":
             await sweep_sse(stack, url, sweep)
             continue
-        answer = await http.get(url, headers=read_headers(READ_TOKEN))
+        answer = await http.get(url, headers=bearer(READ_TOKEN))
         assert answer.status_code < 500, (url, answer.text)
         sweep.add(f"GET {url} ({answer.status_code})", f"{answer.headers}\n{answer.text}")
         params = {
             p["name"] for p in schema["paths"].get(path, {}).get("get", {}).get("parameters", [])
         }
         if "fresh" in params:
-            answer = await http.get(
-                url, params={"fresh": "true"}, headers=read_headers(ADMIN_TOKEN)
-            )
+            answer = await http.get(url, params={"fresh": "true"}, headers=bearer(ADMIN_TOKEN))
             assert answer.status_code < 500, (url, answer.text)
             sweep.add(f"GET {url}?fresh=true ({answer.status_code})", answer.text)
 
@@ -376,7 +375,7 @@ async def sweep_sse(stack: Stack, url: str, sweep: Sweep) -> None:
     stored = len(
         (
             await stack.http.get(
-                "/api/v1/usage/alerts", params={"limit": 1000}, headers=read_headers(READ_TOKEN)
+                "/api/v1/usage/alerts", params={"limit": 1000}, headers=bearer(READ_TOKEN)
             )
         ).json()["alerts"]
     )
@@ -384,7 +383,7 @@ async def sweep_sse(stack: Stack, url: str, sweep: Sweep) -> None:
     events = 0
     async with asyncio.timeout(10):
         async with stack.http.stream(
-            "GET", url, params={"since": "0"}, headers=read_headers(READ_TOKEN)
+            "GET", url, params={"since": "0"}, headers=bearer(READ_TOKEN)
         ) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
@@ -410,45 +409,42 @@ async def ops_connection(stack: Stack) -> NATS:
 async def sweep_nats(nc: NATS, sweep: Sweep) -> None:
     """Every message of every stream (the four, the KV buckets' and the object stores'),
     read as the ops user; and every snapshot object, decompressed."""
-    try:
-        js = nc.jetstream()
-        names = []
-        for info in await js.streams_info():
-            name = info.config.name
-            assert name is not None
-            names.append(name)
-            state = info.state
-            for seq in range(max(state.first_seq, 1), state.last_seq + 1 if state.messages else 1):
+    js = nc.jetstream()
+    names = []
+    for info in await js.streams_info():
+        name = info.config.name
+        assert name is not None
+        names.append(name)
+        state = info.state
+        for seq in range(max(state.first_seq, 1), state.last_seq + 1 if state.messages else 1):
+            try:
+                msg = await js.get_msg(name, seq)
+            except NotFoundError:  # deleted or replaced (KV updates, object chunks)
+                continue
+            sweep.add(
+                f"stream {name} #{seq} {msg.subject}",
+                f"{msg.headers}\n{(msg.data or b'').decode('utf-8', 'replace')}",
+            )
+    assert set(nats_auth.EVENT_STREAMS) <= set(names)
+    # The snapshots (every second here) of the services whose streams have events.
+    objects: dict[str, bytes] = {}
+
+    async def snapshotted() -> bool:
+        for name in names:
+            if name.startswith("OBJ_"):
+                store = await js.object_store(name.removeprefix("OBJ_"))
                 try:
-                    msg = await js.get_msg(name, seq)
-                except NotFoundError:  # deleted or replaced (KV updates, object chunks)
+                    listed = await store.list()
+                except NotFoundError:  # no object yet
                     continue
-                sweep.add(
-                    f"stream {name} #{seq} {msg.subject}",
-                    f"{msg.headers}\n{(msg.data or b'').decode('utf-8', 'replace')}",
-                )
-        assert set(nats_auth.EVENT_STREAMS) <= set(names)
-        # The snapshots (every second here) of the services whose streams have events.
-        objects: dict[str, bytes] = {}
+                for entry in listed:
+                    data = (await store.get(entry.name)).data or b""
+                    objects[f"{name}/{entry.name}"] = zlib.decompress(data)
+        return {"health.health", "usage.usage"} <= {k.split("/")[1] for k in objects}
 
-        async def snapshotted() -> bool:
-            for name in names:
-                if name.startswith("OBJ_"):
-                    store = await js.object_store(name.removeprefix("OBJ_"))
-                    try:
-                        listed = await store.list()
-                    except NotFoundError:  # no object yet
-                        continue
-                    for entry in listed:
-                        data = (await store.get(entry.name)).data or b""
-                        objects[f"{name}/{entry.name}"] = zlib.decompress(data)
-            return {"health.health", "usage.usage"} <= {k.split("/")[1] for k in objects}
-
-        await wait_until("the health and usage services took snapshots", snapshotted, 20)
-        for where, data in objects.items():
-            sweep.add(f"object {where}", data)
-    finally:
-        await nc.close()
+    await wait_until("the health and usage services took snapshots", snapshotted, 20)
+    for where, data in objects.items():
+        sweep.add(f"object {where}", data)
 
 
 async def sweep_receivers(stack: Stack, sweep: Sweep) -> None:
@@ -458,10 +454,9 @@ async def sweep_receivers(stack: Stack, sweep: Sweep) -> None:
             sweep.add(f"{name} request {i} body", request.body)
 
 
-@pytest.mark.timeout(150)
-async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
+async def provoke_and_sweep(stack: Stack, nc: NATS) -> Sweep:
+    """Alerts delivered, then the routes, receivers, streams and dead letters swept."""
     http = stack.http
-    nc = await ops_connection(stack)
     # Dead letters are core NATS, stored nowhere: whatever is dead-lettered from now on.
     dead_letters: list[Msg] = []
 
@@ -476,9 +471,7 @@ async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
         "status_code": 401,
         "error_code": "invalid_api_key",
     }
-    answer = await http.post(
-        "/api/v1/usage/records", json=record, headers=read_headers(INGEST_TOKEN)
-    )
+    answer = await http.post("/api/v1/usage/records", json=record, headers=bearer(INGEST_TOKEN))
     assert answer.status_code == 202, answer.text
 
     async def alerted() -> bool:
@@ -501,12 +494,27 @@ async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
         assert refusal in shown, refusal
     await sweep_receivers(stack, sweep)
     assert "Incorrect API key provided: " in sweep.joined("webhook")
-    await sweep_nats(nc, sweep)  # closes nc
+    # Signed with the secret as meant, without the file's newline.
+    for request in stack.hook.accepted:
+        signature = request.headers[SIGNATURE_HEADER.lower()]
+        assert verify_signature(WEBHOOK_SECRET, request.body, signature)
+    await sweep_nats(nc, sweep)
     for msg in dead_letters:
         sweep.add(f"dead letter on {msg.subject}", msg.data)
+    return sweep
+
+
+@pytest.mark.timeout(150)
+async def test_no_secret_shows_anywhere_in_any_form(stack: Stack) -> None:
+    nc = await ops_connection(stack)
+    try:
+        sweep = await provoke_and_sweep(stack, nc)
+    finally:
+        await nc.close()
     await stop_stack(stack.up)
     assert stack.up.returncode == 0, stack.log.read_text(errors="replace")[-3000:]
-    # Every process's stdout and stderr, through the supervisor's output.
+    # Every process's stdout and stderr, through the supervisor's output (read after the
+    # stop, so the lines written on the way out are in).
     log = stack.log.read_text(errors="replace")
     for process in ("nats", "health", "usage", "batch", "hooks", "gateway"):
         assert f"{process:<8} | " in log, process
