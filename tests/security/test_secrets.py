@@ -17,6 +17,7 @@ import html
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -354,7 +355,7 @@ async def sweep_routes(stack: Stack, sweep: Sweep) -> None:
     gets = [path for path, item in schema["paths"].items() if "get" in item]
     assert "/api/v1/health/comprehensive" in gets and len(gets) > 15
     for path in [*gets, *OTHER_PAGES]:
-        url = path.replace("{job_id}", "nightly-report")
+        url = re.sub(r"\{[^}]+\}", "nightly-report", path)  # {job_id}, any later one
         if path == "/api/v1/alerts/stream":
             await sweep_sse(stack, url, sweep)
             continue
