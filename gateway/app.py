@@ -92,6 +92,10 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
         },
         exception_handlers=exception_handlers(),
         request_max_body_size=settings.max_body_bytes,
+        # Litestar's default logging config replaces the root handler with its own, which
+        # neither redacts secrets nor escapes control characters: keep shared.logs' handler
+        # (unhandled errors are logged by gateway.errors).
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="StockPilot Ops API",
             version=VERSION,

@@ -28,6 +28,7 @@ from shared.settings import (
     PositiveInt,
     SettingsError,
     settings_or_exit,
+    strip_whitespace,
 )
 
 log = logging.getLogger("stockpilot.hooks")
@@ -54,6 +55,8 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # A trailing newline (a secret file) would make every delivery fail (shared.settings).
+        strip_whitespace(self, "alert_webhook_url", "alert_webhook_secret", "slack_webhook_url")
         for variable, url in (
             ("STOCKPILOT_ALERT_WEBHOOK_URL", self.alert_webhook_url),
             ("STOCKPILOT_SLACK_WEBHOOK_URL", self.slack_webhook_url),

@@ -56,6 +56,7 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
 
     def __post_init__(self) -> None:
+        strip_whitespace(self, "nats_password")
         try:
             ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError):
@@ -83,6 +84,19 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 S = TypeVar("S", bound=msgspec.Struct)
+
+
+def strip_whitespace(settings: msgspec.Struct, *names: str) -> None:
+    """Drop the surrounding whitespace of these optional string fields (in `__post_init__`).
+
+    A secret read from a file (`$(cat key)`, a mounted Kubernetes secret) ends with a newline
+    that is never meant: kept, a token would never match what clients send, a URL would be
+    invalid, and the error saying so would quote the secret in an escaped form.
+    """
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, str) and value != value.strip():
+            msgspec.structs.force_setattr(settings, name, value.strip() or None)
 
 
 def env_name(cls: type[msgspec.Struct], field: str) -> str:
