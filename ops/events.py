@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -23,20 +23,19 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from ops import stream_io
+from ops import locate, stream_io
 from ops.replay import (
     STREAM_SERVICES,
     ReplayError,
     ReplayResult,
-    load_definition,
+    live_definition,
     replay_definition,
     stream_name,
 )
-from ops.streams_report import streams_report
+from ops.streams_report import render_table, streams_report, unavailable_services
 from shared import bus
 from shared.settings import CommonSettings, SettingsError, settings_or_exit
 
-CONNECT_TIMEOUT_S = 5.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -49,18 +48,9 @@ def _out(line: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-@contextlib.asynccontextmanager
-async def _connected(settings: CommonSettings) -> AsyncIterator[NATS]:
-    """A connection for a tool: a clear error after a few seconds instead of waiting forever."""
-    # bus.connect retries its first connection forever (nats-py does so with unlimited
-    # reconnects whatever first_connect_attempts says): bound it here.
-    nc = await asyncio.wait_for(
-        bus.connect(settings, "stockpilot-ops", first_connect_attempts=3), timeout=CONNECT_TIMEOUT_S
-    )
-    try:
-        yield nc
-    finally:
-        await bus.drain_or_close(nc)
+def _connected(settings: CommonSettings, *, stockpilot_only: bool = True) -> Any:
+    """The stack's NATS (never a guess), checked to be StockPilot's; see ops.locate."""
+    return locate.connected(settings, "stockpilot-ops", stockpilot_only=stockpilot_only)
 
 
 def _run(
@@ -72,8 +62,12 @@ def _run(
     configure_logging("stockpilot", "ERROR")
     try:
         return asyncio.run(work(settings))
+    except locate.StackError as exc:
+        _err(str(exc))
+        return 2
     except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        _err(f"NATS at {', '.join(settings.nats_servers)} not reachable ({type(exc).__name__})")
+        where = locate.shown(locate.servers_or_raise(settings))
+        _err(f"NATS at {where} stopped answering ({type(exc).__name__})")
         return 2
     except (ReplayError, JsNotFoundError, ValueError, SettingsError) as exc:
         _err(str(exc) or type(exc).__name__)
@@ -85,6 +79,12 @@ def _run(
             raise
         _err(f"NATS refused: {exc}")
         return 2
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in a message (JSON, cut: a price table can be long)."""
+    text = _encode(value).decode()
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _rfc3339(text: str) -> datetime:
@@ -185,7 +185,10 @@ def _export_command(args: argparse.Namespace) -> int:
         async with _connected(settings) as nc:
             js = nc.jetstream()
             name = stream_name(args.stream) if args.stream.lower() in _KNOWN else args.stream
-            info = await js.stream_info(name)
+            try:
+                info = await js.stream_info(name)
+            except (JsNotFoundError, nats.errors.BadSubjectError):
+                raise ReplayError(_unknown_stream(args.stream)) from None
             progress = stream_io.Progress(f"export {name}", total=info.state.messages)
             await stream_io.export_stream(
                 js,
@@ -205,9 +208,17 @@ def _export_command(args: argparse.Namespace) -> int:
 _KNOWN = {*bus.STREAMS, *(s.name.lower() for s in bus.STREAMS.values())}
 
 
+def _unknown_stream(asked: str) -> str:
+    """One line: no such stream, and the names that would do."""
+    names = ", ".join(spec.name for spec in bus.STREAMS.values())
+    return (
+        f"no stream {asked!r} on this NATS: expected one of {names} (or {', '.join(bus.STREAMS)})"
+    )
+
+
 def _import_command(args: argparse.Namespace) -> int:
     async def work(settings: CommonSettings) -> int:
-        async with _connected(settings) as nc:
+        async with _connected(settings, stockpilot_only=False) as nc:
             js = nc.jetstream()
             if not args.no_provision:
                 await bus.provision(js, settings.stream_replicas)
@@ -235,9 +246,18 @@ def _replay_command(args: argparse.Namespace) -> int:
         not_compared: list[str] = []
         async with _connected(settings) as nc:
             for service in STREAM_SERVICES[name]:
-                _err(f"replaying {name} into fresh {service} projections")
-                definition = load_definition(service)
                 try:
+                    # The fold settings (time zone, budgets, prices…) are the live service's:
+                    # this shell's may differ without anything being wrong.
+                    definition, answer, differences = await live_definition(
+                        nc, service, args.timeout
+                    )
+                    for difference in differences:
+                        _err(
+                            f"{service}: folding with the live service's {difference.variable}"
+                            f"={_shown(difference.live)} (this shell: {_shown(difference.here)})"
+                        )
+                    _err(f"replaying {name} into fresh {service} projections")
                     results += await replay_definition(
                         nc,
                         definition,
@@ -245,6 +265,7 @@ def _replay_command(args: argparse.Namespace) -> int:
                         timeout=args.timeout,
                         on_result=lambda r: _out(_encode(r)),
                         show_progress=True,
+                        answer=answer,
                     )
                 except ReplayError as exc:  # the other services can still be compared
                     _err(f"{service}: not compared: {exc}")
@@ -268,8 +289,21 @@ def _replay_command(args: argparse.Namespace) -> int:
 def _streams_command(args: argparse.Namespace) -> int:
     async def work(settings: CommonSettings) -> int:
         async with _connected(settings) as nc:
-            for line in await streams_report(nc, timeout=args.timeout):
+            lines = await streams_report(nc, timeout=args.timeout)
+        if args.json:
+            for line in lines:
                 _out(_encode(line))
+        else:
+            where = locate.shown(settings.nats_servers)
+            print(f"StockPilot NATS at {where} ({settings.nats_source})\n", flush=True)
+            print(render_table(lines), end="", flush=True)
+        down = unavailable_services(lines)
+        if down:
+            _err(
+                f"not answering: {', '.join(down)} (the stack is up but these services are "
+                "not: see the output of `stockpilot up`)"
+            )
+            return 1
         return 0
 
     return _run(args, work)
@@ -349,10 +383,15 @@ def register(subparsers: Any) -> None:
         "streams",
         help="streams, sizes, consumers and projection lag",
         description=(
-            "One JSON line per stream (messages, bytes, consumers), per service and per "
-            "projection (last_seq, lag) from each service's status endpoint, and per alert "
-            "hook (state, deliveries, failures) as the hook process last reported it."
+            "The running stack at a glance: each stream (messages, size, sequences, "
+            "consumers), each service (up, catching_up or unavailable), each projection "
+            "(last_seq, lag, last snapshot) from the service's status endpoint, and each "
+            "alert hook (state, deliveries, failures) as the hook process last reported it. "
+            "Tables for people; --json prints one JSON line per row instead, tagged by "
+            "`kind` (stream, service, projection, hook). Exit status 0 when every service "
+            "answers, 1 when one does not, 2 when the stack cannot be reached."
         ),
     )
     streams.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for a service")
+    streams.add_argument("--json", action="store_true", help="JSON lines instead of tables")
     streams.set_defaults(handler=_streams_command)

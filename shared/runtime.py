@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -57,7 +58,7 @@ from shared.projection import (
     encode_snapshot,
     view_digest,
 )
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, SettingsError
 from shared.stream_reader import read_stream
 from shared.supervise import Supervisor
 
@@ -149,6 +150,10 @@ class ServiceDefinition:
     # Alerts the projections derive are raised under this source (usage|batch|health).
     alert_source: str | None = None
     description: str = ""
+    # The settings fields the folds depend on (time zone, budgets, prices, bounds): the
+    # `digest` endpoint reports their values, so `stockpilot replay` folds with the live
+    # service's configuration, not the shell's. None of them may be a secret.
+    fold_settings: Sequence[str] = ()
 
 
 class ProjectionStatus(msgspec.Struct, kw_only=True):
@@ -188,6 +193,9 @@ class DigestAnswer(msgspec.Struct, kw_only=True):
 
     service: str
     projections: list[ProjectionDigest]
+    # The fold-relevant settings the projections were built with (ServiceDefinition
+    # .fold_settings), by settings field name; None from a service that predates them.
+    settings: dict[str, Any] | None = None
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):
@@ -857,6 +865,10 @@ class Runtime:
                 )
                 for t in self.tracked.values()
             ],
+            settings={
+                name: msgspec.to_builtins(getattr(self.settings, name))
+                for name in self.definition.fold_settings
+            },
         )
 
     def status(self) -> ServiceStatus:
@@ -904,6 +916,11 @@ def service_main(build: Callable[[Any], ServiceDefinition], settings: CommonSett
     configure_logging(
         build.__module__.split(".")[1] if "." in build.__module__ else "service", settings.log_level
     )
+    try:
+        settings.nats_servers  # noqa: B018 (no NATS to use: one line, not a traceback)
+    except SettingsError as exc:
+        print(f"stockpilot: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 
