@@ -135,8 +135,7 @@ def role_info(role: str, password: str | None = None) -> RoleInfo:
 
 
 async def _can_log_in(settings: CommonSettings, stack: Stack, role: str, password: str) -> None:
-    """StackError unless NATS runs and the role's credentials open a connection."""
-    await locate.require_running(settings, locate.servers_or_raise(settings))
+    """StackError unless the role's credentials open a connection."""
     as_role = msgspec.structs.replace(
         settings, nats_url=",".join(stack.servers), nats_user=role, nats_password=password
     )
@@ -183,8 +182,8 @@ async def nats_info(settings: NatsInfoSettings, role: str | None) -> NatsInfo:
     """The answer of `nats-info` (files written for `role`), or StackError."""
     stack = find_stack(settings)
     url = ",".join(stack.servers)
+    await locate.require_running(settings, locate.servers_or_raise(settings))
     if role is None:
-        await locate.require_running(settings, locate.servers_or_raise(settings))
         return NatsInfo(
             url=url,
             source=stack.source,
