@@ -1,8 +1,9 @@
 """Ops tooling over the streams: `events tail|export|import`, `replay`, `streams`.
 
-Output is JSON lines on stdout (one object per message or per result); progress and
-diagnostics go to stderr. NATS is found as every process finds it (STOCKPILOT_NATS_URL, or
-$STOCKPILOT_DATA_DIR/nats.url written by `stockpilot up`).
+Output is JSON lines on stdout (one object per message or per result; `streams` prints
+tables unless --json); progress and diagnostics go to stderr. The stack is found by
+ops.locate (STOCKPILOT_NATS_URL, or the embedded server recorded under STOCKPILOT_DATA_DIR)
+and checked to hold the StockPilot streams; anything in the way is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -312,12 +313,20 @@ def _streams_command(args: argparse.Namespace) -> int:
 # ----- registration -------------------------------------------------------------------------
 
 
+# How every ops command finds the stack (ops.locate), said in each one's --help.
+_FINDING = (
+    " The stack is the NATS in STOCKPILOT_NATS_URL or, when that is unset, the embedded "
+    "server `stockpilot up` recorded under STOCKPILOT_DATA_DIR (default ./.data, also looked "
+    "for in the parent folders); never another NATS (nothing at 127.0.0.1:4222 is assumed)."
+)
+
+
 def register(subparsers: Any) -> None:
     """Add `events tail|export|import`, `replay` and `streams`."""
     events = subparsers.add_parser(
         "events",
         help="tail, export and import stream messages as JSON lines",
-        description="Tail, export and import the messages of the StockPilot streams.",
+        description="Tail, export and import the messages of the StockPilot streams." + _FINDING,
     )
     commands = events.add_subparsers(dest="events_command", metavar="ACTION", required=True)
 
@@ -372,7 +381,10 @@ def register(subparsers: Any) -> None:
         description=(
             "Fold STREAM from the first event into fresh projections of the service(s) that "
             "fold it, up to the sequence the live service reports, and compare state digests. "
-            "One JSON line per projection; exit 0 when every one is equal, 1 otherwise."
+            "The fold settings (time zone, budgets, thresholds, prices, history bounds) are "
+            "the live service's, as it reports them: each that differs from this shell's is "
+            "named on stderr. One JSON line per projection; exit 0 when every one is equal, "
+            "1 otherwise, 2 when the stack cannot be reached." + _FINDING
         ),
     )
     replay.add_argument("stream", metavar="STREAM", help=", ".join(STREAM_SERVICES))
@@ -389,7 +401,7 @@ def register(subparsers: Any) -> None:
             "alert hook (state, deliveries, failures) as the hook process last reported it. "
             "Tables for people; --json prints one JSON line per row instead, tagged by "
             "`kind` (stream, service, projection, hook). Exit status 0 when every service "
-            "answers, 1 when one does not, 2 when the stack cannot be reached."
+            "answers, 1 when one does not, 2 when the stack cannot be reached." + _FINDING
         ),
     )
     streams.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for a service")
