@@ -24,7 +24,6 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -58,7 +57,7 @@ from shared.projection import (
     encode_snapshot,
     view_digest,
 )
-from shared.settings import CommonSettings, SettingsError
+from shared.settings import CommonSettings, require_nats
 from shared.stream_reader import read_stream
 from shared.supervise import Supervisor
 
@@ -916,11 +915,7 @@ def service_main(build: Callable[[Any], ServiceDefinition], settings: CommonSett
     configure_logging(
         build.__module__.split(".")[1] if "." in build.__module__ else "service", settings.log_level
     )
-    try:
-        settings.nats_servers  # noqa: B018 (no NATS to use: one line, not a traceback)
-    except SettingsError as exc:
-        print(f"stockpilot: {exc}", file=sys.stderr)
-        return 2
+    require_nats(settings)
     try:
         import uvloop
 

@@ -236,3 +236,15 @@ def settings_or_exit(cls: type[S], env: Mapping[str, str] | None = None) -> S:
     except SettingsError as exc:
         print(f"stockpilot: bad setting: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def require_nats(settings: CommonSettings) -> None:
+    """For an entry point: stop with one line when no StockPilot NATS is configured or
+    recorded (instead of a traceback from the first connection)."""
+    import sys
+
+    try:
+        settings.nats_servers  # noqa: B018 (resolving it is the check)
+    except SettingsError as exc:
+        print(f"stockpilot: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -144,6 +144,10 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         ("replay", "usage"),
         ("nats-info",),
         ("demo", "--api-port=-1"),
+        ("provision",),
+        ("service", "usage"),
+        ("gateway",),
+        ("hooks",),
     ],
 )
 def test_without_a_stack_every_ops_command_says_so_in_one_line(
