@@ -82,12 +82,6 @@ def _run(
         return 2
 
 
-def _shown(value: Any) -> str:
-    """A setting's value in a message (JSON, cut: a price table can be long)."""
-    text = _encode(value).decode()
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _rfc3339(text: str) -> datetime:
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
@@ -250,14 +244,9 @@ def _replay_command(args: argparse.Namespace) -> int:
                 try:
                     # The fold settings (time zone, budgets, prices…) are the live service's:
                     # this shell's may differ without anything being wrong.
-                    definition, answer, differences = await live_definition(
-                        nc, service, args.timeout
-                    )
-                    for difference in differences:
-                        _err(
-                            f"{service}: folding with the live service's {difference.variable}"
-                            f"={_shown(difference.live)} (this shell: {_shown(difference.here)})"
-                        )
+                    definition, answer, notes = await live_definition(nc, service, args.timeout)
+                    for note in notes:
+                        _err(f"{service}: {note}")
                     _err(f"replaying {name} into fresh {service} projections")
                     results += await replay_definition(
                         nc,

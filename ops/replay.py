@@ -253,16 +253,31 @@ async def replay_definition(
 
 async def live_definition(
     nc: NATS, service: str, timeout: float
-) -> tuple[ServiceDefinition, DigestAnswer, list[SettingDifference]]:
+) -> tuple[ServiceDefinition, DigestAnswer, list[str]]:
     """A fresh definition of `service` built with the live service's fold settings (this
-    shell's environment for the rest), the live digest answer, and the settings that differ
-    from this shell's."""
+    shell's environment for the rest), the live digest answer, and lines for the operator:
+    each fold setting whose live value differs from this shell's."""
     answer = await live_digests(nc, service, timeout)
     try:
         local = load_settings(settings_class(service))
     except SettingsError as exc:
         raise ReplayError(f"this shell's {service} settings do not load: {exc}") from None
     if answer.settings is None:  # a service older than the fold settings in its answer
-        return load_definition(service, local), answer, []
+        note = (
+            f"the live {service} service does not report its fold settings (an older "
+            "version): folding with this shell's, so a difference may come from them"
+        )
+        return load_definition(service, local), answer, [note]
     merged, differences = with_live_settings(service, local, answer.settings)
-    return load_definition(service, merged), answer, differences
+    notes = [
+        f"folding with the live service's {d.variable}={_json(d.live)} "
+        f"(this shell: {_json(d.here)})"
+        for d in differences
+    ]
+    return load_definition(service, merged), answer, notes
+
+
+def _json(value: Any) -> str:
+    """A setting's value in a line (JSON, cut: a price table can be long)."""
+    text = msgspec.json.encode(value).decode()
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -385,3 +385,20 @@ async def test_replay_folds_with_the_live_services_settings(stack: Stack) -> Non
     finally:
         await nc.close()
     assert naive.equal is False
+
+
+def test_nats_info_on_a_nats_of_ones_own_names_the_password_variables(tmp_path: Path) -> None:
+    """STOCKPILOT_NATS_URL (compose, a cluster): the passwords are the operator's variables."""
+    own = NatsServer(tmp_path / "own").start()
+    try:
+        overview = stockpilot(tmp_path, "nats-info", STOCKPILOT_NATS_URL=own.url)
+        assert overview.returncode == 0, overview.stderr
+        assert f"nats://127.0.0.1:{own.port}" in overview.stdout
+        assert "STOCKPILOT_NATS_OBSERVER_PASSWORD" in overview.stdout
+        unknown = stockpilot(
+            tmp_path, "nats-info", "--role", "producer", STOCKPILOT_NATS_URL=own.url
+        )
+        assert unknown.returncode == 2
+        assert "set STOCKPILOT_NATS_PRODUCER_PASSWORD" in one_line(unknown)
+    finally:
+        own.stop()
