@@ -6,7 +6,7 @@ Each line is a tagged struct (`kind`: stream, service, projection, hook).
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -176,7 +176,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def _moment(at: datetime | None) -> str:
-    return at.strftime("%Y-%m-%d %H:%M:%SZ") if at is not None else "-"
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if at is not None else "-"
 
 
 def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
