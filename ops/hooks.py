@@ -27,6 +27,7 @@ from shared.settings import (
     PositiveFloat,
     PositiveInt,
     SettingsError,
+    require_nats,
     settings_or_exit,
     strip_whitespace,
 )
@@ -172,6 +173,7 @@ def _command(args: argparse.Namespace) -> int:
     from shared.logs import configure_logging
 
     settings = settings_or_exit(HookSettings)
+    require_nats(settings)
     configure_logging("hooks", settings.log_level)
     # httpx logs every request with its URL at INFO; webhook URLs often carry a token.
     for name in ("httpx", "httpcore"):

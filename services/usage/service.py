@@ -144,6 +144,18 @@ def _new_id() -> str:
     return f"usage-{uuid.uuid4().hex}"
 
 
+# What the fold depends on (see fold_config/fold_policy): reported by `digest` for replay.
+FOLD_SETTINGS = (
+    "tz",
+    "prices",
+    "daily_budget_usd",
+    "monthly_budget_usd",
+    "cost_alert_pct",
+    "error_rate_alert_pct",
+    "error_rate_min_calls",
+)
+
+
 def build(settings: UsageSettings) -> ServiceDefinition:
     """The usage service for these settings."""
     usage = usage_projection(settings)
@@ -251,6 +263,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
 
     return ServiceDefinition(
         name="usage",
+        fold_settings=FOLD_SETTINGS,
         projections=[usage, history],
         endpoints=[
             Endpoint("stats", StatsParams, stats),
