@@ -26,7 +26,8 @@ from shared.events import AwareDatetime
 
 AreaStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]
 Severity = Literal["info", "warning", "critical"]
-Param = str | int | float | None
+# No `int` beside `float`: a JSON 0 would then match two types of the schema's oneOf.
+Param = str | float | None
 
 AREAS = (
     "dependencies",

@@ -122,7 +122,8 @@ Figure = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 AlertParams = Annotated[
     dict[
         Annotated[str, msgspec.Meta(max_length=64)],
-        Annotated[str, msgspec.Meta(max_length=1000)] | bool | int | Figure | None,
+        # No `int` beside the float: a JSON 3 would then match two types of a oneOf.
+        Annotated[str, msgspec.Meta(max_length=1000)] | bool | Figure | None,
     ],
     msgspec.Meta(max_length=32),
 ]
