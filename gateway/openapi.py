@@ -8,10 +8,12 @@ generated from the schema, and schema-driven fuzzers, must see those.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 import msgspec
+from litestar import Litestar
 from litestar.openapi.spec import (
     OpenAPI,
     OpenAPIMediaType,
@@ -20,6 +22,7 @@ from litestar.openapi.spec import (
     Parameter,
     RequestBody,
     Schema,
+    SecurityScheme,
 )
 
 ERROR_SCHEMA = Schema(
@@ -256,3 +259,41 @@ def describe_inputs(openapi: OpenAPI) -> None:
                     parameter.schema = Schema(
                         enum=["hour", "day"], default="hour", type=OpenAPIType.STRING
                     )
+
+
+# ----- tokens ------------------------------------------------------------------------------
+
+SECURITY_SCHEMES = {
+    "adminToken": "STOCKPILOT_ADMIN_TOKEN: every mutating route (and every other one)",
+    "ingestToken": "STOCKPILOT_INGEST_TOKEN: POST /api/v1/usage/records",
+    "readToken": "STOCKPILOT_READ_TOKEN: GET routes, only when the gateway sets one",
+}
+# Which tokens each guard takes; `{}` (no token) where the guard lets anyone through by default.
+_GUARD_SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    "admin_guard": [{"adminToken": []}],
+    "ingest_guard": [{"ingestToken": []}, {"adminToken": []}],
+    "read_guard": [{}, {"readToken": []}, {"adminToken": []}],
+}
+_PATH_TYPES = re.compile(r"\{(\w+):\w+\}")
+
+
+def document_security(app: Litestar) -> None:
+    """Bearer-token requirements of each operation, from the guards its handler runs."""
+    openapi = app.openapi_schema
+    components = openapi.components
+    components.security_schemes = {
+        name: SecurityScheme(type="http", scheme="bearer", description=description)
+        for name, description in SECURITY_SCHEMES.items()
+    }
+    paths = openapi.paths or {}
+    for route in app.routes:
+        item = paths.get(_PATH_TYPES.sub(r"{\1}", route.path))
+        if item is None:
+            continue
+        for handler in getattr(route, "route_handlers", []):
+            guards = {guard.__name__ for guard in handler.resolve_guards()}
+            security = next((_GUARD_SECURITY[g] for g in _GUARD_SECURITY if g in guards), None)
+            for method in handler.http_methods:
+                operation = getattr(item, method.lower(), None)
+                if operation is not None and security is not None:
+                    operation.security = security

@@ -165,3 +165,14 @@ def test_the_schema_is_json_and_every_reference_resolves(schema: dict[str, Any])
     names = set(schema["components"]["schemas"])
     refs = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
     assert refs and refs <= names, refs - names
+
+
+def test_token_requirements_follow_the_guards(schema: dict[str, Any]) -> None:
+    schemes = schema["components"]["securitySchemes"]
+    assert {s["scheme"] for s in schemes.values()} == {"bearer"}
+    assert operation(schema, "post", "/api/v1/usage/reset")["security"] == [{"adminToken": []}]
+    ingest = operation(schema, "post", "/api/v1/usage/records")["security"]
+    assert ingest == [{"ingestToken": []}, {"adminToken": []}]
+    # GET routes are open unless STOCKPILOT_READ_TOKEN is set: no token is one alternative.
+    assert {} in operation(schema, "get", "/api/v1/usage/stats")["security"]
+    assert "security" not in operation(schema, "get", "/api/v1/health/live")
