@@ -12,7 +12,13 @@ import msgspec
 from nats.js import api as js_api
 
 from services.usage import decide, queries
-from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
+from services.usage.answers import (
+    AlertList,
+    AlertsParams,
+    StatsParams,
+    TimeseriesParams,
+    UsageCounters,
+)
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
 from services.usage.history import AlertHistory, apply_alert, decode_alert
@@ -233,6 +239,9 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         now = ctx.now()
         return cache.get_or_make(key("summary", params, now), lambda: make_summary(now))
 
+    async def counters(params: NoParams, ctx: Context) -> UsageCounters:
+        return queries.counters(usage.view)
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
         view = usage.view
@@ -271,6 +280,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("costs", NoParams, costs),
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
+            Endpoint("counters", NoParams, counters),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],
