@@ -35,6 +35,7 @@ from services.usage.view import (
     FoldConfig,
     Hour,
     Month,
+    Spend,
     UsageView,
     add_call,
     hour_key,
@@ -137,17 +138,28 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                     view.unpriced[event.model] += 1
         at = event.occurred_at.timestamp()
         day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
+        spend = view.spend
+        day_spend = spend.get(day_key)
+        if day_spend is None:
+            if len(spend) >= DAY_LIMIT:
+                oldest = min(spend)
+                if day_key < oldest:
+                    view.too_old += 1
+                    return
+                del spend[oldest]
+            day_spend = spend[day_key] = Spend()
+        day_cost_before = day_spend.cost_usd
+        day_spend.requests += 1
+        day_spend.cost_usd += cost
+
         days = view.days
         day = days.get(day_key)
         if day is None:
             if len(days) >= DAY_LIMIT:
-                oldest = min(days)
-                if day_key < oldest:
-                    view.too_old += 1
-                    return
-                del days[oldest]
+                # Statistics restarted by a reset may hold fewer days than the spend, never
+                # more: the oldest of them is older than this one.
+                del days[min(days)]
             day = days[day_key] = Day(total=Agg(), latency=Sketch(bins={}))
-        day_cost_before = day.total.cost_usd
         add_call(day.total, event, cost, failed)
         latency = event.response_time_ms
         latency_at = None if latency is None else sketch.index_of(latency)
@@ -198,12 +210,13 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         month.requests += 1
         month.failures += failed
         month.cost_usd += cost
+        add_call(_count_into(month.by_model, event.model, KEY_LIMIT), event, cost, failed)
         if at > month.last_at:
             month.last_at = at
 
         if config.daily_budget_usd is not None:
             _crossings(
-                fired, "daily", day_key, day_cost_before, day.total.cost_usd,
+                fired, "daily", day_key, day_cost_before, day_spend.cost_usd,
                 config.daily_budget_usd, warn_pct,
             )  # fmt: skip
         if config.monthly_budget_usd is not None:
@@ -308,11 +321,11 @@ def _error_window(
 
 
 def reset(view: UsageView, event: UsageReset) -> None:
-    """Statistics restart from zero; de-duplication memory and alert episodes carry on."""
+    """Statistics restart from zero; money (spend per day, months, unpriced models: what
+    budgets, /usage/costs and their alerts count), de-duplication memory and alert episodes
+    carry on, so a reset can neither hide spend nor re-arm an alert."""
     view.days = {}
     view.hours = {}
-    view.months = {}
-    view.unpriced = {}
     view.window = {}
     view.window_calls = 0
     view.window_failures = 0

@@ -314,33 +314,33 @@ def _budget(agg_cost: float, requests: int, budget: float | None) -> BudgetUse:
 
 
 def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts:
-    """Spend today and this month against the budgets, by model, per day, and the forecast."""
+    """Spend today and this month against the budgets, by model, per day, and the forecast.
+
+    Money, not statistics: every call of the period counts, whatever resets came between.
+    """
     zone = settings.zone
     local_now = now.astimezone(zone)
     today = local_now.date()
     month_key = today.isoformat()[:7]
-    held_today = view.days.get(today.isoformat())
+    spent_today = view.spend.get(today.isoformat())
     month = view.months.get(month_key)
     month_cost = month.cost_usd if month is not None else 0.0
-    by_model: dict[str, Agg] = {}
-    for key, day in view.days.items():
-        if key.startswith(month_key):
-            _merge_dict(by_model, day.by_model)
+    by_model = month.by_model if month is not None else {}
     daily = []
     for day_date in _days(today - timedelta(days=COST_DAYS - 1), today):
-        held = view.days.get(day_date.isoformat())
+        spent = view.spend.get(day_date.isoformat())
         daily.append(
             DailyCost(
                 date=day_date,
-                cost_usd=_rounded(held.total.cost_usd) if held else 0.0,
-                requests=held.total.requests if held else 0,
+                cost_usd=_rounded(spent.cost_usd) if spent else 0.0,
+                requests=spent.requests if spent else 0,
             )
         )
     return UsageCosts(
         currency="USD",
         today=_budget(
-            held_today.total.cost_usd if held_today else 0.0,
-            held_today.total.requests if held_today else 0,
+            spent_today.cost_usd if spent_today else 0.0,
+            spent_today.requests if spent_today else 0,
             settings.daily_budget_usd,
         ),
         month=_budget(month_cost, month.requests if month else 0, settings.monthly_budget_usd),
@@ -358,6 +358,12 @@ def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts
         unpriced_models=sorted(view.unpriced),
         forecast=forecast(month_cost, local_now, settings),
     )
+
+
+def spent_on(view: UsageView, day: date) -> float:
+    """Every call's cost on `day` (local), resets or not."""
+    spent = view.spend.get(day.isoformat())
+    return spent.cost_usd if spent is not None else 0.0
 
 
 def forecast(month_cost: float, local_now: datetime, settings: UsageSettings) -> CostForecast:

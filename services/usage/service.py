@@ -154,14 +154,14 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     def make_summary(now: datetime) -> UsageSummary:
         today = queries.stats(usage.view, StatsParams(), now, settings)
         budget = settings.daily_budget_usd
+        # Money from the spend, which a reset does not restart (the budget stays honest).
+        spent = queries.spent_on(usage.view, now.astimezone(settings.zone).date())
         return UsageSummary(
             today=UsageToday(
                 requests=today.total_requests,
-                cost_usd=today.total_cost_usd,
+                cost_usd=round(spent, 6),
                 error_rate=today.error_rate,
-                budget_used_pct=(
-                    round(100.0 * today.total_cost_usd / budget, 4) if budget else None
-                ),
+                budget_used_pct=round(100.0 * spent / budget, 4) if budget else None,
             ),
             alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
         )

@@ -33,6 +33,9 @@ WINDOW_S = 300
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
+# Bumped when the fold's meaning changes: a snapshot folded by another version is not
+# reused (money-1: a reset keeps the money, spend per day and months by model).
+FOLD_VERSION = "money-1"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -70,7 +73,8 @@ class Day(msgspec.Struct, kw_only=True):
 
 
 class Month(msgspec.Struct, kw_only=True, array_like=True):
-    """Month totals, and what the forecast needs: where the month starts and ends."""
+    """Month totals (money: a reset keeps them), and what the forecast needs: where the
+    month starts and ends."""
 
     requests: int = 0
     failures: int = 0
@@ -79,6 +83,15 @@ class Month(msgspec.Struct, kw_only=True, array_like=True):
     end: float = 0.0
     last_at: float = 0.0
     forecast_fired: bool = False
+    # The month's calls by model (keys bounded; the rest under `(other)`), for /usage/costs.
+    by_model: dict[str, Agg] = {}
+
+
+class Spend(msgspec.Struct, kw_only=True, array_like=True):
+    """One day's money: every call of the day, whatever resets came in between."""
+
+    requests: int = 0
+    cost_usd: float = 0.0
 
 
 class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -92,10 +105,16 @@ class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 
 class UsageView(View, kw_only=True):
-    """Everything the usage routes answer from."""
+    """Everything the usage routes answer from.
+
+    `days` and `hours` are the statistics a reset restarts; `spend`, `months` and
+    `unpriced` are money, which a reset never touches (budgets, /usage/costs and their
+    alerts count every call of their period).
+    """
 
     days: dict[str, Day] = {}
     hours: dict[int, Hour] = {}
+    spend: dict[str, Spend] = {}
     months: dict[str, Month] = {}
     unpriced: dict[str, int] = {}
     seen: dict[str, int] = {}
@@ -131,6 +150,7 @@ class FoldConfig:
 def config_fingerprint(config: FoldConfig) -> str:
     """A digest of everything the fold's result depends on besides the events."""
     parts = [
+        FOLD_VERSION,
         config.zone.key,
         config.prices.fingerprint(),
         repr(config.daily_budget_usd),

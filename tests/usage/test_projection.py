@@ -223,6 +223,33 @@ def test_reset_restarts_statistics_but_remembers_ids() -> None:
     assert view.resets == 1
 
 
+def test_a_reset_never_touches_the_money() -> None:
+    """Spend, reset, spend more: costs, budgets and their alerts as if there were no reset."""
+    cfg = config(daily_budget_usd=1.0, monthly_budget_usd=1.5)
+    before = [recorded(i, cost_usd=0.3, model="gpt-4o") for i in range(3)]  # $0.90: warning
+    after = [recorded(10 + i, cost_usd=0.3) for i in range(3)]  # $1.80: exceeded, both
+    reset = UsageReset(id="r1", occurred_at=T0, actor="admin")
+    view, alerts = fold([*before, reset, *after], cfg)
+    plain, plain_alerts = fold([*before, *after], cfg)
+    s = seoul_settings(daily_budget_usd=1.0, monthly_budget_usd=1.5)
+    costs = queries.costs(view, T0, s)
+    assert msgspec.json.encode(costs) == msgspec.json.encode(queries.costs(plain, T0, s))
+    assert costs.today.cost_usd == 1.8 and costs.today.requests == 6
+    assert costs.today.used_pct == 180.0 and costs.month.cost_usd == 1.8
+    assert costs.by_model["gpt-4o"].requests == 3 and costs.by_model["gpt-4o-mini"].requests == 3
+    assert [a.id for a in alerts] == [a.id for a in plain_alerts]
+    day = TODAY.isoformat()
+    assert sorted(a.id for a in alerts if a.kind != "usage.cost_forecast") == [
+        f"usage.cost_exceeded:daily:{day}",
+        f"usage.cost_exceeded:monthly:{day[:7]}",
+        f"usage.cost_warning:daily:{day}",
+        f"usage.cost_warning:monthly:{day[:7]}",
+    ]
+    # The statistics did restart.
+    assert day_stats(view, TODAY).total_requests == 3
+    assert day_stats(plain, TODAY).total_requests == 6
+
+
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
     hours = 450 * 24
     start = T0 - timedelta(hours=hours)  # the last event an hour before the test's noon

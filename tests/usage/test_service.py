@@ -293,6 +293,43 @@ async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
     await nc.close()
 
 
+async def test_a_reset_restarts_the_statistics_never_the_money(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Spend, reset, spend more: the budget figure and the exceeded alert as if no reset."""
+    settings = usage_settings(env, daily_budget_usd="1.0")
+    now = clock.now()
+    nc, js = await connect(env)
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        first = [msgspec.to_builtins(recorded(i, now, cost_usd=0.3)) for i in range(3)]
+        await client.post("/api/v1/usage/records", json=first, headers=auth(INGEST))
+        reset = await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
+        assert reset.status_code == 200
+        second = [msgspec.to_builtins(recorded(10 + i, now, cost_usd=0.3)) for i in range(2)]
+        await client.post("/api/v1/usage/records", json=second, headers=auth(INGEST))
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+        stats = (await client.get("/api/v1/usage/stats")).json()
+        status = (await client.get("/api/v1/status")).json()
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+    assert (costs.today.cost_usd, costs.today.requests, costs.today.used_pct) == (1.5, 5, 150.0)
+    assert costs.month.cost_usd == 1.5 and costs.daily[-1].cost_usd == 1.5
+    assert costs.by_model["gpt-4o-mini"].requests == 5
+    assert stats["total_requests"] == 2  # the statistics did restart
+    assert status["usage_today"]["budget_used_pct"] == 150.0
+    day = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.cost_exceeded", "daily", day),
+        alert_id("usage.cost_warning", "daily", day),
+    ]
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
