@@ -1,4 +1,4 @@
-"""The usage stream's events: one LLM call recorded, statistics reset."""
+"""The usage stream's events: one LLM call recorded, statistics reset, prices changed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from shared.events import AwareDatetime, Event, EventId, wrong_subject
 
 SUBJECT_RECORDED = "stockpilot.usage.recorded"
 SUBJECT_RESET = "stockpilot.usage.reset"
+SUBJECT_PRICES = "stockpilot.usage.prices_changed"
 
 # Ranges of the contract (§4): what no real LLM call comes near, and what keeps every sum,
 # snapshot and answer finite and small (a 1.7e308 cost or a 2^64-1 token count broke them).
@@ -98,7 +99,36 @@ class UsageReset(Event, frozen=True, kw_only=True, tag="usage.reset"):
         return wrong_subject("a usage.reset event", subject, SUBJECT_RESET)
 
 
-UsageEvent = UsageRecorded | UsageReset
+# USD per million tokens; the dearest list price today is in the hundreds.
+PriceUsd = Annotated[float, msgspec.Meta(ge=0, lt=1e6)]
+# Models in one price table (the shipped one has a few dozen).
+PRICE_MODELS_LIMIT = 2_000
+
+
+class Price(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's price in USD per million tokens; cached input costs the input price
+    unless given."""
+
+    input: PriceUsd
+    output: PriceUsd = 0.0
+    cached_input: PriceUsd | None = None
+
+
+class PricesChanged(Event, frozen=True, kw_only=True, tag="usage.prices_changed"):
+    """The price table in effect from `occurred_at` on (`stockpilot.usage.prices_changed`),
+    published by the usage service when its configured table differs from the stream's last.
+    """
+
+    prices: Annotated[dict[ModelName, Price], msgspec.Meta(max_length=PRICE_MODELS_LIMIT)]
+
+    def stored_problem(self, subject: str) -> str | None:
+        """A price table belongs on its own subject (which only the usage service publishes)."""
+        if subject == SUBJECT_PRICES:
+            return None
+        return wrong_subject("a usage.prices_changed event", subject, SUBJECT_PRICES)
+
+
+UsageEvent = UsageRecorded | UsageReset | PricesChanged
 
 decode_usage_event = msgspec.json.Decoder(UsageEvent).decode
 

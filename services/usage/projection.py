@@ -8,13 +8,17 @@ the same ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from services.usage import sketch
 from services.usage.alerting import make_react
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset
+from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
+from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
 from services.usage.view import (
     COST_EPSILON,
@@ -25,6 +29,7 @@ from services.usage.view import (
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
+    PRICE_TABLE_LIMIT,
     SEEN_GENERATION,
     UNPRICED_LIMIT,
     USER_LIMIT,
@@ -35,6 +40,7 @@ from services.usage.view import (
     FoldConfig,
     Hour,
     Month,
+    PriceEpoch,
     Spend,
     UsageView,
     add_call,
@@ -42,9 +48,26 @@ from services.usage.view import (
     month_bounds,
     view_type_for,
 )
-from shared.events import rfc3339
+from shared.events import Alert, rfc3339
+from shared.projection import Projection
 
-__all__ = ["FoldConfig", "UsageView", "make_apply", "make_react", "view_type_for"]
+__all__ = [
+    "FoldConfig",
+    "UsageApply",
+    "UsageProjection",
+    "UsageView",
+    "make_apply",
+    "make_react",
+    "view_type_for",
+]
+
+
+class UsageApply(Protocol):
+    """The usage fold: `stored_at` is the stream's timestamp of the event (epoch seconds)."""
+
+    def __call__(
+        self, view: UsageView, event: UsageEvent, stored_at: float | None = None
+    ) -> UsageView: ...
 
 
 _SLOT_S = 900
@@ -96,12 +119,30 @@ def make_local_keys(zone: ZoneInfo) -> Callable[[datetime, float], tuple[str, in
     return local_keys
 
 
-def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageView]:
-    """The fold for this configuration (zone, prices, budgets, thresholds)."""
+def make_apply(config: FoldConfig) -> UsageApply:
+    """The fold for this configuration (zone, first prices, budgets, thresholds)."""
     zone = config.zone
-    prices = config.prices
+    first_prices = config.prices
     warn_pct = config.cost_alert_pct / 100.0
     local_keys = make_local_keys(zone)
+    # Lookup tables of the view's price epochs, by event id (rebuilt after a restore).
+    tables: dict[str, PriceTable] = {}
+
+    def prices_at(view: UsageView, at: float) -> PriceTable:
+        """The table in effect at `at`: the latest that took effect at or before it (the
+        earliest for a call older than every table)."""
+        epochs = view.prices
+        if not epochs:
+            return first_prices
+        epoch = epochs[-1]
+        if at < epoch.since:
+            epoch = epochs[max(bisect.bisect_right(epochs, at, key=_since) - 1, 0)]
+        table = tables.get(epoch.id)
+        if table is None:
+            if len(tables) >= PRICE_TABLE_LIMIT:
+                tables.clear()
+            table = tables[epoch.id] = PriceTable(epoch.prices)
+        return table
 
     def record(view: UsageView, event: UsageRecorded) -> None:
         fired = view.fired
@@ -115,9 +156,10 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
             view.seen = {}
         view.recorded += 1
         failed = event.failed
+        at = event.occurred_at.timestamp()
         cost = event.cost_usd
         if cost is None:
-            cost = prices.cost(
+            cost = prices_at(view, at).cost(
                 event.model, event.prompt_tokens, event.completion_tokens, event.cached_tokens
             )
             if cost is None:
@@ -136,7 +178,6 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                         )
                 if event.model in view.unpriced:
                     view.unpriced[event.model] += 1
-        at = event.occurred_at.timestamp()
         day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
         spend = view.spend
         day_spend = spend.get(day_key)
@@ -240,16 +281,67 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                     )
         _error_window(view, event, int(at), failed, config, fired)
 
-    def apply(view: UsageView, event: UsageEvent) -> UsageView:
+    def apply(view: UsageView, event: UsageEvent, stored_at: float | None = None) -> UsageView:
         if view.fired:
             view.fired = []
         if isinstance(event, UsageRecorded):
             record(view, event)
         elif isinstance(event, UsageReset):
             reset(view, event)
+        elif isinstance(event, PricesChanged):
+            prices_changed(view, event)
         return view
 
     return apply
+
+
+def _since(epoch: PriceEpoch) -> float:
+    return epoch.since
+
+
+def prices_changed(view: UsageView, event: PricesChanged) -> None:
+    """A price table takes effect at its occurred_at; calls already folded keep their cost."""
+    epochs = view.prices
+    if any(epoch.id == event.id for epoch in epochs):
+        return  # the same table stored twice (a retry beyond the duplicate window)
+    since = event.occurred_at.timestamp()
+    # Kept in order of `since` (ties: in stream order), so a replay finds the same tables.
+    epochs.insert(
+        bisect.bisect_right(epochs, since, key=_since),
+        PriceEpoch(id=event.id, since=since, prices=dict(event.prices)),
+    )
+    if len(epochs) > PRICE_TABLE_LIMIT:
+        del epochs[0]
+
+
+@dataclass
+class UsageProjection(Projection[UsageView, UsageEvent]):
+    """The usage Projection: its fold also reads the stream's stored time of each event,
+    and prices calls older than every price table with the stream's first table."""
+
+    config: FoldConfig | None = None
+
+    def use_first_prices(self, prices: Mapping[str, Price]) -> None:
+        """Price calls folded before any `usage.prices_changed` with this table."""
+        assert self.config is not None
+        self.config = replace(self.config, prices=PriceTable(prices))
+        self.apply = make_apply(self.config)
+
+    def fold(
+        self,
+        seq: int,
+        data: bytes,
+        subject: str | bytes | None = None,
+        stored_ns: int | None = None,
+    ) -> Sequence[Alert]:
+        """Decode, check and apply one stored message, with the time the stream stored it."""
+        event = self.admit(data, subject, stored_ns)
+        apply: UsageApply = self.apply  # type: ignore[assignment]
+        self.view = apply(self.view, event, None if stored_ns is None else stored_ns * 1e-9)
+        self.view.last_seq = seq
+        if self.react is None:
+            return ()
+        return self.react(self.view, event)
 
 
 def _crossings(

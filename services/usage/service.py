@@ -3,32 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
+from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.usage import decide, queries
 from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
-from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
+from services.usage.events import (
+    SUBJECT_PRICES,
+    SUBJECT_RECORDED,
+    SUBJECT_RESET,
+    Price,
+    PricesChanged,
+    decode_usage_event,
+)
 from services.usage.history import AlertHistory, apply_alert, decode_alert
-from services.usage.prices import PriceTable
+from services.usage.prices import PriceTable, configured_prices
 from services.usage.projection import (
     FoldConfig,
-    UsageView,
+    UsageProjection,
     make_apply,
     make_react,
     view_type_for,
 )
 from services.usage.settings import UsageSettings
+from shared import bus
 from shared.bus import STREAMS, encode_event
+from shared.clock import Clock
 from shared.errors import UnavailableError
 from shared.projection import Projection
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
 
 PUBLISH_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 5.0
@@ -63,17 +75,64 @@ def fold_config(settings: UsageSettings) -> FoldConfig:
     )
 
 
-def usage_projection(settings: UsageSettings) -> Projection[UsageView, Any]:
+def usage_projection(settings: UsageSettings) -> UsageProjection:
     """The usage statistics projection for these settings."""
     config = fold_config(settings)
-    return Projection(
+    return UsageProjection(
         name="usage",
         stream=STREAMS["usage"],
         view_type=view_type_for(config),
         decode=decode_usage_event,
         apply=make_apply(config),
         react=make_react(config),
+        config=config,
     )
+
+
+def prices_event(
+    prices: dict[str, Price], last: PricesChanged | None, now: datetime
+) -> PricesChanged | None:
+    """The `usage.prices_changed` to publish at start: None when the stream's last table
+    is this one. Its id follows from the table and the one it replaces, so replicas
+    starting together store it once."""
+    if last is not None and last.prices == prices:
+        return None
+    digest = hashlib.sha256(msgspec.json.encode(prices)).hexdigest()[:16]
+    after = hashlib.sha256((last.id if last else "").encode()).hexdigest()[:8]
+    return PricesChanged(id=f"usage-prices-{digest}-{after}", occurred_at=now, prices=prices)
+
+
+async def _prices_message(js: JetStreamContext, *, first: bool) -> PricesChanged | None:
+    """The stream's first or last price table (None when there is none)."""
+    stream = STREAMS["usage"].name
+    try:
+        if first:
+            msg = await js.get_msg(stream, seq=1, subject=SUBJECT_PRICES, next=True)
+        else:
+            msg = await js.get_msg(stream, subject=SUBJECT_PRICES)
+    except JsNotFoundError:
+        return None
+    try:
+        return msgspec.json.decode(msg.data or b"", type=PricesChanged)
+    except msgspec.DecodeError:  # refused by the fold too: as if it were not there
+        return None
+
+
+def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
+    """At start: publish the configured price table when it differs from the stream's last,
+    then give the fold the stream's first table (for calls stored before any table)."""
+    configured = configured_prices(settings.prices)
+
+    async def prepare(js: JetStreamContext, clock: Clock | None) -> None:
+        if clock is not None:
+            event = prices_event(configured, await _prices_message(js, first=False), clock.now())
+            if event is not None:
+                await bus.publish_event(js, SUBJECT_PRICES, event)
+        first = await _prices_message(js, first=True)
+        if first is not None:
+            usage.use_first_prices(first.prices)
+
+    return prepare
 
 
 def history_projection() -> Projection[AlertHistory, Any]:
@@ -212,6 +271,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         ],
         alert_source="usage",
         description="StockPilot LLM usage, cost, latency and error statistics, budgets, alerts",
+        prepare=make_prepare(usage, settings),
     )
 
 

@@ -6,17 +6,21 @@ from typing import Annotated
 
 import msgspec
 
-from shared.settings import CommonSettings, NonNegativeFloat, PositiveFloat, PositiveInt
+from services.usage.events import PriceUsd
+from shared.settings import CommonSettings, PositiveFloat, PositiveInt
 
 Threshold = Annotated[float, msgspec.Meta(gt=0, le=100)]
 
 
 class ModelPrice(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """USD per million tokens; cached input costs the input price unless given."""
+    """USD per million tokens; cached input costs the input price unless given.
 
-    input: NonNegativeFloat
-    output: NonNegativeFloat = 0.0
-    cached_input: NonNegativeFloat | None = None
+    Bounded as in the `usage.prices_changed` event the table is published as.
+    """
+
+    input: PriceUsd
+    output: PriceUsd = 0.0
+    cached_input: PriceUsd | None = None
 
 
 class UsageSettings(CommonSettings, frozen=True, kw_only=True):

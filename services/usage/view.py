@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from services.usage.events import UsageRecorded
+from services.usage.events import Price, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
 from shared.projection import View
@@ -27,6 +27,8 @@ MONTH_LIMIT = 15
 KEY_LIMIT = 100
 USER_LIMIT = 200
 UNPRICED_LIMIT = 1_000
+# Price tables held (one per `usage.prices_changed`; a few a year in practice).
+PRICE_TABLE_LIMIT = 500
 # Ids are remembered for de-duplication in two generations of this many each.
 SEEN_GENERATION = 50_000
 WINDOW_S = 300
@@ -34,8 +36,9 @@ WINDOW_S = 300
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
 # Bumped when the fold's meaning changes: a snapshot folded by another version is not
-# reused (money-1: a reset keeps the money, spend per day and months by model).
-FOLD_VERSION = "money-1"
+# reused (money-1: a reset keeps the money, spend per day and months by model; money-2:
+# prices come from the stream's usage.prices_changed events, not from the settings).
+FOLD_VERSION = "money-2"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -94,6 +97,14 @@ class Spend(msgspec.Struct, kw_only=True, array_like=True):
     cost_usd: float = 0.0
 
 
+class PriceEpoch(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A price table and when it took effect (its event's occurred_at, epoch seconds)."""
+
+    id: str
+    since: float
+    prices: dict[str, Price]
+
+
 class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     """A condition the last event crossed: what `react` turns into an alert."""
 
@@ -117,6 +128,9 @@ class UsageView(View, kw_only=True):
     spend: dict[str, Spend] = {}
     months: dict[str, Month] = {}
     unpriced: dict[str, int] = {}
+    # Every price table of the stream by `since`: a call is priced with the one in effect
+    # at its occurred_at, so history is never re-priced.
+    prices: list[PriceEpoch] = []
     seen: dict[str, int] = {}
     seen_prev: dict[str, int] = {}
     recorded: int = 0
@@ -139,6 +153,8 @@ class FoldConfig:
     """What the fold depends on besides the events (fixed for a projection's life)."""
 
     zone: ZoneInfo
+    # For calls folded before any `usage.prices_changed`: the stream's first table (the
+    # service reads it at start), else the configured one.
     prices: PriceTable
     daily_budget_usd: float | None = None
     monthly_budget_usd: float | None = None
@@ -152,7 +168,6 @@ def config_fingerprint(config: FoldConfig) -> str:
     parts = [
         FOLD_VERSION,
         config.zone.key,
-        config.prices.fingerprint(),
         repr(config.daily_budget_usd),
         repr(config.monthly_budget_usd),
         repr(config.cost_alert_pct),
@@ -165,7 +180,8 @@ def config_fingerprint(config: FoldConfig) -> str:
 def view_type_for(config: FoldConfig) -> type[UsageView]:
     """UsageView stamped with the configuration's fingerprint.
 
-    A snapshot folded under another time zone, price table or set of thresholds fails to
+    A snapshot folded under another time zone or set of thresholds (or by another fold
+    version) fails to
     decode into this type (the `config` pattern does not match), and the runtime then
     rebuilds the view from the first event instead of mixing two configurations.
     """

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from services.usage import queries
 from services.usage.answers import StatsParams, TimeseriesParams, UsageStats
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
+from services.usage.events import (
+    Price,
+    PricesChanged,
+    UsageEvent,
+    UsageRecorded,
+    UsageReset,
+    decode_usage_event,
+)
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply, make_react
 from services.usage.settings import UsageSettings
@@ -122,6 +129,35 @@ def test_given_cost_wins_and_dated_models_take_the_base_price() -> None:
     stats = day_stats(view, TODAY)
     assert stats.by_model["gpt-4o-2024-08-06"].cost_usd == 2.5
     assert stats.by_model["gpt-4o"].cost_usd == round(0.5 + (0.6 * 2.5 + 0.4 * 1.25 + 0.1 * 10), 6)
+
+
+def table(event_id: str, since: datetime, usd: float) -> PricesChanged:
+    return PricesChanged(
+        id=event_id, occurred_at=since, prices={"gpt-4o": Price(input=usd, output=0.0)}
+    )
+
+
+def test_each_call_is_priced_with_the_table_in_effect_at_its_occurred_at() -> None:
+    million = {"model": "gpt-4o", "prompt_tokens": 1_000_000, "completion_tokens": 0}
+    hour = timedelta(hours=1)
+    events: list[UsageEvent] = [
+        recorded(1, T0 - 5 * hour, **million),  # before any table: the configured price
+        table("p1", T0 - 4 * hour, 1.0),
+        recorded(2, T0 - 3 * hour, **million),  # p1
+        recorded(3, T0 - 6 * hour, **million),  # older than every table: the first one, p1
+        table("p2", T0 - 2 * hour, 2.0),
+        recorded(4, T0 - hour, **million),  # p2
+        recorded(5, T0 - 3 * hour, **million),  # back-filled after p2, dated in p1's time
+        table("p3", T0 - 3 * hour, 4.0),  # stored late, in effect from before p2
+        recorded(6, T0 - 150 * timedelta(minutes=1), **million),  # p3 (after p1, before p2)
+        table("p2", T0 - 2 * hour, 2.0),  # the same event again: nothing changes
+        recorded(7, T0, **million),  # p2
+    ]
+    view, _ = fold(events)
+    assert [e.id for e in view.prices] == ["p1", "p3", "p2"]
+    costs = queries.costs(view, T0, seoul_settings())
+    by_day = {d.date: d.cost_usd for d in costs.daily}
+    assert sum(by_day.values()) == 2.5 + 1 + 1 + 2 + 1 + 4 + 2
 
 
 def test_unknown_model_costs_nothing_and_alerts_once() -> None:
@@ -325,12 +361,19 @@ MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4o-2024-08-06", "o3-mini", "gpt-5-nano",
 
 
 @st.composite
-def usage_events(draw: st.DrawFn, max_size: int = 120, around: datetime = T0) -> list[UsageEvent]:
+def usage_events(
+    draw: st.DrawFn, max_size: int = 120, around: datetime = T0, prices: bool = False
+) -> list[UsageEvent]:
     n = draw(st.integers(min_value=0, max_value=max_size))
     events: list[UsageEvent] = []
     for i in range(n):
         if draw(st.integers(0, 40)) == 0:
             events.append(UsageReset(id=f"reset-{i}", occurred_at=around, actor="admin"))
+            continue
+        if prices and draw(st.integers(0, 20)) == 0:
+            offset = draw(st.integers(-3 * 86_400, 3 * 86_400))
+            since = around + timedelta(seconds=offset)
+            events.append(table(f"prices-{i}", since, draw(st.sampled_from([0.5, 1.0, 7.0]))))
             continue
         ident = draw(st.integers(0, max(n - 1, 0)))  # repeats make duplicates
         offset = draw(st.integers(-3 * 86_400, 3 * 86_400))
@@ -361,7 +404,7 @@ def _bytes_fold(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(usage_events(), st.integers(min_value=0, max_value=120))
+@given(usage_events(prices=True), st.integers(min_value=0, max_value=120))
 def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: int) -> None:
     cut = min(cut, len(events))
     cfg = config(daily_budget_usd=5.0, monthly_budget_usd=50.0)

@@ -18,7 +18,7 @@ from nats.js.errors import ObjectNotFoundError
 from gateway.routes import system
 from services.usage import service as usage_service
 from services.usage.answers import AlertList, UsageCosts, UsageStats, UsageTimeseries
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.events import SUBJECT_PRICES, SUBJECT_RECORDED, PricesChanged, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus
@@ -144,10 +144,11 @@ async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
         )
         await js.publish(SUBJECT_RECORDED, b'{"type":"usage.unheard_of","id":"u1"}')
         await publish(js, [recorded(1)])
-        await wait_for(lambda: folded(runtime, 4) and len(letters) == 3)
+        # The service's price table (published at start) comes first.
+        await wait_for(lambda: folded(runtime, 5) and len(letters) == 3)
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
         assert usage.dead_lettered == 3
-        assert usage.events_applied == 1
+        assert usage.events_applied == 2
     assert "json" in letters[0].reason.lower()
     assert "prompt_tokens" in letters[1].reason
     assert "usage.unheard_of" in letters[2].reason
@@ -330,6 +331,89 @@ async def test_a_reset_restarts_the_statistics_never_the_money(
     await nc.close()
 
 
+def gpt4o_at(usd_per_million: float) -> str:
+    return msgspec.json.encode({"gpt-4o": {"input": usd_per_million, "output": 0}}).decode()
+
+
+async def price_tables(js: Any) -> list[PricesChanged]:
+    info = await js.stream_info("STOCKPILOT_USAGE")
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg("STOCKPILOT_USAGE", seq)
+        if msg.subject == SUBJECT_PRICES:
+            found.append(msgspec.json.decode(msg.data, type=PricesChanged))
+    return found
+
+
+async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Calls are priced with the table in effect at their occurred_at: a restart with a new
+    price publishes a usage.prices_changed and changes only calls from then on, and a
+    rebuild from the first event (under yet another price) gives the same money."""
+    nc, js = await connect(env)
+    # Two hours before the clock's noon: the hour it moves on stays in the (real) past.
+    start = clock.now() - timedelta(hours=2)
+    clock.set(start)
+    one_dollar = {"model": "gpt-4o", "prompt_tokens": 1_000_000, "completion_tokens": 0}
+
+    async def post(client: Any, *records: UsageRecorded) -> None:
+        body = [msgspec.to_builtins(r) for r in records]
+        answer = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert answer.json()["accepted"] == len(records)
+
+    async def costs(client: Any) -> UsageCosts:
+        return msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+
+    first = usage_settings(env, prices=gpt4o_at(1.0))
+    async with (
+        running_service(build(first), first, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        await post(client, recorded(1, start - timedelta(hours=1), **one_dollar))
+        assert (await costs(client)).by_model["gpt-4o"].cost_usd == 1.0
+    clock.advance(timedelta(hours=1))
+    second = usage_settings(env, prices=gpt4o_at(2.0))
+    async with (
+        running_service(build(second), second, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        # History keeps its price; a call from now on costs the new one, and a call dated
+        # before the change (back-filled now) the old one.
+        assert (await costs(client)).by_model["gpt-4o"].cost_usd == 1.0
+        await post(client, recorded(2, clock.now(), **one_dollar))
+        await post(client, recorded(3, start + timedelta(minutes=30), **one_dollar))
+        live = await costs(client)
+    assert live.by_model["gpt-4o"].cost_usd == 1.0 + 2.0 + 1.0
+    tables = await price_tables(js)
+    assert [t.prices["gpt-4o"].input for t in tables] == [1.0, 2.0]
+    assert [t.occurred_at for t in tables] == [start, start + timedelta(hours=1)]
+    assert tables[0].prices["gpt-4"].input == 30.0  # the shipped table comes along
+    # The same table again: nothing is published.
+    async with running_service(build(second), second, clock=clock):
+        pass
+    assert len(await price_tables(js)) == 2
+    # No snapshots, and yet another price: the rebuild prices every call as the live one did.
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
+        with contextlib.suppress(ObjectNotFoundError):
+            await obs.delete(name)
+    third = usage_settings(env, prices=gpt4o_at(3.0))
+    async with (
+        running_service(build(third), third, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        rebuilt = await costs(client)
+        from ops.replay import replay_definition
+
+        results = await replay_definition(nc, build(third), "STOCKPILOT_USAGE")
+    assert msgspec.json.encode(rebuilt) == msgspec.json.encode(live)
+    assert results[0].equal, results[0]
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
@@ -427,7 +511,8 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(
     seoul = usage_settings(env, tz="Asia/Seoul")
     async with running_service(build(seoul), seoul) as runtime:
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
-        assert usage.events_applied == 5 and usage.snapshot_seq == 0
+        # Five calls and the price table the first start published.
+        assert usage.events_applied == 6 and usage.snapshot_seq == 0
         msg = await nc.request(
             "stockpilot.svc.usage.stats",
             msgspec.json.encode({"date": (late_evening + timedelta(days=1)).date().isoformat()}),
@@ -436,7 +521,7 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(
         assert msgspec.json.decode(msg.data, type=UsageStats).total_requests == 5
     async with running_service(build(seoul), seoul) as runtime:
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
-        assert usage.snapshot_seq == 5 and usage.events_applied == 0
+        assert usage.snapshot_seq == 6 and usage.events_applied == 0
     await nc.close()
 
 
@@ -461,7 +546,7 @@ async def test_stockpilot_replay_rebuilds_the_same_usage_views(
         await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
         await publish(js, events[20:])  # ten repeats JetStream dedupes, fifty new
         await js.publish(SUBJECT_RECORDED, bus.encode_event(events[45]))  # past the window
-        await wait_for(lambda: folded(runtime, 63))
+        await wait_for(lambda: folded(runtime, 64))  # 63 and the price table
         results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
     assert [r.projection for r in results] == ["usage"]
     assert results[0].equal, results[0]
