@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
@@ -26,6 +26,7 @@ from services.usage.view import (
     FORECAST_MIN_ELAPSED_S,
     HOUR_LIMIT,
     KEY_LIMIT,
+    LATE_ALERT_S,
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
@@ -44,6 +45,7 @@ from services.usage.view import (
     Spend,
     UsageView,
     add_call,
+    day_start,
     hour_key,
     month_bounds,
     view_type_for,
@@ -144,7 +146,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
             table = tables[epoch.id] = PriceTable(epoch.prices)
         return table
 
-    def record(view: UsageView, event: UsageRecorded) -> None:
+    def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
         fired = view.fired
         if event.id in view.seen or event.id in view.seen_prev:
             view.duplicates += 1
@@ -280,12 +282,14 @@ def make_apply(config: FoldConfig) -> UsageApply:
                         )
                     )
         _error_window(view, event, int(at), failed, config, fired)
+        if fired and stored_at is not None:
+            _silence_closed_periods(view, stored_at, day_key, month.end, at, zone)
 
     def apply(view: UsageView, event: UsageEvent, stored_at: float | None = None) -> UsageView:
         if view.fired:
             view.fired = []
         if isinstance(event, UsageRecorded):
-            record(view, event)
+            record(view, event, stored_at)
         elif isinstance(event, UsageReset):
             reset(view, event)
         elif isinstance(event, PricesChanged):
@@ -342,6 +346,31 @@ class UsageProjection(Projection[UsageView, UsageEvent]):
         if self.react is None:
             return ()
         return self.react(self.view, event)
+
+
+def _silence_closed_periods(
+    view: UsageView, stored_at: float, day_key: str, month_end: float, at: float, zone: ZoneInfo
+) -> None:
+    """Drop the alerts about a period that had closed (plus LATE_ALERT_S) when the event was
+    stored: a back-filled call counts in the figures, silently. The stream's stored time,
+    not a clock, decides, so a replay drops the same ones."""
+    kept = []
+    for fired in view.fired:
+        if fired.scope == "daily":
+            day = date.fromisoformat(day_key) + timedelta(days=1)
+            closes = day_start(day, zone).timestamp()
+        elif fired.scope == "monthly":
+            closes = month_end
+        elif fired.kind == "usage.error_rate":
+            closes = at  # the 5-minute window ending at this call
+        else:
+            kept.append(fired)  # not about a period (an unpriced model)
+            continue
+        if stored_at <= closes + LATE_ALERT_S:
+            kept.append(fired)
+        else:
+            view.alerts_silenced += 1
+    view.fired = kept
 
 
 def _crossings(

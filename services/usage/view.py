@@ -32,6 +32,9 @@ PRICE_TABLE_LIMIT = 500
 # Ids are remembered for de-duplication in two generations of this many each.
 SEEN_GENERATION = 50_000
 WINDOW_S = 300
+# An alert about a period (day, month, 5-minute window) is raised only for an event stored
+# before the period closed plus this: later ones (a back-fill) count silently.
+LATE_ALERT_S = 3600.0
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
@@ -136,6 +139,8 @@ class UsageView(View, kw_only=True):
     recorded: int = 0
     duplicates: int = 0
     too_old: int = 0
+    # Alerts not raised because their period had closed when the event was stored.
+    alerts_silenced: int = 0
     # Rolling error-rate window by event time: second → [calls, failures].
     window: dict[int, list[int]] = {}
     window_end: int = 0

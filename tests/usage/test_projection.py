@@ -286,6 +286,64 @@ def test_a_reset_never_touches_the_money() -> None:
     assert day_stats(plain, TODAY).total_requests == 6
 
 
+def fold_stored(
+    events: Sequence[tuple[UsageEvent, datetime]], cfg: FoldConfig
+) -> tuple[UsageView, list[Alert]]:
+    """Fold events with the time the stream stored each."""
+    apply, react = make_apply(cfg), make_react(cfg)
+    view = UsageView()
+    alerts: list[Alert] = []
+    for seq, (event, stored) in enumerate(events, start=1):
+        view = apply(view, event, stored.timestamp())
+        view.last_seq = seq
+        alerts.extend(react(view, event))
+    return view, alerts
+
+
+def test_back_filled_calls_of_closed_periods_count_silently() -> None:
+    cfg = config(daily_budget_usd=1.0, monthly_budget_usd=1.0, error_rate_min_calls=5)
+    long_ago = T0 - timedelta(days=40)  # its day and its month closed long before T0
+    calls = [
+        recorded(i, long_ago + timedelta(seconds=i), cost_usd=0.3, status_code=500)
+        for i in range(5)
+    ]
+    view, alerts = fold_stored([(c, T0) for c in calls], cfg)
+    day = long_ago.astimezone(SEOUL).date()
+    assert alerts == []
+    assert day_stats(view, day).total_requests == 5
+    assert view.spend[day.isoformat()].cost_usd == 1.5
+    # The same calls stored as they happened alert as ever (and the month's forecast too,
+    # unless they fell in its first day).
+    _, live = fold_stored([(c, c.occurred_at) for c in calls], cfg)
+    assert sorted(a.kind for a in live if a.kind != "usage.cost_forecast") == [
+        "usage.cost_exceeded",
+        "usage.cost_exceeded",
+        "usage.cost_warning",
+        "usage.cost_warning",
+        "usage.error_rate",
+    ]
+    assert view.alerts_silenced == len(live)
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_day_alerts_until_an_hour_after_it_closes(moment: Moment) -> None:
+    zone = ZoneInfo(moment.zone)
+    cfg = config(moment.zone, daily_budget_usd=1.0)
+    late_yesterday = moment.day_start - timedelta(hours=1)
+    yesterday = late_yesterday.astimezone(zone).date().isoformat()
+    calls = [recorded(i, late_yesterday, cost_usd=0.6) for i in range(2)]
+    hour = timedelta(hours=1)
+    # Yesterday closed at moment.day_start (local midnight, 23 or 25 hours long or not).
+    _, in_time = fold_stored([(c, moment.day_start + hour) for c in calls], cfg)
+    assert [a.id for a in in_time] == [
+        f"usage.cost_warning:daily:{yesterday}",
+        f"usage.cost_exceeded:daily:{yesterday}",
+    ]
+    just_late = moment.day_start + hour + timedelta(seconds=1)
+    view, too_late = fold_stored([(c, just_late) for c in calls], cfg)
+    assert too_late == [] and view.spend[yesterday].cost_usd == 1.2
+
+
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
     hours = 450 * 24
     start = T0 - timedelta(hours=hours)  # the last event an hour before the test's noon

@@ -414,6 +414,52 @@ async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
     await nc.close()
 
 
+async def test_back_filled_calls_of_closed_days_raise_no_budget_alert(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """An import of older calls counts in the figures silently; today's calls still alert,
+    and a replay (deciding from the stored timestamps) agrees."""
+    from ops.replay import replay_definition
+
+    settings = usage_settings(env, daily_budget_usd="1.0")
+    nc, js = await connect(env)
+    now = clock.now()
+    old_days = [now - timedelta(days=d) for d in (2, 3, 4)]
+    back_fill = [
+        recorded(10 * d + i, day + timedelta(seconds=i), cost_usd=0.3)
+        for d, day in enumerate(old_days)
+        for i in range(5)
+    ]
+    async with (
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        body = [msgspec.to_builtins(r) for r in back_fill]
+        answer = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert answer.json()["accepted"] == 15
+        today = [msgspec.to_builtins(recorded(100 + i, now, cost_usd=0.3)) for i in range(4)]
+        await client.post("/api/v1/usage/records", json=today, headers=auth(INGEST))
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+        silenced = runtime.tracked["usage"].projection.view.alerts_silenced
+        results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
+    by_day = {d.date: d.cost_usd for d in costs.daily}
+    for day in old_days:
+        assert by_day[day.astimezone(settings.zone).date()] == 1.5
+    assert costs.today.cost_usd == 1.2
+    today_key = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.cost_exceeded", "daily", today_key),
+        alert_id("usage.cost_warning", "daily", today_key),
+    ]
+    assert silenced == 6  # a warning and an exceeded for each of the three closed days
+    assert results[0].equal, results[0]
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
