@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from services.usage import sketch
+from services.usage import dedupe, sketch
 from services.usage.alerting import make_react
 from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
 from services.usage.prices import PriceTable
@@ -31,7 +31,6 @@ from services.usage.view import (
     NO_ENDPOINT,
     OTHER,
     PRICE_TABLE_LIMIT,
-    SEEN_GENERATION,
     UNPRICED_LIMIT,
     USER_LIMIT,
     WINDOW_S,
@@ -148,17 +147,17 @@ def make_apply(config: FoldConfig) -> UsageApply:
 
     def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
         fired = view.fired
-        if event.id in view.seen or event.id in view.seen_prev:
+        if dedupe.has(view.ids, event.id):
             view.duplicates += 1
             return
-        seen = view.seen
-        seen[event.id] = view.last_seq + 1
-        if len(seen) >= SEEN_GENERATION:
-            view.seen_prev = seen
-            view.seen = {}
+        # Without a stored time (a fold outside the runtime) no generation ends by time.
+        remembered_at = view.ids.current.since if stored_at is None else stored_at
+        dedupe.remember(
+            view.ids, event.id, view.last_seq + 1, remembered_at, config.dedupe_exact_limit
+        )
+        at = event.occurred_at.timestamp()
         view.recorded += 1
         failed = event.failed
-        at = event.occurred_at.timestamp()
         cost = event.cost_usd
         if cost is None:
             cost = prices_at(view, at).cost(

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.usage import decide, queries
+from services.usage import decide, dedupe, queries
 from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import (
@@ -236,7 +236,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         fresh = []
         for _, event in events:
             # Beyond JetStream's duplicate window the projection still knows recent ids.
-            if event.id in view.seen or event.id in view.seen_prev:
+            if dedupe.has(view.ids, event.id):
                 duplicates += 1
             else:
                 fresh.append(event)

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from services.usage.dedupe import EXACT_LIMIT, IdMemory
 from services.usage.events import Price, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
@@ -29,8 +30,6 @@ USER_LIMIT = 200
 UNPRICED_LIMIT = 1_000
 # Price tables held (one per `usage.prices_changed`; a few a year in practice).
 PRICE_TABLE_LIMIT = 500
-# Ids are remembered for de-duplication in two generations of this many each.
-SEEN_GENERATION = 50_000
 WINDOW_S = 300
 # An alert about a period (day, month, 5-minute window) is raised only for an event stored
 # before the period closed plus this: later ones (a back-fill) count silently.
@@ -40,8 +39,9 @@ FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
 # Bumped when the fold's meaning changes: a snapshot folded by another version is not
 # reused (money-1: a reset keeps the money, spend per day and months by model; money-2:
-# prices come from the stream's usage.prices_changed events, not from the settings).
-FOLD_VERSION = "money-2"
+# prices come from the stream's usage.prices_changed events, not from the settings;
+# money-3: ids remembered for 24 hours by stored time).
+FOLD_VERSION = "money-3"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -134,8 +134,8 @@ class UsageView(View, kw_only=True):
     # Every price table of the stream by `since`: a call is priced with the one in effect
     # at its occurred_at, so history is never re-priced.
     prices: list[PriceEpoch] = []
-    seen: dict[str, int] = {}
-    seen_prev: dict[str, int] = {}
+    # Call ids for de-duplication: at least 24 hours by stored time (services.usage.dedupe).
+    ids: IdMemory = msgspec.field(default_factory=IdMemory)
     recorded: int = 0
     duplicates: int = 0
     too_old: int = 0
@@ -166,6 +166,8 @@ class FoldConfig:
     cost_alert_pct: float = 80.0
     error_rate_alert_pct: float = 20.0
     error_rate_min_calls: int = 10
+    # Ids a de-duplication generation holds exactly (tests lower it to reach the Bloom part).
+    dedupe_exact_limit: int = EXACT_LIMIT
 
 
 def config_fingerprint(config: FoldConfig) -> str:
@@ -178,6 +180,7 @@ def config_fingerprint(config: FoldConfig) -> str:
         repr(config.cost_alert_pct),
         repr(config.error_rate_alert_pct),
         repr(config.error_rate_min_calls),
+        repr(config.dedupe_exact_limit),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

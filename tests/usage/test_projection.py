@@ -71,6 +71,56 @@ def test_duplicate_id_is_counted_once() -> None:
     assert view.duplicates == 1
 
 
+def test_a_retried_id_is_counted_once_past_any_number_of_newer_ids() -> None:
+    """Past a generation's exact ids the rest go to its Bloom filter: never counted twice."""
+    cfg = config(dedupe_exact_limit=100)
+    events: list[UsageEvent] = [recorded(i, cost_usd=0.01) for i in range(1000)]
+    events += [recorded(0, cost_usd=0.01), recorded(500, cost_usd=0.01)]
+    view, _ = fold(events, cfg)
+    assert view.duplicates == 2 and view.recorded == 1000  # and no new id taken for a retry
+    assert view.ids.current.spilled == 900
+    assert queries.costs(view, T0, seoul_settings()).today.requests == 1000
+    # The Bloom filter survives a snapshot.
+    projection = _projection(view)
+    restored, _ = decode_snapshot(encode_snapshot(projection, T0), UsageView)
+    assert view_digest(restored) == view_digest(view)
+
+
+def test_ids_are_remembered_for_24_hours_of_stored_time() -> None:
+    apply = make_apply(config())
+    view = UsageView()
+    day = timedelta(hours=24)
+
+    def store(i: int, after: timedelta) -> None:
+        nonlocal view
+        view = apply(view, recorded(i), (T0 + after).timestamp())
+
+    store(1, timedelta(0))
+    store(2, day)  # a new generation: id 1 is in the previous one
+    store(1, 2 * day - timedelta(minutes=1))  # 47 h 59 min later: still known
+    assert (view.recorded, view.duplicates) == (2, 1)
+    store(3, 2 * day)  # id 1's generation is forgotten, 48 hours after it began
+    store(1, 2 * day + timedelta(minutes=1))
+    assert (view.recorded, view.duplicates) == (4, 1)
+
+
+def test_the_largest_id_memory_snapshots_and_restores() -> None:
+    """Two generations of exact ids at their limit and two full Bloom filters."""
+    from services.usage import dedupe
+
+    view = UsageView()
+    noise = bytearray(range(256)) * (dedupe.BLOOM_BITS // 8 // 256)
+    for generation in (view.ids.current, view.ids.previous):
+        generation.ids = {
+            f"req-{generation is view.ids.current}-{i:032d}": i for i in range(100_000)
+        }
+        generation.bloom = bytearray(noise)
+    data = encode_snapshot(_projection(view), T0)
+    restored, _ = decode_snapshot(data, UsageView)
+    assert view_digest(restored) == view_digest(view)
+    assert len(data) < 64 * 1024 * 1024
+
+
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_days_are_counted_in_the_configured_zone(moment: Moment) -> None:
     before = moment.day_start - timedelta(seconds=1)  # 23:59:59 yesterday, local

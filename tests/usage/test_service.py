@@ -460,6 +460,34 @@ async def test_back_filled_calls_of_closed_days_raise_no_budget_alert(
     await nc.close()
 
 
+async def test_a_call_retried_past_the_jetstream_window_is_counted_once(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Stored again without JetStream's help (as past its duplicate window, or after a NATS
+    restart), a call id is still counted once; the ingest route says it is a duplicate."""
+    settings = usage_settings(env)
+    nc, js = await connect(env)
+    now = clock.now()
+    calls = [recorded(i, now, cost_usd=0.01) for i in range(300)]
+    async with (
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        await publish(js, calls)
+        for retried in (calls[0], calls[150]):  # no Nats-Msg-Id: JetStream stores it again
+            await js.publish(SUBJECT_RECORDED, bus.encode_event(retried))
+        await wait_for(lambda: folded(runtime, 303))  # the price table, 300 calls, 2 retries
+        again = await client.post(
+            "/api/v1/usage/records", json=msgspec.to_builtins(calls[7]), headers=auth(INGEST)
+        )
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+    assert again.json()["duplicates"] == 1 and again.json()["accepted"] == 0
+    assert costs.today.requests == 300 and costs.today.cost_usd == 3.0
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
