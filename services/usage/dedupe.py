@@ -19,6 +19,7 @@ import msgspec
 DEDUPE_S = 86_400.0
 EXACT_LIMIT = 100_000
 BLOOM_BITS = 1 << 26  # 8 MiB per generation, allocated only once a generation overflows
+assert BLOOM_BITS == 1 << 26  # positions() takes 26 bits of the digest for each
 BLOOM_HASHES = 7
 
 
@@ -38,16 +39,25 @@ class IdMemory(msgspec.Struct, kw_only=True):
     previous: IdGeneration = msgspec.field(default_factory=IdGeneration)
 
 
-def _positions(key: str) -> list[int]:
-    # Double hashing from one stable digest (Python's hash() differs between processes).
-    digest = hashlib.blake2b(key.encode(), digest_size=16).digest()
-    first = int.from_bytes(digest[:8], "little")
-    step = int.from_bytes(digest[8:], "little") | 1
-    return [(first + i * step) % BLOOM_BITS for i in range(BLOOM_HASHES)]
+_MASK = BLOOM_BITS - 1
 
 
-def _in_bloom(bloom: bytearray, positions: list[int]) -> bool:
-    return all(bloom[p >> 3] & (1 << (p & 7)) for p in positions)
+def positions(key: str) -> tuple[int, ...]:
+    """The key's BLOOM_HASHES bits in a Bloom filter: 26-bit slices of one stable digest
+    (hash() differs between processes). Written out: a generator costs a microsecond."""
+    n = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=24).digest(), "little")
+    m = _MASK
+    return (
+        n & m, (n >> 26) & m, (n >> 52) & m, (n >> 78) & m,
+        (n >> 104) & m, (n >> 130) & m, (n >> 156) & m,
+    )  # fmt: skip
+
+
+def _in_bloom(bloom: bytearray, bits: tuple[int, ...]) -> bool:
+    for p in bits:
+        if not bloom[p >> 3] & (1 << (p & 7)):
+            return False
+    return True
 
 
 def has(memory: IdMemory, key: str) -> bool:
@@ -57,27 +67,38 @@ def has(memory: IdMemory, key: str) -> bool:
         return True
     if not current.bloom and not previous.bloom:
         return False
-    positions = _positions(key)
+    bits = positions(key)
     return bool(
-        (current.bloom and _in_bloom(current.bloom, positions))
-        or (previous.bloom and _in_bloom(previous.bloom, positions))
+        (current.bloom and _in_bloom(current.bloom, bits))
+        or (previous.bloom and _in_bloom(previous.bloom, bits))
     )
 
 
 def remember(
     memory: IdMemory, key: str, seq: int, stored_at: float, exact_limit: int = EXACT_LIMIT
-) -> None:
-    """Remember `key` (not yet known), stored at `stored_at`; rotate a generation DEDUPE_S old."""
-    current = memory.current
+) -> bool:
+    """Remember `key` stored at `stored_at` (rotating a generation DEDUPE_S old); False when
+    it was remembered already (a retry), True when it is new."""
+    current, previous = memory.current, memory.previous
+    if key in current.ids or key in previous.ids:
+        return False
+    bits: tuple[int, ...] | None = None
+    if current.bloom or previous.bloom:
+        bits = positions(key)
+        if (current.bloom and _in_bloom(current.bloom, bits)) or (
+            previous.bloom and _in_bloom(previous.bloom, bits)
+        ):
+            return False
     if stored_at - current.since >= DEDUPE_S:
         memory.previous = current
         memory.current = current = IdGeneration(since=stored_at)
     if len(current.ids) < exact_limit:
         current.ids[key] = seq
-        return
+        return True
     if not current.bloom:
         current.bloom = bytearray(BLOOM_BITS // 8)
     bloom = current.bloom
-    for p in _positions(key):
+    for p in bits or positions(key):
         bloom[p >> 3] |= 1 << (p & 7)
     current.spilled += 1
+    return True

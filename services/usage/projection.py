@@ -147,14 +147,13 @@ def make_apply(config: FoldConfig) -> UsageApply:
 
     def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
         fired = view.fired
-        if dedupe.has(view.ids, event.id):
-            view.duplicates += 1
-            return
         # Without a stored time (a fold outside the runtime) no generation ends by time.
         remembered_at = view.ids.current.since if stored_at is None else stored_at
-        dedupe.remember(
+        if not dedupe.remember(
             view.ids, event.id, view.last_seq + 1, remembered_at, config.dedupe_exact_limit
-        )
+        ):
+            view.duplicates += 1
+            return
         at = event.occurred_at.timestamp()
         view.recorded += 1
         failed = event.failed
