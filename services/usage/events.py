@@ -29,6 +29,9 @@ EndpointPath = Annotated[str, msgspec.Meta(max_length=512)]
 # An error code is a label ("rate_limit_exceeded", "timeout").
 ErrorCode = Annotated[str, msgspec.Meta(max_length=128)]
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# A tag names what a call was for ("feature:screener"); a call has at most 16.
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=16)]
 Reason = Annotated[str, msgspec.Meta(max_length=500)]
 
 
@@ -46,6 +49,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
+    tags: Tags = []
 
     def stored_problem(self, subject: str) -> str | None:
         """A recorded call belongs on `stockpilot.usage.recorded` only, and its names are
@@ -63,6 +67,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
             and (self.endpoint is None or self.endpoint.isprintable())
             and (self.request_id is None or self.request_id.isprintable())
             and (self.error_code is None or self.error_code.isprintable())
+            and all(tag.isprintable() for tag in self.tags)
         ):
             return UNPRINTABLE
         return None
@@ -74,7 +79,8 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
 
 
 UNPRINTABLE = (
-    "id, model, request_id, endpoint, user_id and error_code must not contain control characters"
+    "id, model, request_id, endpoint, user_id, error_code and tags must not contain control "
+    "characters"
 )
 
 
@@ -155,9 +161,12 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
+    tags: Tags = []
 
     def __post_init__(self) -> None:
         for name in ("id", "model", "request_id", "endpoint", "user_id", "error_code"):
             value = getattr(self, name)
             if value is not None:
                 printable(value, name)
+        for tag in self.tags:
+            printable(tag, "tags")

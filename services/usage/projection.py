@@ -18,9 +18,11 @@ from zoneinfo import ZoneInfo
 from services.usage import dedupe, sketch
 from services.usage.alerting import make_react
 from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
-from services.usage.prices import PriceTable
+from services.usage.prices import PriceTable, base_model
+from services.usage.settings import Budget
 from services.usage.sketch import Sketch
 from services.usage.view import (
+    BUDGET_PERIOD_LIMIT,
     COST_EPSILON,
     DAY_LIMIT,
     FORECAST_MIN_ELAPSED_S,
@@ -126,6 +128,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
     first_prices = config.prices
     warn_pct = config.cost_alert_pct / 100.0
     local_keys = make_local_keys(zone)
+    scoped = [(budget, _covers(budget)) for budget in config.budgets]
     # Lookup tables of the view's price epochs, by event id (rebuilt after a restore).
     tables: dict[str, PriceTable] = {}
 
@@ -279,6 +282,9 @@ def make_apply(config: FoldConfig) -> UsageApply:
                             threshold=budget,
                         )
                     )
+        for scoped_budget, covers in scoped:
+            if covers(event):
+                _scoped_spend(view, scoped_budget, day_key, month_key, cost, warn_pct, fired)
         _error_window(view, event, int(at), failed, config, fired)
         if fired and stored_at is not None:
             _silence_closed_periods(view, stored_at, day_key, month.end, at, zone)
@@ -354,10 +360,11 @@ def _silence_closed_periods(
     not a clock, decides, so a replay drops the same ones."""
     kept = []
     for fired in view.fired:
-        if fired.scope == "daily":
+        scoped = fired.kind.startswith("usage.budget_")
+        if fired.scope == "daily" or (scoped and len(fired.period) == len(day_key)):
             day = date.fromisoformat(day_key) + timedelta(days=1)
             closes = day_start(day, zone).timestamp()
-        elif fired.scope == "monthly":
+        elif fired.scope == "monthly" or scoped:
             closes = month_end
         elif fired.kind == "usage.error_rate":
             closes = at  # the 5-minute window ending at this call
@@ -369,6 +376,52 @@ def _silence_closed_periods(
         else:
             view.alerts_silenced += 1
     view.fired = kept
+
+
+def _covers(budget: Budget) -> Callable[[UsageRecorded], bool]:
+    """Whether a call counts against `budget` (a model scope covers its dated names)."""
+    kind, _, value = budget.scope.partition(":")
+    if kind == "user":
+        return lambda event: event.user_id == value
+    if kind == "model":
+        return lambda event: event.model == value or base_model(event.model) == value
+    if kind == "endpoint":
+        return lambda event: event.endpoint == value
+    if kind == "tag":
+        return lambda event: value in event.tags
+    return lambda event: True
+
+
+def _scoped_spend(
+    view: UsageView,
+    budget: Budget,
+    day_key: str,
+    month_key: str,
+    cost: float,
+    warn_pct: float,
+    fired: list[Fired],
+) -> None:
+    periods = view.budget_spend.get(budget.key)
+    if periods is None:
+        periods = view.budget_spend[budget.key] = {}
+    period = day_key if budget.period == "daily" else month_key
+    before = periods.get(period)
+    if before is None:
+        if len(periods) >= BUDGET_PERIOD_LIMIT:
+            oldest = min(periods)
+            if period < oldest:
+                return  # older than any period still held: nobody asks about it
+            del periods[oldest]
+        before = 0.0
+    after = periods[period] = before + cost
+    for kind, level in (
+        ("usage.budget_warning", budget.usd * warn_pct),
+        ("usage.budget_exceeded", budget.usd),
+    ):
+        if before < level - COST_EPSILON <= after:
+            fired.append(
+                Fired(kind=kind, scope=budget.scope, period=period, value=after, threshold=level)
+            )
 
 
 def _crossings(

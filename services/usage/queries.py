@@ -10,6 +10,9 @@ from services.usage.answers import (
     AlertList,
     AlertsParams,
     Breakdown,
+    BudgetAnswer,
+    BudgetParams,
+    BudgetState,
     BudgetUse,
     CostForecast,
     DailyCost,
@@ -24,9 +27,18 @@ from services.usage.answers import (
     UserUsage,
 )
 from services.usage.history import AlertHistory
+from services.usage.prices import base_model
 from services.usage.settings import UsageSettings
 from services.usage.sketch import Sketch
-from services.usage.view import Agg, UsageView, day_start, hour_key, merge_agg, month_bounds
+from services.usage.view import (
+    COST_EPSILON,
+    Agg,
+    UsageView,
+    day_start,
+    hour_key,
+    merge_agg,
+    month_bounds,
+)
 from shared.errors import InvalidRequestError
 
 MAX_RANGE_DAYS = 90
@@ -357,6 +369,68 @@ def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts
         daily=daily,
         unpriced_models=sorted(view.unpriced),
         forecast=forecast(month_cost, local_now, settings),
+    )
+
+
+def budget(
+    view: UsageView, params: BudgetParams, now: datetime, settings: UsageSettings
+) -> BudgetAnswer:
+    """The budgets covering a call about to be made, and whether an enforced one is used up."""
+    local = now.astimezone(settings.zone).date()
+    day_key, month_key = local.isoformat(), local.isoformat()[:7]
+    states: list[BudgetState] = []
+    # The daily/monthly budgets of the settings are the `all` scope; they only alert.
+    for period, usd in (
+        ("daily", settings.daily_budget_usd),
+        ("monthly", settings.monthly_budget_usd),
+    ):
+        if usd is not None:
+            if period == "daily":
+                used = spent_on(view, local)
+            else:
+                month = view.months.get(month_key)
+                used = month.cost_usd if month is not None else 0.0
+            states.append(_state("all", period, usd, used, enforce=False))
+    for scoped in settings.budgets:
+        if not _covers(scoped.scope, params):
+            continue
+        periods = view.budget_spend.get(scoped.key, {})
+        used = periods.get(day_key if scoped.period == "daily" else month_key, 0.0)
+        states.append(_state(scoped.scope, scoped.period, scoped.usd, used, scoped.enforce))
+    spent = [s for s in states if s.enforce and s.used_usd >= s.usd - COST_EPSILON]
+    reason = None
+    if spent:
+        first = spent[0]
+        reason = (
+            f"the {first.period} budget {first.scope} is used up: "
+            f"${first.used_usd:,.4f} of ${first.usd:,.2f}"
+        )
+    return BudgetAnswer(allowed=not spent, budgets=states, reason=reason)
+
+
+def _covers(scope: str, params: BudgetParams) -> bool:
+    kind, _, value = scope.partition(":")
+    if kind == "user":
+        return params.user_id == value
+    if kind == "model":
+        return params.model is not None and (
+            params.model == value or base_model(params.model) == value
+        )
+    if kind == "endpoint":
+        return params.endpoint == value
+    if kind == "tag":
+        return params.tag == value
+    return True
+
+
+def _state(scope: str, period: str, usd: float, used: float, enforce: bool) -> BudgetState:
+    return BudgetState(
+        scope=scope,
+        period=period,
+        usd=usd,
+        used_usd=_rounded(used),
+        used_pct=_pct(used, usd),
+        enforce=enforce,
     )
 
 

@@ -15,7 +15,13 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.usage import decide, dedupe, queries
-from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
+from services.usage.answers import (
+    AlertList,
+    AlertsParams,
+    BudgetParams,
+    StatsParams,
+    TimeseriesParams,
+)
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import (
     SUBJECT_PRICES,
@@ -72,6 +78,7 @@ def fold_config(settings: UsageSettings) -> FoldConfig:
         cost_alert_pct=settings.cost_alert_pct,
         error_rate_alert_pct=settings.error_rate_alert_pct,
         error_rate_min_calls=settings.error_rate_min_calls,
+        budgets=tuple(settings.budgets),
     )
 
 
@@ -207,6 +214,12 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             key("costs", params, now), lambda: queries.costs(usage.view, now, settings)
         )
 
+    async def budget(params: BudgetParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(
+            key("budget", params, now), lambda: queries.budget(usage.view, params, now, settings)
+        )
+
     async def alerts(params: AlertsParams, ctx: Context) -> AlertList:
         return queries.alerts(history.view, params)
 
@@ -264,6 +277,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("stats", StatsParams, stats),
             Endpoint("timeseries", TimeseriesParams, timeseries),
             Endpoint("costs", NoParams, costs),
+            Endpoint("budget", BudgetParams, budget),
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),

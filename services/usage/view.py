@@ -19,6 +19,7 @@ import msgspec
 from services.usage.dedupe import EXACT_LIMIT, IdMemory
 from services.usage.events import Price, UsageRecorded
 from services.usage.prices import PriceTable
+from services.usage.settings import Budget
 from services.usage.sketch import Sketch
 from shared.projection import View
 
@@ -30,6 +31,8 @@ USER_LIMIT = 200
 UNPRICED_LIMIT = 1_000
 # Price tables held (one per `usage.prices_changed`; a few a year in practice).
 PRICE_TABLE_LIMIT = 500
+# Periods of spend kept per scoped budget (two months of days).
+BUDGET_PERIOD_LIMIT = 62
 WINDOW_S = 300
 # An alert about a period (day, month, 5-minute window) is raised only for an event stored
 # before the period closed plus this: later ones (a back-fill) count silently.
@@ -141,6 +144,9 @@ class UsageView(View, kw_only=True):
     too_old: int = 0
     # Alerts not raised because their period had closed when the event was stored.
     alerts_silenced: int = 0
+    # Spend of each scoped budget (Budget.key) by period ("YYYY-MM-DD" or "YYYY-MM"):
+    # money, which a reset does not touch.
+    budget_spend: dict[str, dict[str, float]] = {}
     # Rolling error-rate window by event time: second → [calls, failures].
     window: dict[int, list[int]] = {}
     window_end: int = 0
@@ -168,6 +174,7 @@ class FoldConfig:
     error_rate_min_calls: int = 10
     # Ids a de-duplication generation holds exactly (tests lower it to reach the Bloom part).
     dedupe_exact_limit: int = EXACT_LIMIT
+    budgets: tuple[Budget, ...] = ()
 
 
 def config_fingerprint(config: FoldConfig) -> str:
@@ -181,6 +188,7 @@ def config_fingerprint(config: FoldConfig) -> str:
         repr(config.error_rate_alert_pct),
         repr(config.error_rate_min_calls),
         repr(config.dedupe_exact_limit),
+        repr([(b.scope, b.period, b.usd) for b in config.budgets]),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

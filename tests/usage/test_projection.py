@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.usage import queries
-from services.usage.answers import StatsParams, TimeseriesParams, UsageStats
+from services.usage.answers import BudgetParams, StatsParams, TimeseriesParams, UsageStats
 from services.usage.events import (
     Price,
     PricesChanged,
@@ -23,7 +23,7 @@ from services.usage.events import (
 )
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply, make_react
-from services.usage.settings import UsageSettings
+from services.usage.settings import Budget, UsageSettings
 from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
 from shared.bus import STREAMS, encode_event
 from shared.events import Alert
@@ -392,6 +392,45 @@ def test_a_day_alerts_until_an_hour_after_it_closes(moment: Moment) -> None:
     just_late = moment.day_start + hour + timedelta(seconds=1)
     view, too_late = fold_stored([(c, just_late) for c in calls], cfg)
     assert too_late == [] and view.spend[yesterday].cost_usd == 1.2
+
+
+def test_scoped_budgets_count_their_calls_alert_and_enforce() -> None:
+    budgets = (
+        Budget(scope="user:u-42", period="daily", usd=1.0, enforce=True),
+        Budget(scope="model:gpt-4o", period="monthly", usd=2.0),
+        Budget(scope="tag:feature:screener", period="daily", usd=0.5, enforce=True),
+    )
+    cfg = config(budgets=budgets)
+    events: list[UsageEvent] = [
+        recorded(1, user_id="u-42", model="gpt-4o-2024-08-06", cost_usd=0.9),  # 90 %: warning
+        recorded(2, user_id="u-7", model="gpt-4o", cost_usd=0.9, tags=["feature:screener"]),
+        UsageReset(id="r1", occurred_at=T0, actor="admin"),  # money: nothing re-arms
+        recorded(3, user_id="u-42", model="gpt-4o-mini", cost_usd=0.2),  # u-42 exceeded
+    ]
+    view, alerts = fold(events, cfg)
+    day, month = TODAY.isoformat(), TODAY.isoformat()[:7]
+    assert [a.id for a in alerts] == [
+        f"usage.budget_warning:user:u-42:{day}",
+        f"usage.budget_warning:model:gpt-4o:{month}",
+        f"usage.budget_warning:tag:feature:screener:{day}",
+        f"usage.budget_exceeded:tag:feature:screener:{day}",
+        f"usage.budget_exceeded:user:u-42:{day}",
+    ]
+    assert alerts[-1].severity == "critical" and alerts[-1].metric == "budget_cost_usd"
+    s = seoul_settings(budgets=list(budgets), daily_budget_usd=10.0)
+    answer = queries.budget(view, BudgetParams(user_id="u-42", model="gpt-4o"), T0, s)
+    assert not answer.allowed and "user:u-42" in (answer.reason or "")
+    assert [(b.scope, b.period, b.used_usd, b.enforce) for b in answer.budgets] == [
+        ("all", "daily", 2.0, False),
+        ("user:u-42", "daily", 1.1, True),
+        ("model:gpt-4o", "monthly", 1.8, False),
+    ]
+    other = queries.budget(view, BudgetParams(user_id="u-7", model="gpt-4o"), T0, s)
+    assert other.allowed and other.reason is None
+    screener = queries.budget(view, BudgetParams(tag="feature:screener"), T0, s)
+    assert not screener.allowed
+    tomorrow = queries.budget(view, BudgetParams(user_id="u-42"), T0 + timedelta(days=1), s)
+    assert tomorrow.allowed and tomorrow.budgets[1].used_usd == 0.0
 
 
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:

@@ -488,6 +488,73 @@ async def test_a_call_retried_past_the_jetstream_window_is_counted_once(
     await nc.close()
 
 
+BUDGETS = msgspec.json.encode(
+    [
+        {"scope": "user:u-42", "period": "daily", "usd": 1.0, "enforce": True},
+        {"scope": "tag:feature:screener", "period": "monthly", "usd": 5.0},
+    ]
+).decode()
+
+
+async def test_scoped_budgets_through_the_gateway(env: dict[str, str], clock: ManualClock) -> None:
+    """GET /api/v1/usage/budget answers for a call about to be made: allowed until an
+    enforced budget covering it is used up; each budget raises its own alerts."""
+    settings = usage_settings(env, budgets=BUDGETS)
+    nc, js = await connect(env)
+    now = clock.now()
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+
+        async def ask(**query: str) -> dict[str, Any]:
+            answer = await client.get("/api/v1/usage/budget", params=query)
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        before = await ask(user_id="u-42", tag="feature:screener")
+        assert before["allowed"] is True and before["reason"] is None
+        calls = [
+            recorded(i, now, user_id="u-42", cost_usd=0.35, tags=["feature:screener"])
+            for i in range(3)
+        ]
+        body = [msgspec.to_builtins(c) for c in calls]
+        posted = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert posted.json()["accepted"] == 3
+        after = await ask(user_id="u-42", tag="feature:screener")
+        other = await ask(user_id="u-7")
+        too_long = await client.get("/api/v1/usage/budget", params={"tag": "t" * 65})
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+    assert after["allowed"] is False and "user:u-42" in after["reason"]
+    assert [(b["scope"], b["period"], b["used_usd"], b["enforce"]) for b in after["budgets"]] == [
+        ("user:u-42", "daily", 1.05, True),
+        ("tag:feature:screener", "monthly", 1.05, False),
+    ]
+    assert other == {"allowed": True, "budgets": [], "reason": None}
+    assert too_long.status_code in (400, 422)
+    day = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.budget_exceeded", "user:u-42", day),
+        alert_id("usage.budget_warning", "user:u-42", day),
+    ]
+    await nc.close()
+
+
+def test_a_bad_budget_stops_the_service_naming_the_variable(env: dict[str, str]) -> None:
+    from shared.settings import SettingsError
+
+    for bad in (
+        '[{"scope": "team:x", "period": "daily", "usd": 1}]',
+        '[{"scope": "all", "period": "weekly", "usd": 1}]',
+        '[{"scope": "all", "period": "daily", "usd": 0}]',
+        '[{"scope": "all", "period": "daily", "usd": 1, "hard": true}]',
+    ):
+        with pytest.raises(SettingsError, match="STOCKPILOT_BUDGETS"):
+            usage_settings(env, budgets=bad)
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
