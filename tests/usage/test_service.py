@@ -350,7 +350,8 @@ async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
 ) -> None:
     """Calls are priced with the table in effect at their occurred_at: a restart with a new
     price publishes a usage.prices_changed and changes only calls from then on, and a
-    rebuild from the first event (under yet another price) gives the same money."""
+    rebuild from the first event (under yet another price, after a reset and a back-fill)
+    gives the same money."""
     nc, js = await connect(env)
     # Two hours before the clock's noon: the hour it moves on stays in the (real) past.
     start = clock.now() - timedelta(hours=2)
@@ -385,8 +386,14 @@ async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
         assert (await costs(client)).by_model["gpt-4o"].cost_usd == 1.0
         await post(client, recorded(2, clock.now(), **one_dollar))
         await post(client, recorded(3, start + timedelta(minutes=30), **one_dollar))
+        # A reset and a back-fill of a closed day: the money stays, the replay agrees.
+        reset = await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
+        assert reset.status_code == 200
+        await post(client, recorded(4, start - timedelta(days=3), **one_dollar))
         live = await costs(client)
-    assert live.by_model["gpt-4o"].cost_usd == 1.0 + 2.0 + 1.0
+    assert live.today.cost_usd == 1.0 + 2.0 + 1.0
+    three_days_ago = (start - timedelta(days=3)).astimezone(first.zone).date()
+    assert [d.cost_usd for d in live.daily if d.date == three_days_ago] == [1.0]
     tables = await price_tables(js)
     assert [t.prices["gpt-4o"].input for t in tables] == [1.0, 2.0]
     assert [t.occurred_at for t in tables] == [start, start + timedelta(hours=1)]
