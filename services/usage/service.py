@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -47,6 +48,8 @@ from shared.clock import Clock
 from shared.errors import UnavailableError
 from shared.projection import Projection
 from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
+
+log = logging.getLogger("stockpilot.usage")
 
 PUBLISH_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 5.0
@@ -134,7 +137,15 @@ def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
         if clock is not None:
             event = prices_event(configured, await _prices_message(js, first=False), clock.now())
             if event is not None:
-                await bus.publish_event(js, SUBJECT_PRICES, event)
+                try:
+                    await bus.publish_event(js, SUBJECT_PRICES, event)
+                except Exception as exc:
+                    if not type(exc).__module__.startswith("nats"):
+                        raise
+                    # A stream that refuses writes (full, sealed) must not keep the service
+                    # from answering; calls keep the stream's last table until a start
+                    # that can store the new one.
+                    log.error("usage: the price table could not be published: %r", exc)
         first = await _prices_message(js, first=True)
         if first is not None:
             usage.use_first_prices(first.prices)

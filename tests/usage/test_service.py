@@ -562,6 +562,30 @@ def test_a_bad_budget_stops_the_service_naming_the_variable(env: dict[str, str])
             usage_settings(env, budgets=bad)
 
 
+async def test_a_stream_refusing_writes_does_not_keep_the_service_from_starting(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """The price table cannot be stored (the stream at its max_bytes, discard new): the
+    start-up step logs it and goes on; a later start that can store it does.
+
+    The step is called on its own: a whole service would re-provision the stream (the
+    tests' server has no users, so every process may administer it) and lift the cap."""
+    from tests.usage.test_spool import set_usage_limit
+
+    nc, js = await connect(env)
+    await publish(js, [recorded(i, clock.now(), cost_usd=0.5) for i in range(3)])
+    used = (await js.stream_info("STOCKPILOT_USAGE")).state.bytes
+    await set_usage_limit(env["STOCKPILOT_NATS_URL"], used)
+    settings = usage_settings(env)
+    prepare = usage_service.make_prepare(usage_service.usage_projection(settings), settings)
+    await prepare(js, clock)  # does not raise
+    assert await price_tables(js) == []
+    await set_usage_limit(env["STOCKPILOT_NATS_URL"], -1)
+    await prepare(js, clock)
+    assert len(await price_tables(js)) == 1
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
