@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 
 import nats
 
 from bench.ceilings import sample_event
 from bench.harness import Report, Result, log, process, wrk
+from services.usage.budget_client import BudgetChecker
 from shared import bus
 from shared.testing import free_port
 
@@ -18,7 +20,10 @@ ROUTES = (
     "/api/v1/usage/stats",
     "/api/v1/health/comprehensive",
     "/api/v1/batch/executions/recent",
+    # The budget check StockPilot AI makes before a call (the client keeps it a second).
+    "/api/v1/usage/budget?user_id=u-1&model=gpt-4o",
 )
+BUDGET_CHECKS = 200_000
 
 
 @contextlib.contextmanager
@@ -102,3 +107,28 @@ async def run(report: Report, ctx: object) -> None:
                     min_ratio=1 / 1.5,
                 )
             )
+        report.results.append(await budget_check_cost(base, runs))
+
+
+async def budget_check_cost(base: str, runs: int) -> Result:
+    """What `check_budget` costs the application per call on its hot path (the answer kept
+    for its second): microseconds per call, in this process."""
+    budgets = BudgetChecker(base)
+    await budgets.check_budget(user_id="u-1", model="gpt-4o")  # fetched once, then kept
+    costs = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        for _ in range(BUDGET_CHECKS):
+            await budgets.check_budget(user_id="u-1", model="gpt-4o")
+        costs.append((time.perf_counter() - started) / BUDGET_CHECKS * 1e6)
+        log(f"  check_budget: {costs[-1]:.2f} us per call ({budgets.requests} requests)")
+    await budgets.aclose()
+    return Result(
+        "usage client check_budget per call (answer kept 1 s)",
+        costs,
+        "us",
+        higher_is_better=False,
+        target="≤ 100 us",
+        max_value=100.0,
+        note="the hot path: a dict lookup and a clock read; one HTTP request a second",
+    )

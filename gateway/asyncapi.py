@@ -25,7 +25,7 @@ from services.batch.events import (
     LockReleased,
 )
 from services.health.events import HealthChecked, HostSampled
-from services.usage.events import UsageRecorded, UsageReset
+from services.usage.events import PricesChanged, UsageRecorded, UsageReset
 from shared.bus import DeadLetter
 from shared.events import JOB_ID_PATTERN, Alert
 from shared.runtime import VERSION
@@ -84,6 +84,20 @@ CHANNELS = (
         (UsageReset,),
         MSG_ID_HEADER,
         senders=("gateway", "usage"),
+        readers=("usage", "observer", "ops"),
+        stream="STOCKPILOT_USAGE",
+    ),
+    Channel(
+        "usagePricesChanged",
+        "stockpilot.usage.prices_changed",
+        "The price table in effect from occurred_at on, published by the usage service at start "
+        "when its configured table (shipped prices.toml and STOCKPILOT_PRICES) differs from the "
+        "stream's last. A call is priced with the table in effect at its occurred_at, so a "
+        "price change never re-prices history and a replay prices every call as the live "
+        "service did.",
+        (PricesChanged,),
+        MSG_ID_HEADER,
+        senders=("usage",),
         readers=("usage", "observer", "ops"),
         stream="STOCKPILOT_USAGE",
     ),

@@ -41,7 +41,7 @@ _encode = msgspec.json.Encoder().encode
 # `status` (every service's built-in) is cached too: a service announces its own shutdown.
 READ_ENDPOINTS: dict[str, frozenset[str]] = {
     "health": frozenset({"status", "summary"}),
-    "usage": frozenset({"status", "stats", "timeseries", "costs", "alerts", "summary"}),
+    "usage": frozenset({"status", "stats", "timeseries", "costs", "budget", "alerts", "summary"}),
     "batch": frozenset(
         {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status"}
     ),

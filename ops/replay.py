@@ -215,6 +215,8 @@ async def replay_definition(
         answer = await live_digests(nc, definition.name, timeout)
     live = {p.name: p for p in answer.projections}
     js = nc.jetstream()
+    if definition.prepare is not None:
+        await definition.prepare(js, None)  # read only: what the folds need
     results: list[ReplayResult] = []
     for projection in selected:
         state = live.get(projection.name)

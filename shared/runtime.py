@@ -136,6 +136,7 @@ class Endpoint(Generic[P]):
 
 
 Background = Callable[["Context"], Coroutine[Any, Any, None]]
+Prepare = Callable[[JetStreamContext, Clock | None], Awaitable[None]]
 
 
 @dataclass
@@ -153,6 +154,10 @@ class ServiceDefinition:
     # `digest` endpoint reports their values, so `stockpilot replay` folds with the live
     # service's configuration, not the shell's. None of them may be a secret.
     fold_settings: Sequence[str] = ()
+    # Runs once connected, before any projection folds: reads what the folds need from the
+    # streams and, given a clock (the live service; a replay passes None), publishes what
+    # the service announces at start (the usage service's price table).
+    prepare: Prepare | None = None
 
 
 class ProjectionStatus(msgspec.Struct, kw_only=True):
@@ -373,6 +378,8 @@ class Runtime:
             except bus.NotProvisionedError as exc:
                 log.error("%s: %s", name, exc)
                 return 1
+            if self.definition.prepare is not None:
+                await self.definition.prepare(self.js, self.clock)
             stack.push_async_callback(self.supervisor.cancel_all)
             self.supervisor.start(self._publish_alerts(), "alerts", forever=True)
             for tracked in self.tracked.values():

@@ -19,6 +19,8 @@ from gateway.services import GatewayClock, Services
 from services.usage.answers import (
     AlertList,
     AlertsParams,
+    BudgetAnswer,
+    BudgetParams,
     StatsParams,
     TimeseriesParams,
     UsageCosts,
@@ -117,6 +119,25 @@ async def usage_timeseries(
 async def usage_costs(services: Services) -> UsageCosts:
     """Today, this month, by model, the last 30 days, unpriced models and the forecast."""
     return await services.query("usage", "costs", UsageCosts)
+
+
+@get(
+    "/usage/budget",
+    summary="May a call be made? The budgets covering it and whether one is used up",
+    guards=[read_guard],
+    opt=CACHED,
+)
+async def usage_budget(
+    services: Services,
+    user_id: Annotated[str | None, QueryParameter(max_length=256)] = None,
+    model: Annotated[str | None, QueryParameter(max_length=128)] = None,
+    endpoint: Annotated[str | None, QueryParameter(max_length=512)] = None,
+    tag: Annotated[str | None, QueryParameter(max_length=64)] = None,
+) -> BudgetAnswer:
+    """`allowed` is false when an enforced budget (STOCKPILOT_BUDGETS) covering the call is
+    used up for its current day or month; `reason` names it."""
+    params = BudgetParams(user_id=user_id, model=model, endpoint=endpoint, tag=tag)
+    return await services.query("usage", "budget", BudgetAnswer, params)
 
 
 @get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard], opt=CACHED)
@@ -224,6 +245,7 @@ router = Router(
         usage_stats,
         usage_timeseries,
         usage_costs,
+        usage_budget,
         usage_alerts,
         usage_reset,
         usage_records,

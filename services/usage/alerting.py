@@ -14,6 +14,8 @@ _TEXT: dict[str, tuple[Severity, str, str]] = {
     "usage.cost_forecast": ("warning", "monthly LLM cost forecast over budget", "{metric}"),
     "usage.error_rate": ("critical", "LLM error rate high", "error_rate_pct"),
     "usage.unpriced_model": ("info", "model without a price", "unpriced_model"),
+    "usage.budget_warning": ("warning", "LLM budget {scope} {pct}% used", "budget_cost_usd"),
+    "usage.budget_exceeded": ("critical", "LLM budget {scope} exceeded", "budget_cost_usd"),
 }
 
 
@@ -39,6 +41,11 @@ def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:
     if fired.kind in ("usage.cost_warning", "usage.cost_exceeded"):
         message = (
             f"{scope} LLM spend for {fired.period} is {_usd(fired.value)}, "
+            f"at or over {_usd(fired.threshold)}"
+        )
+    elif fired.kind in ("usage.budget_warning", "usage.budget_exceeded"):
+        message = (
+            f"LLM spend of {scope} for {fired.period} is {_usd(fired.value)}, "
             f"at or over {_usd(fired.threshold)}"
         )
     elif fired.kind == "usage.cost_forecast":

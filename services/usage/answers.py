@@ -170,6 +170,35 @@ class UsageCosts(msgspec.Struct, kw_only=True):
     forecast: CostForecast
 
 
+class BudgetParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`GET /api/v1/usage/budget`: the call about to be made (bounded like its record)."""
+
+    user_id: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    model: Annotated[str, msgspec.Meta(max_length=128)] | None = None
+    endpoint: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+    tag: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class BudgetState(msgspec.Struct, kw_only=True):
+    """One budget covering the call, and how much of it the current period has used."""
+
+    scope: str
+    period: str
+    usd: float
+    used_usd: float
+    used_pct: float
+    enforce: bool
+
+
+class BudgetAnswer(msgspec.Struct, kw_only=True):
+    """`GET /api/v1/usage/budget`: may the call be made? `allowed` is false when an enforced
+    budget covering it is used up; `reason` says which."""
+
+    allowed: bool
+    budgets: list[BudgetState]
+    reason: str | None
+
+
 class AlertList(msgspec.Struct, kw_only=True):
     """`GET /api/v1/usage/alerts`: newest first; `total` alerts held."""
 

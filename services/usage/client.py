@@ -48,6 +48,8 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from nats.aio.client import Client as NATS
 
+from services.usage.answers import BudgetAnswer
+from services.usage.budget_client import BudgetChecker
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
 from shared import bus
@@ -115,6 +117,7 @@ class UsageRecorder:
         bare: bool = True,
         clock: Clock = SYSTEM_CLOCK,
         spool: Spool | None = None,
+        budgets: BudgetChecker | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
@@ -152,6 +155,8 @@ class UsageRecorder:
         self.dropped = 0
         self.spool_dropped = 0
         self.retries = 0
+        # Budget checks (services.usage.budget_client): answers of the gateway, cached 1 s.
+        self.budgets = budgets
 
     @classmethod
     async def connect(
@@ -165,6 +170,22 @@ class UsageRecorder:
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
         return recorder
+
+    async def check_budget(
+        self,
+        *,
+        user_id: str | None = None,
+        model: str | None = None,
+        endpoint: str | None = None,
+        tag: str | None = None,
+    ) -> BudgetAnswer:
+        """May such a call be made? Raises BudgetExceeded when an enforced budget covering
+        it is used up (see services.usage.budget_client)."""
+        if self.budgets is None:
+            raise RuntimeError("no budget checker: UsageRecorder(..., budgets=BudgetChecker(...))")
+        return await self.budgets.check_budget(
+            user_id=user_id, model=model, endpoint=endpoint, tag=tag
+        )
 
     @property
     def connection(self) -> str:

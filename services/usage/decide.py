@@ -129,6 +129,7 @@ def to_event(
         error_code=record.error_code,
         response_time_ms=record.response_time_ms,
         user_id=record.user_id,
+        tags=record.tags,
     )
 
 

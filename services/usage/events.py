@@ -1,4 +1,4 @@
-"""The usage stream's events: one LLM call recorded, statistics reset."""
+"""The usage stream's events: one LLM call recorded, statistics reset, prices changed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from shared.events import AwareDatetime, Event, EventId, wrong_subject
 
 SUBJECT_RECORDED = "stockpilot.usage.recorded"
 SUBJECT_RESET = "stockpilot.usage.reset"
+SUBJECT_PRICES = "stockpilot.usage.prices_changed"
 
 # Ranges of the contract (§4): what no real LLM call comes near, and what keeps every sum,
 # snapshot and answer finite and small (a 1.7e308 cost or a 2^64-1 token count broke them).
@@ -28,6 +29,9 @@ EndpointPath = Annotated[str, msgspec.Meta(max_length=512)]
 # An error code is a label ("rate_limit_exceeded", "timeout").
 ErrorCode = Annotated[str, msgspec.Meta(max_length=128)]
 Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# A tag names what a call was for ("feature:screener"); a call has at most 16.
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Tags = Annotated[list[Tag], msgspec.Meta(max_length=16)]
 Reason = Annotated[str, msgspec.Meta(max_length=500)]
 
 
@@ -45,6 +49,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
+    tags: Tags = []
 
     def stored_problem(self, subject: str) -> str | None:
         """A recorded call belongs on `stockpilot.usage.recorded` only, and its names are
@@ -62,6 +67,7 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
             and (self.endpoint is None or self.endpoint.isprintable())
             and (self.request_id is None or self.request_id.isprintable())
             and (self.error_code is None or self.error_code.isprintable())
+            and all(tag.isprintable() for tag in self.tags)
         ):
             return UNPRINTABLE
         return None
@@ -73,7 +79,8 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
 
 
 UNPRINTABLE = (
-    "id, model, request_id, endpoint, user_id and error_code must not contain control characters"
+    "id, model, request_id, endpoint, user_id, error_code and tags must not contain control "
+    "characters"
 )
 
 
@@ -98,7 +105,36 @@ class UsageReset(Event, frozen=True, kw_only=True, tag="usage.reset"):
         return wrong_subject("a usage.reset event", subject, SUBJECT_RESET)
 
 
-UsageEvent = UsageRecorded | UsageReset
+# USD per million tokens; the dearest list price today is in the hundreds.
+PriceUsd = Annotated[float, msgspec.Meta(ge=0, lt=1e6)]
+# Models in one price table (the shipped one has a few dozen).
+PRICE_MODELS_LIMIT = 2_000
+
+
+class Price(msgspec.Struct, frozen=True, kw_only=True):
+    """One model's price in USD per million tokens; cached input costs the input price
+    unless given."""
+
+    input: PriceUsd
+    output: PriceUsd = 0.0
+    cached_input: PriceUsd | None = None
+
+
+class PricesChanged(Event, frozen=True, kw_only=True, tag="usage.prices_changed"):
+    """The price table in effect from `occurred_at` on (`stockpilot.usage.prices_changed`),
+    published by the usage service when its configured table differs from the stream's last.
+    """
+
+    prices: Annotated[dict[ModelName, Price], msgspec.Meta(max_length=PRICE_MODELS_LIMIT)]
+
+    def stored_problem(self, subject: str) -> str | None:
+        """A price table belongs on its own subject (which only the usage service publishes)."""
+        if subject == SUBJECT_PRICES:
+            return None
+        return wrong_subject("a usage.prices_changed event", subject, SUBJECT_PRICES)
+
+
+UsageEvent = UsageRecorded | UsageReset | PricesChanged
 
 decode_usage_event = msgspec.json.Decoder(UsageEvent).decode
 
@@ -125,9 +161,12 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
+    tags: Tags = []
 
     def __post_init__(self) -> None:
         for name in ("id", "model", "request_id", "endpoint", "user_id", "error_code"):
             value = getattr(self, name)
             if value is not None:
                 printable(value, name)
+        for tag in self.tags:
+            printable(tag, "tags")

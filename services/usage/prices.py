@@ -10,6 +10,7 @@ from pathlib import Path
 
 import msgspec
 
+from services.usage.events import Price
 from services.usage.settings import ModelPrice
 
 PRICES_FILE = Path(__file__).with_name("prices.toml")
@@ -26,6 +27,16 @@ def shipped_prices() -> dict[str, ModelPrice]:
     return msgspec.convert(raw, _PriceFile).prices
 
 
+def configured_prices(overrides: Mapping[str, ModelPrice]) -> dict[str, Price]:
+    """The shipped table updated with `overrides` (settings win), as the event carries it."""
+    prices = shipped_prices()
+    prices.update(overrides)
+    return {
+        model: Price(input=p.input, output=p.output, cached_input=p.cached_input)
+        for model, p in sorted(prices.items())
+    }
+
+
 def base_model(model: str) -> str:
     """`gpt-4o-2024-08-06` → `gpt-4o`; names without a date stay as they are."""
     return _DATED.sub("", model)
@@ -34,9 +45,9 @@ def base_model(model: str) -> str:
 class PriceTable:
     """Prices by model, with dated names falling back to their base model."""
 
-    def __init__(self, prices: Mapping[str, ModelPrice]) -> None:
+    def __init__(self, prices: Mapping[str, ModelPrice | Price]) -> None:
         self._prices = dict(prices)
-        self._cache: dict[str, ModelPrice | None] = {}
+        self._cache: dict[str, ModelPrice | Price | None] = {}
 
     @classmethod
     def with_overrides(cls, overrides: Mapping[str, ModelPrice]) -> PriceTable:
@@ -50,7 +61,7 @@ class PriceTable:
         encoded = msgspec.json.encode(sorted(self._prices.items()))
         return hashlib.sha256(encoded).hexdigest()
 
-    def price(self, model: str) -> ModelPrice | None:
+    def price(self, model: str) -> ModelPrice | Price | None:
         """The model's price, or None when the model is unknown."""
         try:
             return self._cache[model]

@@ -8,25 +8,32 @@ the same ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+import bisect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from services.usage import sketch
+from services.usage import dedupe, sketch
 from services.usage.alerting import make_react
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset
+from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
+from services.usage.prices import PriceTable, base_model
+from services.usage.settings import Budget
 from services.usage.sketch import Sketch
 from services.usage.view import (
+    BUDGET_PERIOD_LIMIT,
     COST_EPSILON,
     DAY_LIMIT,
     FORECAST_MIN_ELAPSED_S,
     HOUR_LIMIT,
     KEY_LIMIT,
+    LATE_ALERT_S,
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
+    PRICE_TABLE_LIMIT,
     QUIET_S,
-    SEEN_GENERATION,
     UNPRICED_LIMIT,
     USER_LIMIT,
     WINDOW_S,
@@ -36,16 +43,36 @@ from services.usage.view import (
     FoldConfig,
     Hour,
     Month,
+    PriceEpoch,
+    Spend,
     UsageView,
     add_call,
     add_total,
+    day_start,
     hour_key,
     month_bounds,
     view_type_for,
 )
-from shared.events import rfc3339
+from shared.events import Alert, rfc3339
+from shared.projection import Projection
 
-__all__ = ["FoldConfig", "UsageView", "make_apply", "make_react", "view_type_for"]
+__all__ = [
+    "FoldConfig",
+    "UsageApply",
+    "UsageProjection",
+    "UsageView",
+    "make_apply",
+    "make_react",
+    "view_type_for",
+]
+
+
+class UsageApply(Protocol):
+    """The usage fold: `stored_at` is the stream's timestamp of the event (epoch seconds)."""
+
+    def __call__(
+        self, view: UsageView, event: UsageEvent, stored_at: float | None = None
+    ) -> UsageView: ...
 
 
 _SLOT_S = 900
@@ -97,28 +124,47 @@ def make_local_keys(zone: ZoneInfo) -> Callable[[datetime, float], tuple[str, in
     return local_keys
 
 
-def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageView]:
-    """The fold for this configuration (zone, prices, budgets, thresholds)."""
+def make_apply(config: FoldConfig) -> UsageApply:
+    """The fold for this configuration (zone, first prices, budgets, thresholds)."""
     zone = config.zone
-    prices = config.prices
+    first_prices = config.prices
     warn_pct = config.cost_alert_pct / 100.0
     local_keys = make_local_keys(zone)
+    scoped = [(budget, _covers(budget)) for budget in config.budgets]
+    # Lookup tables of the view's price epochs, by event id (rebuilt after a restore).
+    tables: dict[str, PriceTable] = {}
 
-    def record(view: UsageView, event: UsageRecorded) -> None:
+    def prices_at(view: UsageView, at: float) -> PriceTable:
+        """The table in effect at `at`: the latest that took effect at or before it (the
+        earliest for a call older than every table)."""
+        epochs = view.prices
+        if not epochs:
+            return first_prices
+        epoch = epochs[-1]
+        if at < epoch.since:
+            epoch = epochs[max(bisect.bisect_right(epochs, at, key=_since) - 1, 0)]
+        table = tables.get(epoch.id)
+        if table is None:
+            if len(tables) >= PRICE_TABLE_LIMIT:
+                tables.clear()
+            table = tables[epoch.id] = PriceTable(epoch.prices)
+        return table
+
+    def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
         fired = view.fired
-        if event.id in view.seen or event.id in view.seen_prev:
+        # Without a stored time (a fold outside the runtime) no generation ends by time.
+        remembered_at = view.ids.current.since if stored_at is None else stored_at
+        if not dedupe.remember(
+            view.ids, event.id, view.last_seq + 1, remembered_at, config.dedupe_exact_limit
+        ):
             view.duplicates += 1
             return
-        seen = view.seen
-        seen[event.id] = view.last_seq + 1
-        if len(seen) >= SEEN_GENERATION:
-            view.seen_prev = seen
-            view.seen = {}
+        at = event.occurred_at.timestamp()
         view.recorded += 1
         failed = event.failed
         cost = event.cost_usd
         if cost is None:
-            cost = prices.cost(
+            cost = prices_at(view, at).cost(
                 event.model, event.prompt_tokens, event.completion_tokens, event.cached_tokens
             )
             if cost is None:
@@ -138,19 +184,29 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                 if event.model in view.unpriced:
                     view.unpriced[event.model] += 1
         add_total(view.totals, event, cost, failed)
-        at = event.occurred_at.timestamp()
         day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
+        spend = view.spend
+        day_spend = spend.get(day_key)
+        if day_spend is None:
+            if len(spend) >= DAY_LIMIT:
+                oldest = min(spend)
+                if day_key < oldest:
+                    view.too_old += 1
+                    return
+                del spend[oldest]
+            day_spend = spend[day_key] = Spend()
+        day_cost_before = day_spend.cost_usd
+        day_spend.requests += 1
+        day_spend.cost_usd += cost
+
         days = view.days
         day = days.get(day_key)
         if day is None:
             if len(days) >= DAY_LIMIT:
-                oldest = min(days)
-                if day_key < oldest:
-                    view.too_old += 1
-                    return
-                del days[oldest]
+                # Statistics restarted by a reset may hold fewer days than the spend, never
+                # more: the oldest of them is older than this one.
+                del days[min(days)]
             day = days[day_key] = Day(total=Agg(), latency=Sketch(bins={}))
-        day_cost_before = day.total.cost_usd
         add_call(day.total, event, cost, failed)
         latency = event.response_time_ms
         latency_at = None if latency is None else sketch.index_of(latency)
@@ -201,12 +257,13 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
         month.requests += 1
         month.failures += failed
         month.cost_usd += cost
+        add_call(_count_into(month.by_model, event.model, KEY_LIMIT), event, cost, failed)
         if at > month.last_at:
             month.last_at = at
 
         if config.daily_budget_usd is not None:
             _crossings(
-                fired, "daily", day_key, day_cost_before, day.total.cost_usd,
+                fired, "daily", day_key, day_cost_before, day_spend.cost_usd,
                 config.daily_budget_usd, warn_pct,
             )  # fmt: skip
         if config.monthly_budget_usd is not None:
@@ -228,18 +285,146 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                             threshold=budget,
                         )
                     )
+        for scoped_budget, covers in scoped:
+            if covers(event):
+                _scoped_spend(view, scoped_budget, day_key, month_key, cost, warn_pct, fired)
         _error_window(view, event, int(at), failed, config, fired)
+        if fired and stored_at is not None:
+            _silence_closed_periods(view, stored_at, day_key, month.end, at, zone)
 
-    def apply(view: UsageView, event: UsageEvent) -> UsageView:
+    def apply(view: UsageView, event: UsageEvent, stored_at: float | None = None) -> UsageView:
         if view.fired:
             view.fired = []
         if isinstance(event, UsageRecorded):
-            record(view, event)
+            record(view, event, stored_at)
         elif isinstance(event, UsageReset):
             reset(view, event)
+        elif isinstance(event, PricesChanged):
+            prices_changed(view, event)
         return view
 
     return apply
+
+
+def _since(epoch: PriceEpoch) -> float:
+    return epoch.since
+
+
+def prices_changed(view: UsageView, event: PricesChanged) -> None:
+    """A price table takes effect at its occurred_at; calls already folded keep their cost."""
+    epochs = view.prices
+    if any(epoch.id == event.id for epoch in epochs):
+        return  # the same table stored twice (a retry beyond the duplicate window)
+    since = event.occurred_at.timestamp()
+    # Kept in order of `since` (ties: in stream order), so a replay finds the same tables.
+    epochs.insert(
+        bisect.bisect_right(epochs, since, key=_since),
+        PriceEpoch(id=event.id, since=since, prices=dict(event.prices)),
+    )
+    if len(epochs) > PRICE_TABLE_LIMIT:
+        del epochs[0]
+
+
+@dataclass
+class UsageProjection(Projection[UsageView, UsageEvent]):
+    """The usage Projection: its fold also reads the stream's stored time of each event,
+    and prices calls older than every price table with the stream's first table."""
+
+    config: FoldConfig | None = None
+
+    def use_first_prices(self, prices: Mapping[str, Price]) -> None:
+        """Price calls folded before any `usage.prices_changed` with this table."""
+        assert self.config is not None
+        self.config = replace(self.config, prices=PriceTable(prices))
+        self.apply = make_apply(self.config)
+
+    def fold(
+        self,
+        seq: int,
+        data: bytes,
+        subject: str | bytes | None = None,
+        stored_ns: int | None = None,
+    ) -> Sequence[Alert]:
+        """Decode, check and apply one stored message, with the time the stream stored it."""
+        event = self.admit(data, subject, stored_ns)
+        apply: UsageApply = self.apply  # type: ignore[assignment]
+        self.view = apply(self.view, event, None if stored_ns is None else stored_ns * 1e-9)
+        self.view.last_seq = seq
+        if self.react is None:
+            return ()
+        return self.react(self.view, event)
+
+
+def _silence_closed_periods(
+    view: UsageView, stored_at: float, day_key: str, month_end: float, at: float, zone: ZoneInfo
+) -> None:
+    """Drop the alerts about a period that had closed (plus LATE_ALERT_S) when the event was
+    stored: a back-filled call counts in the figures, silently. The stream's stored time,
+    not a clock, decides, so a replay drops the same ones."""
+    kept = []
+    for fired in view.fired:
+        scoped = fired.kind.startswith("usage.budget_")
+        if fired.scope == "daily" or (scoped and len(fired.period) == len(day_key)):
+            day = date.fromisoformat(day_key) + timedelta(days=1)
+            closes = day_start(day, zone).timestamp()
+        elif fired.scope == "monthly" or scoped:
+            closes = month_end
+        elif fired.kind == "usage.error_rate":
+            closes = at  # the 5-minute window ending at this call
+        else:
+            kept.append(fired)  # not about a period (an unpriced model)
+            continue
+        if stored_at <= closes + LATE_ALERT_S:
+            kept.append(fired)
+        else:
+            view.alerts_silenced += 1
+    view.fired = kept
+
+
+def _covers(budget: Budget) -> Callable[[UsageRecorded], bool]:
+    """Whether a call counts against `budget` (a model scope covers its dated names)."""
+    kind, _, value = budget.scope.partition(":")
+    if kind == "user":
+        return lambda event: event.user_id == value
+    if kind == "model":
+        return lambda event: event.model == value or base_model(event.model) == value
+    if kind == "endpoint":
+        return lambda event: event.endpoint == value
+    if kind == "tag":
+        return lambda event: value in event.tags
+    return lambda event: True
+
+
+def _scoped_spend(
+    view: UsageView,
+    budget: Budget,
+    day_key: str,
+    month_key: str,
+    cost: float,
+    warn_pct: float,
+    fired: list[Fired],
+) -> None:
+    periods = view.budget_spend.get(budget.key)
+    if periods is None:
+        periods = view.budget_spend[budget.key] = {}
+    period = day_key if budget.period == "daily" else month_key
+    before = periods.get(period)
+    if before is None:
+        if len(periods) >= BUDGET_PERIOD_LIMIT:
+            oldest = min(periods)
+            if period < oldest:
+                return  # older than any period still held: nobody asks about it
+            del periods[oldest]
+        before = 0.0
+    after = periods[period] = before + cost
+    for kind, level in (
+        ("usage.budget_warning", budget.usd * warn_pct),
+        ("usage.budget_exceeded", budget.usd),
+    ):
+        if before < level - COST_EPSILON <= after:
+            fired.append(
+                Fired(kind=kind, scope=budget.scope, period=period, value=after, threshold=level)
+            )
 
 
 def _crossings(
@@ -339,11 +524,11 @@ def _error_recovery(view: UsageView, config: FoldConfig, fired: list[Fired]) -> 
 
 
 def reset(view: UsageView, event: UsageReset) -> None:
-    """Statistics restart from zero; de-duplication memory and alert episodes carry on."""
+    """Statistics restart from zero; money (spend per day, months, unpriced models: what
+    budgets, /usage/costs and their alerts count), de-duplication memory and alert episodes
+    carry on, so a reset can neither hide spend nor re-arm an alert."""
     view.days = {}
     view.hours = {}
-    view.months = {}
-    view.unpriced = {}
     view.window = {}
     view.window_calls = 0
     view.window_failures = 0

@@ -10,6 +10,9 @@ from services.usage.answers import (
     AlertList,
     AlertsParams,
     Breakdown,
+    BudgetAnswer,
+    BudgetParams,
+    BudgetState,
     BudgetUse,
     CostForecast,
     DailyCost,
@@ -26,9 +29,11 @@ from services.usage.answers import (
     UserUsage,
 )
 from services.usage.history import AlertHistory
+from services.usage.prices import base_model
 from services.usage.settings import UsageSettings
 from services.usage.sketch import Sketch
 from services.usage.view import (
+    COST_EPSILON,
     LATENCY_BUCKETS_S,
     Agg,
     UsageView,
@@ -338,33 +343,33 @@ def _budget(agg_cost: float, requests: int, budget: float | None) -> BudgetUse:
 
 
 def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts:
-    """Spend today and this month against the budgets, by model, per day, and the forecast."""
+    """Spend today and this month against the budgets, by model, per day, and the forecast.
+
+    Money, not statistics: every call of the period counts, whatever resets came between.
+    """
     zone = settings.zone
     local_now = now.astimezone(zone)
     today = local_now.date()
     month_key = today.isoformat()[:7]
-    held_today = view.days.get(today.isoformat())
+    spent_today = view.spend.get(today.isoformat())
     month = view.months.get(month_key)
     month_cost = month.cost_usd if month is not None else 0.0
-    by_model: dict[str, Agg] = {}
-    for key, day in view.days.items():
-        if key.startswith(month_key):
-            _merge_dict(by_model, day.by_model)
+    by_model = month.by_model if month is not None else {}
     daily = []
     for day_date in _days(today - timedelta(days=COST_DAYS - 1), today):
-        held = view.days.get(day_date.isoformat())
+        spent = view.spend.get(day_date.isoformat())
         daily.append(
             DailyCost(
                 date=day_date,
-                cost_usd=_rounded(held.total.cost_usd) if held else 0.0,
-                requests=held.total.requests if held else 0,
+                cost_usd=_rounded(spent.cost_usd) if spent else 0.0,
+                requests=spent.requests if spent else 0,
             )
         )
     return UsageCosts(
         currency="USD",
         today=_budget(
-            held_today.total.cost_usd if held_today else 0.0,
-            held_today.total.requests if held_today else 0,
+            spent_today.cost_usd if spent_today else 0.0,
+            spent_today.requests if spent_today else 0,
             settings.daily_budget_usd,
         ),
         month=_budget(month_cost, month.requests if month else 0, settings.monthly_budget_usd),
@@ -382,6 +387,74 @@ def costs(view: UsageView, now: datetime, settings: UsageSettings) -> UsageCosts
         unpriced_models=sorted(view.unpriced),
         forecast=forecast(month_cost, local_now, settings),
     )
+
+
+def budget(
+    view: UsageView, params: BudgetParams, now: datetime, settings: UsageSettings
+) -> BudgetAnswer:
+    """The budgets covering a call about to be made, and whether an enforced one is used up."""
+    local = now.astimezone(settings.zone).date()
+    day_key, month_key = local.isoformat(), local.isoformat()[:7]
+    states: list[BudgetState] = []
+    # The daily/monthly budgets of the settings are the `all` scope; they only alert.
+    for period, usd in (
+        ("daily", settings.daily_budget_usd),
+        ("monthly", settings.monthly_budget_usd),
+    ):
+        if usd is not None:
+            if period == "daily":
+                used = spent_on(view, local)
+            else:
+                month = view.months.get(month_key)
+                used = month.cost_usd if month is not None else 0.0
+            states.append(_state("all", period, usd, used, enforce=False))
+    for scoped in settings.budgets:
+        if not _covers(scoped.scope, params):
+            continue
+        periods = view.budget_spend.get(scoped.key, {})
+        used = periods.get(day_key if scoped.period == "daily" else month_key, 0.0)
+        states.append(_state(scoped.scope, scoped.period, scoped.usd, used, scoped.enforce))
+    spent = [s for s in states if s.enforce and s.used_usd >= s.usd - COST_EPSILON]
+    reason = None
+    if spent:
+        first = spent[0]
+        reason = (
+            f"the {first.period} budget {first.scope} is used up: "
+            f"${first.used_usd:,.4f} of ${first.usd:,.2f}"
+        )
+    return BudgetAnswer(allowed=not spent, budgets=states, reason=reason)
+
+
+def _covers(scope: str, params: BudgetParams) -> bool:
+    kind, _, value = scope.partition(":")
+    if kind == "user":
+        return params.user_id == value
+    if kind == "model":
+        return params.model is not None and (
+            params.model == value or base_model(params.model) == value
+        )
+    if kind == "endpoint":
+        return params.endpoint == value
+    if kind == "tag":
+        return params.tag == value
+    return True
+
+
+def _state(scope: str, period: str, usd: float, used: float, enforce: bool) -> BudgetState:
+    return BudgetState(
+        scope=scope,
+        period=period,
+        usd=usd,
+        used_usd=_rounded(used),
+        used_pct=_pct(used, usd),
+        enforce=enforce,
+    )
+
+
+def spent_on(view: UsageView, day: date) -> float:
+    """Every call's cost on `day` (local), resets or not."""
+    spent = view.spend.get(day.isoformat())
+    return spent.cost_usd if spent is not None else 0.0
 
 
 def forecast(month_cost: float, local_now: datetime, settings: UsageSettings) -> CostForecast:

@@ -3,38 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
+from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.usage import decide, queries
+from services.usage import decide, dedupe, queries
 from services.usage.answers import (
     AlertList,
     AlertsParams,
+    BudgetParams,
     StatsParams,
     TimeseriesParams,
     UsageCounters,
 )
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
-from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
+from services.usage.events import (
+    SUBJECT_PRICES,
+    SUBJECT_RECORDED,
+    SUBJECT_RESET,
+    Price,
+    PricesChanged,
+    decode_usage_event,
+)
 from services.usage.history import AlertHistory, apply_alert, decode_alert
-from services.usage.prices import PriceTable
+from services.usage.prices import PriceTable, configured_prices
 from services.usage.projection import (
     FoldConfig,
-    UsageView,
+    UsageProjection,
     make_apply,
     make_react,
     view_type_for,
 )
 from services.usage.settings import UsageSettings
+from shared import bus
 from shared.bus import STREAMS, encode_event
+from shared.clock import Clock
 from shared.errors import UnavailableError
 from shared.projection import Projection
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
+
+log = logging.getLogger("stockpilot.usage")
 
 PUBLISH_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 5.0
@@ -92,20 +108,76 @@ def fold_config(settings: UsageSettings) -> FoldConfig:
         cost_alert_pct=settings.cost_alert_pct,
         error_rate_alert_pct=settings.error_rate_alert_pct,
         error_rate_min_calls=settings.error_rate_min_calls,
+        budgets=tuple(settings.budgets),
     )
 
 
-def usage_projection(settings: UsageSettings) -> Projection[UsageView, Any]:
+def usage_projection(settings: UsageSettings) -> UsageProjection:
     """The usage statistics projection for these settings."""
     config = fold_config(settings)
-    return Projection(
+    return UsageProjection(
         name="usage",
         stream=STREAMS["usage"],
         view_type=view_type_for(config),
         decode=decode_usage_event,
         apply=make_apply(config),
         react=make_react(config),
+        config=config,
     )
+
+
+def prices_event(
+    prices: dict[str, Price], last: PricesChanged | None, now: datetime
+) -> PricesChanged | None:
+    """The `usage.prices_changed` to publish at start: None when the stream's last table
+    is this one. Its id follows from the table and the one it replaces, so replicas
+    starting together store it once."""
+    if last is not None and last.prices == prices:
+        return None
+    digest = hashlib.sha256(msgspec.json.encode(prices)).hexdigest()[:16]
+    after = hashlib.sha256((last.id if last else "").encode()).hexdigest()[:8]
+    return PricesChanged(id=f"usage-prices-{digest}-{after}", occurred_at=now, prices=prices)
+
+
+async def _prices_message(js: JetStreamContext, *, first: bool) -> PricesChanged | None:
+    """The stream's first or last price table (None when there is none)."""
+    stream = STREAMS["usage"].name
+    try:
+        if first:
+            msg = await js.get_msg(stream, seq=1, subject=SUBJECT_PRICES, next=True)
+        else:
+            msg = await js.get_msg(stream, subject=SUBJECT_PRICES)
+    except JsNotFoundError:
+        return None
+    try:
+        return msgspec.json.decode(msg.data or b"", type=PricesChanged)
+    except msgspec.DecodeError:  # refused by the fold too: as if it were not there
+        return None
+
+
+def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
+    """At start: publish the configured price table when it differs from the stream's last,
+    then give the fold the stream's first table (for calls stored before any table)."""
+    configured = configured_prices(settings.prices)
+
+    async def prepare(js: JetStreamContext, clock: Clock | None) -> None:
+        if clock is not None:
+            event = prices_event(configured, await _prices_message(js, first=False), clock.now())
+            if event is not None:
+                try:
+                    await bus.publish_event(js, SUBJECT_PRICES, event)
+                except Exception as exc:
+                    if not type(exc).__module__.startswith("nats"):
+                        raise
+                    # A stream that refuses writes (full, sealed) must not keep the service
+                    # from answering; calls keep the stream's last table until a start
+                    # that can store the new one.
+                    log.error("usage: the price table could not be published: %r", exc)
+        first = await _prices_message(js, first=True)
+        if first is not None:
+            usage.use_first_prices(first.prices)
+
+    return prepare
 
 
 def history_projection() -> Projection[AlertHistory, Any]:
@@ -156,6 +228,7 @@ FOLD_SETTINGS = (
     "prices",
     "daily_budget_usd",
     "monthly_budget_usd",
+    "budgets",
     "cost_alert_pct",
     "error_rate_alert_pct",
     "error_rate_min_calls",
@@ -192,6 +265,12 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             key("costs", params, now), lambda: queries.costs(usage.view, now, settings)
         )
 
+    async def budget(params: BudgetParams, ctx: Context) -> bytes:
+        now = ctx.now()
+        return cache.get_or_make(
+            key("budget", params, now), lambda: queries.budget(usage.view, params, now, settings)
+        )
+
     async def alerts(params: AlertsParams, ctx: Context) -> AlertList:
         return queries.alerts(history.view, params)
 
@@ -200,14 +279,14 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         budget = settings.daily_budget_usd
         money = queries.costs(usage.view, now, settings)
         calls, failed = queries.calls_last_minutes(usage.view, now)
+        # Money from the spend, which a reset does not restart (the budget stays honest).
+        spent = queries.spent_on(usage.view, now.astimezone(settings.zone).date())
         return UsageSummary(
             today=UsageToday(
                 requests=today.total_requests,
-                cost_usd=today.total_cost_usd,
+                cost_usd=round(spent, 6),
                 error_rate=today.error_rate,
-                budget_used_pct=(
-                    round(100.0 * today.total_cost_usd / budget, 4) if budget else None
-                ),
+                budget_used_pct=round(100.0 * spent / budget, 4) if budget else None,
             ),
             alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
             spend=[
@@ -249,7 +328,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         fresh = []
         for _, event in events:
             # Beyond JetStream's duplicate window the projection still knows recent ids.
-            if event.id in view.seen or event.id in view.seen_prev:
+            if dedupe.has(view.ids, event.id):
                 duplicates += 1
             else:
                 fresh.append(event)
@@ -278,6 +357,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("stats", StatsParams, stats),
             Endpoint("timeseries", TimeseriesParams, timeseries),
             Endpoint("costs", NoParams, costs),
+            Endpoint("budget", BudgetParams, budget),
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("counters", NoParams, counters),
@@ -286,6 +366,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         ],
         alert_source="usage",
         description="StockPilot LLM usage, cost, latency and error statistics, budgets, alerts",
+        prepare=make_prepare(usage, settings),
     )
 
 

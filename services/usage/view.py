@@ -17,8 +17,10 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
-from services.usage.events import UsageRecorded
+from services.usage.dedupe import EXACT_LIMIT, IdMemory
+from services.usage.events import Price, UsageRecorded
 from services.usage.prices import PriceTable
+from services.usage.settings import Budget
 from services.usage.sketch import Sketch
 from shared.projection import View
 
@@ -28,20 +30,28 @@ MONTH_LIMIT = 15
 KEY_LIMIT = 100
 USER_LIMIT = 200
 UNPRICED_LIMIT = 1_000
-# Ids are remembered for de-duplication in two generations of this many each.
-SEEN_GENERATION = 50_000
+# Price tables held (one per `usage.prices_changed`; a few a year in practice).
+PRICE_TABLE_LIMIT = 500
+# Periods of spend kept per scoped budget (two months of days).
+BUDGET_PERIOD_LIMIT = 62
 WINDOW_S = 300
 # An alert whose condition clears and returns within this long is not raised again.
 QUIET_S = 600
+# An alert about a period (day, month, 5-minute window) is raised only for an event stored
+# before the period closed plus this: later ones (a back-fill) count silently.
+LATE_ALERT_S = 3600.0
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
 # Upper bounds, in seconds, of the lifetime LLM response-time histogram (`le` in /metrics):
 # from a cached completion to a long generation.
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-# Bumped when the view gains state that old snapshots lack: they are then refused (the
-# stamped `config` no longer matches) and the view is rebuilt from the stream's first event.
-VIEW_LAYOUT = "totals-1"
+# Bumped when the fold's meaning or the view's layout changes: a snapshot folded by another
+# version is not reused and the view is rebuilt from the stream's first event (money-1: a
+# reset keeps the money, spend per day and months by model; money-2: prices come from the
+# stream's usage.prices_changed events, not from the settings; money-3: ids remembered for
+# 24 hours by stored time; totals-1: lifetime counters for /metrics that a reset never touches).
+FOLD_VERSION = "money-3+totals-1"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -94,7 +104,8 @@ class Day(msgspec.Struct, kw_only=True):
 
 
 class Month(msgspec.Struct, kw_only=True, array_like=True):
-    """Month totals, and what the forecast needs: where the month starts and ends."""
+    """Month totals (money: a reset keeps them), and what the forecast needs: where the
+    month starts and ends."""
 
     requests: int = 0
     failures: int = 0
@@ -103,6 +114,23 @@ class Month(msgspec.Struct, kw_only=True, array_like=True):
     end: float = 0.0
     last_at: float = 0.0
     forecast_fired: bool = False
+    # The month's calls by model (keys bounded; the rest under `(other)`), for /usage/costs.
+    by_model: dict[str, Agg] = {}
+
+
+class Spend(msgspec.Struct, kw_only=True, array_like=True):
+    """One day's money: every call of the day, whatever resets came in between."""
+
+    requests: int = 0
+    cost_usd: float = 0.0
+
+
+class PriceEpoch(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A price table and when it took effect (its event's occurred_at, epoch seconds)."""
+
+    id: str
+    since: float
+    prices: dict[str, Price]
 
 
 class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
@@ -116,17 +144,31 @@ class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 
 class UsageView(View, kw_only=True):
-    """Everything the usage routes answer from."""
+    """Everything the usage routes answer from.
+
+    `days` and `hours` are the statistics a reset restarts; `spend`, `months` and
+    `unpriced` are money, which a reset never touches (budgets, /usage/costs and their
+    alerts count every call of their period).
+    """
 
     days: dict[str, Day] = {}
     hours: dict[int, Hour] = {}
+    spend: dict[str, Spend] = {}
     months: dict[str, Month] = {}
     unpriced: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    seen_prev: dict[str, int] = {}
+    # Every price table of the stream by `since`: a call is priced with the one in effect
+    # at its occurred_at, so history is never re-priced.
+    prices: list[PriceEpoch] = []
+    # Call ids for de-duplication: at least 24 hours by stored time (services.usage.dedupe).
+    ids: IdMemory = msgspec.field(default_factory=IdMemory)
     recorded: int = 0
     duplicates: int = 0
     too_old: int = 0
+    # Alerts not raised because their period had closed when the event was stored.
+    alerts_silenced: int = 0
+    # Spend of each scoped budget (Budget.key) by period ("YYYY-MM-DD" or "YYYY-MM"):
+    # money, which a reset does not touch.
+    budget_spend: dict[str, dict[str, float]] = {}
     # Rolling error-rate window by event time: second → [calls, failures].
     window: dict[int, list[int]] = {}
     window_end: int = 0
@@ -152,25 +194,31 @@ class FoldConfig:
     """What the fold depends on besides the events (fixed for a projection's life)."""
 
     zone: ZoneInfo
+    # For calls folded before any `usage.prices_changed`: the stream's first table (the
+    # service reads it at start), else the configured one.
     prices: PriceTable
     daily_budget_usd: float | None = None
     monthly_budget_usd: float | None = None
     cost_alert_pct: float = 80.0
     error_rate_alert_pct: float = 20.0
     error_rate_min_calls: int = 10
+    # Ids a de-duplication generation holds exactly (tests lower it to reach the Bloom part).
+    dedupe_exact_limit: int = EXACT_LIMIT
+    budgets: tuple[Budget, ...] = ()
 
 
 def config_fingerprint(config: FoldConfig) -> str:
     """A digest of everything the fold's result depends on besides the events."""
     parts = [
-        VIEW_LAYOUT,
+        FOLD_VERSION,
         config.zone.key,
-        config.prices.fingerprint(),
         repr(config.daily_budget_usd),
         repr(config.monthly_budget_usd),
         repr(config.cost_alert_pct),
         repr(config.error_rate_alert_pct),
         repr(config.error_rate_min_calls),
+        repr(config.dedupe_exact_limit),
+        repr([(b.scope, b.period, b.usd) for b in config.budgets]),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -178,7 +226,8 @@ def config_fingerprint(config: FoldConfig) -> str:
 def view_type_for(config: FoldConfig) -> type[UsageView]:
     """UsageView stamped with the configuration's fingerprint.
 
-    A snapshot folded under another time zone, price table or set of thresholds fails to
+    A snapshot folded under another time zone or set of thresholds (or by another fold
+    version) fails to
     decode into this type (the `config` pattern does not match), and the runtime then
     rebuilds the view from the first event instead of mixing two configurations.
     """

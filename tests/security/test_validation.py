@@ -151,7 +151,8 @@ async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letter
         for event in real:
             await bus.publish_event(js, SUBJECT_RECORDED, event)
         # A reset where resets belong still works (and is folded, not dead-lettered).
-        await wait_for(lambda: folded(runtime, "usage", 14) and len(letters.of("usage")) >= 4)
+        # Seq 1 is the price table the usage service published at start.
+        await wait_for(lambda: folded(runtime, "usage", 15) and len(letters.of("usage")) >= 4)
 
         usage = letters.of("usage")
         assert len(usage) == 4, [letter.reason for letter in usage]
@@ -190,13 +191,13 @@ async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letter
         # Decided from the stored timestamp: a replay refuses the same four events.
         results = await replay_definition(nc, build_usage(settings), "STOCKPILOT_USAGE")
         [result] = [r for r in results if r.projection == "usage"]
-        assert result.equal and result.refused == 4 and result.events == 10
+        assert result.equal and result.refused == 4 and result.events == 11  # + the prices
 
         # A reset on its own subject still resets.
         await bus.publish_event(
             js, SUBJECT_RESET, UsageReset(id="real-reset", occurred_at=utc_now(), actor="ops")
         )
-        await wait_for(lambda: folded(runtime, "usage", 15))
+        await wait_for(lambda: folded(runtime, "usage", 16))
         assert len(letters.of("usage")) == 4
 
 
@@ -626,11 +627,12 @@ async def test_the_nats_py_path_decides_from_the_stored_timestamp_too(
         await bus.publish_event(js, SUBJECT_RECORDED, recorded(1, now + timedelta(minutes=10)))
         await bus.publish_event(js, SUBJECT_RECORDED, recorded(2, now + timedelta(minutes=4)))
         await bus.publish_event(js, SUBJECT_RECORDED, recorded(3, now))
-        await wait_for(lambda: folded(runtime, "usage", 3) and len(letters.of("usage")) == 1)
+        # Seq 1 is the price table the usage service published at start.
+        await wait_for(lambda: folded(runtime, "usage", 4) and len(letters.of("usage")) == 1)
         [letter] = letters.of("usage")
-        assert letter.stream_seq == 1 and "after the event was stored" in letter.reason
+        assert letter.stream_seq == 2 and "after the event was stored" in letter.reason
         # Within the allowance (a producer's clock a little ahead) a record counts.
-        assert projection_status(runtime, "usage").events_applied == 2
+        assert projection_status(runtime, "usage").events_applied == 3
 
 
 def test_ack_metadata_reads_the_stored_time_like_nats_py() -> None:

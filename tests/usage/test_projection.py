@@ -12,11 +12,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.usage import queries
-from services.usage.answers import StatsParams, TimeseriesParams, UsageStats
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
+from services.usage.answers import BudgetParams, StatsParams, TimeseriesParams, UsageStats
+from services.usage.events import (
+    Price,
+    PricesChanged,
+    UsageEvent,
+    UsageRecorded,
+    UsageReset,
+    decode_usage_event,
+)
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply, make_react
-from services.usage.settings import UsageSettings
+from services.usage.settings import Budget, UsageSettings
 from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
 from shared.bus import STREAMS, encode_event
 from shared.events import Alert
@@ -62,6 +69,56 @@ def test_duplicate_id_is_counted_once() -> None:
     view, _ = fold([recorded(1), recorded(1), recorded(2)])
     assert day_stats(view, TODAY).total_requests == 2
     assert view.duplicates == 1
+
+
+def test_a_retried_id_is_counted_once_past_any_number_of_newer_ids() -> None:
+    """Past a generation's exact ids the rest go to its Bloom filter: never counted twice."""
+    cfg = config(dedupe_exact_limit=100)
+    events: list[UsageEvent] = [recorded(i, cost_usd=0.01) for i in range(1000)]
+    events += [recorded(0, cost_usd=0.01), recorded(500, cost_usd=0.01)]
+    view, _ = fold(events, cfg)
+    assert view.duplicates == 2 and view.recorded == 1000  # and no new id taken for a retry
+    assert view.ids.current.spilled == 900
+    assert queries.costs(view, T0, seoul_settings()).today.requests == 1000
+    # The Bloom filter survives a snapshot.
+    projection = _projection(view)
+    restored, _ = decode_snapshot(encode_snapshot(projection, T0), UsageView)
+    assert view_digest(restored) == view_digest(view)
+
+
+def test_ids_are_remembered_for_24_hours_of_stored_time() -> None:
+    apply = make_apply(config())
+    view = UsageView()
+    day = timedelta(hours=24)
+
+    def store(i: int, after: timedelta) -> None:
+        nonlocal view
+        view = apply(view, recorded(i), (T0 + after).timestamp())
+
+    store(1, timedelta(0))
+    store(2, day)  # a new generation: id 1 is in the previous one
+    store(1, 2 * day - timedelta(minutes=1))  # 47 h 59 min later: still known
+    assert (view.recorded, view.duplicates) == (2, 1)
+    store(3, 2 * day)  # id 1's generation is forgotten, 48 hours after it began
+    store(1, 2 * day + timedelta(minutes=1))
+    assert (view.recorded, view.duplicates) == (4, 1)
+
+
+def test_the_largest_id_memory_snapshots_and_restores() -> None:
+    """Two generations of exact ids at their limit and two full Bloom filters."""
+    from services.usage import dedupe
+
+    view = UsageView()
+    noise = bytearray(range(256)) * (dedupe.BLOOM_BITS // 8 // 256)
+    for generation in (view.ids.current, view.ids.previous):
+        generation.ids = {
+            f"req-{generation is view.ids.current}-{i:032d}": i for i in range(100_000)
+        }
+        generation.bloom = bytearray(noise)
+    data = encode_snapshot(_projection(view), T0)
+    restored, _ = decode_snapshot(data, UsageView)
+    assert view_digest(restored) == view_digest(view)
+    assert len(data) < 64 * 1024 * 1024
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
@@ -122,6 +179,35 @@ def test_given_cost_wins_and_dated_models_take_the_base_price() -> None:
     stats = day_stats(view, TODAY)
     assert stats.by_model["gpt-4o-2024-08-06"].cost_usd == 2.5
     assert stats.by_model["gpt-4o"].cost_usd == round(0.5 + (0.6 * 2.5 + 0.4 * 1.25 + 0.1 * 10), 6)
+
+
+def table(event_id: str, since: datetime, usd: float) -> PricesChanged:
+    return PricesChanged(
+        id=event_id, occurred_at=since, prices={"gpt-4o": Price(input=usd, output=0.0)}
+    )
+
+
+def test_each_call_is_priced_with_the_table_in_effect_at_its_occurred_at() -> None:
+    million = {"model": "gpt-4o", "prompt_tokens": 1_000_000, "completion_tokens": 0}
+    hour = timedelta(hours=1)
+    events: list[UsageEvent] = [
+        recorded(1, T0 - 5 * hour, **million),  # before any table: the configured price
+        table("p1", T0 - 4 * hour, 1.0),
+        recorded(2, T0 - 3 * hour, **million),  # p1
+        recorded(3, T0 - 6 * hour, **million),  # older than every table: the first one, p1
+        table("p2", T0 - 2 * hour, 2.0),
+        recorded(4, T0 - hour, **million),  # p2
+        recorded(5, T0 - 3 * hour, **million),  # back-filled after p2, dated in p1's time
+        table("p3", T0 - 3 * hour, 4.0),  # stored late, in effect from before p2
+        recorded(6, T0 - 150 * timedelta(minutes=1), **million),  # p3 (after p1, before p2)
+        table("p2", T0 - 2 * hour, 2.0),  # the same event again: nothing changes
+        recorded(7, T0, **million),  # p2
+    ]
+    view, _ = fold(events)
+    assert [e.id for e in view.prices] == ["p1", "p3", "p2"]
+    costs = queries.costs(view, T0, seoul_settings())
+    by_day = {d.date: d.cost_usd for d in costs.daily}
+    assert sum(by_day.values()) == 2.5 + 1 + 1 + 2 + 1 + 4 + 2
 
 
 def test_unknown_model_costs_nothing_and_alerts_once() -> None:
@@ -251,6 +337,130 @@ def test_lifetime_counters_only_grow_through_resets_and_duplicates() -> None:
     assert counters.latency_sum_s == pytest.approx(0.09 + 1.0 + 250.0)
 
 
+def test_a_reset_never_touches_the_money() -> None:
+    """Spend, reset, spend more: costs, budgets and their alerts as if there were no reset."""
+    cfg = config(daily_budget_usd=1.0, monthly_budget_usd=1.5)
+    before = [recorded(i, cost_usd=0.3, model="gpt-4o") for i in range(3)]  # $0.90: warning
+    after = [recorded(10 + i, cost_usd=0.3) for i in range(3)]  # $1.80: exceeded, both
+    reset = UsageReset(id="r1", occurred_at=T0, actor="admin")
+    view, alerts = fold([*before, reset, *after], cfg)
+    plain, plain_alerts = fold([*before, *after], cfg)
+    s = seoul_settings(daily_budget_usd=1.0, monthly_budget_usd=1.5)
+    costs = queries.costs(view, T0, s)
+    assert msgspec.json.encode(costs) == msgspec.json.encode(queries.costs(plain, T0, s))
+    assert costs.today.cost_usd == 1.8 and costs.today.requests == 6
+    assert costs.today.used_pct == 180.0 and costs.month.cost_usd == 1.8
+    assert costs.by_model["gpt-4o"].requests == 3 and costs.by_model["gpt-4o-mini"].requests == 3
+    assert [a.id for a in alerts] == [a.id for a in plain_alerts]
+    day = TODAY.isoformat()
+    assert sorted(a.id for a in alerts if a.kind != "usage.cost_forecast") == [
+        f"usage.cost_exceeded:daily:{day}",
+        f"usage.cost_exceeded:monthly:{day[:7]}",
+        f"usage.cost_warning:daily:{day}",
+        f"usage.cost_warning:monthly:{day[:7]}",
+    ]
+    # The statistics did restart.
+    assert day_stats(view, TODAY).total_requests == 3
+    assert day_stats(plain, TODAY).total_requests == 6
+
+
+def fold_stored(
+    events: Sequence[tuple[UsageEvent, datetime]], cfg: FoldConfig
+) -> tuple[UsageView, list[Alert]]:
+    """Fold events with the time the stream stored each."""
+    apply, react = make_apply(cfg), make_react(cfg)
+    view = UsageView()
+    alerts: list[Alert] = []
+    for seq, (event, stored) in enumerate(events, start=1):
+        view = apply(view, event, stored.timestamp())
+        view.last_seq = seq
+        alerts.extend(react(view, event))
+    return view, alerts
+
+
+def test_back_filled_calls_of_closed_periods_count_silently() -> None:
+    cfg = config(daily_budget_usd=1.0, monthly_budget_usd=1.0, error_rate_min_calls=5)
+    long_ago = T0 - timedelta(days=40)  # its day and its month closed long before T0
+    calls = [
+        recorded(i, long_ago + timedelta(seconds=i), cost_usd=0.3, status_code=500)
+        for i in range(5)
+    ]
+    view, alerts = fold_stored([(c, T0) for c in calls], cfg)
+    day = long_ago.astimezone(SEOUL).date()
+    assert alerts == []
+    assert day_stats(view, day).total_requests == 5
+    assert view.spend[day.isoformat()].cost_usd == 1.5
+    # The same calls stored as they happened alert as ever (and the month's forecast too,
+    # unless they fell in its first day).
+    _, live = fold_stored([(c, c.occurred_at) for c in calls], cfg)
+    assert sorted(a.kind for a in live if a.kind != "usage.cost_forecast") == [
+        "usage.cost_exceeded",
+        "usage.cost_exceeded",
+        "usage.cost_warning",
+        "usage.cost_warning",
+        "usage.error_rate",
+    ]
+    assert view.alerts_silenced == len(live)
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_day_alerts_until_an_hour_after_it_closes(moment: Moment) -> None:
+    zone = ZoneInfo(moment.zone)
+    cfg = config(moment.zone, daily_budget_usd=1.0)
+    late_yesterday = moment.day_start - timedelta(hours=1)
+    yesterday = late_yesterday.astimezone(zone).date().isoformat()
+    calls = [recorded(i, late_yesterday, cost_usd=0.6) for i in range(2)]
+    hour = timedelta(hours=1)
+    # Yesterday closed at moment.day_start (local midnight, 23 or 25 hours long or not).
+    _, in_time = fold_stored([(c, moment.day_start + hour) for c in calls], cfg)
+    assert [a.id for a in in_time] == [
+        f"usage.cost_warning:daily:{yesterday}",
+        f"usage.cost_exceeded:daily:{yesterday}",
+    ]
+    just_late = moment.day_start + hour + timedelta(seconds=1)
+    view, too_late = fold_stored([(c, just_late) for c in calls], cfg)
+    assert too_late == [] and view.spend[yesterday].cost_usd == 1.2
+
+
+def test_scoped_budgets_count_their_calls_alert_and_enforce() -> None:
+    budgets = (
+        Budget(scope="user:u-42", period="daily", usd=1.0, enforce=True),
+        Budget(scope="model:gpt-4o", period="monthly", usd=2.0),
+        Budget(scope="tag:feature:screener", period="daily", usd=0.5, enforce=True),
+    )
+    cfg = config(budgets=budgets)
+    events: list[UsageEvent] = [
+        recorded(1, user_id="u-42", model="gpt-4o-2024-08-06", cost_usd=0.9),  # 90 %: warning
+        recorded(2, user_id="u-7", model="gpt-4o", cost_usd=0.9, tags=["feature:screener"]),
+        UsageReset(id="r1", occurred_at=T0, actor="admin"),  # money: nothing re-arms
+        recorded(3, user_id="u-42", model="gpt-4o-mini", cost_usd=0.2),  # u-42 exceeded
+    ]
+    view, alerts = fold(events, cfg)
+    day, month = TODAY.isoformat(), TODAY.isoformat()[:7]
+    assert [a.id for a in alerts] == [
+        f"usage.budget_warning:user:u-42:{day}",
+        f"usage.budget_warning:model:gpt-4o:{month}",
+        f"usage.budget_warning:tag:feature:screener:{day}",
+        f"usage.budget_exceeded:tag:feature:screener:{day}",
+        f"usage.budget_exceeded:user:u-42:{day}",
+    ]
+    assert alerts[-1].severity == "critical" and alerts[-1].metric == "budget_cost_usd"
+    s = seoul_settings(budgets=list(budgets), daily_budget_usd=10.0)
+    answer = queries.budget(view, BudgetParams(user_id="u-42", model="gpt-4o"), T0, s)
+    assert not answer.allowed and "user:u-42" in (answer.reason or "")
+    assert [(b.scope, b.period, b.used_usd, b.enforce) for b in answer.budgets] == [
+        ("all", "daily", 2.0, False),
+        ("user:u-42", "daily", 1.1, True),
+        ("model:gpt-4o", "monthly", 1.8, False),
+    ]
+    other = queries.budget(view, BudgetParams(user_id="u-7", model="gpt-4o"), T0, s)
+    assert other.allowed and other.reason is None
+    screener = queries.budget(view, BudgetParams(tag="feature:screener"), T0, s)
+    assert not screener.allowed
+    tomorrow = queries.budget(view, BudgetParams(user_id="u-42"), T0 + timedelta(days=1), s)
+    assert tomorrow.allowed and tomorrow.budgets[1].used_usd == 0.0
+
+
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
     hours = 450 * 24
     start = T0 - timedelta(hours=hours)  # the last event an hour before the test's noon
@@ -326,12 +536,19 @@ MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4o-2024-08-06", "o3-mini", "gpt-5-nano",
 
 
 @st.composite
-def usage_events(draw: st.DrawFn, max_size: int = 120, around: datetime = T0) -> list[UsageEvent]:
+def usage_events(
+    draw: st.DrawFn, max_size: int = 120, around: datetime = T0, prices: bool = False
+) -> list[UsageEvent]:
     n = draw(st.integers(min_value=0, max_value=max_size))
     events: list[UsageEvent] = []
     for i in range(n):
         if draw(st.integers(0, 40)) == 0:
             events.append(UsageReset(id=f"reset-{i}", occurred_at=around, actor="admin"))
+            continue
+        if prices and draw(st.integers(0, 20)) == 0:
+            offset = draw(st.integers(-3 * 86_400, 3 * 86_400))
+            since = around + timedelta(seconds=offset)
+            events.append(table(f"prices-{i}", since, draw(st.sampled_from([0.5, 1.0, 7.0]))))
             continue
         ident = draw(st.integers(0, max(n - 1, 0)))  # repeats make duplicates
         offset = draw(st.integers(-3 * 86_400, 3 * 86_400))
@@ -362,7 +579,7 @@ def _bytes_fold(
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(usage_events(), st.integers(min_value=0, max_value=120))
+@given(usage_events(prices=True), st.integers(min_value=0, max_value=120))
 def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: int) -> None:
     cut = min(cut, len(events))
     cfg = config(daily_budget_usd=5.0, monthly_budget_usd=50.0)

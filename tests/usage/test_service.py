@@ -18,7 +18,7 @@ from nats.js.errors import ObjectNotFoundError
 from gateway.routes import system
 from services.usage import service as usage_service
 from services.usage.answers import AlertList, UsageCosts, UsageStats, UsageTimeseries
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.events import SUBJECT_PRICES, SUBJECT_RECORDED, PricesChanged, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus
@@ -145,10 +145,11 @@ async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
         )
         await js.publish(SUBJECT_RECORDED, b'{"type":"usage.unheard_of","id":"u1"}')
         await publish(js, [recorded(1)])
-        await wait_for(lambda: folded(runtime, 4) and len(letters) == 3)
+        # The service's price table (published at start) comes first.
+        await wait_for(lambda: folded(runtime, 5) and len(letters) == 3)
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
         assert usage.dead_lettered == 3
-        assert usage.events_applied == 1
+        assert usage.events_applied == 2
     assert "json" in letters[0].reason.lower()
     assert "prompt_tokens" in letters[1].reason
     assert "usage.unheard_of" in letters[2].reason
@@ -294,6 +295,298 @@ async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
     await nc.close()
 
 
+async def test_a_reset_restarts_the_statistics_never_the_money(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Spend, reset, spend more: the budget figure and the exceeded alert as if no reset."""
+    settings = usage_settings(env, daily_budget_usd="1.0")
+    now = clock.now()
+    nc, js = await connect(env)
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        first = [msgspec.to_builtins(recorded(i, now, cost_usd=0.3)) for i in range(3)]
+        await client.post("/api/v1/usage/records", json=first, headers=auth(INGEST))
+        reset = await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
+        assert reset.status_code == 200
+        second = [msgspec.to_builtins(recorded(10 + i, now, cost_usd=0.3)) for i in range(2)]
+        await client.post("/api/v1/usage/records", json=second, headers=auth(INGEST))
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+        stats = (await client.get("/api/v1/usage/stats")).json()
+        status = (await client.get("/api/v1/status")).json()
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+    assert (costs.today.cost_usd, costs.today.requests, costs.today.used_pct) == (1.5, 5, 150.0)
+    assert costs.month.cost_usd == 1.5 and costs.daily[-1].cost_usd == 1.5
+    assert costs.by_model["gpt-4o-mini"].requests == 5
+    assert stats["total_requests"] == 2  # the statistics did restart
+    assert status["usage_today"]["budget_used_pct"] == 150.0
+    day = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.cost_exceeded", "daily", day),
+        alert_id("usage.cost_warning", "daily", day),
+    ]
+    await nc.close()
+
+
+def gpt4o_at(usd_per_million: float) -> str:
+    return msgspec.json.encode({"gpt-4o": {"input": usd_per_million, "output": 0}}).decode()
+
+
+async def price_tables(js: Any) -> list[PricesChanged]:
+    info = await js.stream_info("STOCKPILOT_USAGE")
+    found = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg("STOCKPILOT_USAGE", seq)
+        if msg.subject == SUBJECT_PRICES:
+            found.append(msgspec.json.decode(msg.data, type=PricesChanged))
+    return found
+
+
+async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Calls are priced with the table in effect at their occurred_at: a restart with a new
+    price publishes a usage.prices_changed and changes only calls from then on, and a
+    rebuild from the first event (under yet another price, after a reset and a back-fill)
+    gives the same money."""
+    nc, js = await connect(env)
+    # Two hours before the clock's noon: the hour it moves on stays in the (real) past.
+    start = clock.now() - timedelta(hours=2)
+    clock.set(start)
+    one_dollar = {"model": "gpt-4o", "prompt_tokens": 1_000_000, "completion_tokens": 0}
+
+    async def post(client: Any, *records: UsageRecorded) -> None:
+        body = [msgspec.to_builtins(r) for r in records]
+        answer = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert answer.json()["accepted"] == len(records)
+
+    async def costs(client: Any) -> UsageCosts:
+        return msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+
+    first = usage_settings(env, prices=gpt4o_at(1.0))
+    async with (
+        running_service(build(first), first, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        await post(client, recorded(1, start - timedelta(hours=1), **one_dollar))
+        assert (await costs(client)).by_model["gpt-4o"].cost_usd == 1.0
+    clock.advance(timedelta(hours=1))
+    second = usage_settings(env, prices=gpt4o_at(2.0))
+    async with (
+        running_service(build(second), second, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        # History keeps its price; a call from now on costs the new one, and a call dated
+        # before the change (back-filled now) the old one.
+        assert (await costs(client)).by_model["gpt-4o"].cost_usd == 1.0
+        await post(client, recorded(2, clock.now(), **one_dollar))
+        await post(client, recorded(3, start + timedelta(minutes=30), **one_dollar))
+        # A reset and a back-fill of a closed day: the money stays, the replay agrees.
+        reset = await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
+        assert reset.status_code == 200
+        await post(client, recorded(4, start - timedelta(days=3), **one_dollar))
+        live = await costs(client)
+    assert live.today.cost_usd == 1.0 + 2.0 + 1.0
+    three_days_ago = (start - timedelta(days=3)).astimezone(first.zone).date()
+    assert [d.cost_usd for d in live.daily if d.date == three_days_ago] == [1.0]
+    tables = await price_tables(js)
+    assert [t.prices["gpt-4o"].input for t in tables] == [1.0, 2.0]
+    assert [t.occurred_at for t in tables] == [start, start + timedelta(hours=1)]
+    assert tables[0].prices["gpt-4"].input == 30.0  # the shipped table comes along
+    # The same table again: nothing is published.
+    async with running_service(build(second), second, clock=clock):
+        pass
+    assert len(await price_tables(js)) == 2
+    # No snapshots, and yet another price: the rebuild prices every call as the live one did.
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
+        with contextlib.suppress(ObjectNotFoundError):
+            await obs.delete(name)
+    third = usage_settings(env, prices=gpt4o_at(3.0))
+    async with (
+        running_service(build(third), third, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        rebuilt = await costs(client)
+        from ops.replay import replay_definition
+
+        results = await replay_definition(nc, build(third), "STOCKPILOT_USAGE")
+    assert msgspec.json.encode(rebuilt) == msgspec.json.encode(live)
+    assert results[0].equal, results[0]
+    await nc.close()
+
+
+async def test_back_filled_calls_of_closed_days_raise_no_budget_alert(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """An import of older calls counts in the figures silently; today's calls still alert,
+    and a replay (deciding from the stored timestamps) agrees."""
+    from ops.replay import replay_definition
+
+    settings = usage_settings(env, daily_budget_usd="1.0")
+    nc, js = await connect(env)
+    now = clock.now()
+    old_days = [now - timedelta(days=d) for d in (2, 3, 4)]
+    back_fill = [
+        recorded(10 * d + i, day + timedelta(seconds=i), cost_usd=0.3)
+        for d, day in enumerate(old_days)
+        for i in range(5)
+    ]
+    async with (
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        body = [msgspec.to_builtins(r) for r in back_fill]
+        answer = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert answer.json()["accepted"] == 15
+        today = [msgspec.to_builtins(recorded(100 + i, now, cost_usd=0.3)) for i in range(4)]
+        await client.post("/api/v1/usage/records", json=today, headers=auth(INGEST))
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+        silenced = runtime.tracked["usage"].projection.view.alerts_silenced
+        results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
+    by_day = {d.date: d.cost_usd for d in costs.daily}
+    for day in old_days:
+        assert by_day[day.astimezone(settings.zone).date()] == 1.5
+    assert costs.today.cost_usd == 1.2
+    today_key = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.cost_exceeded", "daily", today_key),
+        alert_id("usage.cost_warning", "daily", today_key),
+    ]
+    assert silenced == 6  # a warning and an exceeded for each of the three closed days
+    assert results[0].equal, results[0]
+    await nc.close()
+
+
+async def test_a_call_retried_past_the_jetstream_window_is_counted_once(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Stored again without JetStream's help (as past its duplicate window, or after a NATS
+    restart), a call id is still counted once; the ingest route says it is a duplicate."""
+    settings = usage_settings(env)
+    nc, js = await connect(env)
+    now = clock.now()
+    calls = [recorded(i, now, cost_usd=0.01) for i in range(300)]
+    async with (
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        await publish(js, calls)
+        for retried in (calls[0], calls[150]):  # no Nats-Msg-Id: JetStream stores it again
+            await js.publish(SUBJECT_RECORDED, bus.encode_event(retried))
+        await wait_for(lambda: folded(runtime, 303))  # the price table, 300 calls, 2 retries
+        again = await client.post(
+            "/api/v1/usage/records", json=msgspec.to_builtins(calls[7]), headers=auth(INGEST)
+        )
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+    assert again.json()["duplicates"] == 1 and again.json()["accepted"] == 0
+    assert costs.today.requests == 300 and costs.today.cost_usd == 3.0
+    await nc.close()
+
+
+BUDGETS = msgspec.json.encode(
+    [
+        {"scope": "user:u-42", "period": "daily", "usd": 1.0, "enforce": True},
+        {"scope": "tag:feature:screener", "period": "monthly", "usd": 5.0},
+    ]
+).decode()
+
+
+async def test_scoped_budgets_through_the_gateway(env: dict[str, str], clock: ManualClock) -> None:
+    """GET /api/v1/usage/budget answers for a call about to be made: allowed until an
+    enforced budget covering it is used up; each budget raises its own alerts."""
+    settings = usage_settings(env, budgets=BUDGETS)
+    nc, js = await connect(env)
+    now = clock.now()
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+
+        async def ask(**query: str) -> dict[str, Any]:
+            answer = await client.get("/api/v1/usage/budget", params=query)
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        before = await ask(user_id="u-42", tag="feature:screener")
+        assert before["allowed"] is True and before["reason"] is None
+        calls = [
+            recorded(i, now, user_id="u-42", cost_usd=0.35, tags=["feature:screener"])
+            for i in range(3)
+        ]
+        body = [msgspec.to_builtins(c) for c in calls]
+        posted = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert posted.json()["accepted"] == 3
+        after = await ask(user_id="u-42", tag="feature:screener")
+        other = await ask(user_id="u-7")
+        too_long = await client.get("/api/v1/usage/budget", params={"tag": "t" * 65})
+        await asyncio.sleep(0.5)  # alerts are published after the fold, in the background
+        alerts = await stored_alerts(js)
+    assert after["allowed"] is False and "user:u-42" in after["reason"]
+    assert [(b["scope"], b["period"], b["used_usd"], b["enforce"]) for b in after["budgets"]] == [
+        ("user:u-42", "daily", 1.05, True),
+        ("tag:feature:screener", "monthly", 1.05, False),
+    ]
+    assert other == {"allowed": True, "budgets": [], "reason": None}
+    assert too_long.status_code in (400, 422)
+    day = now.astimezone(settings.zone).date().isoformat()
+    assert sorted(a.id for a in alerts) == [
+        alert_id("usage.budget_exceeded", "user:u-42", day),
+        alert_id("usage.budget_warning", "user:u-42", day),
+    ]
+    await nc.close()
+
+
+def test_a_bad_budget_stops_the_service_naming_the_variable(env: dict[str, str]) -> None:
+    from shared.settings import SettingsError
+
+    for bad in (
+        '[{"scope": "team:x", "period": "daily", "usd": 1}]',
+        '[{"scope": "all", "period": "weekly", "usd": 1}]',
+        '[{"scope": "all", "period": "daily", "usd": 0}]',
+        '[{"scope": "all", "period": "daily", "usd": 1, "hard": true}]',
+    ):
+        with pytest.raises(SettingsError, match="STOCKPILOT_BUDGETS"):
+            usage_settings(env, budgets=bad)
+
+
+async def test_a_stream_refusing_writes_does_not_keep_the_service_from_starting(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """The price table cannot be stored (the stream at its max_bytes, discard new): the
+    start-up step logs it and goes on; a later start that can store it does.
+
+    The step is called on its own: a whole service would re-provision the stream (the
+    tests' server has no users, so every process may administer it) and lift the cap."""
+    from tests.usage.test_spool import set_usage_limit
+
+    nc, js = await connect(env)
+    await publish(js, [recorded(i, clock.now(), cost_usd=0.5) for i in range(3)])
+    used = (await js.stream_info("STOCKPILOT_USAGE")).state.bytes
+    await set_usage_limit(env["STOCKPILOT_NATS_URL"], used)
+    settings = usage_settings(env)
+    prepare = usage_service.make_prepare(usage_service.usage_projection(settings), settings)
+    await prepare(js, clock)  # does not raise
+    assert await price_tables(js) == []
+    await set_usage_limit(env["STOCKPILOT_NATS_URL"], -1)
+    await prepare(js, clock)
+    assert len(await price_tables(js)) == 1
+    await nc.close()
+
+
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
     env: dict[str, str], clock: ManualClock
 ) -> None:
@@ -391,7 +684,8 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(
     seoul = usage_settings(env, tz="Asia/Seoul")
     async with running_service(build(seoul), seoul) as runtime:
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
-        assert usage.events_applied == 5 and usage.snapshot_seq == 0
+        # Five calls and the price table the first start published.
+        assert usage.events_applied == 6 and usage.snapshot_seq == 0
         msg = await nc.request(
             "stockpilot.svc.usage.stats",
             msgspec.json.encode({"date": (late_evening + timedelta(days=1)).date().isoformat()}),
@@ -400,7 +694,7 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(
         assert msgspec.json.decode(msg.data, type=UsageStats).total_requests == 5
     async with running_service(build(seoul), seoul) as runtime:
         usage = [p for p in runtime.status().projections if p.name == "usage"][0]
-        assert usage.snapshot_seq == 5 and usage.events_applied == 0
+        assert usage.snapshot_seq == 6 and usage.events_applied == 0
     await nc.close()
 
 
@@ -425,7 +719,7 @@ async def test_stockpilot_replay_rebuilds_the_same_usage_views(
         await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
         await publish(js, events[20:])  # ten repeats JetStream dedupes, fifty new
         await js.publish(SUBJECT_RECORDED, bus.encode_event(events[45]))  # past the window
-        await wait_for(lambda: folded(runtime, 63))
+        await wait_for(lambda: folded(runtime, 64))  # 63 and the price table
         results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
     assert [r.projection for r in results] == ["usage"]
     assert results[0].equal, results[0]
