@@ -5,8 +5,9 @@
     with usage_context(user_id=user.id, tags=("feature:screener",)):
         answer = await client.chat.completions.create(model="gpt-4o-mini", messages=...)
 
-`client.chat.completions.create` and `client.responses.create` of that object (an
-`openai.OpenAI` or `openai.AsyncOpenAI`) are recorded, streamed or not, answered or failed
+`create`, `parse` and `stream` of `client.chat.completions` and `client.responses` of that
+object (an `openai.OpenAI` or `openai.AsyncOpenAI`) are recorded, streamed or not, answered
+or failed
 (errors named as `failure_event` names them: the provider's `code`, else its class name).
 The library's own retries stay one logical call: every HTTP request it sends for the call
 is counted (its `_prepare_request` hook, which runs once per attempt), and a call that took
@@ -96,12 +97,15 @@ def instrument(
         resource: Any = client
         for name in path:
             resource = getattr(resource, name, None)
-        create = getattr(resource, "create", None)
-        if create is not None:
+        # `stream()` goes through `create`; `parse()` posts by itself.
+        for method in ("create", "parse"):
+            original = getattr(resource, method, None)
+            if original is None:
+                continue
             # An instance attribute over the class's method; the client caches its resources
             # (`client.chat` is the same object at every access), so this stays.
-            is_async = asynchronous or inspect.iscoroutinefunction(inspect.unwrap(create))
-            resource.create = _recorded(create, recorder, defaults, is_async)
+            is_async = asynchronous or inspect.iscoroutinefunction(inspect.unwrap(original))
+            setattr(resource, method, _recorded(original, recorder, defaults, is_async))
     setattr(client, _MARK, True)
     return client
 

@@ -200,6 +200,12 @@ async def test_a_sync_client_in_a_worker_thread_is_recorded_through_the_recorder
             words = [c.choices[0].delta.content or "" for c in stream if c.choices]
         server.fail_next(RESPONSES, 429)
         response = client.responses.create(model="gpt-4o-mini", input="Summarise")
+        # The library's helpers: stream() goes through create, parse() posts by itself.
+        with client.chat.completions.stream(
+            model="gpt-4o-mini", messages=MESSAGES, stream_options={"include_usage": True}
+        ) as helper:
+            final = helper.get_final_completion()
+        parsed = client.responses.parse(model="gpt-4o-mini", input="Summarise")
         # track_sync over a client that is not instrumented: a streamed Responses call.
         events = recorder.track_sync(
             lambda: plain.responses.create(model="gpt-4o-mini", input="Hi", stream=True),
@@ -209,26 +215,32 @@ async def test_a_sync_client_in_a_worker_thread_is_recorded_through_the_recorder
         kinds = [event.type for event in events]
         client.close()
         plain.close()
-        return ["".join(words), response.output_text, kinds[-1]]
+        return [
+            "".join(words),
+            response.output_text,
+            final.choices[0].message.content or "",
+            parsed.output_text,
+            kinds[-1],
+        ]
 
-    assert await asyncio.to_thread(calls) == [
-        "".join(TEXT),
-        "".join(TEXT),
-        "response.completed",
-    ]
+    assert await asyncio.to_thread(calls) == [*["".join(TEXT)] * 4, "response.completed"]
     await recorder.flush()
-    streamed, retried, tracked = await stored(env)
+    streamed, retried, helped, parsed, tracked = await stored(env)
     assert (streamed.prompt_tokens, streamed.completion_tokens) == (1000, 200)
     assert streamed.user_id == "u-9" and streamed.tags == ("team:quant",)
     timed_stream(streamed)
     assert (retried.prompt_tokens, retried.completion_tokens) == (500, 100)
     assert retried.tags == ("team:quant", "attempts:2") and not retried.stream
+    assert (helped.prompt_tokens, helped.completion_tokens) == (1000, 200)
+    assert helped.tags == ("team:quant",)
+    timed_stream(helped)
+    assert (parsed.prompt_tokens, parsed.completion_tokens) == (500, 100) and not parsed.stream
     assert (tracked.prompt_tokens, tracked.completion_tokens) == (500, 100)
     assert tracked.endpoint == "/api/v1/chat" and tracked.tags == ("feature:chat",)
     timed_stream(tracked)
 
-    stats = await stats_when(env, clock, 3)
-    assert stats["total_cost_usd"] == pytest.approx(CHAT_COST + 2 * RESPONSES_COST)
+    stats = await stats_when(env, clock, 5)
+    assert stats["total_cost_usd"] == pytest.approx(2 * CHAT_COST + 3 * RESPONSES_COST)
 
 
 async def test_track_records_a_streamed_chat_and_a_call_through_an_instrumented_client_once(
