@@ -6,6 +6,7 @@ library's retries as attempts of one call, and what /usage/stats charges for the
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -81,6 +82,14 @@ async def stats_when(env: dict[str, str], clock: ManualClock, requests: int) -> 
             await asyncio.sleep(0.02)
     assert stats["total_requests"] == requests
     return stats
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (a port just bound and released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
 
 
 def timed_stream(event: UsageRecorded) -> None:
@@ -273,11 +282,21 @@ async def test_track_records_a_streamed_chat_and_a_call_through_an_instrumented_
         endpoint="/api/v1/analysis",
         tags=("feature:report",),
     )
+    # Nothing listens: no HTTP answer at all, after the library's one retry.
+    unreachable = instrument(
+        openai.AsyncOpenAI(api_key="sk-test", base_url=closed_port_url(), max_retries=1),
+        recorder,
+    )
+    with pytest.raises(openai.APIConnectionError):
+        await unreachable.responses.create(model="gpt-4o", input="Hi")
     await plain.close()
     await instrumented.close()
+    await unreachable.close()
     await recorder.flush()
 
-    streamed, retried = await stored(env)
+    streamed, retried, refused = await stored(env)
+    assert (refused.status_code, refused.error_code) == (0, "api_connection_error")
+    assert refused.tags == ("attempts:2",) and refused.model == "gpt-4o"
     assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.cached_tokens) == (
         1000,
         200,
@@ -288,5 +307,6 @@ async def test_track_records_a_streamed_chat_and_a_call_through_an_instrumented_
     # Recorded by track (its labels) once, with the attempts the instrumented client counted.
     assert retried.endpoint == "/api/v1/analysis"
     assert retried.tags == ("feature:report", "attempts:2")
-    stats = await stats_when(env, clock, 2)
+    stats = await stats_when(env, clock, 3)
+    assert stats["failed_requests"] == 1
     assert stats["total_cost_usd"] == pytest.approx(2 * CHAT_COST)
