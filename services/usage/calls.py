@@ -107,8 +107,15 @@ class Call:
         """A call starting now."""
         return cls(sink=sink, labels=labels, started_at=clock.now())
 
+    def attempted(self) -> None:
+        """The client library is sending (again): latency counts from this attempt on."""
+        self.attempts += 1
+        self.start = time.perf_counter()
+
     def elapsed_ms(self) -> float:
-        """Milliseconds since the call started (the whole logical call, retries included)."""
+        """Milliseconds since the call's last attempt started (its start, when the attempts
+        are not known): failed attempts and the back-off before a retry are counted in the
+        attempts tag, not hidden in the latency."""
         return min(round((time.perf_counter() - self.start) * 1000, 3), MAX_MILLIS)
 
     def answered(self, result: T) -> T:

@@ -11,8 +11,9 @@ or failed
 (errors named as `failure_event` names them: the provider's `code`, else its class name).
 The library's own retries stay one logical call: every HTTP request it sends for the call
 is counted (its `_prepare_request` hook, which runs once per attempt), and a call that took
-more than one carries the tag `attempts:N`; its `response_time_ms` is the whole call as the
-application waited for it, retries and their back-off included.
+more than one carries the tag `attempts:N`, and its `response_time_ms` (and `ttft_ms`) count
+from the start of its last attempt: the failed attempts and the back-off before each retry
+are in the tag, not hidden in the latency.
 
 `usage_context` labels the calls made inside it (in this thread or task): endpoint, user,
 tags and task type, over the defaults given to `instrument`. A call made inside `track()`
@@ -190,4 +191,4 @@ def _count_attempts(client: Any) -> None:
 def _attempted() -> None:
     call = current_call.get()
     if call is not None:
-        call.attempts += 1
+        call.attempted()

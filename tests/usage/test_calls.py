@@ -134,3 +134,17 @@ def test_one_attempt_adds_no_tag_and_an_answer_is_recorded_at_once(clock: Manual
     assert call.answered(answer) is answer
     assert sink.events[0].tags == ("feature:x",) and sink.events[0].id == "resp_1"
     assert (sink.events[0].prompt_tokens, sink.events[0].completion_tokens) == (5, 2)
+
+
+def test_the_latency_of_a_retried_call_counts_from_its_last_attempt(clock: ManualClock) -> None:
+    """Failed attempts and back-off go to the attempts tag, not into response_time_ms."""
+    sink = Sink()
+    call = begin(sink, clock)
+    call.attempted()
+    call.start -= 100.0  # the first attempt and its back-off took 100 s
+    call.attempted()
+    call.answered({"model": "gpt-4o", "usage": {"input_tokens": 1}})
+    (event,) = sink.events
+    assert event.tags == ("attempts:2",)
+    assert event.response_time_ms is not None and event.response_time_ms < 100_000
+    assert event.occurred_at == clock.now()  # the logical call's start
