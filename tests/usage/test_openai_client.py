@@ -18,6 +18,7 @@ from services.usage.client import UsageRecorder
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
 from services.usage.instrument import instrument, usage_context
 from services.usage.service import build
+from services.usage.sync_recorder import SyncUsageRecorder
 from shared.clock import ManualClock
 from shared.testing import running_service
 from tests.usage.helpers import gateway, gateway_settings, usage_settings
@@ -310,3 +311,32 @@ async def test_track_records_a_streamed_chat_and_a_call_through_an_instrumented_
     stats = await stats_when(env, clock, 3)
     assert stats["failed_requests"] == 1
     assert stats["total_cost_usd"] == pytest.approx(2 * CHAT_COST)
+
+
+async def test_a_synchronous_program_records_through_a_recorder_on_its_own_thread(
+    server: OpenAIServer, env: dict[str, str], clock: ManualClock
+) -> None:
+    settings = usage_settings(env)
+
+    def program() -> str:
+        """A script without an event loop (a cron job), as StockPilot AI's batch jobs are."""
+        with SyncUsageRecorder.connect(settings, clock=clock) as recorder:
+            client = instrument(
+                openai.OpenAI(api_key="sk-test", base_url=server.base_url),
+                recorder,
+                endpoint="/jobs/daily-report",
+            )
+            server.fail_next(CHAT, 500)
+            answer = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            client.close()
+            recorder.flush()
+            assert (recorder.recorder.published, recorder.recorder.dropped) == (1, 0)
+        return answer.choices[0].message.content or ""
+
+    async with running_service(build(settings), settings, clock=clock):
+        assert await asyncio.to_thread(program) == "".join(TEXT)
+        (event,) = await stored(env)
+        assert event.endpoint == "/jobs/daily-report" and event.tags == ("attempts:2",)
+        assert (event.prompt_tokens, event.status_code) == (1000, 200)
+        stats = await stats_when(env, clock, 1)
+    assert stats["total_cost_usd"] == pytest.approx(CHAT_COST)
