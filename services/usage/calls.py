@@ -173,7 +173,17 @@ class Call:
             error = _StreamError(code, message)
             fields = self._fields(self.model)
             event = failure_event(error, self.started_at, self.elapsed_ms(), **fields)
-            self._finish(replace_event(event, status_code=self.status_code))
+            # A failed response may still have used (and billed) tokens: keep what it says.
+            prompt, completion, cached = _tokens(self.summary)
+            self._finish(
+                replace_event(
+                    event,
+                    status_code=self.status_code,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    cached_tokens=cached,
+                )
+            )
             return
         summary = self.summary if self.summary is not None else {}
         reported = _str(_get(summary, "model")) or self.model
@@ -410,6 +420,22 @@ def replace_event(event: UsageRecorded, **changes: Any) -> UsageRecorded:
     return msgspec.structs.replace(event, **changes)
 
 
+def _tokens(response: Any) -> tuple[int, int, int]:
+    """Prompt, completion and cached tokens of an answer's usage (chat completions or
+    Responses API names); 0 for what it does not say."""
+    usage = _get(response, "usage")
+    prompt = _get(usage, "prompt_tokens")
+    if prompt is None:
+        prompt = _get(usage, "input_tokens")
+    completion = _get(usage, "completion_tokens")
+    if completion is None:
+        completion = _get(usage, "output_tokens")
+    cached = _get(usage, "prompt_tokens_details", "cached_tokens")
+    if cached is None:
+        cached = _get(usage, "input_tokens_details", "cached_tokens")
+    return _int(prompt), _int(completion), _int(cached)
+
+
 def success_event(
     response: Any,
     started_at: datetime,
@@ -425,16 +451,7 @@ def success_event(
     ttft_ms: float | None = None,
 ) -> UsageRecorded:
     """The event of a call that answered (chat completions or responses API usage shapes)."""
-    usage = _get(response, "usage")
-    prompt = _get(usage, "prompt_tokens")
-    if prompt is None:
-        prompt = _get(usage, "input_tokens")
-    completion = _get(usage, "completion_tokens")
-    if completion is None:
-        completion = _get(usage, "output_tokens")
-    cached = _get(usage, "prompt_tokens_details", "cached_tokens")
-    if cached is None:
-        cached = _get(usage, "input_tokens_details", "cached_tokens")
+    prompt, completion, cached = _tokens(response)
     rid = request_id or _get(response, "_request_id") or _get(response, "id")
     return UsageRecorded(
         id=str(rid) if rid else f"usage-{uuid.uuid4().hex}",
@@ -442,9 +459,9 @@ def success_event(
         request_id=str(rid) if rid else None,
         model=model or str(_get(response, "model") or "unknown"),
         endpoint=endpoint,
-        prompt_tokens=_int(prompt),
-        completion_tokens=_int(completion),
-        cached_tokens=_int(cached),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=cached,
         status_code=200,
         response_time_ms=round(elapsed_ms, 3),
         user_id=user_id,

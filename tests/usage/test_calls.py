@@ -93,6 +93,7 @@ def test_a_responses_stream_that_fails_is_a_failed_call(clock: ManualClock) -> N
     assert (event.status_code, event.error_code) == (200, "server_error")
     assert event.error_message == "The model crashed" and event.failed
     assert event.model == "gpt-4o" and event.endpoint == "/api/v1/chat"
+    assert (event.prompt_tokens, event.completion_tokens) == (7, 0)  # what it used
 
 
 def test_a_stream_closed_early_or_dropped_is_recorded_once(clock: ManualClock) -> None:
