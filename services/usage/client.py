@@ -37,11 +37,9 @@ import collections
 import contextlib
 import itertools
 import logging
-import re
+import threading
 import time
-import uuid
-from collections.abc import Awaitable
-from datetime import datetime
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -50,6 +48,7 @@ from nats.aio.client import Client as NATS
 
 from services.usage.answers import BudgetAnswer
 from services.usage.budget_client import BudgetChecker
+from services.usage.calls import Call, Labels, current_call, failure_event, success_event
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
 from shared import bus
@@ -59,6 +58,8 @@ from shared.clock import SYSTEM_CLOCK, Clock
 from shared.settings import CommonSettings
 
 log = logging.getLogger("stockpilot.usage.client")
+
+__all__ = ["RecorderSettings", "UsageRecorder", "failure_event", "open_spool", "success_event"]
 
 T = TypeVar("T")
 
@@ -150,6 +151,10 @@ class UsageRecorder:
         if not self.pending:  # a spool left by an earlier run is something to send
             self._idle.set()
         self._sender: asyncio.Task[None] | None = None
+        # The loop and thread the recorder runs on: a call recorded from another thread (a
+        # synchronous OpenAI client in a worker thread) is handed over to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
         self.published = 0
         self.duplicates = 0
         self.dropped = 0
@@ -194,6 +199,11 @@ class UsageRecorder:
         return self._last_connection
 
     @property
+    def clock(self) -> Clock:
+        """The clock that stamps each call's occurred_at."""
+        return self._clock
+
+    @property
     def pending(self) -> int:
         """Events waiting to be acknowledged (in memory and in the spool)."""
         return len(self._buffer) + (self._spool.unread if self._spool is not None else 0)
@@ -205,6 +215,8 @@ class UsageRecorder:
 
     def start(self) -> None:
         """Start the sender task (idempotent)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_forever(), name="usage-recorder")
 
@@ -257,7 +269,19 @@ class UsageRecorder:
     # ----- recording -----------------------------------------------------------------------
 
     def record(self, event: UsageRecorded) -> bool:
-        """Keep one event for sending; False (counted, logged) when there is no room for it."""
+        """Keep one event for sending; False (counted, logged) when there is no room for it.
+
+        Safe from any thread: from another thread than the recorder's the event is handed to
+        its loop (and True means handed over)."""
+        if self._thread is not None and threading.get_ident() != self._thread:
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self.record, event)
+            except RuntimeError:  # the loop is closed: the recorder is gone
+                self.dropped += 1
+                log.error("usage call %s recorded after the recorder's loop ended", event.id[:80])
+                return False
+            return True
         if self._closed:
             self.dropped += 1
             log.error("usage call %s recorded after the recorder was closed", event.id[:80])
@@ -323,39 +347,51 @@ class UsageRecorder:
         endpoint: str | None = None,
         user_id: str | None = None,
         request_id: str | None = None,
+        tags: tuple[str, ...] = (),
+        task_type: str | None = None,
     ) -> T:
-        """Await an OpenAI-style call (or any awaitable), record it, return or re-raise."""
-        started_at = self._clock.now()
-        start = time.perf_counter()
+        """Await an OpenAI-style call (or any awaitable), record it, return or re-raise.
+
+        A streamed answer (`stream=True`) comes back wrapped: iterate it as the stream itself;
+        the call is recorded when it ends (tokens from its final usage chunk, `ttft_ms` from
+        its first content), fails or is closed.
+        """
+        labels = Labels(model, endpoint, user_id, request_id, tuple(tags), task_type)
+        timed = Call.begin(self, labels, self._clock)
+        token = current_call.set(timed)
         try:
             result = await call
         except Exception as exc:
-            elapsed = (time.perf_counter() - start) * 1000
-            self.record(
-                failure_event(
-                    exc,
-                    started_at,
-                    elapsed,
-                    model=model,
-                    endpoint=endpoint,
-                    user_id=user_id,
-                    request_id=request_id,
-                )  # fmt: skip
-            )
+            timed.failed(exc)
             raise
-        elapsed = (time.perf_counter() - start) * 1000
-        self.record(
-            success_event(
-                result,
-                started_at,
-                elapsed,
-                model=model,
-                endpoint=endpoint,
-                user_id=user_id,
-                request_id=request_id,
-            )  # fmt: skip
-        )
-        return result
+        finally:
+            current_call.reset(token)
+        return timed.answered(result)
+
+    def track_sync(
+        self,
+        call: Callable[[], T],
+        *,
+        model: str | None = None,
+        endpoint: str | None = None,
+        user_id: str | None = None,
+        request_id: str | None = None,
+        tags: tuple[str, ...] = (),
+        task_type: str | None = None,
+    ) -> T:
+        """`track` for a synchronous client: `recorder.track_sync(lambda: client.chat...)`;
+        from any thread."""
+        labels = Labels(model, endpoint, user_id, request_id, tuple(tags), task_type)
+        timed = Call.begin(self, labels, self._clock)
+        token = current_call.set(timed)
+        try:
+            result = call()
+        except Exception as exc:
+            timed.failed(exc)
+            raise
+        finally:
+            current_call.reset(token)
+        return timed.answered(result)
 
     # ----- sending -------------------------------------------------------------------------
 
@@ -496,96 +532,3 @@ class UsageRecorder:
         if acked < len(window) and error is None:
             error = "not acknowledged"
         return Published(len(window), acked, duplicates, error)
-
-
-def _get(obj: Any, *names: str) -> Any:
-    """obj.a.b or obj["a"]["b"]; None when any step is missing."""
-    for name in names:
-        if obj is None:
-            return None
-        obj = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    return obj
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def success_event(
-    response: Any,
-    started_at: datetime,
-    elapsed_ms: float,
-    *,
-    model: str | None,
-    endpoint: str | None,
-    user_id: str | None,
-    request_id: str | None,
-) -> UsageRecorded:
-    """The event of a call that answered (chat completions or responses API usage shapes)."""
-    usage = _get(response, "usage")
-    prompt = _get(usage, "prompt_tokens")
-    if prompt is None:
-        prompt = _get(usage, "input_tokens")
-    completion = _get(usage, "completion_tokens")
-    if completion is None:
-        completion = _get(usage, "output_tokens")
-    cached = _get(usage, "prompt_tokens_details", "cached_tokens")
-    if cached is None:
-        cached = _get(usage, "input_tokens_details", "cached_tokens")
-    rid = request_id or _get(response, "_request_id") or _get(response, "id")
-    return UsageRecorded(
-        id=str(rid) if rid else f"usage-{uuid.uuid4().hex}",
-        occurred_at=started_at,
-        request_id=str(rid) if rid else None,
-        model=model or str(_get(response, "model") or "unknown"),
-        endpoint=endpoint,
-        prompt_tokens=_int(prompt),
-        completion_tokens=_int(completion),
-        cached_tokens=_int(cached),
-        status_code=200,
-        response_time_ms=round(elapsed_ms, 3),
-        user_id=user_id,
-    )
-
-
-def failure_event(
-    exc: BaseException,
-    started_at: datetime,
-    elapsed_ms: float,
-    *,
-    model: str | None,
-    endpoint: str | None,
-    user_id: str | None,
-    request_id: str | None,
-) -> UsageRecorded:
-    """The event of a call that raised: HTTP status and error code when the error has them."""
-    status = _get(exc, "status_code")
-    if not isinstance(status, int):
-        status = _get(exc, "response", "status_code")
-    code = _get(exc, "code")
-    if not isinstance(code, str) or not code:
-        name = type(exc).__name__
-        code = "timeout" if "Timeout" in name else _snake(name)
-    rid = request_id or _get(exc, "request_id")
-    return UsageRecorded(
-        id=str(rid) if rid else f"usage-{uuid.uuid4().hex}",
-        occurred_at=started_at,
-        request_id=str(rid) if rid else None,
-        model=model or "unknown",
-        endpoint=endpoint,
-        # 0: no HTTP answer at all (connection error, timeout).
-        status_code=status if isinstance(status, int) and 0 <= status <= 999 else 0,
-        error_code=code[:512],
-        response_time_ms=round(elapsed_ms, 3),
-        user_id=user_id,
-    )
-
-
-# A word starts at a capital after a lower-case letter or digit, or at the last capital of a
-# run followed by lower case: APIConnectionError -> API|Connection|Error (as OpenAI names it).
-_WORD_START = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-
-
-def _snake(name: str) -> str:
-    """An exception class name as the provider's error code: `api_connection_error`."""
-    return _WORD_START.sub("_", name).lower()

@@ -130,6 +130,10 @@ def to_event(
         response_time_ms=record.response_time_ms,
         user_id=record.user_id,
         tags=record.tags,
+        task_type=record.task_type,
+        error_message=record.error_message,
+        stream=record.stream,
+        ttft_ms=record.ttft_ms,
     )
 
 

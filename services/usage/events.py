@@ -28,10 +28,15 @@ ShortId = Annotated[str, msgspec.Meta(max_length=256)]
 EndpointPath = Annotated[str, msgspec.Meta(max_length=512)]
 # An error code is a label ("rate_limit_exceeded", "timeout").
 ErrorCode = Annotated[str, msgspec.Meta(max_length=128)]
-Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-# A tag names what a call was for ("feature:screener"); a call has at most 16.
+# A tag is a short label the caller chooses ("feature:screener"); 16 of them at most, so
+# a breakdown by tag stays small and a filter by tag stays cheap.
 Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-Tags = Annotated[list[Tag], msgspec.Meta(max_length=16)]
+Tags = Annotated[tuple[Tag, ...], msgspec.Meta(max_length=16)]
+# A task type is a label too ("summary", "classification").
+TaskType = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+# The provider's error text: enough to tell errors apart, not a whole response body.
+ErrorMessage = Annotated[str, msgspec.Meta(max_length=1000)]
+Actor = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Reason = Annotated[str, msgspec.Meta(max_length=500)]
 
 
@@ -49,7 +54,13 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
-    tags: Tags = []
+    # Optional (contract §4), added later: defaults, so events without them still decode.
+    tags: Tags = ()
+    task_type: TaskType | None = None
+    error_message: ErrorMessage | None = None
+    stream: bool = False
+    # Time to the first content of a streamed call, from its start.
+    ttft_ms: Millis | None = None
 
     def stored_problem(self, subject: str) -> str | None:
         """A recorded call belongs on `stockpilot.usage.recorded` only, and its names are
@@ -67,7 +78,8 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
             and (self.endpoint is None or self.endpoint.isprintable())
             and (self.request_id is None or self.request_id.isprintable())
             and (self.error_code is None or self.error_code.isprintable())
-            and all(tag.isprintable() for tag in self.tags)
+            and (self.task_type is None or self.task_type.isprintable())
+            and (not self.tags or all(tag.isprintable() for tag in self.tags))
         ):
             return UNPRINTABLE
         return None
@@ -79,8 +91,8 @@ class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
 
 
 UNPRINTABLE = (
-    "id, model, request_id, endpoint, user_id, error_code and tags must not contain control "
-    "characters"
+    "id, model, request_id, endpoint, user_id, error_code, task_type and tags must not contain "
+    "control characters"
 )
 
 
@@ -161,12 +173,18 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     error_code: ErrorCode | None = None
     response_time_ms: Millis | None = None
     user_id: ShortId | None = None
-    tags: Tags = []
+    # Optional (contract §4), added later: defaults, so events without them still decode.
+    tags: Tags = ()
+    task_type: TaskType | None = None
+    error_message: ErrorMessage | None = None
+    stream: bool = False
+    # Time to the first content of a streamed call, from its start.
+    ttft_ms: Millis | None = None
 
     def __post_init__(self) -> None:
-        for name in ("id", "model", "request_id", "endpoint", "user_id", "error_code"):
+        for name in ("id", "model", "request_id", "endpoint", "user_id", "error_code", "task_type"):
             value = getattr(self, name)
             if value is not None:
                 printable(value, name)
-        for tag in self.tags:
-            printable(tag, "tags")
+        for index, tag in enumerate(self.tags):
+            printable(tag, f"tags[{index}]")

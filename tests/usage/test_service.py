@@ -235,7 +235,7 @@ async def test_a_body_near_one_mebibyte_is_forwarded_in_parts(
 ) -> None:
     settings = usage_settings(env)
     now = clock.now()
-    records = [{**msgspec.to_builtins(recorded(i, now)), "note": "x" * 680} for i in range(1000)]
+    records = [{**msgspec.to_builtins(recorded(i, now)), "note": "x" * 600} for i in range(1000)]
     assert 900 * 1024 < len(msgspec.json.encode(records)) < 1024 * 1024
     async with (
         running_service(build(settings), settings, clock=clock),
