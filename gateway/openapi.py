@@ -101,7 +101,15 @@ def printable_pattern() -> str:
 # Days and times the usage routes take (gateway.routes.usage): years 2000 to 2999.
 DATE_PATTERN = r"^2[0-9]{3}-[0-9]{2}-[0-9]{2}$"
 DATE_TIME_PATTERN = r"^2[0-9]{3}-[0-9]{2}-[0-9]{2}[Tt ]"
-_PRINTABLE_FIELDS = ("id", "model", "request_id", "endpoint", "user_id", "error_code")
+_PRINTABLE_FIELDS = (
+    "id",
+    "model",
+    "request_id",
+    "endpoint",
+    "user_id",
+    "error_code",
+    "task_type",
+)
 _RECORDS_PATH = "/api/v1/usage/records"
 _RESET_PATH = "/api/v1/usage/reset"
 _RELEASE_PATH = "/api/v1/batch/jobs/{job_id}/lock/release"
@@ -135,6 +143,7 @@ def _input_schemas() -> dict[str, Any]:
     )
     for name in _PRINTABLE_FIELDS:
         _printable(record["properties"][name])
+    _printable(record["properties"]["tags"]["items"])  # each tag is a name too
     for branch in record["properties"]["occurred_at"]["anyOf"]:
         if branch.get("type") == "string":
             branch["pattern"] = DATE_TIME_PATTERN
