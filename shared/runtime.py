@@ -47,8 +47,9 @@ from nats.micro.service import ServiceConfig
 from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.errors import StockpilotError, UnavailableError
+from shared.errors import StockpilotError
 from shared.events import Alert, AwareDatetime, Event
+from shared.nats_errors import is_nats_error, translate
 from shared.projection import (
     FoldError,
     Projection,
@@ -267,8 +268,8 @@ class Context:
         except StockpilotError:
             raise
         except Exception as exc:
-            if type(exc).__module__.startswith("nats"):
-                raise UnavailableError(f"could not store the event in JetStream: {exc}") from None
+            if is_nats_error(exc):
+                raise translate(exc, "could not store the event in JetStream") from None
             raise
 
     async def wait_applied(

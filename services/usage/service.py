@@ -47,6 +47,7 @@ from shared import bus
 from shared.bus import STREAMS, encode_event
 from shared.clock import Clock
 from shared.errors import UnavailableError
+from shared.nats_errors import is_nats_error, translate
 from shared.projection import Projection
 from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
 
@@ -167,7 +168,7 @@ def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
                 try:
                     await bus.publish_event(js, SUBJECT_PRICES, event)
                 except Exception as exc:
-                    if not type(exc).__module__.startswith("nats"):
+                    if not is_nats_error(exc):
                         raise
                     # A stream that refuses writes (full, sealed) must not keep the service
                     # from answering; calls keep the stream's last table until a start
@@ -390,7 +391,7 @@ async def _publish_all(ctx: Context, events: list[Any]) -> list[js_api.PubAck]:
             "JetStream did not acknowledge the records in time; retry (ids make it safe)"
         ) from None
     except Exception as exc:
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"could not store the records in JetStream: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, "could not store the records in JetStream") from None
         raise
     return acks
