@@ -54,6 +54,7 @@ from shared.projection import (
     FoldError,
     Projection,
     SeqWaiters,
+    SnapshotMismatch,
     decode_snapshot,
     encode_snapshot,
     view_digest,
@@ -454,7 +455,15 @@ class Runtime:
             return
         data = result.data or b""
         try:
-            view, taken_at = decode_snapshot(data, projection.view_type)
+            view, taken_at = decode_snapshot(data, projection.view_type, projection)
+        except SnapshotMismatch as exc:  # settings or the fold changed since it was taken
+            log.warning(
+                "%s: snapshot of %s discarded: %s; rebuilding from the first event",
+                self.definition.name,
+                projection.name,
+                exc,
+            )
+            return
         except Exception as exc:  # a snapshot of an older view shape: rebuild instead
             log.warning(
                 "%s: snapshot of %s unusable (%s); folding from the first event",

@@ -40,9 +40,9 @@ from services.usage.projection import (
     UsageProjection,
     make_apply,
     make_react,
-    view_type_for,
 )
 from services.usage.settings import UsageSettings
+from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
 from shared import bus
 from shared.bus import STREAMS, encode_event
 from shared.clock import Clock
@@ -119,10 +119,12 @@ def usage_projection(settings: UsageSettings) -> UsageProjection:
     return UsageProjection(
         name="usage",
         stream=STREAMS["usage"],
-        view_type=view_type_for(config),
+        view_type=UsageView,
         decode=decode_usage_event,
         apply=make_apply(config),
         react=make_react(config),
+        version=FOLD_VERSION,
+        fingerprint=config_fingerprint(config),
         config=config,
     )
 
