@@ -2,7 +2,8 @@
 
 Production code (services/, gateway/, ops/, shared/) never imports the test harness:
 shared.testing and tests/ exist for tests and bench/ only. What production needs to launch a
-nats-server lives in shared.nats_server. docs/architecture.md writes the rules down.
+nats-server lives in shared.nats_server. shared/ imports none of the packages built on it, and
+a service none of the other services. docs/architecture.md ("Import rules") writes them down.
 """
 
 from __future__ import annotations
@@ -36,28 +37,68 @@ def imported_modules(source: str, module: str) -> list[str]:
     return names
 
 
+def inside(name: str, package: str) -> bool:
+    """Whether module `name` is `package` or inside it."""
+    return name == package or name.startswith(package + ".")
+
+
 def is_forbidden(name: str) -> bool:
     """Whether `name` is the test harness or inside it."""
-    return any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN)
+    return any(inside(name, bad) for bad in FORBIDDEN)
+
+
+def modules(top: str) -> list[tuple[Path, list[str]]]:
+    """(path relative to the repository, the modules it imports) of every module under `top`."""
+    found: list[tuple[Path, list[str]]] = []
+    for path in sorted((ROOT / top).rglob("*.py")):
+        relative = path.relative_to(ROOT)
+        module = ".".join(relative.with_suffix("").parts)
+        found.append((relative, imported_modules(path.read_text(encoding="utf-8"), module)))
+    return found
 
 
 def violations() -> list[str]:
     """`path: module` for every production import of the test harness."""
-    found: list[str] = []
-    for top in PRODUCTION:
-        for path in sorted((ROOT / top).rglob("*.py")):
-            relative = path.relative_to(ROOT)
-            if relative == HARNESS:
-                continue
-            module = ".".join(relative.with_suffix("").parts)
-            for name in imported_modules(path.read_text(encoding="utf-8"), module):
-                if is_forbidden(name):
-                    found.append(f"{relative}: imports {name}")
-    return found
+    return [
+        f"{path}: imports {name}"
+        for top in PRODUCTION
+        for path, names in modules(top)
+        if path != HARNESS
+        for name in names
+        if is_forbidden(name)
+    ]
 
 
 def test_production_code_never_imports_the_test_harness() -> None:
     assert violations() == []
+
+
+def test_shared_imports_nothing_built_on_it() -> None:
+    above = ("services", "gateway", "ops")
+    found = [
+        f"{path}: imports {name}"
+        for path, names in modules("shared")
+        for name in names
+        if any(inside(name, package) for package in above)
+    ]
+    assert found == []
+
+
+def test_a_service_imports_no_other_service() -> None:
+    found = []
+    for service in sorted(p.name for p in (ROOT / "services").iterdir() if p.is_dir()):
+        if service.startswith("__"):
+            continue
+        for path, names in modules(f"services/{service}"):
+            found += [
+                f"{path}: imports {name}"
+                for name in names
+                # `from services import x` also yields the bare `services`: not a service
+                if inside(name, "services")
+                and name != "services"
+                and not inside(name, f"services.{service}")
+            ]
+    assert found == []
 
 
 def test_the_check_reads_every_production_package() -> None:
