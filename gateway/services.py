@@ -26,6 +26,7 @@ from nats.errors import NoRespondersError, TimeoutError
 
 from shared.clock import Clock
 from shared.errors import StockpilotError, UnavailableError, error_for_status
+from shared.nats_errors import is_nats_error
 from shared.runtime import changed_subject, endpoint_subject
 
 T = TypeVar("T")
@@ -171,7 +172,7 @@ class ServiceClient:
         except NoRespondersError:
             raise UnavailableError(f"the {service} service is not running") from None
         except Exception as exc:
-            if type(exc).__module__.startswith("nats"):
+            if is_nats_error(exc):
                 raise UnavailableError(
                     f"the {service} service cannot be reached: NATS is unavailable"
                 ) from None

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from ops import nats_auth
-from shared.testing import free_port, nats_server_binary
+from shared.nats_server import free_port, nats_server_binary
 
 
 class EmbeddedNatsError(Exception):

@@ -35,6 +35,7 @@ from ops.replay import (
 )
 from ops.streams_report import render_table, streams_report, unavailable_services
 from shared import bus
+from shared.nats_errors import is_nats_error
 from shared.settings import CommonSettings, SettingsError, settings_or_exit
 
 _encode = msgspec.json.Encoder().encode
@@ -76,7 +77,7 @@ def _run(
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if not type(exc).__module__.startswith("nats"):
+        if not is_nats_error(exc):
             raise
         _err(f"NATS refused: {exc}")
         return 2

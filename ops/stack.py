@@ -32,6 +32,7 @@ import psutil
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared import bus
+from shared.nats_server import wait_for_port
 from shared.settings import (
     CONFIG_FILE_VARIABLE,
     CommonSettings,
@@ -39,7 +40,6 @@ from shared.settings import (
     require_nats,
     settings_or_exit,
 )
-from shared.testing import wait_for_port
 
 SERVICES = ("health", "usage", "batch")
 STOP_GRACE_S = 8.0

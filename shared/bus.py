@@ -19,6 +19,7 @@ from nats.js.errors import BadRequestError
 from nats.js.object_store import ObjectStore
 
 from shared.events import AwareDatetime, Event, utc_now
+from shared.nats_errors import JsErrorCode, has_code
 from shared.settings import CommonSettings
 
 log = logging.getLogger("stockpilot.bus")
@@ -36,7 +37,6 @@ HOOK_MARKS_BUCKET = "STOCKPILOT_HOOK_MARKS"
 HOOK_BACKFILL_MAX_S = 30 * DAY_S
 HOOK_MARK_TTL_S = 35 * DAY_S
 
-_STREAM_ALREADY_IN_USE = 10058
 # Who may create and update streams and buckets when NATS has users (ops.nats_auth).
 ADMIN_USER = "ops"
 
@@ -315,7 +315,7 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
-            if exc.err_code != _STREAM_ALREADY_IN_USE:
+            if not has_code(exc, JsErrorCode.STREAM_NAME_IN_USE):
                 raise
             await js.update_stream(config)
     for service in SERVICES:

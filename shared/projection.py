@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -46,6 +46,12 @@ class Projection(Generic[V, E]):
     apply: Callable[[V, E], V]
     react: Callable[[V, E], Sequence[Alert]] | None = None
     filter_subject: str | None = None
+    # The fold's identity, stored with every snapshot: a snapshot folded by another version
+    # of the fold (its meaning or the view's layout changed; bump `version` then) or under
+    # another configuration (`fingerprint`, a digest of the settings the fold reads, see
+    # fold_fingerprint) is discarded and the view rebuilt from the stream's first event.
+    version: str = "1"
+    fingerprint: str = ""
     view: V = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +96,12 @@ class Projection(Generic[V, E]):
         self.view = self.view_type()
 
 
+def fold_fingerprint(*config: object) -> str:
+    """A digest of the fold configuration `config` (msgspec-encodable values: settings,
+    structs of them) for Projection.fingerprint."""
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()[:16]
+
+
 def view_digest(view: View) -> str:
     """A fingerprint of a view's whole state: equal digests mean equal projections."""
     return hashlib.sha256(_envelope_encoder.encode(view)).hexdigest()
@@ -103,6 +115,14 @@ class SnapshotEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     last_seq: int
     taken_at: AwareDatetime
     view: bytes
+    # The fold's identity when the snapshot was taken (Projection.version / .fingerprint).
+    # Snapshots from before these fields decode with "" and are rebuilt once.
+    version: str = ""
+    fingerprint: str = ""
+
+
+class SnapshotMismatch(ValueError):
+    """A snapshot folded by another fold version or under another fold configuration."""
 
 
 SNAPSHOT_FORMAT = 1
@@ -118,18 +138,43 @@ def encode_snapshot(projection: Projection[V, E], taken_at: datetime) -> bytes:
         last_seq=projection.view.last_seq,
         taken_at=taken_at,
         view=_envelope_encoder.encode(projection.view),
+        version=projection.version,
+        fingerprint=projection.fingerprint,
     )
     return zlib.compress(_envelope_encoder.encode(envelope), level=1)
 
 
-def decode_snapshot(data: bytes, view_type: type[V]) -> tuple[V, datetime]:
-    """A view from a snapshot; raises msgspec/zlib errors when it does not fit the view type."""
+def decode_snapshot(
+    data: bytes, view_type: type[V], identity: Projection[V, Any] | None = None
+) -> tuple[V, datetime]:
+    """A view from a snapshot; raises msgspec/zlib errors when it does not fit the view type,
+    and SnapshotMismatch when it was folded with another identity than `identity`'s (the
+    projection that will fold on from it; None skips the check, for tests of the fold)."""
     envelope = _envelope_decoder.decode(zlib.decompress(data))
     if envelope.format != SNAPSHOT_FORMAT:
         raise ValueError(f"snapshot format {envelope.format} is not {SNAPSHOT_FORMAT}")
+    if identity is not None:
+        problem = identity_mismatch(envelope, identity)
+        if problem is not None:
+            raise SnapshotMismatch(problem)
     view = msgspec.msgpack.decode(envelope.view, type=view_type)
     view.last_seq = envelope.last_seq
     return view, envelope.taken_at
+
+
+def identity_mismatch(envelope: SnapshotEnvelope, projection: Projection[Any, Any]) -> str | None:
+    """Why a snapshot cannot be folded on from by `projection` (None when it can)."""
+    if envelope.version != projection.version:
+        return (
+            f"it was folded by fold version {envelope.version or '(none)'!r}, "
+            f"this is {projection.version!r}"
+        )
+    if envelope.fingerprint != projection.fingerprint:
+        return (
+            f"it was folded under another fold configuration (fingerprint "
+            f"{envelope.fingerprint or '(none)'}, now {projection.fingerprint or '(none)'})"
+        )
+    return None
 
 
 class SeqWaiters:

@@ -47,12 +47,14 @@ from nats.micro.service import ServiceConfig
 from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.errors import StockpilotError, UnavailableError
+from shared.errors import StockpilotError
 from shared.events import Alert, AwareDatetime, Event
+from shared.nats_errors import is_nats_error, translate
 from shared.projection import (
     FoldError,
     Projection,
     SeqWaiters,
+    SnapshotMismatch,
     decode_snapshot,
     encode_snapshot,
     view_digest,
@@ -267,8 +269,8 @@ class Context:
         except StockpilotError:
             raise
         except Exception as exc:
-            if type(exc).__module__.startswith("nats"):
-                raise UnavailableError(f"could not store the event in JetStream: {exc}") from None
+            if is_nats_error(exc):
+                raise translate(exc, "could not store the event in JetStream") from None
             raise
 
     async def wait_applied(
@@ -453,7 +455,15 @@ class Runtime:
             return
         data = result.data or b""
         try:
-            view, taken_at = decode_snapshot(data, projection.view_type)
+            view, taken_at = decode_snapshot(data, projection.view_type, projection)
+        except SnapshotMismatch as exc:  # settings or the fold changed since it was taken
+            log.warning(
+                "%s: snapshot of %s discarded: %s; rebuilding from the first event",
+                self.definition.name,
+                projection.name,
+                exc,
+            )
+            return
         except Exception as exc:  # a snapshot of an older view shape: rebuild instead
             log.warning(
                 "%s: snapshot of %s unusable (%s); folding from the first event",

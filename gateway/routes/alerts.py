@@ -32,6 +32,7 @@ from gateway.http_server import ABORT_EXTENSION
 from gateway.services import Services
 from shared.bus import STREAMS
 from shared.errors import InvalidRequestError, UnavailableError
+from shared.nats_errors import is_nats_error, translate
 
 log = logging.getLogger("stockpilot.gateway")
 
@@ -128,15 +129,15 @@ async def alert_stream(
     try:
         client, live_from = await fanout.join(nc, abort)
     except Exception as exc:
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"the alert stream cannot be followed: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, "the alert stream cannot be followed") from None
         raise
     try:
         seen = await _first_to_send(nc, start, live_from)
     except Exception as exc:
         fanout.leave(client)
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"the alert stream cannot be followed: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, "the alert stream cannot be followed") from None
         raise
     js = nc.jetstream()
 
@@ -151,7 +152,7 @@ async def alert_stream(
                         yield _sse(item)
                         sent = item.seq
                 except Exception as exc:
-                    if not type(exc).__module__.startswith("nats"):
+                    if not is_nats_error(exc):
                         raise
                     # End this response; the client resumes after the last event it got.
                     log.warning("alert stream: reading the backlog failed: %s", exc)

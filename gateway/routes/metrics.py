@@ -16,8 +16,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from litestar import Response, get
 from litestar.router import Router
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
@@ -34,6 +32,7 @@ from services.usage.service import UsageSummary
 from shared.clock import Clock
 from shared.errors import StockpilotError
 from shared.hook_status import HooksStatus, read_hooks_status
+from shared.nats_errors import NATS_ERRORS
 from shared.runtime import ServiceStatus
 
 T = TypeVar("T")
@@ -43,6 +42,8 @@ SERVICES = ("health", "usage", "batch")
 SCRAPE_TIMEOUT_S = 1.5
 # Litestar appends "; charset=utf-8" to text media types itself.
 CONTENT_TYPE = "text/plain; version=0.0.4"
+# The hook status that cannot be read: no answer in time, a NATS error or a garbled value.
+_UNREADABLE: tuple[type[Exception], ...] = (TimeoutError, msgspec.DecodeError, *NATS_ERRORS)
 
 
 class _Families(Collector):
@@ -90,12 +91,7 @@ class Scrape:
         if nc is not None and ok:
             try:
                 status = await asyncio.wait_for(read_hooks_status(nc.jetstream()), self.timeout)
-            except (
-                TimeoutError,
-                nats.errors.Error,
-                nats.js.errors.Error,
-                msgspec.DecodeError,
-            ):
+            except _UNREADABLE:
                 ok = False
         self.sources[("hooks", "status")] = ok
         return ok, status

@@ -9,11 +9,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 import msgspec
-import nats.errors
-import nats.js.errors
 from litestar import Request, Response, Router, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 from gateway.auth import read_guard
 from gateway.response_cache import CACHED
@@ -34,6 +33,7 @@ from shared import bus
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime
 from shared.hook_status import hooks_process_state, read_hooks_status
+from shared.nats_errors import NATS_ERRORS
 from shared.runtime import VERSION, ServiceStatus
 
 SERVICES = ("health", "usage", "batch")
@@ -197,10 +197,10 @@ async def _usage_stream_writes(services: ServiceClient) -> StreamWrites:
         return StreamWrites(
             stream=USAGE_STREAM, accepting=None, detail="its stream info was not answered in time"
         )
-    except nats.js.errors.NotFoundError:
+    except JsNotFoundError:
         detail = f"stream {USAGE_STREAM} does not exist (the usage service creates it at start)"
         return StreamWrites(stream=USAGE_STREAM, accepting=False, detail=detail)
-    except (nats.errors.Error, nats.js.errors.Error) as exc:
+    except NATS_ERRORS as exc:
         # JetStream that answers with an error, or not at all (a full disk disables it).
         detail = f"JetStream does not describe stream {USAGE_STREAM} ({exc}): it takes no writes"
         return StreamWrites(stream=USAGE_STREAM, accepting=False, detail=detail)
@@ -253,12 +253,16 @@ async def _hooks(services: ServiceClient, now: datetime) -> tuple[str, list[Hook
     return answer
 
 
+# A state bucket that does not answer in time or answers with a NATS error.
+_UNREADABLE: tuple[type[Exception], ...] = (TimeoutError, *NATS_ERRORS)
+
+
 async def _read_hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
     if services.nc is None or not services.nc.is_connected:
         raise UnavailableError("NATS is unavailable")
     try:
         status = await asyncio.wait_for(read_hooks_status(services.nc.jetstream()), PROBE_TIMEOUT_S)
-    except (TimeoutError, nats.errors.Error, nats.js.errors.Error):
+    except _UNREADABLE:
         raise UnavailableError("the state bucket cannot be read") from None
     if status is None:
         return "not_configured", []

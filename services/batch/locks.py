@@ -31,9 +31,9 @@ from services.batch.events import (
 )
 from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-_WRONG_LAST_SEQUENCE = 10071
 BATCH_STREAM = bus.STREAMS["batch"].name
 
 
@@ -63,8 +63,8 @@ async def read_lock(js: JetStreamContext, job_id: str) -> tuple[LockEvent | None
     except JsNotFoundError:
         return None, 0
     except Exception as exc:
-        if type(exc).__module__.startswith("nats"):
-            raise LockStateError(f"could not read the lock of {job_id}: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, f"could not read the lock of {job_id}", LockStateError) from None
         raise
     try:
         return decode_lock_event(msg.data or b""), int(msg.seq or 0)
@@ -73,11 +73,6 @@ async def read_lock(js: JetStreamContext, job_id: str) -> tuple[LockEvent | None
             f"the last message on {lock_subject(job_id)} (seq {msg.seq}) is not a lock event "
             f"({bus.describe_decode_error(exc)}); release the lock with the admin route"
         ) from None
-
-
-def is_wrong_last_sequence(exc: BaseException) -> bool:
-    """Whether a publish failed because the subject moved on (someone else stored first)."""
-    return isinstance(exc, BadRequestError) and exc.err_code == _WRONG_LAST_SEQUENCE
 
 
 def _held_by(job_id: str, last: LockEvent | None, seq: int) -> LockHeldError:
@@ -114,7 +109,7 @@ async def acquire_lock(
         )
         token = int(ack.seq)
     except Exception as exc:
-        if not type(exc).__module__.startswith("nats"):
+        if not is_nats_error(exc):
             raise
         # Someone stored something first, or the answer got lost: the subject says who holds it.
         now_last, now_seq = await read_lock(js, job_id)
@@ -123,7 +118,7 @@ async def acquire_lock(
         elif is_wrong_last_sequence(exc):
             raise _held_by(job_id, now_last, now_seq) from None
         else:
-            raise LockStateError(f"could not store the lock of {job_id}: {exc}") from None
+            raise translate(exc, f"could not store the lock of {job_id}", LockStateError) from None
     return HeldLock(
         job_id=job_id,
         owner=owner,

@@ -27,7 +27,7 @@ from services.batch.events import (
 )
 from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
-from shared.projection import Projection, View
+from shared.projection import Projection, View, fold_fingerprint
 
 ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost"]
 
@@ -337,4 +337,6 @@ def batch_projection(history_limit: int = DEFAULT_HISTORY_LIMIT) -> BatchProject
         apply=apply_next,
         react=react,
         history_limit=history_limit,
+        # The history bound decides what the view keeps: another bound, another view.
+        fingerprint=fold_fingerprint(history_limit),
     )

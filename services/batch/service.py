@@ -17,12 +17,13 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from services.batch import queries, schemas
 from services.batch.decide import expired_locks, release_event
 from services.batch.events import job_id_problem, lock_subject
-from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
+from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ
 from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
 from services.batch.settings import BatchSettings
 from shared import bus
-from shared.errors import ConflictError, InvalidRequestError, UnavailableError
+from shared.errors import ConflictError, InvalidRequestError
 from shared.events import Event
+from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
@@ -35,8 +36,8 @@ async def _last_seq(ctx: Context, job_id: str) -> int:
     except JsNotFoundError:
         return 0
     except Exception as exc:
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"could not read the lock of {job_id}: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, f"could not read the lock of {job_id}") from None
         raise
     return int(msg.seq or 0)
 
@@ -50,8 +51,8 @@ async def _publish_expecting(ctx: Context, job_id: str, event: Event, seq: int) 
     except Exception as exc:
         if is_wrong_last_sequence(exc):
             return None
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"could not store the event in JetStream: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, "could not store the event in JetStream") from None
         raise
     return int(ack.seq)
 

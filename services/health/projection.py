@@ -24,6 +24,9 @@ from shared.projection import FoldError, View
 
 HOUR_S = 3600.0
 DAY_S = 86_400.0
+# Bumped when the fold's meaning or the view's layout changes: a snapshot folded by another
+# version is not reused and the view is rebuilt from the stream's first event.
+FOLD_VERSION = "1"
 ALERT_KIND = "health.status_changed"
 # Status codes stored in samples (a byte each instead of a string).
 CODES: dict[Status, int] = {"healthy": 0, "degraded": 1, "unhealthy": 2, "unknown": 3}

@@ -24,11 +24,11 @@ from services.health.events import (
     HostSampled,
     decode_health_event,
 )
-from services.health.projection import FoldPolicy, HealthView, make_apply, react
+from services.health.projection import FOLD_VERSION, FoldPolicy, HealthView, make_apply, react
 from services.health.settings import HealthSettings
 from shared.bus import STATE_BUCKET, STREAMS
 from shared.errors import StockpilotError
-from shared.projection import Projection
+from shared.projection import Projection, fold_fingerprint
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 log = logging.getLogger("stockpilot.health")
@@ -53,6 +53,9 @@ def health_projection(settings: HealthSettings) -> Projection[HealthView, Health
         decode=decode_health_event,
         apply=make_apply(fold_policy(settings)),
         react=react,
+        version=FOLD_VERSION,
+        # Hysteresis and history bounds shape the view: a snapshot under others is rebuilt.
+        fingerprint=fold_fingerprint(fold_policy(settings)),
     )
 
 

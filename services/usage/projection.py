@@ -51,7 +51,6 @@ from services.usage.view import (
     day_start,
     hour_key,
     month_bounds,
-    view_type_for,
 )
 from shared.events import Alert, rfc3339
 from shared.projection import Projection
@@ -63,7 +62,6 @@ __all__ = [
     "UsageView",
     "make_apply",
     "make_react",
-    "view_type_for",
 ]
 
 

@@ -40,13 +40,14 @@ from services.usage.projection import (
     UsageProjection,
     make_apply,
     make_react,
-    view_type_for,
 )
 from services.usage.settings import UsageSettings
+from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
 from shared import bus
 from shared.bus import STREAMS, encode_event
 from shared.clock import Clock
 from shared.errors import UnavailableError
+from shared.nats_errors import is_nats_error, translate
 from shared.projection import Projection
 from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
 
@@ -118,10 +119,12 @@ def usage_projection(settings: UsageSettings) -> UsageProjection:
     return UsageProjection(
         name="usage",
         stream=STREAMS["usage"],
-        view_type=view_type_for(config),
+        view_type=UsageView,
         decode=decode_usage_event,
         apply=make_apply(config),
         react=make_react(config),
+        version=FOLD_VERSION,
+        fingerprint=config_fingerprint(config),
         config=config,
     )
 
@@ -167,7 +170,7 @@ def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
                 try:
                     await bus.publish_event(js, SUBJECT_PRICES, event)
                 except Exception as exc:
-                    if not type(exc).__module__.startswith("nats"):
+                    if not is_nats_error(exc):
                         raise
                     # A stream that refuses writes (full, sealed) must not keep the service
                     # from answering; calls keep the stream's last table until a start
@@ -390,7 +393,7 @@ async def _publish_all(ctx: Context, events: list[Any]) -> list[js_api.PubAck]:
             "JetStream did not acknowledge the records in time; retry (ids make it safe)"
         ) from None
     except Exception as exc:
-        if type(exc).__module__.startswith("nats"):
-            raise UnavailableError(f"could not store the records in JetStream: {exc}") from None
+        if is_nats_error(exc):
+            raise translate(exc, "could not store the records in JetStream") from None
         raise
     return acks

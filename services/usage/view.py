@@ -12,7 +12,6 @@ import bisect
 import hashlib
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Annotated, cast
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -208,9 +207,12 @@ class FoldConfig:
 
 
 def config_fingerprint(config: FoldConfig) -> str:
-    """A digest of everything the fold's result depends on besides the events."""
+    """A digest of everything the fold's result depends on besides the events and the fold's
+    version (UsageProjection.fingerprint: a snapshot taken under another is not reused).
+
+    Not the prices: they come from the stream's `usage.prices_changed` events, so a changed
+    price table is an event to fold, not another configuration."""
     parts = [
-        FOLD_VERSION,
         config.zone.key,
         repr(config.daily_budget_usd),
         repr(config.monthly_budget_usd),
@@ -221,25 +223,6 @@ def config_fingerprint(config: FoldConfig) -> str:
         repr([(b.scope, b.period, b.usd) for b in config.budgets]),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def view_type_for(config: FoldConfig) -> type[UsageView]:
-    """UsageView stamped with the configuration's fingerprint.
-
-    A snapshot folded under another time zone or set of thresholds (or by another fold
-    version) fails to
-    decode into this type (the `config` pattern does not match), and the runtime then
-    rebuilds the view from the first event instead of mixing two configurations.
-    """
-    fingerprint = config_fingerprint(config)
-    stamped = msgspec.defstruct(
-        "UsageView",
-        [("config", Annotated[str, msgspec.Meta(pattern=f"^{fingerprint}$")], fingerprint)],
-        bases=(UsageView,),
-        kw_only=True,
-        module=__name__,
-    )
-    return cast(type[UsageView], stamped)
 
 
 def add_call(agg: Agg, event: UsageRecorded, cost: float, failed: bool) -> None:

@@ -1,0 +1,61 @@
+"""A health snapshot is reused only under the fold configuration it was taken with."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import nats
+
+from services.health.events import CHECKED_SUBJECT_PREFIX, HealthChecked
+from services.health.service import ROUND_KEY, build
+from services.health.settings import HealthSettings
+from shared import bus
+from shared.clock import ManualClock
+from shared.runtime import ProjectionStatus, Runtime
+from shared.settings import load_settings
+from shared.testing import running_service
+
+RESULTS = 6
+
+
+def health_status(runtime: Runtime) -> ProjectionStatus:
+    return next(p for p in runtime.status().projections if p.name == "health")
+
+
+async def test_a_snapshot_under_other_hysteresis_is_discarded_and_the_view_rebuilt(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    js = nc.jetstream()
+    await bus.provision(js)
+    # No scheduled round while this test runs: the stream holds only the results below.
+    kv = await js.key_value(bus.STATE_BUCKET)
+    await kv.put(ROUND_KEY, str(2**62).encode())
+    for i in range(RESULTS):
+        event = HealthChecked(
+            id=f"result-{i}",
+            occurred_at=clock.now() - timedelta(minutes=RESULTS - i),
+            component="database",
+            kind="database",
+            status="unhealthy" if i % 2 else "healthy",
+            latency_ms=1.0,
+        )
+        await bus.publish_event(js, CHECKED_SUBJECT_PREFIX + "database", event)
+
+    settings_a = load_settings(HealthSettings, env)
+    settings_b = load_settings(HealthSettings, env | {"STOCKPILOT_HYSTERESIS_DOWN": "5"})
+    async with running_service(build(settings_a), settings_a, clock=clock) as runtime:
+        assert health_status(runtime).last_seq == RESULTS
+    # Same settings: the snapshot taken on the way out is reused.
+    async with running_service(build(settings_a), settings_a, clock=clock) as runtime:
+        status = health_status(runtime)
+        assert (status.snapshot_seq, status.events_applied) == (RESULTS, 0)
+    # Another hysteresis changes what the fold derives: rebuilt from the first event.
+    async with running_service(build(settings_b), settings_b, clock=clock) as runtime:
+        status = health_status(runtime)
+        assert (status.snapshot_seq, status.events_applied) == (0, RESULTS)
+        assert status.last_seq == RESULTS
+    async with running_service(build(settings_b), settings_b, clock=clock) as runtime:
+        status = health_status(runtime)
+        assert (status.snapshot_seq, status.events_applied) == (RESULTS, 0)
+    await nc.close()
