@@ -20,9 +20,11 @@ import msgspec
 from services.batch.events import (
     BatchFinished,
     BatchProgress,
+    BatchSkipped,
     BatchStarted,
     LockAcquired,
     LockReleased,
+    LockRenewed,
 )
 from services.health.events import HealthChecked, HostSampled
 from services.usage.events import UsageRecorded, UsageReset
@@ -114,8 +116,9 @@ CHANNELS = (
     Channel(
         "batchRun",
         "stockpilot.batch.run.{job_id}",
-        "A batch job execution's lifecycle: started, progress (heartbeats), finished.",
-        (BatchStarted, BatchProgress, BatchFinished),
+        "A batch job execution's lifecycle: started, progress (heartbeats), finished, or "
+        "skipped (it did not start because the lock was held).",
+        (BatchStarted, BatchProgress, BatchFinished, BatchSkipped),
         MSG_ID_HEADER,
         senders=("producer", "gateway"),
         readers=("batch", "observer", "ops"),
@@ -125,8 +128,9 @@ CHANNELS = (
     Channel(
         "batchLock",
         "stockpilot.batch.lock.{job_id}",
-        "A job lock's lifecycle, fenced by the expected-last-subject-sequence header.",
-        (LockAcquired, LockReleased),
+        "A job lock's lifecycle (acquired, renewed, released), fenced by the "
+        "expected-last-subject-sequence header; who holds it is the fold of all of them.",
+        (LockAcquired, LockRenewed, LockReleased),
         LOCK_HEADERS,
         senders=("producer", "gateway", "batch"),
         readers=("batch", "observer", "ops"),

@@ -21,7 +21,7 @@ RUN_SUBJECT_PREFIX = "stockpilot.batch.run."
 LOCK_SUBJECT_PREFIX = "stockpilot.batch.lock."
 
 FinishedStatus = Literal["succeeded", "failed", "cancelled"]
-ReleaseReason = Literal["released", "forced", "expired"]
+ReleaseReason = Literal["released", "forced", "expired", "lost"]
 
 
 def run_subject(job_id: str) -> str:
@@ -106,11 +106,54 @@ class LockReleased(Event, frozen=True, kw_only=True, tag="lock.released"):
     reason: ReleaseReason
     by: str
     note: str | None = None
+    # The lock given back (its lock.acquired's sequence); older events name only the owner.
+    fencing_token: int | None = None
 
 
-RunEvent = BatchStarted | BatchProgress | BatchFinished
-LockEvent = LockAcquired | LockReleased
-BatchEvent = BatchStarted | BatchProgress | BatchFinished | LockAcquired | LockReleased
+class BatchSkipped(Event, frozen=True, kw_only=True, tag="batch.skipped"):
+    """A run that did not start because the job's lock was held (history status `skipped`)."""
+
+    execution_id: str
+    job_id: JobId
+    reason: Literal["locked"] = "locked"
+    holder_owner: str | None = None
+    holder_fencing_token: int | None = None
+
+
+class LockRenewed(Event, frozen=True, kw_only=True, tag="lock.renewed"):
+    """The holder of lock `fencing_token` extended it until `expires_at` (a lease renewal)."""
+
+    job_id: JobId
+    owner: str
+    fencing_token: int
+    expires_at: AwareDatetime
+
+
+class JobScheduled(Event, frozen=True, kw_only=True, tag="batch.job_scheduled"):
+    """A job's expected start times changed (published by the batch service from
+    STOCKPILOT_JOB_SCHEDULES when they differ from the last stored one); `schedule` None removes
+    it."""
+
+    job_id: JobId
+    cron: str | None = None
+    every_s: PositiveFloat | None = None
+    grace_s: NonNegativeFloat = 0.0
+    tz: str = "UTC"
+    removed: bool = False
+
+
+RunEvent = BatchStarted | BatchProgress | BatchFinished | BatchSkipped
+LockEvent = LockAcquired | LockReleased | LockRenewed
+BatchEvent = (
+    BatchStarted
+    | BatchProgress
+    | BatchFinished
+    | LockAcquired
+    | LockReleased
+    | BatchSkipped
+    | LockRenewed
+    | JobScheduled
+)
 
 decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
 decode_lock_event = msgspec.json.Decoder(LockEvent).decode

@@ -152,11 +152,16 @@ def failure_patterns(
 
 
 def _job_stats(executions: list[tuple[Execution, ExecutionStatus]]) -> JobStats:
-    counts = {"running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "lost": 0}
+    counts = dict.fromkeys(("running", "succeeded", "failed", "cancelled", "lost", "skipped"), 0)
     for _, status in executions:
         counts[status] += 1
-    finished = len(executions) - counts["running"]
-    durations = [e.duration_s for e, s in executions if e.duration_s is not None and s != "lost"]
+    # A skipped run never started: it counts, but not as finished, and has no duration.
+    finished = len(executions) - counts["running"] - counts["skipped"]
+    durations = [
+        e.duration_s
+        for e, s in executions
+        if e.duration_s is not None and s not in ("lost", "skipped")
+    ]
     throughputs = [e.throughput_per_s for e, _ in executions if e.throughput_per_s is not None]
     memory = [e.peak_memory_mb for e, _ in executions if e.peak_memory_mb is not None]
     cpu = [e.avg_cpu_percent for e, _ in executions if e.avg_cpu_percent is not None]
@@ -176,6 +181,7 @@ def _job_stats(executions: list[tuple[Execution, ExecutionStatus]]) -> JobStats:
         avg_cpu_percent=_mean(cpu),
         last_started_at=last[0].started_at if last else None,
         last_status=last[1] if last else None,
+        skipped=counts["skipped"],
     )
 
 

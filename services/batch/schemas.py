@@ -113,6 +113,8 @@ class JobStats(msgspec.Struct, kw_only=True):
     avg_cpu_percent: float | None
     last_started_at: AwareDatetime | None
     last_status: ExecutionStatus | None
+    # Runs that did not start because the lock was held (batch.skipped); not in success_rate.
+    skipped: int = 0
 
 
 class BatchStats(JobStats, kw_only=True):

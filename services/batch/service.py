@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.batch import queries, schemas
 from services.batch.decide import expired_locks, release_event
 from services.batch.events import job_id_problem, lock_subject
+from services.batch.lockrule import LockState
 from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
-from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
+from services.batch.projection import (
+    BatchProjection,
+    Execution,
+    batch_projection,
+    job_failed_alert,
+    lock_expired_alert,
+)
 from services.batch.settings import BatchSettings
 from shared import bus
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
@@ -26,6 +34,14 @@ from shared.events import Event
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
+log = logging.getLogger("stockpilot.batch")
+
+
+def _belongs(lock: LockState, execution: Execution) -> bool:
+    """Whether `lock` is the one `execution` took (by fencing token, else execution id)."""
+    if execution.fencing_token is not None:
+        return lock.fencing_token == execution.fencing_token
+    return lock.execution_id == execution.execution_id
 
 
 async def _last_seq(ctx: Context, job_id: str) -> int:
@@ -130,13 +146,47 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             await ctx.wait_applied(batch, last_stored)
         return schemas.CleanupAnswer(released=released, count=len(released))
 
+    async def release_lost(ctx: Context, execution: Execution) -> None:
+        """The lease: a lost run's lock is released (reason `lost`), fenced like every lock
+        event, so the job's next run can start now rather than when the lock expires."""
+        for _ in range(RELEASE_ATTEMPTS):
+            seq = await _last_seq(ctx, execution.job_id)
+            await ctx.wait_applied(batch, seq)
+            lock = batch.view.locks.get(execution.job_id)
+            if lock is None or not _belongs(lock, execution):
+                return
+            event = release_event(
+                lock,
+                reason="lost",
+                by="batch",
+                now=ctx.now(),
+                note=f"execution {execution.execution_id} lost: its heartbeats stopped",
+            )
+            stored = await _publish_expecting(ctx, execution.job_id, event, seq)
+            if stored is not None:
+                await ctx.wait_applied(batch, stored)
+                return
+
     async def watch_lost(ctx: Context) -> None:
-        """Raise `batch.job_failed` once for each running execution that went silent."""
+        """Raise `batch.job_failed` once for each running execution that went silent and
+        release its lock; raise `batch.lock_expired` once for each lock past its expiry."""
         raised: set[str] = set()
         while not ctx.stopping.is_set():
             alerts = []
-            for execution, at in queries.lost_executions(batch.view, ctx.now(), interval):
+            now = ctx.now()
+            for execution, at in queries.lost_executions(batch.view, now, interval):
+                lock = batch.view.locks.get(execution.job_id)
+                if lock is not None and _belongs(lock, execution):
+                    try:
+                        await release_lost(ctx, execution)
+                    except UnavailableError as exc:
+                        log.warning("batch: could not release a lost run's lock: %s", exc)
                 alert = job_failed_alert(execution, at, "was lost (its heartbeats stopped)")
+                if alert.id not in raised:
+                    alerts.append(alert)
+                    raised.add(alert.id)
+            for lock in expired_locks(batch.view, now):
+                alert = lock_expired_alert(lock, lock.expires_at)
                 if alert.id not in raised:
                     alerts.append(alert)
                     raised.add(alert.id)
