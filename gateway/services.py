@@ -51,7 +51,9 @@ READ_ENDPOINTS: dict[str, frozenset[str]] = {
 COMMANDS: dict[str, frozenset[str]] = {
     "health": frozenset({"comprehensive_fresh", "component_fresh", "external_apis_fresh"}),
     "usage": frozenset({"ingest", "reset"}),
-    "batch": frozenset({"release", "cleanup"}),
+    "batch": frozenset(
+        {"release", "cleanup", "report_run", "lock_acquire", "lock_renew", "lock_release_mine"}
+    ),
 }
 
 

@@ -11,9 +11,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from services.batch.errors import LockHeldError
-from services.batch.events import LockAcquired, LockReleased, LockRenewed, ReleaseReason
+from services.batch.events import (
+    BatchFinished,
+    BatchSkipped,
+    BatchStarted,
+    LockAcquired,
+    LockReleased,
+    LockRenewed,
+    ReleaseReason,
+    RunEvent,
+)
 from services.batch.lockrule import LockRead, LockState
-from services.batch.projection import BatchView
+from services.batch.projection import BatchView, Execution
+from services.batch.schemas import RunParams
+from shared.errors import InvalidRequestError
 
 
 def acquire_event_id(job_id: str, execution_id: str) -> str:
@@ -110,3 +121,75 @@ def expired_locks(view: BatchView, now: datetime) -> list[LockState]:
         (lock for lock in view.locks.values() if lock.expires_at <= now),
         key=lambda lock: (lock.expires_at, lock.job_id),
     )
+
+
+# Runs reported over HTTP announce no heartbeat cadence by default: this one (silent for three
+# of them, an hour and a half, the run is lost) suits a cron job that reports start and end.
+HTTP_RUN_INTERVAL_S = 1800.0
+
+
+def run_report_events(
+    params: RunParams,
+    execution_id: str,
+    existing: Execution | None,
+    now: datetime,
+    holder: LockState | None = None,
+) -> list[RunEvent]:
+    """The run events one HTTP report stores (`started`; an end, with its start when the run
+    was never reported started; `skipped`). Raises InvalidRequestError on a mismatch."""
+    if existing is not None and existing.job_id != params.job_id:
+        raise InvalidRequestError(
+            f"execution {execution_id} belongs to job {existing.job_id}, not {params.job_id}"
+        )
+    host = params.host or "http"
+    start = BatchStarted(
+        id=f"{execution_id}.started",
+        occurred_at=now,
+        execution_id=execution_id,
+        job_id=params.job_id,
+        host=host,
+        pid=0,
+        items_total=params.items_total,
+        heartbeat_interval_s=params.heartbeat_interval_s or HTTP_RUN_INTERVAL_S,
+    )
+    if params.status == "started":
+        return [] if existing is not None else [start]
+    if params.status == "skipped":
+        if existing is not None:
+            raise InvalidRequestError(f"execution {execution_id} was already reported")
+        return [
+            BatchSkipped(
+                id=f"{execution_id}.skipped",
+                occurred_at=now,
+                execution_id=execution_id,
+                job_id=params.job_id,
+                holder_owner=holder.owner if holder is not None else None,
+                holder_fencing_token=holder.fencing_token if holder is not None else None,
+            )
+        ]
+    if existing is not None and existing.status != "running":
+        raise InvalidRequestError(
+            f"execution {execution_id} already ended ({existing.status}); report a new run"
+        )
+    events: list[RunEvent] = [] if existing is not None else [start]
+    started_at = existing.started_at if existing is not None else now
+    duration = max(0.0, (now - started_at).total_seconds())
+    items = params.items_processed
+    if items is None:
+        items = existing.items_processed if existing is not None else 0
+    events.append(
+        BatchFinished(
+            id=f"{execution_id}.finished",
+            occurred_at=now,
+            execution_id=execution_id,
+            job_id=params.job_id,
+            status=params.status,
+            items_processed=items,
+            duration_s=round(duration, 3),
+            throughput_per_s=round(items / duration, 3) if duration > 0 else 0.0,
+            peak_memory_mb=0.0,
+            avg_cpu_percent=0.0,
+            error=params.error,
+        )
+    )
+    return events

@@ -240,7 +240,9 @@ async def release_lock(
     for _ in range(ATTEMPTS):
         read = await read_lock_state(js, lock.job_id)
         held = read.held
-        if held is None or held.fencing_token != lock.fencing_token:
+        if held is None or held.fencing_token != lock.fencing_token or held.owner != lock.owner:
+            if held is not None and held.fencing_token == lock.fencing_token:
+                return False  # the right token, the wrong owner: not ours to give back
             ended = read.ended_by(lock.fencing_token)
             # Ours already (a retry after a lost answer) counts as released.
             return ended is not None and ended.id.endswith(f".{lock.fencing_token}.released")
@@ -261,6 +263,12 @@ async def renew_lock(
         if why is not None:
             raise LockLostError(lock.job_id, lock.fencing_token, why)
         assert read.held is not None
+        if read.held.owner != lock.owner:
+            raise LockLostError(
+                lock.job_id,
+                lock.fencing_token,
+                f"it is held by {read.held.owner}, not {lock.owner}",
+            )
         event = renew_event(read.held, ttl_s=ttl_s, now=now)
         if await _publish_expecting(js, lock.job_id, event, read.last_seq) is not None:
             return HeldLock(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -178,3 +178,81 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     running: int
     failed_24h: int
     expired_locks: int
+
+
+# ----- runs and locks over HTTP (contract §5; any language, the ingest token) -------------
+
+RunStatus = Literal["started", "succeeded", "failed", "cancelled", "skipped"]
+ExecutionId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=10**9)]
+TtlS = Annotated[float, msgspec.Meta(gt=0, le=30 * 86_400)]
+IntervalS = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=2000)]
+Token = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class RunBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`POST /batch/jobs/{job_id}/runs`: one report of a run (`execution_id` ties a start to
+    its end; left out on `started`, one is made and answered)."""
+
+    status: RunStatus
+    execution_id: ExecutionId | None = None
+    items_processed: Count | None = None
+    items_total: Count | None = None
+    error: ErrorText | None = None
+    host: Owner | None = None
+    # Beyond the contract: how often this run will report; silent for 3 of them it is lost.
+    heartbeat_interval_s: IntervalS | None = None
+
+
+class RunParams(RunBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`report_run`: a RunBody for one job."""
+
+    job_id: JobId
+
+
+class RunAnswer(msgspec.Struct, kw_only=True):
+    """The stored report: pass `execution_id` back with the run's end."""
+
+    job_id: str
+    execution_id: str
+    status: RunStatus
+
+
+class LockBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Lock acquire / renew / release-mine over HTTP: who, for how long, which lock."""
+
+    owner: Owner
+    ttl_s: TtlS | None = None
+    fencing_token: Token | None = None
+
+
+class LockParams(LockBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`lock_acquire`, `lock_renew`, `lock_release_mine`: a LockBody for one job."""
+
+    job_id: JobId
+
+
+class LockHolder(msgspec.Struct, kw_only=True):
+    """Who holds a lock (a 409 names it)."""
+
+    owner: str
+    fencing_token: int
+    expires_at: AwareDatetime
+
+
+class LockAnswer(msgspec.Struct, kw_only=True):
+    """`ok` with the lock's `fencing_token` and `expires_at`; otherwise (HTTP 409) `detail`
+    says why and `holder` names who holds it (null when nobody does)."""
+
+    job_id: str
+    ok: bool
+    owner: str
+    fencing_token: int | None = None
+    expires_at: AwareDatetime | None = None
+    released: bool = False
+    holder: LockHolder | None = None
+    detail: str | None = None

@@ -12,14 +12,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
+from datetime import datetime
 
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.batch import queries, schemas
-from services.batch.decide import expired_locks, release_event
-from services.batch.events import job_id_problem, lock_subject
-from services.batch.lockrule import LockState
-from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ, is_wrong_last_sequence
+from services.batch.decide import expired_locks, release_event, run_report_events
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
+from services.batch.events import job_id_problem, lock_subject, run_subject
+from services.batch.lockrule import LockRead, LockState
+from services.batch.locks import (
+    BATCH_STREAM,
+    EXPECTED_LAST_SUBJECT_SEQ,
+    HeldLock,
+    acquire_lock,
+    is_wrong_last_sequence,
+    read_lock_state,
+    release_lock,
+    renew_lock,
+)
 from services.batch.projection import (
     BatchProjection,
     Execution,
@@ -29,12 +41,31 @@ from services.batch.projection import (
 )
 from services.batch.settings import BatchSettings
 from shared import bus
+from shared.clock import Clock
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
 from shared.events import Event
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
 log = logging.getLogger("stockpilot.batch")
+
+
+class _ContextClock(Clock):
+    """The runtime's clock as a Clock (the lock primitives take one)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def now(self) -> datetime:
+        """The runtime's now."""
+        return self._ctx.now()
+
+
+async def _read_state(ctx: Context, job_id: str) -> LockRead:
+    try:
+        return await read_lock_state(ctx.js, job_id)
+    except LockStateError as exc:
+        raise UnavailableError(exc.detail) from None
 
 
 def _belongs(lock: LockState, execution: Execution) -> bool:
@@ -197,6 +228,126 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stopping.wait(), settings.lost_check_interval_s)
 
+    async def report_run(params: schemas.RunParams, ctx: Context) -> schemas.RunAnswer:
+        """A run reported over HTTP: stored as the run events a Python worker stores."""
+        _check(params.job_id)
+        execution_id = params.execution_id or uuid.uuid4().hex
+        now = ctx.now()
+        existing = batch.view.executions.get(execution_id)
+        holder = batch.view.locks.get(params.job_id)
+        events = run_report_events(params, execution_id, existing, now, holder)
+        last = 0
+        for event in events:
+            ack = await ctx.publish(run_subject(params.job_id), event)
+            last = max(last, int(ack.seq))
+        if last:
+            await ctx.wait_applied(batch, last)
+        return schemas.RunAnswer(
+            job_id=params.job_id, execution_id=execution_id, status=params.status
+        )
+
+    def _holder(held: LockState | None) -> schemas.LockHolder | None:
+        if held is None:
+            return None
+        return schemas.LockHolder(
+            owner=held.owner, fencing_token=held.fencing_token, expires_at=held.expires_at
+        )
+
+    async def _refused(ctx: Context, params: schemas.LockParams, detail: str) -> schemas.LockAnswer:
+        read = await _read_state(ctx, params.job_id)
+        live = read.held if read.held is not None and read.held.expires_at > ctx.now() else None
+        return schemas.LockAnswer(
+            job_id=params.job_id, ok=False, owner=params.owner, holder=_holder(live), detail=detail
+        )
+
+    async def _settled(ctx: Context, job_id: str) -> None:
+        # Read-your-writes: the next lock/status answers what was just stored.
+        await ctx.wait_applied(batch, await _last_seq(ctx, job_id))
+
+    async def lock_acquire(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Take a job's lock for `owner` (HTTP); refused (ok false) while someone holds it."""
+        _check(params.job_id)
+        try:
+            held = await acquire_lock(
+                ctx.js,
+                params.job_id,
+                owner=params.owner,
+                execution_id=f"http-{uuid.uuid4().hex}",
+                ttl_s=params.ttl_s or settings.lock_ttl_s,
+                clock=_ContextClock(ctx),
+            )
+        except LockHeldError as exc:
+            return await _refused(ctx, params, exc.detail)
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=held.fencing_token,
+            expires_at=held.expires_at,
+        )
+
+    def _mine(params: schemas.LockParams, ctx: Context) -> HeldLock:
+        if params.fencing_token is None:
+            raise InvalidRequestError(
+                "fencing_token is required: send the one lock/acquire answered"
+            )
+        return HeldLock(
+            job_id=params.job_id,
+            owner=params.owner,
+            execution_id="",
+            fencing_token=params.fencing_token,
+            acquired_at=ctx.now(),  # unused by renew and release: they fold the subject
+            expires_at=ctx.now(),
+        )
+
+    async def lock_renew(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Extend the caller's lock (named by owner and fencing token) to now + ttl_s."""
+        _check(params.job_id)
+        mine = _mine(params, ctx)
+        try:
+            renewed = await renew_lock(
+                ctx.js, mine, ttl_s=params.ttl_s or settings.lock_ttl_s, clock=_ContextClock(ctx)
+            )
+        except LockLostError as exc:
+            return await _refused(ctx, params, exc.detail)
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=renewed.fencing_token,
+            expires_at=renewed.expires_at,
+        )
+
+    async def lock_release_mine(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Give back the caller's lock; refused when it is not (or no longer) theirs."""
+        _check(params.job_id)
+        mine = _mine(params, ctx)
+        try:
+            released = await release_lock(ctx.js, mine, clock=_ContextClock(ctx))
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        if not released:
+            return await _refused(
+                ctx,
+                params,
+                f"{params.owner} does not hold the lock of {params.job_id} with fencing token "
+                f"{params.fencing_token}",
+            )
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=params.fencing_token,
+            released=True,
+        )
+
     return ServiceDefinition(
         name="batch",
         projections=[batch],
@@ -209,6 +360,10 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             Endpoint("summary", NoParams, summary),
             Endpoint("release", schemas.ReleaseParams, release, concurrent=True),
             Endpoint("cleanup", schemas.CleanupParams, cleanup, concurrent=True),
+            Endpoint("report_run", schemas.RunParams, report_run, concurrent=True),
+            Endpoint("lock_acquire", schemas.LockParams, lock_acquire, concurrent=True),
+            Endpoint("lock_renew", schemas.LockParams, lock_renew, concurrent=True),
+            Endpoint("lock_release_mine", schemas.LockParams, lock_release_mine, concurrent=True),
         ],
         background=[watch_lost],
         alert_source="batch",
