@@ -43,7 +43,7 @@ READ_ENDPOINTS: dict[str, frozenset[str]] = {
     "health": frozenset({"status", "summary"}),
     "usage": frozenset({"status", "stats", "timeseries", "costs", "alerts", "summary"}),
     "batch": frozenset(
-        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status"}
+        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status", "jobs"}
     ),
 }
 # Endpoints that change a service's state: its cached answers are dropped after each one.

@@ -25,6 +25,7 @@ from services.batch.schemas import (
     ExpiredLocks,
     HeldLocks,
     JobParams,
+    JobsAnswer,
     LockAnswer,
     LockBody,
     LockParams,
@@ -170,6 +171,17 @@ async def cleanup_locks(request: Request[Any, Any, Any], services: Services) -> 
     )
 
 
+@get(
+    "/batch/jobs",
+    summary="Every job: its schedule, state (new|up|running|late|missed|failing), next start",
+    guards=[read_guard],
+    opt=CACHED,
+)
+async def list_jobs(services: Services) -> JobsAnswer:
+    """Scheduled jobs (STOCKPILOT_JOB_SCHEDULES) and every job in the history."""
+    return await services.query("batch", "jobs", JobsAnswer)
+
+
 # ----- runs and locks over HTTP, for jobs in any language (ingest token; contract §5) ------
 
 
@@ -245,6 +257,7 @@ router = Router(
         expired_locks,
         held_locks,
         cleanup_locks,
+        list_jobs,
         report_run,
         acquire_job_lock,
         renew_job_lock,

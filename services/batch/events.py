@@ -16,9 +16,12 @@ from shared.events import JOB_ID_RE, AwareDatetime, Event, JobId
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+# The longest schedule interval or grace period (a leap year).
+YEAR_S = 366 * 86_400
 
 RUN_SUBJECT_PREFIX = "stockpilot.batch.run."
 LOCK_SUBJECT_PREFIX = "stockpilot.batch.lock."
+SCHEDULE_SUBJECT_PREFIX = "stockpilot.batch.schedule."
 
 FinishedStatus = Literal["succeeded", "failed", "cancelled"]
 ReleaseReason = Literal["released", "forced", "expired", "lost"]
@@ -32,6 +35,11 @@ def run_subject(job_id: str) -> str:
 def lock_subject(job_id: str) -> str:
     """Where a job's lock events go (one subject per job: Expected-Last-Subject-Sequence)."""
     return LOCK_SUBJECT_PREFIX + job_id
+
+
+def schedule_subject(job_id: str) -> str:
+    """Where a job's schedule changes go."""
+    return SCHEDULE_SUBJECT_PREFIX + job_id
 
 
 def job_id_problem(job_id: str) -> str | None:
@@ -130,15 +138,16 @@ class LockRenewed(Event, frozen=True, kw_only=True, tag="lock.renewed"):
 
 
 class JobScheduled(Event, frozen=True, kw_only=True, tag="batch.job_scheduled"):
-    """A job's expected start times changed (published by the batch service from
-    STOCKPILOT_JOB_SCHEDULES when they differ from the last stored one); `schedule` None removes
-    it."""
+    """A job's expected starts changed (batch service only; `removed`: no longer scheduled).
+
+    Stored on `stockpilot.batch.schedule.<job_id>` when STOCKPILOT_JOB_SCHEDULES differs from
+    the last one stored; slots are counted from its `occurred_at`."""
 
     job_id: JobId
-    cron: str | None = None
-    every_s: PositiveFloat | None = None
-    grace_s: NonNegativeFloat = 0.0
-    tz: str = "UTC"
+    cron: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    every_s: Annotated[float, msgspec.Meta(gt=0, le=YEAR_S)] | None = None
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=YEAR_S)] = 0.0
+    tz: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
     removed: bool = False
 
 

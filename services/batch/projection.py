@@ -21,6 +21,7 @@ from services.batch.events import (
     BatchProgress,
     BatchSkipped,
     BatchStarted,
+    JobScheduled,
     LockAcquired,
     LockReleased,
     LockRenewed,
@@ -28,9 +29,10 @@ from services.batch.events import (
     decode_batch_event,
 )
 from services.batch.lockrule import LockState, lock_step
+from services.batch.schedule import JobSchedule
 from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
-from shared.projection import Projection, View
+from shared.projection import FoldError, Projection, View
 
 ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost", "skipped"]
 
@@ -90,12 +92,21 @@ class ReleasedLock(msgspec.Struct, kw_only=True):
     note: str | None = None
 
 
+class ScheduleState(msgspec.Struct, kw_only=True):
+    """A job's schedule and the moment it took effect (slots are counted from then on)."""
+
+    schedule: JobSchedule
+    since: AwareDatetime
+
+
 class BatchView(View, kw_only=True):
     """Executions (oldest first; each job keeps its newest `history_limit`) and held locks."""
 
     executions: dict[str, Execution] = {}
     # Each job's execution ids, oldest first: a busy job evicts only its own old runs.
     job_runs: dict[str, list[str]] = {}
+    # The schedule in force for each scheduled job, and since when.
+    schedules: dict[str, ScheduleState] = {}
     locks: dict[str, LockState] = {}
     evicted: int = 0
     ignored_acquires: int = 0
@@ -209,6 +220,19 @@ def _finished(view: BatchView, event: BatchFinished) -> None:
     execution.progress_pct = 100.0 if pct is None and event.status == "succeeded" else pct
 
 
+def _scheduled(view: BatchView, event: JobScheduled) -> None:
+    if event.removed:
+        view.schedules.pop(event.job_id, None)
+        return
+    try:
+        schedule = JobSchedule(
+            cron=event.cron, every_s=event.every_s, grace_s=event.grace_s, tz=event.tz
+        )
+    except ValueError as exc:
+        raise FoldError(f"batch.job_scheduled for {event.job_id}: {exc}") from None
+    view.schedules[event.job_id] = ScheduleState(schedule=schedule, since=event.occurred_at)
+
+
 def _lock_event(
     view: BatchView, event: LockAcquired | LockReleased | LockRenewed, seq: int
 ) -> None:
@@ -257,6 +281,8 @@ def apply(
             _lock_event(view, event, seq)
         case BatchSkipped():
             _skipped(view, event, seq, history_limit)
+        case JobScheduled():
+            _scheduled(view, event)
     return view
 
 
@@ -386,4 +412,23 @@ def batch_projection(history_limit: int = DEFAULT_HISTORY_LIMIT) -> BatchProject
         apply=apply_next,
         react=react,
         history_limit=history_limit,
+    )
+
+
+def job_missed_alert(job_id: str, slot: datetime, grace_s: float) -> Alert:
+    """`batch.job_missed` for one missed slot (one id per job and slot)."""
+    return Alert(
+        id=alert_id("batch.job_missed", job_id, slot.isoformat()),
+        occurred_at=slot + timedelta(seconds=grace_s),
+        source="batch",
+        kind="batch.job_missed",
+        severity="warning",
+        title=f"Batch job {job_id} did not start",
+        message=(
+            f"{job_id} was expected to start at {slot.isoformat()} and had not started "
+            f"{grace_s:g} s later (its grace period)"
+        ),
+        metric="missed_slots",
+        value=1,
+        threshold=1,
     )

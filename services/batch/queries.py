@@ -20,6 +20,7 @@ from services.batch.projection import (
     LockState,
     lost_at,
 )
+from services.batch.schedule import judge
 from services.batch.schemas import (
     BatchStats,
     BatchSummary,
@@ -27,6 +28,8 @@ from services.batch.schemas import (
     ExpiredLocks,
     FailurePattern,
     HeldLocks,
+    JobOut,
+    JobsAnswer,
     JobStats,
     LockStatus,
     RecentExecutions,
@@ -276,4 +279,51 @@ def summary(view: BatchView, now: datetime, default_interval_s: float) -> BatchS
             failed += 1
     return BatchSummary(
         running=running, failed_24h=failed, expired_locks=len(expired_locks(view, now))
+    )
+
+
+def jobs(view: BatchView, now: datetime, default_interval_s: float) -> JobsAnswer:
+    """Every scheduled job and every job in the history, with its state at `now`."""
+    out: list[JobOut] = []
+    for job_id in sorted(set(view.schedules) | set(view.job_runs)):
+        out.append(job_out(view, job_id, now, default_interval_s)[0])
+    return JobsAnswer(jobs=out, total=len(out))
+
+
+def job_out(
+    view: BatchView, job_id: str, now: datetime, default_interval_s: float
+) -> tuple[JobOut, list[datetime]]:
+    """One job at `now`, and its missed slots (newest last)."""
+    state = view.schedules.get(job_id)
+    runs = [view.executions[e] for e in view.job_runs.get(job_id, []) if e in view.executions]
+    runs.sort(key=lambda e: (e.started_at, e.started_seq))
+    last = runs[-1] if runs else None
+    last_status = status_at(last, now, default_interval_s) if last is not None else None
+    finished = None
+    for execution in reversed(runs):
+        status = status_at(execution, now, default_interval_s)
+        if status not in ("running", "skipped"):
+            finished = status
+            break
+    verdict, expected, upcoming, missed = judge(
+        state.schedule if state is not None else None,
+        state.since if state is not None else None,
+        last.started_at if last is not None else None,
+        last_status,
+        finished,
+        now,
+    )
+    return (
+        JobOut(
+            job_id=job_id,
+            schedule=state.schedule if state is not None else None,
+            state=verdict,
+            last_execution=(
+                execution_out(last, now, default_interval_s) if last is not None else None
+            ),
+            next_expected_at=expected,
+            next_slot_at=upcoming,
+            missed_slots=len(missed),
+        ),
+        missed,
     )

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from services.batch.projection import ExecutionStatus
+from services.batch.schedule import JobSchedule, JobState
 from shared.events import AwareDatetime, JobId
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
@@ -256,3 +257,26 @@ class LockAnswer(msgspec.Struct, kw_only=True):
     released: bool = False
     holder: LockHolder | None = None
     detail: str | None = None
+
+
+class JobOut(msgspec.Struct, kw_only=True):
+    """One job as `GET /batch/jobs` shows it (contract §5)."""
+
+    job_id: str
+    # None for a job that runs but has no schedule (it is judged by its runs alone).
+    schedule: JobSchedule | None
+    state: JobState
+    # The newest run (skipped ones included), as `executions/recent` shows it.
+    last_execution: ExecutionOut | None
+    # The first expected start not yet met (in the past when the job is late or missed).
+    next_expected_at: AwareDatetime | None
+    # Beyond the contract: the next expected start after now, and how many slots were missed.
+    next_slot_at: AwareDatetime | None = None
+    missed_slots: int = 0
+
+
+class JobsAnswer(msgspec.Struct, kw_only=True):
+    """`GET /batch/jobs`: every scheduled job and every job with runs in the history."""
+
+    jobs: list[JobOut]
+    total: int

@@ -11,16 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import uuid
 from datetime import datetime
 
+import msgspec
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.batch import queries, schemas
 from services.batch.decide import expired_locks, release_event, run_report_events
 from services.batch.errors import LockHeldError, LockLostError, LockStateError
-from services.batch.events import job_id_problem, lock_subject, run_subject
+from services.batch.events import (
+    JobScheduled,
+    job_id_problem,
+    lock_subject,
+    run_subject,
+    schedule_subject,
+)
 from services.batch.lockrule import LockRead, LockState
 from services.batch.locks import (
     BATCH_STREAM,
@@ -37,13 +45,15 @@ from services.batch.projection import (
     Execution,
     batch_projection,
     job_failed_alert,
+    job_missed_alert,
     lock_expired_alert,
 )
+from services.batch.schedule import MAX_MISSED_ALERTS
 from services.batch.settings import BatchSettings
 from shared import bus
 from shared.clock import Clock
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
-from shared.events import Event
+from shared.events import Alert, Event
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
@@ -129,6 +139,9 @@ def build(settings: BatchSettings) -> ServiceDefinition:
     async def held(_: NoParams, ctx: Context) -> schemas.HeldLocks:
         return queries.held(batch.view, ctx.now())
 
+    async def jobs(_: NoParams, ctx: Context) -> schemas.JobsAnswer:
+        return queries.jobs(batch.view, ctx.now(), interval)
+
     async def summary(_: NoParams, ctx: Context) -> schemas.BatchSummary:
         return queries.summary(batch.view, ctx.now(), interval)
 
@@ -198,13 +211,55 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 await ctx.wait_applied(batch, stored)
                 return
 
+    async def store_schedules(ctx: Context) -> None:
+        """Store STOCKPILOT_JOB_SCHEDULES as batch.job_scheduled events where it differs from
+        the schedules in the stream (a schedule change is an event; replay judges the same)."""
+        stored = 0
+        wanted = settings.job_schedules
+        for job_id in sorted(set(wanted) | set(batch.view.schedules)):
+            current = batch.view.schedules.get(job_id)
+            spec = wanted.get(job_id)
+            if spec is not None and current is not None and current.schedule == spec:
+                continue
+            if spec is None and current is None:
+                continue
+            digest = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]
+            event = JobScheduled(
+                id=f"schedule.{job_id}.{batch.view.last_seq}.{digest}",
+                occurred_at=ctx.now(),
+                job_id=job_id,
+                cron=spec.cron if spec is not None else None,
+                every_s=spec.every_s if spec is not None else None,
+                grace_s=spec.grace_s if spec is not None else 0.0,
+                tz=spec.tz if spec is not None else "UTC",
+                removed=spec is None,
+            )
+            ack = await ctx.publish(schedule_subject(job_id), event)
+            stored = max(stored, int(ack.seq))
+        if stored:
+            await ctx.wait_applied(batch, stored)
+
+    def missed_alerts(now: datetime) -> list[Alert]:
+        alerts = []
+        for job_id, state in batch.view.schedules.items():
+            _, missed = queries.job_out(batch.view, job_id, now, interval)
+            for slot in missed[-MAX_MISSED_ALERTS:]:
+                alerts.append(job_missed_alert(job_id, slot, state.schedule.grace_s))
+        return alerts
+
     async def watch_lost(ctx: Context) -> None:
         """Raise `batch.job_failed` once for each running execution that went silent and
-        release its lock; raise `batch.lock_expired` once for each lock past its expiry."""
+        release its lock; raise `batch.lock_expired` once for each lock past its expiry and
+        `batch.job_missed` once for each missed slot of a scheduled job."""
+        await store_schedules(ctx)
         raised: set[str] = set()
         while not ctx.stopping.is_set():
             alerts = []
             now = ctx.now()
+            for alert in missed_alerts(now):
+                if alert.id not in raised:
+                    alerts.append(alert)
+                    raised.add(alert.id)
             for execution, at in queries.lost_executions(batch.view, now, interval):
                 lock = batch.view.locks.get(execution.job_id)
                 if lock is not None and _belongs(lock, execution):
@@ -358,6 +413,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             Endpoint("expired_locks", NoParams, expired),
             Endpoint("locks", NoParams, held),
             Endpoint("summary", NoParams, summary),
+            Endpoint("jobs", NoParams, jobs),
             Endpoint("release", schemas.ReleaseParams, release, concurrent=True),
             Endpoint("cleanup", schemas.CleanupParams, cleanup, concurrent=True),
             Endpoint("report_run", schemas.RunParams, report_run, concurrent=True),
