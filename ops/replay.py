@@ -128,7 +128,7 @@ async def fold_to(
         if seq <= projection.view.last_seq:
             return
         try:
-            projection.fold(seq, msg.data)
+            projection.fold(seq, msg.data, msg.subject)
         except Exception:  # what the runtime dead-letters: the view only moves its last_seq
             projection.view.last_seq = seq
             refused += 1

@@ -56,8 +56,9 @@ class Projection(Generic[V, E]):
         """The subject filter the consumer uses."""
         return self.filter_subject or self.stream.subjects[0]
 
-    def fold(self, seq: int, data: bytes) -> Sequence[Alert]:
-        """Decode and apply one stored message; raises on a message to dead-letter."""
+    def fold(self, seq: int, data: bytes, subject: str | None = None) -> Sequence[Alert]:
+        """Decode and apply one stored message (stored on `subject`, when the caller knows
+        it); raises on a message to dead-letter."""
         event = self.decode(data)
         self.view = self.apply(self.view, event)
         self.view.last_seq = seq

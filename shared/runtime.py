@@ -565,7 +565,8 @@ class Runtime:
         if seq <= projection.view.last_seq:
             return
         try:
-            alerts = projection.fold(seq, data)
+            stored_on = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
+            alerts = projection.fold(seq, data, stored_on)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._refuse(tracked, subject, data, seq, bus.describe_decode_error(exc))
         except FoldError as exc:

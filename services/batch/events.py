@@ -166,3 +166,27 @@ BatchEvent = (
 
 decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
 decode_lock_event = msgspec.json.Decoder(LockEvent).decode
+
+
+# Which event types each batch subject carries (contract §4: a type on another subject, or a
+# job_id that is not the subject's token, is a dead letter).
+_SUBJECT_TYPES: dict[str, tuple[type[Event], ...]] = {
+    RUN_SUBJECT_PREFIX: (BatchStarted, BatchProgress, BatchFinished, BatchSkipped),
+    LOCK_SUBJECT_PREFIX: (LockAcquired, LockReleased, LockRenewed),
+    SCHEDULE_SUBJECT_PREFIX: (JobScheduled,),
+}
+
+
+def subject_problem(subject: str, event: BatchEvent) -> str | None:
+    """Why `event` may not be stored on `subject`, or None when it belongs there."""
+    for prefix, types in _SUBJECT_TYPES.items():
+        if not subject.startswith(prefix):
+            continue
+        if not isinstance(event, types):
+            tag = type(event).__struct_config__.tag
+            return f"a {tag} event does not belong on {subject[:200]}"
+        token = subject[len(prefix) :]
+        if event.job_id != token:
+            return f"job_id {event.job_id!r} differs from the subject's job {token[:80]!r}"
+        return None
+    return f"{subject[:200]} is not a batch run, lock or schedule subject"

@@ -27,6 +27,7 @@ from services.batch.events import (
     LockRenewed,
     ReleaseReason,
     decode_batch_event,
+    subject_problem,
 )
 from services.batch.lockrule import LockState, lock_step
 from services.batch.schedule import JobSchedule
@@ -389,9 +390,15 @@ class BatchProjection(Projection[BatchView, BatchEvent]):
 
     history_limit: int = DEFAULT_HISTORY_LIMIT
 
-    def fold(self, seq: int, data: bytes) -> Sequence[Alert]:
-        """Decode and apply one stored message at `seq`."""
+    def fold(self, seq: int, data: bytes, subject: str | None = None) -> Sequence[Alert]:
+        """Decode and apply one stored message at `seq`; an event on a subject it does not
+        belong to is refused (FoldError: the runtime dead-letters it), so a lock event naming
+        another job, or a schedule published on a run subject, changes nothing."""
         event = self.decode(data)
+        if subject is not None:
+            problem = subject_problem(subject, event)
+            if problem is not None:
+                raise FoldError(problem)
         self.view = apply(self.view, event, seq, self.history_limit)
         self.view.last_seq = seq
         return react(self.view, event)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,12 +27,15 @@ from nats.js.errors import BadRequestError
 
 from services.batch.errors import LockHeldError
 from services.batch.events import (
+    BatchStarted,
+    JobScheduled,
     LockAcquired,
     LockEvent,
     LockReleased,
     LockRenewed,
     ReleaseReason,
     lock_subject,
+    run_subject,
 )
 from services.batch.locks import (
     EXPECTED_LAST_SUBJECT_SEQ,
@@ -39,6 +43,7 @@ from services.batch.locks import (
     read_lock_state,
 )
 from shared import bus
+from shared.bus import DeadLetter
 from shared.clock import ManualClock
 from shared.runtime import Runtime
 
@@ -114,6 +119,8 @@ step = st.one_of(
         st.sampled_from(["current", "none"]),
     ),
     st.tuples(st.just("advance"), st.integers(0, 3000)),
+    # A lock event naming another job, stored on this job's subject: a dead letter.
+    st.tuples(st.just("foreign"), st.sampled_from(["acquire", "release"])),
 )
 
 
@@ -219,6 +226,27 @@ async def test_api_and_workers_decide_every_interleaving_as_the_model(
                     model.released(owner, by, reason, named_token, now)
             case ("advance", ms):
                 clock.advance(timedelta(milliseconds=ms))
+            case ("foreign", kind):
+                other = f"{job_id}-other"
+                foreign: LockEvent = (
+                    LockAcquired(
+                        id=f"{job_id}.foreign.{n}",
+                        occurred_at=now,
+                        job_id=other,
+                        owner="mallory",
+                        expires_at=now + timedelta(hours=1),
+                    )
+                    if kind == "acquire"
+                    else LockReleased(
+                        id=f"{job_id}.foreign.{n}",
+                        occurred_at=now,
+                        job_id=other,
+                        owner=model.holder.owner if model.holder else "w0",
+                        reason="forced",
+                        by="batch",
+                    )
+                )
+                await _publish(js, job_id, foreign, "current", last_seq)  # the model: no change
         await _check(js, api, projection, job_id, model, clock)
 
 
@@ -313,3 +341,81 @@ async def test_mallory_cannot_release_or_take_the_lock_and_the_api_keeps_the_rea
     with pytest.raises(LockHeldError) as refused:
         await acquire_lock(js, "nightly", owner="w2", execution_id="e2", ttl_s=60, clock=clock)
     assert refused.value.owner == "w1"
+
+
+async def test_batch_events_on_a_subject_they_do_not_belong_to_are_dead_letters(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    """Contract §4: a lock event whose job_id is not its subject's token, a run event on a lock
+    subject and a schedule on a run subject are dead letters. Before, the projection applied
+    them to the job they named (a forced release of "nightly" stored on another job's subject
+    freed nightly in the API while the workers still saw w1 holding it)."""
+    js = nc.jetstream()
+    letters = await nc.subscribe(bus.dead_letter_subject("batch"))
+    held = await acquire_lock(js, "nightly", owner="w1", execution_id="e1", ttl_s=60, clock=clock)
+    now = clock.now()
+    misplaced: list[tuple[str, Any]] = [
+        (
+            lock_subject("other"),
+            LockReleased(
+                id="x1",
+                occurred_at=now,
+                job_id="nightly",
+                owner="w1",
+                reason="forced",
+                by="batch",
+                fencing_token=held.fencing_token,
+            ),
+        ),
+        (
+            lock_subject("nightly"),
+            LockAcquired(
+                id="x2",
+                occurred_at=now,
+                job_id="other",
+                owner="mallory",
+                expires_at=now + timedelta(hours=1),
+            ),
+        ),
+        (
+            lock_subject("nightly"),
+            BatchStarted(
+                id="x3", occurred_at=now, execution_id="x3", job_id="nightly", host="h", pid=1
+            ),
+        ),
+        (
+            run_subject("nightly"),
+            JobScheduled(id="x4", occurred_at=now, job_id="nightly", every_s=60),
+        ),
+    ]
+    for subject, event in misplaced:
+        await bus.publish_event(js, subject, event)
+    reasons = []
+    for _ in misplaced:
+        letter = msgspec.json.decode((await letters.next_msg(timeout=5)).data, type=DeadLetter)
+        reasons.append((letter.subject, letter.reason))
+    await letters.unsubscribe()
+    assert reasons == [
+        (lock_subject("other"), "job_id 'nightly' differs from the subject's job 'other'"),
+        (lock_subject("nightly"), "job_id 'other' differs from the subject's job 'nightly'"),
+        (
+            lock_subject("nightly"),
+            "a batch.started event does not belong on " + lock_subject("nightly"),
+        ),
+        (
+            run_subject("nightly"),
+            "a batch.job_scheduled event does not belong on " + run_subject("nightly"),
+        ),
+    ]
+    read = await read_lock_state(js, "nightly")
+    assert read.held is not None and read.held.owner == "w1"
+    status = (await api.get("/api/v1/batch/jobs/nightly/lock/status")).json()
+    assert (status["owner"], status["fencing_token"], status["locked"]) == (
+        "w1",
+        held.fencing_token,
+        True,
+    )
+    other = (await api.get("/api/v1/batch/jobs/other/lock/status")).json()
+    assert (other["locked"], other["owner"]) == (False, None)
+    jobs = (await api.get("/api/v1/batch/jobs")).json()["jobs"]
+    assert jobs == []  # no run started and no schedule taken from the run subject
