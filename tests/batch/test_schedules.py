@@ -176,6 +176,8 @@ async def test_two_days_of_schedules_on_the_manual_clock(
         replayed = definition.projections[0].view
         assert view_digest(replayed) == view_digest(live_view)
         assert queries.jobs(replayed, clock.now(), 10.0) == live_answer
+        await asyncio.sleep(0.3)  # its watch looks every 0.1 s: a repeated alert would show
+    assert len(await alerts_of(js, "batch.job_missed")) == len(expected_ids)
     assert await schedule_events() == once  # the same settings store nothing new
 
     # A schedule change is an event: sync every 2 h from now on, nightly no longer scheduled.
