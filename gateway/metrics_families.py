@@ -189,7 +189,8 @@ def usage_today_families(stats: UsageStats) -> list[Metric]:
         "Failed LLM calls as a percentage of all calls in the window",
         labels=["window"],
     )
-    error_rate.add_metric(window, stats.error_rate)
+    if stats.error_rate is not None:  # no calls: no rate, rather than a reassuring 0
+        error_rate.add_metric(window, stats.error_rate)
     rpm = GaugeMetricFamily(
         "stockpilot_llm_requests_per_minute",
         "LLM calls per minute (today: over the last five minutes)",

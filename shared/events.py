@@ -39,6 +39,9 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
     metric: str
     value: float
     threshold: float
+    # The values in `title` and `message` by name (component, job_id, period, from/to, …), so a
+    # reader can say the alert in another language from `kind` + `params` (the dashboard does).
+    params: dict[str, str | bool | int | float | None] = {}
 
     @property
     def subject(self) -> str:

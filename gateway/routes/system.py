@@ -17,6 +17,15 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from gateway.auth import read_guard
 from gateway.response_cache import CACHED
 from gateway.services import GatewayClock, ServiceClient, Services
+from gateway.status_areas import (
+    Area,
+    AreaStatus,
+    HookState,
+    Observed,
+    Reason,
+    ServiceState,
+    judge,
+)
 from services.batch.schemas import BatchSummary
 from services.health.queries import HealthSummary
 from services.usage.service import UsageSummary, UsageToday
@@ -56,33 +65,12 @@ class Readiness(msgspec.Struct, kw_only=True):
     timestamp: AwareDatetime
 
 
-class ServiceState(msgspec.Struct, kw_only=True):
-    """One service as seen from the gateway."""
-
-    status: Literal["up", "catching_up", "unavailable"]
-    detail: str | None = None
-    lag: int | None = None
-    rss_mb: float | None = None
-    cpu_percent: float | None = None
-    uptime_s: float | None = None
-
-
-class HookState(msgspec.Struct, kw_only=True):
-    """One alert hook as the hook process last reported it."""
-
-    name: str
-    state: str
-    delivered: int
-    failures: int
-    consecutive_failures: int
-    last_error: str | None
-    last_delivered_at: AwareDatetime | None
-
-
 class SystemStatus(msgspec.Struct, kw_only=True):
     """Everything an operator needs at a glance."""
 
-    status: Literal["healthy", "degraded", "unhealthy"]
+    # The worst of `areas`: never healthy while one is degraded or unhealthy; unknown when
+    # nothing is known of the dependencies (see gateway.status_areas).
+    status: AreaStatus
     timestamp: AwareDatetime
     services: dict[str, ServiceState]
     components: dict[str, str]
@@ -92,6 +80,10 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     # The alert hooks; `hooks_process` is `unavailable` when its status is stale or missing.
     hooks_process: Literal["up", "unavailable", "not_configured"] = "not_configured"
     hooks: list[HookState] = msgspec.field(default_factory=list)
+    # dependencies, llm_spend, llm_errors, batch, locks, services, alert_hooks
+    areas: dict[str, Area] = msgspec.field(default_factory=dict)
+    # One per problem, worst first: every area that is not healthy has at least one.
+    reasons: list[Reason] = msgspec.field(default_factory=list)
 
 
 def _gateway_health(
@@ -225,20 +217,21 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
         _optional(services.query("batch", "summary", BatchSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(_hooks(services, clock.now())),
     )
-    overall: Literal["healthy", "degraded", "unhealthy"] = "healthy"
-    if health is not None and health.status in ("degraded", "unhealthy"):
-        overall = health.status
-    if any(s.status == "unavailable" for s in states.values()):
-        overall = (
-            "unhealthy"
-            if all(s.status == "unavailable" for s in states.values())
-            else ("degraded" if overall == "healthy" else overall)
+    now = clock.now()
+    verdict = judge(
+        Observed(
+            now=now,
+            nats_connected=services.connected,
+            services=states,
+            health=health,
+            usage=usage,
+            batch=batch,
+            hooks=hooks,
         )
-    if not services.connected:
-        overall = "unhealthy"
+    )
     return SystemStatus(
-        status=overall,
-        timestamp=clock.now(),
+        status=verdict.status,
+        timestamp=now,
         services=states,
         components=health.components if health is not None else {},
         usage_today=usage.today if usage is not None else None,
@@ -246,6 +239,8 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
         alerts_24h=usage.alerts_24h if usage is not None else None,
         hooks_process=hooks[0] if hooks is not None else "unavailable",
         hooks=hooks[1] if hooks is not None else [],
+        areas=verdict.areas,
+        reasons=verdict.reasons,
     )
 
 

@@ -31,12 +31,15 @@ export function stackedBars({
   categories, series, width = 800, height = 220, yFormat = (v) => String(v),
   labelEvery = 1, line = null, titles = null,
 }) {
-  const pad = { left: 52, right: line ? 46 : 12, top: 10, bottom: 24 };
-  const w = width - pad.left - pad.right;
-  const h = height - pad.top - pad.bottom;
   const n = categories.length;
   const totals = categories.map((_, i) => series.reduce((sum, s) => sum + (s.values[i] || 0), 0));
   const { top, step } = niceScale(Math.max(0, ...totals));
+  // Room for the widest y label ("US$0.000" in Korean is wider than "$0.000"): ~6.5 units a
+  // character at the axis font size, so no label is cut off at the left edge.
+  const widest = Math.max(0, ...[0, top / 2, top].map((v) => String(yFormat(v)).length));
+  const pad = { left: Math.max(52, 12 + 6.5 * widest), right: line ? 46 : 12, top: 10, bottom: 24 };
+  const w = width - pad.left - pad.right;
+  const h = height - pad.top - pad.bottom;
   const y = (v) => pad.top + h - (v / top) * h;
   const slot = n ? w / n : w;
   const barW = Math.max(2, Math.min(34, slot * 0.7));
@@ -112,8 +115,9 @@ export function gauge({ pct, value, sub }) {
       ? `<path d="${arc(ex, ey)}" fill="none" stroke="${color}" stroke-width="14" stroke-linecap="round"/>`
       : "",
     `<text x="${cx}" y="${cy - 18}" text-anchor="middle" style="fill:#e6edf3;font-size:21px;font-weight:600">${esc(value)}</text>`,
-    `<text x="${cx}" y="${cy + 2}" text-anchor="middle" style="fill:${color};font-size:12.5px;font-weight:600">${esc(sub)}</text>`,
     `</svg>`,
+    // In HTML, not SVG: a longer label (Korean, a big budget) wraps instead of being cut off.
+    `<div class="gauge-sub" style="color:${color}">${esc(sub)}</div>`,
   ].join("");
 }
 

@@ -269,6 +269,7 @@ function drawHeader() {
   overall.querySelector(".overall-label").textContent = statusLabel(status);
   overall.title = state.statusError ? errorText(state.statusError) : "";
   document.title = `${statusLabel(status)} · StockPilot Ops`;
+  drawReasons(s);
   for (const name of ["health", "usage", "batch"]) {
     const el = document.querySelector(`[data-testid=service-${name}]`);
     const svc = s && s.services ? s.services[name] : null;
@@ -285,6 +286,74 @@ function drawHeader() {
     });
   }
 }
+
+// ----- headline reasons: why the status is what it is ---------------------------------------
+
+const AREA_ORDER = ["dependencies", "llm_spend", "llm_errors", "batch", "locks", "services", "alert_hooks"];
+
+/** A reason's or an area's params made readable in the chosen language. */
+function readable(params = {}) {
+  const out = {};
+  for (const [k, v] of Object.entries(params)) out[k] = v == null ? "–" : v;
+  const p = params;
+  if (p.period) out.period = t(`period.${p.period}`);
+  if (p.service) out.serviceName = t(`service.${p.service}`);
+  if (p.name && ["health", "usage", "batch"].includes(p.name)) out.serviceName = t(`service.${p.name}`);
+  for (const k of ["cost_usd", "budget_usd", "today_usd", "month_usd"]) if (k in p) out[k] = fmtUSD(p[k]);
+  for (const k of ["pct", "rate", "today_pct", "month_pct"]) if (k in p) out[k] = p[k] == null ? "–" : fmtDec(p[k], k === "rate" ? 1 : 0);
+  if ("ago_s" in p) out.ago = fmtRelative(new Date(Date.now() - 1000 * (num(p.ago_s) ?? 0)).toISOString());
+  return out;
+}
+
+/** The server's English sentence, or the same said in the chosen language (by its code). */
+function explain(code, params, english) {
+  if (currentLang() === "en") return english;
+  const key = `why.${code}`;
+  const text = t(key, readable(params));
+  return text === key ? english : text;
+}
+
+function drawReasons(s) {
+  const count = document.querySelector("[data-testid=reason-count]");
+  const list = document.querySelector("[data-testid=reasons-list]");
+  const areas = document.querySelector("[data-testid=areas-list]");
+  const reasons = (s && s.reasons) || [];
+  count.textContent = reasons.length ? t("reasons.count", { n: fmtInt(reasons.length) }) : "";
+  if (!s) {
+    list.innerHTML = `<li class="empty">${esc(state.statusError ? errorText(state.statusError) : t("status.loading"))}</li>`;
+    areas.innerHTML = "";
+    return;
+  }
+  list.innerHTML = reasons.length
+    ? reasons.map((r) => `<li class="reason" data-testid="status-reason" data-area="${esc(r.area)}" data-severity="${esc(r.severity)}" data-code="${esc(r.code || "")}">
+        <span class="reason-area">${esc(t(`area.${r.area}`))}</span>
+        <span class="reason-text">${esc(explain(r.code, r.params, r.message))}</span>
+      </li>`).join("")
+    : `<li class="empty">${esc(t("reasons.none"))}</li>`;
+  const given = s.areas || {};
+  areas.innerHTML = AREA_ORDER.filter((name) => given[name]).map((name) => {
+    const a = given[name];
+    return `<li class="area" data-testid="status-area" data-area="${esc(name)}" data-status="${esc(a.status)}">
+      <span class="dot"></span><span class="area-name">${esc(t(`area.${name}`))}</span>
+      <span class="area-summary">${esc(explain(a.code, a.params, a.summary))}</span>
+    </li>`;
+  }).join("");
+}
+
+function toggleReasons(open) {
+  const head = document.getElementById("headline");
+  const next = open ?? !head.classList.contains("open");
+  head.classList.toggle("open", next);
+  document.querySelector("[data-testid=overall-status]").setAttribute("aria-expanded", String(next));
+}
+
+document.querySelector("[data-testid=overall-status]").addEventListener("click", () => toggleReasons());
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") toggleReasons(false);
+});
+document.addEventListener("click", (event) => {
+  if (!event.target.closest("#headline")) toggleReasons(false);
+});
 
 // ----- components --------------------------------------------------------------------------
 
@@ -330,13 +399,18 @@ function renderComponents({ comprehensive, history, statusComponents }) {
       const label = name.startsWith("external.") ? name.slice("external.".length) : name;
       const kind = c.kind && t(`kind.${c.kind}`) !== `kind.${c.kind}` ? t(`kind.${c.kind}`) : c.kind || "";
       const uptime = s ? asPctStrict(s.uptime_pct) : null;
-      return `<div class="tile" data-testid="component-${esc(name)}" data-status="${esc(c.status)}" title="${esc(c.checked_at ? fmtTime(c.checked_at) : "")}">
-        <div class="tile-head"><span class="tile-name">${esc(label)}</span>${badge(c.status)}</div>
+      // A probe switched off is "not configured" (and says how to switch it on), not "unknown".
+      const off = c.details && c.details.configured === false;
+      const setting = off ? c.details.enable_with : null;
+      const hint = off ? t("components.enableWith", { setting: setting || "?" }) : null;
+      return `<div class="tile" data-testid="component-${esc(name)}" data-status="${esc(c.status)}" data-configured="${off ? "false" : "true"}" title="${esc(c.checked_at ? fmtTime(c.checked_at) : "")}">
+        <div class="tile-head"><span class="tile-name">${esc(label)}</span>${off ? badge("unknown", t("components.notConfigured")) : badge(c.status)}</div>
         <div class="tile-kind">${esc(kind)}</div>
         <div class="tile-metrics"><span>${esc(t("components.latency"))} <b>${esc(fmtMs(c.latency_ms))}</b></span>
           <span>${esc(t("components.uptime"))} <b>${esc(fmtPct(uptime, uptime === 100 ? 0 : 1))}</b></span></div>
         ${sparkline(points)}
         ${c.error ? `<div class="tile-error" title="${esc(c.error)}">${esc(c.error)}</div>` : ""}
+        ${hint ? `<div class="tile-hint" title="${esc(hint)}">${esc(hint)}</div>` : ""}
       </div>`;
     }).join("");
   }
@@ -482,12 +556,15 @@ async function loadRequests(ctx) {
 function renderRequests({ series, stats }) {
   const total = num(stats.total_requests) ?? 0;
   const failed = num(stats.failed_requests) ?? 0;
-  const errorRate = total ? (100 * failed) / total : asPct(stats.error_rate) ?? 0;
+  // No calls: no rate and no latency ("–"), never a reassuring 0 %.
+  const errorRate = total ? (100 * failed) / total : asPct(stats.error_rate);
   document.getElementById("kpi-requests").textContent = fmtInt(total);
   const er = document.getElementById("kpi-error-rate");
   er.textContent = fmtPct(errorRate);
-  er.classList.toggle("bad", errorRate >= 20);
-  document.getElementById("kpi-latency").textContent = `${fmtMs(stats.avg_response_time_ms)} / ${fmtMs(stats.p95_response_time_ms)}`;
+  er.classList.toggle("bad", errorRate != null && errorRate >= 20);
+  document.getElementById("kpi-latency").textContent = total
+    ? `${fmtMs(stats.avg_response_time_ms)} / ${fmtMs(stats.p95_response_time_ms)}`
+    : "–";
   document.getElementById("kpi-tokens").textContent = fmtCompact(stats.total_tokens);
   document.getElementById("kpi-rpm").textContent = fmtDec(stats.requests_per_minute, 1);
   const points = series.points || [];
@@ -591,8 +668,11 @@ function renderJobs(stats) {
     }).join("")
     : `<div class="empty">${esc(t("jobs.none"))}</div>`;
   const patterns = entries(stats.failure_patterns, "error").slice(0, 4);
+  // The two patterns the batch service itself words are said in the chosen language.
+  const own = { "execution lost: heartbeats stopped": "jobs.lostPattern", "failed without an error message": "jobs.noMessagePattern" };
+  const said = (key) => (own[key] ? t(own[key]) : key);
   document.getElementById("failures").innerHTML = patterns.length
-    ? patterns.map((p) => `<div class="failure"><span title="${esc(p.key)}">${esc(p.key)}</span><span class="count">×${esc(fmtInt(countOf(p)))}${p.last_seen ? ` · ${esc(fmtTime(p.last_seen, false))}` : ""}</span></div>`).join("")
+    ? patterns.map((p) => `<div class="failure"><span title="${esc(p.example || p.key)}">${esc(said(p.key))}</span><span class="count">×${esc(fmtInt(countOf(p)))}${p.last_seen ? ` · ${esc(fmtTime(p.last_seen, false))}` : ""}</span></div>`).join("")
     : `<div class="empty">${esc(t("jobs.noFailures"))}</div>`;
 }
 
@@ -602,9 +682,13 @@ async function loadLocks(ctx) {
   // Every held lock in one answer (GET /batch/locks, beyond the contract); the per-job
   // lookups below are the fallback for a gateway without that route.
   const all = await ctx.get("/batch/locks").catch(() => null);
+  // A lock taken for a run whose heartbeats stopped is held by nobody alive: say so.
+  const latest = await ctx.get("/batch/executions/recent?limit=200").catch(() => ({ executions: [] }));
+  const runs = new Map((latest.executions || []).map((x) => [x.execution_id, x.status]));
+  const judged = (l) => ({ ...l, run: l.execution_id ? runs.get(l.execution_id) ?? null : null });
   if (all && Array.isArray(all.locks)) {
-    const held = all.locks.filter((l) => l.locked || l.expired);
-    held.sort((a, b) => Number(Boolean(b.expired)) - Number(Boolean(a.expired)) || a.job_id.localeCompare(b.job_id));
+    const held = all.locks.filter((l) => l.locked || l.expired).map(judged);
+    held.sort((a, b) => lockRank(b) - lockRank(a) || a.job_id.localeCompare(b.job_id));
     return { held };
   }
   const [expired, recent, stats] = await Promise.all([
@@ -622,22 +706,34 @@ async function loadLocks(ctx) {
     api(`/batch/jobs/${encodeURIComponent(job)}/lock/status`).catch(() => null)));
   const byJob = new Map((expired.locks || []).map((l) => [l.job_id, { ...l, expired: true }]));
   for (const s of statuses) if (s) byJob.set(s.job_id, s);
-  const held = [...byJob.values()].filter((l) => l.locked || l.expired);
-  held.sort((a, b) => Number(Boolean(b.expired)) - Number(Boolean(a.expired)) || a.job_id.localeCompare(b.job_id));
+  const held = [...byJob.values()].filter((l) => l.locked || l.expired).map(judged);
+  held.sort((a, b) => lockRank(b) - lockRank(a) || a.job_id.localeCompare(b.job_id));
   return { held };
 }
+
+/** expired, then held for a lost run, then held: what needs a hand comes first. */
+const lockState = (l) => (l.expired ? "expired" : l.run === "lost" ? "lost" : "held");
+const lockRank = (l) => ({ expired: 2, lost: 1, held: 0 })[lockState(l)];
 
 function renderLocks({ held }) {
   const body = document.getElementById("locks");
   body.innerHTML = held.length
-    ? held.map((l) => `<tr data-testid="lock-row" data-job-id="${esc(l.job_id)}" data-expired="${l.expired ? "true" : "false"}" class="${l.expired ? "expired" : ""}">
-        <td class="job">${esc(l.job_id)} ${badge(l.expired ? "expired" : "running", l.expired ? t("status.expired") : t("status.held"))}</td>
+    ? held.map((l) => {
+      const how = lockState(l);
+      const badgeStatus = how === "held" ? "running" : how;
+      const label = { expired: t("status.expired"), lost: t("locks.runLost"), held: t("status.held") }[how];
+      // The state badge already says "Expired": the cell keeps to the time, so it fits.
+      const expires = fmtRelative(l.expires_at);
+      const acquired = `${t("locks.acquired")} ${fmtTime(l.acquired_at)}`;
+      return `<tr data-testid="lock-row" data-job-id="${esc(l.job_id)}" data-expired="${l.expired ? "true" : "false"}" data-lock-state="${how}" class="${how === "held" ? "" : "expired"}">
+        <td class="job" title="${esc(`${l.job_id} · ${acquired}`)}">${esc(l.job_id)}</td>
+        <td>${badge(badgeStatus, label)}</td>
         <td class="owner" title="${esc(l.owner ?? "")}">${esc(l.owner ?? "–")}</td>
-        <td title="${esc(`${t("locks.acquired")} ${fmtTime(l.acquired_at)}`)}">${esc(fmtTime(l.acquired_at, false))}</td>
-        <td title="${esc(fmtTime(l.expires_at))}">${esc(fmtRelative(l.expires_at))}</td>
+        <td class="expires" title="${esc(fmtTime(l.expires_at))}">${esc(expires)}</td>
         <td class="num">${esc(l.fencing_token ?? "–")}</td>
         <td class="num"><button type="button" class="danger" data-testid="lock-release" data-job-id="${esc(l.job_id)}">${esc(t("locks.release"))}</button></td>
-      </tr>`).join("")
+      </tr>`;
+    }).join("")
     : `<tr><td colspan="6" class="empty">${esc(t("locks.none"))}</td></tr>`;
   drawLockMessage();
 }
@@ -724,27 +820,64 @@ function addAlert(alert, fresh) {
   }
 }
 
+/** The alert's title and message in the chosen language, from its kind and params. */
+function alertText(a) {
+  const p = a.params || {};
+  if (currentLang() === "en" || !a.kind) return { title: a.title || a.kind, message: a.message };
+  const scope = p.scope === "daily" || p.scope === "monthly" ? t(`period.${p.scope}`) : p.scope;
+  const status = (s) => (s ? statusLabel(s) : "–");
+  const error = p.error ? `: ${p.error}` : "";
+  const vars = {
+    ...p,
+    scope,
+    value: a.metric && a.metric.endsWith("cost_usd") ? fmtUSD(a.value) : fmtDec(a.value, 1),
+    threshold: a.metric && a.metric.endsWith("cost_usd") ? fmtUSD(a.threshold) : fmtDec(a.threshold, 0),
+    from: status(p.from),
+    to: status(p.to),
+    error,
+  };
+  let key = a.kind;
+  if (a.kind === "usage.error_rate" && p.recovered) key = "usage.error_rate.recovered";
+  if (a.kind === "batch.job_failed" && p.lost) key = "batch.job_lost";
+  if (a.kind === "health.status_changed" && p.settled) key = "health.settled";
+  const title = t(`alert.${key}.title`, vars);
+  if (title === `alert.${key}.title`) return { title: a.title || a.kind, message: a.message };
+  return { title, message: t(`alert.${key}.message`, vars) };
+}
+
 const byNewest = (a, b) => String(b.occurred_at).localeCompare(String(a.occurred_at));
 
 function renderAlerts() {
   const items = [...state.alerts.values()].sort(byNewest).slice(0, FEED_MAX);
   const feed = document.getElementById("alert-feed");
+  // The history lives in the usage service: without it "No alerts" would be a guess.
+  const historyDown = serviceDown("usage") || state.alertHistoryError != null;
+  const emptyText = historyDown ? t("alerts.unknown") : t("alerts.none");
   feed.innerHTML = items.length
-    ? items.map((a) => `<li class="alert${a.fresh ? " fresh" : ""}" data-testid="alert-item" data-alert-id="${esc(a.id)}" data-severity="${esc(a.severity)}">
-        <span class="alert-sev">${esc(a.severity)}</span>
-        <span class="alert-title" title="${esc(a.kind)}">${esc(a.title || a.kind)}</span>
+    ? items.map((a) => {
+      const text = alertText(a);
+      return `<li class="alert${a.fresh ? " fresh" : ""}" data-testid="alert-item" data-alert-id="${esc(a.id)}" data-severity="${esc(a.severity)}" data-kind="${esc(a.kind)}">
+        <span class="alert-sev">${esc(t(`severity.${a.severity}`))}</span>
+        <span class="alert-title" title="${esc(text.title)}">${esc(text.title)}</span>
         <span class="alert-time">${esc(fmtTime(a.occurred_at))}</span>
-        <span class="alert-msg" title="${esc(a.message)}">${esc(a.message)}</span>
-      </li>`).join("")
-    : `<li class="empty">${esc(t("alerts.none"))}</li>`;
+        <span class="alert-msg" title="${esc(text.message)}">${esc(text.message)}</span>
+      </li>`;
+    }).join("")
+    : `<li class="empty">${esc(emptyText)}</li>`;
   for (const a of items) a.fresh = false;
   const streamState = document.getElementById("stream-state");
   const status = { connected: "connected", connecting: "connecting", offline: "offline" }[state.stream];
   streamState.dataset.status = status;
   streamState.innerHTML = `<span class="dot"></span>${esc(t(`stream.${state.stream}`))}`;
   const panel = document.getElementById("panel-alerts");
-  panel.dataset.state = state.stream === "offline" ? "unavailable" : "ok";
-  panel.querySelector(".panel-error").textContent = state.stream === "offline" ? t("panel.unavailable", { reason: t("stream.offline") }) : "";
+  const reason = state.stream === "offline"
+    ? t("stream.offline")
+    : historyDown
+      ? serviceDown("usage") ? t("panel.serviceDown", { service: t("service.usage") }) : errorText(state.alertHistoryError)
+      : null;
+  panel.dataset.state = reason ? "unavailable" : "ok";
+  panel.querySelector(".panel-error").textContent = reason ? t("panel.unavailable", { reason }) : "";
+  panel.querySelector(".state-badge").innerHTML = reason ? badge("unavailable") : "";
 }
 
 let source = null;
@@ -843,8 +976,11 @@ async function loadAlertHistory() {
   try {
     const answer = await api("/usage/alerts?limit=20");
     for (const a of answer.alerts || []) addAlert(a, false);
-  } catch {
-    // the live stream still works; history is a courtesy
+    state.alertHistoryError = null;
+    state.alertHistoryLoaded = true;
+  } catch (err) {
+    // the live stream still works; the panel says the history could not be read
+    state.alertHistoryError = err instanceof ApiError ? err : new ApiError(0, String(err));
   }
   renderAlerts();
 }
@@ -858,7 +994,8 @@ async function tick() {
   const ctx = refreshContext();
   await loadStatus(ctx);
   await Promise.all(PANELS.map((panel) => runPanel(panel, ctx)));
-  if (state.tick % SLOW_EVERY === 1 && state.alerts.size === 0) await loadAlertHistory();
+  if (serviceDown("usage")) renderAlerts();
+  else if (!state.alertHistoryLoaded || (state.tick % SLOW_EVERY === 1 && state.alerts.size === 0)) await loadAlertHistory();
   state.updatedAt = new Date();
   drawHeader();
   document.body.dataset.refreshes = String(state.tick);

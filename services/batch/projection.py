@@ -304,6 +304,12 @@ def job_failed_alert(execution: Execution, occurred_at: datetime, why: str) -> A
         metric="failed_executions",
         value=1,
         threshold=1,
+        params={
+            "job_id": execution.job_id,
+            "execution_id": execution.execution_id,
+            "lost": why != "failed",
+            "error": execution.error[:300] if execution.error else None,
+        },
     )
 
 
@@ -335,6 +341,12 @@ def lock_expired_alert(lock: LockState, occurred_at: datetime, by: str | None = 
         metric="lock_ttl_s",
         value=ttl,
         threshold=ttl,
+        params={
+            "job_id": lock.job_id,
+            "owner": lock.owner,
+            "fencing_token": lock.fencing_token,
+            "by": by,
+        },
     )
 
 
@@ -355,6 +367,13 @@ def lock_forced_alert(released: ReleasedLock) -> Alert:
         metric="forced_releases",
         value=1,
         threshold=1,
+        params={
+            "job_id": released.job_id,
+            "owner": released.owner,
+            "fencing_token": released.fencing_token,
+            "by": released.by,
+            "note": released.note,
+        },
     )
 
 
@@ -438,4 +457,5 @@ def job_missed_alert(job_id: str, slot: datetime, grace_s: float) -> Alert:
         metric="missed_slots",
         value=1,
         threshold=1,
+        params={"job_id": job_id, "expected_at": slot.isoformat(), "grace_s": grace_s},
     )

@@ -25,7 +25,9 @@ from services.batch.schemas import (
     BatchStats,
     BatchSummary,
     ExecutionOut,
+    ExpiredLock,
     ExpiredLocks,
+    FailingJob,
     FailurePattern,
     HeldLocks,
     JobOut,
@@ -271,14 +273,35 @@ def summary(view: BatchView, now: datetime, default_interval_s: float) -> BatchS
     """Running executions, failed (or lost) ones started in the last 24 h, expired locks."""
     since = now - timedelta(hours=24)
     running = failed = 0
+    # Per job, the latest run that ended in success or failure (oldest first, so later wins):
+    # a failure stays a problem until a later run of the same job succeeds.
+    verdicts: dict[str, FailingJob | None] = {}
     for execution in view.executions.values():
         status = status_at(execution, now, default_interval_s)
         if status == "running":
             running += 1
         elif status in ("failed", "lost") and execution.started_at >= since:
             failed += 1
+        if status == "succeeded":
+            verdicts[execution.job_id] = None
+        elif status == "failed" or status == "lost":
+            verdicts[execution.job_id] = FailingJob(
+                job_id=execution.job_id,
+                status=status,
+                execution_id=execution.execution_id,
+                at=(execution.finished_at or execution.last_heartbeat_at or execution.started_at),
+                error=(execution.error[:300] if execution.error else None),
+            )
+    stale = expired_locks(view, now)
     return BatchSummary(
-        running=running, failed_24h=failed, expired_locks=len(expired_locks(view, now))
+        running=running,
+        failed_24h=failed,
+        expired_locks=len(stale),
+        failing_jobs=[job for _, job in sorted(verdicts.items()) if job is not None],
+        expired=[
+            ExpiredLock(job_id=lock.job_id, owner=lock.owner, expires_at=lock.expires_at)
+            for lock in stale
+        ],
     )
 
 

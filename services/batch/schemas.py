@@ -173,12 +173,32 @@ class CleanupAnswer(msgspec.Struct, kw_only=True):
     count: int
 
 
+class FailingJob(msgspec.Struct, kw_only=True):
+    """A job whose latest run failed or was lost, with no success of that job since."""
+
+    job_id: str
+    status: Literal["failed", "lost"]
+    execution_id: str
+    at: AwareDatetime
+    error: str | None
+
+
+class ExpiredLock(msgspec.Struct, kw_only=True):
+    """A lock past its `expires_at` that nobody has released yet."""
+
+    job_id: str
+    owner: str
+    expires_at: AwareDatetime
+
+
 class BatchSummary(msgspec.Struct, kw_only=True):
     """The `summary` answer (shown in /api/v1/status): failed counts lost runs."""
 
     running: int
     failed_24h: int
     expired_locks: int
+    failing_jobs: list[FailingJob] = []
+    expired: list[ExpiredLock] = []
 
 
 # ----- runs and locks over HTTP (contract §5; any language, the ingest token) -------------

@@ -3,14 +3,18 @@
 A pure fold. A component's status changes only after `down_after` consecutive results in a
 worse state (`up_after` for a better one), so a flapping target does not flip on one result;
 each confirmed change is recorded as the component's `last_transition`, from which `react`
-derives exactly one `health.status_changed` alert. Raw samples are kept for 24 h (bounded by
-count), hourly buckets for `max_hours`, so the view and its snapshot stay bounded.
+derives exactly one `health.status_changed` alert. A component that changes FLAP_CHANGES times
+within FLAP_WINDOW_S is reported once as `health.flapping`, and once more when it has kept one
+status for FLAP_WINDOW_S (all judged from event times, so replicas and replays agree). Raw
+samples are kept for 24 h (bounded by count), hourly buckets for `max_hours`, so the view and
+its snapshot stay bounded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Literal
 
 import msgspec
 
@@ -55,8 +59,18 @@ class HourBucket(msgspec.Struct, array_like=True):
     latency_n: int = 0
 
 
+# A component whose status changed this many times within FLAP_WINDOW_S is flapping: it is
+# reported once as such, and its changes are not alerted again until it has kept one status
+# for FLAP_WINDOW_S (then once more, saying where it settled).
+FLAP_CHANGES = 3
+FLAP_WINDOW_S = 600.0
+FLAP_KIND = "health.flapping"
+
+TransitionNote = Literal["changed", "flapping", "settled"]
+
+
 class Transition(msgspec.Struct, kw_only=True):
-    """A confirmed status change and the event that confirmed it."""
+    """A confirmed status change (or the start or end of flapping) and the event that did it."""
 
     from_status: Status
     to_status: Status
@@ -64,6 +78,7 @@ class Transition(msgspec.Struct, kw_only=True):
     event_id: str
     results: int
     alert: bool
+    note: TransitionNote = "changed"
 
 
 class ComponentState(msgspec.Struct, kw_only=True):
@@ -76,6 +91,9 @@ class ComponentState(msgspec.Struct, kw_only=True):
     pending: Status | None = None
     streak: int = 0
     last_transition: Transition | None = None
+    # Epoch seconds of the alerted changes within FLAP_WINDOW_S, and since when it flaps.
+    changes: list[float] = []
+    flapping_since: AwareDatetime | None = None
     samples: list[Sample] = []
     hours: list[HourBucket] = []
 
@@ -92,6 +110,16 @@ def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
     old, new = state.status, event.status
     # unknown → healthy is a probe being switched on, not news; anything else is alerted.
     alert = new != "unknown" and (old != "unknown" or new != "healthy")
+    note: TransitionNote = "changed"
+    if alert:
+        t = event.occurred_at.timestamp()
+        state.changes = [c for c in state.changes if t - c < FLAP_WINDOW_S][-FLAP_CHANGES:]
+        state.changes.append(t)
+        if state.flapping_since is not None:
+            alert = False  # already reported as flapping
+        elif len(state.changes) >= FLAP_CHANGES:
+            state.flapping_since = event.occurred_at
+            note = "flapping"
     state.last_transition = Transition(
         from_status=old,
         to_status=new,
@@ -99,6 +127,7 @@ def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
         event_id=event.id,
         results=results,
         alert=alert,
+        note=note,
     )
     state.status = new
     state.since = event.occurred_at
@@ -183,9 +212,29 @@ def _checked(view: HealthView, event: HealthChecked, policy: FoldPolicy) -> None
             state.latest = event
             state.kind = event.kind
         _hysteresis(state, event, policy)
+        _settle(state, event)
     _record(state, event, policy)
     if view.checked_at is None or event.occurred_at > view.checked_at:
         view.checked_at = event.occurred_at
+
+
+def _settle(state: ComponentState, event: HealthChecked) -> None:
+    """A flapping component that has kept one status for FLAP_WINDOW_S has settled."""
+    if state.flapping_since is None or not state.changes:
+        return
+    if event.occurred_at.timestamp() - state.changes[-1] < FLAP_WINDOW_S:
+        return
+    state.flapping_since = None
+    state.changes = []
+    state.last_transition = Transition(
+        from_status=state.status,
+        to_status=state.status,
+        at=event.occurred_at,
+        event_id=event.id,
+        results=0,
+        alert=True,
+        note="settled",
+    )
 
 
 def apply(view: HealthView, event: HealthEvent, policy: FoldPolicy) -> HealthView:
@@ -222,6 +271,58 @@ def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
     if change.event_id != event.id or not change.alert:
         return ()
     detail = f": {event.error}" if event.error and change.to_status != "healthy" else ""
+    minutes = f"{FLAP_WINDOW_S / 60:g}"
+    if change.note == "flapping":
+        return [
+            Alert(
+                id=alert_id(FLAP_KIND, event.component, rfc3339(event.occurred_at)),
+                occurred_at=event.occurred_at,
+                source="health",
+                kind=FLAP_KIND,
+                severity="warning",
+                title=f"{event.component} is flapping",
+                message=(
+                    f"{event.component} changed status {len(state.changes)} times in "
+                    f"{minutes} minutes, now {change.to_status}{detail}; further changes are "
+                    f"not alerted until it keeps one status for {minutes} minutes"
+                ),
+                metric=f"{event.component}.status_changes",
+                value=float(len(state.changes)),
+                threshold=float(FLAP_CHANGES),
+                params={
+                    "component": event.component,
+                    "to": change.to_status,
+                    "changes": len(state.changes),
+                    "minutes": int(FLAP_WINDOW_S // 60),
+                    "error": event.error if change.to_status != "healthy" else None,
+                },
+            )
+        ]
+    if change.note == "settled":
+        return [
+            Alert(
+                id=alert_id(ALERT_KIND, event.component, f"{rfc3339(event.occurred_at)}:settled"),
+                occurred_at=event.occurred_at,
+                source="health",
+                kind=ALERT_KIND,
+                severity=_SEVERITY.get(change.to_status, "warning"),
+                title=f"{event.component} settled: {change.to_status}",
+                message=(
+                    f"{event.component} stopped flapping: {change.to_status} for "
+                    f"{minutes} minutes{detail}"
+                ),
+                metric=f"{event.component}.status_rank",
+                value=float(RANK.get(change.to_status, -1)),
+                threshold=float(RANK.get(change.to_status, -1)),
+                params={
+                    "component": event.component,
+                    "to": change.to_status,
+                    "settled": True,
+                    "minutes": int(FLAP_WINDOW_S // 60),
+                    "error": event.error if change.to_status != "healthy" else None,
+                },
+            )
+        ]
     return [
         Alert(
             id=alert_id(ALERT_KIND, event.component, rfc3339(event.occurred_at)),
@@ -237,6 +338,13 @@ def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
             metric=f"{event.component}.status_rank",
             value=float(RANK.get(change.to_status, -1)),
             threshold=float(RANK.get(change.from_status, -1)),
+            params={
+                "component": event.component,
+                "from": change.from_status,
+                "to": change.to_status,
+                "results": change.results,
+                "error": event.error if change.to_status != "healthy" else None,
+            },
         )
     ]
 

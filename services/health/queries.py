@@ -115,11 +115,23 @@ class ComprehensiveHealth(msgspec.Struct, kw_only=True):
     system_metrics: SystemMetrics | None
 
 
+class ComponentBrief(msgspec.Struct, kw_only=True):
+    """One component as /api/v1/status judges it: whether it is configured, and why not healthy."""
+
+    name: str
+    kind: Kind
+    status: Status
+    # False when its setting is unset: `unknown` then means "not probed", not "not checked yet".
+    configured: bool
+    error: str | None = None
+
+
 class HealthSummary(msgspec.Struct, kw_only=True):
     """What /api/v1/status shows of health; the gateway's /status decodes it."""
 
     status: str
     components: dict[str, str]
+    checks: list[ComponentBrief] = []
 
 
 # ----- helpers ---------------------------------------------------------------------------
@@ -322,4 +334,25 @@ def summary(
     components: dict[str, str] = {c.name: c.status for c in whole.components}
     if settings.external_apis:
         components["external-apis"] = whole.external_apis.status
-    return HealthSummary(status=whole.status, components=components)
+    checks = [
+        ComponentBrief(
+            name=c.name,
+            kind=c.kind,
+            status=c.status,
+            configured=is_configured(settings, c.name),
+            error=c.error,
+        )
+        for c in whole.components
+    ]
+    return HealthSummary(status=whole.status, components=components, checks=checks)
+
+
+def is_configured(settings: HealthSettings, name: str) -> bool:
+    """Whether the settings switch the component's probe on (an external API always is)."""
+    if name == "database":
+        return bool(settings.database_url)
+    if name == "redis":
+        return bool(settings.redis_url)
+    if name == "openai":
+        return bool(settings.openai_api_key)
+    return True

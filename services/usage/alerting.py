@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from services.usage.events import UsageEvent
-from services.usage.view import WINDOW_S, Fired, FoldConfig, UsageView
+from services.usage.view import QUIET_S, WINDOW_S, Fired, FoldConfig, UsageView
 from shared.events import Alert, Severity, alert_id
 
 _TEXT: dict[str, tuple[Severity, str, str]] = {
@@ -29,6 +29,8 @@ def make_react(config: FoldConfig) -> Callable[[UsageView, UsageEvent], Sequence
 
 
 def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:
+    if fired.kind == "usage.error_rate" and fired.period.endswith(RECOVERED):
+        return _recovered(fired, event)
     severity, title, metric = _TEXT[fired.kind]
     scope = fired.scope
     metric = metric.format(metric=f"{scope}_cost_usd" if scope in ("daily", "monthly") else "")
@@ -62,6 +64,36 @@ def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:
         metric=metric,
         value=round(fired.value, 6),
         threshold=round(fired.threshold, 6),
+        params={
+            "scope": scope,
+            "period": fired.period,
+            "warn_pct": config.cost_alert_pct,
+            "minutes": WINDOW_S // 60,
+            "min_calls": config.error_rate_min_calls,
+        },
+    )
+
+
+RECOVERED = ":recovered"
+
+
+def _recovered(fired: Fired, event: UsageEvent) -> Alert:
+    """The one announcement that an error-rate episode is over (clear for QUIET_S)."""
+    return Alert(
+        id=alert_id(fired.kind, fired.scope, fired.period),
+        occurred_at=event.occurred_at,
+        source="usage",
+        kind=fired.kind,
+        severity="info",
+        title="LLM error rate back to normal",
+        message=(
+            f"the LLM error rate has stayed under {fired.threshold:g}% for "
+            f"{QUIET_S // 60} minutes ({fired.value:.1f}% when it cleared)"
+        ),
+        metric="error_rate_pct",
+        value=round(fired.value, 6),
+        threshold=round(fired.threshold, 6),
+        params={"recovered": True, "minutes": QUIET_S // 60, "period": fired.period},
     )
 
 

@@ -76,8 +76,9 @@ class UsageStats(msgspec.Struct, kw_only=True):
     total_requests: int
     successful_requests: int
     failed_requests: int
-    success_rate: float
-    error_rate: float
+    # null when there were no calls in the period
+    success_rate: float | None
+    error_rate: float | None
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int

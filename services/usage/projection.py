@@ -25,6 +25,7 @@ from services.usage.view import (
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
+    QUIET_S,
     SEEN_GENERATION,
     UNPRICED_LIMIT,
     USER_LIMIT,
@@ -290,21 +291,49 @@ def _error_window(
         view.window_failures += 1
     rate = 100.0 * view.window_failures / view.window_calls
     threshold = config.error_rate_alert_pct
+    _error_recovery(view, config, fired)
     if view.error_alert_active:
         if rate < threshold:
             view.error_alert_active = False
+            view.error_cleared_at = view.window_end
+            view.error_cleared_rate = round(rate, 4)
     elif rate >= threshold and view.window_calls >= config.error_rate_min_calls:
         view.error_alert_active = True
+        view.error_cleared_at = None
+        if view.error_episode is not None:
+            return  # back within QUIET_S of clearing: the same episode, not raised again
         view.error_episodes += 1
+        period = f"{rfc3339(event.occurred_at.replace(microsecond=0))}#{view.error_episodes}"
+        view.error_episode = period
         fired.append(
             Fired(
                 kind="usage.error_rate",
                 scope="all",
-                period=f"{rfc3339(event.occurred_at.replace(microsecond=0))}#{view.error_episodes}",
+                period=period,
                 value=round(rate, 4),
                 threshold=threshold,
             )
         )
+
+
+def _error_recovery(view: UsageView, config: FoldConfig, fired: list[Fired]) -> None:
+    """End the open episode once its condition has stayed clear for QUIET_S (event time)."""
+    cleared = view.error_cleared_at
+    if view.error_episode is None or view.error_alert_active or cleared is None:
+        return
+    if view.window_end - cleared < QUIET_S:
+        return
+    fired.append(
+        Fired(
+            kind="usage.error_rate",
+            scope="all",
+            period=f"{view.error_episode}:recovered",
+            value=view.error_cleared_rate,
+            threshold=config.error_rate_alert_pct,
+        )
+    )
+    view.error_episode = None
+    view.error_cleared_at = None
 
 
 def reset(view: UsageView, event: UsageReset) -> None:
@@ -316,6 +345,10 @@ def reset(view: UsageView, event: UsageReset) -> None:
     view.window = {}
     view.window_calls = 0
     view.window_failures = 0
+    if view.error_alert_active:
+        # Statistics restart: the episode counts as cleared now, so it ends after QUIET_S.
+        view.error_cleared_at = max(view.window_end, int(event.occurred_at.timestamp()))
+        view.error_cleared_rate = 0.0
     view.error_alert_active = False
     view.resets += 1
     view.reset_at = event.occurred_at.timestamp()

@@ -174,8 +174,11 @@ def stats(
         total_requests=total.requests,
         successful_requests=total.requests - total.failures,
         failed_requests=total.failures,
-        success_rate=_pct(total.requests - total.failures, total.requests),
-        error_rate=_pct(total.failures, total.requests),
+        # No calls: no rate (null, as batch answers), not a reassuring 0 %.
+        success_rate=_pct(total.requests - total.failures, total.requests)
+        if total.requests
+        else None,
+        error_rate=_pct(total.failures, total.requests) if total.requests else None,
         prompt_tokens=total.prompt_tokens,
         completion_tokens=total.completion_tokens,
         cached_tokens=total.cached_tokens,
@@ -202,6 +205,17 @@ def stats(
         ],
         unpriced_models=sorted(view.unpriced),
     )
+
+
+def calls_last_minutes(view: UsageView, now: datetime) -> tuple[int, int]:
+    """(calls, failed calls) whose occurred_at lies in the last five minutes before `now`."""
+    end = int(now.timestamp())
+    calls = failed = 0
+    for second, slot in view.window.items():
+        if end - RATE_WINDOW_S < second <= end:
+            calls += slot[0]
+            failed += slot[1]
+    return calls, failed
 
 
 def requests_last_minutes(view: UsageView, now: datetime) -> int:

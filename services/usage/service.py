@@ -39,8 +39,30 @@ class UsageToday(msgspec.Struct, kw_only=True):
 
     requests: int
     cost_usd: float
-    error_rate: float
+    # null with no calls today
+    error_rate: float | None
     budget_used_pct: float | None
+
+
+class SpendPeriod(msgspec.Struct, kw_only=True):
+    """Spend of the current day or month against its budget (None when no budget is set)."""
+
+    period: str
+    cost_usd: float
+    budget_usd: float | None
+    used_pct: float | None
+
+
+class ErrorWindow(msgspec.Struct, kw_only=True):
+    """Failed LLM calls over the alert's rolling window ending now."""
+
+    window_s: int
+    calls: int
+    failed: int
+    # null with no calls in the window
+    rate_pct: float | None
+    threshold_pct: float
+    min_calls: int
 
 
 class UsageSummary(msgspec.Struct, kw_only=True):
@@ -48,6 +70,10 @@ class UsageSummary(msgspec.Struct, kw_only=True):
 
     today: UsageToday
     alerts_24h: int
+    # What /api/v1/status judges spend and errors by (defaults: an older service's answer).
+    spend: list[SpendPeriod] = []
+    cost_alert_pct: float = 80.0
+    errors: ErrorWindow | None = None
 
 
 def fold_config(settings: UsageSettings) -> FoldConfig:
@@ -154,6 +180,8 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     def make_summary(now: datetime) -> UsageSummary:
         today = queries.stats(usage.view, StatsParams(), now, settings)
         budget = settings.daily_budget_usd
+        money = queries.costs(usage.view, now, settings)
+        calls, failed = queries.calls_last_minutes(usage.view, now)
         return UsageSummary(
             today=UsageToday(
                 requests=today.total_requests,
@@ -164,6 +192,29 @@ def build(settings: UsageSettings) -> ServiceDefinition:
                 ),
             ),
             alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
+            spend=[
+                SpendPeriod(
+                    period="daily",
+                    cost_usd=money.today.cost_usd,
+                    budget_usd=money.today.budget_usd,
+                    used_pct=money.today.used_pct,
+                ),
+                SpendPeriod(
+                    period="monthly",
+                    cost_usd=money.month.cost_usd,
+                    budget_usd=money.month.budget_usd,
+                    used_pct=money.month.used_pct,
+                ),
+            ],
+            cost_alert_pct=settings.cost_alert_pct,
+            errors=ErrorWindow(
+                window_s=queries.RATE_WINDOW_S,
+                calls=calls,
+                failed=failed,
+                rate_pct=round(100.0 * failed / calls, 4) if calls else None,
+                threshold_pct=settings.error_rate_alert_pct,
+                min_calls=settings.error_rate_min_calls,
+            ),
         )
 
     async def summary(params: NoParams, ctx: Context) -> bytes:

@@ -30,6 +30,8 @@ UNPRICED_LIMIT = 1_000
 # Ids are remembered for de-duplication in two generations of this many each.
 SEEN_GENERATION = 50_000
 WINDOW_S = 300
+# An alert whose condition clears and returns within this long is not raised again.
+QUIET_S = 600
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
@@ -110,6 +112,13 @@ class UsageView(View, kw_only=True):
     window_failures: int = 0
     error_alert_active: bool = False
     error_episodes: int = 0
+    # The open episode (alert raised, recovery not announced yet): its alert's period, and
+    # when and at what rate the condition last cleared (window seconds). A condition that
+    # returns within QUIET_S of clearing continues the episode silently; one that stays clear
+    # for QUIET_S ends it with a recovery alert.
+    error_episode: str | None = None
+    error_cleared_at: int | None = None
+    error_cleared_rate: float = 0.0
     resets: int = 0
     reset_at: float | None = None
     fired: list[Fired] = []

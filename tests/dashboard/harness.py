@@ -135,16 +135,27 @@ class Stack:
 
 
 def stack_env(
-    env: Mapping[str, str], *, postgres_url: str, redis_url: str, apis: demo.ExternalApis
+    env: Mapping[str, str],
+    *,
+    postgres_url: str,
+    redis_url: str,
+    apis: demo.ExternalApis,
+    configured: bool = True,
 ) -> dict[str, str]:
-    """Settings for every process of the test stack: fast probes, budgets, loopback APIs."""
-    return {
-        **env,
+    """Settings for every process of the test stack: fast probes, budgets, loopback APIs.
+
+    `configured=False` leaves every dependency unset (nothing for the health service to probe).
+    """
+    dependencies = {
         "STOCKPILOT_DATABASE_URL": postgres_url,
         "STOCKPILOT_REDIS_URL": redis_url,
         "OPENAI_API_KEY": "sk-dashboard-test",
         "OPENAI_BASE_URL": apis.openai_base_url() or "",
         "STOCKPILOT_EXTERNAL_APIS": apis.setting(),
+    }
+    return {
+        **env,
+        **(dependencies if configured else {}),
         "STOCKPILOT_HEALTH_INTERVAL_S": "1",
         "STOCKPILOT_DAILY_BUDGET_USD": "25",
         "STOCKPILOT_MONTHLY_BUDGET_USD": "400",
@@ -161,12 +172,21 @@ async def running_stack(
     postgres_url: str,
     redis_url: str,
     services: tuple[str, ...] = SERVICES,
+    apis: list[demo.FakeApi] | None = None,
+    configured: bool = True,
 ) -> AsyncIterator[Stack]:
-    """Loopback APIs, NATS streams, the named services and the gateway on a real socket."""
-    apis = [*demo.demo_apis(), demo.fake_openai()]
+    """Loopback APIs (the demo's, flapping fx included, unless given), NATS streams, the named
+    services and the gateway on a real socket."""
+    apis = apis if apis is not None else [*demo.demo_apis(), demo.fake_openai()]
     async with contextlib.AsyncExitStack() as stack:
         external = await stack.enter_async_context(demo.ExternalApis(first_port=0, apis=apis))
-        full_env = stack_env(env, postgres_url=postgres_url, redis_url=redis_url, apis=external)
+        full_env = stack_env(
+            env,
+            postgres_url=postgres_url,
+            redis_url=redis_url,
+            apis=external,
+            configured=configured,
+        )
         gateway_settings = load_settings(GatewaySettings, full_env)
         nc = await nats.connect(gateway_settings.nats_servers)
         stack.push_async_callback(nc.close)

@@ -235,11 +235,18 @@ async def test_live_data_alerts_and_lock_release(
             await expect(page.locator('[data-alert-id^="usage.error_rate"]')).to_be_visible(
                 timeout=WAIT_MS
             )
+            # The headline with its reasons open: what an operator reads first.
+            headline = page.get_by_test_id("overall-status")
+            await expect(headline).not_to_have_attribute("data-status", "healthy")
+            await headline.click()
+            await expect(page.get_by_test_id("status-reason").first).to_be_visible(timeout=WAIT_MS)
             if os.environ.get("STOCKPILOT_UPDATE_SCREENSHOT") == "1":
                 await _screenshot(page, SCREENSHOT)
             shot = tmp_path / "dashboard.png"
             await _screenshot(page, shot)
             assert shot.stat().st_size > 50_000
+            await headline.click()  # closed again: the panels below are clicked next
+            await page.mouse.move(0, 900)
 
             # Usage published now shows up: the request count and a new endpoint.
             async with httpx.AsyncClient(base_url=stack.url) as client:

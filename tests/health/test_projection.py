@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from services.health.events import HealthChecked, HealthEvent, HostSampled, Status
 from services.health.projection import (
+    FLAP_CHANGES,
+    FLAP_WINDOW_S,
     FoldPolicy,
     HealthView,
     apply,
@@ -304,5 +306,17 @@ def test_no_change_without_enough_consecutive_results(letters: list[str]) -> Non
             needed = 3 if rank[confirmed[i]] > rank[confirmed[i - 1]] else 2
             run = letters[i - needed + 1 : i + 1]
             assert len(run) == needed and all(SHORT[c] == confirmed[i] for c in run)
-    first_alert = 1 if confirmed[0] != "healthy" else 0
-    assert len(alerts) == changes + first_alert
+    # One alert per change, until FLAP_CHANGES within FLAP_WINDOW_S: then one "flapping"
+    # alert and silence until a status is kept for the window (then one "settled" alert).
+    times = [0.0] if confirmed[0] != "healthy" else []
+    expected, flapping = len(times), False
+    for i in range(1, len(confirmed)):
+        t = 30.0 * i
+        if confirmed[i] != confirmed[i - 1]:
+            times = [x for x in times if t - x < FLAP_WINDOW_S][-FLAP_CHANGES:] + [t]
+            if not flapping:
+                expected += 1
+                flapping = len(times) >= FLAP_CHANGES
+        elif flapping and t - times[-1] >= FLAP_WINDOW_S:
+            expected, flapping, times = expected + 1, False, []
+    assert len(alerts) == expected
