@@ -34,6 +34,7 @@ from services.batch.schemas import (
     JobsAnswer,
     JobStats,
     LockStatus,
+    MissedJob,
     RecentExecutions,
     RecentParams,
     StatsParams,
@@ -302,7 +303,20 @@ def summary(view: BatchView, now: datetime, default_interval_s: float) -> BatchS
             ExpiredLock(job_id=lock.job_id, owner=lock.owner, expires_at=lock.expires_at)
             for lock in stale
         ],
+        missed_jobs=missed_jobs(view, now, default_interval_s),
     )
+
+
+def missed_jobs(view: BatchView, now: datetime, default_interval_s: float) -> list[MissedJob]:
+    """Scheduled jobs whose expected start + grace has passed without a run."""
+    found = []
+    for job_id in sorted(view.schedules):
+        job, missed = job_out(view, job_id, now, default_interval_s)
+        if job.state == "missed" and job.next_expected_at is not None:
+            found.append(
+                MissedJob(job_id=job_id, expected_at=job.next_expected_at, missed_slots=len(missed))
+            )
+    return found
 
 
 def jobs(view: BatchView, now: datetime, default_interval_s: float) -> JobsAnswer:

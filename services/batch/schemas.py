@@ -183,6 +183,14 @@ class FailingJob(msgspec.Struct, kw_only=True):
     error: str | None
 
 
+class MissedJob(msgspec.Struct, kw_only=True):
+    """A scheduled job that has not started by its expected time + grace (contract §5)."""
+
+    job_id: str
+    expected_at: AwareDatetime
+    missed_slots: int
+
+
 class ExpiredLock(msgspec.Struct, kw_only=True):
     """A lock past its `expires_at` that nobody has released yet."""
 
@@ -199,6 +207,7 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     expired_locks: int
     failing_jobs: list[FailingJob] = []
     expired: list[ExpiredLock] = []
+    missed_jobs: list[MissedJob] = []
 
 
 # ----- runs and locks over HTTP (contract §5; any language, the ingest token) -------------

@@ -122,6 +122,12 @@ async def test_two_days_of_schedules_on_the_manual_clock(
                 seen[job_id].append((hours, now[job_id]["state"]))
             await asyncio.sleep(0.12)  # the service's watch looks every 0.1 s
         final = await jobs(api)
+        # /status: a missed schedule makes the batch area degraded, with a reason per job.
+        overall = (await api.get("/api/v1/status")).json()
+        assert overall["areas"]["batch"]["status"] == "degraded"
+        missed_reasons = [r for r in overall["reasons"] if r["code"] == "batch.job_missed"]
+        assert [r["params"]["job_id"] for r in missed_reasons] == ["nightly", "sync"]
+        assert [j["missed_slots"] for j in overall["batch"]["missed_jobs"]] == [1, 22]
         alerts = await alerts_of(js, "batch.job_missed")
         live_view = runtime.definition.projections[0].view
         live_answer = queries.jobs(live_view, clock.now(), 10.0)
