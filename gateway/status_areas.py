@@ -26,7 +26,9 @@ from shared.events import AwareDatetime
 
 AreaStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]
 Severity = Literal["info", "warning", "critical"]
-Param = str | int | float | None
+# One number type (`float` takes ints too): `int | float` becomes an OpenAPI oneOf that an
+# integral value matches twice.
+Param = str | float | None
 
 AREAS = (
     "dependencies",

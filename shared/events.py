@@ -41,7 +41,9 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
     threshold: float
     # The values in `title` and `message` by name (component, job_id, period, from/to, …), so a
     # reader can say the alert in another language from `kind` + `params` (the dashboard does).
-    params: dict[str, str | bool | int | float | None] = {}
+    # Numbers are one JSON type (`float` takes ints too): with `int | float` the OpenAPI schema
+    # lists both in a oneOf, and an integral value matches two of its branches (schemathesis).
+    params: dict[str, str | bool | float | None] = {}
 
     @property
     def subject(self) -> str:

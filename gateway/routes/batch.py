@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
@@ -205,7 +206,17 @@ async def _lock_command(
 ) -> Response[LockAnswer]:
     params = LockParams(job_id=_job_id(job_id), **msgspec.structs.asdict(data))
     answer = await services.query("batch", endpoint, LockAnswer, params, timeout=COMMAND_TIMEOUT_S)
-    return Response(answer, status_code=HTTP_200_OK if answer.ok else HTTP_409_CONFLICT)
+    status = HTTP_200_OK if answer.ok else HTTP_409_CONFLICT
+    return Response(msgspec.structs.replace(answer, status_code=status), status_code=status)
+
+
+# A refused lock command answers the same shape (documented, so clients and schemathesis know).
+REFUSED = {
+    HTTP_409_CONFLICT: ResponseSpec(
+        data_container=LockAnswer,
+        description="Refused: `detail` says why, `holder` names who holds the lock",
+    )
+}
 
 
 @post(
@@ -213,6 +224,7 @@ async def _lock_command(
     summary="Take a job's lock (200 with fencing_token, or 409 naming the holder)",
     guards=[ingest_guard],
     status_code=HTTP_200_OK,
+    responses=REFUSED,
 )
 async def acquire_job_lock(
     services: Services, job_id: FromPath[str], data: JSONBody[LockBody]
@@ -226,6 +238,7 @@ async def acquire_job_lock(
     summary="Extend the caller's lock (200 with the new expires_at, or 409)",
     guards=[ingest_guard],
     status_code=HTTP_200_OK,
+    responses=REFUSED,
 )
 async def renew_job_lock(
     services: Services, job_id: FromPath[str], data: JSONBody[LockBody]
@@ -239,6 +252,7 @@ async def renew_job_lock(
     summary="Give back the caller's lock (200, or 409 when it is not theirs)",
     guards=[ingest_guard],
     status_code=HTTP_200_OK,
+    responses=REFUSED,
 )
 async def release_my_job_lock(
     services: Services, job_id: FromPath[str], data: JSONBody[LockBody]

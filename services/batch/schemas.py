@@ -286,6 +286,8 @@ class LockAnswer(msgspec.Struct, kw_only=True):
     released: bool = False
     holder: LockHolder | None = None
     detail: str | None = None
+    # The HTTP status the gateway answers with (200, or 409 when refused), as errors carry.
+    status_code: int = 200
 
 
 class JobOut(msgspec.Struct, kw_only=True):

@@ -48,6 +48,7 @@ async def test_lock_acquire_renew_release_mine_over_http(
     assert other.json()["holder"]["owner"] == "cron@a"
     assert other.json()["holder"]["fencing_token"] == token
     assert "cron@a" in other.json()["detail"]
+    assert other.json()["status_code"] == 409  # like every error body (contract §5)
 
     clock.advance(timedelta(seconds=30))
     wrong = await api.post(
