@@ -325,3 +325,65 @@ async def test_a_long_run_renews_its_lease_and_keeps_the_lock_past_its_first_ttl
         assert not run.lock_lost
     last, _ = await read_lock(nc.jetstream(), "long")
     assert isinstance(last, LockReleased) and last.reason == "released"
+
+
+async def test_a_paused_worker_learns_its_lease_was_released_as_lost_and_frees_nothing(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    """The lease's other side (issue #18): a worker stopped (SIGSTOP) for three heartbeat
+    intervals has its run declared lost and its lock released; another run takes the job.
+    Resumed, the old worker learns at its next heartbeat that its lease is gone, stops with
+    LockLostError, and leaves the new holder's lock alone."""
+    js = nc.jetstream()
+    url = nc.connected_url.geturl() if nc.connected_url else ""
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.batch.worker",
+        url,
+        "paused",
+        "3600",
+        "0.1",
+        clock.now().isoformat(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert worker.stdout is not None and worker.stderr is not None
+    try:
+        line = (await asyncio.wait_for(worker.stdout.readline(), 10)).decode().split()
+        assert line[0] == "started"
+        old_token = int(line[2])
+
+        async def progressing() -> bool:
+            executions = (await recent(api, "paused")).executions
+            return bool(executions) and executions[0].items_processed > 0
+
+        await eventually(progressing)
+        worker.send_signal(signal.SIGSTOP)
+        clock.advance(timedelta(seconds=0.31))
+
+        async def released_as_lost() -> bool:
+            last, _ = await read_lock(js, "paused")
+            return isinstance(last, LockReleased) and last.reason == "lost"
+
+        await eventually(released_as_lost, timeout=5)
+        async with batch_job(nc, "paused", clock=clock) as run:
+            assert run.fencing_token > old_token
+            worker.send_signal(signal.SIGCONT)
+            code = await asyncio.wait_for(worker.wait(), 15)
+            stderr = (await worker.stderr.read()).decode()
+            assert code != 0
+            assert "LockLostError" in stderr
+            assert f"fencing token {old_token}) was lost" in stderr
+            status = (await api.get("/api/v1/batch/jobs/paused/lock/status")).json()
+            assert (status["locked"], status["fencing_token"]) == (True, run.fencing_token)
+            assert not run.lock_lost
+    finally:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGCONT)
+            worker.kill()
+            await worker.wait()
+    last, _ = await read_lock(js, "paused")
+    assert isinstance(last, LockReleased)
+    assert (last.reason, last.by) == ("released", run.lock.owner)  # the new run gave it back
