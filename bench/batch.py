@@ -116,7 +116,7 @@ async def catch_up(url: str, workdir: Path, count: int) -> float:
     """The batch service started on a stream of `count` events, no snapshot: events/s."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("batch"))
     for name in ("batch.batch", "batch.batch-alert-ledger"):
         with contextlib.suppress(Exception):
             await obs.delete(name)

@@ -89,7 +89,7 @@ async def stream_messages(url: str) -> int:
 async def catch_up(url: str, settings: UsageSettings, stored: int) -> float:
     """The usage service started on the stream of `stored` events, no snapshot: events/s."""
     nc = await nats.connect(url)
-    obs = await nc.jetstream().object_store(bus.SNAPSHOT_BUCKET)
+    obs = await nc.jetstream().object_store(bus.snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(Exception):
             await obs.delete(name)

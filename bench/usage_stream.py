@@ -273,7 +273,7 @@ async def run(report: Report, ctx: object) -> None:
             )
 
         replays, reads = [], []
-        obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+        obs = await js.object_store(bus.snapshot_bucket("usage"))
         for i in range(runs):
             stack.stop("usage")
             for name in SNAPSHOTS:

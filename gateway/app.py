@@ -19,6 +19,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.types import ASGIApp
 
+from gateway.alert_fanout import AlertFanout
 from gateway.errors import exception_handlers
 from gateway.openapi import document_errors
 from gateway.request_metrics import RequestMetrics
@@ -47,6 +48,7 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
     """Build the gateway application for these settings; `clock` tells every route's "now"."""
 
     services = ServiceClient(settings.service_timeout_s, cache_ttl_s=settings.cache_ttl_s)
+    alert_fanout = AlertFanout(settings.sse_max_clients, settings.sse_client_buffer_bytes)
 
     @contextlib.asynccontextmanager
     async def nats_connection(app: Litestar) -> AsyncIterator[None]:
@@ -60,7 +62,9 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
             services.nc = nc
             await services.watch_changes()
             with contextlib.suppress(Exception):
-                await bus.provision(nc.jetstream(), settings.stream_replicas)
+                await bus.provision_or_check(
+                    nc.jetstream(), settings, (bus.STREAMS["alerts"].name,)
+                )
 
         task = asyncio.create_task(connect())
         try:
@@ -69,6 +73,7 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+            await alert_fanout.close()  # ends the SSE streams, deletes their consumer
             if services.nc is not None:
                 await bus.drain_or_close(services.nc)
 
@@ -106,5 +111,6 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
     app.state.settings = settings
     app.state.services = services
     app.state.clock = clock
+    app.state.alert_fanout = alert_fanout
     app.state.started = time.monotonic()
     return app

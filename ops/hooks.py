@@ -122,7 +122,19 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
     runner: HookRunner | None = None
     try:
         js = nc.jetstream()
-        await bus.provision(js, settings.stream_replicas)
+        try:
+            await bus.provision_or_check(
+                js,
+                settings,
+                (
+                    bus.STREAMS["alerts"].name,
+                    f"KV_{bus.STATE_BUCKET}",
+                    f"KV_{bus.HOOK_MARKS_BUCKET}",
+                ),
+            )
+        except bus.NotProvisionedError as exc:
+            log.error("hooks: %s", exc)
+            return 1
         async with http_client(settings) as client:
             hooks = build_hooks(settings, client)
             if not hooks:

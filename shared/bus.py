@@ -16,6 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError
+from nats.js.object_store import ObjectStore
 
 from shared.events import AwareDatetime, Event, utc_now
 from shared.settings import CommonSettings
@@ -26,7 +27,8 @@ DAY_S = 86_400.0
 # The duplicate window of every stream: a retried publish within it is stored once.
 DUPLICATE_WINDOW_S = 20 * 60.0
 MAX_EVENT_BYTES = 1024 * 1024
-SNAPSHOT_BUCKET = "STOCKPILOT_SNAPSHOTS"
+# The services whose snapshots and consumers the NATS roles (ops.nats_auth) keep apart.
+SERVICES = ("health", "usage", "batch")
 STATE_BUCKET = "STOCKPILOT_STATE"
 # Which alerts each hook has delivered. A mark only has to outlive the oldest alert a hook
 # can be handed again (its backfill, at most HOOK_BACKFILL_MAX_S), so marks expire.
@@ -35,6 +37,46 @@ HOOK_BACKFILL_MAX_S = 30 * DAY_S
 HOOK_MARK_TTL_S = 35 * DAY_S
 
 _STREAM_ALREADY_IN_USE = 10058
+# Who may create and update streams and buckets when NATS has users (ops.nats_auth).
+ADMIN_USER = "ops"
+
+
+def snapshot_bucket(service: str) -> str:
+    """The object store holding one service's projection snapshots.
+
+    One bucket per service: NATS permissions can then give each service its own bucket's
+    subjects only (an object store's chunks and its purges cannot be told apart by owner).
+    """
+    return f"STOCKPILOT_SNAPSHOTS_{service.upper()}"
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The reply-inbox prefix of a connection made as `user`: each NATS user may subscribe
+    to its own inboxes only, so nobody reads the answers meant for another."""
+    return f"_INBOX.{user}" if user else "_INBOX"
+
+
+def nats_user(settings: CommonSettings) -> str | None:
+    """The NATS user this process connects as: STOCKPILOT_NATS_USER, or the user named in
+    the (first) server URL (`nats://ops:…@host:port`, what `nats.url` holds)."""
+    if settings.nats_user:
+        return settings.nats_user
+    for url in settings.nats_servers:
+        rest = url.partition("://")[2]
+        if "@" in rest:
+            return rest.rsplit("@", 1)[0].split(":", 1)[0] or None
+    return None
+
+
+def may_administer(settings: CommonSettings) -> bool:
+    """Whether this process's NATS user may create and update streams: `ops`, or any client
+    of a server without users (a development server, the tests' throwaway one)."""
+    user = nats_user(settings)
+    return not user or user == ADMIN_USER
+
+
+class NotProvisionedError(Exception):
+    """A stream or bucket a process needs is missing and its NATS user may not create it."""
 
 
 class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -182,6 +224,8 @@ async def connect(
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password or ""
+    if user := nats_user(settings):
+        options["inbox_prefix"] = inbox_prefix(user)
     attempt = 0
     delay = 0.2
     while True:
@@ -266,17 +310,8 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
             if exc.err_code != _STREAM_ALREADY_IN_USE:
                 raise
             await js.update_stream(config)
-    try:
-        await js.object_store(SNAPSHOT_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
-        await js.create_object_store(
-            SNAPSHOT_BUCKET,
-            config=js_api.ObjectStoreConfig(
-                description="Projection snapshots, one object per projection.",
-                storage=js_api.StorageType.FILE,
-                replicas=replicas,
-            ),
-        )
+    for service in SERVICES:
+        await snapshot_store(js, service, replicas)
     for bucket, description, ttl in (
         (STATE_BUCKET, "Small operational state: health rounds, hook status.", None),
         (HOOK_MARKS_BUCKET, "Which alerts each hook delivered (expire).", HOOK_MARK_TTL_S),
@@ -294,6 +329,48 @@ async def provision(js: JetStreamContext, replicas: int = 1) -> None:
                     replicas=replicas,
                 )
             )
+
+
+async def snapshot_store(
+    js: JetStreamContext, service: str, replicas: int = 1, *, create: bool = True
+) -> ObjectStore:
+    """`service`'s snapshot bucket, created first when missing (and `create`)."""
+    bucket = snapshot_bucket(service)
+    try:
+        return await js.object_store(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        if not create:
+            raise NotProvisionedError(_not_provisioned(f"object store {bucket}")) from None
+    return await js.create_object_store(
+        bucket,
+        config=js_api.ObjectStoreConfig(
+            description=f"Projection snapshots of the {service} service, one object each.",
+            storage=js_api.StorageType.FILE,
+            replicas=replicas,
+        ),
+    )
+
+
+def _not_provisioned(what: str) -> str:
+    return (
+        f"{what} does not exist and this process's NATS user may not create it: start the "
+        f"stack with `stockpilot up`, or run `stockpilot provision` as the {ADMIN_USER} user"
+    )
+
+
+async def provision_or_check(
+    js: JetStreamContext, settings: CommonSettings, streams: tuple[str, ...]
+) -> None:
+    """Provision everything when this process administers streams; otherwise only check
+    that the streams (or KV_/OBJ_ streams of buckets) it needs exist."""
+    if may_administer(settings):
+        await provision(js, settings.stream_replicas)
+        return
+    for name in streams:
+        try:
+            await js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            raise NotProvisionedError(_not_provisioned(f"stream {name}")) from None
 
 
 async def publish_event(

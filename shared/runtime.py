@@ -339,8 +339,22 @@ class Runtime:
         self.js = self.nc.jetstream()
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_connection)
-            await bus.provision(self.js, self.settings.stream_replicas)
-            self._obs = await self.js.object_store(bus.SNAPSHOT_BUCKET)
+            # Under `stockpilot up` (or compose's provision step) the `ops` user created the
+            # streams and this service's user may only check them.
+            needed = {t.projection.stream.name for t in self.tracked.values()}
+            try:
+                await bus.provision_or_check(
+                    self.js, self.settings, (*sorted(needed), bus.STREAMS["alerts"].name)
+                )
+                self._obs = await bus.snapshot_store(
+                    self.js,
+                    name,
+                    self.settings.stream_replicas,
+                    create=bus.may_administer(self.settings),
+                )
+            except bus.NotProvisionedError as exc:
+                log.error("%s: %s", name, exc)
+                return 1
             stack.push_async_callback(self.supervisor.cancel_all)
             self.supervisor.start(self._publish_alerts(), "alerts", forever=True)
             for tracked in self.tracked.values():

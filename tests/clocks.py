@@ -112,7 +112,8 @@ def dst_changes(zone: str, now: datetime | None = None) -> tuple[datetime, datet
 
 def awkward_moments(now: datetime | None = None) -> list[Moment]:
     """The instants that break date code, computed from `now` (default: the real clock)."""
-    spring, fall = dst_changes(NEW_YORK, now)
+    # Changes at least an hour old: the moments below lie an hour after them, never ahead of now.
+    spring, fall = dst_changes(NEW_YORK, (now or REAL.now()) - timedelta(hours=1))
     return [
         Moment("month-end", SEOUL, last_second_of_last_month(SEOUL, now)),
         Moment("leap-day", "UTC", latest_leap_day("UTC", now)),

@@ -8,18 +8,26 @@ STOCKPILOT_DAILY_BUDGET would otherwise be silently ignored in production.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import io
+import os
 import re
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 
+from ops import nats_auth
 from ops.cli import build_parser
+from shared import bus
 from shared.settings import CommonSettings, env_name
+from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read compose.yaml")
 
@@ -146,7 +154,7 @@ def test_nats_is_a_three_node_jetstream_cluster_with_own_volumes(
         assert routes is not None
         assert routes.group(1).split(",") == [f"nats://{n}:6222" for n in NATS_NODES]
         assert "/healthz" in " ".join(spec["healthcheck"]["test"])
-        volumes += [v.split(":")[0] for v in spec["volumes"]]
+        volumes += [v.split(":")[0] for v in spec["volumes"] if not v.startswith("./")]
     assert len(set(volumes)) == 3, "each node keeps its own store"
     assert set(volumes) <= set(compose["volumes"])
 
@@ -196,3 +204,116 @@ def test_dockerfile_builds_a_non_root_stockpilot_image_without_dev_extras() -> N
     assert users and users[-1] not in ("root", "0")
     assert "requirements.lock" in text
     assert "[dev]" not in text and "--extra dev" not in text
+
+
+# ----- NATS users (ops.nats_auth) -----------------------------------------------------------
+
+
+def test_the_shipped_nats_config_is_what_nats_auth_generates() -> None:
+    """deploy/nats.conf is generated: `python -m ops.nats_auth > deploy/nats.conf`."""
+    assert nats_auth.COMPOSE_CONFIG.read_text(encoding="utf-8") == nats_auth.compose_config()
+
+
+def test_every_nats_node_runs_with_the_users(compose: dict[str, Any]) -> None:
+    for node in NATS_NODES:
+        spec = compose["services"][node]
+        args = [*spec.get("entrypoint", []), *spec["command"]]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in spec["volumes"]}
+        config = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+        assert mounts[config] == "./deploy/nats.conf", node
+        env = spec["environment"]
+        for role in nats_auth.ROLES:
+            variable = nats_auth.password_variable(role)
+            assert env[variable].startswith(f"${{{variable}:?"), (node, role)
+
+
+def test_every_process_connects_as_its_own_role(compose: dict[str, Any]) -> None:
+    role_of = {
+        ("service", "health"): "health",
+        ("service", "usage"): "usage",
+        ("service", "batch"): "batch",
+        ("hooks",): "hooks",
+        ("gateway",): "gateway",
+        ("provision",): "ops",
+        ("streams",): "ops",
+    }
+    for name, spec in stockpilot_services(compose).items():
+        role = role_of[tuple(spec["command"])]
+        env = spec["environment"]
+        assert env["STOCKPILOT_NATS_USER"] == role, name
+        variable = nats_auth.password_variable(role)
+        assert env["STOCKPILOT_NATS_PASSWORD"].startswith(f"${{{variable}:?"), name
+        if role != "ops":
+            # Their users may not create streams: provisioning (as ops) runs first.
+            assert spec["depends_on"]["provision"] == {
+                "condition": "service_completed_successfully"
+            }, name
+
+
+def anonymous_connect(port: int) -> str:
+    """What the server answers a client that gives no credentials (plain protocol)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.recv(4096)  # INFO
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        return sock.recv(4096).decode(errors="replace")
+
+
+async def test_a_nats_server_with_the_shipped_config_enforces_the_roles(tmp_path: Path) -> None:
+    """The shipped file, on a real nats-server: no anonymous client; the producer publishes
+    usage and gets its ack, and may not change a stream."""
+    passwords = {role: f"pw-{role}-{i}" for i, role in enumerate(nats_auth.ROLES)}
+    env = os.environ | {nats_auth.password_variable(r): p for r, p in passwords.items()}
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            nats_server_binary(),
+            "--config",
+            str(nats_auth.COMPOSE_CONFIG),
+            "-js",
+            "-sd",
+            str(tmp_path),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"nats://127.0.0.1:{port}"
+    try:
+        wait_for_port("127.0.0.1", port)
+        assert "Authorization Violation" in anonymous_connect(port)
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        async def connect(role: str) -> nats.NATS:
+            return await nats.connect(
+                url,
+                user=role,
+                password=passwords[role],
+                inbox_prefix=bus.inbox_prefix(role),
+                error_cb=on_error,
+                allow_reconnect=False,
+            )
+
+        ops = await connect("ops")
+        await bus.provision(ops.jetstream())
+        producer = await connect("producer")
+        ack = await producer.jetstream().publish("stockpilot.usage.recorded", b"{}")
+        assert ack.stream == "STOCKPILOT_USAGE"
+        with pytest.raises(nats.errors.TimeoutError):
+            await producer.request("$JS.API.STREAM.DELETE.STOCKPILOT_USAGE", b"", timeout=0.5)
+        for _ in range(100):
+            if errors:
+                break
+            await asyncio.sleep(0.02)
+        assert errors and "permissions violation" in errors[0].lower()
+        assert (await ops.jetstream().stream_info("STOCKPILOT_USAGE")).state.messages == 1
+        await producer.close()
+        await ops.close()
+    finally:
+        stop_process(server)

@@ -5,26 +5,30 @@ A client that reconnects with `Last-Event-ID: N` (browsers do it by themselves) 
 alert after N, in order, without gaps or repeats; `?since=N` does the same for a first
 connection (or `?since=<RFC 3339 time>`); with neither it gets the alerts raised from now on.
 A comment line every HEARTBEAT_S seconds keeps proxies from closing an idle stream.
+
+Every client of one gateway process shares one JetStream consumer, at most
+STOCKPILOT_SSE_MAX_CLIENTS of them (503 beyond), each with a bounded buffer (a client that
+stops reading is dropped and resumes with Last-Event-ID): see gateway.alert_fanout.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import weakref
 from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request, Router, get
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js import api as js_api
+from nats.aio.client import Client as Nats
 
+from gateway.alert_fanout import AlertFanout, StoredAlert, backlog, first_seq_from
 from gateway.auth import read_guard
+from gateway.http_server import ABORT_EXTENSION
 from gateway.services import Services
 from shared.bus import STREAMS
 from shared.errors import InvalidRequestError, UnavailableError
@@ -32,15 +36,16 @@ from shared.errors import InvalidRequestError, UnavailableError
 log = logging.getLogger("stockpilot.gateway")
 
 HEARTBEAT_S = 15.0
-# Alerts buffered per client; a client that falls this far behind is disconnected and
-# resumes with Last-Event-ID, so it loses nothing.
-CLIENT_BUFFER = 10_000
-ALERTS_SUBJECT = "stockpilot.alerts.>"
-_CLOSE = object()
-_releasing: set[asyncio.Task[None]] = set()
 
 
-def _start_config(last_event_id: str | None, since: str | None) -> js_api.ConsumerConfig:
+class _Start(msgspec.Struct, frozen=True):
+    """Where a client's stream starts: after a sequence, at a time, or now (neither)."""
+
+    after: int | None = None
+    at: datetime | None = None
+
+
+def _start(last_event_id: str | None, since: str | None) -> _Start:
     """Where the client's stream starts."""
     if last_event_id is not None and last_event_id.strip():
         try:
@@ -62,28 +67,34 @@ def _start_config(last_event_id: str | None, since: str | None) -> js_api.Consum
             ) from None
         if moment.tzinfo is None:
             raise InvalidRequestError("since must carry a time zone (e.g. 2026-11-26T09:00:00Z)")
-        return js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_TIME, opt_start_time=moment
-        )
-    return js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.NEW)
+        return _Start(at=moment)
+    return _Start()
 
 
-def _after_seq(seq: int, what: str) -> js_api.ConsumerConfig:
+def _after_seq(seq: int, what: str) -> _Start:
     if seq < 0:
         raise InvalidRequestError(f"{what} must not be negative")
-    return js_api.ConsumerConfig(
-        deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=seq + 1
+    return _Start(after=seq)
+
+
+async def _first_to_send(nc: Nats, start: _Start, live_from: int) -> int:
+    """The sequence the client has seen up to: its backlog is what lies after it."""
+    if start.after is not None:
+        # A Last-Event-ID from before the stream was rebuilt (restored, imported) may lie
+        # past its end: start after the last stored alert, not at a sequence to come.
+        info = await nc.jetstream().stream_info(STREAMS["alerts"].name)
+        last: int = info.state.last_seq
+        return min(start.after, max(last, live_from))
+    if start.at is not None:
+        first = await first_seq_from(nc, start.at)
+        return live_from if first is None else min(first - 1, live_from)
+    return live_from
+
+
+def _sse(item: StoredAlert) -> ServerSentEventMessage:
+    return ServerSentEventMessage(
+        id=item.seq, event="alert", data=item.data.decode("utf-8", errors="replace")
     )
-
-
-async def _release(js: JetStreamContext, subscription: Any) -> None:
-    """Unsubscribe and delete the client's consumer now rather than after its threshold."""
-    with contextlib.suppress(Exception):
-        info = await asyncio.wait_for(subscription.consumer_info(), timeout=1)
-        await subscription.unsubscribe()
-        await asyncio.wait_for(js.delete_consumer(info.stream_name, info.name), timeout=1)
-    with contextlib.suppress(Exception):
-        await subscription.unsubscribe()
 
 
 @get(
@@ -107,65 +118,62 @@ async def alert_stream(
     nc = services.nc
     if nc is None or not nc.is_connected:
         raise UnavailableError("the alert stream cannot be followed: NATS is unavailable")
-    config = _start_config(request.headers.get("last-event-id"), since)
-    queue: asyncio.Queue[Msg | object] = asyncio.Queue()
-
-    overflowed = False
-
-    async def on_message(msg: Msg) -> None:
-        nonlocal overflowed
-        if overflowed:
-            return
-        if queue.qsize() >= CLIENT_BUFFER:
-            overflowed = True
-            queue.put_nowait(_CLOSE)
-            return
-        queue.put_nowait(msg)
-
+    start = _start(request.headers.get("last-event-id"), since)
+    fanout: AlertFanout = request.app.state.alert_fanout
+    # gateway.http_server gives a way to close the connection of a client that stopped reading.
+    extensions: dict[Any, Any] = request.scope.get("extensions") or {}
+    abort = extensions.get(ABORT_EXTENSION)
+    if not callable(abort):
+        abort = None
     try:
-        js = nc.jetstream()
-        if config.opt_start_seq is not None:
-            # A Last-Event-ID from before the stream was rebuilt (restored, imported) may lie
-            # past its end: start after the last stored alert, not at a sequence to come.
-            last = (await js.stream_info(STREAMS["alerts"].name)).state.last_seq
-            config.opt_start_seq = min(config.opt_start_seq, last + 1)
-        subscription = await js.subscribe(
-            ALERTS_SUBJECT,
-            stream=STREAMS["alerts"].name,
-            cb=on_message,
-            ordered_consumer=True,
-            config=config,
-            idle_heartbeat=5.0,
-            # Should the clean-up below not run (the process dies), the server drops it.
-            inactive_threshold=30.0,
-        )
+        client, live_from = await fanout.join(nc, abort)
     except Exception as exc:
         if type(exc).__module__.startswith("nats"):
             raise UnavailableError(f"the alert stream cannot be followed: {exc}") from None
         raise
+    try:
+        seen = await _first_to_send(nc, start, live_from)
+    except Exception as exc:
+        fanout.leave(client)
+        if type(exc).__module__.startswith("nats"):
+            raise UnavailableError(f"the alert stream cannot be followed: {exc}") from None
+        raise
+    js = nc.jetstream()
 
     async def events() -> AsyncGenerator[ServerSentEventMessage, None]:
+        sent = seen
         try:
-            while True:
+            if sent < live_from:
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_S)
-                except TimeoutError:
-                    yield ServerSentEventMessage(data=None, comment="heartbeat")
-                    continue
-                if item is _CLOSE or not isinstance(item, Msg):
+                    async for item in backlog(js, sent, live_from):
+                        if client.ended:
+                            return
+                        yield _sse(item)
+                        sent = item.seq
+                except Exception as exc:
+                    if not type(exc).__module__.startswith("nats"):
+                        raise
+                    # End this response; the client resumes after the last event it got.
+                    log.warning("alert stream: reading the backlog failed: %s", exc)
                     return
-                yield ServerSentEventMessage(
-                    id=item.metadata.sequence.stream,
-                    event="alert",
-                    data=item.data.decode("utf-8", errors="replace"),
-                )
+                sent = max(sent, live_from)  # the rest of the backlog was deleted
+            while True:
+                live = await client.next(HEARTBEAT_S)
+                if client.ended:
+                    return
+                if live is None:
+                    yield ServerSentEventMessage(data=None, comment="heartbeat")
+                elif live.seq > sent:
+                    yield _sse(live)
+                    sent = live.seq
         finally:
-            # The response's cancel scope cancels every await in here: release in a task.
-            task = asyncio.create_task(_release(js, subscription))
-            _releasing.add(task)
-            task.add_done_callback(_releasing.discard)
+            fanout.leave(client)
 
-    return ServerSentEvent(events(), headers={"Cache-Control": "no-cache"})
+    stream = events()
+    # Should the response end before the generator ever runs (the client left at once),
+    # its `finally` never runs: give the slot back when the generator goes.
+    weakref.finalize(stream, fanout.leave, client).atexit = False
+    return ServerSentEvent(stream, headers={"Cache-Control": "no-cache"})
 
 
 router = Router(path="/api/v1", route_handlers=[alert_stream])

@@ -3,6 +3,11 @@
 Answers come from the projection (`cached: true` with its age), and the gateway keeps each
 for a second; `?fresh=true` has the service run a round of probes first (requests arriving
 meanwhile share that round), so those requests wait up to the longest probe timeout.
+
+A round calls every dependency for real (OpenAI with the real key), so `?fresh=true` needs the
+admin token, and even then one gateway starts at most one round per
+STOCKPILOT_HEALTH_FRESH_INTERVAL_S: asks inside that window are answered from the round
+started at its beginning (in flight, or done).
 """
 
 from __future__ import annotations
@@ -10,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
+from datetime import datetime
 from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
-from litestar import Router, get
+from litestar import Request, Router, get
 from litestar.params import QueryParameter
 
-from gateway.auth import read_guard
+from gateway.auth import admin_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import ServiceClient, Services
+from gateway.settings import GatewaySettings
 from services.health.history import MAX_HOURS, HealthHistory, HistoryParams
 from services.health.queries import (
     ComponentAnswer,
@@ -27,7 +34,8 @@ from services.health.queries import (
     ExternalApisHealth,
     FreshParams,
 )
-from shared.events import utc_now
+from shared.clock import Clock
+from shared.errors import ForbiddenError, UnauthorizedError
 
 T = TypeVar("T")
 
@@ -56,6 +64,18 @@ class _Answers:
     def __init__(self) -> None:
         self.entries: dict[tuple[str, str | None], tuple[float, Any]] = {}
         self.pending: dict[tuple[str, str | None], asyncio.Task[Any]] = {}
+        # The fresh window: when its round was asked for (sent to the service as
+        # `requested_at`, which answers from any round started since) and its monotonic start.
+        self.fresh_requested_at: datetime | None = None
+        self.fresh_window_started = 0.0
+
+    def fresh_since(self, interval_s: float, wall_now: datetime) -> datetime:
+        """The `requested_at` for a fresh ask now: the open window's, or a new window's."""
+        now = time.monotonic()
+        if self.fresh_requested_at is None or now - self.fresh_window_started >= interval_s:
+            self.fresh_requested_at = wall_now
+            self.fresh_window_started = now
+        return self.fresh_requested_at
 
 
 # Per ServiceClient, that is per app: two apps in one process never share answers.
@@ -78,16 +98,44 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()  # every waiter may have gone: mark the outcome as seen
 
 
+async def _check_fresh_allowed(request: Request[Any, Any, Any]) -> None:
+    """`?fresh=true` is for the admin token only (the read token is not enough): 403 otherwise."""
+    try:
+        await admin_guard(request, request.route_handler)
+    except (UnauthorizedError, ForbiddenError):
+        settings: GatewaySettings = request.app.state.settings
+        how = (
+            "send Authorization: Bearer <admin token>"
+            if settings.admin_token
+            else "set STOCKPILOT_ADMIN_TOKEN on the gateway to enable it"
+        )
+        raise ForbiddenError(
+            "?fresh=true runs the probes against the real dependencies and needs the admin "
+            f"token: {how}; without it the answer of the last scheduled round is served"
+        ) from None
+
+
 async def _ask(
-    services: ServiceClient, endpoint: str, answer: type[T], fresh: bool, name: str | None = None
+    request: Request[Any, Any, Any],
+    services: ServiceClient,
+    endpoint: str,
+    answer: type[T],
+    fresh: bool,
+    name: str | None = None,
 ) -> T:
-    """The cached answer, or (`fresh`) the answer after a round started now."""
+    """The cached answer, or (`fresh`) the answer of a round started in the fresh window."""
     answers = _answers.get(services)
     if answers is None:
         answers = _answers[services] = _Answers()
     key = (endpoint, name)
     if fresh:
-        requested_at = utc_now()
+        await _check_fresh_allowed(request)
+        settings: GatewaySettings = request.app.state.settings
+        # Each ask still goes to the service as a command (never kept by the response cache,
+        # so a kept `?fresh=true` answer can never reach someone without the admin token);
+        # the shared `requested_at` is what makes the service run one round for all of them.
+        clock: Clock = request.app.state.clock
+        requested_at = answers.fresh_since(settings.health_fresh_interval_s, clock.now())
         fresh_params: FreshParams | ComponentParams = (
             FreshParams(requested_at=requested_at)
             if name is None
@@ -123,27 +171,35 @@ async def _ask(
     guards=[read_guard],
     opt=CACHED,
 )
-async def comprehensive(services: Services, fresh: Fresh = False) -> ComprehensiveHealth:
+async def comprehensive(
+    request: Request[Any, Any, Any], services: Services, fresh: Fresh = False
+) -> ComprehensiveHealth:
     """Overall: any unhealthy → unhealthy, else any degraded → degraded (unknown ignored)."""
-    return await _ask(services, "comprehensive", ComprehensiveHealth, fresh)
+    return await _ask(request, services, "comprehensive", ComprehensiveHealth, fresh)
 
 
 @get("/health/database", summary="PostgreSQL", guards=[read_guard], opt=CACHED)
-async def database(services: Services, fresh: Fresh = False) -> ComponentAnswer:
+async def database(
+    request: Request[Any, Any, Any], services: Services, fresh: Fresh = False
+) -> ComponentAnswer:
     """Connect, SELECT 1, server version, connections in use vs max_connections."""
-    return await _ask(services, "component", ComponentAnswer, fresh, "database")
+    return await _ask(request, services, "component", ComponentAnswer, fresh, "database")
 
 
 @get("/health/openai", summary="OpenAI", guards=[read_guard], opt=CACHED)
-async def openai(services: Services, fresh: Fresh = False) -> ComponentAnswer:
+async def openai(
+    request: Request[Any, Any, Any], services: Services, fresh: Fresh = False
+) -> ComponentAnswer:
     """GET {OPENAI_BASE_URL}/models with the key: the count of models, 401/429/5xx mapped."""
-    return await _ask(services, "component", ComponentAnswer, fresh, "openai")
+    return await _ask(request, services, "component", ComponentAnswer, fresh, "openai")
 
 
 @get("/health/redis", summary="Redis", guards=[read_guard], opt=CACHED)
-async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
+async def redis(
+    request: Request[Any, Any, Any], services: Services, fresh: Fresh = False
+) -> ComponentAnswer:
     """PING latency, memory used vs maxmemory, connected clients, version."""
-    return await _ask(services, "component", ComponentAnswer, fresh, "redis")
+    return await _ask(request, services, "component", ComponentAnswer, fresh, "redis")
 
 
 @get(
@@ -152,9 +208,11 @@ async def redis(services: Services, fresh: Fresh = False) -> ComponentAnswer:
     guards=[read_guard],
     opt=CACHED,
 )
-async def external_apis(services: Services, fresh: Fresh = False) -> ExternalApisHealth:
+async def external_apis(
+    request: Request[Any, Any, Any], services: Services, fresh: Fresh = False
+) -> ExternalApisHealth:
     """Healthy at >= 80 % reachable, degraded at >= 50 %, else unhealthy."""
-    return await _ask(services, "external_apis", ExternalApisHealth, fresh)
+    return await _ask(request, services, "external_apis", ExternalApisHealth, fresh)
 
 
 @get(

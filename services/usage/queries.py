@@ -26,7 +26,7 @@ from services.usage.answers import (
 from services.usage.history import AlertHistory
 from services.usage.settings import UsageSettings
 from services.usage.sketch import Sketch
-from services.usage.view import Agg, UsageView, day_start, merge_agg, month_bounds
+from services.usage.view import Agg, UsageView, day_start, hour_key, merge_agg, month_bounds
 from shared.errors import InvalidRequestError
 
 MAX_RANGE_DAYS = 90
@@ -166,7 +166,9 @@ def stats(
     else:
         span_start = day_start(start, zone)
         span_end = min(day_start(end + timedelta(days=1), zone), now.astimezone(zone))
-        minutes = (span_end - span_start).total_seconds() / 60
+        # Timestamps, not a difference of the local datetimes: two datetimes of one zone
+        # subtract as wall clocks, an hour off across a daylight-saving change.
+        minutes = (span_end.timestamp() - span_start.timestamp()) / 60
         rpm = total.requests / minutes if minutes > 0 else 0.0
     users = sorted(by_user.items(), key=lambda item: (-item[1].requests, item[0]))
     return UsageStats(
@@ -269,7 +271,7 @@ def timeseries(
                 if hour is not None
                 else _point(moment, Agg(), None)
             )
-            key += 3600
+            key = _next_hour(key, zone)
     else:
         day = start.date()
         last = (end_exclusive - timedelta(microseconds=1)).date()
@@ -289,6 +291,19 @@ def timeseries(
         end=end_exclusive,
         points=points,
     )
+
+
+def _next_hour(key: int, zone: ZoneInfo) -> int:
+    """The start (epoch s) of the local hour after the one starting at `key`, as the fold keys it.
+
+    Not simply an hour later: where a zone's clocks move by half an hour (Lord Howe) the
+    local hours after the change start at another minute of the UTC hour, and the repeated
+    half hour of a fall-back belongs to the local hour before it.
+    """
+    at = key + 3600
+    while (following := hour_key(datetime.fromtimestamp(at, zone))) <= key:
+        at += 900
+    return following
 
 
 def _point(moment: datetime, agg: Agg, latency: Sketch | None) -> TimePoint:

@@ -51,7 +51,7 @@ async def test_restart_resumes_from_snapshot_and_matches_a_full_replay(
         ]
         assert list(view.locks) == ["held"]
 
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("batch"))
     await obs.delete("batch.batch")
     definition = build(settings)
     async with running_service(definition, settings) as runtime:

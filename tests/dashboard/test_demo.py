@@ -9,7 +9,7 @@ import random
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -19,8 +19,9 @@ from nats.aio.client import Client as NATS
 from ops import demo
 from services.batch.events import BatchFinished, BatchStarted
 from shared import bus
+from tests.clocks import NOON
 
-NOW = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
+NOW = NOON - timedelta(hours=3)  # 09:00 UTC of the run's noon day, never a literal date
 SEOUL = ZoneInfo("Asia/Seoul")
 
 

@@ -15,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,10 @@ from hypothesis import strategies as st
 from nats import connect as nats_connect
 
 from shared.bus import DeadLetter
+from shared.events import rfc3339
 from shared.runtime import ServiceStatus, endpoint_subject
 from shared.testing import NatsServer
+from tests.clocks import NOON
 from tests.faults.stack import gateway_process, in_process_services, service_env
 
 ADMIN = "admin-token-for-the-sweep"
@@ -102,7 +104,8 @@ async def test_schemathesis_sweep_finds_no_server_error_and_no_schema_violation(
 
 # ------------------------------------------------------------------------------ garbage
 
-T = "2026-11-26T09:00:00Z"
+# 09:00 UTC on the run's noon day: at or before now, never a literal date.
+T = rfc3339(NOON - timedelta(hours=3))
 TEMPLATES: dict[str, dict[str, Any]] = {
     "stockpilot.usage.recorded": {
         "type": "usage.recorded",
@@ -283,7 +286,7 @@ async def test_garbage_on_every_subject_is_dead_lettered_and_services_keep_foldi
         try:
             js = nc.jetstream()
             good = dict(TEMPLATES["stockpilot.usage.recorded"], id="good-1")
-            good["occurred_at"] = datetime.now(UTC).isoformat()
+            good["occurred_at"] = rfc3339(NOON)
             ack = await js.publish(
                 "stockpilot.usage.recorded",
                 msgspec.json.encode(good),
@@ -297,7 +300,9 @@ async def test_garbage_on_every_subject_is_dead_lettered_and_services_keep_foldi
             tracked = usage.tracked["usage"]
             assert tracked.projection.view.last_seq == ack.seq
             assert tracked.dead_lettered > 0
-            stats = await nc.request(endpoint_subject("usage", "stats"), b"{}", timeout=5)
+            # Its own day (the services count days in UTC here), not the calendar's "today".
+            day = msgspec.json.encode({"date": NOON.date().isoformat()})
+            stats = await nc.request(endpoint_subject("usage", "stats"), day, timeout=5)
             assert msgspec.json.decode(stats.data)["total_requests"] >= 1
         finally:
             await nc.close()

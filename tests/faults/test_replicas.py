@@ -28,9 +28,12 @@ from shared.projection import view_digest
 from shared.runtime import Runtime, endpoint_subject, micro_name
 from shared.settings import load_settings
 from shared.testing import NatsServer, running_service
+from tests.clocks import NOON
 from tests.faults.stack import _settings_class, service_env, wait_caught_up
 
-DAY = datetime(2026, 11, 20, 9, tzinfo=UTC)
+# 09:00 UTC six days before the run's noon: a past day the replicas are asked about.
+DAY = NOON - timedelta(days=6, hours=3)
+DAY_PARAMS = msgspec.json.encode({"date": DAY.date().isoformat()})
 
 
 @contextlib.asynccontextmanager
@@ -128,7 +131,7 @@ async def test_either_replica_answers_with_the_same_figures(
             await publish(nc, [("stockpilot.usage.recorded", usage_event(i)) for i in range(1500)])
             await publish(nc, [m for i in range(200) for m in batch_events(i)])
             queries = {
-                "usage": ("stats", b'{"date":"2026-11-20"}', usage),
+                "usage": ("stats", DAY_PARAMS, usage),
                 "batch": ("recent", b'{"limit":1000}', batch),
                 "health": ("digest", b"{}", health),
             }
@@ -146,9 +149,7 @@ async def test_either_replica_answers_with_the_same_figures(
                 served = await instance_stats(nc, service)
                 assert set(served) == {r.instance for r in instances}
                 assert all(counts[endpoint] > 0 for counts in served.values()), served
-            stats = msgspec.json.decode(
-                (await ask_many(nc, "usage", "stats", b'{"date":"2026-11-20"}', 1))[0]
-            )
+            stats = msgspec.json.decode((await ask_many(nc, "usage", "stats", DAY_PARAMS, 1))[0])
             assert stats["total_requests"] == 1500
             if slot_before == slot_after:
                 # The replicas share the probe schedule: one round in this slot, not two.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
 
 import msgspec
 import nats
@@ -12,9 +11,10 @@ from gateway.services import ServiceClient
 from shared import bus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import running_service
+from tests.clocks import NOON
 from tests.shared.toy import CountAnswer, Counted, build
 
-T0 = datetime(2026, 11, 26, tzinfo=UTC)
+T0 = NOON  # any instant at or before now: the toy counts events, it has no days
 
 
 async def requests_served(nc: nats.NATS) -> int:

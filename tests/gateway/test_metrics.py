@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -27,7 +28,8 @@ from services.health.settings import HealthSettings
 from services.usage import service as usage
 from services.usage.settings import UsageSettings
 from shared import bus
-from shared.events import rfc3339, utc_now
+from shared.clock import ManualClock
+from shared.events import rfc3339
 from shared.hook_status import STATUS_KEY, HooksStatus, HookStatus
 from shared.settings import CommonSettings, load_settings
 from shared.testing import free_port, running_service
@@ -123,11 +125,11 @@ USAGE_EVENTS: list[dict[str, Any]] = [
 ]
 
 
-async def publish_usage(js: JetStreamContext) -> None:
+async def publish_usage(js: JetStreamContext, at: datetime) -> None:
     for fields in USAGE_EVENTS:
         event = {
             "type": "usage.recorded",
-            "occurred_at": rfc3339(utc_now()),
+            "occurred_at": rfc3339(at),
             "request_id": fields["id"],
             "endpoint": "/api/v1/analysis",
             "response_time_ms": 120.0,
@@ -151,10 +153,10 @@ async def run_jobs(nc: NATS) -> None:
     await acquire_lock(js, "stale", owner="w2", execution_id="s1", ttl_s=0.2)
 
 
-async def publish_hooks_status(js: JetStreamContext) -> None:
+async def publish_hooks_status(js: JetStreamContext, at: datetime) -> None:
     """What `stockpilot hooks` publishes in the state bucket (the process itself is not run)."""
     status = HooksStatus(
-        updated_at=utc_now(),
+        updated_at=at,
         pid=4242,
         hooks=[
             HookStatus(name="slack", state="ok", delivered=3, skipped_duplicates=1),
@@ -248,7 +250,7 @@ def expected_from_rest(rest: dict[str, Any]) -> Samples:
 
 
 async def test_metrics_agree_with_the_rest_answers(
-    env: dict[str, str], postgres_url: str, redis_url: str
+    env: dict[str, str], postgres_url: str, redis_url: str, clock: ManualClock
 ) -> None:
     system = env | {
         "STOCKPILOT_DATABASE_URL": postgres_url,
@@ -271,19 +273,23 @@ async def test_metrics_agree_with_the_rest_answers(
             health.build(load_settings(HealthSettings, system)),
             load_settings(HealthSettings, system),
         ),
+        # Usage and the gateway on the test clock ("today", the hooks status' age); health
+        # and batch keep the machine's: the batch client stamps its runs and locks with it.
         running_service(
-            usage.build(load_settings(UsageSettings, system)), load_settings(UsageSettings, system)
+            usage.build(load_settings(UsageSettings, system)),
+            load_settings(UsageSettings, system),
+            clock=clock,
         ),
         running_service(
             batch.build(load_settings(BatchSettings, system)), load_settings(BatchSettings, system)
         ),
-        AsyncTestClient(create_app(load_settings(GatewaySettings, env))) as client,
+        AsyncTestClient(create_app(load_settings(GatewaySettings, env), clock)) as client,
     ):
         await wait_connected(client)
         js = nc.jetstream()
-        await publish_usage(js)
+        await publish_usage(js, clock.now())
         await run_jobs(nc)
-        await publish_hooks_status(js)
+        await publish_hooks_status(js, clock.now())
 
         deadline = time.monotonic() + 15
         while True:

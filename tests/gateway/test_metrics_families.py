@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import msgspec
@@ -19,8 +19,9 @@ from services.usage.answers import UsageCosts, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import HooksStatus, HookStatus
 from shared.runtime import ServiceStatus
+from tests.clocks import NOON
 
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+NOW = NOON  # the scrape's "now": the run's noon UTC, never a literal date
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -75,7 +76,7 @@ def usage_stats(by_model: dict[str, Any], **extra: Any) -> UsageStats:
     total = sum(m["requests"] for m in by_model.values())
     failed = sum(m["failed_requests"] for m in by_model.values())
     body: dict[str, Any] = {
-        "period": {"start": date(2026, 11, 26), "end": date(2026, 11, 26), "timezone": "UTC"},
+        "period": {"start": NOW.date(), "end": NOW.date(), "timezone": "UTC"},
         "total_requests": total,
         "successful_requests": total - failed,
         "failed_requests": failed,

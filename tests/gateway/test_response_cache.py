@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -62,11 +63,14 @@ async def test_status_is_kept_until_a_change_notice(
         assert sum(served) >= 3  # kept answers are counted like any other
 
 
-async def test_a_write_through_the_gateway_is_read_back_at_once(env: dict[str, str]) -> None:
+async def test_a_write_through_the_gateway_is_read_back_at_once(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    # One clock: the gateway stamps the record, the service's "today" is the same day.
     settings = usage_settings(env)
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env, cache_ttl_s="60")) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env, cache_ttl_s="60"), clock) as client,
     ):
         before = await client.get("/api/v1/usage/stats")
         assert before.json()["total_requests"] == 0
@@ -81,10 +85,15 @@ async def test_a_write_through_the_gateway_is_read_back_at_once(env: dict[str, s
         assert (await client.get("/api/v1/usage/stats")).json()["total_requests"] == 1
 
 
-async def test_a_kept_answer_still_needs_the_read_token(env: dict[str, str]) -> None:
+async def test_a_kept_answer_still_needs_the_read_token(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = usage_settings(env)
     gateway_ = gateway_settings(env, cache_ttl_s="60", read_token="r-secret")
-    async with running_service(build(settings), settings), gateway(gateway_) as client:
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_, clock) as client,
+    ):
         right = await client.get("/api/v1/usage/costs", headers=auth("r-secret"))
         assert right.status_code == 200
         assert (await client.get("/api/v1/usage/costs")).status_code == 401
@@ -93,13 +102,15 @@ async def test_a_kept_answer_still_needs_the_read_token(env: dict[str, str]) -> 
         assert again.status_code == 200 and again.content == right.content
 
 
-async def test_a_kept_answer_expires_after_the_ttl(env: dict[str, str]) -> None:
+async def test_a_kept_answer_expires_after_the_ttl(env: dict[str, str], clock: ManualClock) -> None:
     settings = usage_settings(env)
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env, cache_ttl_s="0.2")) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env, cache_ttl_s="0.2"), clock) as client,
     ):
         first = (await client.get("/api/v1/status")).json()
+        # The handler stamps the clock's time: a later stamp means it ran again.
+        clock.advance(timedelta(seconds=1))
         await asyncio.sleep(0.3)
         later = (await client.get("/api/v1/status")).json()
         assert later["timestamp"] > first["timestamp"]

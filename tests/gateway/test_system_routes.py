@@ -38,8 +38,8 @@ async def wait_connected(client: AsyncTestClient) -> None:  # type: ignore[type-
     raise AssertionError("gateway never connected to NATS")
 
 
-async def test_health_is_200_with_nats(env: dict[str, str]) -> None:
-    app = create_app(load_settings(GatewaySettings, env))
+async def test_health_is_200_with_nats(env: dict[str, str], clock: ManualClock) -> None:
+    app = create_app(load_settings(GatewaySettings, env), clock)
     async with AsyncTestClient(app) as client:
         await wait_connected(client)
         response = await client.get("/api/v1/health")
@@ -47,6 +47,10 @@ async def test_health_is_200_with_nats(env: dict[str, str]) -> None:
         body = response.json()
         assert body["status"] == "healthy"
         assert set(body) >= {"status", "version", "uptime_s", "timestamp"}
+        # The gateway tells the time of the clock it was given.
+        assert datetime.fromisoformat(body["timestamp"]) == clock.now()
+        live = (await client.get("/api/v1/health/live")).json()
+        assert datetime.fromisoformat(live["timestamp"]) == clock.now()
 
 
 async def test_health_is_503_without_nats() -> None:

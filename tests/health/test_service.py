@@ -30,6 +30,9 @@ from shared.settings import load_settings
 from shared.testing import running_service
 from tests.health.targets import Reply, Target, models_body
 
+ADMIN = "a-token"
+AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
+
 
 @asynccontextmanager
 async def stack(
@@ -45,7 +48,9 @@ async def stack(
         env | {"STOCKPILOT_HEALTH_INTERVAL_S": "3600", "STOCKPILOT_PROBE_TIMEOUT_S": "0.5"} | extra,
     )
     async with running_service(build(settings), settings, clock=clock) as runtime:
-        app = create_app(load_settings(GatewaySettings, env | (gateway or {})), clock)
+        # `?fresh=true` needs the admin token; no fresh window: these tests count rounds.
+        fresh_env = {"STOCKPILOT_ADMIN_TOKEN": ADMIN, "STOCKPILOT_HEALTH_FRESH_INTERVAL_S": "0"}
+        app = create_app(load_settings(GatewaySettings, env | fresh_env | (gateway or {})), clock)
         async with AsyncTestClient(app) as client:
             deadline = time.monotonic() + 10
             while not app.state.services.connected:
@@ -79,7 +84,7 @@ async def test_comprehensive_reports_real_dependencies(
             "STOCKPILOT_DATABASE_SLOW_MS": "5000",
         }
         async with stack(env, extra) as (client, _):
-            response = await client.get("/api/v1/health/comprehensive?fresh=true")
+            response = await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["status"] == "healthy", [
@@ -120,7 +125,9 @@ async def test_unconfigured_components_are_unknown_and_ignored(env: dict[str, st
         Target(Reply(status=200)) as up,
         stack(env, {"STOCKPILOT_EXTERNAL_APIS": externals(("up", up))}) as (client, _),
     ):
-        body = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+        body = (
+            await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+        ).json()
         assert body["status"] == "healthy"
         database = (await client.get("/api/v1/health/database")).json()
         assert database["status"] == "unknown"
@@ -133,7 +140,7 @@ async def test_summary_has_the_shape_the_status_route_expects(
     env: dict[str, str], postgres_url: str
 ) -> None:
     async with stack(env, {"STOCKPILOT_DATABASE_URL": postgres_url}) as (client, _):
-        await client.get("/api/v1/health/comprehensive?fresh=true")
+        await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
         nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
         msg = await nc.request("stockpilot.svc.health.summary", b"{}", timeout=2)
         await nc.close()
@@ -167,7 +174,9 @@ async def test_a_hanging_target_is_unhealthy_at_its_timeout_and_delays_nothing_e
         }
         async with stack(env, extra) as (client, _):
             started = time.monotonic()
-            body = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+            body = (
+                await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+            ).json()
             elapsed = time.monotonic() - started
             assert elapsed < 0.5 + 0.4, elapsed
             by_name = {c["name"]: c for c in body["components"]}
@@ -226,7 +235,7 @@ async def test_rounds_publish_checked_and_host_events_on_their_subjects(
         Target(Reply(status=200)) as quotes,
         stack(env, {"STOCKPILOT_EXTERNAL_APIS": externals(("quotes", quotes))}) as (client, _),
     ):
-        await client.get("/api/v1/health/comprehensive?fresh=true")
+        await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
         await asyncio.sleep(0.1)
     await nc.close()
     subjects = {subject for subject, _ in received}
@@ -288,7 +297,9 @@ async def test_history_follows_a_target_going_down_and_up(
             for status in (503, 503, 503, 200, 200):
                 clock.advance(timedelta(seconds=10))
                 flaky.reply = Reply(status=status)
-                answer = await client.get("/api/v1/health/external-apis?fresh=true")
+                answer = await client.get(
+                    "/api/v1/health/external-apis?fresh=true", headers=AS_ADMIN
+                )
                 assert answer.status_code == 200
             history = (
                 await client.get("/api/v1/health/history?component=external.flaky&hours=1")
@@ -389,7 +400,9 @@ async def test_routes_need_the_read_token_when_one_is_set_and_are_documented(
 
 async def test_gateway_serves_an_answer_for_a_second_then_asks_again(env: dict[str, str]) -> None:
     async with stack(env, {}) as (client, _):
-        first = (await client.get("/api/v1/health/comprehensive?fresh=true")).json()
+        first = (
+            await client.get("/api/v1/health/comprehensive?fresh=true", headers=AS_ADMIN)
+        ).json()
         again = (await client.get("/api/v1/health/comprehensive")).json()
         assert (again["cached"], again["checked_at"]) == (True, first["checked_at"])
         # A round the gateway did not ask for (a scheduled one, say).

@@ -46,7 +46,11 @@ async def connect(port: int, user: str, password: str) -> nats.NATS:
         pass
 
     return await nats.connect(
-        f"nats://127.0.0.1:{port}", user=user, password=password, error_cb=quiet
+        f"nats://127.0.0.1:{port}",
+        user=user,
+        password=password,
+        error_cb=quiet,
+        inbox_prefix=bus.inbox_prefix(user),
     )
 
 
@@ -55,7 +59,16 @@ def test_config_and_credentials_are_private(tmp_path: Path) -> None:
     assert config.stat().st_mode & 0o077 == 0
     assert (tmp_path / "credentials.json").stat().st_mode & 0o077 == 0
     assert json.loads((tmp_path / "credentials.json").read_text()) == passwords
-    assert set(passwords) >= {"health", "usage", "batch", "gateway", "client", "ops"}
+    assert set(passwords) == {
+        "producer",
+        "observer",
+        "health",
+        "usage",
+        "batch",
+        "gateway",
+        "hooks",
+        "ops",
+    }
 
 
 async def test_service_runs_under_its_own_credentials(
@@ -71,8 +84,11 @@ async def test_service_runs_under_its_own_credentials(
             "STOCKPILOT_CONFIG": str(Path(__file__).parents[1] / "empty.toml"),
         },
     )
+    admin = await connect(port, "ops", passwords["ops"])
+    await bus.provision(admin.jetstream())  # what `stockpilot up` does before the services
+    await admin.close()
     definition, projection = build()  # a service named "usage" on the real runtime
-    client = await connect(port, "client", passwords["client"])
+    client = await connect(port, "producer", passwords["producer"])
     async with running_service(definition, settings):
         js = client.jetstream()
         for i in range(5):
@@ -90,13 +106,13 @@ async def test_service_runs_under_its_own_credentials(
     await client.close()
 
 
-async def test_the_usage_client_publishes_over_its_bare_connection_as_client(
+async def test_the_usage_client_publishes_over_its_bare_connection_as_producer(
     secured: tuple[int, dict[str, str]],
 ) -> None:
     port, passwords = secured
     admin = await connect(port, "ops", passwords["ops"])
     await bus.provision(admin.jetstream())
-    nc = await connect(port, "client", passwords["client"])
+    nc = await connect(port, "producer", passwords["producer"])
     recorder = UsageRecorder(nc)
     recorder.start()
     for i in range(300):
@@ -118,7 +134,7 @@ async def test_the_usage_client_publishes_over_its_bare_connection_as_client(
         ("gateway", "stockpilot.usage.recorded"),
         ("usage", "stockpilot.batch.run.nightly"),
         ("health", "stockpilot.alerts.usage.cost_warning"),
-        ("client", "stockpilot.health.checked.database"),
+        ("producer", "stockpilot.health.checked.database"),
     ],
 )
 async def test_publishing_outside_ones_subjects_is_refused(

@@ -101,7 +101,7 @@ async def test_derived_alert_is_published_once_across_restarts(env: dict[str, st
         await asyncio.sleep(0.3)
     # A fresh replica folds from the first event again (no snapshot used) and derives the
     # same alert: the ledger keeps it from being raised twice.
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
     for name in ("usage.toy", "usage.usage-alert-ledger"):
         await obs.delete(name)
     definition, _ = build()

@@ -40,7 +40,7 @@ async def publish(js: JetStreamContext, first: int, count: int) -> None:
 
 
 async def forget_snapshots(js: JetStreamContext) -> None:
-    snapshots = await js.object_store(bus.SNAPSHOT_BUCKET)
+    snapshots = await js.object_store(bus.snapshot_bucket("usage"))
     for info in await snapshots.list():
         await snapshots.delete(info.name)
 

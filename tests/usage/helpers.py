@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -21,7 +21,7 @@ from services.usage.prices import PriceTable
 from services.usage.settings import UsageSettings
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.settings import load_settings
-from tests.clocks import NOON
+from tests.clocks import NOON, recent_noon
 
 ADMIN = "admin-secret"
 INGEST = "ingest-secret"
@@ -121,6 +121,8 @@ class Oracle:
     def __init__(self, events: Iterable[UsageRecorded], zone: ZoneInfo, prices: PriceTable):
         self.zone = zone
         self.by_day: dict[date, Totals] = defaultdict(Totals)
+        # Keyed by the hour's start in UTC: two local hours of a night the clocks go back
+        # (01:00 EDT and 01:00 EST) are equal and hash alike as aware local datetimes.
         self.by_hour: dict[datetime, Totals] = defaultdict(Totals)
         self.by_day_model: dict[date, dict[str, Totals]] = defaultdict(lambda: defaultdict(Totals))
         self.by_day_endpoint: dict[date, dict[str, Totals]] = defaultdict(
@@ -144,7 +146,7 @@ class Oracle:
                     cost = 0.0
             local = event.occurred_at.astimezone(zone)
             day = local.date()
-            hour = local.replace(minute=0, second=0, microsecond=0)
+            hour = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
             self.by_day[day].add(event, cost)
             self.by_hour[hour].add(event, cost)
             self.by_day_model[day][event.model].add(event, cost)
@@ -152,6 +154,10 @@ class Oracle:
             self.by_day_status[day][str(event.status_code)] += 1
             if event.error_code:
                 self.by_day_error[day][event.error_code] += 1
+
+    def hour(self, start: datetime) -> Totals | None:
+        """The calls of the local hour that starts at `start` (any zone), if any."""
+        return self.by_hour.get(start.astimezone(UTC))
 
     def days(self, days: Sequence[date]) -> Totals:
         total = Totals()
@@ -168,6 +174,17 @@ class Oracle:
         return total
 
 
+def local_midnight(day: date, zone: ZoneInfo) -> datetime:
+    """The instant (UTC) at which `day` starts in `zone`."""
+    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
+
+
+def hours_in(day: date, zone: ZoneInfo) -> int:
+    """How long `day` really is in `zone`, in hours: 24, or 23/25 on a daylight-saving change."""
+    length = local_midnight(day + timedelta(days=1), zone) - local_midnight(day, zone)
+    return round(length.total_seconds() / 3600)
+
+
 def close(actual: float, expected: float, rel: float = 0.0101, abs_: float = 1e-3) -> bool:
     """Within the sketch's relative error (or a tiny absolute slack near zero)."""
     return abs(actual - expected) <= max(rel * abs(expected), abs_)
@@ -176,3 +193,16 @@ def close(actual: float, expected: float, rel: float = 0.0101, abs_: float = 1e-
 def decode(data: bytes, kind: type[Any]) -> Any:
     """Decode a JSON body into a struct."""
     return msgspec.json.decode(data, type=kind)
+
+
+def mid_month_noon(zone: str, days_left: int, now: datetime | None = None) -> datetime:
+    """The latest local noon at or before now (UTC) with at least `days_left` days of its
+    month after it: a test that needs room before the month ends, on any day it runs."""
+    tz = ZoneInfo(zone)
+    noon = recent_noon(zone, now)
+    while True:
+        day = noon.astimezone(tz).date()
+        next_first = (day.replace(day=1) + timedelta(days=31)).replace(day=1)
+        if (next_first - day).days - 1 >= days_left:
+            return noon
+        noon = datetime.combine(day - timedelta(days=1), time(12), tzinfo=tz).astimezone(UTC)

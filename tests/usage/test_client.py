@@ -14,6 +14,7 @@ from services.usage.answers import StatsParams, UsageStats
 from services.usage.client import UsageRecorder
 from services.usage.service import build
 from shared import bus
+from shared.clock import ManualClock
 from shared.events import utc_now
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsServer, running_service
@@ -57,6 +58,9 @@ async def test_tracked_calls_are_recorded_with_tokens_status_and_latency(
     env: dict[str, str],
 ) -> None:
     settings = usage_settings(env)
+    # The recorder stamps its calls with the machine's clock (it takes no other): ask for the
+    # days they can fall on, so a run across midnight finds them too.
+    first_day = utc_now().astimezone(settings.zone).date()
     async with running_service(build(settings), settings):
         recorder = await UsageRecorder.connect(settings)
         response = await recorder.track(
@@ -67,10 +71,14 @@ async def test_tracked_calls_are_recorded_with_tokens_status_and_latency(
             await recorder.track(rate_limited(), model="gpt-4o", endpoint="/api/v1/chat")
         await recorder.close()
         assert (recorder.published, recorder.dropped) == (2, 0)
+        days = StatsParams(
+            start=first_day.isoformat(),
+            end=utc_now().astimezone(settings.zone).date().isoformat(),
+        )
         nc = await nats_py.connect(env["STOCKPILOT_NATS_URL"])
         for _ in range(100):
             msg = await nc.request(
-                "stockpilot.svc.usage.stats", msgspec.json.encode(StatsParams()), timeout=2
+                "stockpilot.svc.usage.stats", msgspec.json.encode(days), timeout=2
             )
             stats = msgspec.json.decode(msg.data, type=UsageStats)
             if stats.total_requests == 2:
@@ -90,14 +98,14 @@ async def test_tracked_calls_are_recorded_with_tokens_status_and_latency(
 
 @pytest.mark.parametrize("bare", [True, False], ids=["bare-connection", "nats-py"])
 async def test_a_nats_restart_loses_nothing(
-    nats: NatsServer, env: dict[str, str], bare: bool
+    nats: NatsServer, env: dict[str, str], bare: bool, clock: ManualClock
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
     await nc.close()
     recorder = await UsageRecorder.connect(settings, publish_timeout=0.5, bare=bare)
-    now = utc_now()
+    now = clock.now()
     for i in range(20):
         recorder.record(recorded(i, now))
     await recorder.flush()
@@ -117,14 +125,16 @@ async def test_a_nats_restart_loses_nothing(
 
 
 @pytest.mark.slow
-async def test_a_30_second_nats_outage_loses_nothing(nats: NatsServer, env: dict[str, str]) -> None:
+async def test_a_30_second_nats_outage_loses_nothing(
+    nats: NatsServer, env: dict[str, str], clock: ManualClock
+) -> None:
     # The bound: calls go on for the whole outage, and all of them are stored once.
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
     await nc.close()
     recorder = await UsageRecorder.connect(settings, publish_timeout=0.5)
-    now = utc_now()
+    now = clock.now()
     recorder.record(recorded(0, now))
     await recorder.flush()
     nats.stop()
@@ -144,12 +154,12 @@ async def test_a_30_second_nats_outage_loses_nothing(nats: NatsServer, env: dict
     assert await stream_count(env) == count
 
 
-async def test_a_full_buffer_drops_and_counts(env: dict[str, str]) -> None:
+async def test_a_full_buffer_drops_and_counts(env: dict[str, str], clock: ManualClock) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
     recorder = UsageRecorder(nc, buffer_size=5)
-    now = utc_now()
+    now = clock.now()
     kept = [recorder.record(recorded(i, now)) for i in range(8)]
     assert kept == [True] * 5 + [False] * 3
     assert (recorder.pending, recorder.dropped) == (5, 3)
@@ -162,7 +172,7 @@ async def test_a_full_buffer_drops_and_counts(env: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("bare", [True, False], ids=["bare-connection", "nats-py"])
 async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_duplicates(
-    env: dict[str, str], bare: bool
+    env: dict[str, str], bare: bool, clock: ManualClock
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
@@ -170,7 +180,7 @@ async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_dup
     await bus.provision(js)
     recorder = UsageRecorder(nc, buffer_size=20_000, bare=bare)
     recorder.start()
-    now = utc_now()
+    now = clock.now()
     # More than MAX_IN_FLIGHT, so windows are acknowledged while later ones go out.
     for i in range(10_000):
         assert recorder.record(recorded(i, now))
@@ -190,14 +200,14 @@ async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_dup
 
 
 async def test_an_event_too_large_for_a_message_is_dropped_and_the_rest_go_on(
-    env: dict[str, str], caplog: pytest.LogCaptureFixture
+    env: dict[str, str], caplog: pytest.LogCaptureFixture, clock: ManualClock
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
     recorder = UsageRecorder(nc)
     recorder.start()
-    now = utc_now()
+    now = clock.now()
     # Constructing an event does not check field lengths; a message over the limit would be
     # refused by nats-server and, retried forever, hold up everything behind it.
     huge = recorded(1, now, endpoint="/" + "x" * 1_100_000)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from services.usage.projection import make_local_keys
 from services.usage.view import hour_key
+from tests.clocks import NOON, dst_changes
 
 ZONES = (
     "UTC",
@@ -30,6 +31,7 @@ def reference(instant: datetime, zone: ZoneInfo) -> tuple[str, int, int, int]:
 @settings(max_examples=300, deadline=None)
 @given(
     zone=st.sampled_from(ZONES),
+    # Bounds of a generated range (old LMT offsets to far-future rules), not dates of "now".
     instant=st.datetimes(
         min_value=datetime(1850, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
     ),
@@ -43,12 +45,27 @@ def test_local_keys_equal_astimezone(zone: str, instant: datetime, offsets: list
         assert keys(at, at.timestamp()) == reference(at, tz)
 
 
+def transition_windows() -> list[datetime]:
+    """The UTC midnights two days before each zone's latest two daylight-saving changes."""
+    starts = set()
+    for zone in ZONES:
+        try:
+            changes = dst_changes(zone, NOON)
+        except ValueError:  # a zone without daylight saving time
+            continue
+        for change in changes:
+            starts.add((change - timedelta(days=2)).replace(hour=0, minute=0, second=0))
+    return sorted(starts)
+
+
 def test_local_keys_across_dst_transitions_minute_by_minute() -> None:
+    windows = transition_windows()
+    # New York, Berlin, St John's, Lord Howe and Chatham: each change, some shared.
+    assert len(windows) >= 6
     for zone in ZONES:
         tz = ZoneInfo(zone)
         keys = make_local_keys(tz)
-        for day in ((3, 6), (3, 27), (4, 3), (9, 25), (10, 2), (10, 23), (10, 30)):
-            start = datetime(2026, *day, tzinfo=UTC)
+        for start in windows:
             for minute in range(0, 4 * 24 * 60, 7):
                 at = start + timedelta(minutes=minute, seconds=minute % 60)
                 assert keys(at, at.timestamp()) == reference(at, tz), (zone, at)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,15 +21,19 @@ from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
 from shared.bus import STREAMS, encode_event
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot, view_digest
-from tests.usage.helpers import Oracle, close, recorded
+from tests.clocks import MOMENTS, Moment
+from tests.usage import helpers
+from tests.usage.helpers import Oracle, close, hours_in, local_midnight, recorded
 
 SEOUL = ZoneInfo("Asia/Seoul")
 PRICES = PriceTable.with_overrides({})
-T0 = datetime(2026, 11, 26, 3, 0, tzinfo=UTC)  # 12:00 in Seoul
+# Noon in Seoul (03:00 UTC) on the test clock's day; `recorded` defaults to 18:00 that day.
+T0 = helpers.T0 - timedelta(hours=6)
+TODAY = T0.astimezone(SEOUL).date()
 
 
-def config(**extra: object) -> FoldConfig:
-    return FoldConfig(zone=SEOUL, prices=PRICES, **extra)  # type: ignore[arg-type]
+def config(zone: str = "Asia/Seoul", **extra: object) -> FoldConfig:
+    return FoldConfig(zone=ZoneInfo(zone), prices=PRICES, **extra)  # type: ignore[arg-type]
 
 
 def fold(
@@ -49,29 +54,39 @@ def seoul_settings(**extra: object) -> UsageSettings:
     return UsageSettings(tz="Asia/Seoul", **extra)  # type: ignore[arg-type]
 
 
-def day_stats(view: UsageView, day: str) -> UsageStats:
-    return queries.stats(view, StatsParams(date=day), T0, seoul_settings())
+def day_stats(view: UsageView, day: date, now: datetime = T0, tz: str = "Asia/Seoul") -> UsageStats:
+    return queries.stats(view, StatsParams(date=day.isoformat()), now, UsageSettings(tz=tz))
 
 
 def test_duplicate_id_is_counted_once() -> None:
     view, _ = fold([recorded(1), recorded(1), recorded(2)])
-    assert day_stats(view, "2026-11-26").total_requests == 2
+    assert day_stats(view, TODAY).total_requests == 2
     assert view.duplicates == 1
 
 
-def test_days_are_counted_in_the_configured_zone() -> None:
-    before = datetime(2026, 11, 26, 14, 59, 59, tzinfo=UTC)  # 23:59:59 in Seoul
-    after = datetime(2026, 11, 26, 15, 0, 0, tzinfo=UTC)  # 00:00 on the 27th in Seoul
-    view, _ = fold([recorded(1, before), recorded(2, after), recorded(3, after)])
-    assert day_stats(view, "2026-11-26").total_requests == 1
-    assert day_stats(view, "2026-11-27").total_requests == 2
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_days_are_counted_in_the_configured_zone(moment: Moment) -> None:
+    before = moment.day_start - timedelta(seconds=1)  # 23:59:59 yesterday, local
+    after = moment.day_start  # 00:00 today, local
+    today = moment.local.date()
+    yesterday = before.astimezone(ZoneInfo(moment.zone)).date()
+    assert yesterday == today - timedelta(days=1)
+    view, _ = fold(
+        [recorded(1, before), recorded(2, after), recorded(3, after)], config(moment.zone)
+    )
+    assert day_stats(view, yesterday, moment.at, moment.zone).total_requests == 1
+    assert day_stats(view, today, moment.at, moment.zone).total_requests == 2
 
 
-def test_late_event_lands_in_its_own_day() -> None:
-    late = T0 - timedelta(days=3)
-    view, _ = fold([recorded(1), recorded(2, late)])
-    assert day_stats(view, "2026-11-23").total_requests == 1
-    assert day_stats(view, "2026-11-26").total_requests == 1
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_late_event_lands_in_its_own_day(moment: Moment) -> None:
+    late = moment.at - timedelta(days=3)
+    late_day = late.astimezone(ZoneInfo(moment.zone)).date()
+    today = moment.local.date()
+    assert late_day == today - timedelta(days=3)
+    view, _ = fold([recorded(1, moment.at), recorded(2, late)], config(moment.zone))
+    assert day_stats(view, late_day, moment.at, moment.zone).total_requests == 1
+    assert day_stats(view, today, moment.at, moment.zone).total_requests == 1
 
 
 def test_failures_are_status_400_or_more_or_an_error_code() -> None:
@@ -83,7 +98,7 @@ def test_failures_are_status_400_or_more_or_an_error_code() -> None:
             recorded(4, status_code=0, error_code="connection_error"),
         ]
     )
-    stats = day_stats(view, "2026-11-26")
+    stats = day_stats(view, TODAY)
     assert (stats.successful_requests, stats.failed_requests) == (1, 3)
     assert stats.error_rate == 75.0
     assert stats.by_error_code == {"content_filter": 1, "connection_error": 1}
@@ -104,14 +119,14 @@ def test_given_cost_wins_and_dated_models_take_the_base_price() -> None:
             ),  # fmt: skip
         ]
     )
-    stats = day_stats(view, "2026-11-26")
+    stats = day_stats(view, TODAY)
     assert stats.by_model["gpt-4o-2024-08-06"].cost_usd == 2.5
     assert stats.by_model["gpt-4o"].cost_usd == round(0.5 + (0.6 * 2.5 + 0.4 * 1.25 + 0.1 * 10), 6)
 
 
 def test_unknown_model_costs_nothing_and_alerts_once() -> None:
     view, alerts = fold([recorded(i, model="mystery-1") for i in range(3)])
-    stats = day_stats(view, "2026-11-26")
+    stats = day_stats(view, TODAY)
     assert stats.total_cost_usd == 0
     assert stats.unpriced_models == ["mystery-1"]
     assert [(a.kind, a.severity, a.id) for a in alerts] == [
@@ -119,16 +134,26 @@ def test_unknown_model_costs_nothing_and_alerts_once() -> None:
     ]
 
 
-def test_budget_crossings_alert_once_each_per_period() -> None:
-    cfg = config(daily_budget_usd=1.0, monthly_budget_usd=100.0)
-    events = [recorded(i, cost_usd=0.1, occurred_at=T0 + timedelta(seconds=i)) for i in range(15)]
-    events += [recorded(100 + i, T0 + timedelta(days=1), cost_usd=0.45) for i in range(3)]
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_budget_crossings_alert_once_each_per_period(moment: Moment) -> None:
+    cfg = config(moment.zone, daily_budget_usd=1.0, monthly_budget_usd=100.0)
+    # Yesterday's last hour (local), then today up to the moment.
+    late_yesterday = moment.day_start - timedelta(hours=1)
+    yesterday = late_yesterday.astimezone(ZoneInfo(moment.zone)).date().isoformat()
+    today = moment.local.date().isoformat()
+    events = [
+        recorded(i, cost_usd=0.1, occurred_at=late_yesterday + timedelta(seconds=i))
+        for i in range(15)
+    ]
+    events += [
+        recorded(100 + i, moment.earlier_today(0.5 + i / 4), cost_usd=0.45) for i in range(3)
+    ]
     _, alerts = fold(events, cfg)
     assert [(a.kind, a.id) for a in alerts] == [
-        ("usage.cost_warning", "usage.cost_warning:daily:2026-11-26"),
-        ("usage.cost_exceeded", "usage.cost_exceeded:daily:2026-11-26"),
-        ("usage.cost_warning", "usage.cost_warning:daily:2026-11-27"),
-        ("usage.cost_exceeded", "usage.cost_exceeded:daily:2026-11-27"),
+        ("usage.cost_warning", f"usage.cost_warning:daily:{yesterday}"),
+        ("usage.cost_exceeded", f"usage.cost_exceeded:daily:{yesterday}"),
+        ("usage.cost_warning", f"usage.cost_warning:daily:{today}"),
+        ("usage.cost_exceeded", f"usage.cost_exceeded:daily:{today}"),
     ]
     warning = alerts[0]
     assert (warning.source, warning.severity, warning.metric) == (
@@ -140,19 +165,28 @@ def test_budget_crossings_alert_once_each_per_period() -> None:
     assert alerts[1].severity == "critical" and alerts[1].threshold == 1.0
 
 
-def test_monthly_budget_and_forecast_alerts() -> None:
-    cfg = config(monthly_budget_usd=10.0)
-    # Ten days into November (Seoul), $4 spent: the month would end at $12.
-    tenth = datetime(2026, 11, 10, 15, 0, tzinfo=UTC)
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_monthly_budget_and_forecast_alerts(moment: Moment) -> None:
+    cfg = config(moment.zone, monthly_budget_usd=10.0)
+    zone = ZoneInfo(moment.zone)
+    # Ten whole days into the moment's month (local), $4 spent: whatever the month's length
+    # (28 to 31 days, an hour less or more across a DST change) it would end above $10.
+    # The fold reads no clock, so this may lie after the moment in the month's first days.
+    first = moment.local.date().replace(day=1)
+    month_start = local_midnight(first, zone)
+    tenth = local_midnight(first + timedelta(days=10), zone)
+    month_end = local_midnight((first + timedelta(days=31)).replace(day=1), zone)
+    month = first.isoformat()[:7]
     events = [recorded(i, tenth, cost_usd=1.0) for i in range(4)]
     _, alerts = fold(events, cfg)
-    assert [a.id for a in alerts] == ["usage.cost_forecast:monthly:2026-11"]
+    assert [a.id for a in alerts] == [f"usage.cost_forecast:monthly:{month}"]
     assert alerts[0].value > 10.0 and alerts[0].threshold == 10.0
+    assert alerts[0].value == round(4.0 * (month_end - month_start) / (tenth - month_start), 6)
     _, more = fold(events + [recorded(10 + i, tenth, cost_usd=1.0) for i in range(6)], cfg)
     assert [a.id for a in more] == [
-        "usage.cost_forecast:monthly:2026-11",
-        "usage.cost_warning:monthly:2026-11",
-        "usage.cost_exceeded:monthly:2026-11",
+        f"usage.cost_forecast:monthly:{month}",
+        f"usage.cost_warning:monthly:{month}",
+        f"usage.cost_exceeded:monthly:{month}",
     ]
 
 
@@ -185,14 +219,14 @@ def test_error_rate_window_forgets_calls_older_than_five_minutes() -> None:
 def test_reset_restarts_statistics_but_remembers_ids() -> None:
     reset = UsageReset(id="r1", occurred_at=T0, actor="admin")
     view, _ = fold([recorded(1), recorded(2), reset, recorded(2), recorded(3)])
-    stats = day_stats(view, "2026-11-26")
+    stats = day_stats(view, TODAY)
     assert stats.total_requests == 1
     assert view.resets == 1
 
 
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
-    start = datetime(2025, 6, 1, tzinfo=UTC)
     hours = 450 * 24
+    start = T0 - timedelta(hours=hours)  # the last event an hour before the test's noon
     events = [recorded(i, start + timedelta(hours=i), user_id=f"u{i}") for i in range(hours)]
     view, _ = fold(events)
     assert len(view.days) == DAY_LIMIT
@@ -220,7 +254,7 @@ def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
 
 def test_largest_bounded_view_snapshots_and_restores() -> None:
     """Every day full of distinct endpoints, models and users: the snapshot still round-trips."""
-    start = datetime(2025, 1, 1, 3, tzinfo=UTC)
+    start = T0 - timedelta(days=DAY_LIMIT)
     events = []
     n = 0
     for day in range(DAY_LIMIT):
@@ -265,19 +299,19 @@ MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4o-2024-08-06", "o3-mini", "gpt-5-nano",
 
 
 @st.composite
-def usage_events(draw: st.DrawFn, max_size: int = 120) -> list[UsageEvent]:
+def usage_events(draw: st.DrawFn, max_size: int = 120, around: datetime = T0) -> list[UsageEvent]:
     n = draw(st.integers(min_value=0, max_value=max_size))
     events: list[UsageEvent] = []
     for i in range(n):
         if draw(st.integers(0, 40)) == 0:
-            events.append(UsageReset(id=f"reset-{i}", occurred_at=T0, actor="admin"))
+            events.append(UsageReset(id=f"reset-{i}", occurred_at=around, actor="admin"))
             continue
         ident = draw(st.integers(0, max(n - 1, 0)))  # repeats make duplicates
         offset = draw(st.integers(-3 * 86_400, 3 * 86_400))
         events.append(
             UsageRecorded(
                 id=f"req-{ident}",
-                occurred_at=T0 + timedelta(seconds=offset),
+                occurred_at=around + timedelta(seconds=offset),
                 model=draw(st.sampled_from(MODELS)),
                 endpoint=draw(st.sampled_from(["/a", "/b", None])),
                 status_code=draw(st.sampled_from([200, 200, 200, 400, 429, 500])),
@@ -325,9 +359,25 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: in
     ) == msgspec.json.encode(queries.stats(full.view, StatsParams(), T0, seoul_settings()))
 
 
-@settings(max_examples=30, deadline=None)
-@given(usage_events(max_size=200))
-def test_stats_and_timeseries_match_the_oracle(events: list[UsageEvent]) -> None:
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_stats_and_timeseries_match_the_oracle(moment: Moment) -> None:
+    # Three days either side of the moment: across its midnights, month, year, DST change.
+    # The ordinary noon keeps its 30 examples; each awkward instant adds 5 of up to 200 calls
+    # over those six days (`make test-fast` stays quick; the instants' edges have their own
+    # tests above and in test_queries).
+    examples = 30 if moment.name == "noon" else 5
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(usage_events(max_size=200, around=moment.at))
+    def check(events: list[UsageEvent]) -> None:
+        match_the_oracle(moment, events)
+
+    check()
+
+
+def match_the_oracle(moment: Moment, events: list[UsageEvent]) -> None:
+    now = moment.at
+    zone = ZoneInfo(moment.zone)
     last_reset = max((i for i, e in enumerate(events) if isinstance(e, UsageReset)), default=-1)
     # Ids seen before the reset are still duplicates after it.
     seen_before = {e.id for e in events[: last_reset + 1]}
@@ -336,11 +386,11 @@ def test_stats_and_timeseries_match_the_oracle(events: list[UsageEvent]) -> None
         for e in events[last_reset + 1 :]
         if isinstance(e, UsageRecorded) and e.id not in seen_before
     ]
-    view, _ = fold(events)
-    oracle = Oracle(counted, SEOUL, PRICES)
-    s = seoul_settings()
-    for day in sorted({(T0 + timedelta(days=d)).astimezone(SEOUL).date() for d in range(-4, 4)}):
-        got = queries.stats(view, StatsParams(date=day.isoformat()), T0, s)
+    view, _ = fold(events, config(moment.zone))
+    oracle = Oracle(counted, zone, PRICES)
+    s = UsageSettings(tz=moment.zone)
+    for day in sorted({(now + timedelta(days=d)).astimezone(zone).date() for d in range(-4, 4)}):
+        got = queries.stats(view, StatsParams(date=day.isoformat()), now, s)
         want = oracle.days([day])
         assert got.total_requests == want.requests
         assert got.failed_requests == want.failures
@@ -352,18 +402,23 @@ def test_stats_and_timeseries_match_the_oracle(events: list[UsageEvent]) -> None
             assert abs(got.by_model[model].cost_usd - totals.cost) < 0.005
             assert got.by_model[model].requests == totals.requests
         assert got.by_status_code == dict(oracle.by_day_status.get(day, {}))
-    start = (T0 - timedelta(days=1)).astimezone(SEOUL).date()
+    # Yesterday and today: every hour they really have (47 or 49 across a DST change).
+    start = (now - timedelta(days=1)).astimezone(zone).date()
     series = queries.timeseries(
         view,
         TimeseriesParams(
             bucket="hour", start=start.isoformat(), end=(start + timedelta(days=1)).isoformat()
         ),
-        T0,
+        now,
         s,
     )
-    assert len(series.points) == 48
+    hours = hours_in(start, zone) + hours_in(start + timedelta(days=1), zone)
+    assert len(series.points) == hours
+    assert series.points[0].t == local_midnight(start, zone)
+    starts = [p.t.timestamp() for p in series.points]
+    assert all(later - earlier == 3600 for earlier, later in zip(starts, starts[1:], strict=False))
     for point in series.points:
-        want = oracle.by_hour.get(point.t)
+        want = oracle.hour(point.t)
         assert point.requests == (want.requests if want else 0)
         assert point.failed == (want.failures if want else 0)
         assert abs(point.cost_usd - (want.cost if want else 0.0)) < 1e-5

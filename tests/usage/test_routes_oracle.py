@@ -20,8 +20,9 @@ from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus
-from shared.events import utc_now
+from shared.clock import ManualClock
 from shared.testing import nats_server, running_service
+from tests.clocks import NOON
 from tests.usage.helpers import (
     INGEST,
     Oracle,
@@ -29,12 +30,14 @@ from tests.usage.helpers import (
     close,
     gateway,
     gateway_settings,
+    hours_in,
     usage_settings,
 )
 
 TZ = "Asia/Seoul"
 ZONE = ZoneInfo(TZ)
-ANCHOR = utc_now().replace(microsecond=0)
+# The services and the gateway run on a clock set here: "today" is this instant's day.
+ANCHOR = NOON
 MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1-nano", "o4-mini-2025-04-16", "gpt-5", "mystery-model"]
 EMPTY_TOML = str(Path(__file__).parents[1] / "empty.toml")
 
@@ -146,10 +149,10 @@ async def check_routes(client: Any, oracle: Oracle, days: list[date]) -> None:
         (await client.get(f"/api/v1/usage/timeseries?bucket=hour&start={start}&end={end}")).content,
         type=UsageTimeseries,
     )
-    assert len(hourly.points) == 24 * len(days)
+    assert len(hourly.points) == sum(hours_in(d, ZONE) for d in _every_day(start, end))
     assert hourly.points[0].t.utcoffset() == timedelta(hours=9)
     for point in hourly.points:
-        totals = oracle.by_hour.get(point.t)
+        totals = oracle.hour(point.t)
         assert point.requests == (totals.requests if totals else 0)
         assert point.failed == (totals.failures if totals else 0)
         assert point.tokens == (totals.prompt + totals.completion if totals else 0)
@@ -168,7 +171,7 @@ async def check_routes(client: Any, oracle: Oracle, days: list[date]) -> None:
         assert close(point.p95_response_time_ms, totals.quantile(0.95))
 
     costs = msgspec.json.decode((await client.get("/api/v1/usage/costs")).content, type=UsageCosts)
-    today = utc_now().astimezone(ZONE).date()
+    today = ANCHOR.astimezone(ZONE).date()
     month_days = [d for d in oracle.by_day if d.strftime("%Y-%m") == today.strftime("%Y-%m")]
     assert abs(costs.today.cost_usd - oracle.days([today]).cost) < 0.005
     assert abs(costs.month.cost_usd - oracle.days(month_days).cost) < 0.005
@@ -181,13 +184,18 @@ async def check_routes(client: Any, oracle: Oracle, days: list[date]) -> None:
         assert entry.requests == oracle.days([entry.date]).requests
 
 
+def _every_day(start: date, end: date) -> list[date]:
+    return [start + timedelta(days=i) for i in range((end - start).days + 1)]
+
+
 def run_scenario(through_http: bool, events: list[UsageRecorded], repeats: list[int]) -> None:
     async def scenario(env: dict[str, str]) -> None:
         settings_ = usage_settings(env, tz=TZ)
         oracle = Oracle(events, ZONE, PriceTable.with_overrides({}))
+        clock = ManualClock(ANCHOR)
         async with (
-            running_service(build(settings_), settings_) as runtime,
-            gateway(gateway_settings(env, tz=TZ)) as client,
+            running_service(build(settings_), settings_, clock=clock) as runtime,
+            gateway(gateway_settings(env, tz=TZ), clock) as client,
         ):
             if through_http:
                 await post_records(client, events, repeats)

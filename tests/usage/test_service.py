@@ -7,26 +7,35 @@ import asyncio
 import contextlib
 from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import nats
+import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import ObjectNotFoundError
 
 from gateway.routes import system
 from services.usage import service as usage_service
-from services.usage.answers import AlertList, UsageStats
+from services.usage.answers import AlertList, UsageCosts, UsageStats, UsageTimeseries
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus
-from shared.events import Alert, alert_id, utc_now
+from shared.clock import ManualClock
+from shared.events import Alert, alert_id, rfc3339
 from shared.testing import running_service
+from tests.clocks import MOMENTS, Moment
 from tests.usage.helpers import (
     ADMIN,
     INGEST,
+    T0,
+    Oracle,
     auth,
     gateway,
     gateway_settings,
+    hours_in,
+    local_midnight,
     recorded,
     usage_settings,
 )
@@ -67,15 +76,17 @@ async def stored_alerts(js: Any) -> list[Alert]:
     return alerts
 
 
-async def test_budget_alerts_are_raised_once_even_with_two_replicas(env: dict[str, str]) -> None:
+async def test_budget_alerts_are_raised_once_even_with_two_replicas(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = usage_settings(
         env, tz="Asia/Seoul", daily_budget_usd="1.0", monthly_budget_usd="100000"
     )
     nc, js = await connect(env)
-    now = utc_now()
+    now = clock.now()
     async with (
-        running_service(build(settings), settings) as one,
-        running_service(build(settings), settings) as two,
+        running_service(build(settings), settings, clock=clock) as one,
+        running_service(build(settings), settings, clock=clock) as two,
     ):
         await publish(js, [recorded(i, now, cost_usd=0.1) for i in range(15)])
         await wait_for(lambda: folded(one, 15) and folded(two, 15))
@@ -93,16 +104,16 @@ async def test_budget_alerts_are_raised_once_even_with_two_replicas(env: dict[st
 
 
 async def test_error_rate_alert_that_returns_within_ten_minutes_is_raised_once(
-    env: dict[str, str],
+    env: dict[str, str], clock: ManualClock
 ) -> None:
     settings = usage_settings(env, error_rate_alert_pct="20", error_rate_min_calls="10")
     nc, js = await connect(env)
-    t0 = utc_now() - timedelta(minutes=10)
+    t0 = clock.now() - timedelta(minutes=10)
     at = [t0 + timedelta(seconds=i) for i in range(60)]
     events = [recorded(i, at[i], status_code=500 if i < 3 else 200) for i in range(10)]
     events += [recorded(i, at[i]) for i in range(10, 30)]
     events += [recorded(i, at[i], status_code=429, error_code="rate_limit") for i in range(30, 40)]
-    async with running_service(build(settings), settings) as runtime:
+    async with running_service(build(settings), settings, clock=clock) as runtime:
         await publish(js, events)
         await wait_for(lambda: folded(runtime, len(events)))
         await asyncio.sleep(0.5)
@@ -129,8 +140,8 @@ async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
         await js.publish(SUBJECT_RECORDED, b"{not json")
         await js.publish(
             SUBJECT_RECORDED,
-            b'{"type":"usage.recorded","id":"n1","occurred_at":"2026-11-26T09:00:00Z",'
-            b'"model":"gpt-4o","status_code":200,"prompt_tokens":-5}',
+            b'{"type":"usage.recorded","id":"n1","occurred_at":"%s",'
+            b'"model":"gpt-4o","status_code":200,"prompt_tokens":-5}' % rfc3339(T0).encode(),
         )
         await js.publish(SUBJECT_RECORDED, b'{"type":"usage.unheard_of","id":"u1"}')
         await publish(js, [recorded(1)])
@@ -144,9 +155,15 @@ async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
     await nc.close()
 
 
-async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> None:
+async def test_http_records_are_validated_one_by_one(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = usage_settings(env)
-    good = msgspec.to_builtins(recorded(1, utc_now()))
+    good = msgspec.to_builtins(recorded(1, clock.now()))
+    # A time without a zone, and query dates: from the clock's day, never a literal date.
+    naive = clock.now().replace(tzinfo=None).isoformat(timespec="seconds")
+    today = clock.now().date()
+    long_ago = today - timedelta(days=300)
     body = [
         good,
         {"status_code": 200},  # no model
@@ -154,13 +171,13 @@ async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> Non
         {"model": "gpt-4o", "status_code": 200, "completion_tokens": -1},
         {"type": "usage.reset", "model": "gpt-4o", "status_code": 200},
         "not an object",
-        {"model": "gpt-4o", "status_code": 200, "occurred_at": "2026-11-26T09:00:00"},
+        {"model": "gpt-4o", "status_code": 200, "occurred_at": naive},
         {"model": "gpt-4o", "status_code": 200, "request_id": "r-2", "extra": "ignored"},
         {"model": "gpt-4o", "status_code": 502},  # no id at all: one is assigned
     ]
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env)) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
     ):
         response = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
         assert response.status_code == 202
@@ -199,10 +216,10 @@ async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> Non
         assert huge.json()["status_code"] == 413 and huge.json()["detail"]
         # Bad query parameters are 422s that name the parameter.
         for path, named in [
-            ("/api/v1/usage/stats?date=2026-13-01", "'date'"),
-            ("/api/v1/usage/stats?start=2026-01-01&end=2026-11-26", "'end'"),
+            (f"/api/v1/usage/stats?date={today.year}-13-01", "'date'"),
+            (f"/api/v1/usage/stats?start={long_ago}&end={today}", "'end'"),
             ("/api/v1/usage/timeseries?bucket=minute", "'bucket'"),
-            ("/api/v1/usage/timeseries?start=2026-01-01&end=2026-11-26", "'end'"),
+            (f"/api/v1/usage/timeseries?start={long_ago}&end={today}", "'end'"),
         ]:
             refused = await client.get(path)
             assert refused.status_code == 422 and named in refused.json()["detail"], path
@@ -212,14 +229,16 @@ async def test_http_records_are_validated_one_by_one(env: dict[str, str]) -> Non
         assert wrong.status_code == 403
 
 
-async def test_a_body_near_one_mebibyte_is_forwarded_in_parts(env: dict[str, str]) -> None:
+async def test_a_body_near_one_mebibyte_is_forwarded_in_parts(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = usage_settings(env)
-    now = utc_now()
+    now = clock.now()
     records = [{**msgspec.to_builtins(recorded(i, now)), "note": "x" * 680} for i in range(1000)]
     assert 900 * 1024 < len(msgspec.json.encode(records)) < 1024 * 1024
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env)) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
     ):
         response = await client.post("/api/v1/usage/records", json=records, headers=auth(ADMIN))
         assert response.status_code == 202, response.text
@@ -229,14 +248,14 @@ async def test_a_body_near_one_mebibyte_is_forwarded_in_parts(env: dict[str, str
 
 
 async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
-    env: dict[str, str],
+    env: dict[str, str], clock: ManualClock
 ) -> None:
     settings = usage_settings(env, tz="Asia/Seoul")
-    now = utc_now()
+    now = clock.now()
     nc, js = await connect(env)
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env, tz="Asia/Seoul")) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env, tz="Asia/Seoul"), clock) as client,
     ):
         first = [msgspec.to_builtins(recorded(i, now)) for i in range(5)]
         await client.post("/api/v1/usage/records", json=first, headers=auth(INGEST))
@@ -261,27 +280,26 @@ async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
     stored = await js.get_last_msg("STOCKPILOT_USAGE", "stockpilot.usage.reset")
     assert msgspec.json.decode(stored.data)["actor"] == "admin"
     # A fresh replica without snapshots replays the whole stream to the same answers.
-    obs = await js.object_store(bus.SNAPSHOT_BUCKET)
+    obs = await js.object_store(bus.snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(ObjectNotFoundError):
             await obs.delete(name)
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env, tz="Asia/Seoul")) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env, tz="Asia/Seoul"), clock) as client,
     ):
         assert (await client.get("/api/v1/usage/stats")).content == live
-        replayed_costs = (await client.get("/api/v1/usage/costs")).json()
-        replayed_costs["forecast"] = live_costs["forecast"]  # it moves with the clock
-        assert replayed_costs == live_costs
+        # The clock stood still: even the forecast (it moves with "now") is the same.
+        assert (await client.get("/api/v1/usage/costs")).json() == live_costs
     await nc.close()
 
 
 async def test_alert_history_holds_every_source_and_feeds_the_summary(
-    env: dict[str, str],
+    env: dict[str, str], clock: ManualClock
 ) -> None:
     settings = usage_settings(env, daily_budget_usd="10")
     nc, js = await connect(env)
-    now = utc_now()
+    now = clock.now()
     batch_alert = Alert(
         id="batch.job_failed:sync:1",
         occurred_at=now - timedelta(minutes=5),
@@ -298,8 +316,8 @@ async def test_alert_history_holds_every_source_and_feeds_the_summary(
         batch_alert, id="batch.job_failed:sync:0", occurred_at=now - timedelta(days=2)
     )
     async with (
-        running_service(build(settings), settings),
-        gateway(gateway_settings(env)) as client,
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
     ):
         await bus.publish_event(js, batch_alert.subject, old_alert)
         await bus.publish_event(js, batch_alert.subject, batch_alert)
@@ -359,10 +377,13 @@ def test_summary_has_exactly_the_gateway_shape() -> None:
     assert msgspec.json.decode(encoded, type=system.UsageSummary).alerts_24h == 2
 
 
-async def test_a_snapshot_from_another_time_zone_is_not_reused(env: dict[str, str]) -> None:
+async def test_a_snapshot_from_another_time_zone_is_not_reused(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     """Days depend on STOCKPILOT_TZ: a changed zone rebuilds from the first event."""
     nc, js = await connect(env)
-    late_evening = utc_now().replace(hour=20, minute=0)  # the next day in Seoul
+    # 20:00 UTC the day before the clock's: already the clock's day in Seoul.
+    late_evening = (clock.now() - timedelta(days=1)).replace(hour=20, minute=0)
     await publish(js, [recorded(i, late_evening) for i in range(5)])
     utc = usage_settings(env)
     async with running_service(build(utc), utc):
@@ -383,12 +404,14 @@ async def test_a_snapshot_from_another_time_zone_is_not_reused(env: dict[str, st
     await nc.close()
 
 
-async def test_stockpilot_replay_rebuilds_the_same_usage_views(env: dict[str, str]) -> None:
+async def test_stockpilot_replay_rebuilds_the_same_usage_views(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     from ops.replay import replay_definition
 
     settings = usage_settings(env, tz="Asia/Seoul", daily_budget_usd="1", error_rate_min_calls="5")
     nc, js = await connect(env)
-    now = utc_now()
+    now = clock.now()
     events = [
         recorded(i, now - timedelta(hours=i % 50), status_code=500 if i % 3 else 200, cost_usd=0.05)
         for i in range(60)
@@ -408,3 +431,81 @@ async def test_stockpilot_replay_rebuilds_the_same_usage_views(env: dict[str, st
     assert results[0].equal, results[0]
     assert results[0].refused == 1
     await nc.close()
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+async def test_today_through_the_gateway_at_every_awkward_instant(
+    env: dict[str, str], moment: Moment
+) -> None:
+    """/usage/stats, /usage/costs, /usage/timeseries and /status with the clock set there."""
+    clock = ManualClock(moment.at)
+    zone = ZoneInfo(moment.zone)
+    today = moment.local.date()
+    yesterday = today - timedelta(days=1)
+    todays = [moment.earlier_today(f) for f in (0.0, 0.05, 0.3, 0.6, 0.95, 1.0)]
+    earlier = [moment.day_start - timedelta(seconds=1), moment.day_start - timedelta(days=2)]
+    events = [
+        recorded(i, at, cost_usd=0.25 * (i + 1), status_code=500 if i == 2 else 200)
+        for i, at in enumerate(todays + earlier)
+    ]
+    oracle = Oracle(events, zone, PriceTable.with_overrides({}))
+    month_days = [d for d in oracle.by_day if (d.year, d.month) == (today.year, today.month)]
+    settings = usage_settings(env, tz=moment.zone)
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env, tz=moment.zone), clock) as client,
+    ):
+        posted = await client.post(
+            "/api/v1/usage/records",
+            json=[msgspec.to_builtins(e) for e in events],
+            headers=auth(INGEST),
+        )
+        assert posted.status_code == 202 and posted.json()["accepted"] == len(events)
+        stats = msgspec.json.decode(
+            (await client.get("/api/v1/usage/stats")).content, type=UsageStats
+        )
+        costs = msgspec.json.decode(
+            (await client.get("/api/v1/usage/costs")).content, type=UsageCosts
+        )
+        series = msgspec.json.decode(
+            (await client.get("/api/v1/usage/timeseries")).content, type=UsageTimeseries
+        )
+        status = (await client.get("/api/v1/status")).json()
+    assert status["usage_today"]["requests"] == len(todays)
+    assert status["usage_today"]["cost_usd"] == pytest.approx(oracle.days([today]).cost)
+
+    assert (stats.period.start, stats.period.end, stats.period.timezone) == (
+        today,
+        today,
+        moment.zone,
+    )
+    assert stats.total_requests == len(todays) and stats.failed_requests == 1
+    assert stats.total_cost_usd == pytest.approx(oracle.days([today]).cost)
+    in_window = [at for at in todays if moment.at - timedelta(seconds=300) < at <= moment.at]
+    assert stats.requests_per_minute == pytest.approx(len(in_window) / 5)
+
+    assert (costs.today.requests, costs.today.cost_usd) == (
+        len(todays),
+        pytest.approx(oracle.days([today]).cost),
+    )
+    assert costs.month.requests == oracle.days(month_days).requests
+    assert costs.month.cost_usd == pytest.approx(oracle.days(month_days).cost)
+    assert len(costs.daily) == 30
+    assert [costs.daily[-1].date, costs.daily[-2].date] == [today, yesterday]
+    assert [costs.daily[-1].requests, costs.daily[-2].requests] == [len(todays), 1]
+    first = today.replace(day=1)
+    month_start = local_midnight(first, zone)
+    month = local_midnight((first + timedelta(days=31)).replace(day=1), zone) - month_start
+    assert costs.forecast.elapsed_pct == pytest.approx(
+        100.0 * (moment.at - month_start) / month, abs=1e-4
+    )
+
+    # Every hour of today, as long as the day really is, each with its own calls.
+    assert len(series.points) == hours_in(today, zone)
+    assert series.points[0].t == moment.day_start
+    starts = [p.t.timestamp() for p in series.points]
+    assert all(later - earlier == 3600 for earlier, later in zip(starts, starts[1:], strict=False))
+    for point in series.points:
+        want = oracle.hour(point.t)
+        assert point.requests == (want.requests if want else 0), point.t
+    assert sum(p.requests for p in series.points) == len(todays)
