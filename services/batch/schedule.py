@@ -15,7 +15,8 @@ at any moment is in the stream and a replay judges the same. States, Healthcheck
 
 A slot is met by any run that started after the previous one (a skipped run counts: the
 scheduler did fire). Slots are counted from the later of the newest run's start and the
-moment the schedule took effect.
+moment the schedule took effect. A cron run that starts a little *before* its slot (the
+worker's clock a second behind ours) meets that slot: up to EARLY_S (at most the grace) early.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from services.batch.events import YEAR_S
 JobState = Literal["new", "up", "running", "late", "missed", "failing"]
 # Alerts for missed slots raised in one look at most (after a long outage, the newest).
 MAX_MISSED_ALERTS = 10
+# How early a cron run may start and still meet its slot (clock skew between hosts).
+EARLY_S = 60.0
 
 
 class JobSchedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -104,7 +107,10 @@ def judge(
         and last_started_at < since
     ):
         state = "new"  # it has not run since this schedule took effect
-    anchors = [t for t in (since, last_started_at) if t is not None]
+    ran = last_started_at
+    if ran is not None and schedule.cron is not None:
+        ran += timedelta(seconds=min(EARLY_S, schedule.grace_s))
+    anchors = [t for t in (since, ran) if t is not None]
     reference = max(anchors) if anchors else now
     missed: list[datetime] = []
     expected: datetime | None = None

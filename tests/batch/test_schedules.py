@@ -233,3 +233,24 @@ def test_a_bad_schedule_stops_the_service_with_one_clear_line(value: str, words:
         load_settings(BatchSettings, {"STOCKPILOT_JOB_SCHEDULES": value})
     assert "STOCKPILOT_JOB_SCHEDULES" in str(caught.value)
     assert words in str(caught.value)
+
+
+def test_a_cron_run_a_few_seconds_early_meets_its_slot() -> None:
+    """A worker whose clock is behind ours starts the 02:00 run at 01:59:58 by our clock: the
+    slot is met (not missed at 02:10), and the next one expected is tomorrow's."""
+    day = NOON.replace(hour=0, minute=0, second=0, microsecond=0)
+    slot = day + timedelta(hours=2)
+    schedule = JobSchedule(cron="0 2 * * *", grace_s=600, tz="UTC")
+    since = day - timedelta(days=1)
+    early = slot - timedelta(seconds=2)
+    state, expected, _, missed = judge(
+        schedule, since, early, "succeeded", "succeeded", slot + timedelta(minutes=11)
+    )
+    assert (state, missed) == ("up", [])
+    assert expected == slot + timedelta(days=1)
+    # Ten minutes early is another run: the 02:00 slot is still expected, and missed.
+    too_early = slot - timedelta(minutes=10)
+    state, expected, _, missed = judge(
+        schedule, since, too_early, "succeeded", "succeeded", slot + timedelta(minutes=11)
+    )
+    assert (state, expected, missed) == ("missed", slot, [slot])
