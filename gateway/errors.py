@@ -69,6 +69,24 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
     return _response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
+def _too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorBody]:
+    # Only a body nested thousands of levels deep reaches the recursion limit: msgspec and
+    # Litestar raise RecursionError for it, not a decode error.
+    return _response(
+        HTTP_422_UNPROCESSABLE_ENTITY,
+        "body: JSON nested too deeply (arrays or objects thousands of levels deep); "
+        "send a flat record",
+    )
+
+
+def _not_utf8(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[ErrorBody]:
+    # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
+    return _response(
+        HTTP_422_UNPROCESSABLE_ENTITY,
+        f"body: not valid UTF-8 (byte {exc.start}: {exc.reason}); JSON must be UTF-8",
+    )
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _response(HTTP_500_INTERNAL_SERVER_ERROR, "internal error; see the gateway log")
@@ -80,5 +98,7 @@ def exception_handlers() -> ExceptionHandlersMap:
         StockpilotError: _stockpilot_error,
         ValidationException: _validation_error,
         HTTPException: _http_error,
+        RecursionError: _too_deep,
+        UnicodeDecodeError: _not_utf8,
         Exception: _unexpected,
     }

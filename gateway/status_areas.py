@@ -95,6 +95,9 @@ class Observed(msgspec.Struct, kw_only=True):
     batch: BatchSummary | None
     # (hook process state, hooks), or None when the state bucket could not be read.
     hooks: tuple[str, list[HookState]] | None
+    # Why STOCKPILOT_USAGE refuses writes (full, sealed, out of storage), None while it takes
+    # them or could not be checked: every LLM call then waits in a spool or is lost.
+    usage_stream_refusal: str | None = None
 
 
 class Verdict(msgspec.Struct, kw_only=True):
@@ -464,6 +467,24 @@ def _services(seen: Observed, reasons: list[Reason]) -> Area:
             )
         )
     catching_up = [name for name, s in seen.services.items() if s.status == "catching_up"]
+    if seen.usage_stream_refusal is not None:
+        refusal = seen.usage_stream_refusal
+        reasons.append(
+            _reason(
+                "services",
+                "unhealthy",
+                f"the usage stream refuses writes: {refusal}; LLM calls wait in their "
+                "producers' spools or are lost",
+                "services.usage_stream",
+                {"detail": refusal},
+            )
+        )
+        return Area(
+            status="unhealthy",
+            summary=f"the usage stream refuses writes: {refusal}",
+            code="services.usage_stream",
+            params={"detail": refusal},
+        )
     params: dict[str, Param] = {
         "up": len(seen.services) - len(down),
         "total": len(seen.services),

@@ -14,7 +14,8 @@ shipped file equals it).
 - `health`, `usage`, `batch` — one per service: publish their own events, alerts, dead letters
   and change notices; read their own stream and the alerts stream; their own snapshot bucket
   and KV keys; answer only `stockpilot.svc.<service>.*` and their own `$SRV` discovery.
-- `gateway` — ask the services, follow the alerts stream for SSE, read the hooks' status key.
+- `gateway` — ask the services, follow the alerts stream for SSE, read the hooks' status key,
+  and read STOCKPILOT_USAGE's and the account's info (whether usage events can be stored).
 - `hooks` — its durable consumers on STOCKPILOT_ALERTS, its status key, its marks bucket.
 - `ops` — the operator tools: the only user that may create, update or delete streams,
   consumers and buckets.
@@ -48,6 +49,7 @@ from shared.runtime import changed_subject, endpoint_subject, micro_name
 EVENT_STREAMS = [spec.name for spec in STREAMS.values()]
 ALERTS = STREAMS["alerts"].name
 BATCH = STREAMS["batch"].name
+USAGE = STREAMS["usage"].name
 ROLES = ("producer", "observer", *SERVICES, "gateway", "hooks", "ops")
 # The hooks' durable consumers (ops.hooks builds at most these three hooks).
 HOOK_NAMES = ("webhook", "slack", "log")
@@ -197,6 +199,10 @@ def _roles() -> dict[str, tuple[list[str], list[str]]]:
                 *(endpoint_subject(service, "*") for service in SERVICES),
                 *_read_stream(ALERTS),  # the SSE alert stream
                 *_drop_own_consumers(ALERTS),
+                # /ready and /status: whether STOCKPILOT_USAGE takes writes (its info and
+                # the account's storage).
+                *_stream_info(USAGE),
+                "$JS.API.INFO",
                 # The hooks' status key, read only.
                 *_kv_keys(STATE_BUCKET, ()),
                 f"$JS.API.DIRECT.GET.KV_{STATE_BUCKET}.$KV.{STATE_BUCKET}.{STATUS_KEY}",

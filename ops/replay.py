@@ -25,7 +25,7 @@ from ops.stream_io import Progress, read_stream
 from shared.alerts import alert_ledger
 from shared.bus import STREAMS
 from shared.projection import Projection, view_digest
-from shared.runtime import DigestAnswer, ServiceDefinition, endpoint_subject
+from shared.runtime import DigestAnswer, ServiceDefinition, ack_metadata, endpoint_subject
 from shared.settings import CommonSettings, load_settings
 
 # Which services fold which stream (every service keeps an alert ledger over the alerts).
@@ -124,11 +124,12 @@ async def fold_to(
         nonlocal applied, refused
         if progress is not None:
             progress.tick()
-        seq = msg.metadata.sequence.stream
+        seq, _, stored_ns = ack_metadata(msg)
         if seq <= projection.view.last_seq:
             return
         try:
-            projection.fold(seq, msg.data, msg.subject)
+            # The subject and stored time decide as they did for the live service.
+            projection.fold(seq, msg.data, msg.subject, stored_ns)
         except Exception:  # what the runtime dead-letters: the view only moves its last_seq
             projection.view.last_seq = seq
             refused += 1

@@ -131,6 +131,14 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     payload: str
     payload_encoding: str
     occurred_at: AwareDatetime
+    # The copy is cut at DEAD_LETTER_PAYLOAD_MAX bytes (a refused event may be as large as
+    # the server takes, and the letter must fit in one message too); the original stays in
+    # the stream at `stream_seq`.
+    payload_bytes: int | None = None
+    payload_truncated: bool = False
+
+
+DEAD_LETTER_PAYLOAD_MAX = 64 * 1024
 
 
 _encode = msgspec.json.Encoder().encode
@@ -398,6 +406,8 @@ async def dead_letter(
     now: datetime | None = None,
 ) -> None:
     """Copy a refused message, with the reason, to `stockpilot.deadletter.<service>`."""
+    size = len(data)
+    data = data[:DEAD_LETTER_PAYLOAD_MAX]
     try:
         payload, encoding = data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -410,6 +420,8 @@ async def dead_letter(
         payload=payload,
         payload_encoding=encoding,
         occurred_at=now or utc_now(),
+        payload_bytes=size,
+        payload_truncated=size > DEAD_LETTER_PAYLOAD_MAX,
     )
     await nc.publish(dead_letter_subject(service), _encode(letter))
 

@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 import msgspec
 
 from shared.bus import StreamSpec
-from shared.events import Alert, AwareDatetime
+from shared.events import Alert, AwareDatetime, admission_problem
 
 
 class View(msgspec.Struct, kw_only=True):
@@ -56,10 +56,29 @@ class Projection(Generic[V, E]):
         """The subject filter the consumer uses."""
         return self.filter_subject or self.stream.subjects[0]
 
-    def fold(self, seq: int, data: bytes, subject: str | None = None) -> Sequence[Alert]:
-        """Decode and apply one stored message (stored on `subject`, when the caller knows
-        it); raises on a message to dead-letter."""
+    def admit(
+        self, data: bytes, subject: str | bytes | None = None, stored_ns: int | None = None
+    ) -> E:
+        """Decode one stored message and check it may be folded; raises on a dead letter.
+
+        `subject` and `stored_ns` (the stream's timestamp of the message) come from the
+        message's JetStream metadata, so the live service and a replay decide alike.
+        """
         event = self.decode(data)
+        problem = admission_problem(event, subject, stored_ns)
+        if problem is not None:
+            raise FoldError(problem)
+        return event
+
+    def fold(
+        self,
+        seq: int,
+        data: bytes,
+        subject: str | bytes | None = None,
+        stored_ns: int | None = None,
+    ) -> Sequence[Alert]:
+        """Decode, check and apply one stored message; raises on a message to dead-letter."""
+        event = self.admit(data, subject, stored_ns)
         self.view = self.apply(self.view, event)
         self.view.last_seq = seq
         if self.react is None:

@@ -80,6 +80,10 @@ def changed_subject(service: str) -> str:
 # Consecutive failed snapshot writes, while connected, after which the snapshot loop fails.
 SNAPSHOT_MAX_FAILURES = 10
 
+# What a payload that does not decode raises: msgspec's errors, and also a RecursionError
+# for JSON nested too deep and a UnicodeDecodeError for invalid UTF-8 inside a string.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+
 # Change notices are coalesced: at most one per service every few milliseconds.
 CHANGE_NOTICE_INTERVAL_S = 0.005
 
@@ -90,21 +94,28 @@ def micro_name(service: str) -> str:
 
 
 def ack_position(msg: Msg) -> tuple[int, int]:
-    """A JetStream message's stream sequence and pending count, read from its reply subject.
+    """A JetStream message's stream sequence and pending count, read from its reply subject."""
+    seq, pending, _ = ack_metadata(msg)
+    return seq, pending
+
+
+def ack_metadata(msg: Msg) -> tuple[int, int, int]:
+    """A JetStream message's stream sequence, pending count and stored time (ns since the
+    epoch), read from its reply subject.
 
     `msg.metadata` builds a Metadata, a SequencePair and a datetime for every message: about
-    a fifth of the runtime's per-message cost while catching up (docs/profiles/). Only the two
+    a fifth of the runtime's per-message cost while catching up (docs/profiles/). Only the
     integers are needed; anything unexpected falls back to nats-py's parser.
     """
     tokens = (msg.reply or "").split(".")
     count = len(tokens)
     if tokens[0] == "$JS" and tokens[1:2] == ["ACK"]:
         if count == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            return int(tokens[5]), int(tokens[8])
+            return int(tokens[5]), int(tokens[8]), int(tokens[7])
         if count >= 11:  # v2: $JS.ACK.<domain>.<hash>.<stream>... (+ a random token)
-            return int(tokens[7]), int(tokens[10])
+            return int(tokens[7]), int(tokens[10]), int(tokens[9])
     meta = msg.metadata
-    return meta.sequence.stream, meta.num_pending
+    return meta.sequence.stream, meta.num_pending, round(meta.timestamp.timestamp() * 1e9)
 
 
 class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -469,9 +480,9 @@ class Runtime:
         projection = tracked.projection
         service = self.definition.name
 
-        def apply(seq: int, pending: int, subject: bytes, data: bytes) -> None:
+        def apply(seq: int, pending: int, subject: bytes, data: bytes, stored_ns: int) -> None:
             tracked.lag = pending
-            self._apply(tracked, seq, subject, data)
+            self._apply(tracked, seq, subject, data, stored_ns)
 
         def caught_up() -> None:
             tracked.lag = 0
@@ -554,8 +565,8 @@ class Runtime:
 
     def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
         async def on_message(msg: Msg) -> None:
-            seq, tracked.lag = ack_position(msg)
-            self._apply(tracked, seq, msg.subject, msg.data)
+            seq, tracked.lag, stored_ns = ack_metadata(msg)
+            self._apply(tracked, seq, msg.subject, msg.data, stored_ns)
             if tracked.lag == 0:
                 self._mark_caught_up(tracked)
 
@@ -573,15 +584,20 @@ class Runtime:
                 tracked.events_applied,
             )
 
-    def _apply(self, tracked: _Tracked, seq: int, subject: str | bytes, data: bytes) -> None:
-        """Fold one stored event (or dead-letter it); skip what the view already holds."""
+    def _apply(
+        self, tracked: _Tracked, seq: int, subject: str | bytes, data: bytes, stored_ns: int
+    ) -> None:
+        """Fold one stored event (or dead-letter it); skip what the view already holds.
+
+        The fold checks the event against the subject it was stored on and the time the
+        stream stored it (both from the message itself, so a replay decides alike).
+        """
         projection = tracked.projection
         if seq <= projection.view.last_seq:
             return
         try:
-            stored_on = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
-            alerts = projection.fold(seq, data, stored_on)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            alerts = projection.fold(seq, data, subject, stored_ns)
+        except DECODE_ERRORS as exc:
             self._refuse(tracked, subject, data, seq, bus.describe_decode_error(exc))
         except FoldError as exc:
             self._refuse(tracked, subject, data, seq, str(exc))

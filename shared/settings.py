@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
+from shared import redact
+
 PREFIX = "STOCKPILOT_"
 CONFIG_FILE_VARIABLE = "STOCKPILOT_CONFIG"
 DEFAULT_CONFIG_FILE = "stockpilot.toml"
@@ -132,9 +134,12 @@ def load_settings(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         except msgspec.ValidationError as exc:
             raise SettingsError(f"{variable}: {exc} (got {_shown(variable, raw)})") from None
     try:
-        return msgspec.convert(values, cls, strict=False)
+        settings = msgspec.convert(values, cls, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(str(exc)) from None
+    # Whatever a process loads as a secret, its logs must never show (shared.logs).
+    redact.register_settings(settings)
+    return settings
 
 
 def _shown(variable: str, raw: Any) -> str:

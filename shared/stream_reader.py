@@ -37,9 +37,10 @@ from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
 
 log = logging.getLogger("stockpilot.stream_reader")
 
-# apply(stream sequence, messages still pending after it, subject, payload); the subject is
-# left as bytes (decoding it for every message cost more than the rare dead letter needs).
-Apply = Callable[[int, int, bytes, bytes], None]
+# apply(stream sequence, messages still pending after it, subject, payload, the time the
+# stream stored it in ns since the epoch); the subject is left as bytes for the caller to
+# decode only where it needs it.
+Apply = Callable[[int, int, bytes, bytes, int], None]
 
 _ACK_PREFIX = b"$JS.ACK."
 _LAST_CONSUMER = b"Nats-Last-Consumer:"
@@ -100,7 +101,7 @@ class _Reader(FrameProtocol):
             )
         self.next_consumer_seq += 1
         pending = int(tokens[8])
-        self.apply(int(tokens[5]), pending, subject, payload)
+        self.apply(int(tokens[5]), pending, subject, payload, int(tokens[7]))
         self.applied += 1
         if pending == 0:
             self._caught_up()

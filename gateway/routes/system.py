@@ -13,6 +13,7 @@ import nats.errors
 import nats.js.errors
 from litestar import Request, Response, Router, get
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from nats.js import api as js_api
 
 from gateway.auth import read_guard
 from gateway.response_cache import CACHED
@@ -29,6 +30,7 @@ from gateway.status_areas import (
 from services.batch.schemas import BatchSummary
 from services.health.queries import HealthSummary
 from services.usage.service import UsageSummary, UsageToday
+from shared import bus
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime
 from shared.hook_status import hooks_process_state, read_hooks_status
@@ -37,6 +39,9 @@ from shared.runtime import VERSION, ServiceStatus
 SERVICES = ("health", "usage", "batch")
 # /status and /ready must answer quickly even when a service hangs: a shorter timeout.
 PROBE_TIMEOUT_S = 1.0
+USAGE_STREAM = bus.STREAMS["usage"].name
+# A stream (or account) with less room than this left cannot take a usage event.
+EVENT_ROOM_BYTES = 1024
 
 
 class GatewayHealth(msgspec.Struct, kw_only=True):
@@ -57,12 +62,23 @@ class Liveness(msgspec.Struct, kw_only=True):
 
 
 class Readiness(msgspec.Struct, kw_only=True):
-    """Whether the gateway can serve: NATS and every service answering and caught up."""
+    """Whether the gateway can serve: NATS and every service answering and caught up, and
+    the usage stream taking writes."""
 
     ready: bool
     nats_connected: bool
     services: dict[str, str]
     timestamp: AwareDatetime
+    # Why it is not ready, when a stream refuses writes.
+    detail: str | None = None
+
+
+class StreamWrites(msgspec.Struct, kw_only=True):
+    """Whether a stream takes writes: `accepting` null when it could not be checked."""
+
+    stream: str
+    accepting: bool | None
+    detail: str | None = None
 
 
 class SystemStatus(msgspec.Struct, kw_only=True):
@@ -84,6 +100,9 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     areas: dict[str, Area] = msgspec.field(default_factory=dict)
     # One per problem, worst first: every area that is not healthy has at least one.
     reasons: list[Reason] = msgspec.field(default_factory=list)
+    # STOCKPILOT_USAGE refusing writes (full, sealed, JetStream out of storage) is unhealthy:
+    # every LLM call then waits in its producer's spool or is lost.
+    usage_stream: StreamWrites | None = None
 
 
 def _gateway_health(
@@ -133,23 +152,86 @@ async def _service_states(services: Services) -> dict[str, ServiceState]:
     return dict(zip(SERVICES, states, strict=True))
 
 
+def stream_refusal(
+    name: str,
+    config: js_api.StreamConfig,
+    state: js_api.StreamState,
+    account: js_api.AccountInfo | None = None,
+) -> str | None:
+    """Why a stream refuses new events, judged from its info (and its account's), or None."""
+    if config.sealed:
+        return f"stream {name} is sealed: it refuses every write"
+    if config.discard == js_api.DiscardPolicy.NEW:
+        if config.max_bytes and config.max_bytes > 0:
+            if state.bytes + EVENT_ROOM_BYTES > config.max_bytes:
+                return (
+                    f"stream {name} is full: {state.bytes} of its max_bytes {config.max_bytes}, "
+                    "and it refuses new events (discard new); raise max_bytes or free space"
+                )
+        if config.max_msgs and 0 < config.max_msgs <= state.messages:
+            return (
+                f"stream {name} is full: {state.messages} of its max_msgs {config.max_msgs}, "
+                "and it refuses new events (discard new); raise max_msgs"
+            )
+    if account is not None and account.limits.max_storage is not None:
+        max_storage = account.limits.max_storage
+        if 0 < max_storage < account.storage + EVENT_ROOM_BYTES:
+            return (
+                f"stream {name} cannot grow: its JetStream account has used {account.storage} "
+                f"of its {max_storage} bytes of file storage"
+            )
+    return None
+
+
+async def _usage_stream_writes(services: ServiceClient) -> StreamWrites:
+    """Whether STOCKPILOT_USAGE takes writes, from its stream and account info."""
+    if services.nc is None or not services.nc.is_connected:
+        return StreamWrites(stream=USAGE_STREAM, accepting=None, detail="NATS is unavailable")
+    js = services.nc.jetstream()
+    try:
+        info, account = await asyncio.wait_for(
+            asyncio.gather(js.stream_info(USAGE_STREAM), js.account_info()), PROBE_TIMEOUT_S
+        )
+    except TimeoutError:
+        # Not an answer about the stream (a slow server, or no permission to ask).
+        return StreamWrites(
+            stream=USAGE_STREAM, accepting=None, detail="its stream info was not answered in time"
+        )
+    except nats.js.errors.NotFoundError:
+        detail = f"stream {USAGE_STREAM} does not exist (the usage service creates it at start)"
+        return StreamWrites(stream=USAGE_STREAM, accepting=False, detail=detail)
+    except (nats.errors.Error, nats.js.errors.Error) as exc:
+        # JetStream that answers with an error, or not at all (a full disk disables it).
+        detail = f"JetStream does not describe stream {USAGE_STREAM} ({exc}): it takes no writes"
+        return StreamWrites(stream=USAGE_STREAM, accepting=False, detail=detail)
+    refusal = stream_refusal(USAGE_STREAM, info.config, info.state, account)
+    return StreamWrites(stream=USAGE_STREAM, accepting=refusal is None, detail=refusal)
+
+
 @get("/health/ready", summary="Readiness: NATS and all three services answering")
 async def ready(services: Services, clock: GatewayClock) -> Response[Readiness]:
-    """200 when NATS is connected and every service answers caught up; 503 otherwise."""
-    states = (
-        await _service_states(services)
-        if services.connected
-        else {
+    """200 when NATS is connected, every service answers caught up and the usage stream
+    takes writes; 503 otherwise."""
+    if services.connected:
+        states, usage_stream = await asyncio.gather(
+            _service_states(services), _usage_stream_writes(services)
+        )
+    else:
+        states = {
             name: ServiceState(status="unavailable", detail="NATS is unavailable")
             for name in SERVICES
         }
+        usage_stream = StreamWrites(stream=USAGE_STREAM, accepting=None)
+    refusing = usage_stream.accepting is False
+    is_ready = (
+        services.connected and all(s.status == "up" for s in states.values()) and not refusing
     )
-    is_ready = services.connected and all(s.status == "up" for s in states.values())
     body = Readiness(
         ready=is_ready,
         nats_connected=services.connected,
         services={name: s.status for name, s in states.items()},
         timestamp=clock.now(),
+        detail=usage_stream.detail if refusing else None,
     )
     return Response(body, status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE)
 
@@ -210,12 +292,13 @@ async def _optional(coro: Any) -> Any:
 )
 async def system_status(services: Services, clock: GatewayClock) -> SystemStatus:
     """Never hangs: a service that does not answer shows as `unavailable`."""
-    states, health, usage, batch, hooks = await asyncio.gather(
+    states, health, usage, batch, hooks, usage_stream = await asyncio.gather(
         _service_states(services),
         _optional(services.query("health", "summary", HealthSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("usage", "summary", UsageSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(services.query("batch", "summary", BatchSummary, timeout=PROBE_TIMEOUT_S)),
         _optional(_hooks(services, clock.now())),
+        _usage_stream_writes(services),
     )
     now = clock.now()
     verdict = judge(
@@ -227,6 +310,11 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
             usage=usage,
             batch=batch,
             hooks=hooks,
+            usage_stream_refusal=(
+                (usage_stream.detail or "it refuses writes")
+                if usage_stream.accepting is False
+                else None
+            ),
         )
     )
     return SystemStatus(
@@ -241,6 +329,7 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
         hooks=hooks[1] if hooks is not None else [],
         areas=verdict.areas,
         reasons=verdict.reasons,
+        usage_stream=usage_stream,
     )
 
 

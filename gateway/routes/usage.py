@@ -32,7 +32,9 @@ from services.usage.decide import (
     ResetAnswer,
     ResetParams,
 )
+from services.usage.events import Reason
 from shared.errors import InvalidRequestError
+from shared.events import EARLIEST
 
 # A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
 FORWARD_MAX_BYTES = 900 * 1024
@@ -41,10 +43,34 @@ _encode = msgspec.json.Encoder().encode
 
 
 class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Optional body of POST /usage/reset."""
+    """Optional body of POST /usage/reset (bounded like the usage.reset event it becomes)."""
 
-    scope: str = "all"
-    reason: str | None = None
+    scope: Annotated[str, msgspec.Meta(max_length=64)] = "all"
+    reason: Reason | None = None
+
+
+# Days and times asked for must lie where the calendar arithmetic behind them works
+# (`?date=9999-12-31` has no next day) and where events can be: from EARLIEST (events before
+# it are dead letters) to the year 2999.
+LAST_YEAR = 2999
+
+
+def _moment_param(name: str, value: str | None) -> str | None:
+    """A date or time query parameter, refused with a 422 when its year is out of range."""
+    if value is None:
+        return None
+    year = value[:4]
+    if len(value) > 64:
+        raise InvalidRequestError(
+            f"query parameter {name!r}: expected a date YYYY-MM-DD or an RFC 3339 time, "
+            f"got {len(value)} characters"
+        )
+    if year.isdigit() and not EARLIEST.year <= int(year) <= LAST_YEAR:
+        raise InvalidRequestError(
+            f"query parameter {name!r}: {value!r} is out of range; give a date between "
+            f"{EARLIEST.year}-01-01 and {LAST_YEAR}-12-31"
+        )
+    return value
 
 
 @get(
@@ -60,7 +86,11 @@ async def usage_stats(
     end: FromQuery[str | None] = None,
 ) -> UsageStats:
     """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default."""
-    params = StatsParams(date=date, start=start, end=end)
+    params = StatsParams(
+        date=_moment_param("date", date),
+        start=_moment_param("start", start),
+        end=_moment_param("end", end),
+    )
     return await services.query("usage", "stats", UsageStats, params)
 
 
@@ -72,7 +102,9 @@ async def usage_timeseries(
     end: FromQuery[str | None] = None,
 ) -> UsageTimeseries:
     """Every bucket of the range (zeros included); hourly today by default."""
-    params = TimeseriesParams(bucket=bucket, start=start, end=end)
+    params = TimeseriesParams(
+        bucket=bucket, start=_moment_param("start", start), end=_moment_param("end", end)
+    )
     return await services.query("usage", "timeseries", UsageTimeseries, params)
 
 
@@ -122,7 +154,11 @@ async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Re
 async def usage_records(
     request: Request[Any, Any, Any], services: Services, clock: GatewayClock
 ) -> IngestAnswer:
-    """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}]."""
+    """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}].
+
+    A single record (a JSON object, not a list) that is refused makes the request a 422 with
+    the reason as `detail`; a list answers 202 and names each refused record.
+    """
     received_at = clock.now()
     body = await request.body()
     data = _decode_body(body, Any)
@@ -143,16 +179,27 @@ async def usage_records(
         answer.duplicates += got.duplicates
         answer.rejected.extend(got.rejected)
         answer.ids.extend(got.ids)
+    if isinstance(data, dict) and answer.rejected:
+        # One record posted on its own is the whole body: refused, the request is a 422.
+        raise InvalidRequestError(f"body: {answer.rejected[0].reason}")
     return answer
 
 
 def _decode_body(body: bytes, kind: Any) -> Any:
     try:
         return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:  # a DecodeError too: valid JSON, wrong content
+        raise InvalidRequestError(f"body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from None
-    except msgspec.ValidationError as exc:
-        raise InvalidRequestError(f"body: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError(
+            "body: JSON nested too deeply (thousands of levels); send flat records"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequestError(
+            f"body: not valid UTF-8 (byte {exc.start}: {exc.reason}); JSON must be UTF-8"
+        ) from None
 
 
 def _parts(params: IngestParams) -> list[IngestParams]:

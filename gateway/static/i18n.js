@@ -344,6 +344,7 @@ const MESSAGES = {
     "why.batch.job_lost": "{job_id}의 마지막 실행이 유실되었고(하트비트 중단) 이후 성공한 실행이 없습니다",
     "why.batch.ok": "실행 중 {running}건 · 24시간 실패 {failed_24h}건",
     "why.batch.failing": "실패 중: {jobs} · 실행 중 {running}건",
+    "why.services.usage_stream": "사용량 스트림이 쓰기를 거부합니다: {detail}. LLM 호출이 프로듀서의 스풀에서 대기하거나 유실됩니다",
     "why.batch.missed": "예정 시각에 시작하지 않음: {missed_jobs} · 실행 중 {running}건",
     "why.batch.job_missed": "{job_id}이(가) {expected_at}에 시작할 예정이었으나 시작하지 않았습니다 (놓친 실행 {count}회)",
     "why.locks.expired": "{job_id} 잠금이 만료되었지만({ago}) {owner}가 아직 보유 중입니다",

@@ -11,11 +11,31 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from shared.events import JOB_ID_RE, AwareDatetime, Event, JobId
+from shared.events import JOB_ID_RE, AwareDatetime, Event, JobId, wrong_subject
 
-NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
-NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+# Ranges (contract §4): far beyond any real run, small enough that sums, rates and snapshots
+# stay finite and fit in 64 bits. An upper bound on a float also refuses infinity.
+ItemCount = Annotated[int, msgspec.Meta(ge=0, lt=10**15)]
+Megabytes = Annotated[float, msgspec.Meta(ge=0, lt=1e9)]
+# Percent of one core: a process on many cores goes past 100.
+CpuPercent = Annotated[float, msgspec.Meta(ge=0, lt=1e5)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, lt=1e9)]
+PerSecond = Annotated[float, msgspec.Meta(ge=0, lt=1e12)]
+HeartbeatInterval = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+Pid = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
+# A stream sequence (fencing tokens are stream sequences).
+FencingToken = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# Strings: an execution id is a UUID or the like; a host name is at most 253 characters
+# (DNS); an owner or actor names a worker or a person. Errors, warnings and tracebacks are
+# kept shortened by the projection; these bounds only refuse what no worker sends.
+ExecutionId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+HostName = Annotated[str, msgspec.Meta(max_length=255)]
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+WarningText = Annotated[str, msgspec.Meta(max_length=1000)]
+Warnings = Annotated[list[WarningText], msgspec.Meta(max_length=100)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=10_000)]
+TracebackText = Annotated[str, msgspec.Meta(max_length=100_000)]
+Note = Annotated[str, msgspec.Meta(max_length=1000)]
 # The longest schedule interval or grace period (a leap year).
 YEAR_S = 366 * 86_400
 
@@ -58,82 +78,105 @@ def job_id_problem(job_id: str) -> str | None:
     )
 
 
-class BatchStarted(Event, frozen=True, kw_only=True, tag="batch.started"):
+class _RunEventBase(Event, frozen=True, kw_only=True):
+    """What every execution event shares: it belongs on its own job's run subject."""
+
+    job_id: JobId
+
+    def stored_problem(self, subject: str) -> str | None:
+        """`stockpilot.batch.run.<job_id>`, the job of the event itself."""
+        expected = run_subject(self.job_id)
+        if subject == expected:
+            return None
+        return wrong_subject(f"a run event of job {self.job_id!r}", subject, expected)
+
+
+class _LockEventBase(Event, frozen=True, kw_only=True):
+    """What every lock event shares: it belongs on its own job's lock subject.
+
+    The expected-sequence header guards one lock subject; a lock event of job A stored on
+    job B's subject would slip past that guard and change A's lock.
+    """
+
+    job_id: JobId
+
+    def stored_problem(self, subject: str) -> str | None:
+        """`stockpilot.batch.lock.<job_id>`, the job of the event itself."""
+        expected = lock_subject(self.job_id)
+        if subject == expected:
+            return None
+        return wrong_subject(f"a lock event of job {self.job_id!r}", subject, expected)
+
+
+class BatchStarted(_RunEventBase, frozen=True, kw_only=True, tag="batch.started"):
     """An execution began (its worker holds the job lock)."""
 
-    execution_id: str
-    job_id: JobId
-    host: str
-    pid: int
-    items_total: NonNegativeInt | None = None
-    heartbeat_interval_s: PositiveFloat | None = None
-    fencing_token: int | None = None
+    execution_id: ExecutionId
+    host: HostName
+    pid: Pid
+    items_total: ItemCount | None = None
+    heartbeat_interval_s: HeartbeatInterval | None = None
+    fencing_token: FencingToken | None = None
 
 
-class BatchProgress(Event, frozen=True, kw_only=True, tag="batch.progress"):
+class BatchProgress(_RunEventBase, frozen=True, kw_only=True, tag="batch.progress"):
     """A heartbeat: how far the execution is and what the process uses."""
 
-    execution_id: str
-    job_id: JobId
-    items_processed: NonNegativeInt
-    items_total: NonNegativeInt | None = None
-    memory_mb: NonNegativeFloat
-    cpu_percent: NonNegativeFloat
+    execution_id: ExecutionId
+    items_processed: ItemCount
+    items_total: ItemCount | None = None
+    memory_mb: Megabytes
+    cpu_percent: CpuPercent
 
 
-class BatchFinished(Event, frozen=True, kw_only=True, tag="batch.finished"):
+class BatchFinished(_RunEventBase, frozen=True, kw_only=True, tag="batch.finished"):
     """An execution ended: succeeded, failed (with the error) or cancelled."""
 
-    execution_id: str
-    job_id: JobId
+    execution_id: ExecutionId
     status: FinishedStatus
-    items_processed: NonNegativeInt
-    duration_s: NonNegativeFloat
-    throughput_per_s: NonNegativeFloat
-    peak_memory_mb: NonNegativeFloat
-    avg_cpu_percent: NonNegativeFloat
-    warnings: list[str] = []
-    error: str | None = None
-    traceback: str | None = None
+    items_processed: ItemCount
+    duration_s: Seconds
+    throughput_per_s: PerSecond
+    peak_memory_mb: Megabytes
+    avg_cpu_percent: CpuPercent
+    warnings: Warnings = []
+    error: ErrorText | None = None
+    traceback: TracebackText | None = None
 
 
-class LockAcquired(Event, frozen=True, kw_only=True, tag="lock.acquired"):
+class LockAcquired(_LockEventBase, frozen=True, kw_only=True, tag="lock.acquired"):
     """A job lock was taken until `expires_at`; its stream sequence is the fencing token."""
 
-    job_id: JobId
-    owner: str
-    execution_id: str | None = None
+    owner: Owner
+    execution_id: ExecutionId | None = None
     expires_at: AwareDatetime
 
 
-class LockReleased(Event, frozen=True, kw_only=True, tag="lock.released"):
+class LockReleased(_LockEventBase, frozen=True, kw_only=True, tag="lock.released"):
     """A job lock was given back (released), taken away (forced) or cleaned up (expired)."""
 
-    job_id: JobId
-    owner: str
+    owner: Owner
     reason: ReleaseReason
-    by: str
-    note: str | None = None
+    by: Owner
+    note: Note | None = None
     # The lock given back (its lock.acquired's sequence); older events name only the owner.
-    fencing_token: int | None = None
+    fencing_token: FencingToken | None = None
 
 
-class BatchSkipped(Event, frozen=True, kw_only=True, tag="batch.skipped"):
+class BatchSkipped(_RunEventBase, frozen=True, kw_only=True, tag="batch.skipped"):
     """A run that did not start because the job's lock was held (history status `skipped`)."""
 
-    execution_id: str
-    job_id: JobId
+    execution_id: ExecutionId
     reason: Literal["locked"] = "locked"
-    holder_owner: str | None = None
-    holder_fencing_token: int | None = None
+    holder_owner: Owner | None = None
+    holder_fencing_token: FencingToken | None = None
 
 
-class LockRenewed(Event, frozen=True, kw_only=True, tag="lock.renewed"):
+class LockRenewed(_LockEventBase, frozen=True, kw_only=True, tag="lock.renewed"):
     """The holder of lock `fencing_token` extended it until `expires_at` (a lease renewal)."""
 
-    job_id: JobId
-    owner: str
-    fencing_token: int
+    owner: Owner
+    fencing_token: FencingToken
     expires_at: AwareDatetime
 
 
@@ -149,6 +192,14 @@ class JobScheduled(Event, frozen=True, kw_only=True, tag="batch.job_scheduled"):
     grace_s: Annotated[float, msgspec.Meta(ge=0, le=YEAR_S)] = 0.0
     tz: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
     removed: bool = False
+
+    def stored_problem(self, subject: str) -> str | None:
+        """`stockpilot.batch.schedule.<job_id>`: a schedule on a run subject (which producers
+        may publish) must not change what the service expects."""
+        expected = schedule_subject(self.job_id)
+        if subject == expected:
+            return None
+        return wrong_subject(f"a schedule of job {self.job_id!r}", subject, expected)
 
 
 RunEvent = BatchStarted | BatchProgress | BatchFinished | BatchSkipped
@@ -166,27 +217,3 @@ BatchEvent = (
 
 decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
 decode_lock_event = msgspec.json.Decoder(LockEvent).decode
-
-
-# Which event types each batch subject carries (contract §4: a type on another subject, or a
-# job_id that is not the subject's token, is a dead letter).
-_SUBJECT_TYPES: dict[str, tuple[type[Event], ...]] = {
-    RUN_SUBJECT_PREFIX: (BatchStarted, BatchProgress, BatchFinished, BatchSkipped),
-    LOCK_SUBJECT_PREFIX: (LockAcquired, LockReleased, LockRenewed),
-    SCHEDULE_SUBJECT_PREFIX: (JobScheduled,),
-}
-
-
-def subject_problem(subject: str, event: BatchEvent) -> str | None:
-    """Why `event` may not be stored on `subject`, or None when it belongs there."""
-    for prefix, types in _SUBJECT_TYPES.items():
-        if not subject.startswith(prefix):
-            continue
-        if not isinstance(event, types):
-            tag = type(event).__struct_config__.tag
-            return f"a {tag} event does not belong on {subject[:200]}"
-        token = subject[len(prefix) :]
-        if event.job_id != token:
-            return f"job_id {event.job_id!r} differs from the subject's job {token[:80]!r}"
-        return None
-    return f"{subject[:200]} is not a batch run, lock or schedule subject"

@@ -27,7 +27,6 @@ from services.batch.events import (
     LockRenewed,
     ReleaseReason,
     decode_batch_event,
-    subject_problem,
 )
 from services.batch.lockrule import LockState, lock_step
 from services.batch.schedule import JobSchedule
@@ -409,15 +408,17 @@ class BatchProjection(Projection[BatchView, BatchEvent]):
 
     history_limit: int = DEFAULT_HISTORY_LIMIT
 
-    def fold(self, seq: int, data: bytes, subject: str | None = None) -> Sequence[Alert]:
-        """Decode and apply one stored message at `seq`; an event on a subject it does not
-        belong to is refused (FoldError: the runtime dead-letters it), so a lock event naming
-        another job, or a schedule published on a run subject, changes nothing."""
-        event = self.decode(data)
-        if subject is not None:
-            problem = subject_problem(subject, event)
-            if problem is not None:
-                raise FoldError(problem)
+    def fold(
+        self,
+        seq: int,
+        data: bytes,
+        subject: str | bytes | None = None,
+        stored_ns: int | None = None,
+    ) -> Sequence[Alert]:
+        """Decode, check and apply one stored message at `seq`: an event on a subject it does
+        not belong to (a lock event naming another job, a schedule on a run subject) is
+        refused (FoldError: the runtime dead-letters it) and changes nothing."""
+        event = self.admit(data, subject, stored_ns)
         self.view = apply(self.view, event, seq, self.history_limit)
         self.view.last_seq = seq
         return react(self.view, event)

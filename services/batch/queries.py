@@ -89,9 +89,44 @@ def recent(
     ]
     newest = matching[::-1][: params.limit]
     return RecentExecutions(
-        executions=[execution_out(e, now, default_interval_s) for e in newest],
+        executions=fit_answer([execution_out(e, now, default_interval_s) for e in newest]),
         total=len(matching),
     )
+
+
+# An answer is one NATS message (1 MiB by default). A thousand executions that each carry
+# the longest error, warnings and traceback the projection keeps are ~16 MB: past this budget
+# the older executions lose their traceback and warnings (their error cut short), and if that
+# is not enough, the oldest are left out (`total` still counts them).
+ANSWER_BUDGET_BYTES = 768 * 1024
+SHORT_ERROR_CHARS = 200
+_encode = msgspec.json.Encoder().encode
+
+
+def fit_answer(executions: list[ExecutionOut]) -> list[ExecutionOut]:
+    """`executions` (newest first), shortened as little as needed to fit the budget."""
+    sizes = [len(_encode(e)) for e in executions]
+    total = sum(sizes)
+    if total <= ANSWER_BUDGET_BYTES:
+        return executions
+    for i in reversed(range(len(executions))):
+        if total <= ANSWER_BUDGET_BYTES:
+            break
+        execution = executions[i]
+        executions[i] = msgspec.structs.replace(
+            execution,
+            traceback=None,
+            warnings=[],
+            error=execution.error[:SHORT_ERROR_CHARS] if execution.error else None,
+            host=execution.host[:64],
+        )
+        size = len(_encode(executions[i]))
+        total += size - sizes[i]
+        sizes[i] = size
+    while total > ANSWER_BUDGET_BYTES and len(executions) > 1:
+        total -= sizes.pop()
+        executions.pop()
+    return executions
 
 
 def p95(values: list[float]) -> float | None:
@@ -109,20 +144,29 @@ def _mean(values: list[float]) -> float | None:
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _PATH = re.compile(r"(?:\b[A-Za-z]:)?(?:[/\\][^\s/\\:'\",;()\[\]{}<>]+)+[/\\]?")
 _DECIMAL = re.compile(r"\b\d+\.\d+\b")
-_TOKEN_WITH_DIGIT = re.compile(r"[A-Za-z0-9_-]*\d[A-Za-z0-9_-]*")
+# Each run of word characters once, then a look for a digit inside it: the same result as
+# `[A-Za-z0-9_-]*\d[A-Za-z0-9_-]*`, whose backtracking took quadratic time on a long run
+# without a digit (1,000 such errors kept the stats endpoint busy for minutes).
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+_DIGIT = re.compile(r"\d")
 
 
 def _token(match: re.Match[str]) -> str:
-    return "<n>" if match.group().isdigit() else "<id>"
+    token = match.group()
+    if _DIGIT.search(token) is None:
+        return token
+    return "<n>" if token.isdigit() else "<id>"
 
 
 def error_pattern(error: str) -> str:
     """The error's first line with numbers, ids and paths replaced by placeholders."""
-    text = (error.strip().splitlines() or [""])[0]
+    # The pattern keeps 300 characters; what lies past 1,000 of the first line cannot reach
+    # them unless placeholders shorten it a lot, and scanning it costs the stats answer time.
+    text = (error.strip().splitlines() or [""])[0][:1000]
     text = _UUID.sub("<id>", text)
     text = _PATH.sub("<path>", text)
     text = _DECIMAL.sub("<n>", text)
-    text = _TOKEN_WITH_DIGIT.sub(_token, text)
+    text = _TOKEN.sub(_token, text)
     return text[:300]
 
 

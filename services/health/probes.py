@@ -1,7 +1,9 @@
 """Probes of StockPilot's dependencies, over real connections, each bounded by its own timeout.
 
 A probe never raises: whatever goes wrong becomes an `unhealthy` result with an error a person
-understands. Targets are shown redacted (no password, no key) in details and errors.
+understands. A result is redacted before it becomes an event (kept for months, shown by the
+routes, copied into alerts and webhooks): no secret of the settings in any form (raw, stripped,
+escaped, URL-encoded), no password of any URL or DSN, in its error or its details.
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.health.events import Details, Kind, Status
-from services.health.redact import hostport, password_of, redact_url, scrub
 from services.health.settings import ExternalApi, HealthSettings
+from shared.redact import (
+    Redactor,
+    hostport,
+    is_conninfo,
+    parse_conninfo,
+    redact_url,
+    registered,
+    secrets_of,
+)
+
+# What of a server's error body an error shows: enough for "Incorrect API key provided".
+BODY_EXCERPT_CHARS = 200
 
 
 class ProbeResult(msgspec.Struct, kw_only=True):
@@ -75,31 +88,99 @@ def _describe(exc: BaseException, where: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def redactor(settings: HealthSettings) -> Redactor:
+    """Hides every secret of the settings (and any the process registered) in a result."""
+    return Redactor(secrets_of(settings) | registered().secrets)
+
+
+def redacted(result: ProbeResult, shown: Redactor) -> ProbeResult:
+    """The result with its error and every string of its details redacted."""
+    return msgspec.structs.replace(
+        result,
+        details=shown.value(result.details),
+        error=None if result.error is None else shown(result.error),
+    )
+
+
+def excerpt(body: bytes, shown: Redactor) -> str:
+    """A server's answer as one short line for an error: OpenAI-style `error.message` if any."""
+    try:
+        decoded = msgspec.json.decode(body, type=_ErrorBody)
+        text = (decoded.error.message if decoded.error else "") or decoded.detail or ""
+    except msgspec.DecodeError:  # not a JSON error object: the text itself
+        text = body.decode("utf-8", "replace")
+    # Redacted before it is cut: a cut could leave half a secret that no longer matches.
+    line = " ".join(shown(text).split())
+    return line if len(line) <= BODY_EXCERPT_CHARS else line[: BODY_EXCERPT_CHARS - 1] + "…"
+
+
+class _ErrorMessage(msgspec.Struct):
+    message: str = ""
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorMessage | None = None
+    detail: str | None = None
+
+
 async def bounded(
     component: str,
     kind: Kind,
     target: str,
     timeout: float,
     probe: Callable[[], Awaitable[ProbeResult]],
-    secrets: tuple[str | None, ...] = (),
+    shown: Redactor,
 ) -> ProbeResult:
-    """Run `probe` within `timeout`; a hang or an error becomes an unhealthy result."""
+    """Run `probe` within `timeout`; a hang or an error becomes an unhealthy result. Either
+    way the result is redacted."""
     start = time.perf_counter()
     try:
         async with asyncio.timeout(timeout):
-            return await probe()
+            return redacted(await probe(), shown)
     except (TimeoutError, RedisTimeoutError, httpx.TimeoutException):
         error = f"no answer from {target} within {timeout:g} s"
     except Exception as exc:
         error = _describe(exc, target)
-    return ProbeResult(
+    result = ProbeResult(
         component=component,
         kind=kind,
         status="unhealthy",
         latency_ms=_ms(start),
         details={"target": target},
-        error=scrub(error, *secrets),
+        error=error,
     )
+    return redacted(result, shown)
+
+
+_CONNINFO_ARGS = {
+    "host": "host",
+    "hostaddr": "host",
+    "port": "port",
+    "user": "user",
+    "password": "password",
+    "dbname": "database",
+    "sslmode": "ssl",
+}
+_CONNINFO_IGNORED = {"connect_timeout", "application_name", "client_encoding"}
+
+
+def connect_args(url: str) -> dict[str, object]:
+    """asyncpg.connect arguments for a URL or a libpq key/value DSN (asyncpg reads URLs only)."""
+    if not is_conninfo(url):
+        return {"dsn": url}
+    args: dict[str, object] = {}
+    for key, value in parse_conninfo(url).items():
+        if key in _CONNINFO_IGNORED:
+            continue
+        if key not in _CONNINFO_ARGS:
+            raise ProbeFailed(
+                f"the key/value DSN's {key!r} is not supported here: use "
+                "host, port, user, password, dbname, sslmode, or a postgresql:// URL"
+            )
+        if key == "hostaddr" and "host" in args:
+            continue
+        args[_CONNINFO_ARGS[key]] = int(value) if key == "port" and value.isdigit() else value
+    return args
 
 
 def _degraded(reasons: list[str]) -> tuple[Status, str | None]:
@@ -115,11 +196,12 @@ async def probe_database(settings: HealthSettings, timeout: float | None = None)
     limit = timeout or settings.probe_timeout_s
     target = redact_url(url)
     where = hostport(url, 5432)
+    shown = redactor(settings)
 
     async def run() -> ProbeResult:
         start = time.perf_counter()
         try:
-            conn = await asyncpg.connect(dsn=url, timeout=limit)
+            conn = await asyncpg.connect(**connect_args(url), timeout=limit)
         except asyncpg.PostgresError as exc:
             raise ProbeFailed(f"PostgreSQL at {where} refused the connection: {exc}") from None
         connect_ms = _ms(start)
@@ -167,7 +249,7 @@ async def probe_database(settings: HealthSettings, timeout: float | None = None)
             error=error,
         )
 
-    return await bounded("database", "database", target, limit, run, (password_of(url),))
+    return await bounded("database", "database", target, limit, run, shown)
 
 
 async def probe_redis(settings: HealthSettings, timeout: float | None = None) -> ProbeResult:
@@ -179,6 +261,7 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
     limit = timeout or settings.probe_timeout_s
     target = redact_url(url)
     where = hostport(url, 6379)
+    shown = redactor(settings)
 
     async def run() -> ProbeResult:
         client = Redis.from_url(
@@ -243,7 +326,7 @@ async def probe_redis(settings: HealthSettings, timeout: float | None = None) ->
             error=error,
         )
 
-    return await bounded("redis", "redis", target, limit, run, (password_of(url),))
+    return await bounded("redis", "redis", target, limit, run, shown)
 
 
 async def probe_openai(
@@ -256,6 +339,7 @@ async def probe_openai(
     limit = timeout or settings.probe_timeout_s
     base = settings.openai_base_url.rstrip("/")
     target = redact_url(base)
+    shown = redactor(settings)
 
     async def run() -> ProbeResult:
         start = time.perf_counter()
@@ -280,16 +364,20 @@ async def probe_openai(
                 if latency > settings.openai_slow_ms
                 else []
             )
-        elif code == 401:
-            status, error = "unhealthy", "invalid API key (401)"
-        elif code == 403:
-            status, error = "unhealthy", "the API key is not allowed to list models (403)"
-        elif code == 429:
-            status, error = "degraded", "rate limited (429)"
-        elif code >= 500:
-            status, error = "unhealthy", f"OpenAI server error ({code})"
         else:
-            status, error = "unhealthy", f"unexpected answer {code} from {target}/models"
+            if code == 401:
+                status, error = "unhealthy", "invalid API key (401)"
+            elif code == 403:
+                status, error = "unhealthy", "the API key is not allowed to list models (403)"
+            elif code == 429:
+                status, error = "degraded", "rate limited (429)"
+            elif code >= 500:
+                status, error = "unhealthy", f"OpenAI server error ({code})"
+            else:
+                status, error = "unhealthy", f"unexpected answer {code} from {target}/models"
+            said = excerpt(response.content, shown)
+            if said:
+                error = f"{error}: {said}"
         return ProbeResult(
             component="openai",
             kind="openai",
@@ -299,7 +387,7 @@ async def probe_openai(
             error=error,
         )
 
-    return await bounded("openai", "openai", target, limit, run, (key,))
+    return await bounded("openai", "openai", target, limit, run, shown)
 
 
 class _ModelList(msgspec.Struct):
@@ -313,6 +401,7 @@ async def probe_external(
     component = f"external.{api.name}"
     limit = api.timeout_s or settings.probe_timeout_s
     target = redact_url(api.url)
+    shown = redactor(settings) | Redactor(secrets_of(api))
 
     async def run() -> ProbeResult:
         start = time.perf_counter()
@@ -322,6 +411,9 @@ async def probe_external(
         if code != api.expect_status:
             status: Status = "unhealthy"
             error: str | None = f"answered {code}, expected {api.expect_status}"
+            said = excerpt(response.content, shown)
+            if said:
+                error = f"{error}: {said}"
         else:
             status, error = _degraded(
                 [f"answered in {latency:.0f} ms (> {settings.external_slow_ms:g} ms)"]
@@ -342,7 +434,7 @@ async def probe_external(
             error=error,
         )
 
-    return await bounded(component, "external_api", target, limit, run, tuple(api.headers.values()))
+    return await bounded(component, "external_api", target, limit, run, shown)
 
 
 async def probe_all(settings: HealthSettings, http: httpx.AsyncClient) -> list[ProbeResult]:

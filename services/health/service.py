@@ -18,6 +18,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from services.health import history, host, probes, queries
 from services.health.events import (
+    MAX_ERROR_CHARS,
     HealthChecked,
     HealthEvent,
     HostSampled,
@@ -68,7 +69,9 @@ def round_events(
             status=r.status,
             latency_ms=r.latency_ms,
             details=r.details,
-            error=r.error,
+            # A driver's message is short, but one past the event's bound would make the
+            # service's own result a dead letter.
+            error=r.error[:MAX_ERROR_CHARS] if r.error else r.error,
             round_id=round_id,
         )
         for r in results

@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
+from shared.redact import is_conninfo, parse_conninfo
 from shared.settings import (
     CommonSettings,
     Percent,
@@ -60,7 +61,9 @@ def _resolve_headers(api: ExternalApi, environ: dict[str, str]) -> ExternalApi:
                     f"the variable {variable}, which is not set"
                 )
             value = environ[variable]
-        resolved[header] = value
+        # A secret read from a file (`$(cat key)`, a mounted Kubernetes secret) ends with a
+        # newline that HTTP forbids in a header; the value meant is the one without it.
+        resolved[header] = value.strip()
     return msgspec.structs.replace(api, headers=resolved)
 
 
@@ -123,12 +126,22 @@ class HealthSettings(CommonSettings, frozen=True, kw_only=True):
             raise SettingsError(
                 "STOCKPILOT_EXTERNAL_DEGRADED_PCT: must not exceed STOCKPILOT_EXTERNAL_HEALTHY_PCT"
             )
+        # Surrounding whitespace (a trailing newline from a secret file) is never meant: a key
+        # or a URL with it fails, and the error then shows the secret in an escaped form.
+        for name in ("database_url", "redis_url", "openai_api_key"):
+            value = getattr(self, name)
+            if value is not None and value != value.strip():
+                msgspec.structs.force_setattr(self, name, value.strip() or None)
+        msgspec.structs.force_setattr(self, "openai_base_url", self.openai_base_url.strip())
+        if self.database_url and is_conninfo(self.database_url):
+            try:
+                parse_conninfo(self.database_url)
+            except ValueError as exc:
+                raise SettingsError(f"STOCKPILOT_DATABASE_URL: {exc}") from None
         if not self.openai_base_url.startswith(("http://", "https://")):
             raise SettingsError("OPENAI_BASE_URL: must start with http:// or https://")
         # The settings module is where the environment is read: resolve `env:` headers now.
-        if any(
-            v.startswith(ENV_PREFIX) for api in self.external_apis for v in api.headers.values()
-        ):
+        if any(api.headers for api in self.external_apis):
             environ = dict(os.environ)
             msgspec.structs.force_setattr(
                 self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import date
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -11,27 +11,30 @@ from shared.events import Alert, AwareDatetime
 
 # ----- parameters --------------------------------------------------------------------------
 
+# A date or an RFC 3339 time is short; the gateway also checks the year's range.
+Moment = Annotated[str, msgspec.Meta(max_length=64)]
+
 
 class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`?date=` or `?start=&end=` (YYYY-MM-DD in STOCKPILOT_TZ); today by default."""
 
-    date: str | None = None
-    start: str | None = None
-    end: str | None = None
+    date: Moment | None = None
+    start: Moment | None = None
+    end: Moment | None = None
 
 
 class TimeseriesParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`?bucket=hour|day&start=&end=`; hourly today by default."""
 
-    bucket: str = "hour"
-    start: str | None = None
-    end: str | None = None
+    bucket: Annotated[str, msgspec.Meta(max_length=16)] = "hour"
+    start: Moment | None = None
+    end: Moment | None = None
 
 
 class AlertsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`?limit=` 1–1000."""
 
-    limit: int = 100
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
 
 
 # ----- answers -----------------------------------------------------------------------------

@@ -20,6 +20,14 @@ MAX_IN_FLIGHT unacknowledged, over a bare protocol connection (`shared.bare_publ
 fraction of nats-py's CPU per event, which the application's own process pays); when that
 connection cannot be opened (TLS, NKey or JWT credentials) they go through nats-py's
 `publish_async` instead.
+
+With a spool (`services.usage.spool`, on by default for `connect`) nothing recorded is lost
+to an outage longer than the buffer, a stream that refuses writes (its store full, its
+limits reached) or a stop before the acknowledgements came: every event is appended to a
+local file as it is recorded, the memory buffer is only the head of it, and what JetStream
+has acknowledged is marked done there. What is left at close waits on disk and goes out at
+the next start, in order, with the same Msg-Ids. Only a spool at its bound drops (counted,
+logged as an error).
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ import time
 import uuid
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
 from shared import bus
 from shared.bare_nats import BareUnavailable
 from shared.bare_publisher import BarePublisher, Published
@@ -59,6 +70,36 @@ MAX_IN_FLIGHT = 4096
 MAX_PAYLOAD = bus.MAX_EVENT_BYTES - 1024
 # After the bare connection could not be opened, nats-py publishes for this long.
 BARE_RETRY_S = 30.0
+# While events wait in the spool, it is made durable (fsync) at most this often.
+SPOOL_SYNC_S = 1.0
+
+
+class RecorderSettings(CommonSettings, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The common settings plus where the usage client spools what NATS has not taken yet."""
+
+    # STOCKPILOT_USAGE_SPOOL_DIR: unset -> <data dir>/usage-spool; "off" -> no spool.
+    usage_spool_dir: str | None = None
+    # STOCKPILOT_USAGE_SPOOL_MAX_BYTES: at this size new calls are dropped (counted, logged).
+    usage_spool_max_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = DEFAULT_MAX_BYTES
+
+
+def open_spool(settings: CommonSettings) -> Spool | None:
+    """The spool `settings` ask for (a free slot under its directory); None when off or when
+    it cannot be opened (logged: the application goes on, unspooled)."""
+    spool_dir = getattr(settings, "usage_spool_dir", None)
+    max_bytes = getattr(settings, "usage_spool_max_bytes", DEFAULT_MAX_BYTES)
+    if spool_dir == "off":
+        return None
+    root = Path(spool_dir) if spool_dir else Path(settings.data_dir) / "usage-spool"
+    try:
+        return Spool.open_slot(root, max_bytes)
+    except (SpoolError, OSError) as exc:
+        log.error(
+            "usage client runs without a spool (calls NATS cannot take are dropped): %s; "
+            "set STOCKPILOT_USAGE_SPOOL_DIR to a writable directory",
+            exc,
+        )
+        return None
 
 
 class UsageRecorder:
@@ -73,6 +114,7 @@ class UsageRecorder:
         owns_connection: bool = False,
         bare: bool = True,
         clock: Clock = SYSTEM_CLOCK,
+        spool: Spool | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
@@ -81,6 +123,11 @@ class UsageRecorder:
         # Every event not yet acknowledged, oldest first; the first `_sent` are in flight,
         # in the windows of `_in_flight` (their sizes and outcomes), in order.
         self._buffer: collections.deque[tuple[str, bytes]] = collections.deque()  # id, JSON
+        # With a spool: where each buffered event ends in it (acknowledged -> committed).
+        self._positions: collections.deque[Position] = collections.deque()
+        self._spool = spool
+        self._synced_at = 0.0
+        self._closed = False
         self._sent = 0
         self._in_flight: collections.deque[tuple[int, asyncio.Future[Published]]] = (
             collections.deque()
@@ -97,18 +144,23 @@ class UsageRecorder:
         self._clock = clock
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
-        self._idle.set()
+        if not self.pending:  # a spool left by an earlier run is something to send
+            self._idle.set()
         self._sender: asyncio.Task[None] | None = None
         self.published = 0
         self.duplicates = 0
         self.dropped = 0
+        self.spool_dropped = 0
         self.retries = 0
 
     @classmethod
     async def connect(
         cls, settings: CommonSettings, name: str = "stockpilot-usage-client", **options: Any
     ) -> UsageRecorder:
-        """A started recorder on its own NATS connection (reconnecting forever)."""
+        """A started recorder on its own NATS connection (reconnecting forever), spooling
+        under the settings' spool directory (see RecorderSettings) unless `spool` is given."""
+        if "spool" not in options:
+            options["spool"] = open_spool(settings)
         nc = await bus.connect(settings, name)
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
@@ -122,8 +174,13 @@ class UsageRecorder:
 
     @property
     def pending(self) -> int:
-        """Events waiting to be acknowledged."""
-        return len(self._buffer)
+        """Events waiting to be acknowledged (in memory and in the spool)."""
+        return len(self._buffer) + (self._spool.unread if self._spool is not None else 0)
+
+    @property
+    def spool_path(self) -> Path | None:
+        """The spool directory in use, if any."""
+        return self._spool.directory if self._spool is not None else None
 
     def start(self) -> None:
         """Start the sender task (idempotent)."""
@@ -131,19 +188,39 @@ class UsageRecorder:
             self._sender = asyncio.create_task(self._send_forever(), name="usage-recorder")
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Wait (up to `timeout`) until the buffer is sent, then stop; lost events are logged."""
+        """Wait (up to `timeout`) until the buffer is sent, then stop; what is left stays in
+        the spool for the next start (without a spool it is lost, and logged)."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), timeout)
         if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
+            # Python 3.11's wait_for loses a cancellation that arrives as the awaited window
+            # completes, and the sender then sends on (awaiting it would hang this close).
+            # So cancel until it has ended; awaiting it via wait() keeps a cancellation of
+            # close itself apart from the sender's.
+            while not self._sender.done():
+                self._sender.cancel()
+                await asyncio.wait({self._sender}, timeout=0.1)
+            if not self._sender.cancelled() and self._sender.exception() is not None:
+                log.error("usage sender had failed", exc_info=self._sender.exception())
         self._abandon_in_flight()
-        if self._buffer:
-            log.error("usage recorder closed with %d events unsent", len(self._buffer))
+        unsent = self.pending
+        if self._spool is not None:
+            self._spool.close()
+            if unsent:
+                log.warning(
+                    "usage recorder closed with %d events unsent: kept in %s, sent at the next "
+                    "start",
+                    unsent,
+                    self._spool.directory,
+                )
+        elif unsent:
+            log.error("usage recorder closed with %d events unsent (no spool: lost)", unsent)
         if self._owns:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
+            # Bounded and closing even while NATS is away (which is when a close spools).
+            await bus.drain_or_close(self._nc)
 
     async def flush(self) -> None:
         """Wait until every buffered event is acknowledged."""
@@ -159,8 +236,12 @@ class UsageRecorder:
     # ----- recording -----------------------------------------------------------------------
 
     def record(self, event: UsageRecorded) -> bool:
-        """Buffer one event for sending; False (counted, logged) when the buffer is full."""
-        if len(self._buffer) >= self._capacity:
+        """Keep one event for sending; False (counted, logged) when there is no room for it."""
+        if self._closed:
+            self.dropped += 1
+            log.error("usage call %s recorded after the recorder was closed", event.id[:80])
+            return False
+        if self._spool is None and len(self._buffer) >= self._capacity:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.error(
@@ -181,10 +262,37 @@ class UsageRecorder:
                 MAX_PAYLOAD,
             )
             return False
-        self._buffer.append((event.id, payload))
+        if self._spool is not None:
+            # In memory too only when nothing older waits in the spool (order) and there is room.
+            held = not self._spool.unread and len(self._buffer) < self._capacity
+            position = self._spool.append(payload, held=held)
+            if position is None:
+                self._spool_full(event)
+                return False
+            if held:
+                self._buffer.append((event.id, payload))
+                self._positions.append(position)
+        else:
+            self._buffer.append((event.id, payload))
         self._idle.clear()
         self._wakeup.set()
         return True
+
+    def _spool_full(self, event: UsageRecorded) -> None:
+        assert self._spool is not None
+        self.dropped += 1
+        self.spool_dropped += 1
+        if self.spool_dropped == 1 or self.spool_dropped % 1000 == 0:
+            log.error(
+                "usage spool %s is full (%d bytes, STOCKPILOT_USAGE_SPOOL_MAX_BYTES): call %s "
+                "dropped, %d dropped so far; NATS has not acknowledged %d calls: is the "
+                "STOCKPILOT_USAGE stream refusing writes (see /api/v1/health/ready)?",
+                self._spool.directory,
+                self._spool.max_bytes,
+                event.id[:80],
+                self.spool_dropped,
+                self.pending,
+            )
 
     async def track(
         self,
@@ -233,11 +341,13 @@ class UsageRecorder:
     async def _send_forever(self) -> None:
         backoff = 0.05
         while True:
+            self._refill()
             # Keep the pipe full: windows go out while acknowledgements of earlier ones come.
             while self._sent < len(self._buffer) and self._sent < MAX_IN_FLIGHT:
                 window = list(itertools.islice(self._buffer, self._sent, self._sent + SEND_WINDOW))
                 self._in_flight.append((len(window), await self._start_window(window)))
                 self._sent += len(window)
+            self._sync_spool()
             if not self._in_flight:
                 self._idle.set()
                 self._wakeup.clear()
@@ -252,6 +362,11 @@ class UsageRecorder:
             self._sent -= size
             for _ in range(published.acked):
                 self._buffer.popleft()
+            if self._spool is not None and published.acked:
+                position = self._positions[published.acked - 1]
+                for _ in range(published.acked):
+                    self._positions.popleft()
+                self._spool.commit(position)
             self.published += published.acked - published.duplicates
             self.duplicates += published.duplicates
             if published.error is None:
@@ -269,6 +384,27 @@ class UsageRecorder:
                 )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _refill(self) -> None:
+        """Take the oldest spooled events into the memory buffer while it has room."""
+        if self._spool is None or not self._spool.unread:
+            return
+        room = self._capacity - len(self._buffer)
+        if room > 0:
+            for event_id, payload, position in self._spool.read(room):
+                self._buffer.append((event_id, payload))
+                self._positions.append(position)
+
+    def _sync_spool(self) -> None:
+        """Hand the spool's new lines to the OS; fsync them while some are only there."""
+        if self._spool is None:
+            return
+        now = time.monotonic()
+        if self._spool.unread and now - self._synced_at >= SPOOL_SYNC_S:
+            self._spool.sync()
+            self._synced_at = now
+        else:
+            self._spool.flush()
 
     async def _start_window(self, window: list[tuple[str, bytes]]) -> asyncio.Future[Published]:
         """Publish a window; a future of what became of it."""

@@ -11,7 +11,7 @@ import msgspec
 from services.usage.events import UsageRecorded, UsageRecordedIn, UsageReset
 from shared.bus import describe_decode_error
 from shared.errors import InvalidRequestError
-from shared.events import AwareDatetime
+from shared.events import AwareDatetime, timing_problem
 
 MAX_RECORDS = 1_000
 
@@ -87,6 +87,11 @@ def records_to_events(
         except msgspec.ValidationError as exc:
             rejected.append(Rejected(index=index, reason=describe_decode_error(exc)))
             continue
+        if record.occurred_at is not None:
+            problem = timing_problem(record.occurred_at, params.received_at.timestamp())
+            if problem is not None:  # stored, it would only be dead-lettered
+                rejected.append(Rejected(index=index, reason=problem))
+                continue
         events.append((index, to_event(record, params.received_at, new_id)))
     return events, rejected
 

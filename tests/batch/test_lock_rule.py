@@ -395,16 +395,15 @@ async def test_batch_events_on_a_subject_they_do_not_belong_to_are_dead_letters(
         letter = msgspec.json.decode((await letters.next_msg(timeout=5)).data, type=DeadLetter)
         reasons.append((letter.subject, letter.reason))
     await letters.unsubscribe()
+    nightly, other, run = lock_subject("nightly"), lock_subject("other"), run_subject("nightly")
     assert reasons == [
-        (lock_subject("other"), "job_id 'nightly' differs from the subject's job 'other'"),
-        (lock_subject("nightly"), "job_id 'other' differs from the subject's job 'nightly'"),
+        (other, f"a lock event of job 'nightly' belongs on {nightly}, not on {other}"),
+        (nightly, f"a lock event of job 'other' belongs on {other}, not on {nightly}"),
+        (nightly, f"a run event of job 'nightly' belongs on {run}, not on {nightly}"),
         (
-            lock_subject("nightly"),
-            "a batch.started event does not belong on " + lock_subject("nightly"),
-        ),
-        (
-            run_subject("nightly"),
-            "a batch.job_scheduled event does not belong on " + run_subject("nightly"),
+            run,
+            "a schedule of job 'nightly' belongs on stockpilot.batch.schedule.nightly, "
+            f"not on {run}",
         ),
     ]
     read = await read_lock_state(js, "nightly")

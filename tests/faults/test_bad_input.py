@@ -3,9 +3,10 @@
 - schemathesis, driven by the gateway's own OpenAPI schema, against the real gateway process
   (uvicorn, `stockpilot gateway`) in front of the three real services: no 5xx, every status
   and body as documented.
-- hypothesis-generated garbage published to JetStream on every subject the services fold:
-  each message is dead-lettered, with a reason, by every service that folds it, and each
-  service keeps folding good events and answering.
+- hypothesis-generated garbage published to JetStream on every subject the services fold
+  (malformed, of the wrong type, out of the contract's ranges, on another type's subject,
+  dated in the future): each message is dead-lettered, with a reason, by every service that
+  folds it, and each service keeps folding good events and answering.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,75 @@ def near_valid(draw: st.DrawFn, subject: str) -> bytes:
     return msgspec.json.encode(event)
 
 
+# Values outside the contract's bounds (§4), one field at a time: each makes its template a
+# dead letter. Alerts are checked too (each service folds them), though only services write
+# them.
+OUT_OF_RANGE: dict[str, list[tuple[str, object]]] = {
+    "stockpilot.usage.recorded": [
+        ("cost_usd", 1.7e308),
+        ("cost_usd", 1e6),
+        ("prompt_tokens", 2**64 - 1),
+        ("completion_tokens", 10**9),
+        ("cached_tokens", -1),
+        ("response_time_ms", 1e8),
+        ("status_code", 1000),
+        ("model", "m" * 129),
+        ("model", ""),
+        ("model", "gpt\r\nX-Injected: 1"),
+        ("user_id", "u" * 257),
+        ("endpoint", "/" * 513),
+    ],
+    "stockpilot.usage.reset": [("actor", "a" * 201), ("reason", "r" * 501)],
+    "stockpilot.health.checked.database": [
+        ("component", "redis"),
+        ("latency_ms", -1.0),
+        ("details", {"n": 2**70}),
+        ("details", {"nested": {"a": 1}}),
+        ("details", {"target": "t" * 1001}),
+        ("error", "e" * 4001),
+    ],
+    "stockpilot.batch.run.nightly": [
+        ("job_id", "another-job"),
+        ("memory_mb", 1e9),
+        ("items_processed", 10**15),
+        ("cpu_percent", -1.0),
+        ("execution_id", "x" * 129),
+    ],
+    "stockpilot.batch.lock.nightly": [
+        ("job_id", "another-job"),
+        ("owner", "o" * 257),
+        ("by", ""),
+        ("note", "n" * 1001),
+    ],
+}
+for _source in ("usage", "health", "batch"):
+    OUT_OF_RANGE[f"stockpilot.alerts.{_source}.garbage"] = [
+        ("kind", f"{_source}.another_kind"),
+        ("value", 1e301),
+        ("message", "m" * 10_001),
+    ]
+
+
+@st.composite
+def out_of_range(draw: st.DrawFn, subject: str) -> bytes:
+    """A contract event of the subject that breaks a bound, is dated in the future (by more
+    than 5 minutes, as the stream stores it now) or belongs to another subject."""
+    kind = draw(st.sampled_from(["bound", "future", "elsewhere"]))
+    if kind == "elsewhere":
+        other = draw(st.sampled_from(sorted(set(TEMPLATES) - {subject})))
+        event = dict(TEMPLATES[other])
+    else:
+        event = dict(TEMPLATES[subject])
+    if kind == "bound":
+        field, value = draw(st.sampled_from(OUT_OF_RANGE[subject]))
+        event[field] = value
+    elif kind == "future":
+        ahead = draw(st.integers(min_value=6 * 60, max_value=100 * 365 * 86_400))
+        event["occurred_at"] = (datetime.now(UTC) + timedelta(seconds=ahead)).isoformat()
+    event["id"] = f"garbage-{draw(st.uuids())}"
+    return msgspec.json.encode(event)
+
+
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
 
 
@@ -213,7 +283,11 @@ def _is_json(data: bytes) -> bool:
 def garbage(draw: st.DrawFn) -> tuple[str, bytes]:
     """A subject a service folds and a payload no service may accept there."""
     subject = draw(st.sampled_from(sorted(TEMPLATES)))
-    payload = draw(st.one_of(not_json, not_an_object, untagged_object, near_valid(subject)))
+    payload = draw(
+        st.one_of(
+            not_json, not_an_object, untagged_object, near_valid(subject), out_of_range(subject)
+        )
+    )
     return subject, payload
 
 

@@ -81,7 +81,7 @@ async def test_usage_service_whose_snapshots_cannot_be_written_exits_non_zero(
         try:
             await record_usage(nc, "req-1")
             await wait_caught_up(nc, "usage", "STOCKPILOT_USAGE")
-            await nc.jetstream().delete_object_store(bus.SNAPSHOT_BUCKET)
+            await nc.jetstream().delete_object_store(bus.snapshot_bucket("usage"))
             await record_usage(nc, "req-2")
             status = await exit_status(process, timeout=60)
         finally:

@@ -253,6 +253,13 @@ CASES: list[tuple[str, Observed, str, dict[str, str], list[str]]] = [
         ["batch.job_missed"],
     ),
     (
+        "the usage stream refuses writes (main's sec-spool, as an area)",
+        seen(usage_stream_refusal="stream STOCKPILOT_USAGE is full (max_bytes)"),
+        "unhealthy",
+        {"services": "unhealthy"},
+        ["services.usage_stream"],
+    ),
+    (
         "a failing hook",
         seen(hooks=("up", [hook("failing")])),
         "degraded",

@@ -96,6 +96,7 @@ async def test_hung_service_turns_into_503_not_a_hang(env: dict[str, str]) -> No
 
     # Something that takes the request and never replies: a wedged service.
     await nc.subscribe("stockpilot.svc.usage.>", cb=never_answer)
+    await nc.flush()  # the server knows the subscription before the gateway asks
     async with AsyncTestClient(create_app(settings)) as client:
         await wait_connected(client)
         started = time.monotonic()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 from dataclasses import dataclass, field
 
@@ -20,6 +21,9 @@ class Reply:
     body: bytes = b"{}"
     delay_s: float = 0.0
     hang: bool = False
+    # Answer with this request header's value inside an OpenAI-style error message, as a
+    # careless server might (the probes must not pass it on).
+    echo_header: str | None = None
 
 
 @dataclass
@@ -124,6 +128,11 @@ class Target:
                 # 204 and 304 never carry a body: sending one would corrupt the next answer
                 # on the kept-alive connection.
                 body = b"" if reply.status in (204, 304) else reply.body
+                if reply.echo_header is not None:
+                    echoed = headers.get(reply.echo_header.lower(), "")
+                    body = json.dumps(
+                        {"error": {"message": f"Incorrect API key provided: {echoed}"}}
+                    ).encode()
                 head = (
                     f"HTTP/1.1 {reply.status} {reason}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n"

@@ -8,15 +8,15 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import httpx
 import pytest
 
 from services.health import probes
 from services.health.host import sample_host
-from services.health.redact import redact_url
 from services.health.settings import HealthSettings
-from shared.settings import load_settings
+from shared.settings import SettingsError, load_settings
 from shared.testing import free_port, wait_for_port
 from tests.health.targets import Reply, Target, models_body
 
@@ -322,17 +322,6 @@ async def test_all_probes_run_at_once_and_a_hang_delays_nothing_else(
     assert all(ms is not None and ms < 250 for ms in fast)
 
 
-def test_redact_url_hides_passwords_and_secret_query_parameters() -> None:
-    assert (
-        redact_url("postgresql://app:s3cret@db:5432/app?sslmode=require&password=x")
-        == "postgresql://app:***@db:5432/app?sslmode=require&password=%2A%2A%2A"
-    )
-    assert redact_url("redis://:s3cret@cache:6379/0") == "redis://:***@cache:6379/0"
-    assert redact_url("https://api.example.com/x?token=abc&q=1") == (
-        "https://api.example.com/x?token=%2A%2A%2A&q=1"
-    )
-
-
 def test_host_sample_is_within_bounds(tmp_path: object) -> None:
     sample = sample_host(str(tmp_path))
     assert 0 <= sample.cpu_percent <= 100
@@ -373,3 +362,92 @@ async def test_redis_memory_near_maxmemory_is_degraded(small_redis: str) -> None
     assert result.error is not None and "of maxmemory used (> 10 %)" in result.error
     relaxed = await probes.probe_redis(settings(STOCKPILOT_REDIS_URL=small_redis))
     assert relaxed.status == "healthy"  # ~1 MB of 2 MB is under the default 90 %
+
+
+# ----- Redaction -------------------------------------------------------------------------
+
+LEAKY_KEY = "sk-leaky-Hq4Wz81v"
+
+
+def no_form_of(secret: str, result: probes.ProbeResult) -> None:
+    """Fails when any shape of `secret` is in the result's error or details."""
+    shown = str(result.error) + json.dumps(result.details) + repr(result)
+    for form in (secret, secret.strip(), repr(secret)[1:-1], quote(secret, safe="")):
+        assert form not in shown, (form, shown)
+
+
+async def test_a_key_with_a_trailing_newline_is_sent_stripped_and_never_shown() -> None:
+    """The echoing server says the key back; the result shows it as ***."""
+    async with Target(Reply(status=401, echo_header="Authorization")) as target:
+        s = settings(OPENAI_API_KEY=LEAKY_KEY + "\n", OPENAI_BASE_URL=target.url + "/v1")
+        async with probes.new_http_client() as http:  # closed before the server stops
+            result = await probes.probe_openai(s, http)
+    assert target.seen[0].headers["authorization"] == f"Bearer {LEAKY_KEY}"
+    assert result.status == "unhealthy"
+    assert result.error == "invalid API key (401): Incorrect API key provided: Bearer ***"
+    no_form_of(LEAKY_KEY + "\n", result)
+
+
+async def test_a_key_http_refuses_to_send_is_not_shown_in_the_error() -> None:
+    """A control character inside the key: httpx quotes the header's bytes in its error."""
+    key = "sk-inner-\n-Vb3x9Lk2"
+    async with Target(Reply(status=200, body=models_body(1))) as target:
+        s = settings(OPENAI_API_KEY=key, OPENAI_BASE_URL=target.url + "/v1")
+        async with probes.new_http_client() as http:  # closed before the server stops
+            result = await probes.probe_openai(s, http)
+    assert result.status == "unhealthy"
+    assert result.error is not None and "***" in result.error
+    assert target.seen == []
+    no_form_of(key, result)
+    no_form_of("-Vb3x9Lk2", result)
+
+
+async def test_an_env_header_with_a_trailing_newline_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("QUOTES_TOKEN", "qt-Np27vXc5\n")
+    async with Target(Reply(status=401, echo_header="X-Token")) as target:
+        apis = [{"name": "quotes", "url": target.url, "headers": {"X-Token": "env:QUOTES_TOKEN"}}]
+        s = settings(STOCKPILOT_EXTERNAL_APIS=json.dumps(apis))
+        async with probes.new_http_client() as http:  # closed before the server stops
+            result = await probes.probe_external(s.external_apis[0], s, http)
+    assert target.seen[0].headers["x-token"] == "qt-Np27vXc5"
+    assert result.error == "answered 401, expected 200: Incorrect API key provided: ***"
+    no_form_of("qt-Np27vXc5\n", result)
+
+
+async def test_a_key_value_dsn_is_probed_and_shown_without_its_password(
+    postgres_url: str,
+) -> None:
+    parts = urlsplit(postgres_url)
+    password = "pg-Wr0ng pass\n"
+    dsn = (
+        f"host={parts.hostname} port={parts.port or 5432} user={parts.username} "
+        f"password='{password}' dbname={parts.path.lstrip('/') or 'postgres'}"
+    )
+    result = await probes.probe_database(settings(STOCKPILOT_DATABASE_URL=dsn))
+    # The test servers trust loopback, so the wrong password still connects: what matters
+    # is that the key/value DSN works at all and that its password is never shown.
+    assert result.status in ("healthy", "unhealthy"), result.error
+    if result.status == "unhealthy":
+        assert result.error is not None and "password" in result.error
+    assert result.details["target"].endswith(
+        "password=*** dbname=" + (parts.path.lstrip("/") or "postgres")
+    )
+    no_form_of(password, result)
+
+
+async def test_a_key_value_dsn_with_an_unsupported_key_says_which(postgres_url: str) -> None:
+    result = await probes.probe_database(
+        settings(STOCKPILOT_DATABASE_URL="host=127.0.0.1 password=Zx81-pw service=x")
+    )
+    assert result.status == "unhealthy"
+    assert result.error is not None and "'service'" in result.error
+    no_form_of("Zx81-pw", result)
+
+
+def test_a_malformed_key_value_dsn_stops_at_start_without_showing_it() -> None:
+    with pytest.raises(SettingsError) as refused:
+        settings(STOCKPILOT_DATABASE_URL="host=127.0.0.1 password='Zx81-unclosed")
+    assert "STOCKPILOT_DATABASE_URL" in str(refused.value)
+    assert "Zx81" not in str(refused.value)

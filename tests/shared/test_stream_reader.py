@@ -98,7 +98,7 @@ async def test_a_read_that_stops_early_applies_everything_before_the_stop(
     await publish(js, 0, 500)
     seen: list[int] = []
 
-    def apply(seq: int, pending: int, subject: str, data: bytes) -> None:
+    def apply(seq: int, pending: int, subject: bytes, data: bytes, stored_ns: int) -> None:
         if seq == 300:
             raise ValueError("the fold gave up")
         seen.append(seq)
@@ -109,7 +109,7 @@ async def test_a_read_that_stops_early_applies_everything_before_the_stop(
     # The read from a later start picks up where that one stopped, to the end.
     rest: list[int] = []
     count = await read_stream(
-        nc, STREAM, SUBJECT, 300, lambda seq, pending, subject, data: rest.append(seq)
+        nc, STREAM, SUBJECT, 300, lambda seq, pending, subject, data, stored_ns: rest.append(seq)
     )
     assert count == 201 and rest == list(range(300, 501))
     # Its consumers are gone (deleted at the end of each read).

@@ -154,7 +154,9 @@ async def test_a_30_second_nats_outage_loses_nothing(
     assert await stream_count(env) == count
 
 
-async def test_a_full_buffer_drops_and_counts(env: dict[str, str], clock: ManualClock) -> None:
+async def test_without_a_spool_a_full_buffer_drops_and_counts(
+    env: dict[str, str], clock: ManualClock
+) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     await bus.provision(nc.jetstream())
