@@ -98,6 +98,7 @@ async def test_second_run_of_a_held_job_is_skipped_naming_the_holder(
     assert skipped.error is not None and "box-1:77" in skipped.error
     stats = (await api.get("/api/v1/batch/executions/stats")).json()
     assert (stats["skipped"], stats["succeeded"], stats["success_rate"]) == (1, 1, 100.0)
+    assert stats["by_job"]["reports"]["skipped"] == 1  # and in the job's own stats
 
 
 async def test_failed_run_records_error_and_traceback_alerts_once_and_releases(
