@@ -28,6 +28,8 @@ from services.batch.events import LockAcquired, LockEvent, LockReleased, LockRen
 from shared.events import AwareDatetime
 
 Outcome = Literal["acquired", "renewed", "released", "ignored"]
+# Ended locks a LockRead remembers (newest): a run asks why its own, recent, lock ended.
+MAX_ENDED = 256
 # Releases the batch service stores on its own authority (not the holder's).
 SERVICE_REASONS = frozenset({"forced", "lost", "expired"})
 
@@ -123,6 +125,17 @@ class LockRead:
             if self.ended is None:
                 self.ended = {}
             self.ended[before.fencing_token] = event
+            if len(self.ended) > MAX_ENDED:  # only recent runs ask why their lock ended
+                del self.ended[next(iter(self.ended))]
+
+    def copy(self) -> LockRead:
+        """An independent copy (the fold updates the holder in place on a renewal)."""
+        return LockRead(
+            job_id=self.job_id,
+            held=msgspec.structs.replace(self.held) if self.held is not None else None,
+            last_seq=self.last_seq,
+            ended=dict(self.ended) if self.ended is not None else None,
+        )
 
     def ended_by(self, fencing_token: int) -> LockEvent | None:
         """The event that ended lock `fencing_token`, if one did."""
