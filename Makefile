@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NODE_DIR := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: install node run test test-fast check lint format typecheck bench demo clean lock
+.PHONY: install node promtool run test test-fast check lint format typecheck bench demo clean lock
 
 # A venv with the locked dependencies; re-run only when the lock or pyproject changes.
 install: $(STAMP)
@@ -25,6 +25,11 @@ $(NODE_STAMP): $(NODE_DIR)/package-lock.json $(NODE_DIR)/package.json
 	@npm ci --prefix $(NODE_DIR) --no-audit --no-fund --silent
 	@touch $@
 
+# promtool for the /metrics lint test (tests/gateway/test_promtool.py), from Debian's
+# prometheus package into .tools/bin; without it that test skips locally and fails in CI.
+promtool:
+	@scripts/install-promtool.sh || echo "make: promtool not installed; the /metrics lint test will skip (fail in CI)" >&2
+
 run: install
 	$(BIN)/stockpilot up
 
@@ -34,7 +39,7 @@ check: install
 	$(BIN)/mypy
 	$(BIN)/python -m gateway.asyncapi --check docs/asyncapi.json
 
-test: check node
+test: check node promtool
 	$(BIN)/python -m pytest
 
 # The fast inner loop: the pure tests only (folds, decisions, queries, settings; no servers).

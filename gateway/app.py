@@ -21,7 +21,7 @@ from litestar.types import ASGIApp
 
 from gateway.alert_fanout import AlertFanout
 from gateway.errors import exception_handlers
-from gateway.openapi import document_errors
+from gateway.openapi import describe_inputs, document_errors, document_security
 from gateway.request_metrics import RequestMetrics
 from gateway.response_cache import ResponseCache
 from gateway.routes import all_routers
@@ -92,6 +92,10 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
         },
         exception_handlers=exception_handlers(),
         request_max_body_size=settings.max_body_bytes,
+        # Litestar's default logging config replaces the root handler with its own, which
+        # neither redacts secrets nor escapes control characters: keep shared.logs' handler
+        # (unhandled errors are logged by gateway.errors).
+        logging_config=None,
         openapi_config=OpenAPIConfig(
             title="StockPilot Ops API",
             version=VERSION,
@@ -104,6 +108,8 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
         ),
     )
     document_errors(app.openapi_schema)
+    describe_inputs(app.openapi_schema)
+    document_security(app)
     # Outside the router, inside Litestar's __call__ (so lifespan, state and the test client
     # are Litestar's own): every request is counted, and kept answers skip the framework.
     front = RequestMetrics(ResponseCache(app.asgi_handler, services, settings))

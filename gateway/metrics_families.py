@@ -4,26 +4,35 @@ Each builder takes the very answers the REST routes serve (decoded structs) and 
 metric families, so `/metrics` and `/api/v1/...` agree and every builder is table-testable
 without NATS. Conventions:
 
-- Everything is prefixed `stockpilot_`; units are in the names (`_usd`, `_tokens`, `_ms`,
-  `_seconds`, `_percent`, `_bytes`).
-- Figures over a period ("today", "this month", "the last 24 h") are gauges labelled with
-  that period (`window`): they fall back at midnight or slide, so they are not counters.
+- Everything is prefixed `stockpilot_`; base units are in the names (`_seconds`, `_bytes`,
+  `_usd`), shares are `_ratio` from 0 to 1 (Prometheus' naming conventions, which
+  `promtool check metrics` enforces).
+- What accumulates (LLM calls, tokens, spend, dead letters, deliveries) is a counter
+  (`_total`), so `rate()` and `increase()` work; LLM latency is a histogram.
+- Figures over a calendar period or a sliding window ("today", "this month", "the last
+  24 h") are gauges labelled with it (`period`, `window`): they fall back at midnight or
+  slide, so they are not counters.
 - A status is exposed as a state set: one series per possible state, 1 for the current one,
   0 for the others (`sum by (component) (...)` is always 1, and `== 1` selects the state).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Protocol, get_args
+from typing import get_args
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from services.batch.schemas import BatchStats, HeldLocks
 from services.health.events import Status
 from services.health.queries import ComponentHealth, ComprehensiveHealth
-from services.usage.answers import UsageCosts, UsageStats
+from services.usage.answers import UsageCosts, UsageCounters, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
 from shared.hook_status import hooks_process_state as process_state
@@ -81,8 +90,8 @@ def service_families(statuses: dict[str, ServiceStatus | None]) -> list[Metric]:
         "Last stream sequence folded into the projection",
         labels=["service", "projection"],
     )
-    dead = GaugeMetricFamily(
-        "stockpilot_projection_dead_lettered",
+    dead = CounterMetricFamily(
+        "stockpilot_projection_dead_letters",
         "Messages refused and dead-lettered since the service process started",
         labels=["service", "projection"],
     )
@@ -112,91 +121,76 @@ def service_families(statuses: dict[str, ServiceStatus | None]) -> list[Metric]:
 # ----- usage -------------------------------------------------------------------------------
 
 
-class _ModelRow(Protocol):
-    """What a per-model row of the stats answer and of the costs answer both carry."""
+def usage_counter_families(counters: UsageCounters) -> list[Metric]:
+    """Every LLM call ever recorded (GET usage `counters`): counters and a latency histogram.
 
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    cost_usd: float
-
-
-def _per_model_families(window: str, rows: Mapping[str, _ModelRow]) -> list[Metric]:
-    """Calls, tokens by type and spend by model: the same families for today and the month."""
-    requests = GaugeMetricFamily(
-        "stockpilot_llm_requests",
-        "LLM calls in the window, by model",
-        labels=["model", "window"],
+    Folded from the whole stream and never reset (a usage.reset leaves them alone), so
+    `rate()` and `increase()` work and a restart of the usage service does not set them back.
+    """
+    requests = CounterMetricFamily(
+        "stockpilot_llm_requests", "LLM calls recorded, by model", labels=["model"]
     )
-    tokens = GaugeMetricFamily(
+    failed = CounterMetricFamily(
+        "stockpilot_llm_failed_requests",
+        "Failed LLM calls (status code >= 400 or an error code), by model",
+        labels=["model"],
+    )
+    tokens = CounterMetricFamily(
         "stockpilot_llm_tokens",
-        "LLM tokens in the window, by model and type (prompt, completion, cached)",
-        labels=["model", "type", "window"],
+        "LLM tokens, by model and type (prompt, completion, cached)",
+        labels=["model", "type"],
     )
-    cost = GaugeMetricFamily(
-        "stockpilot_llm_cost_usd", "LLM spend in the window, by model", labels=["model", "window"]
+    cost = CounterMetricFamily(
+        "stockpilot_llm_cost_usd", "LLM spend in US dollars, by model", labels=["model"]
     )
-    for model, row in sorted(rows.items()):
-        requests.add_metric([model, window], row.requests)
-        tokens.add_metric([model, "prompt", window], row.prompt_tokens)
-        tokens.add_metric([model, "completion", window], row.completion_tokens)
-        tokens.add_metric([model, "cached", window], row.cached_tokens)
-        cost.add_metric([model, window], row.cost_usd)
-    return [requests, tokens, cost]
+    for model, row in sorted(counters.by_model.items()):
+        requests.add_metric([model], row.requests)
+        failed.add_metric([model], row.failed_requests)
+        tokens.add_metric([model, "prompt"], row.prompt_tokens)
+        tokens.add_metric([model, "completion"], row.completion_tokens)
+        tokens.add_metric([model, "cached"], row.cached_tokens)
+        cost.add_metric([model], row.cost_usd)
+    errors = CounterMetricFamily(
+        "stockpilot_llm_errors",
+        "LLM calls that reported an error code, by error code",
+        labels=["error_code"],
+    )
+    for code, count in sorted(counters.by_error_code.items()):
+        errors.add_metric([code], count)
+    responses = CounterMetricFamily(
+        "stockpilot_llm_responses",
+        "LLM calls by the HTTP status code they reported",
+        labels=["status_code"],
+    )
+    for code, count in sorted(counters.by_status_code.items()):
+        responses.add_metric([code], count)
+    duplicates = CounterMetricFamily(
+        "stockpilot_llm_duplicate_records",
+        "Usage records dropped as repeats of an id already counted",
+    )
+    duplicates.add_metric([], counters.duplicates)
+    latency = HistogramMetricFamily(
+        "stockpilot_llm_response_time_seconds",
+        "LLM response time of the calls that reported one",
+    )
+    buckets = [
+        (repr(float(bound)), float(count))  # "1.0": as prometheus-client writes `le`
+        for bound, count in zip(counters.latency_bounds_s, counters.latency_buckets, strict=True)
+    ]
+    buckets.append(("+Inf", float(counters.latency_count)))
+    latency.add_metric([], buckets, counters.latency_sum_s)
+    return [requests, failed, tokens, cost, errors, responses, duplicates, latency]
 
 
 def usage_today_families(stats: UsageStats) -> list[Metric]:
-    """LLM calls of today's statistics (GET /api/v1/usage/stats): by model, error and status."""
-    window = ["today"]
-    failed = GaugeMetricFamily(
-        "stockpilot_llm_failed_requests",
-        "Failed LLM calls (status code >= 400 or an error code) in the window, by model",
-        labels=["model", "window"],
+    """Figures of today's statistics that counters cannot give: the calendar day's error
+    ratio and the models seen without a price."""
+    error_ratio = GaugeMetricFamily(
+        "stockpilot_llm_today_error_ratio",
+        "Failed LLM calls as a share (0-1) of today's calls, in STOCKPILOT_TZ",
     )
-    avg_latency = GaugeMetricFamily(
-        "stockpilot_llm_response_time_avg_ms",
-        "Mean LLM response time in the window, by model",
-        labels=["model", "window"],
-    )
-    for model, row in sorted(stats.by_model.items()):
-        failed.add_metric([model, *window], row.failed_requests)
-        avg_latency.add_metric([model, *window], row.avg_response_time_ms)
-    by_error = GaugeMetricFamily(
-        "stockpilot_llm_errors",
-        "LLM calls that reported an error code in the window, by error code",
-        labels=["error_code", "window"],
-    )
-    for code, count in sorted(stats.by_error_code.items()):
-        by_error.add_metric([code, *window], count)
-    by_status = GaugeMetricFamily(
-        "stockpilot_llm_responses",
-        "LLM calls in the window, by HTTP status code",
-        labels=["status_code", "window"],
-    )
-    for code, count in sorted(stats.by_status_code.items()):
-        by_status.add_metric([code, *window], count)
-    latency = GaugeMetricFamily(
-        "stockpilot_llm_response_time_ms",
-        "LLM response time quantiles over all calls in the window",
-        labels=["quantile", "window"],
-    )
-    latency.add_metric(["0.5", *window], stats.p50_response_time_ms)
-    latency.add_metric(["0.95", *window], stats.p95_response_time_ms)
-    latency.add_metric(["0.99", *window], stats.p99_response_time_ms)
-    error_rate = GaugeMetricFamily(
-        "stockpilot_llm_error_rate_percent",
-        "Failed LLM calls as a percentage of all calls in the window",
-        labels=["window"],
-    )
-    if stats.error_rate is not None:  # no calls: no rate, rather than a reassuring 0
-        error_rate.add_metric(window, stats.error_rate)
-    rpm = GaugeMetricFamily(
-        "stockpilot_llm_requests_per_minute",
-        "LLM calls per minute (today: over the last five minutes)",
-        labels=["window"],
-    )
-    rpm.add_metric(window, stats.requests_per_minute)
+    if stats.error_rate is not None:  # no calls: no ratio, rather than a reassuring 0
+        error_ratio.add_metric([], stats.error_rate / 100.0)
     unpriced = GaugeMetricFamily(
         "stockpilot_llm_unpriced_model",
         "1 for each model seen without a price (its calls cost 0)",
@@ -204,56 +198,40 @@ def usage_today_families(stats: UsageStats) -> list[Metric]:
     )
     for model in stats.unpriced_models:
         unpriced.add_metric([model], 1.0)
-    return [
-        *_per_model_families("today", stats.by_model),
-        failed,
-        avg_latency,
-        by_error,
-        by_status,
-        latency,
-        error_rate,
-        rpm,
-        unpriced,
-    ]
+    return [error_ratio, unpriced]
 
 
-def usage_month_families(costs: UsageCosts) -> list[Metric]:
-    """Month-to-date spend (GET /api/v1/usage/costs): by model, and both budgets."""
+def usage_budget_families(costs: UsageCosts) -> list[Metric]:
+    """Spend of the calendar day and month against their budgets (GET /api/v1/usage/costs).
+
+    Gauges labelled `period` (today, month): they fall back to 0 when the period turns, which
+    is what a budget counts; use `stockpilot_llm_cost_usd_total` for rates.
+    """
     spend = GaugeMetricFamily(
-        "stockpilot_llm_spend_usd", "All LLM spend in the window", labels=["window"]
+        "stockpilot_llm_period_spend_usd",
+        "LLM spend of the calendar period so far (today, month), in STOCKPILOT_TZ",
+        labels=["period"],
     )
     budget = GaugeMetricFamily(
-        "stockpilot_llm_budget_usd", "The configured budget of the window", labels=["window"]
+        "stockpilot_llm_budget_usd", "The configured budget of the period", labels=["period"]
     )
     used = GaugeMetricFamily(
-        "stockpilot_llm_budget_used_percent",
-        "Spend as a percentage of the window's budget",
-        labels=["window"],
+        "stockpilot_llm_budget_used_ratio",
+        "The period's spend as a share of its budget (1 = all spent)",
+        labels=["period"],
     )
     for name, use in (("today", costs.today), ("month", costs.month)):
         spend.add_metric([name], use.cost_usd)
         if use.budget_usd is not None:
             budget.add_metric([name], use.budget_usd)
         if use.used_pct is not None:
-            used.add_metric([name], use.used_pct)
+            used.add_metric([name], use.used_pct / 100.0)
     forecast = GaugeMetricFamily(
         "stockpilot_llm_forecast_month_end_usd",
         "This month's spend extrapolated to its end at the pace so far",
     )
     forecast.add_metric([], costs.forecast.month_end_cost_usd)
-    return [*_per_model_families("month", costs.by_model), spend, budget, used, forecast]
-
-
-def merge(families: Iterable[Metric]) -> list[Metric]:
-    """Families of the same name (today's and the month's) joined into one."""
-    joined: dict[str, Metric] = {}
-    for family in families:
-        held = joined.get(family.name)
-        if held is None:
-            joined[family.name] = family
-        else:
-            held.samples.extend(family.samples)
-    return list(joined.values())
+    return [spend, budget, used, forecast]
 
 
 def alert_families(summary: UsageSummary) -> list[Metric]:
@@ -283,13 +261,13 @@ def health_families(health: ComprehensiveHealth) -> list[Metric]:
         "status",
     )
     latency = GaugeMetricFamily(
-        "stockpilot_component_latency_ms",
+        "stockpilot_component_latency_seconds",
         "Latency of the component's latest probe",
         labels=["component", "kind"],
     )
     uptime = GaugeMetricFamily(
-        "stockpilot_component_uptime_percent",
-        "Share of probes in the window that found the component up (unknown ones left out)",
+        "stockpilot_component_uptime_ratio",
+        "Share (0-1) of probes in the window that found the component up (unknown ones left out)",
         labels=["component", "kind", "window"],
     )
     checked = GaugeMetricFamily(
@@ -305,11 +283,11 @@ def health_families(health: ComprehensiveHealth) -> list[Metric]:
         up.add_metric(labels, 1.0 if component.status in UP_STATUSES else 0.0)
         add_state(status, labels, COMPONENT_STATUSES, component.status)
         if component.latency_ms is not None:
-            latency.add_metric(labels, component.latency_ms)
+            latency.add_metric(labels, component.latency_ms / 1000.0)
         if component.uptime_pct_1h is not None:
-            uptime.add_metric([*labels, "1h"], component.uptime_pct_1h)
+            uptime.add_metric([*labels, "1h"], component.uptime_pct_1h / 100.0)
         if component.uptime_pct_24h is not None:
-            uptime.add_metric([*labels, "24h"], component.uptime_pct_24h)
+            uptime.add_metric([*labels, "24h"], component.uptime_pct_24h / 100.0)
         if component.checked_at is not None:
             checked.add_metric(labels, component.checked_at.timestamp())
     overall = state_set(
@@ -323,9 +301,9 @@ def health_families(health: ComprehensiveHealth) -> list[Metric]:
     if health.system_metrics is not None:
         host = health.system_metrics
         for name, value, what in (
-            ("cpu_percent", host.cpu_percent, "CPU use"),
-            ("memory_percent", host.memory_percent, "memory use"),
-            ("disk_percent", host.disk_percent, "disk use"),
+            ("cpu_ratio", host.cpu_percent / 100.0, "CPU use (0-1)"),
+            ("memory_ratio", host.memory_percent / 100.0, "memory use (0-1)"),
+            ("disk_ratio", host.disk_percent / 100.0, "disk use (0-1)"),
             ("uptime_seconds", host.uptime_s, "uptime"),
         ):
             family = GaugeMetricFamily(
@@ -353,8 +331,8 @@ def batch_families(stats: BatchStats) -> list[Metric]:
         labels=["job", "status", "window"],
     )
     success = GaugeMetricFamily(
-        "stockpilot_batch_success_rate_percent",
-        "Succeeded executions as a percentage of the finished ones in the window",
+        "stockpilot_batch_success_ratio",
+        "Succeeded executions as a share (0-1) of the finished ones in the window",
         labels=["job", "window"],
     )
     avg = GaugeMetricFamily(
@@ -382,7 +360,7 @@ def batch_families(stats: BatchStats) -> list[Metric]:
         ):
             runs.add_metric([job, status, window], count)
         if row.success_rate is not None:
-            success.add_metric([job, window], row.success_rate)
+            success.add_metric([job, window], row.success_rate / 100.0)
         if row.avg_duration_s is not None:
             avg.add_metric([job, window], row.avg_duration_s)
         if row.p95_duration_s is not None:

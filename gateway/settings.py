@@ -6,7 +6,13 @@ from typing import Annotated
 
 import msgspec
 
-from shared.settings import CommonSettings, NonNegativeFloat, Port, PositiveFloat
+from shared.settings import (
+    CommonSettings,
+    NonNegativeFloat,
+    Port,
+    PositiveFloat,
+    strip_whitespace,
+)
 
 
 class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
@@ -45,3 +51,8 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     # `?fresh=true` (admin token only) runs at most one round of probes per this many seconds;
     # asks inside the window get the round in flight or just done. 0: a round per ask.
     health_fresh_interval_s: NonNegativeFloat = 10.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A token read from a file ends with a newline no client sends (shared.settings).
+        strip_whitespace(self, "admin_token", "ingest_token", "read_token")

@@ -26,8 +26,7 @@ from shared.events import AwareDatetime
 
 AreaStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]
 Severity = Literal["info", "warning", "critical"]
-# One number type (`float` takes ints too): `int | float` becomes an OpenAPI oneOf that an
-# integral value matches twice.
+# No `int` beside `float`: a JSON 0 would then match two types of the schema's oneOf.
 Param = str | float | None
 
 AREAS = (
@@ -95,8 +94,7 @@ class Observed(msgspec.Struct, kw_only=True):
     batch: BatchSummary | None
     # (hook process state, hooks), or None when the state bucket could not be read.
     hooks: tuple[str, list[HookState]] | None
-    # Why STOCKPILOT_USAGE refuses writes (full, sealed, out of storage), None while it takes
-    # them or could not be checked: every LLM call then waits in a spool or is lost.
+    # Why STOCKPILOT_USAGE refuses writes (full, sealed, out of storage), or None.
     usage_stream_refusal: str | None = None
 
 
@@ -454,6 +452,24 @@ def _services(seen: Observed, reasons: list[Reason]) -> Area:
             )
         )
         return Area(status="unhealthy", summary="NATS is unavailable", code="services.nats_down")
+    if seen.usage_stream_refusal is not None:
+        # Every LLM call then waits in its producer's spool, or is lost: nothing else matters.
+        refusal = seen.usage_stream_refusal
+        reasons.append(
+            _reason(
+                "services",
+                "unhealthy",
+                refusal,
+                "services.usage_stream_refuses",
+                {"detail": refusal},
+            )
+        )
+        return Area(
+            status="unhealthy",
+            summary="the usage stream refuses writes",
+            code="services.usage_stream_refuses",
+            params={"detail": refusal},
+        )
     down = [name for name, s in seen.services.items() if s.status == "unavailable"]
     for name in down:
         detail = seen.services[name].detail
@@ -467,24 +483,6 @@ def _services(seen: Observed, reasons: list[Reason]) -> Area:
             )
         )
     catching_up = [name for name, s in seen.services.items() if s.status == "catching_up"]
-    if seen.usage_stream_refusal is not None:
-        refusal = seen.usage_stream_refusal
-        reasons.append(
-            _reason(
-                "services",
-                "unhealthy",
-                f"the usage stream refuses writes: {refusal}; LLM calls wait in their "
-                "producers' spools or are lost",
-                "services.usage_stream",
-                {"detail": refusal},
-            )
-        )
-        return Area(
-            status="unhealthy",
-            summary=f"the usage stream refuses writes: {refusal}",
-            code="services.usage_stream",
-            params={"detail": refusal},
-        )
     params: dict[str, Param] = {
         "up": len(seen.services) - len(down),
         "total": len(seen.services),

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "ops.events",
     "ops.hooks",
     "ops.demo",
+    "ops.nats_info",
 )
 
 

@@ -38,6 +38,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from ops import locate
 from services.batch.client import acquire_lock, batch_job
 from services.batch.errors import LockHeldError
 from services.batch.events import BatchFinished, BatchProgress, BatchStarted
@@ -530,6 +531,16 @@ async def run_demo(settings: CommonSettings, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     rng = random.Random(args.seed)
     async with contextlib.AsyncExitStack() as stack:
+        # Only the stack's own NATS, checked to hold the StockPilot streams: the demo never
+        # creates streams (only `stockpilot up` and the services do) nor publishes elsewhere.
+        try:
+            nc = await stack.enter_async_context(locate.connected(settings, "stockpilot-demo"))
+        except locate.StackError as exc:
+            _say(str(exc))
+            return 2
+        # Draining is the end of the run, not an outage worth a "reconnecting" warning.
+        stack.callback(logging.getLogger("stockpilot.bus").setLevel, logging.ERROR)
+        js = nc.jetstream()
         if args.api_port >= 0:
             try:
                 apis = await stack.enter_async_context(
@@ -550,21 +561,6 @@ async def run_demo(settings: CommonSettings, args: argparse.Namespace) -> int:
                 + "; start the stack with the STOCKPILOT_EXTERNAL_APIS above for the health "
                 "service to probe them (and the OPENAI_* values for an offline OpenAI stand-in)"
             )
-        try:
-            nc = await bus.connect(settings, "stockpilot-demo", first_connect_attempts=3)
-        except Exception as exc:
-            _say(f"cannot reach NATS at {','.join(settings.nats_servers)}: {exc}")
-            _say("start the stack first (make run), or set STOCKPILOT_NATS_URL")
-            return 1
-
-        async def disconnect() -> None:
-            # Draining is the end of the run, not an outage worth a "reconnecting" warning.
-            logging.getLogger("stockpilot.bus").setLevel(logging.ERROR)
-            await nc.drain()
-
-        stack.push_async_callback(disconnect)
-        js = nc.jetstream()
-        await bus.provision(js, settings.stream_replicas)
         now = utc_now()
         if args.history_days:
             history = [
@@ -625,7 +621,9 @@ def register(subparsers: Any) -> None:
         help="feed realistic synthetic traffic into a running stack",
         description=(
             "Publish synthetic StockPilot AI traffic to the running stack's NATS "
-            "(STOCKPILOT_NATS_URL, or the embedded server's $STOCKPILOT_DATA_DIR/nats.url): "
+            "(STOCKPILOT_NATS_URL, or the embedded server recorded under "
+            "$STOCKPILOT_DATA_DIR; it must already hold the StockPilot streams, which the "
+            "demo never creates): "
             "30 days of LLM calls, then live calls with a rate-limit incident, batch runs "
             "(one fails) and a job lock left to expire. Also serves three external APIs on "
             "loopback and prints the STOCKPILOT_EXTERNAL_APIS value that points the health "

@@ -1,8 +1,9 @@
 """Ops tooling over the streams: `events tail|export|import`, `replay`, `streams`.
 
-Output is JSON lines on stdout (one object per message or per result); progress and
-diagnostics go to stderr. NATS is found as every process finds it (STOCKPILOT_NATS_URL, or
-$STOCKPILOT_DATA_DIR/nats.url written by `stockpilot up`).
+Output is JSON lines on stdout (one object per message or per result; `streams` prints
+tables unless --json); progress and diagnostics go to stderr. The stack is found by
+ops.locate (STOCKPILOT_NATS_URL, or the embedded server recorded under STOCKPILOT_DATA_DIR)
+and checked to hold the StockPilot streams; anything in the way is one line and exit 2.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -23,20 +24,19 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from ops import stream_io
+from ops import locate, stream_io
 from ops.replay import (
     STREAM_SERVICES,
     ReplayError,
     ReplayResult,
-    load_definition,
+    live_definition,
     replay_definition,
     stream_name,
 )
-from ops.streams_report import streams_report
+from ops.streams_report import render_table, streams_report, unavailable_services
 from shared import bus
 from shared.settings import CommonSettings, SettingsError, settings_or_exit
 
-CONNECT_TIMEOUT_S = 5.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -49,18 +49,9 @@ def _out(line: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-@contextlib.asynccontextmanager
-async def _connected(settings: CommonSettings) -> AsyncIterator[NATS]:
-    """A connection for a tool: a clear error after a few seconds instead of waiting forever."""
-    # bus.connect retries its first connection forever (nats-py does so with unlimited
-    # reconnects whatever first_connect_attempts says): bound it here.
-    nc = await asyncio.wait_for(
-        bus.connect(settings, "stockpilot-ops", first_connect_attempts=3), timeout=CONNECT_TIMEOUT_S
-    )
-    try:
-        yield nc
-    finally:
-        await bus.drain_or_close(nc)
+def _connected(settings: CommonSettings, *, stockpilot_only: bool = True) -> Any:
+    """The stack's NATS (never a guess), checked to be StockPilot's; see ops.locate."""
+    return locate.connected(settings, "stockpilot-ops", stockpilot_only=stockpilot_only)
 
 
 def _run(
@@ -72,8 +63,12 @@ def _run(
     configure_logging("stockpilot", "ERROR")
     try:
         return asyncio.run(work(settings))
+    except locate.StackError as exc:
+        _err(str(exc))
+        return 2
     except (OSError, TimeoutError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
-        _err(f"NATS at {', '.join(settings.nats_servers)} not reachable ({type(exc).__name__})")
+        where = locate.shown(locate.servers_or_raise(settings))
+        _err(f"NATS at {where} stopped answering ({type(exc).__name__})")
         return 2
     except (ReplayError, JsNotFoundError, ValueError, SettingsError) as exc:
         _err(str(exc) or type(exc).__name__)
@@ -185,7 +180,10 @@ def _export_command(args: argparse.Namespace) -> int:
         async with _connected(settings) as nc:
             js = nc.jetstream()
             name = stream_name(args.stream) if args.stream.lower() in _KNOWN else args.stream
-            info = await js.stream_info(name)
+            try:
+                info = await js.stream_info(name)
+            except (JsNotFoundError, nats.errors.BadSubjectError):
+                raise ReplayError(_unknown_stream(args.stream)) from None
             progress = stream_io.Progress(f"export {name}", total=info.state.messages)
             await stream_io.export_stream(
                 js,
@@ -205,9 +203,17 @@ def _export_command(args: argparse.Namespace) -> int:
 _KNOWN = {*bus.STREAMS, *(s.name.lower() for s in bus.STREAMS.values())}
 
 
+def _unknown_stream(asked: str) -> str:
+    """One line: no such stream, and the names that would do."""
+    names = ", ".join(spec.name for spec in bus.STREAMS.values())
+    return (
+        f"no stream {asked!r} on this NATS: expected one of {names} (or {', '.join(bus.STREAMS)})"
+    )
+
+
 def _import_command(args: argparse.Namespace) -> int:
     async def work(settings: CommonSettings) -> int:
-        async with _connected(settings) as nc:
+        async with _connected(settings, stockpilot_only=False) as nc:
             js = nc.jetstream()
             if not args.no_provision:
                 await bus.provision(js, settings.stream_replicas)
@@ -235,9 +241,13 @@ def _replay_command(args: argparse.Namespace) -> int:
         not_compared: list[str] = []
         async with _connected(settings) as nc:
             for service in STREAM_SERVICES[name]:
-                _err(f"replaying {name} into fresh {service} projections")
-                definition = load_definition(service)
                 try:
+                    # The fold settings (time zone, budgets, prices…) are the live service's:
+                    # this shell's may differ without anything being wrong.
+                    definition, answer, notes = await live_definition(nc, service, args.timeout)
+                    for note in notes:
+                        _err(f"{service}: {note}")
+                    _err(f"replaying {name} into fresh {service} projections")
                     results += await replay_definition(
                         nc,
                         definition,
@@ -245,6 +255,7 @@ def _replay_command(args: argparse.Namespace) -> int:
                         timeout=args.timeout,
                         on_result=lambda r: _out(_encode(r)),
                         show_progress=True,
+                        answer=answer,
                     )
                 except ReplayError as exc:  # the other services can still be compared
                     _err(f"{service}: not compared: {exc}")
@@ -268,8 +279,21 @@ def _replay_command(args: argparse.Namespace) -> int:
 def _streams_command(args: argparse.Namespace) -> int:
     async def work(settings: CommonSettings) -> int:
         async with _connected(settings) as nc:
-            for line in await streams_report(nc, timeout=args.timeout):
+            lines = await streams_report(nc, timeout=args.timeout)
+        if args.json:
+            for line in lines:
                 _out(_encode(line))
+        else:
+            where = locate.shown(settings.nats_servers)
+            print(f"StockPilot NATS at {where} ({settings.nats_source})\n", flush=True)
+            print(render_table(lines), end="", flush=True)
+        down = unavailable_services(lines)
+        if down:
+            _err(
+                f"not answering: {', '.join(down)} (the stack is up but these services are "
+                "not: see the output of `stockpilot up`)"
+            )
+            return 1
         return 0
 
     return _run(args, work)
@@ -278,12 +302,20 @@ def _streams_command(args: argparse.Namespace) -> int:
 # ----- registration -------------------------------------------------------------------------
 
 
+# How every ops command finds the stack (ops.locate), said in each one's --help.
+_FINDING = (
+    " The stack is the NATS in STOCKPILOT_NATS_URL or, when that is unset, the embedded "
+    "server `stockpilot up` recorded under STOCKPILOT_DATA_DIR (default ./.data, also looked "
+    "for in the parent folders); never another NATS (nothing at 127.0.0.1:4222 is assumed)."
+)
+
+
 def register(subparsers: Any) -> None:
     """Add `events tail|export|import`, `replay` and `streams`."""
     events = subparsers.add_parser(
         "events",
         help="tail, export and import stream messages as JSON lines",
-        description="Tail, export and import the messages of the StockPilot streams.",
+        description="Tail, export and import the messages of the StockPilot streams." + _FINDING,
     )
     commands = events.add_subparsers(dest="events_command", metavar="ACTION", required=True)
 
@@ -338,7 +370,10 @@ def register(subparsers: Any) -> None:
         description=(
             "Fold STREAM from the first event into fresh projections of the service(s) that "
             "fold it, up to the sequence the live service reports, and compare state digests. "
-            "One JSON line per projection; exit 0 when every one is equal, 1 otherwise."
+            "The fold settings (time zone, budgets, thresholds, prices, history bounds) are "
+            "the live service's, as it reports them: each that differs from this shell's is "
+            "named on stderr. One JSON line per projection; exit 0 when every one is equal, "
+            "1 otherwise, 2 when the stack cannot be reached." + _FINDING
         ),
     )
     replay.add_argument("stream", metavar="STREAM", help=", ".join(STREAM_SERVICES))
@@ -349,10 +384,15 @@ def register(subparsers: Any) -> None:
         "streams",
         help="streams, sizes, consumers and projection lag",
         description=(
-            "One JSON line per stream (messages, bytes, consumers), per service and per "
-            "projection (last_seq, lag) from each service's status endpoint, and per alert "
-            "hook (state, deliveries, failures) as the hook process last reported it."
+            "The running stack at a glance: each stream (messages, size, sequences, "
+            "consumers), each service (up, catching_up or unavailable), each projection "
+            "(last_seq, lag, last snapshot) from the service's status endpoint, and each "
+            "alert hook (state, deliveries, failures) as the hook process last reported it. "
+            "Tables for people; --json prints one JSON line per row instead, tagged by "
+            "`kind` (stream, service, projection, hook). Exit status 0 when every service "
+            "answers, 1 when one does not, 2 when the stack cannot be reached." + _FINDING
         ),
     )
     streams.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for a service")
+    streams.add_argument("--json", action="store_true", help="JSON lines instead of tables")
     streams.set_defaults(handler=_streams_command)

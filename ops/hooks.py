@@ -27,7 +27,9 @@ from shared.settings import (
     PositiveFloat,
     PositiveInt,
     SettingsError,
+    require_nats,
     settings_or_exit,
+    strip_whitespace,
 )
 
 log = logging.getLogger("stockpilot.hooks")
@@ -54,6 +56,8 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # A trailing newline (a secret file) would make every delivery fail (shared.settings).
+        strip_whitespace(self, "alert_webhook_url", "alert_webhook_secret", "slack_webhook_url")
         for variable, url in (
             ("STOCKPILOT_ALERT_WEBHOOK_URL", self.alert_webhook_url),
             ("STOCKPILOT_SLACK_WEBHOOK_URL", self.slack_webhook_url),
@@ -169,6 +173,7 @@ def _command(args: argparse.Namespace) -> int:
     from shared.logs import configure_logging
 
     settings = settings_or_exit(HookSettings)
+    require_nats(settings)
     configure_logging("hooks", settings.log_level)
     # httpx logs every request with its URL at INFO; webhook URLs often carry a token.
     for name in ("httpx", "httpcore"):

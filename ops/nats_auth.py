@@ -242,6 +242,26 @@ def _roles() -> dict[str, tuple[list[str], list[str]]]:
 
 ROLE_SUBJECTS = _roles()
 
+# The roles an outside program connects as (`stockpilot nats-info --role`), and what each
+# may do, said for people; the subjects themselves are ROLE_SUBJECTS.
+OUTSIDE_ROLES: dict[str, str] = {
+    "observer": (
+        "read the four streams (STOCKPILOT_USAGE, _HEALTH, _BATCH, _ALERTS) through its own "
+        "ephemeral consumers, and subscribe to stockpilot.alerts.>; nothing else "
+        "(dashboards, exporters, alert subscribers)"
+    ),
+    "producer": (
+        "publish stockpilot.usage.recorded, stockpilot.batch.run.<job_id> and "
+        "stockpilot.batch.lock.<job_id>, read a lock subject's last event, and receive "
+        "the JetStream answers to its publishes; nothing else (StockPilot AI's code)"
+    ),
+    "ops": (
+        "read and publish every stockpilot.> subject and administer the streams, consumers "
+        "and buckets (backups, restores), but never answer the services' requests (the "
+        "operator's tools)"
+    ),
+}
+
 
 def permissions(user: str) -> dict[str, Any]:
     """The nats-server permissions block of one user."""

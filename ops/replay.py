@@ -26,7 +26,7 @@ from shared.alerts import alert_ledger
 from shared.bus import STREAMS
 from shared.projection import Projection, view_digest
 from shared.runtime import DigestAnswer, ServiceDefinition, ack_metadata, endpoint_subject
-from shared.settings import CommonSettings, load_settings
+from shared.settings import CommonSettings, SettingsError, env_name, load_settings
 
 # Which services fold which stream (every service keeps an alert ledger over the alerts).
 STREAM_SERVICES: dict[str, tuple[str, ...]] = {
@@ -67,10 +67,9 @@ def stream_name(text: str) -> str:
     raise ReplayError(f"unknown stream {text!r}: expected one of {', '.join(STREAM_SERVICES)}")
 
 
-def load_definition(service: str) -> ServiceDefinition:
-    """A fresh definition of a real service, built from its settings (imported lazily)."""
+def settings_class(service: str) -> type[CommonSettings]:
+    """The settings struct of a real service (imported lazily)."""
     settings_module = importlib.import_module(f"services.{service}.settings")
-    service_module = importlib.import_module(f"services.{service}.service")
     settings_cls = getattr(settings_module, "Settings", None) or getattr(
         settings_module, f"{service.capitalize()}Settings", None
     )
@@ -85,7 +84,54 @@ def load_definition(service: str) -> ServiceDefinition:
         if len(candidates) != 1:
             raise ReplayError(f"services.{service}.settings has no Settings class")
         settings_cls = candidates[0]
-    definition: ServiceDefinition = service_module.build(load_settings(settings_cls))
+    found: type[CommonSettings] = settings_cls
+    return found
+
+
+class SettingDifference(msgspec.Struct, kw_only=True):
+    """A fold setting whose live value is not this shell's (the replay uses the live one)."""
+
+    service: str
+    variable: str
+    live: Any
+    here: Any
+
+
+def with_live_settings(
+    service: str, local: CommonSettings, live: dict[str, Any]
+) -> tuple[CommonSettings, list[SettingDifference]]:
+    """`local` with the live service's fold settings over it, and what differed."""
+    cls = type(local)
+    here = msgspec.to_builtins(local)
+    differences = [
+        SettingDifference(
+            service=service, variable=env_name(cls, name), live=value, here=here.get(name)
+        )
+        for name, value in sorted(live.items())
+        if name in here and here[name] != value
+    ]
+    unknown = sorted(name for name in live if name not in here)
+    if unknown:
+        raise ReplayError(
+            f"the live {service} service folds with settings this checkout does not know "
+            f"({', '.join(unknown)}): replay with the same version of StockPilot Ops"
+        )
+    try:
+        merged = msgspec.convert({**here, **live}, cls, strict=False)
+    except (msgspec.ValidationError, SettingsError) as exc:
+        raise ReplayError(
+            f"the live {service} service's settings do not load here: {exc}"
+        ) from None
+    return merged, differences
+
+
+def load_definition(service: str, settings: CommonSettings | None = None) -> ServiceDefinition:
+    """A fresh definition of a real service, built from `settings` (default: this process's
+    environment)."""
+    service_module = importlib.import_module(f"services.{service}.service")
+    if settings is None:
+        settings = load_settings(settings_class(service))
+    definition: ServiceDefinition = service_module.build(settings)
     return definition
 
 
@@ -155,15 +201,18 @@ async def replay_definition(
     timeout: float = 5.0,
     on_result: Callable[[ReplayResult], None] | None = None,
     show_progress: bool = False,
+    answer: DigestAnswer | None = None,
 ) -> list[ReplayResult]:
-    """Rebuild the definition's projections over `stream` and compare them with the live ones.
+    """Rebuild the definition's projections over `stream` and compare them with the live ones
+    (`answer`: the live service's digest answer, asked here when not given).
 
     `definition` must be a fresh one (its views are reset and refolded here).
     """
     selected = projections_over(definition, stream)
     if not selected:
         return []
-    answer = await live_digests(nc, definition.name, timeout)
+    if answer is None:
+        answer = await live_digests(nc, definition.name, timeout)
     live = {p.name: p for p in answer.projections}
     js = nc.jetstream()
     results: list[ReplayResult] = []
@@ -200,3 +249,35 @@ async def replay_definition(
         if on_result is not None:
             on_result(result)
     return results
+
+
+async def live_definition(
+    nc: NATS, service: str, timeout: float
+) -> tuple[ServiceDefinition, DigestAnswer, list[str]]:
+    """A fresh definition of `service` built with the live service's fold settings (this
+    shell's environment for the rest), the live digest answer, and lines for the operator:
+    each fold setting whose live value differs from this shell's."""
+    answer = await live_digests(nc, service, timeout)
+    try:
+        local = load_settings(settings_class(service))
+    except SettingsError as exc:
+        raise ReplayError(f"this shell's {service} settings do not load: {exc}") from None
+    if answer.settings is None:  # a service older than the fold settings in its answer
+        note = (
+            f"the live {service} service does not report its fold settings (an older "
+            "version): folding with this shell's, so a difference may come from them"
+        )
+        return load_definition(service, local), answer, [note]
+    merged, differences = with_live_settings(service, local, answer.settings)
+    notes = [
+        f"folding with the live service's {d.variable}={_json(d.live)} "
+        f"(this shell: {_json(d.here)})"
+        for d in differences
+    ]
+    return load_definition(service, merged), answer, notes
+
+
+def _json(value: Any) -> str:
+    """A setting's value in a line (JSON, cut: a price table can be long)."""
+    text = msgspec.json.encode(value).decode()
+    return text if len(text) <= 80 else text[:77] + "..."

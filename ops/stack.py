@@ -32,7 +32,13 @@ import psutil
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared import bus
-from shared.settings import CONFIG_FILE_VARIABLE, CommonSettings, env_name, settings_or_exit
+from shared.settings import (
+    CONFIG_FILE_VARIABLE,
+    CommonSettings,
+    env_name,
+    require_nats,
+    settings_or_exit,
+)
 from shared.testing import wait_for_port
 
 SERVICES = ("health", "usage", "batch")
@@ -85,6 +91,7 @@ def register(subparsers: Any) -> None:
 def _provision(args: argparse.Namespace) -> int:
     del args
     settings = settings_or_exit(CommonSettings)
+    require_nats(settings)
 
     async def run() -> int:
         try:
@@ -125,6 +132,7 @@ def _gateway(args: argparse.Namespace) -> int:
     from shared.logs import configure_logging
 
     settings = settings_or_exit(GatewaySettings)
+    require_nats(settings)
     configure_logging("gateway", settings.log_level)
     # Header and keep-alive timeouts, uvloop, httptools: gateway.http_server.
     raise_open_files_limit()

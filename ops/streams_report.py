@@ -6,6 +6,7 @@ Each line is a tagged struct (`kind`: stream, service, projection, hook).
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -146,3 +147,120 @@ async def streams_report(nc: NATS, timeout: float = 1.0) -> list[msgspec.Struct]
     for found in await asyncio.gather(*(one(s) for s in SERVICES)):
         lines += found
     return lines + await _hook_lines(nc)
+
+
+# ----- the table for people ----------------------------------------------------------------
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{count} B"  # pragma: no cover - the loop always returns
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
+def _moment(at: datetime | None) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if at is not None else "-"
+
+
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def render_table(lines: list[msgspec.Struct]) -> str:
+    """`streams_report` as aligned tables: streams, services, projections, hooks."""
+    streams = [line for line in lines if isinstance(line, StreamLine)]
+    services = [line for line in lines if isinstance(line, ServiceLine)]
+    projections = [line for line in lines if isinstance(line, ProjectionLine)]
+    hooks = [line for line in lines if isinstance(line, HookLine)]
+    blocks: list[list[str]] = []
+    blocks.append(
+        _grid(
+            ["STREAM", "MESSAGES", "SIZE", "FIRST SEQ", "LAST SEQ", "CONSUMERS"],
+            [
+                [
+                    s.stream,
+                    f"{s.messages:,}",
+                    _size(s.bytes),
+                    str(s.first_seq),
+                    str(s.last_seq),
+                    str(s.consumers),
+                ]
+                for s in streams
+            ],
+        )
+    )
+    blocks.append(
+        _grid(
+            ["SERVICE", "STATUS", "UPTIME", "INSTANCE / DETAIL"],
+            [
+                [s.service, s.status, _duration(s.uptime_s), s.instance or s.detail or ""]
+                for s in services
+            ],
+        )
+    )
+    if projections:
+        blocks.append(
+            _grid(
+                ["PROJECTION", "STREAM", "LAST SEQ", "LAG", "CAUGHT UP", "SNAPSHOT SEQ", "AT"],
+                [
+                    [
+                        f"{p.service}/{p.projection}",
+                        p.stream,
+                        str(p.last_seq),
+                        str(p.lag),
+                        "yes" if p.caught_up else "no",
+                        str(p.snapshot_seq),
+                        _moment(p.snapshot_at),
+                    ]
+                    for p in projections
+                ],
+            )
+        )
+    if hooks:
+        blocks.append(
+            _grid(
+                ["HOOK", "STATE", "DELIVERED", "FAILURES", "PENDING", "LAST ERROR"],
+                [
+                    [
+                        h.hook,
+                        h.state,
+                        str(h.delivered),
+                        f"{h.failures} ({h.consecutive_failures} in a row)",
+                        "-" if h.pending is None else str(h.pending),
+                        h.last_error or "",
+                    ]
+                    for h in hooks
+                ],
+            )
+        )
+    return "\n\n".join("\n".join(block) for block in blocks) + "\n"
+
+
+def unavailable_services(lines: list[msgspec.Struct]) -> list[str]:
+    """The services that did not answer (the command then exits 1)."""
+    return [
+        line.service
+        for line in lines
+        if isinstance(line, ServiceLine) and line.status == "unavailable"
+    ]

@@ -118,9 +118,15 @@ AlertMessage = Annotated[str, msgspec.Meta(max_length=10_000)]
 MetricName = Annotated[str, msgspec.Meta(max_length=128)]
 # Finite: an alert's figures are encoded into JSON answers (where infinity becomes null).
 Figure = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
-# An alert's params: short names, values a template can say (texts cut by the service).
-ParamName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-ParamValue = Annotated[str, msgspec.Meta(max_length=1000)] | bool | Figure | None
+# An alert's params: a few named values of its title and message, each short.
+AlertParams = Annotated[
+    dict[
+        Annotated[str, msgspec.Meta(max_length=64)],
+        # No `int` beside the float: a JSON 3 would then match two types of a oneOf.
+        Annotated[str, msgspec.Meta(max_length=1000)] | bool | Figure | None,
+    ],
+    msgspec.Meta(max_length=32),
+]
 
 
 class Alert(Event, frozen=True, kw_only=True, tag="alert"):
@@ -134,11 +140,10 @@ class Alert(Event, frozen=True, kw_only=True, tag="alert"):
     metric: MetricName
     value: Figure
     threshold: Figure
+
     # The values in `title` and `message` by name (component, job_id, period, from/to, …), so a
     # reader can say the alert in another language from `kind` + `params` (the dashboard does).
-    # Numbers are one JSON type (`float` takes ints too): with `int | float` the OpenAPI schema
-    # lists both in a oneOf, and an integral value matches two of its branches (schemathesis).
-    params: Annotated[dict[ParamName, ParamValue], msgspec.Meta(max_length=32)] = {}
+    params: AlertParams = {}
 
     def stored_problem(self, subject: str) -> str | None:
         """An alert belongs on its kind's subject, whose first token is its source."""

@@ -18,7 +18,7 @@ import re
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qsl, quote, quote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urlunsplit
 
 import msgspec
 
@@ -149,11 +149,13 @@ def dsn_secrets(url: str) -> set[str]:
         return {v for k, v in pairs.items() if _secret_name(k)}
     password = password_of(url)
     if password:
-        found.add(password)
+        # As written (`p%40ss`) and as the driver sends it, and may quote it back (`p@ss`).
+        found |= {password, unquote(password)}
     try:
         query = urlsplit(url.strip()).query
     except ValueError:
         return {url}
+    # Decoded by parse_qsl; the encoded shapes are among its forms.
     found.update(v for k, v in parse_qsl(query, keep_blank_values=True) if _secret_name(k))
     return found
 

@@ -57,7 +57,7 @@ from shared.projection import (
     encode_snapshot,
     view_digest,
 )
-from shared.settings import CommonSettings
+from shared.settings import CommonSettings, require_nats
 from shared.stream_reader import read_stream
 from shared.supervise import Supervisor
 
@@ -149,6 +149,10 @@ class ServiceDefinition:
     # Alerts the projections derive are raised under this source (usage|batch|health).
     alert_source: str | None = None
     description: str = ""
+    # The settings fields the folds depend on (time zone, budgets, prices, bounds): the
+    # `digest` endpoint reports their values, so `stockpilot replay` folds with the live
+    # service's configuration, not the shell's. None of them may be a secret.
+    fold_settings: Sequence[str] = ()
 
 
 class ProjectionStatus(msgspec.Struct, kw_only=True):
@@ -188,6 +192,9 @@ class DigestAnswer(msgspec.Struct, kw_only=True):
 
     service: str
     projections: list[ProjectionDigest]
+    # The fold-relevant settings the projections were built with (ServiceDefinition
+    # .fold_settings), by settings field name; None from a service that predates them.
+    settings: dict[str, Any] | None = None
 
 
 class ServiceStatus(msgspec.Struct, kw_only=True):
@@ -857,6 +864,10 @@ class Runtime:
                 )
                 for t in self.tracked.values()
             ],
+            settings={
+                name: msgspec.to_builtins(getattr(self.settings, name))
+                for name in self.definition.fold_settings
+            },
         )
 
     def status(self) -> ServiceStatus:
@@ -904,6 +915,7 @@ def service_main(build: Callable[[Any], ServiceDefinition], settings: CommonSett
     configure_logging(
         build.__module__.split(".")[1] if "." in build.__module__ else "service", settings.log_level
     )
+    require_nats(settings)
     try:
         import uvloop
 

@@ -8,12 +8,14 @@ A bad value stops the process with one line naming the variable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -33,6 +35,62 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 class SettingsError(Exception):
     """A setting is missing or malformed; the message names the variable."""
+
+
+class NoStackError(SettingsError):
+    """Neither STOCKPILOT_NATS_URL nor the data dir names a StockPilot NATS."""
+
+
+# What `stockpilot up` keeps under the data dir for everyone else to find its NATS (written
+# by ops.embedded_nats and ops.nats_auth, all 0600): the URL with the operator's
+# credentials, the client port, and the per-role passwords.
+NATS_URL_FILE = "nats.url"
+NATS_PORT_FILE = "nats.port"
+CREDENTIALS_FILE = "credentials.json"
+# The role the ops tools connect as (the only one that may read every stream and subject).
+OPERATOR_ROLE = "ops"
+
+
+def recorded_nats_url(data_dir: Path) -> str | None:
+    """The embedded server's URL with the operator's credentials, as `stockpilot up`
+    recorded it under `data_dir` (its kept port and passwords), or None."""
+    with contextlib.suppress(OSError, ValueError):
+        port = int((data_dir / NATS_PORT_FILE).read_text(encoding="utf-8").strip())
+        passwords = json.loads((data_dir / CREDENTIALS_FILE).read_text(encoding="utf-8"))
+        password = passwords.get(OPERATOR_ROLE) if isinstance(passwords, dict) else None
+        if 0 < port < 65536 and isinstance(password, str) and password:
+            return f"nats://{OPERATOR_ROLE}:{quote(password, safe='')}@127.0.0.1:{port}"
+    with contextlib.suppress(OSError):
+        url = (data_dir / NATS_URL_FILE).read_text(encoding="utf-8").strip()
+        if url:
+            return url
+    return None
+
+
+def find_data_dir(data_dir: str) -> Path | None:
+    """The data dir holding a recorded embedded server: `data_dir` itself or, when it is a
+    relative path (the default `./.data`), the same path under the nearest parent folder
+    that has one, so the ops commands work from any folder of the checkout."""
+    path = Path(data_dir).expanduser()
+    if recorded_nats_url(path) is not None:
+        return path.absolute()
+    if path.is_absolute():
+        return None
+    for parent in Path.cwd().parents:
+        candidate = parent / path
+        if recorded_nats_url(candidate) is not None:
+            return candidate
+    return None
+
+
+def no_stack_message(data_dir: str) -> str:
+    """The one line said when no StockPilot NATS is configured or recorded."""
+    return (
+        "no StockPilot stack found: STOCKPILOT_NATS_URL is not set and no embedded NATS is "
+        f"recorded in {Path(data_dir).expanduser().absolute()} (nats.port, credentials.json); "
+        "start one with `stockpilot up`, or set STOCKPILOT_DATA_DIR to the running stack's "
+        "data dir or STOCKPILOT_NATS_URL to its NATS"
+    )
 
 
 class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -56,6 +114,7 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
 
     def __post_init__(self) -> None:
+        strip_whitespace(self, "nats_password")
         try:
             ZoneInfo(self.tz)
         except (ZoneInfoNotFoundError, ValueError):
@@ -73,16 +132,45 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
     @property
     def nats_servers(self) -> list[str]:
-        """The NATS URLs to connect to (a cluster is comma-separated)."""
+        """The NATS URLs to connect to (a cluster is comma-separated): STOCKPILOT_NATS_URL,
+        or the embedded server `stockpilot up` recorded under the data dir.
+
+        Never a guess: a NATS that happens to answer at 127.0.0.1:4222 is not StockPilot's
+        (CONTRACT §2), so with neither this raises NoStackError, whose message says what to
+        set or run.
+        """
         if self.nats_url:
             return [u.strip() for u in self.nats_url.split(",") if u.strip()]
-        url_file = Path(self.data_dir) / "nats.url"
-        if url_file.exists():
-            return [url_file.read_text().strip()]
-        return ["nats://127.0.0.1:4222"]
+        found = find_data_dir(self.data_dir)
+        url = recorded_nats_url(found) if found is not None else None
+        if url is None:
+            raise NoStackError(no_stack_message(self.data_dir))
+        return [url]
+
+    @property
+    def nats_source(self) -> str:
+        """Where `nats_servers` comes from, for messages: the variable or the data dir."""
+        if self.nats_url:
+            return "STOCKPILOT_NATS_URL"
+        found = find_data_dir(self.data_dir)
+        shown = found if found is not None else Path(self.data_dir).absolute()
+        return f"the embedded server recorded in {shown}"
 
 
 S = TypeVar("S", bound=msgspec.Struct)
+
+
+def strip_whitespace(settings: msgspec.Struct, *names: str) -> None:
+    """Drop the surrounding whitespace of these optional string fields (in `__post_init__`).
+
+    A secret read from a file (`$(cat key)`, a mounted Kubernetes secret) ends with a newline
+    that is never meant: kept, a token would never match what clients send, a URL would be
+    invalid, and the error saying so would quote the secret in an escaped form.
+    """
+    for name in names:
+        value = getattr(settings, name)
+        if isinstance(value, str) and value != value.strip():
+            msgspec.structs.force_setattr(settings, name, value.strip() or None)
 
 
 def env_name(cls: type[msgspec.Struct], field: str) -> str:
@@ -161,4 +249,16 @@ def settings_or_exit(cls: type[S], env: Mapping[str, str] | None = None) -> S:
         return load_settings(cls, env)
     except SettingsError as exc:
         print(f"stockpilot: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def require_nats(settings: CommonSettings) -> None:
+    """For an entry point: stop with one line when no StockPilot NATS is configured or
+    recorded (instead of a traceback from the first connection)."""
+    import sys
+
+    try:
+        settings.nats_servers  # noqa: B018 (resolving it is the check)
+    except SettingsError as exc:
+        print(f"stockpilot: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,6 +9,7 @@ import pytest
 
 from gateway.settings import GatewaySettings
 from ops.hooks import HookSettings
+from ops.nats_info import NatsInfoSettings
 from services.batch.settings import Settings as BatchSettings
 from services.health.settings import Settings as HealthSettings
 from services.usage.settings import Settings as UsageSettings
@@ -22,6 +23,7 @@ CLASSES = [
     UsageSettings,
     BatchSettings,
     HookSettings,
+    NatsInfoSettings,
 ]
 
 

@@ -29,7 +29,7 @@ from gateway.auth import read_guard
 from gateway.services import GatewayClock, ServiceClient, Services
 from services.batch import schemas as batch
 from services.health.queries import ComprehensiveHealth
-from services.usage.answers import StatsParams, UsageCosts, UsageStats
+from services.usage.answers import StatsParams, UsageCosts, UsageCounters, UsageStats
 from services.usage.service import UsageSummary
 from shared.clock import Clock
 from shared.errors import StockpilotError
@@ -110,19 +110,22 @@ async def _services(scrape: Scrape) -> list[Metric]:
 
 async def _usage(scrape: Scrape) -> list[Metric]:
     # The same parameters as the REST routes' defaults: the same cached answers.
-    stats, costs, summary = await asyncio.gather(
+    counters, stats, costs, summary = await asyncio.gather(
+        scrape.ask("usage", "counters", UsageCounters),
         scrape.ask("usage", "stats", UsageStats, StatsParams()),
         scrape.ask("usage", "costs", UsageCosts),
         scrape.ask("usage", "summary", UsageSummary),
     )
     families: list[Metric] = []
+    if counters is not None:
+        families.extend(fam.usage_counter_families(counters))
     if stats is not None:
         families.extend(fam.usage_today_families(stats))
     if costs is not None:
-        families.extend(fam.usage_month_families(costs))
+        families.extend(fam.usage_budget_families(costs))
     if summary is not None:
         families.extend(fam.alert_families(summary))
-    return fam.merge(families)
+    return families
 
 
 async def _health(scrape: Scrape) -> list[Metric]:

@@ -96,13 +96,13 @@ class SystemStatus(msgspec.Struct, kw_only=True):
     # The alert hooks; `hooks_process` is `unavailable` when its status is stale or missing.
     hooks_process: Literal["up", "unavailable", "not_configured"] = "not_configured"
     hooks: list[HookState] = msgspec.field(default_factory=list)
+    # STOCKPILOT_USAGE refusing writes (full, sealed, JetStream out of storage) is unhealthy:
+    # every LLM call then waits in its producer's spool or is lost.
+    usage_stream: StreamWrites | None = None
     # dependencies, llm_spend, llm_errors, batch, locks, services, alert_hooks
     areas: dict[str, Area] = msgspec.field(default_factory=dict)
     # One per problem, worst first: every area that is not healthy has at least one.
     reasons: list[Reason] = msgspec.field(default_factory=list)
-    # STOCKPILOT_USAGE refusing writes (full, sealed, JetStream out of storage) is unhealthy:
-    # every LLM call then waits in its producer's spool or is lost.
-    usage_stream: StreamWrites | None = None
 
 
 def _gateway_health(
@@ -310,11 +310,7 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
             usage=usage,
             batch=batch,
             hooks=hooks,
-            usage_stream_refusal=(
-                (usage_stream.detail or "it refuses writes")
-                if usage_stream.accepting is False
-                else None
-            ),
+            usage_stream_refusal=usage_stream.detail if usage_stream.accepting is False else None,
         )
     )
     return SystemStatus(
@@ -327,9 +323,9 @@ async def system_status(services: Services, clock: GatewayClock) -> SystemStatus
         alerts_24h=usage.alerts_24h if usage is not None else None,
         hooks_process=hooks[0] if hooks is not None else "unavailable",
         hooks=hooks[1] if hooks is not None else [],
+        usage_stream=usage_stream,
         areas=verdict.areas,
         reasons=verdict.reasons,
-        usage_stream=usage_stream,
     )
 
 

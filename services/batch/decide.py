@@ -24,7 +24,7 @@ from services.batch.events import (
 from services.batch.lockrule import LockRead, LockState
 from services.batch.projection import BatchView, Execution
 from services.batch.schemas import RunParams
-from shared.errors import InvalidRequestError
+from shared.errors import ConflictError
 
 
 def acquire_event_id(job_id: str, execution_id: str) -> str:
@@ -136,9 +136,11 @@ def run_report_events(
     holder: LockState | None = None,
 ) -> list[RunEvent]:
     """The run events one HTTP report stores (`started`; an end, with its start when the run
-    was never reported started; `skipped`). Raises InvalidRequestError on a mismatch."""
+    was never reported started; `skipped`). A report repeated as it was stores nothing (a
+    crontab's curl may retry); one that contradicts the run as stored is a ConflictError (409):
+    the request is well formed, the run's state says no."""
     if existing is not None and existing.job_id != params.job_id:
-        raise InvalidRequestError(
+        raise ConflictError(
             f"execution {execution_id} belongs to job {existing.job_id}, not {params.job_id}"
         )
     host = params.host or "http"
@@ -155,8 +157,12 @@ def run_report_events(
     if params.status == "started":
         return [] if existing is not None else [start]
     if params.status == "skipped":
+        if existing is not None and existing.status == "skipped":
+            return []
         if existing is not None:
-            raise InvalidRequestError(f"execution {execution_id} was already reported")
+            raise ConflictError(
+                f"execution {execution_id} was already reported ({existing.status})"
+            )
         return [
             BatchSkipped(
                 id=f"{execution_id}.skipped",
@@ -167,8 +173,10 @@ def run_report_events(
                 holder_fencing_token=holder.fencing_token if holder is not None else None,
             )
         ]
+    if existing is not None and existing.status == params.status:
+        return []
     if existing is not None and existing.status != "running":
-        raise InvalidRequestError(
+        raise ConflictError(
             f"execution {execution_id} already ended ({existing.status}); report a new run"
         )
     events: list[RunEvent] = [] if existing is not None else [start]

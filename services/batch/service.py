@@ -119,6 +119,10 @@ def _check(job_id: str) -> None:
         raise InvalidRequestError(problem)
 
 
+# What the fold depends on (see fold_config/fold_policy): reported by `digest` for replay.
+FOLD_SETTINGS = ("history_limit",)
+
+
 def build(settings: BatchSettings) -> ServiceDefinition:
     """The batch service for these settings."""
     batch: BatchProjection = batch_projection(settings.history_limit)
@@ -405,6 +409,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
 
     return ServiceDefinition(
         name="batch",
+        fold_settings=FOLD_SETTINGS,
         projections=[batch],
         endpoints=[
             Endpoint("recent", schemas.RecentParams, recent),

@@ -200,6 +200,10 @@ class CurrentBoard:
         return self._board
 
 
+# What the fold depends on (see fold_config/fold_policy): reported by `digest` for replay.
+FOLD_SETTINGS = ("hysteresis_down", "hysteresis_up", "history_max_samples", "history_max_hours")
+
+
 def build(settings: HealthSettings) -> ServiceDefinition:
     """The health service: its projection, its query endpoints, its round of probes."""
     health = health_projection(settings)
@@ -271,6 +275,7 @@ def build(settings: HealthSettings) -> ServiceDefinition:
     probe_loop.__name__ = "health_probes"
     return ServiceDefinition(
         name="health",
+        fold_settings=FOLD_SETTINGS,
         projections=[health],
         endpoints=[
             Endpoint("summary", NoParams, summary),

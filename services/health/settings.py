@@ -14,6 +14,7 @@ from shared.settings import (
     PositiveFloat,
     PositiveInt,
     SettingsError,
+    strip_whitespace,
 )
 
 # An external API's name becomes a subject token (`stockpilot.health.checked.external.<name>`).
@@ -128,10 +129,7 @@ class HealthSettings(CommonSettings, frozen=True, kw_only=True):
             )
         # Surrounding whitespace (a trailing newline from a secret file) is never meant: a key
         # or a URL with it fails, and the error then shows the secret in an escaped form.
-        for name in ("database_url", "redis_url", "openai_api_key"):
-            value = getattr(self, name)
-            if value is not None and value != value.strip():
-                msgspec.structs.force_setattr(self, name, value.strip() or None)
+        strip_whitespace(self, "database_url", "redis_url", "openai_api_key")
         msgspec.structs.force_setattr(self, "openai_base_url", self.openai_base_url.strip())
         if self.database_url and is_conninfo(self.database_url):
             try:

@@ -178,3 +178,32 @@ class AlertList(msgspec.Struct, kw_only=True):
 
 
 # ----- helpers -----------------------------------------------------------------------------
+
+
+class ModelTotals(msgspec.Struct, kw_only=True):
+    """Every call to one model ever recorded (never reset)."""
+
+    requests: int
+    failed_requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: float
+
+
+class UsageCounters(msgspec.Struct, kw_only=True):
+    """The `counters` answer: lifetime totals folded from the whole stream, for /metrics.
+
+    They only grow (a usage.reset does not touch them) and a replay gives the same values, so
+    Prometheus can take `rate()` and `increase()` of them. `latency_buckets` are cumulative
+    counts of calls with a response time at or under each `latency_bounds_s` bound.
+    """
+
+    by_model: dict[str, ModelTotals]
+    by_error_code: dict[str, int]
+    by_status_code: dict[str, int]
+    latency_bounds_s: list[float]
+    latency_buckets: list[int]
+    latency_count: int
+    latency_sum_s: float
+    duplicates: int

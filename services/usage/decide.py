@@ -14,6 +14,21 @@ from shared.errors import InvalidRequestError
 from shared.events import AwareDatetime, timing_problem
 
 MAX_RECORDS = 1_000
+# JSON does not tell 3 from 3.0, and JSON Schema counts 3.0 as an integer (the published
+# OpenAPI schema says `integer`): such values of the integer fields are taken as integers.
+_INTEGER_FIELDS = ("status_code", "prompt_tokens", "completion_tokens", "cached_tokens")
+
+
+def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with 3.0 as 3 in the integer fields (a copy only when something changes)."""
+    changed: dict[str, Any] | None = None
+    for name in _INTEGER_FIELDS:
+        value = raw.get(name)
+        if type(value) is float and value.is_integer() and abs(value) < 2**63:
+            if changed is None:
+                changed = dict(raw)
+            changed[name] = int(value)
+    return raw if changed is None else changed
 
 
 class IngestParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -83,7 +98,7 @@ def records_to_events(
             )
             continue
         try:
-            record = msgspec.convert(raw, UsageRecordedIn)
+            record = msgspec.convert(_integral_floats_as_ints(raw), UsageRecordedIn)
         except msgspec.ValidationError as exc:
             rejected.append(Rejected(index=index, reason=describe_decode_error(exc)))
             continue

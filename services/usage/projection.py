@@ -38,6 +38,7 @@ from services.usage.view import (
     Month,
     UsageView,
     add_call,
+    add_total,
     hour_key,
     month_bounds,
     view_type_for,
@@ -136,6 +137,7 @@ def make_apply(config: FoldConfig) -> Callable[[UsageView, UsageEvent], UsageVie
                         )
                 if event.model in view.unpriced:
                     view.unpriced[event.model] += 1
+        add_total(view.totals, event, cost, failed)
         at = event.occurred_at.timestamp()
         day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
         days = view.days

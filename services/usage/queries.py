@@ -14,11 +14,13 @@ from services.usage.answers import (
     CostForecast,
     DailyCost,
     ModelCost,
+    ModelTotals,
     StatsParams,
     StatsPeriod,
     TimePoint,
     TimeseriesParams,
     UsageCosts,
+    UsageCounters,
     UsageStats,
     UsageTimeseries,
     UserUsage,
@@ -26,7 +28,15 @@ from services.usage.answers import (
 from services.usage.history import AlertHistory
 from services.usage.settings import UsageSettings
 from services.usage.sketch import Sketch
-from services.usage.view import Agg, UsageView, day_start, hour_key, merge_agg, month_bounds
+from services.usage.view import (
+    LATENCY_BUCKETS_S,
+    Agg,
+    UsageView,
+    day_start,
+    hour_key,
+    merge_agg,
+    month_bounds,
+)
 from shared.errors import InvalidRequestError
 
 MAX_RANGE_DAYS = 90
@@ -402,3 +412,33 @@ def alerts(history: AlertHistory, params: AlertsParams) -> AlertList:
 def alerts_since(history: AlertHistory, since: datetime) -> int:
     """How many alerts occurred at or after `since`."""
     return sum(1 for a in history.alerts.values() if a.occurred_at >= since)
+
+
+def counters(view: UsageView) -> UsageCounters:
+    """The lifetime totals (never reset) that /metrics exposes as counters and a histogram."""
+    totals = view.totals
+    cumulative: list[int] = []
+    running = 0
+    for count in totals.latency_buckets or [0] * (len(LATENCY_BUCKETS_S) + 1):
+        running += count
+        cumulative.append(running)
+    return UsageCounters(
+        by_model={
+            model: ModelTotals(
+                requests=agg.requests,
+                failed_requests=agg.failures,
+                prompt_tokens=agg.prompt_tokens,
+                completion_tokens=agg.completion_tokens,
+                cached_tokens=agg.cached_tokens,
+                cost_usd=_rounded(agg.cost_usd, 9),
+            )
+            for model, agg in sorted(totals.by_model.items())
+        },
+        by_error_code=dict(sorted(totals.by_error_code.items())),
+        by_status_code=dict(sorted(totals.by_status_code.items())),
+        latency_bounds_s=list(LATENCY_BUCKETS_S),
+        latency_buckets=cumulative[:-1],
+        latency_count=running,
+        latency_sum_s=_rounded(totals.latency_sum_s, 9),
+        duplicates=view.duplicates,
+    )

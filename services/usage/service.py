@@ -12,7 +12,13 @@ import msgspec
 from nats.js import api as js_api
 
 from services.usage import decide, queries
-from services.usage.answers import AlertList, AlertsParams, StatsParams, TimeseriesParams
+from services.usage.answers import (
+    AlertList,
+    AlertsParams,
+    StatsParams,
+    TimeseriesParams,
+    UsageCounters,
+)
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, decode_usage_event
 from services.usage.history import AlertHistory, apply_alert, decode_alert
@@ -144,6 +150,18 @@ def _new_id() -> str:
     return f"usage-{uuid.uuid4().hex}"
 
 
+# What the fold depends on (see fold_config/fold_policy): reported by `digest` for replay.
+FOLD_SETTINGS = (
+    "tz",
+    "prices",
+    "daily_budget_usd",
+    "monthly_budget_usd",
+    "cost_alert_pct",
+    "error_rate_alert_pct",
+    "error_rate_min_calls",
+)
+
+
 def build(settings: UsageSettings) -> ServiceDefinition:
     """The usage service for these settings."""
     usage = usage_projection(settings)
@@ -221,6 +239,9 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         now = ctx.now()
         return cache.get_or_make(key("summary", params, now), lambda: make_summary(now))
 
+    async def counters(params: NoParams, ctx: Context) -> UsageCounters:
+        return queries.counters(usage.view)
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
         view = usage.view
@@ -251,6 +272,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
 
     return ServiceDefinition(
         name="usage",
+        fold_settings=FOLD_SETTINGS,
         projections=[usage, history],
         endpoints=[
             Endpoint("stats", StatsParams, stats),
@@ -258,6 +280,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("costs", NoParams, costs),
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
+            Endpoint("counters", NoParams, counters),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],

@@ -8,6 +8,7 @@ de-duplication and the rolling error-rate window.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -35,6 +36,12 @@ QUIET_S = 600
 # A month-end forecast extrapolates only once this much of the month has passed.
 FORECAST_MIN_ELAPSED_S = 86_400.0
 COST_EPSILON = 1e-9
+# Upper bounds, in seconds, of the lifetime LLM response-time histogram (`le` in /metrics):
+# from a cached completion to a long generation.
+LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Bumped when the view gains state that old snapshots lack: they are then refused (the
+# stamped `config` no longer matches) and the view is rebuilt from the stream's first event.
+VIEW_LAYOUT = "totals-1"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -50,6 +57,21 @@ class Agg(msgspec.Struct, kw_only=True, array_like=True):
     cost_usd: float = 0.0
     latency_n: int = 0
     latency_sum: float = 0.0
+
+
+class Totals(msgspec.Struct, kw_only=True):
+    """Every call ever folded, never reset (a usage.reset included): /metrics' counters.
+
+    Folded from the stream, so a restart or a replay gives the same values and a Prometheus
+    counter never goes back except when the stream itself is replaced.
+    """
+
+    by_model: dict[str, Agg] = {}
+    by_error_code: dict[str, int] = {}
+    by_status_code: dict[str, int] = {}
+    # Calls by response time: one count per LATENCY_BUCKETS_S bound, then the overflow.
+    latency_buckets: list[int] = []
+    latency_sum_s: float = 0.0
 
 
 class Hour(msgspec.Struct, kw_only=True, array_like=True):
@@ -122,6 +144,7 @@ class UsageView(View, kw_only=True):
     resets: int = 0
     reset_at: float | None = None
     fired: list[Fired] = []
+    totals: Totals = msgspec.field(default_factory=Totals)
 
 
 @dataclass(frozen=True)
@@ -140,6 +163,7 @@ class FoldConfig:
 def config_fingerprint(config: FoldConfig) -> str:
     """A digest of everything the fold's result depends on besides the events."""
     parts = [
+        VIEW_LAYOUT,
         config.zone.key,
         config.prices.fingerprint(),
         repr(config.daily_budget_usd),
@@ -181,6 +205,35 @@ def add_call(agg: Agg, event: UsageRecorded, cost: float, failed: bool) -> None:
     if event.response_time_ms is not None:
         agg.latency_n += 1
         agg.latency_sum += event.response_time_ms
+
+
+def add_total(totals: Totals, event: UsageRecorded, cost: float, failed: bool) -> None:
+    """Count one call into the lifetime totals (keys bounded like a day's breakdowns)."""
+    add_call(_bounded_agg(totals.by_model, event.model), event, cost, failed)
+    if event.error_code:
+        _count_key(totals.by_error_code, event.error_code)
+    _count_key(totals.by_status_code, str(event.status_code))
+    latency = event.response_time_ms
+    if latency is not None:
+        seconds = latency / 1000.0
+        buckets = totals.latency_buckets
+        if not buckets:
+            buckets.extend([0] * (len(LATENCY_BUCKETS_S) + 1))
+        buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        totals.latency_sum_s += seconds
+
+
+def _count_key(counts: dict[str, int], key: str) -> None:
+    key = key if key in counts or len(counts) < KEY_LIMIT else OTHER
+    counts[key] = counts.get(key, 0) + 1
+
+
+def _bounded_agg(mapping: dict[str, Agg], key: str) -> Agg:
+    key = key if key in mapping or len(mapping) < KEY_LIMIT else OTHER
+    agg = mapping.get(key)
+    if agg is None:
+        agg = mapping[key] = Agg()
+    return agg
 
 
 def merge_agg(target: Agg, other: Agg) -> None:

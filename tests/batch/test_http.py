@@ -131,7 +131,17 @@ async def test_runs_reported_over_http_land_in_the_history_and_stats(
     again = await api.post(
         f"{API}/etl/runs", json={"execution_id": execution_id, "status": "succeeded"}, headers=ADMIN
     )
-    assert again.status_code == 422 and "already ended" in again.json()["detail"]
+    # It failed: a success reported for it now contradicts the stored run (409)...
+    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+    # ...and the same failure reported again (a retried curl) is taken, storing nothing new.
+    retried = await api.post(
+        f"{API}/etl/runs",
+        json={"execution_id": execution_id, "status": "failed", "error": "disk full on /var/x1"},
+        headers=ADMIN,
+    )
+    assert retried.status_code == 202, retried.text
+    stats = (await api.get("/api/v1/batch/executions/stats")).json()
+    assert (stats["failed"], stats["succeeded"], stats["skipped"]) == (1, 1, 1)
     for bad in ({"status": "exploded"}, {"status": "started", "extra": 1}, {}):
         answer = await api.post(f"{API}/etl/runs", json=bad, headers=ADMIN)
         assert 400 <= answer.status_code < 500, (bad, answer.status_code)

@@ -111,6 +111,8 @@ class Stack:
     runtimes: dict[str, Runtime] = field(default_factory=dict)
     stops: dict[str, contextlib.AsyncExitStack] = field(default_factory=dict)
     apis: demo.ExternalApis | None = None
+    # The settings with every dependency configured (what `configure_dependencies` switches to).
+    configured_env: dict[str, str] = field(default_factory=dict)
 
     async def start_service(self, name: str) -> Runtime:
         """Run services.<name> in this loop (skipped while it is not importable)."""
@@ -128,6 +130,14 @@ class Stack:
         """Stop a running service (its routes turn 503, /status says unavailable)."""
         await self.stops.pop(name).aclose()
         self.runtimes.pop(name)
+
+    async def configure_dependencies(self) -> None:
+        """Restart the health service with every dependency configured (a stack started with
+        `configured=False` then probes them all)."""
+        self.env = dict(self.configured_env)
+        if "health" in self.runtimes:
+            await self.stop_service("health")
+        await self.start_service("health")
 
     async def publish(self, events: list[tuple[str, Event]]) -> None:
         """Publish contract events as StockPilot AI's processes would."""
@@ -180,12 +190,15 @@ async def running_stack(
     apis = apis if apis is not None else [*demo.demo_apis(), demo.fake_openai()]
     async with contextlib.AsyncExitStack() as stack:
         external = await stack.enter_async_context(demo.ExternalApis(first_port=0, apis=apis))
-        full_env = stack_env(
-            env,
-            postgres_url=postgres_url,
-            redis_url=redis_url,
-            apis=external,
-            configured=configured,
+        configured_env = stack_env(
+            env, postgres_url=postgres_url, redis_url=redis_url, apis=external
+        )
+        full_env = (
+            configured_env
+            if configured
+            else stack_env(
+                env, postgres_url=postgres_url, redis_url=redis_url, apis=external, configured=False
+            )
         )
         gateway_settings = load_settings(GatewaySettings, full_env)
         nc = await nats.connect(gateway_settings.nats_servers)
@@ -193,7 +206,9 @@ async def running_stack(
         await bus.provision(nc.jetstream())
         app = create_app(gateway_settings)
         url = await stack.enter_async_context(gateway_server(app))
-        result = Stack(env=full_env, nc=nc, app=app, url=url, apis=external)
+        result = Stack(
+            env=full_env, nc=nc, app=app, url=url, apis=external, configured_env=configured_env
+        )
 
         async def stop_all() -> None:
             for name in list(result.stops):

@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import nats
+import pytest
 from nats.aio.client import Client as NATS
 
 from ops import demo
@@ -23,6 +24,18 @@ from tests.clocks import NOON
 
 NOW = NOON - timedelta(hours=3)  # 09:00 UTC of the run's noon day, never a literal date
 SEOUL = ZoneInfo("Asia/Seoul")
+
+
+@pytest.fixture
+async def env(env: dict[str, str]) -> dict[str, str]:
+    """The throwaway NATS with the StockPilot streams, as `stockpilot up` leaves it: the demo
+    feeds a running stack and never creates streams itself."""
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    try:
+        await bus.provision(nc.jetstream())
+    finally:
+        await nc.close()
+    return env
 
 
 def test_history_is_repeatable_spans_the_month_and_stays_out_of_the_last_minutes() -> None:

@@ -193,20 +193,26 @@ def expected_from_rest(rest: dict[str, Any]) -> Samples:
     def put(name: str, value: float, **labels: str) -> None:
         want[(name, tuple(sorted(labels.items())))] = value
 
+    # Every call of this test is today's and nothing was reset: the lifetime counters equal
+    # today's statistics.
     for model, row in rest["stats"]["by_model"].items():
-        put("stockpilot_llm_requests", row["requests"], model=model, window="today")
-        put("stockpilot_llm_failed_requests", row["failed_requests"], model=model, window="today")
-        put("stockpilot_llm_cost_usd", row["cost_usd"], model=model, window="today")
+        put("stockpilot_llm_requests_total", row["requests"], model=model)
+        put("stockpilot_llm_failed_requests_total", row["failed_requests"], model=model)
+        put("stockpilot_llm_cost_usd_total", row["cost_usd"], model=model)
         for kind in ("prompt", "completion", "cached"):
-            tokens = row[f"{kind}_tokens"]
-            put("stockpilot_llm_tokens", tokens, model=model, type=kind, window="today")
+            put("stockpilot_llm_tokens_total", row[f"{kind}_tokens"], model=model, type=kind)
     for code, count in rest["stats"]["by_error_code"].items():
-        put("stockpilot_llm_errors", count, error_code=code, window="today")
-    for model, row in rest["costs"]["by_model"].items():
-        put("stockpilot_llm_requests", row["requests"], model=model, window="month")
-        put("stockpilot_llm_cost_usd", row["cost_usd"], model=model, window="month")
-    put("stockpilot_llm_spend_usd", rest["costs"]["month"]["cost_usd"], window="month")
-    put("stockpilot_llm_budget_used_percent", rest["costs"]["today"]["used_pct"], window="today")
+        put("stockpilot_llm_errors_total", count, error_code=code)
+    for code, count in rest["stats"]["by_status_code"].items():
+        put("stockpilot_llm_responses_total", count, status_code=code)
+    put("stockpilot_llm_response_time_seconds_count", rest["stats"]["total_requests"])
+    put("stockpilot_llm_today_error_ratio", rest["stats"]["error_rate"] / 100.0)
+    put("stockpilot_llm_period_spend_usd", rest["costs"]["month"]["cost_usd"], period="month")
+    put(
+        "stockpilot_llm_budget_used_ratio",
+        rest["costs"]["today"]["used_pct"] / 100.0,
+        period="today",
+    )
     for component in rest["health"]["components"]:
         labels = {"component": component["name"], "kind": component["kind"]}
         for status in ("healthy", "degraded", "unhealthy", "unknown"):
@@ -215,7 +221,8 @@ def expected_from_rest(rest: dict[str, Any]) -> Samples:
         up = 1.0 if component["status"] in ("healthy", "degraded") else 0.0
         put("stockpilot_component_up", up, **labels)
         if component["latency_ms"] is not None:
-            put("stockpilot_component_latency_ms", component["latency_ms"], **labels)
+            seconds = component["latency_ms"] / 1000.0
+            put("stockpilot_component_latency_seconds", seconds, **labels)
     put("stockpilot_health_status", 1.0, status=rest["health"]["status"])
     for job, row in rest["batch"]["by_job"].items():
         for status in ("succeeded", "failed", "cancelled", "lost", "running"):
@@ -310,14 +317,15 @@ async def test_metrics_agree_with_the_rest_answers(
     await nc.close()
 
     # What the events above must have produced, so the comparison is not of empty answers.
-    model = (("model", "gpt-4o"), ("window", "today"))
-    assert found[("stockpilot_llm_requests", model)] == 2
-    assert found[("stockpilot_llm_failed_requests", model)] == 1
-    assert found[("stockpilot_llm_cost_usd", model)] >= 0.5
-    assert (
-        found[("stockpilot_llm_errors", (("error_code", "rate_limit"), ("window", "today")))] == 1
-    )
-    assert found[("stockpilot_llm_requests", (("model", "gpt-4o-mini"), ("window", "month")))] == 2
+    model = (("model", "gpt-4o"),)
+    assert found[("stockpilot_llm_requests_total", model)] == 2
+    assert found[("stockpilot_llm_failed_requests_total", model)] == 1
+    assert found[("stockpilot_llm_cost_usd_total", model)] >= 0.5
+    assert found[("stockpilot_llm_errors_total", (("error_code", "rate_limit"),))] == 1
+    # Four calls of 120 ms: all in the histogram's 0.25 s bucket, the retried one not counted.
+    bucket = ("stockpilot_llm_response_time_seconds_bucket", (("le", "0.25"),))
+    assert found[bucket] == 4
+    assert found[("stockpilot_llm_duplicate_records_total", ())] == 0
     for component, status in (
         ("database", "healthy"),
         ("redis", "healthy"),

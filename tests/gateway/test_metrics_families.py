@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from gateway import metrics_families as fam
 from services.batch.schemas import BatchStats, HeldLocks, LockStatus
 from services.health.queries import ComprehensiveHealth
-from services.usage.answers import UsageCosts, UsageStats
+from services.usage.answers import UsageCosts, UsageCounters, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import HooksStatus, HookStatus
 from shared.runtime import ServiceStatus
@@ -278,45 +278,95 @@ def test_a_silent_service_is_down_and_drops_its_projection_series() -> None:
         key(service="batch", projection="usage"): 5.0,
     }
     assert found[("stockpilot_process_rss_bytes", key(service="usage"))] == 2.0 * 1024 * 1024
+    dead = series(found, "stockpilot_projection_dead_letters_total")
+    assert dead[key(service="usage", projection="usage")] == 2.0
 
 
 # ----- usage -------------------------------------------------------------------------------
 
 
-def test_today_by_model_carries_requests_failures_tokens_and_cost() -> None:
-    stats = usage_stats(
+def usage_counters(by_model: dict[str, Any], **extra: Any) -> UsageCounters:
+    body: dict[str, Any] = {
+        "by_model": by_model,
+        "by_error_code": {},
+        "by_status_code": {},
+        "latency_bounds_s": [0.5, 1.0, 5.0],
+        "latency_buckets": [0, 0, 0],
+        "latency_count": 0,
+        "latency_sum_s": 0.0,
+        "duplicates": 0,
+    }
+    return msgspec.convert(body | extra, UsageCounters)
+
+
+def model_totals(requests: int, failed: int, prompt: int, completion: int, cost: float) -> Any:
+    return {
+        "requests": requests,
+        "failed_requests": failed,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": 0,
+        "cost_usd": cost,
+    }
+
+
+def test_calls_tokens_cost_and_errors_are_counters_by_model() -> None:
+    counters = usage_counters(
         {
-            "gpt-4o": breakdown(3, 1, 300, 30, 0.25),
-            "gpt-4o-mini": breakdown(2, 0, 20, 10, 0.001),
+            "gpt-4o": model_totals(3, 1, 300, 30, 0.25),
+            "gpt-4o-mini": model_totals(2, 0, 20, 10, 0.001),
         },
         by_error_code={"rate_limit": 1},
         by_status_code={"200": 4, "429": 1},
+        duplicates=2,
+    )
+    families = fam.usage_counter_families(counters)
+    assert {f.type for f in families} == {"counter", "histogram"}
+    found = render(families)
+    assert found[("stockpilot_llm_requests_total", key(model="gpt-4o"))] == 3
+    assert found[("stockpilot_llm_failed_requests_total", key(model="gpt-4o"))] == 1
+    assert found[("stockpilot_llm_failed_requests_total", key(model="gpt-4o-mini"))] == 0
+    tokens = series(found, "stockpilot_llm_tokens_total")
+    assert tokens[key(model="gpt-4o", type="prompt")] == 300
+    assert tokens[key(model="gpt-4o", type="completion")] == 30
+    assert tokens[key(model="gpt-4o-mini", type="cached")] == 0
+    assert found[("stockpilot_llm_cost_usd_total", key(model="gpt-4o-mini"))] == 0.001
+    assert found[("stockpilot_llm_errors_total", key(error_code="rate_limit"))] == 1
+    assert found[("stockpilot_llm_responses_total", key(status_code="429"))] == 1
+    assert found[("stockpilot_llm_duplicate_records_total", ())] == 2
+
+
+def test_llm_response_time_is_a_histogram_in_seconds() -> None:
+    counters = usage_counters({}, latency_buckets=[1, 3, 4], latency_count=5, latency_sum_s=12.5)
+    found = render(fam.usage_counter_families(counters))
+    buckets = series(found, "stockpilot_llm_response_time_seconds_bucket")
+    assert buckets == {
+        key(le="0.5"): 1.0,
+        key(le="1.0"): 3.0,
+        key(le="5.0"): 4.0,
+        key(le="+Inf"): 5.0,
+    }
+    assert found[("stockpilot_llm_response_time_seconds_count", ())] == 5
+    assert found[("stockpilot_llm_response_time_seconds_sum", ())] == 12.5
+
+
+def test_no_calls_gives_empty_model_counters_not_zero_series() -> None:
+    found = render(fam.usage_counter_families(usage_counters({})))
+    assert series(found, "stockpilot_llm_requests_total") == {}
+    assert found[("stockpilot_llm_response_time_seconds_count", ())] == 0
+
+
+def test_todays_error_ratio_is_a_share_and_unpriced_models_are_named() -> None:
+    stats = usage_stats(
+        {"gpt-4o": breakdown(3, 1, 300, 30, 0.25), "gpt-4o-mini": breakdown(2, 0, 20, 10, 0.0)},
         unpriced_models=["mystery"],
     )
     found = render(fam.usage_today_families(stats))
-    assert found[("stockpilot_llm_requests", key(model="gpt-4o", window="today"))] == 3
-    assert found[("stockpilot_llm_failed_requests", key(model="gpt-4o", window="today"))] == 1
-    assert found[("stockpilot_llm_failed_requests", key(model="gpt-4o-mini", window="today"))] == 0
-    tokens = series(found, "stockpilot_llm_tokens")
-    assert tokens[key(model="gpt-4o", type="prompt", window="today")] == 300
-    assert tokens[key(model="gpt-4o", type="completion", window="today")] == 30
-    assert tokens[key(model="gpt-4o-mini", type="cached", window="today")] == 0
-    assert found[("stockpilot_llm_cost_usd", key(model="gpt-4o-mini", window="today"))] == 0.001
-    assert found[("stockpilot_llm_errors", key(error_code="rate_limit", window="today"))] == 1
-    assert found[("stockpilot_llm_responses", key(status_code="429", window="today"))] == 1
-    assert found[("stockpilot_llm_error_rate_percent", key(window="today"))] == 20.0
-    assert found[("stockpilot_llm_response_time_ms", key(quantile="0.95", window="today"))] == 180
+    assert found[("stockpilot_llm_today_error_ratio", ())] == 0.2
     assert series(found, "stockpilot_llm_unpriced_model") == {key(model="mystery"): 1.0}
 
 
-def test_no_calls_today_gives_empty_model_families_not_zero_series() -> None:
-    found = render(fam.usage_today_families(usage_stats({})))
-    assert series(found, "stockpilot_llm_requests") == {}
-    assert found[("stockpilot_llm_error_rate_percent", key(window="today"))] == 0.0
-
-
-def test_month_to_date_joins_todays_families_under_one_name() -> None:
-    today = fam.usage_today_families(usage_stats({"gpt-4o": breakdown(3, 1, 300, 30, 0.25)}))
+def test_budgets_are_gauges_of_the_calendar_period_with_ratios() -> None:
     month_row = {
         "cost_usd": 4.5,
         "requests": 30,
@@ -324,20 +374,13 @@ def test_month_to_date_joins_todays_families_under_one_name() -> None:
         "completion_tokens": 300,
         "cached_tokens": 100,
     }
-    month = fam.usage_month_families(usage_costs({"gpt-4o": month_row}, daily_budget=10.0))
-    found = render(fam.merge([*today, *month]))  # render() refuses duplicate series
-    requests = series(found, "stockpilot_llm_requests")
-    assert requests == {
-        key(model="gpt-4o", window="today"): 3,
-        key(model="gpt-4o", window="month"): 30,
-    }
-    assert (
-        found[("stockpilot_llm_tokens", key(model="gpt-4o", type="cached", window="month"))] == 100
-    )
-    assert found[("stockpilot_llm_cost_usd", key(model="gpt-4o", window="month"))] == 4.5
-    assert series(found, "stockpilot_llm_budget_usd") == {key(window="today"): 10.0}
-    assert series(found, "stockpilot_llm_budget_used_percent") == {key(window="today"): 10.0}
-    assert found[("stockpilot_llm_spend_usd", key(window="month"))] == 4.5
+    families = fam.usage_budget_families(usage_costs({"gpt-4o": month_row}, daily_budget=10.0))
+    assert {f.type for f in families} == {"gauge"}
+    found = render(families)
+    assert series(found, "stockpilot_llm_budget_usd") == {key(period="today"): 10.0}
+    assert series(found, "stockpilot_llm_budget_used_ratio") == {key(period="today"): 0.1}
+    assert found[("stockpilot_llm_period_spend_usd", key(period="month"))] == 4.5
+    assert found[("stockpilot_llm_period_spend_usd", key(period="today"))] == 1.0
     assert found[("stockpilot_llm_forecast_month_end_usd", ())] == 42.0
 
 
@@ -383,16 +426,16 @@ def test_latency_and_uptime_only_for_probed_components() -> None:
         "degraded",
     )
     found = render(fam.health_families(health))
-    latency = series(found, "stockpilot_component_latency_ms")
+    latency = series(found, "stockpilot_component_latency_seconds")
     assert latency == {
-        key(component="database", kind="database"): 3.25,
-        key(component="external.quotes", kind="external_api"): 80.0,
+        key(component="database", kind="database"): 0.00325,
+        key(component="external.quotes", kind="external_api"): 0.08,
     }
-    uptime = series(found, "stockpilot_component_uptime_percent")
-    assert uptime[key(component="database", kind="database", window="24h")] == 50.0
+    uptime = series(found, "stockpilot_component_uptime_ratio")
+    assert uptime[key(component="database", kind="database", window="24h")] == 0.5
     assert not any(("component", "openai") in labels for labels in uptime)
     assert len(series(found, "stockpilot_component_up")) == 3  # external API listed once
-    assert found[("stockpilot_health_host_cpu_percent", ())] == 12.5
+    assert found[("stockpilot_health_host_cpu_ratio", ())] == 0.125
 
 
 # ----- batch -------------------------------------------------------------------------------
@@ -410,8 +453,8 @@ def test_batch_runs_by_job_and_status_name_their_window(hours: float, window: st
     assert runs[key(job="report", status="running", window=window)] == 1
     assert runs[key(job="report", status="lost", window=window)] == 0
     assert len(runs) == 10
-    rate = series(found, "stockpilot_batch_success_rate_percent")
-    assert rate == {key(job="sync", window=window): pytest.approx(200 / 3)}
+    rate = series(found, "stockpilot_batch_success_ratio")
+    assert rate == {key(job="sync", window=window): pytest.approx(2 / 3)}
     assert found[("stockpilot_batch_failure_patterns", key(window=window))] == 1
 
 

@@ -196,6 +196,16 @@ CASES: list[tuple[str, Observed, str, dict[str, str], list[str]]] = [
         ["services.nats_down"] + ["unavailable"] * 6,
     ),
     (
+        "the usage stream refuses writes",
+        seen(
+            health=health(database="healthy"),
+            usage_stream_refusal="stream STOCKPILOT_USAGE is sealed: it refuses every write",
+        ),
+        "unhealthy",
+        {"services": "unhealthy", "dependencies": "healthy"},
+        ["services.usage_stream_refuses"],
+    ),
+    (
         "nothing configured",
         seen(health=health()),
         "unknown",
@@ -251,13 +261,6 @@ CASES: list[tuple[str, Observed, str, dict[str, str], list[str]]] = [
         "degraded",
         {"batch": "degraded", "locks": "healthy"},
         ["batch.job_missed"],
-    ),
-    (
-        "the usage stream refuses writes (main's sec-spool, as an area)",
-        seen(usage_stream_refusal="stream STOCKPILOT_USAGE is full (max_bytes)"),
-        "unhealthy",
-        {"services": "unhealthy"},
-        ["services.usage_stream"],
     ),
     (
         "a failing hook",

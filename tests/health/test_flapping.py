@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from services.health.events import HealthChecked, Status
+import msgspec
+
+from services.health.events import HealthChecked, HealthEvent, Status, decode_health_event
 from services.health.projection import (
     FLAP_KIND,
     FLAP_WINDOW_S,
     FoldPolicy,
     HealthView,
     apply,
+    make_apply,
     react,
 )
+from shared.bus import STREAMS
 from shared.events import Alert
+from shared.projection import Projection, decode_snapshot, encode_snapshot
 from tests.clocks import NOON
 
 POLICY = FoldPolicy(down_after=3, up_after=2)
@@ -88,3 +93,36 @@ def test_a_settled_component_is_announced_once_with_where_it_settled() -> None:
 def test_replays_derive_the_same_alerts() -> None:
     events = results([("healthy", 2)] + CYCLE * 6)
     assert [a.id for a in fold(events)] == [a.id for a in fold(list(events))]
+
+
+def projection() -> Projection[HealthView, HealthEvent]:
+    return Projection(
+        name="health",
+        stream=STREAMS["health"],
+        view_type=HealthView,
+        decode=decode_health_event,
+        apply=make_apply(POLICY),
+        react=react,
+    )
+
+
+def test_a_restart_while_flapping_reports_it_once_with_the_same_ids() -> None:
+    """A snapshot at any point of a flapping stretch and its settling: the restarted fold
+    reports flapping once and settling once, with the ids an uninterrupted fold gives."""
+    quiet = int(FLAP_WINDOW_S / STEP_S) + 2
+    events = results([("healthy", 2)] + CYCLE * 4 + [("healthy", quiet)])
+    encoded = [msgspec.json.encode(e) for e in events]
+    whole = [a.id for a in fold(events)]
+    assert sum(1 for i in whole if i.startswith(f"{FLAP_KIND}:")) == 1
+    assert sum(1 for i in whole if i.endswith(":settled")) == 1
+    for cut in range(1, len(encoded)):
+        first = projection()
+        ids = [a.id for seq, data in enumerate(encoded[:cut], 1) for a in first.fold(seq, data)]
+        restored = projection()
+        restored.view, _ = decode_snapshot(encode_snapshot(first, T0), HealthView)
+        ids += [
+            a.id
+            for seq, data in enumerate(encoded[cut:], cut + 1)
+            for a in restored.fold(seq, data)
+        ]
+        assert ids == whole, cut

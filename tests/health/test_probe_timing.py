@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import nats
+
 from services.health import probes
+from services.health.events import HealthChecked
+from services.health.service import build
 from services.health.settings import HealthSettings
+from shared.clock import ManualClock
 from shared.settings import load_settings
+from shared.testing import running_service
 
 BASE = {"STOCKPILOT_CONFIG": "tests/empty.toml"}
 ROUNDS = 20
@@ -42,3 +53,43 @@ async def test_redis_and_postgres_report_connect_time_apart_from_the_round_trip(
         assert result.latency_ms is not None and result.latency_ms > 0
         # Two measurements, not one copied into the other.
         assert result.latency_ms != connect_ms
+
+
+async def test_twenty_fresh_health_service_starts_never_read_redis_degraded(
+    env: dict[str, str], redis_url: str, clock: ManualClock
+) -> None:
+    """The issue's false alert came from the first round after a start. The health service is
+    started twenty times (each its own event loop, HTTP client and Redis connection, as a new
+    process has) and the Redis result of each start's first round is read from the stream,
+    with the default 100 ms threshold."""
+    settings = load_settings(
+        HealthSettings,
+        env | {"STOCKPILOT_REDIS_URL": redis_url, "STOCKPILOT_HEALTH_INTERVAL_S": "1"},
+    )
+    assert settings.redis_slow_ms == 100.0
+    # A second of test time per start: each start finds its round's slot unclaimed and runs
+    # its first round at once (a minute back, so no round is dated after the real now).
+    clock.set(clock.now() - timedelta(minutes=1))
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    found: asyncio.Queue[HealthChecked] = asyncio.Queue()
+
+    async def keep(msg: Any) -> None:
+        found.put_nowait(msgspec.json.decode(msg.data, type=HealthChecked))
+
+    await nc.subscribe("stockpilot.health.checked.redis", cb=keep)
+    firsts: list[HealthChecked] = []
+    try:
+        for _ in range(ROUNDS):
+            clock.advance(timedelta(seconds=1))
+            async with running_service(build(settings), settings, clock=clock):
+                firsts.append(await asyncio.wait_for(found.get(), timeout=15))
+        await nc.flush()
+    finally:
+        await nc.close()
+    assert found.empty(), "a start ran more than one round"
+    assert len({r.round_id for r in firsts}) == ROUNDS
+    statuses = [r.status for r in firsts]
+    assert statuses == ["healthy"] * ROUNDS, [(r.latency_ms, r.error) for r in firsts]
+    for result in firsts:
+        assert result.latency_ms is not None
+        assert isinstance(result.details["connect_ms"], float)

@@ -257,7 +257,7 @@ async def test_streams_reports_sizes_and_projection_lag(env: dict[str, str]) -> 
         await asyncio.wait_for(hooks_task, timeout=10)
         async with running_service(definition, settings):
             lines = await streams_report(nc, timeout=0.5)
-            code, out, err = await run_shell(cli(env, "streams", "--timeout", "0.5"))
+            code, out, err = await run_shell(cli(env, "streams", "--json", "--timeout", "0.5"))
     streams = {line.stream: line for line in lines if isinstance(line, StreamLine)}
     assert set(streams) >= {USAGE, "STOCKPILOT_HEALTH", "STOCKPILOT_BATCH", "STOCKPILOT_ALERTS"}
     assert streams[USAGE].messages == 50 and streams[USAGE].last_seq == 50
@@ -272,7 +272,9 @@ async def test_streams_reports_sizes_and_projection_lag(env: dict[str, str]) -> 
     assert (toy.last_seq, toy.caught_up, toy.stream) == (50, True, USAGE)
     hooks = [line for line in lines if isinstance(line, HookLine)]
     assert [(h.hook, h.state) for h in hooks] == [("log", "stopped")]
-    assert code == 0, err.decode()
+    # Two services do not answer: said on stderr, and the exit status says it too.
+    assert code == 1, err.decode()
+    assert b"not answering: health, batch" in err
     kinds = [json.loads(text)["kind"] for text in out.decode().splitlines()]
     assert kinds.count("stream") >= 4 and "projection" in kinds and "service" in kinds
     assert kinds[-1] == "hook"
@@ -283,9 +285,13 @@ async def test_commands_fail_clearly_without_nats(tmp_path: Path) -> None:
         "STOCKPILOT_NATS_URL": "nats://127.0.0.1:1",
         "STOCKPILOT_CONFIG": str(ROOT / "tests" / "empty.toml"),
     }
-    code, _, err = await run_shell(cli(env, "streams"))
+    code, out, err = await run_shell(cli(env, "streams"))
     assert code == 2
-    assert b"not reachable" in err
+    assert err.decode().strip() == (
+        "stockpilot: no NATS answers at 127.0.0.1:1 (STOCKPILOT_NATS_URL): start it, or set "
+        "STOCKPILOT_NATS_URL to the running stack's NATS"
+    )
+    assert out == b""
 
 
 @pytest.mark.slow

@@ -111,6 +111,11 @@ def test_key_value_dsn_is_parsed_like_libpq() -> None:
     assert password_of("host=h password='a b'") == "a b"
     assert hostport("host=db port=6543 password=x", 5432) == "db:6543"
     assert dsn_secrets("host=h password=pw1234 sslpassword=pw5678") == {"pw1234", "pw5678"}
+    # A URL holds its password percent-encoded; the driver decodes it, and a server may quote
+    # the decoded one back: both are secrets.
+    assert dsn_secrets("postgresql://u:p%2Fw%40x%20y@h/db") == {"p%2Fw%40x%20y", "p/w@x y"}
+    assert dsn_secrets("redis://h/0?token=a%2Fb+c") == {"a/b c"}
+    assert "a%2Fb+c" in forms("a/b c")
     with pytest.raises(ValueError) as refused:
         parse_conninfo("host=h password='never closed")
     assert "never closed" not in str(refused.value)

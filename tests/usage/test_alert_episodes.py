@@ -9,11 +9,13 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset
+from services.usage.events import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply, make_react
 from services.usage.view import QUIET_S, FoldConfig, UsageView
+from shared.bus import STREAMS, encode_event
 from shared.events import Alert
+from shared.projection import Projection, decode_snapshot, encode_snapshot
 from tests.usage.helpers import T0, recorded
 
 CONFIG = FoldConfig(
@@ -116,3 +118,51 @@ def test_replays_and_replicas_derive_the_same_alerts_and_ids() -> None:
     again = fold(events)
     assert [a.id for a in first] == [a.id for a in again]
     assert [a.severity for a in first] == ["critical", "info", "critical"]
+
+
+def projection() -> Projection[UsageView, UsageEvent]:
+    return Projection(
+        name="usage",
+        stream=STREAMS["usage"],
+        view_type=UsageView,
+        decode=decode_usage_event,
+        apply=make_apply(CONFIG),
+        react=make_react(CONFIG),
+    )
+
+
+def fold_restarted_at(events: Sequence[UsageEvent], cut: int) -> list[Alert]:
+    """The alerts of a service that snapshots after `cut` events, restarts from the snapshot
+    and folds the rest (a replica or a restart in the middle of an episode)."""
+    encoded = [encode_event(e) for e in events]
+    first = projection()
+    alerts = [a for seq, data in enumerate(encoded[:cut], 1) for a in first.fold(seq, data)]
+    restored = projection()
+    restored.view, _ = decode_snapshot(encode_snapshot(first, T0), UsageView)
+    alerts += [
+        a for seq, data in enumerate(encoded[cut:], cut + 1) for a in restored.fold(seq, data)
+    ]
+    return [a for a in alerts if a.kind == "usage.error_rate"]
+
+
+def test_a_restart_anywhere_in_an_episode_neither_repeats_nor_forgets_its_alerts() -> None:
+    """Raised, cleared and back within 10 minutes, recovered, raised anew: a snapshot taken at
+    any point (mid-episode, in the clear gap, in the quiet minutes) gives the same alerts with
+    the same ids as one uninterrupted fold."""
+    calls = Calls()
+    events: list[UsageEvent] = bad(calls, T0) + good(calls, T0 + timedelta(seconds=30))
+    events += bad(calls, T0 + timedelta(minutes=6)) + bad(
+        calls, T0 + timedelta(minutes=6, seconds=5)
+    )
+    events += good(calls, T0 + timedelta(minutes=7))
+    for minute in range(8, 20):
+        events += calls.at(T0 + timedelta(minutes=minute), 5)
+    events += bad(calls, T0 + timedelta(minutes=40)) + bad(
+        calls, T0 + timedelta(minutes=40, seconds=1)
+    )
+    whole = fold_restarted_at(events, len(events))
+    assert [a.severity for a in whole] == ["critical", "info", "critical"]
+    assert whole[1].id == f"{whole[0].id}:recovered"
+    for cut in range(1, len(events), 7):
+        again = fold_restarted_at(events, cut)
+        assert [(a.id, a.severity) for a in again] == [(a.id, a.severity) for a in whole], cut

@@ -224,6 +224,33 @@ def test_reset_restarts_statistics_but_remembers_ids() -> None:
     assert view.resets == 1
 
 
+def test_lifetime_counters_only_grow_through_resets_and_duplicates() -> None:
+    """What /metrics exposes as `_total` counters: every call ever recorded, never reset."""
+    reset = UsageReset(id="r1", occurred_at=T0, actor="admin")
+    events: list[UsageEvent] = [
+        recorded(1, response_time_ms=90.0),
+        recorded(2, model="gpt-4o", status_code=429, error_code="rate_limit", cost_usd=0.5),
+        reset,
+        recorded(2),  # a repeat of an id already counted
+        recorded(3, response_time_ms=250_000.0),
+    ]
+    view, _ = fold(events)
+    counters = queries.counters(view)
+    assert day_stats(view, TODAY).total_requests == 1  # the statistics did restart
+    mini, big = counters.by_model["gpt-4o-mini"], counters.by_model["gpt-4o"]
+    assert (mini.requests, mini.failed_requests, mini.prompt_tokens) == (2, 0, 1600)
+    assert (big.requests, big.failed_requests, big.cost_usd) == (1, 1, 0.5)
+    assert counters.by_error_code == {"rate_limit": 1}
+    assert counters.by_status_code == {"200": 2, "429": 1}
+    assert counters.duplicates == 1
+    # 0.09 s, 1 s and 250 s: cumulative buckets, the last one past every bound.
+    bounds = counters.latency_bounds_s
+    assert counters.latency_buckets[bounds.index(0.1)] == 1
+    assert counters.latency_buckets[bounds.index(1.0)] == 2
+    assert counters.latency_buckets[-1] == 2 and counters.latency_count == 3
+    assert counters.latency_sum_s == pytest.approx(0.09 + 1.0 + 250.0)
+
+
 def test_a_year_of_hourly_events_keeps_the_view_within_its_bounds() -> None:
     hours = 450 * 24
     start = T0 - timedelta(hours=hours)  # the last event an hour before the test's noon
