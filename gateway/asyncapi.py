@@ -20,9 +20,12 @@ import msgspec
 from services.batch.events import (
     BatchFinished,
     BatchProgress,
+    BatchSkipped,
     BatchStarted,
+    JobScheduled,
     LockAcquired,
     LockReleased,
+    LockRenewed,
 )
 from services.health.events import HealthChecked, HostSampled
 from services.usage.events import PricesChanged, UsageRecorded, UsageReset
@@ -128,8 +131,9 @@ CHANNELS = (
     Channel(
         "batchRun",
         "stockpilot.batch.run.{job_id}",
-        "A batch job execution's lifecycle: started, progress (heartbeats), finished.",
-        (BatchStarted, BatchProgress, BatchFinished),
+        "A batch job execution's lifecycle: started, progress (heartbeats), finished, or "
+        "skipped (it did not start because the lock was held).",
+        (BatchStarted, BatchProgress, BatchFinished, BatchSkipped),
         MSG_ID_HEADER,
         senders=("producer", "gateway"),
         readers=("batch", "observer", "ops"),
@@ -139,10 +143,23 @@ CHANNELS = (
     Channel(
         "batchLock",
         "stockpilot.batch.lock.{job_id}",
-        "A job lock's lifecycle, fenced by the expected-last-subject-sequence header.",
-        (LockAcquired, LockReleased),
+        "A job lock's lifecycle (acquired, renewed, released), fenced by the "
+        "expected-last-subject-sequence header; who holds it is the fold of all of them.",
+        (LockAcquired, LockRenewed, LockReleased),
         LOCK_HEADERS,
         senders=("producer", "gateway", "batch"),
+        readers=("batch", "observer", "ops"),
+        parameters={"job_id": f"Matches `{JOB_ID_PATTERN}`; equal to the event's `job_id`."},
+        stream="STOCKPILOT_BATCH",
+    ),
+    Channel(
+        "batchSchedule",
+        "stockpilot.batch.schedule.{job_id}",
+        "A job's expected starts (STOCKPILOT_JOB_SCHEDULES), stored by the batch service when "
+        "they change; GET /api/v1/batch/jobs judges each job against the one in force.",
+        (JobScheduled,),
+        MSG_ID_HEADER,
+        senders=("batch",),
         readers=("batch", "observer", "ops"),
         parameters={"job_id": f"Matches `{JOB_ID_PATTERN}`; equal to the event's `job_id`."},
         stream="STOCKPILOT_BATCH",

@@ -113,6 +113,12 @@ _PRINTABLE_FIELDS = (
 _RECORDS_PATH = "/api/v1/usage/records"
 _RESET_PATH = "/api/v1/usage/reset"
 _RELEASE_PATH = "/api/v1/batch/jobs/{job_id}/lock/release"
+_BATCH_BODIES = (
+    ("/api/v1/batch/jobs/{job_id}/runs", "RunBody", "One report of a run"),
+    ("/api/v1/batch/jobs/{job_id}/lock/acquire", "LockBody", "Who takes the lock, how long"),
+    ("/api/v1/batch/jobs/{job_id}/lock/renew", "LockTokenBody", "Whose lock, its token, how long"),
+    ("/api/v1/batch/jobs/{job_id}/lock/release-mine", "LockTokenBody", "Whose lock, its token"),
+)
 
 
 def _printable(schema: dict[str, Any]) -> None:
@@ -126,10 +132,11 @@ def _input_schemas() -> dict[str, Any]:
     """The request body schemas, from the very structs that decode the bodies."""
     from gateway.routes.batch import ReleaseBody
     from gateway.routes.usage import ResetBody
+    from services.batch.schemas import LockBody, RunBody
     from services.usage.events import UsageRecordedIn
 
     _, components = msgspec.json.schema_components(
-        (UsageRecordedIn, ResetBody, ReleaseBody), ref_template=REF_TEMPLATE
+        (UsageRecordedIn, ResetBody, ReleaseBody, RunBody, LockBody), ref_template=REF_TEMPLATE
     )
     record = components["UsageRecordedIn"]
     record["title"] = "UsageRecord"
@@ -159,6 +166,12 @@ def _input_schemas() -> dict[str, Any]:
             "Separator but the ASCII space)"
         ),
     }
+    # Renew and release-mine name the lock: its fencing token is required there (not null).
+    token_body = msgspec.json.decode(msgspec.json.encode(components["LockBody"]))
+    token_body["title"] = "LockTokenBody"
+    token_body["required"] = sorted({*token_body.get("required", []), "fencing_token"})
+    token_body["properties"]["fencing_token"] = {"type": "integer", "minimum": 1}
+    components["LockTokenBody"] = token_body
     reset = components["ResetBody"]
     reset["properties"]["scope"] = {"enum": ["all"], "default": "all"}
     return components
@@ -229,6 +242,15 @@ def describe_inputs(openapi: OpenAPI) -> None:
         "Optional: why the lock is forced open",
         required=False,
     )
+
+    # The runs and locks of jobs in any language: their bounds (ttl_s > 0, an execution id's
+    # characters) as the structs that decode them state them.
+    for path, name, what in _BATCH_BODIES:
+        operation = paths[path].post
+        assert operation is not None
+        operation.request_body = _json_body(
+            {"$ref": REF_TEMPLATE.format(name=name)}, what, required=True
+        )
 
     job_id = {"type": "string", "pattern": JOB_ID_PATTERN, "minLength": 1, "maxLength": 64}
     day = {

@@ -44,7 +44,7 @@ READ_ENDPOINTS: dict[str, frozenset[str]] = {
     "health": frozenset({"status", "summary"}),
     "usage": frozenset({"status", "stats", "timeseries", "costs", "budget", "alerts", "summary"}),
     "batch": frozenset(
-        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status"}
+        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status", "jobs"}
     ),
 }
 # Endpoints that change a service's state: its cached answers are dropped after each one.
@@ -52,7 +52,9 @@ READ_ENDPOINTS: dict[str, frozenset[str]] = {
 COMMANDS: dict[str, frozenset[str]] = {
     "health": frozenset({"comprehensive_fresh", "component_fresh", "external_apis_fresh"}),
     "usage": frozenset({"ingest", "reset"}),
-    "batch": frozenset({"release", "cleanup"}),
+    "batch": frozenset(
+        {"release", "cleanup", "report_run", "lock_acquire", "lock_renew", "lock_release_mine"}
+    ),
 }
 
 

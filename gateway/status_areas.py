@@ -363,17 +363,33 @@ def _batch(seen: Observed, reasons: list[Reason]) -> Area:
                 {"job_id": job.job_id, "error": job.error, "execution_id": job.execution_id},
             )
         )
+    for missed in batch.missed_jobs:
+        at = missed.expected_at.isoformat().replace("+00:00", "Z")
+        reasons.append(
+            _reason(
+                "batch",
+                "degraded",
+                f"{missed.job_id} was expected to start at {at} and has not started "
+                f"({missed.missed_slots} missed)",
+                "batch.job_missed",
+                {"job_id": missed.job_id, "expected_at": at, "count": missed.missed_slots},
+            )
+        )
     params: dict[str, Param] = {
         "running": batch.running,
         "failed_24h": batch.failed_24h,
         "failing": len(batch.failing_jobs),
         "jobs": _names(j.job_id for j in batch.failing_jobs),
+        "missed": len(batch.missed_jobs),
+        "missed_jobs": _names(j.job_id for j in batch.missed_jobs),
     }
-    if batch.failing_jobs:
+    if batch.failing_jobs or batch.missed_jobs:
+        problems = [f"failing: {params['jobs']}"] if batch.failing_jobs else []
+        problems += [f"missed: {params['missed_jobs']}"] if batch.missed_jobs else []
         return Area(
             status="degraded",
-            summary=f"failing: {params['jobs']}; {batch.running} running",
-            code="batch.failing",
+            summary=f"{'; '.join(problems)}; {batch.running} running",
+            code="batch.failing" if batch.failing_jobs else "batch.missed",
             params=params,
         )
     return Area(

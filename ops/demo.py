@@ -252,7 +252,12 @@ async def publish_all(
 
 
 async def stuck_lock(nc: NATS, *, ttl_s: float, job_id: str = STUCK_JOB) -> str:
-    """A worker takes `job_id`'s lock, starts a run and "crashes": the lock expires unreleased."""
+    """A worker takes `job_id`'s lock, starts a run and "crashes": the lock expires unreleased.
+
+    Its run announced a heartbeat interval of at least a minute, longer than the lock's
+    lifetime: the lock expires first (`batch.lock_expired`), and only three silent intervals
+    later is the run lost and its lock released (the lease, issue #18). With a shorter
+    interval the lease would free the lock before it could expire."""
     js = nc.jetstream()
     execution_id = f"demo-stuck-{uuid.uuid4().hex[:10]}"
     owner = "batch-2:4411"
@@ -270,7 +275,7 @@ async def stuck_lock(nc: NATS, *, ttl_s: float, job_id: str = STUCK_JOB) -> str:
             host="batch-2",
             pid=4411,
             items_total=items,
-            heartbeat_interval_s=max(1.0, ttl_s / 6),
+            heartbeat_interval_s=max(60.0, ttl_s),
             fencing_token=lock.fencing_token,
         ),
     )

@@ -177,7 +177,12 @@ def _roles() -> dict[str, tuple[list[str], list[str]]]:
                 "stockpilot.usage.recorded",
                 "stockpilot.batch.run.*",
                 "stockpilot.batch.lock.*",
-                # The batch client reads a lock subject's last event (services.batch.locks).
+                # The batch client folds every event of a lock subject by the one lock rule
+                # (services.batch.locks: batched direct gets, `next_by_subj` the lock subject),
+                # which the server only answers on the stream's plain DIRECT.GET subject: so
+                # the producer may read single STOCKPILOT_BATCH messages (the batch events
+                # producers write), still no stream info, consumer, KV or object store.
+                f"$JS.API.DIRECT.GET.{BATCH}",
                 f"$JS.API.DIRECT.GET.{BATCH}.stockpilot.batch.lock.*",
             ],
             [_inbox("producer")],

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
-from litestar.status_codes import HTTP_200_OK
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFLICT
 
-from gateway.auth import admin_guard, read_guard
+from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import Services
 from services.batch.events import job_id_problem
@@ -25,11 +26,18 @@ from services.batch.schemas import (
     ExpiredLocks,
     HeldLocks,
     JobParams,
+    JobsAnswer,
+    LockAnswer,
+    LockBody,
+    LockParams,
     LockStatus,
     RecentExecutions,
     RecentParams,
     ReleaseAnswer,
     ReleaseParams,
+    RunAnswer,
+    RunBody,
+    RunParams,
     StatsParams,
 )
 from shared.errors import InvalidRequestError
@@ -164,6 +172,95 @@ async def cleanup_locks(request: Request[Any, Any, Any], services: Services) -> 
     )
 
 
+@get(
+    "/batch/jobs",
+    summary="Every job: its schedule, state (new|up|running|late|missed|failing), next start",
+    guards=[read_guard],
+    opt=CACHED,
+)
+async def list_jobs(services: Services) -> JobsAnswer:
+    """Scheduled jobs (STOCKPILOT_JOB_SCHEDULES) and every job in the history."""
+    return await services.query("batch", "jobs", JobsAnswer)
+
+
+# ----- runs and locks over HTTP, for jobs in any language (ingest token; contract §5) ------
+
+
+@post(
+    "/batch/jobs/{job_id:str}/runs",
+    summary="Report a run (started, succeeded, failed, cancelled, skipped) over HTTP",
+    guards=[ingest_guard],
+    status_code=HTTP_202_ACCEPTED,
+)
+async def report_run(
+    services: Services, job_id: FromPath[str], data: JSONBody[RunBody]
+) -> RunAnswer:
+    """Stored as the run events a Python worker stores; answers the `execution_id` to send
+    with the run's end. An end without a start records both."""
+    params = RunParams(job_id=_job_id(job_id), **msgspec.structs.asdict(data))
+    return await services.query("batch", "report_run", RunAnswer, params, timeout=COMMAND_TIMEOUT_S)
+
+
+async def _lock_command(
+    services: Services, endpoint: str, job_id: str, data: LockBody
+) -> Response[LockAnswer]:
+    params = LockParams(job_id=_job_id(job_id), **msgspec.structs.asdict(data))
+    answer = await services.query("batch", endpoint, LockAnswer, params, timeout=COMMAND_TIMEOUT_S)
+    status = HTTP_200_OK if answer.ok else HTTP_409_CONFLICT
+    return Response(msgspec.structs.replace(answer, status_code=status), status_code=status)
+
+
+# A refused lock command answers the same shape (documented, so clients and schemathesis know).
+REFUSED = {
+    HTTP_409_CONFLICT: ResponseSpec(
+        data_container=LockAnswer,
+        description="Refused: `detail` says why, `holder` names who holds the lock",
+    )
+}
+
+
+@post(
+    "/batch/jobs/{job_id:str}/lock/acquire",
+    summary="Take a job's lock (200 with fencing_token, or 409 naming the holder)",
+    guards=[ingest_guard],
+    status_code=HTTP_200_OK,
+    responses=REFUSED,
+)
+async def acquire_job_lock(
+    services: Services, job_id: FromPath[str], data: JSONBody[LockBody]
+) -> Response[LockAnswer]:
+    """Body `{"owner", "ttl_s"?}`; never waits: a held lock answers 409 with the holder."""
+    return await _lock_command(services, "lock_acquire", job_id, data)
+
+
+@post(
+    "/batch/jobs/{job_id:str}/lock/renew",
+    summary="Extend the caller's lock (200 with the new expires_at, or 409)",
+    guards=[ingest_guard],
+    status_code=HTTP_200_OK,
+    responses=REFUSED,
+)
+async def renew_job_lock(
+    services: Services, job_id: FromPath[str], data: JSONBody[LockBody]
+) -> Response[LockAnswer]:
+    """Body `{"owner", "fencing_token", "ttl_s"?}`: 409 once the lock is no longer theirs."""
+    return await _lock_command(services, "lock_renew", job_id, data)
+
+
+@post(
+    "/batch/jobs/{job_id:str}/lock/release-mine",
+    summary="Give back the caller's lock (200, or 409 when it is not theirs)",
+    guards=[ingest_guard],
+    status_code=HTTP_200_OK,
+    responses=REFUSED,
+)
+async def release_my_job_lock(
+    services: Services, job_id: FromPath[str], data: JSONBody[LockBody]
+) -> Response[LockAnswer]:
+    """Body `{"owner", "fencing_token"}`."""
+    return await _lock_command(services, "lock_release_mine", job_id, data)
+
+
 router = Router(
     path="/api/v1",
     route_handlers=[
@@ -174,5 +271,10 @@ router = Router(
         expired_locks,
         held_locks,
         cleanup_locks,
+        list_jobs,
+        report_run,
+        acquire_job_lock,
+        renew_job_lock,
+        release_my_job_lock,
     ],
 )

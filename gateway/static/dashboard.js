@@ -196,6 +196,7 @@ const PANELS = [
   { id: "panel-top", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderTop },
   { id: "panel-executions", service: "batch", load: (ctx) => ctx.get("/batch/executions/recent?limit=12"), render: renderExecutions },
   { id: "panel-jobs", service: "batch", load: (ctx) => ctx.get("/batch/executions/stats"), render: renderJobs },
+  { id: "panel-schedules", service: "batch", load: (ctx) => ctx.get("/batch/jobs"), render: renderSchedules },
   { id: "panel-locks", service: "batch", load: loadLocks, render: renderLocks },
 ];
 
@@ -676,6 +677,51 @@ function renderJobs(stats) {
     : `<div class="empty">${esc(t("jobs.noFailures"))}</div>`;
 }
 
+// ----- scheduled jobs: state and next expected start (GET /batch/jobs) ---------------------
+
+/** A job's schedule in words: "every 1 h 0 m" or "cron 0 2 * * * (Asia/Seoul)", and its grace. */
+function scheduleText(s) {
+  if (!s) return { main: t("sched.unscheduled"), grace: "" };
+  const main = s.cron != null
+    ? t("sched.cron", { cron: s.cron, tz: s.tz || "UTC" })
+    : t("sched.every", { every: fmtDuration(s.every_s) });
+  return { main, grace: t("sched.grace", { grace: fmtDuration(s.grace_s) }) };
+}
+
+// Jobs that need a look first: missed, failing, late, then the rest by name.
+const SCHED_RANK = { missed: 0, failing: 1, late: 2, running: 3, new: 4, up: 5 };
+
+function renderSchedules(answer) {
+  const jobs = [...(answer.jobs || [])].sort((a, b) =>
+    (SCHED_RANK[a.state] ?? 9) - (SCHED_RANK[b.state] ?? 9) || a.job_id.localeCompare(b.job_id));
+  const body = document.getElementById("schedules");
+  if (!jobs.length) {
+    body.innerHTML = `<tr><td colspan="5" class="empty">${esc(t("sched.none"))}</td></tr>`;
+    return;
+  }
+  body.innerHTML = jobs.map((j) => {
+    const sched = scheduleText(j.schedule);
+    const last = j.last_execution;
+    const lastCell = last
+      ? `${badge(last.status)}<div class="sub">${esc(fmtRelative(last.started_at))}</div>`
+      : `<span class="muted">${esc(t("sched.never"))}</span>`;
+    const overdue = j.state === "late" || j.state === "missed";
+    const expected = j.next_expected_at
+      ? `<div class="${overdue ? "overdue" : ""}">${esc(fmtTime(j.next_expected_at, false))} · ${esc(fmtRelative(j.next_expected_at))}</div>`
+      : "–";
+    const more = [];
+    if (j.missed_slots) more.push(t("sched.missedSlots", { n: fmtInt(j.missed_slots) }));
+    if (overdue && j.next_slot_at) more.push(t("sched.nextSlot", { time: fmtTime(j.next_slot_at, false) }));
+    return `<tr data-testid="schedule-row" data-job-id="${esc(j.job_id)}" data-state="${esc(j.state)}">
+      <td class="job">${esc(j.job_id)}</td>
+      <td>${badge(`job-${j.state}`, t(`sched.state.${j.state}`))}</td>
+      <td title="${esc(`${sched.main} · ${sched.grace}`)}"><div>${esc(sched.main)}</div>${sched.grace ? `<div class="sub">${esc(sched.grace)}</div>` : ""}</td>
+      <td>${lastCell}</td>
+      <td data-testid="schedule-next">${expected}${more.length ? `<div class="sub">${esc(more.join(" · "))}</div>` : ""}</td>
+    </tr>`;
+  }).join("");
+}
+
 // ----- locks ---------------------------------------------------------------------------------
 
 async function loadLocks(ctx) {
@@ -840,6 +886,7 @@ function alertText(a) {
   if (a.kind === "usage.error_rate" && p.recovered) key = "usage.error_rate.recovered";
   if (a.kind === "batch.job_failed" && p.lost) key = "batch.job_lost";
   if (a.kind === "health.status_changed" && p.settled) key = "health.settled";
+  if (a.kind === "batch.lock_expired" && !p.by) key = "batch.lock_expired.unreleased";
   const title = t(`alert.${key}.title`, vars);
   if (title === `alert.${key}.title`) return { title: a.title || a.kind, message: a.message };
   return { title, message: t(`alert.${key}.message`, vars) };

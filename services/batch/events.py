@@ -36,12 +36,15 @@ Warnings = Annotated[list[WarningText], msgspec.Meta(max_length=100)]
 ErrorText = Annotated[str, msgspec.Meta(max_length=10_000)]
 TracebackText = Annotated[str, msgspec.Meta(max_length=100_000)]
 Note = Annotated[str, msgspec.Meta(max_length=1000)]
+# The longest schedule interval or grace period (a leap year).
+YEAR_S = 366 * 86_400
 
 RUN_SUBJECT_PREFIX = "stockpilot.batch.run."
 LOCK_SUBJECT_PREFIX = "stockpilot.batch.lock."
+SCHEDULE_SUBJECT_PREFIX = "stockpilot.batch.schedule."
 
 FinishedStatus = Literal["succeeded", "failed", "cancelled"]
-ReleaseReason = Literal["released", "forced", "expired"]
+ReleaseReason = Literal["released", "forced", "expired", "lost"]
 
 
 def run_subject(job_id: str) -> str:
@@ -52,6 +55,11 @@ def run_subject(job_id: str) -> str:
 def lock_subject(job_id: str) -> str:
     """Where a job's lock events go (one subject per job: Expected-Last-Subject-Sequence)."""
     return LOCK_SUBJECT_PREFIX + job_id
+
+
+def schedule_subject(job_id: str) -> str:
+    """Where a job's schedule changes go."""
+    return SCHEDULE_SUBJECT_PREFIX + job_id
 
 
 def job_id_problem(job_id: str) -> str | None:
@@ -151,11 +159,61 @@ class LockReleased(_LockEventBase, frozen=True, kw_only=True, tag="lock.released
     reason: ReleaseReason
     by: Owner
     note: Note | None = None
+    # The lock given back (its lock.acquired's sequence); older events name only the owner.
+    fencing_token: FencingToken | None = None
 
 
-RunEvent = BatchStarted | BatchProgress | BatchFinished
-LockEvent = LockAcquired | LockReleased
-BatchEvent = BatchStarted | BatchProgress | BatchFinished | LockAcquired | LockReleased
+class BatchSkipped(_RunEventBase, frozen=True, kw_only=True, tag="batch.skipped"):
+    """A run that did not start because the job's lock was held (history status `skipped`)."""
+
+    execution_id: ExecutionId
+    reason: Literal["locked"] = "locked"
+    holder_owner: Owner | None = None
+    holder_fencing_token: FencingToken | None = None
+
+
+class LockRenewed(_LockEventBase, frozen=True, kw_only=True, tag="lock.renewed"):
+    """The holder of lock `fencing_token` extended it until `expires_at` (a lease renewal)."""
+
+    owner: Owner
+    fencing_token: FencingToken
+    expires_at: AwareDatetime
+
+
+class JobScheduled(Event, frozen=True, kw_only=True, tag="batch.job_scheduled"):
+    """A job's expected starts changed (batch service only; `removed`: no longer scheduled).
+
+    Stored on `stockpilot.batch.schedule.<job_id>` when STOCKPILOT_JOB_SCHEDULES differs from
+    the last one stored; slots are counted from its `occurred_at`."""
+
+    job_id: JobId
+    cron: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    every_s: Annotated[float, msgspec.Meta(gt=0, le=YEAR_S)] | None = None
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=YEAR_S)] = 0.0
+    tz: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
+    removed: bool = False
+
+    def stored_problem(self, subject: str) -> str | None:
+        """`stockpilot.batch.schedule.<job_id>`: a schedule on a run subject (which producers
+        may publish) must not change what the service expects."""
+        expected = schedule_subject(self.job_id)
+        if subject == expected:
+            return None
+        return wrong_subject(f"a schedule of job {self.job_id!r}", subject, expected)
+
+
+RunEvent = BatchStarted | BatchProgress | BatchFinished | BatchSkipped
+LockEvent = LockAcquired | LockReleased | LockRenewed
+BatchEvent = (
+    BatchStarted
+    | BatchProgress
+    | BatchFinished
+    | LockAcquired
+    | LockReleased
+    | BatchSkipped
+    | LockRenewed
+    | JobScheduled
+)
 
 decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
 decode_lock_event = msgspec.json.Decoder(LockEvent).decode

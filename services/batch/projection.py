@@ -19,19 +19,28 @@ from services.batch.events import (
     BatchEvent,
     BatchFinished,
     BatchProgress,
+    BatchSkipped,
     BatchStarted,
+    JobScheduled,
     LockAcquired,
     LockReleased,
+    LockRenewed,
     ReleaseReason,
     decode_batch_event,
 )
+from services.batch.lockrule import LockState, lock_step
+from services.batch.schedule import JobSchedule
 from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
-from shared.projection import Projection, View, fold_fingerprint
+from shared.projection import FoldError, Projection, View, fold_fingerprint
 
-ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost"]
+ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost", "skipped"]
+
+__all__ = ["LockState"]  # re-exported: the lock rule owns it, queries and decide read it here
 
 DEFAULT_HISTORY_LIMIT = 1000
+# All jobs together keep at most this many times `history_limit` (bounds the snapshot).
+TOTAL_HISTORY_FACTOR = 20
 # A running execution is lost once this many heartbeat intervals pass without one.
 LOST_AFTER_INTERVALS = 3
 # What one execution may hold, so a snapshot of the full history stays bounded.
@@ -69,18 +78,6 @@ class Execution(msgspec.Struct, kw_only=True):
     started_seq: int = 0
 
 
-class LockState(msgspec.Struct, kw_only=True):
-    """A held lock (possibly expired: that is judged at query time)."""
-
-    job_id: str
-    owner: str
-    execution_id: str | None
-    acquired_at: AwareDatetime
-    expires_at: AwareDatetime
-    fencing_token: int
-    ignored_acquires: int = 0
-
-
 class ReleasedLock(msgspec.Struct, kw_only=True):
     """The lock the event just folded released (what `react` alerts on)."""
 
@@ -92,16 +89,29 @@ class ReleasedLock(msgspec.Struct, kw_only=True):
     acquired_at: AwareDatetime
     expires_at: AwareDatetime
     released_at: AwareDatetime
+    note: str | None = None
+
+
+class ScheduleState(msgspec.Struct, kw_only=True):
+    """A job's schedule and the moment it took effect (slots are counted from then on)."""
+
+    schedule: JobSchedule
+    since: AwareDatetime
 
 
 class BatchView(View, kw_only=True):
-    """Executions (oldest first, the newest `history_limit` kept) and currently held locks."""
+    """Executions (oldest first; each job keeps its newest `history_limit`) and held locks."""
 
     executions: dict[str, Execution] = {}
+    # Each job's execution ids, oldest first: a busy job evicts only its own old runs.
+    job_runs: dict[str, list[str]] = {}
+    # The schedule in force for each scheduled job, and since when.
+    schedules: dict[str, ScheduleState] = {}
     locks: dict[str, LockState] = {}
     evicted: int = 0
     ignored_acquires: int = 0
     ignored_releases: int = 0
+    ignored_renewals: int = 0
     orphan_events: int = 0
     last_released: ReleasedLock | None = None
 
@@ -112,11 +122,31 @@ def _pct(done: int, total: int | None) -> float | None:
     return round(min(100.0, done * 100.0 / total), 2)
 
 
+def _remember(view: BatchView, execution: Execution, history_limit: int) -> None:
+    """Add an execution; evict the oldest of *its own job* past `history_limit` (and, past
+    the overall bound, the oldest of the job holding the most)."""
+    if not view.job_runs and view.executions:  # a snapshot from before per-job history
+        for old in view.executions.values():
+            view.job_runs.setdefault(old.job_id, []).append(old.execution_id)
+    view.executions[execution.execution_id] = execution
+    runs = view.job_runs.setdefault(execution.job_id, [])
+    runs.append(execution.execution_id)
+    while len(runs) > history_limit:
+        del view.executions[runs.pop(0)]
+        view.evicted += 1
+    while len(view.executions) > history_limit * TOTAL_HISTORY_FACTOR:
+        busiest = max(view.job_runs.values(), key=len)
+        del view.executions[busiest.pop(0)]
+        view.evicted += 1
+    for job_id in [job for job, ids in view.job_runs.items() if not ids]:
+        del view.job_runs[job_id]
+
+
 def _started(view: BatchView, event: BatchStarted, seq: int, history_limit: int) -> None:
     if event.execution_id in view.executions:
         view.orphan_events += 1
         return
-    view.executions[event.execution_id] = Execution(
+    execution = Execution(
         execution_id=event.execution_id,
         job_id=event.job_id,
         status="running",
@@ -130,9 +160,26 @@ def _started(view: BatchView, event: BatchStarted, seq: int, history_limit: int)
         last_heartbeat_at=event.occurred_at,
         started_seq=seq,
     )
-    while len(view.executions) > history_limit:
-        del view.executions[next(iter(view.executions))]
-        view.evicted += 1
+    _remember(view, execution, history_limit)
+
+
+def _skipped(view: BatchView, event: BatchSkipped, seq: int, history_limit: int) -> None:
+    if event.execution_id in view.executions:
+        view.orphan_events += 1
+        return
+    holder = event.holder_owner or "another run"
+    token = f" (fencing token {event.holder_fencing_token})" if event.holder_fencing_token else ""
+    execution = Execution(
+        execution_id=event.execution_id,
+        job_id=event.job_id,
+        status="skipped",
+        started_at=event.occurred_at,
+        finished_at=event.occurred_at,
+        duration_s=0.0,
+        error=f"skipped: the lock was held by {holder}{token}"[:MAX_ERROR_CHARS],
+        started_seq=seq,
+    )
+    _remember(view, execution, history_limit)
 
 
 def _progress(view: BatchView, event: BatchProgress) -> None:
@@ -173,40 +220,49 @@ def _finished(view: BatchView, event: BatchFinished) -> None:
     execution.progress_pct = 100.0 if pct is None and event.status == "succeeded" else pct
 
 
-def _acquired(view: BatchView, event: LockAcquired, seq: int) -> None:
-    held = view.locks.get(event.job_id)
-    if held is not None and held.expires_at > event.occurred_at:
-        # Stored while another holder's lock was live (a publisher that skipped the
-        # Expected-Last-Subject-Sequence check): it does not take the lock.
-        held.ignored_acquires += 1
-        view.ignored_acquires += 1
+def _scheduled(view: BatchView, event: JobScheduled) -> None:
+    if event.removed:
+        view.schedules.pop(event.job_id, None)
         return
-    view.locks[event.job_id] = LockState(
-        job_id=event.job_id,
-        owner=event.owner,
-        execution_id=event.execution_id,
-        acquired_at=event.occurred_at,
-        expires_at=event.expires_at,
-        fencing_token=seq,
-    )
+    try:
+        schedule = JobSchedule(
+            cron=event.cron, every_s=event.every_s, grace_s=event.grace_s, tz=event.tz
+        )
+    except ValueError as exc:
+        raise FoldError(f"batch.job_scheduled for {event.job_id}: {exc}") from None
+    view.schedules[event.job_id] = ScheduleState(schedule=schedule, since=event.occurred_at)
 
 
-def _released(view: BatchView, event: LockReleased) -> None:
-    held = view.locks.get(event.job_id)
-    if held is None or held.owner != event.owner:
-        view.ignored_releases += 1
+def _lock_event(
+    view: BatchView, event: LockAcquired | LockReleased | LockRenewed, seq: int
+) -> None:
+    # The same rule the workers fold the lock subject with (services.batch.lockrule).
+    step = lock_step(view.locks.get(event.job_id), event, seq)
+    if step.held is None:
+        view.locks.pop(event.job_id, None)
+    else:
+        view.locks[event.job_id] = step.held
+    if step.outcome == "ignored":
+        if isinstance(event, LockAcquired):
+            view.ignored_acquires += 1
+        elif isinstance(event, LockReleased):
+            view.ignored_releases += 1
+        else:
+            view.ignored_renewals += 1
         return
-    del view.locks[event.job_id]
-    view.last_released = ReleasedLock(
-        job_id=held.job_id,
-        owner=held.owner,
-        fencing_token=held.fencing_token,
-        reason=event.reason,
-        by=event.by,
-        acquired_at=held.acquired_at,
-        expires_at=held.expires_at,
-        released_at=event.occurred_at,
-    )
+    if step.released is not None and isinstance(event, LockReleased):
+        held = step.released
+        view.last_released = ReleasedLock(
+            job_id=held.job_id,
+            owner=held.owner,
+            fencing_token=held.fencing_token,
+            reason=event.reason,
+            by=event.by,
+            acquired_at=held.acquired_at,
+            expires_at=held.expires_at,
+            released_at=event.occurred_at,
+            note=event.note,
+        )
 
 
 def apply(
@@ -221,10 +277,12 @@ def apply(
             _progress(view, event)
         case BatchFinished():
             _finished(view, event)
-        case LockAcquired():
-            _acquired(view, event, seq)
-        case LockReleased():
-            _released(view, event)
+        case LockAcquired() | LockReleased() | LockRenewed():
+            _lock_event(view, event, seq)
+        case BatchSkipped():
+            _skipped(view, event, seq, history_limit)
+        case JobScheduled():
+            _scheduled(view, event)
     return view
 
 
@@ -263,8 +321,64 @@ def lost_at(execution: Execution, default_interval_s: float) -> datetime | None:
     return last + timedelta(seconds=LOST_AFTER_INTERVALS * interval)
 
 
+def lock_expired_alert(lock: LockState, occurred_at: datetime, by: str | None = None) -> Alert:
+    """`batch.lock_expired` for one lock (one id per lock: the service's watch and a cleanup
+    store it once between them)."""
+    ttl = (lock.expires_at - lock.acquired_at).total_seconds()
+    then = f" and was released by {by}" if by else "; nobody has released it yet"
+    return Alert(
+        id=alert_id("batch.lock_expired", lock.job_id, str(lock.fencing_token)),
+        occurred_at=occurred_at,
+        source="batch",
+        kind="batch.lock_expired",
+        severity="warning",
+        title=f"Lock of batch job {lock.job_id} expired",
+        message=(
+            f"the lock of {lock.job_id} held by {lock.owner} (fencing token "
+            f"{lock.fencing_token}) expired at {lock.expires_at.isoformat()}{then}"
+        )[:1000],
+        metric="lock_ttl_s",
+        value=ttl,
+        threshold=ttl,
+        params={
+            "job_id": lock.job_id,
+            "owner": lock.owner,
+            "fencing_token": lock.fencing_token,
+            "by": by,
+        },
+    )
+
+
+def lock_forced_alert(released: ReleasedLock) -> Alert:
+    """`batch.lock_forced`: someone took a job's lock away from its holder, named."""
+    why = f" ({released.note})" if released.note else ""
+    return Alert(
+        id=alert_id("batch.lock_forced", released.job_id, str(released.fencing_token)),
+        occurred_at=released.released_at,
+        source="batch",
+        kind="batch.lock_forced",
+        severity="warning",
+        title=f"Lock of batch job {released.job_id} force-released by {released.by}",
+        message=(
+            f"{released.by} force-released the lock of {released.job_id} held by "
+            f"{released.owner} (fencing token {released.fencing_token}){why}"
+        )[:1000],
+        metric="forced_releases",
+        value=1,
+        threshold=1,
+        params={
+            "job_id": released.job_id,
+            "owner": released.owner,
+            "fencing_token": released.fencing_token,
+            "by": released.by,
+            "note": released.note,
+        },
+    )
+
+
 def react(view: BatchView, event: BatchEvent) -> Sequence[Alert]:
-    """Alerts derived from the event just folded: a failed run, an expired lock cleaned up."""
+    """Alerts derived from the event just folded: a failed run, an expired lock cleaned up, a
+    forced release."""
     match event:
         case BatchFinished(status="failed"):
             execution = view.executions.get(event.execution_id)
@@ -273,32 +387,18 @@ def react(view: BatchView, event: BatchEvent) -> Sequence[Alert]:
         case LockReleased(reason="expired"):
             released = view.last_released
             if released is not None:
-                ttl = (released.expires_at - released.acquired_at).total_seconds()
-                return [
-                    Alert(
-                        id=alert_id(
-                            "batch.lock_expired", released.job_id, str(released.fencing_token)
-                        ),
-                        occurred_at=event.occurred_at,
-                        source="batch",
-                        kind="batch.lock_expired",
-                        severity="warning",
-                        title=f"Lock of batch job {released.job_id} expired",
-                        message=(
-                            f"the lock of {released.job_id} held by {released.owner} "
-                            f"(fencing token {released.fencing_token}) expired at "
-                            f"{released.expires_at.isoformat()} and was released by {released.by}"
-                        ),
-                        metric="lock_ttl_s",
-                        value=ttl,
-                        threshold=ttl,
-                        params={
-                            "job_id": released.job_id,
-                            "owner": released.owner,
-                            "by": released.by,
-                        },
-                    )
-                ]
+                lock = LockState(
+                    job_id=released.job_id,
+                    owner=released.owner,
+                    execution_id=None,
+                    acquired_at=released.acquired_at,
+                    expires_at=released.expires_at,
+                    fencing_token=released.fencing_token,
+                )
+                return [lock_expired_alert(lock, event.occurred_at, released.by)]
+        case LockReleased(reason="forced"):
+            if view.last_released is not None:
+                return [lock_forced_alert(view.last_released)]
     return ()
 
 
@@ -315,7 +415,9 @@ class BatchProjection(Projection[BatchView, BatchEvent]):
         subject: str | bytes | None = None,
         stored_ns: int | None = None,
     ) -> Sequence[Alert]:
-        """Decode, check and apply one stored message at `seq`."""
+        """Decode, check and apply one stored message at `seq`: an event on a subject it does
+        not belong to (a lock event naming another job, a schedule on a run subject) is
+        refused (FoldError: the runtime dead-letters it) and changes nothing."""
         event = self.admit(data, subject, stored_ns)
         self.view = apply(self.view, event, seq, self.history_limit)
         self.view.last_seq = seq
@@ -339,4 +441,24 @@ def batch_projection(history_limit: int = DEFAULT_HISTORY_LIMIT) -> BatchProject
         history_limit=history_limit,
         # The history bound decides what the view keeps: another bound, another view.
         fingerprint=fold_fingerprint(history_limit),
+    )
+
+
+def job_missed_alert(job_id: str, slot: datetime, grace_s: float) -> Alert:
+    """`batch.job_missed` for one missed slot (one id per job and slot)."""
+    return Alert(
+        id=alert_id("batch.job_missed", job_id, slot.isoformat()),
+        occurred_at=slot + timedelta(seconds=grace_s),
+        source="batch",
+        kind="batch.job_missed",
+        severity="warning",
+        title=f"Batch job {job_id} did not start",
+        message=(
+            f"{job_id} was expected to start at {slot.isoformat()} and had not started "
+            f"{grace_s:g} s later (its grace period)"
+        ),
+        metric="missed_slots",
+        value=1,
+        threshold=1,
+        params={"job_id": job_id, "expected_at": slot.isoformat(), "grace_s": grace_s},
     )

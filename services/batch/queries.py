@@ -20,6 +20,7 @@ from services.batch.projection import (
     LockState,
     lost_at,
 )
+from services.batch.schedule import judge
 from services.batch.schemas import (
     BatchStats,
     BatchSummary,
@@ -29,8 +30,11 @@ from services.batch.schemas import (
     FailingJob,
     FailurePattern,
     HeldLocks,
+    JobOut,
+    JobsAnswer,
     JobStats,
     LockStatus,
+    MissedJob,
     RecentExecutions,
     RecentParams,
     StatsParams,
@@ -198,11 +202,16 @@ def failure_patterns(
 
 
 def _job_stats(executions: list[tuple[Execution, ExecutionStatus]]) -> JobStats:
-    counts = {"running": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "lost": 0}
+    counts = dict.fromkeys(("running", "succeeded", "failed", "cancelled", "lost", "skipped"), 0)
     for _, status in executions:
         counts[status] += 1
-    finished = len(executions) - counts["running"]
-    durations = [e.duration_s for e, s in executions if e.duration_s is not None and s != "lost"]
+    # A skipped run never started: it counts, but not as finished, and has no duration.
+    finished = len(executions) - counts["running"] - counts["skipped"]
+    durations = [
+        e.duration_s
+        for e, s in executions
+        if e.duration_s is not None and s not in ("lost", "skipped")
+    ]
     throughputs = [e.throughput_per_s for e, _ in executions if e.throughput_per_s is not None]
     memory = [e.peak_memory_mb for e, _ in executions if e.peak_memory_mb is not None]
     cpu = [e.avg_cpu_percent for e, _ in executions if e.avg_cpu_percent is not None]
@@ -222,6 +231,7 @@ def _job_stats(executions: list[tuple[Execution, ExecutionStatus]]) -> JobStats:
         avg_cpu_percent=_mean(cpu),
         last_started_at=last[0].started_at if last else None,
         last_status=last[1] if last else None,
+        skipped=counts["skipped"],
     )
 
 
@@ -337,4 +347,64 @@ def summary(view: BatchView, now: datetime, default_interval_s: float) -> BatchS
             ExpiredLock(job_id=lock.job_id, owner=lock.owner, expires_at=lock.expires_at)
             for lock in stale
         ],
+        missed_jobs=missed_jobs(view, now, default_interval_s),
+    )
+
+
+def missed_jobs(view: BatchView, now: datetime, default_interval_s: float) -> list[MissedJob]:
+    """Scheduled jobs whose expected start + grace has passed without a run."""
+    found = []
+    for job_id in sorted(view.schedules):
+        job, missed = job_out(view, job_id, now, default_interval_s)
+        if job.state == "missed" and job.next_expected_at is not None:
+            found.append(
+                MissedJob(job_id=job_id, expected_at=job.next_expected_at, missed_slots=len(missed))
+            )
+    return found
+
+
+def jobs(view: BatchView, now: datetime, default_interval_s: float) -> JobsAnswer:
+    """Every scheduled job and every job in the history, with its state at `now`."""
+    out: list[JobOut] = []
+    for job_id in sorted(set(view.schedules) | set(view.job_runs)):
+        out.append(job_out(view, job_id, now, default_interval_s)[0])
+    return JobsAnswer(jobs=out, total=len(out))
+
+
+def job_out(
+    view: BatchView, job_id: str, now: datetime, default_interval_s: float
+) -> tuple[JobOut, list[datetime]]:
+    """One job at `now`, and its missed slots (newest last)."""
+    state = view.schedules.get(job_id)
+    runs = [view.executions[e] for e in view.job_runs.get(job_id, []) if e in view.executions]
+    runs.sort(key=lambda e: (e.started_at, e.started_seq))
+    last = runs[-1] if runs else None
+    last_status = status_at(last, now, default_interval_s) if last is not None else None
+    finished = None
+    for execution in reversed(runs):
+        status = status_at(execution, now, default_interval_s)
+        if status not in ("running", "skipped"):
+            finished = status
+            break
+    verdict, expected, upcoming, missed = judge(
+        state.schedule if state is not None else None,
+        state.since if state is not None else None,
+        last.started_at if last is not None else None,
+        last_status,
+        finished,
+        now,
+    )
+    return (
+        JobOut(
+            job_id=job_id,
+            schedule=state.schedule if state is not None else None,
+            state=verdict,
+            last_execution=(
+                execution_out(last, now, default_interval_s) if last is not None else None
+            ),
+            next_expected_at=expected,
+            next_slot_at=upcoming,
+            missed_slots=len(missed),
+        ),
+        missed,
     )

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from services.batch.projection import ExecutionStatus
+from services.batch.schedule import JobSchedule, JobState
 from shared.events import AwareDatetime, JobId
 
 Limit = Annotated[int, msgspec.Meta(ge=1, le=1000)]
@@ -113,6 +114,8 @@ class JobStats(msgspec.Struct, kw_only=True):
     avg_cpu_percent: float | None
     last_started_at: AwareDatetime | None
     last_status: ExecutionStatus | None
+    # Runs that did not start because the lock was held (batch.skipped); not in success_rate.
+    skipped: int = 0
 
 
 class BatchStats(JobStats, kw_only=True):
@@ -180,6 +183,14 @@ class FailingJob(msgspec.Struct, kw_only=True):
     error: str | None
 
 
+class MissedJob(msgspec.Struct, kw_only=True):
+    """A scheduled job that has not started by its expected time + grace (contract §5)."""
+
+    job_id: str
+    expected_at: AwareDatetime
+    missed_slots: int
+
+
 class ExpiredLock(msgspec.Struct, kw_only=True):
     """A lock past its `expires_at` that nobody has released yet."""
 
@@ -196,3 +207,107 @@ class BatchSummary(msgspec.Struct, kw_only=True):
     expired_locks: int
     failing_jobs: list[FailingJob] = []
     expired: list[ExpiredLock] = []
+    missed_jobs: list[MissedJob] = []
+
+
+# ----- runs and locks over HTTP (contract §5; any language, the ingest token) -------------
+
+RunStatus = Literal["started", "succeeded", "failed", "cancelled", "skipped"]
+ExecutionId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Count = Annotated[int, msgspec.Meta(ge=0, lt=10**9)]
+TtlS = Annotated[float, msgspec.Meta(gt=0, le=30 * 86_400)]
+IntervalS = Annotated[float, msgspec.Meta(gt=0, le=86_400)]
+ErrorText = Annotated[str, msgspec.Meta(max_length=2000)]
+Token = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class RunBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`POST /batch/jobs/{job_id}/runs`: one report of a run (`execution_id` ties a start to
+    its end; left out on `started`, one is made and answered)."""
+
+    status: RunStatus
+    execution_id: ExecutionId | None = None
+    items_processed: Count | None = None
+    items_total: Count | None = None
+    error: ErrorText | None = None
+    host: Owner | None = None
+    # Beyond the contract: how often this run will report; silent for 3 of them it is lost.
+    heartbeat_interval_s: IntervalS | None = None
+
+
+class RunParams(RunBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`report_run`: a RunBody for one job."""
+
+    job_id: JobId
+
+
+class RunAnswer(msgspec.Struct, kw_only=True):
+    """The stored report: pass `execution_id` back with the run's end."""
+
+    job_id: str
+    execution_id: str
+    status: RunStatus
+
+
+class LockBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Lock acquire / renew / release-mine over HTTP: who, for how long, which lock."""
+
+    owner: Owner
+    ttl_s: TtlS | None = None
+    fencing_token: Token | None = None
+
+
+class LockParams(LockBody, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`lock_acquire`, `lock_renew`, `lock_release_mine`: a LockBody for one job."""
+
+    job_id: JobId
+
+
+class LockHolder(msgspec.Struct, kw_only=True):
+    """Who holds a lock (a 409 names it)."""
+
+    owner: str
+    fencing_token: int
+    expires_at: AwareDatetime
+
+
+class LockAnswer(msgspec.Struct, kw_only=True):
+    """`ok` with the lock's `fencing_token` and `expires_at`; otherwise (HTTP 409) `detail`
+    says why and `holder` names who holds it (null when nobody does)."""
+
+    job_id: str
+    ok: bool
+    owner: str
+    fencing_token: int | None = None
+    expires_at: AwareDatetime | None = None
+    released: bool = False
+    holder: LockHolder | None = None
+    detail: str | None = None
+    # The HTTP status the gateway answers with (200, or 409 when refused), as errors carry.
+    status_code: int = 200
+
+
+class JobOut(msgspec.Struct, kw_only=True):
+    """One job as `GET /batch/jobs` shows it (contract §5)."""
+
+    job_id: str
+    # None for a job that runs but has no schedule (it is judged by its runs alone).
+    schedule: JobSchedule | None
+    state: JobState
+    # The newest run (skipped ones included), as `executions/recent` shows it.
+    last_execution: ExecutionOut | None
+    # The first expected start not yet met (in the past when the job is late or missed).
+    next_expected_at: AwareDatetime | None
+    # Beyond the contract: the next expected start after now, and how many slots were missed.
+    next_slot_at: AwareDatetime | None = None
+    missed_slots: int = 0
+
+
+class JobsAnswer(msgspec.Struct, kw_only=True):
+    """`GET /batch/jobs`: every scheduled job and every job with runs in the history."""
+
+    jobs: list[JobOut]
+    total: int

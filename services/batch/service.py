@@ -11,22 +11,78 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import logging
+import uuid
+from datetime import datetime
 
+import msgspec
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.batch import queries, schemas
-from services.batch.decide import expired_locks, release_event
-from services.batch.events import job_id_problem, lock_subject
-from services.batch.locks import BATCH_STREAM, EXPECTED_LAST_SUBJECT_SEQ
-from services.batch.projection import BatchProjection, batch_projection, job_failed_alert
+from services.batch.decide import expired_locks, release_event, run_report_events
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
+from services.batch.events import (
+    JobScheduled,
+    job_id_problem,
+    lock_subject,
+    run_subject,
+    schedule_subject,
+)
+from services.batch.lockrule import LockRead, LockState
+from services.batch.locks import (
+    BATCH_STREAM,
+    EXPECTED_LAST_SUBJECT_SEQ,
+    HeldLock,
+    acquire_lock,
+    read_lock_state,
+    release_lock,
+    renew_lock,
+)
+from services.batch.projection import (
+    BatchProjection,
+    Execution,
+    batch_projection,
+    job_failed_alert,
+    job_missed_alert,
+    lock_expired_alert,
+)
+from services.batch.schedule import MAX_MISSED_ALERTS
 from services.batch.settings import BatchSettings
 from shared import bus
-from shared.errors import ConflictError, InvalidRequestError
-from shared.events import Event
+from shared.clock import Clock
+from shared.errors import ConflictError, InvalidRequestError, UnavailableError
+from shared.events import Alert, Event
 from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
 from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
+log = logging.getLogger("stockpilot.batch")
+
+
+class _ContextClock(Clock):
+    """The runtime's clock as a Clock (the lock primitives take one)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
+
+    def now(self) -> datetime:
+        """The runtime's now."""
+        return self._ctx.now()
+
+
+async def _read_state(ctx: Context, job_id: str) -> LockRead:
+    try:
+        return await read_lock_state(ctx.js, job_id)
+    except LockStateError as exc:
+        raise UnavailableError(exc.detail) from None
+
+
+def _belongs(lock: LockState, execution: Execution) -> bool:
+    """Whether `lock` is the one `execution` took (by fencing token, else execution id)."""
+    if execution.fencing_token is not None:
+        return lock.fencing_token == execution.fencing_token
+    return lock.execution_id == execution.execution_id
 
 
 async def _last_seq(ctx: Context, job_id: str) -> int:
@@ -87,6 +143,9 @@ def build(settings: BatchSettings) -> ServiceDefinition:
     async def held(_: NoParams, ctx: Context) -> schemas.HeldLocks:
         return queries.held(batch.view, ctx.now())
 
+    async def jobs(_: NoParams, ctx: Context) -> schemas.JobsAnswer:
+        return queries.jobs(batch.view, ctx.now(), interval)
+
     async def summary(_: NoParams, ctx: Context) -> schemas.BatchSummary:
         return queries.summary(batch.view, ctx.now(), interval)
 
@@ -135,13 +194,89 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             await ctx.wait_applied(batch, last_stored)
         return schemas.CleanupAnswer(released=released, count=len(released))
 
+    async def release_lost(ctx: Context, execution: Execution) -> None:
+        """The lease: a lost run's lock is released (reason `lost`), fenced like every lock
+        event, so the job's next run can start now rather than when the lock expires."""
+        for _ in range(RELEASE_ATTEMPTS):
+            seq = await _last_seq(ctx, execution.job_id)
+            await ctx.wait_applied(batch, seq)
+            lock = batch.view.locks.get(execution.job_id)
+            if lock is None or not _belongs(lock, execution):
+                return
+            event = release_event(
+                lock,
+                reason="lost",
+                by="batch",
+                now=ctx.now(),
+                note=f"execution {execution.execution_id} lost: its heartbeats stopped",
+            )
+            stored = await _publish_expecting(ctx, execution.job_id, event, seq)
+            if stored is not None:
+                await ctx.wait_applied(batch, stored)
+                return
+
+    async def store_schedules(ctx: Context) -> None:
+        """Store STOCKPILOT_JOB_SCHEDULES as batch.job_scheduled events where it differs from
+        the schedules in the stream (a schedule change is an event; replay judges the same)."""
+        stored = 0
+        wanted = settings.job_schedules
+        for job_id in sorted(set(wanted) | set(batch.view.schedules)):
+            current = batch.view.schedules.get(job_id)
+            spec = wanted.get(job_id)
+            if spec is not None and current is not None and current.schedule == spec:
+                continue
+            if spec is None and current is None:
+                continue
+            digest = hashlib.sha256(msgspec.json.encode(spec)).hexdigest()[:16]
+            event = JobScheduled(
+                id=f"schedule.{job_id}.{batch.view.last_seq}.{digest}",
+                occurred_at=ctx.now(),
+                job_id=job_id,
+                cron=spec.cron if spec is not None else None,
+                every_s=spec.every_s if spec is not None else None,
+                grace_s=spec.grace_s if spec is not None else 0.0,
+                tz=spec.tz if spec is not None else "UTC",
+                removed=spec is None,
+            )
+            ack = await ctx.publish(schedule_subject(job_id), event)
+            stored = max(stored, int(ack.seq))
+        if stored:
+            await ctx.wait_applied(batch, stored)
+
+    def missed_alerts(now: datetime) -> list[Alert]:
+        alerts = []
+        for job_id, state in batch.view.schedules.items():
+            _, missed = queries.job_out(batch.view, job_id, now, interval)
+            for slot in missed[-MAX_MISSED_ALERTS:]:
+                alerts.append(job_missed_alert(job_id, slot, state.schedule.grace_s))
+        return alerts
+
     async def watch_lost(ctx: Context) -> None:
-        """Raise `batch.job_failed` once for each running execution that went silent."""
+        """Raise `batch.job_failed` once for each running execution that went silent and
+        release its lock; raise `batch.lock_expired` once for each lock past its expiry and
+        `batch.job_missed` once for each missed slot of a scheduled job."""
+        await store_schedules(ctx)
         raised: set[str] = set()
         while not ctx.stopping.is_set():
             alerts = []
-            for execution, at in queries.lost_executions(batch.view, ctx.now(), interval):
+            now = ctx.now()
+            for alert in missed_alerts(now):
+                if alert.id not in raised:
+                    alerts.append(alert)
+                    raised.add(alert.id)
+            for execution, at in queries.lost_executions(batch.view, now, interval):
+                lock = batch.view.locks.get(execution.job_id)
+                if lock is not None and _belongs(lock, execution):
+                    try:
+                        await release_lost(ctx, execution)
+                    except UnavailableError as exc:
+                        log.warning("batch: could not release a lost run's lock: %s", exc)
                 alert = job_failed_alert(execution, at, "was lost (its heartbeats stopped)")
+                if alert.id not in raised:
+                    alerts.append(alert)
+                    raised.add(alert.id)
+            for lock in expired_locks(batch.view, now):
+                alert = lock_expired_alert(lock, lock.expires_at)
                 if alert.id not in raised:
                     alerts.append(alert)
                     raised.add(alert.id)
@@ -151,6 +286,126 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 raised.clear()  # the alert ledger still keeps them from repeating
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stopping.wait(), settings.lost_check_interval_s)
+
+    async def report_run(params: schemas.RunParams, ctx: Context) -> schemas.RunAnswer:
+        """A run reported over HTTP: stored as the run events a Python worker stores."""
+        _check(params.job_id)
+        execution_id = params.execution_id or uuid.uuid4().hex
+        now = ctx.now()
+        existing = batch.view.executions.get(execution_id)
+        holder = batch.view.locks.get(params.job_id)
+        events = run_report_events(params, execution_id, existing, now, holder)
+        last = 0
+        for event in events:
+            ack = await ctx.publish(run_subject(params.job_id), event)
+            last = max(last, int(ack.seq))
+        if last:
+            await ctx.wait_applied(batch, last)
+        return schemas.RunAnswer(
+            job_id=params.job_id, execution_id=execution_id, status=params.status
+        )
+
+    def _holder(held: LockState | None) -> schemas.LockHolder | None:
+        if held is None:
+            return None
+        return schemas.LockHolder(
+            owner=held.owner, fencing_token=held.fencing_token, expires_at=held.expires_at
+        )
+
+    async def _refused(ctx: Context, params: schemas.LockParams, detail: str) -> schemas.LockAnswer:
+        read = await _read_state(ctx, params.job_id)
+        live = read.held if read.held is not None and read.held.expires_at > ctx.now() else None
+        return schemas.LockAnswer(
+            job_id=params.job_id, ok=False, owner=params.owner, holder=_holder(live), detail=detail
+        )
+
+    async def _settled(ctx: Context, job_id: str) -> None:
+        # Read-your-writes: the next lock/status answers what was just stored.
+        await ctx.wait_applied(batch, await _last_seq(ctx, job_id))
+
+    async def lock_acquire(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Take a job's lock for `owner` (HTTP); refused (ok false) while someone holds it."""
+        _check(params.job_id)
+        try:
+            held = await acquire_lock(
+                ctx.js,
+                params.job_id,
+                owner=params.owner,
+                execution_id=f"http-{uuid.uuid4().hex}",
+                ttl_s=params.ttl_s or settings.lock_ttl_s,
+                clock=_ContextClock(ctx),
+            )
+        except LockHeldError as exc:
+            return await _refused(ctx, params, exc.detail)
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=held.fencing_token,
+            expires_at=held.expires_at,
+        )
+
+    def _mine(params: schemas.LockParams, ctx: Context) -> HeldLock:
+        if params.fencing_token is None:
+            raise InvalidRequestError(
+                "fencing_token is required: send the one lock/acquire answered"
+            )
+        return HeldLock(
+            job_id=params.job_id,
+            owner=params.owner,
+            execution_id="",
+            fencing_token=params.fencing_token,
+            acquired_at=ctx.now(),  # unused by renew and release: they fold the subject
+            expires_at=ctx.now(),
+        )
+
+    async def lock_renew(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Extend the caller's lock (named by owner and fencing token) to now + ttl_s."""
+        _check(params.job_id)
+        mine = _mine(params, ctx)
+        try:
+            renewed = await renew_lock(
+                ctx.js, mine, ttl_s=params.ttl_s or settings.lock_ttl_s, clock=_ContextClock(ctx)
+            )
+        except LockLostError as exc:
+            return await _refused(ctx, params, exc.detail)
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=renewed.fencing_token,
+            expires_at=renewed.expires_at,
+        )
+
+    async def lock_release_mine(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+        """Give back the caller's lock; refused when it is not (or no longer) theirs."""
+        _check(params.job_id)
+        mine = _mine(params, ctx)
+        try:
+            released = await release_lock(ctx.js, mine, clock=_ContextClock(ctx))
+        except LockStateError as exc:
+            raise UnavailableError(exc.detail) from None
+        if not released:
+            return await _refused(
+                ctx,
+                params,
+                f"{params.owner} does not hold the lock of {params.job_id} with fencing token "
+                f"{params.fencing_token}",
+            )
+        await _settled(ctx, params.job_id)
+        return schemas.LockAnswer(
+            job_id=params.job_id,
+            ok=True,
+            owner=params.owner,
+            fencing_token=params.fencing_token,
+            released=True,
+        )
 
     return ServiceDefinition(
         name="batch",
@@ -163,8 +418,13 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             Endpoint("expired_locks", NoParams, expired),
             Endpoint("locks", NoParams, held),
             Endpoint("summary", NoParams, summary),
+            Endpoint("jobs", NoParams, jobs),
             Endpoint("release", schemas.ReleaseParams, release, concurrent=True),
             Endpoint("cleanup", schemas.CleanupParams, cleanup, concurrent=True),
+            Endpoint("report_run", schemas.RunParams, report_run, concurrent=True),
+            Endpoint("lock_acquire", schemas.LockParams, lock_acquire, concurrent=True),
+            Endpoint("lock_renew", schemas.LockParams, lock_renew, concurrent=True),
+            Endpoint("lock_release_mine", schemas.LockParams, lock_release_mine, concurrent=True),
         ],
         background=[watch_lost],
         alert_source="batch",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.batch.schedule import JobSchedule
+from shared.events import JobId
 from shared.settings import CommonSettings, PositiveFloat, PositiveInt
 
 
@@ -16,6 +18,9 @@ class BatchSettings(CommonSettings, frozen=True, kw_only=True):
     heartbeat_interval_s: PositiveFloat = 10.0
     # How often the service looks for running executions whose heartbeats stopped.
     lost_check_interval_s: PositiveFloat = 5.0
+    # When each job is expected to start (STOCKPILOT_JOB_SCHEDULES): {job_id: {"cron": "0 2 * * *"}
+    # or {"every_s": 300}, "grace_s"?, "tz"?}. Stored as batch.job_scheduled events on change.
+    job_schedules: dict[JobId, JobSchedule] = {}
 
 
 Settings = BatchSettings

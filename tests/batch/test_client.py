@@ -14,7 +14,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
-from services.batch.client import batch_job, read_lock
+from services.batch.client import acquire_lock, batch_job, check_lock, read_lock
 from services.batch.errors import LockHeldError, LockLostError
 from services.batch.events import LockReleased
 from services.batch.schemas import RecentExecutions
@@ -86,7 +86,19 @@ async def test_second_run_of_a_held_job_is_skipped_naming_the_holder(
         assert caught.value.owner == "box-1:77"
         assert "box-1:77" in str(caught.value)
         assert caught.value.fencing_token == run.fencing_token
-    assert (await recent(api, "reports")).total == 1
+
+    # The skipped run is in the history (issue #18: before, it was recorded nowhere).
+    async def both() -> bool:
+        return (await recent(api, "reports")).total == 2
+
+    await eventually(both)
+    statuses = sorted(e.status for e in (await recent(api, "reports")).executions)
+    assert statuses == ["skipped", "succeeded"]
+    skipped = next(e for e in (await recent(api, "reports")).executions if e.status == "skipped")
+    assert skipped.error is not None and "box-1:77" in skipped.error
+    stats = (await api.get("/api/v1/batch/executions/stats")).json()
+    assert (stats["skipped"], stats["succeeded"], stats["success_rate"]) == (1, 1, 100.0)
+    assert stats["by_job"]["reports"]["skipped"] == 1  # and in the job's own stats
 
 
 async def test_failed_run_records_error_and_traceback_alerts_once_and_releases(
@@ -174,9 +186,11 @@ async def test_run_learns_at_its_next_heartbeat_that_its_lock_was_force_released
     assert isinstance(last, LockReleased) and last.reason == "forced"
 
 
-async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_over(
+async def test_killed_worker_releases_its_lock_as_lost_and_the_job_runs_again_within_3_beats(
     nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
 ) -> None:
+    """The lease (issue #18): a kill -9'd worker's lock (TTL an hour) is released with reason
+    `lost` once three heartbeat intervals pass in silence, and the next run starts then."""
     js = nc.jetstream()
     url = nc.connected_url.geturl() if nc.connected_url else ""
     worker = await asyncio.create_subprocess_exec(
@@ -185,7 +199,7 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
         "tests.batch.worker",
         url,
         "doomed",
-        "2",
+        "3600",
         "0.1",
         clock.now().isoformat(),  # the worker's clock reads the test's instant
         cwd=ROOT,
@@ -208,31 +222,25 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
         if worker.returncode is None:
             worker.kill()
             await worker.wait()
-    # Its heartbeats are dated from the test's instant: a second later three intervals of
-    # 0.1 s have passed in silence, and the 2 s lock is still live.
-    clock.advance(timedelta(seconds=1))
-
-    async def lost() -> bool:
-        return (await recent(api, "doomed")).executions[0].status == "lost"
-
-    await eventually(lost, timeout=3)
-    execution = (await recent(api, "doomed")).executions[0]
-    assert execution.execution_id == execution_id
     status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
-    assert status["fencing_token"] == token
-    expires_at = datetime.fromisoformat(status["expires_at"])
-    assert clock.now() < expires_at
-    assert (status["locked"], status["expired"]) == (True, False)
-    clock.set(expires_at)
+    assert (status["locked"], status["fencing_token"]) == (True, token)
+    # Its heartbeats are dated from the test's instant: three intervals of 0.1 s and a bit.
+    clock.advance(timedelta(seconds=0.31))
 
-    async def expired() -> bool:
-        status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
-        return bool(status["expired"])
+    async def released_as_lost() -> bool:
+        last, _ = await read_lock(js, "doomed")
+        return isinstance(last, LockReleased) and last.reason == "lost"
 
-    await eventually(expired, timeout=4)
-    listed = (await api.get("/api/v1/batch/locks/expired")).json()
-    assert [lock["job_id"] for lock in listed["locks"]] == ["doomed"]
+    await eventually(released_as_lost, timeout=5)
+    last, _ = await read_lock(js, "doomed")
+    assert isinstance(last, LockReleased)
+    assert (last.by, last.fencing_token, last.owner) == ("batch", token, status["owner"])
+    execution = (await recent(api, "doomed")).executions[0]
+    assert (execution.execution_id, execution.status) == (execution_id, "lost")
+    status = (await api.get("/api/v1/batch/jobs/doomed/lock/status")).json()
+    assert status["locked"] is False
 
+    # The clock has moved 0.31 s since the kill, not the hour of the lock's TTL.
     async with batch_job(nc, "doomed", clock=clock) as run:
         assert run.fencing_token > token
 
@@ -243,3 +251,140 @@ async def test_killed_worker_turns_lost_its_lock_expires_and_a_new_run_takes_ove
     await asyncio.sleep(0.3)  # a second alert for the same run would show by now
     alerts = await alerts_of(js, "batch.job_failed")
     assert [a.id for a in alerts] == [f"batch.job_failed:doomed:{execution_id}"]
+
+
+async def test_an_expired_lock_alerts_without_anyone_calling_cleanup(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    js = nc.jetstream()
+    held = await acquire_lock(js, "stale", owner="w1", execution_id="x1", ttl_s=2, clock=clock)
+    assert (await alerts_of(js, "batch.lock_expired")) == []
+    clock.set(held.expires_at)
+
+    async def alerted() -> bool:
+        return len(await alerts_of(js, "batch.lock_expired")) == 1
+
+    await eventually(alerted)
+    alert = (await alerts_of(js, "batch.lock_expired"))[0]
+    assert alert.id == f"batch.lock_expired:stale:{held.fencing_token}"
+    assert "w1" in alert.message
+    listed = (await api.get("/api/v1/batch/locks/expired")).json()
+    assert [lock["job_id"] for lock in listed["locks"]] == ["stale"]
+    # A cleanup afterwards releases it and does not alert a second time.
+    cleaned = await api.post("/api/v1/batch/locks/cleanup", headers=ADMIN)
+    assert cleaned.json()["released"] == ["stale"]
+    await asyncio.sleep(0.3)
+    assert len(await alerts_of(js, "batch.lock_expired")) == 1
+
+
+async def test_force_release_alerts_naming_who_and_the_run_learns_it(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    js = nc.jetstream()
+    held = await acquire_lock(js, "forced", owner="w1", execution_id="x1", ttl_s=60, clock=clock)
+    answer = await api.post(
+        "/api/v1/batch/jobs/forced/lock/release",
+        headers={**ADMIN, "X-Stockpilot-Actor": "anna"},
+        json={"reason": "stuck since Monday"},
+    )
+    assert answer.json()["released"] is True
+
+    async def alerted() -> bool:
+        return len(await alerts_of(js, "batch.lock_forced")) == 1
+
+    await eventually(alerted)
+    alert = (await alerts_of(js, "batch.lock_forced"))[0]
+    assert "admin:anna" in alert.title
+    assert "stuck since Monday" in alert.message
+    why = await check_lock(js, held, clock)
+    assert why is not None and "force-released by admin:anna" in why
+
+
+async def test_a_long_run_renews_its_lease_and_keeps_the_lock_past_its_first_ttl(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    async with batch_job(nc, "long", ttl_s=0.4, heartbeat_interval_s=0.05, clock=clock) as run:
+        first_expiry = run.lock.expires_at
+        # Small steps of the clock, each followed by a beat: the run never looks silent (it
+        # would be declared lost after 3 intervals) and renews once less than half is left.
+        for _ in range(10):
+            clock.advance(timedelta(seconds=0.1))
+
+            async def beat_and_renewed() -> bool:
+                execution = (await recent(api, "long")).executions[0]
+                beat = execution.last_heartbeat_at
+                fresh = beat is not None and beat >= clock.now()
+                return fresh and run.lock.expires_at - clock.now() >= timedelta(seconds=0.2)
+
+            await eventually(beat_and_renewed)
+            run.advance(1)
+        assert clock.now() > first_expiry
+        assert run.lock.expires_at > clock.now()
+        status = (await api.get("/api/v1/batch/jobs/long/lock/status")).json()
+        assert (status["locked"], status["fencing_token"]) == (True, run.fencing_token)
+        assert datetime.fromisoformat(status["expires_at"]) == run.lock.expires_at
+        assert not run.lock_lost
+    last, _ = await read_lock(nc.jetstream(), "long")
+    assert isinstance(last, LockReleased) and last.reason == "released"
+
+
+async def test_a_paused_worker_learns_its_lease_was_released_as_lost_and_frees_nothing(
+    nc: NATS, service: Runtime, api: AsyncTestClient[Any], clock: ManualClock
+) -> None:
+    """The lease's other side (issue #18): a worker stopped (SIGSTOP) for three heartbeat
+    intervals has its run declared lost and its lock released; another run takes the job.
+    Resumed, the old worker learns at its next heartbeat that its lease is gone, stops with
+    LockLostError, and leaves the new holder's lock alone."""
+    js = nc.jetstream()
+    url = nc.connected_url.geturl() if nc.connected_url else ""
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.batch.worker",
+        url,
+        "paused",
+        "3600",
+        "0.1",
+        clock.now().isoformat(),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert worker.stdout is not None and worker.stderr is not None
+    try:
+        line = (await asyncio.wait_for(worker.stdout.readline(), 10)).decode().split()
+        assert line[0] == "started"
+        old_token = int(line[2])
+
+        async def progressing() -> bool:
+            executions = (await recent(api, "paused")).executions
+            return bool(executions) and executions[0].items_processed > 0
+
+        await eventually(progressing)
+        worker.send_signal(signal.SIGSTOP)
+        clock.advance(timedelta(seconds=0.31))
+
+        async def released_as_lost() -> bool:
+            last, _ = await read_lock(js, "paused")
+            return isinstance(last, LockReleased) and last.reason == "lost"
+
+        await eventually(released_as_lost, timeout=5)
+        async with batch_job(nc, "paused", clock=clock) as run:
+            assert run.fencing_token > old_token
+            worker.send_signal(signal.SIGCONT)
+            code = await asyncio.wait_for(worker.wait(), 15)
+            stderr = (await worker.stderr.read()).decode()
+            assert code != 0
+            assert "LockLostError" in stderr
+            assert f"fencing token {old_token}) was lost" in stderr
+            status = (await api.get("/api/v1/batch/jobs/paused/lock/status")).json()
+            assert (status["locked"], status["fencing_token"]) == (True, run.fencing_token)
+            assert not run.lock_lost
+    finally:
+        if worker.returncode is None:
+            worker.send_signal(signal.SIGCONT)
+            worker.kill()
+            await worker.wait()
+    last, _ = await read_lock(js, "paused")
+    assert isinstance(last, LockReleased)
+    assert (last.reason, last.by) == ("released", run.lock.owner)  # the new run gave it back

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
+import nats
 from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
-from services.batch.events import LockAcquired, LockReleased, lock_subject
-from services.batch.locks import BATCH_STREAM, acquire_lock, read_lock
+from services.batch.events import LockAcquired, LockEvent, LockReleased, lock_subject
+from services.batch.locks import (
+    BATCH_STREAM,
+    acquire_lock,
+    read_lock,
+    read_lock_state,
+    release_lock,
+)
+from services.batch.settings import BatchSettings
 from shared import bus
 from shared.clock import ManualClock
 from shared.runtime import Runtime
@@ -188,3 +197,52 @@ async def test_acquire_stored_without_the_sequence_check_does_not_take_a_live_lo
     await eventually(counted)
     status = (await api.get("/api/v1/batch/jobs/guarded/lock/status")).json()
     assert (status["owner"], status["fencing_token"]) == ("rightful", lock.fencing_token)
+
+
+async def test_a_connection_folds_only_new_lock_events_and_notices_a_recreated_stream(
+    nc: NATS, settings: BatchSettings, clock: ManualClock
+) -> None:
+    """A connection resumes its fold of a lock subject from its last read, and agrees with a
+    fresh fold; when the stream is recreated (the message at its last sequence is another
+    one), it folds the subject again from the first message instead of trusting the old."""
+    js = nc.jetstream()
+    held = await acquire_lock(js, "inc", owner="w1", execution_id="e1", ttl_s=60, clock=clock)
+    first = await read_lock_state(js, "inc")
+    assert first.held is not None and first.held.owner == "w1"
+    await release_lock(js, held, clock=clock)
+    second = await read_lock_state(js, "inc")
+    assert second.held is None and second.last_seq > first.last_seq
+    assert first.held is not None and first.held.owner == "w1"  # an answer is never changed
+    other = await nats.connect(settings.nats_servers)
+    try:
+        fresh = await read_lock_state(other.jetstream(), "inc")
+        assert (fresh.held, fresh.last_seq) == (second.held, second.last_seq)
+        await js.delete_stream(BATCH_STREAM)
+        await bus.provision(js)
+        # The new stream grows past the old last sequence with other messages: w2 holds the
+        # lock, and mallory's release and header-less acquire change nothing. Folded on top
+        # of the old state from sequence 3, mallory's acquire would look like the holder.
+        other_js = other.jetstream()
+        w2 = await acquire_lock(
+            other_js, "inc", owner="w2", execution_id="e2", ttl_s=60, clock=clock
+        )
+        now = clock.now()
+        junk: list[LockEvent] = [
+            LockReleased(
+                id="m1", occurred_at=now, job_id="inc", owner="w2", reason="released", by="mallory"
+            ),
+            LockAcquired(
+                id="m2",
+                occurred_at=now,
+                job_id="inc",
+                owner="mallory",
+                expires_at=now + timedelta(hours=1),
+            ),
+        ]
+        for event in junk:
+            await bus.publish_event(other_js, lock_subject("inc"), event)
+    finally:
+        await other.close()
+    read = await read_lock_state(js, "inc")
+    assert read.held is not None
+    assert (read.held.owner, read.held.fencing_token, read.last_seq) == ("w2", w2.fencing_token, 3)

@@ -10,7 +10,8 @@ import pytest
 from services.batch.client import batch_job
 from services.batch.decide import decide_acquire, expired_locks, release_event, why_lost
 from services.batch.errors import BatchError, InvalidJobIdError, LockHeldError
-from services.batch.events import BatchEvent
+from services.batch.events import BatchEvent, LockEvent
+from services.batch.lockrule import LockRead
 from services.batch.projection import (
     MAX_TRACEBACK_CHARS,
     MAX_WARNING_CHARS,
@@ -166,19 +167,40 @@ def test_cleanup_release_raises_lock_expired_per_job_and_token() -> None:
     view = apply(view, event, 2)
     alerts = react(view, event)
     assert [a.id for a in alerts] == ["batch.lock_expired:job:1"]
-    forced = released(owner="w1", t=3, reason="forced", by="admin")
+    # A forced release alerts too now (issue #18), naming who forced it; a cleanup does not.
+    forced = released(owner="w1", t=3, reason="forced", by="admin:ops-anna")
     view2 = fold([acquired(owner="w1", ttl=2)])
-    assert list(react(apply(view2, forced, 2), forced)) == []
+    alerts = list(react(apply(view2, forced, 2), forced))
+    assert [a.id for a in alerts] == ["batch.lock_forced:job:1"]
+    assert "admin:ops-anna" in alerts[0].title and "w1" in alerts[0].message
+
+
+def test_an_ignored_forced_release_raises_nothing() -> None:
+    view = fold([acquired(owner="w1", ttl=60)])
+    forced = released(owner="someone-else", t=3, reason="forced", by="admin")
+    assert list(react(apply(view, forced, 2), forced)) == []
+    assert view.locks["job"].owner == "w1"
+
+
+def held_after(events: list[LockEvent]) -> LockRead:
+    """The lock subject `events` (sequences 1, 2, …) folded as a worker folds it."""
+    read = LockRead(job_id="job")
+    for seq, event in enumerate(events, start=1):
+        read.apply(event, seq)
+        read.last_seq = seq
+    return read
 
 
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_decide_acquire_refuses_a_live_lock_naming_the_holder(moment: Moment) -> None:
     # Taken 59 s before the moment, for 60 s: still live a second before it expires.
-    live = acquired(owner="host:1", ttl=60, base=moment.at - timedelta(seconds=59))
+    live = held_after([acquired(owner="host:1", ttl=60, base=moment.at - timedelta(seconds=59))])
     with pytest.raises(LockHeldError) as caught:
-        decide_acquire(live, 7, job_id="job", owner="me", execution_id="x", ttl_s=10, now=moment.at)
+        decide_acquire(
+            live.held, job_id="job", owner="me", execution_id="x", ttl_s=10, now=moment.at
+        )
     assert caught.value.owner == "host:1"
-    assert caught.value.fencing_token == 7
+    assert caught.value.fencing_token == 1
     assert "host:1" in caught.value.detail
     assert caught.value.status == 409
     assert isinstance(caught.value, BatchError)
@@ -187,31 +209,51 @@ def test_decide_acquire_refuses_a_live_lock_naming_the_holder(moment: Moment) ->
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_decide_acquire_takes_a_free_or_expired_lock(moment: Moment) -> None:
     base = moment.at - timedelta(seconds=60)  # the old lock expires at the moment itself
-    for last in (None, released(base=base), acquired(ttl=60, base=base)):
+    histories: list[list[LockEvent]] = [
+        [],
+        [acquired(base=base), released(base=base)],
+        [acquired(ttl=60, base=base)],
+    ]
+    for history in histories:
         event = decide_acquire(
-            last, 3, job_id="job", owner="me", execution_id="x", ttl_s=10, now=moment.at
+            held_after(history).held,
+            job_id="job",
+            owner="me",
+            execution_id="x",
+            ttl_s=10,
+            now=moment.at,
         )
         assert event.owner == "me"
         assert event.occurred_at == moment.at
         assert event.expires_at == at(70, base)
 
 
+def test_a_non_owner_release_leaves_the_lock_held_for_workers_too() -> None:
+    """The last message on the subject is not the lock: the fold of all of them is."""
+    read = held_after([acquired(owner="w1", ttl=60), released(owner="mallory", by="mallory")])
+    assert read.held is not None and read.held.owner == "w1"
+    with pytest.raises(LockHeldError):
+        decide_acquire(read.held, job_id="job", owner="me", execution_id="x", ttl_s=1, now=at(5))
+
+
 @pytest.mark.parametrize("moment", MOMENTS)
-def test_why_lost_names_forced_release_takeover_and_expiry(moment: Moment) -> None:
+def test_why_lost_names_forced_release_takeover_lost_and_expiry(moment: Moment) -> None:
     base = moment.at - timedelta(seconds=60)  # the lock expires at the moment itself
-    expires = moment.at
-    forced = released(reason="forced", by="admin", base=base)
+    mine = acquired(owner="w1", ttl=60, base=base)
+    forced = released(owner="w1", reason="forced", by="admin", base=base)
     assert "force-released by admin" in (
-        why_lost(forced, 9, fencing_token=4, expires_at=expires, now=at(1, base)) or ""
+        why_lost(held_after([mine, forced]), fencing_token=1, now=at(1, base)) or ""
     )
-    other = acquired(owner="w2", base=base)
+    lost = released(owner="w1", reason="lost", by="batch", base=base)
+    assert "declared lost" in (
+        why_lost(held_after([mine, lost]), fencing_token=1, now=at(1, base)) or ""
+    )
+    other = acquired(owner="w2", t=60, base=base)
     assert "taken over by w2" in (
-        why_lost(other, 9, fencing_token=4, expires_at=expires, now=at(1, base)) or ""
+        why_lost(held_after([mine, other]), fencing_token=1, now=at(61, base)) or ""
     )
-    assert "expired" in (
-        why_lost(other, 4, fencing_token=4, expires_at=expires, now=moment.at) or ""
-    )
-    assert why_lost(other, 4, fencing_token=4, expires_at=expires, now=at(59, base)) is None
+    assert "expired" in (why_lost(held_after([mine]), fencing_token=1, now=moment.at) or "")
+    assert why_lost(held_after([mine]), fencing_token=1, now=at(59, base)) is None
 
 
 def test_release_event_id_is_one_per_lock() -> None:

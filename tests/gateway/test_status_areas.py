@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from gateway.status_areas import HookState, Observed, ServiceState, judge, overall
-from services.batch.schemas import BatchSummary, ExpiredLock, FailingJob
+from services.batch.schemas import BatchSummary, ExpiredLock, FailingJob, MissedJob
 from services.health.queries import ComponentBrief, HealthSummary
 from services.usage.service import ErrorWindow, SpendPeriod, UsageSummary, UsageToday
 from tests.clocks import NOON
@@ -245,6 +245,24 @@ CASES: list[tuple[str, Observed, str, dict[str, str], list[str]]] = [
         ["dependency.unhealthy"],
     ),
     (
+        "a scheduled job that missed its start (contract §5)",
+        seen(
+            batch=BatchSummary(
+                running=0,
+                failed_24h=0,
+                expired_locks=0,
+                missed_jobs=[
+                    MissedJob(
+                        job_id="nightly", expected_at=NOON - timedelta(hours=2), missed_slots=1
+                    )
+                ],
+            )
+        ),
+        "degraded",
+        {"batch": "degraded", "locks": "healthy"},
+        ["batch.job_missed"],
+    ),
+    (
         "a failing hook",
         seen(hooks=("up", [hook("failing")])),
         "degraded",
@@ -316,6 +334,17 @@ def test_every_area_is_always_present_with_a_summary() -> None:
             "alert_hooks",
         ]
         assert all(a.summary for a in areas.values())
+
+
+def test_a_missed_job_says_when_it_was_expected() -> None:
+    missed = MissedJob(job_id="nightly", expected_at=NOON - timedelta(hours=2), missed_slots=3)
+    batch = BatchSummary(running=0, failed_24h=0, expired_locks=0, missed_jobs=[missed])
+    verdict = judge(seen(batch=batch))
+    at = (NOON - timedelta(hours=2)).isoformat().replace("+00:00", "Z")
+    assert [r.message for r in verdict.reasons] == [
+        f"nightly was expected to start at {at} and has not started (3 missed)"
+    ]
+    assert verdict.areas["batch"].summary == "missed: nightly; 0 running"
 
 
 def test_reasons_say_what_and_how_much() -> None:
