@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import msgspec
@@ -20,9 +20,12 @@ from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.service import build, usage_projection
 from services.usage.settings import UsageSettings
 from shared import bus
+from shared.clock import SYSTEM_CLOCK
 from shared.testing import running_service
 
-T0 = datetime(2026, 11, 26, 0, 0, tzinfo=UTC)
+# The events span the week before the run's last eight days began: in the past (the ingest
+# refuses a record dated after it was received) and recent (within every retention).
+T0 = (SYSTEM_CLOCK.now() - timedelta(days=8)).replace(hour=0, minute=0, second=0, microsecond=0)
 MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1-nano", "o4-mini", "gpt-5-mini")
 _encode = msgspec.json.Encoder().encode
 
@@ -68,7 +71,9 @@ async def ingest_rate(url: str, settings: UsageSettings, count: int, run: int) -
         started = time.perf_counter()
         accepted = 0
         for start in range(0, count, 1000):
-            params = IngestParams(records=records[start : start + 1000], received_at=T0)
+            params = IngestParams(
+                records=records[start : start + 1000], received_at=SYSTEM_CLOCK.now()
+            )
             msg = await nc.request("stockpilot.svc.usage.ingest", _encode(params), timeout=30)
             accepted += msgspec.json.decode(msg.data, type=IngestAnswer).accepted
         elapsed = time.perf_counter() - started
@@ -78,12 +83,14 @@ async def ingest_rate(url: str, settings: UsageSettings, count: int, run: int) -
     return count / elapsed
 
 
-async def stream_messages(url: str) -> int:
-    """How many events the usage stream holds."""
+async def stream_messages(url: str, subject: str | None = None) -> int:
+    """How many events the usage stream holds (on `subject` only, when given)."""
     nc = await nats.connect(url)
-    info = await nc.jetstream().stream_info("STOCKPILOT_USAGE")
+    info = await nc.jetstream().stream_info("STOCKPILOT_USAGE", subjects_filter=subject)
     await nc.close()
-    return int(info.state.messages)
+    if subject is None:
+        return int(info.state.messages)
+    return int((info.state.subjects or {}).get(subject, 0))
 
 
 async def catch_up(url: str, settings: UsageSettings, stored: int) -> float:
@@ -159,9 +166,11 @@ async def run(report: Report, ctx: object) -> None:
     await nc.close()
     log("usage: service catch-up over the stored stream, each next to a raw read of it")
     held = await stream_messages(url)  # the start-up runs read it, they add nothing
+    # The raw read follows the calls' subject, which holds all but the service's price tables.
+    calls = await stream_messages(url, SUBJECT_RECORDED)
     reads, starts = [], []
     for i in range(runs):
-        reads.append(await raw_read(url, held, SUBJECT_RECORDED))
+        reads.append(await raw_read(url, calls, SUBJECT_RECORDED))
         starts.append(await catch_up(url, settings, held))
         log(f"  run {i + 1}/{runs}: raw read {reads[-1]:,.0f}, start-up {starts[-1]:,.0f} events/s")
     report.ceilings["read_usage"] = Result(

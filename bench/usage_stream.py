@@ -147,6 +147,12 @@ async def last_seq(js: JetStreamContext) -> int:
     return int((await js.stream_info(STREAM)).state.last_seq)
 
 
+async def calls_held(js: JetStreamContext) -> int:
+    """How many calls the usage stream holds: all but the service's price tables."""
+    info = await js.stream_info(STREAM, subjects_filter=SUBJECT)
+    return int((info.state.subjects or {}).get(SUBJECT, 0))
+
+
 async def publish(js: JetStreamContext, start: int, stop: int) -> None:
     """Events `start`..`stop-1` with publish_async (the library's own in-flight limit)."""
     for i in range(start, stop):
@@ -281,7 +287,7 @@ async def run(report: Report, ctx: object) -> None:
                     await obs.delete(name)
             target = await last_seq(js)
             # The ceiling: nats-py reading the same stream, just before (the stack is idle).
-            reads.append(await raw_read(url, target, SUBJECT))
+            reads.append(await raw_read(url, await calls_held(js), SUBJECT))
             started = time.perf_counter()
             stack.spawn("usage")
             await wait_folded(nc, target, timeout=600, interval=0.05)
