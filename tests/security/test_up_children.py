@@ -21,8 +21,12 @@ from nats.aio.msg import Msg
 
 from ops import nats_auth
 from ops.stack import child_environment
+from services.usage.client import RecorderSettings, UsageRecorder
 from shared import bus
+from shared.settings import load_settings
 from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
+from tests.clocks import REAL
+from tests.usage.helpers import recorded as usage_call
 
 ROOT = Path(__file__).parents[2]
 SECRETS = {
@@ -266,9 +270,29 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
         )
         await observer.subscribe("stockpilot.alerts.>", cb=on_alert)
         await observer.flush()
+        # The project's own usage client, configured once as `producer` like an application:
+        # calls recorded before, during and after the restart are all stored, once each.
+        recorder = await UsageRecorder.connect(
+            load_settings(
+                RecorderSettings,
+                {
+                    "STOCKPILOT_CONFIG": "tests/empty.toml",
+                    "STOCKPILOT_NATS_URL": f"nats://127.0.0.1:{port}",
+                    "STOCKPILOT_NATS_USER": "producer",
+                    "STOCKPILOT_NATS_PASSWORD": passwords["producer"],
+                    "STOCKPILOT_DATA_DIR": str(tmp_path / "app"),
+                },
+            )
+        )
+        for i in range(40):
+            recorder.record(usage_call(i, REAL.now()))
+        await asyncio.wait_for(recorder.flush(), timeout=20)
+        assert recorder.pending == 0
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=15)
+    for i in range(40, 80):  # the stack is down: these wait in the client's spool
+        recorder.record(usage_call(i, REAL.now()))
     second = start(env, tmp_path / "second.log")
     try:
         wait_serving(env, second)
@@ -286,6 +310,20 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
             await usage.publish("stockpilot.alerts.usage.cost_warning", b"{}")
             await arrived.wait()
         assert received == ["stockpilot.alerts.usage.cost_warning"]
+        for i in range(80, 120):
+            recorder.record(usage_call(i, REAL.now()))
+        await asyncio.wait_for(recorder.close(timeout=30), timeout=40)
+        assert recorder.pending == 0 and recorder.dropped == 0
+        ops = await nats.connect(
+            f"nats://127.0.0.1:{port}",
+            user="ops",
+            password=passwords["ops"],
+            inbox_prefix=bus.inbox_prefix("ops"),
+        )
+        subject = "stockpilot.usage.recorded"
+        info = await ops.jetstream().stream_info("STOCKPILOT_USAGE", subjects_filter=subject)
+        await ops.close()
+        assert (info.state.subjects or {}).get(subject) == 120  # each call once, none lost
         await usage.close()
         await observer.close()
     finally:
