@@ -256,6 +256,11 @@ class Context:
         """Set when the service is shutting down (background loops watch it)."""
         return self._runtime.stop
 
+    @property
+    def clock(self) -> Clock:
+        """The runtime's clock, for code that takes a Clock (the batch lock primitives)."""
+        return self._runtime.clock
+
     def now(self) -> datetime:
         """The current time from the runtime's clock (handlers pass it to pure queries)."""
         return self._runtime.clock.now()

@@ -50,7 +50,6 @@ from services.batch.projection import (
 from services.batch.schedule import MAX_MISSED_ALERTS
 from services.batch.settings import BatchSettings
 from shared import bus
-from shared.clock import Clock
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
 from shared.events import Alert, Event
 from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
@@ -58,17 +57,6 @@ from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
 log = logging.getLogger("stockpilot.batch")
-
-
-class _ContextClock(Clock):
-    """The runtime's clock as a Clock (the lock primitives take one)."""
-
-    def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
-
-    def now(self) -> datetime:
-        """The runtime's now."""
-        return self._ctx.now()
 
 
 async def _read_state(ctx: Context, job_id: str) -> LockRead:
@@ -333,19 +321,22 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 owner=params.owner,
                 execution_id=f"http-{uuid.uuid4().hex}",
                 ttl_s=params.ttl_s or settings.lock_ttl_s,
-                clock=_ContextClock(ctx),
+                clock=ctx.clock,
             )
         except LockHeldError as exc:
             return await _refused(ctx, params, exc.detail)
         except LockStateError as exc:
             raise UnavailableError(exc.detail) from None
         await _settled(ctx, params.job_id)
+        return _granted(params, held)
+
+    def _granted(params: schemas.LockParams, lock: HeldLock) -> schemas.LockAnswer:
         return schemas.LockAnswer(
             job_id=params.job_id,
             ok=True,
             owner=params.owner,
-            fencing_token=held.fencing_token,
-            expires_at=held.expires_at,
+            fencing_token=lock.fencing_token,
+            expires_at=lock.expires_at,
         )
 
     def _mine(params: schemas.LockParams, ctx: Context) -> HeldLock:
@@ -368,27 +359,21 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         mine = _mine(params, ctx)
         try:
             renewed = await renew_lock(
-                ctx.js, mine, ttl_s=params.ttl_s or settings.lock_ttl_s, clock=_ContextClock(ctx)
+                ctx.js, mine, ttl_s=params.ttl_s or settings.lock_ttl_s, clock=ctx.clock
             )
         except LockLostError as exc:
             return await _refused(ctx, params, exc.detail)
         except LockStateError as exc:
             raise UnavailableError(exc.detail) from None
         await _settled(ctx, params.job_id)
-        return schemas.LockAnswer(
-            job_id=params.job_id,
-            ok=True,
-            owner=params.owner,
-            fencing_token=renewed.fencing_token,
-            expires_at=renewed.expires_at,
-        )
+        return _granted(params, renewed)
 
     async def lock_release_mine(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
         """Give back the caller's lock; refused when it is not (or no longer) theirs."""
         _check(params.job_id)
         mine = _mine(params, ctx)
         try:
-            released = await release_lock(ctx.js, mine, clock=_ContextClock(ctx))
+            released = await release_lock(ctx.js, mine, clock=ctx.clock)
         except LockStateError as exc:
             raise UnavailableError(exc.detail) from None
         if not released:
