@@ -31,6 +31,7 @@ def lines() -> Iterator[io.StringIO]:
 
 
 def test_newlines_and_ansi_escapes_in_arguments_stay_on_one_line(lines: io.StringIO) -> None:
+    # The timestamp is text of a forged log line (fixed history: any date would do).
     model = "gpt-4o\n2026-01-01T00:00:00 ERROR usage: forged\r\x1b[31mred\x1b[0m\x07\x9b\u2028"
     logging.getLogger("stockpilot.usage").warning("unpriced model %s", model)
     written = lines.getvalue()
@@ -50,7 +51,7 @@ def test_controls_in_the_message_itself_are_escaped_too(lines: io.StringIO) -> N
 def test_tracebacks_stay_multi_line_but_their_messages_cannot_add_lines(
     lines: io.StringIO,
 ) -> None:
-    try:
+    try:  # a forged log line's timestamp (fixed history: any date would do)
         raise ValueError("bad value\n2026-01-01T00:00:00 INFO forged\x1b[2J")
     except ValueError:
         logging.getLogger("x").exception("it failed")

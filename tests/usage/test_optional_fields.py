@@ -16,7 +16,8 @@ from shared.clock import ManualClock
 from shared.testing import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
-# An event as producers wrote it before the optional fields existed.
+# An event as producers wrote it before the optional fields existed (fixed history: only
+# decoded, never folded into a day, so its date never becomes 'today').
 OLD_EVENT = (
     b'{"type":"usage.recorded","id":"req-old","occurred_at":"2026-01-02T09:00:00Z",'
     b'"request_id":"req-old","model":"gpt-4o-mini","endpoint":"/api/v1/analysis",'
