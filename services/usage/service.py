@@ -279,17 +279,15 @@ def build(settings: UsageSettings) -> ServiceDefinition:
 
     def make_summary(now: datetime) -> UsageSummary:
         today = queries.stats(usage.view, StatsParams(), now, settings)
-        budget = settings.daily_budget_usd
+        # Money from the spend, which a reset does not restart (the budget stays honest).
         money = queries.costs(usage.view, now, settings)
         calls, failed = queries.calls_last_minutes(usage.view, now)
-        # Money from the spend, which a reset does not restart (the budget stays honest).
-        spent = queries.spent_on(usage.view, now.astimezone(settings.zone).date())
         return UsageSummary(
             today=UsageToday(
                 requests=today.total_requests,
-                cost_usd=round(spent, 6),
+                cost_usd=money.today.cost_usd,
                 error_rate=today.error_rate,
-                budget_used_pct=round(100.0 * spent / budget, 4) if budget else None,
+                budget_used_pct=money.today.used_pct,
             ),
             alerts_24h=queries.alerts_since(history.view, now - timedelta(hours=24)),
             spend=[
