@@ -42,9 +42,11 @@ check: install
 # Two workers, one test file each at a time (pytest-xdist, --dist loadfile: a file's module
 # fixtures, such as one seeded nats-server, stay in one process). Most tests wait on real
 # servers rather than compute, so two workers halve the wall time on 2 cores (measured:
-# 8 min 38 s serial, 4 min 45 s with two, same 1,026 tests).
+# 8 min 38 s serial, 4 min 45 s with two, same 1,026 tests). Tests marked `alone` (the load
+# test, which takes both cores) run afterwards with nothing beside them.
 test: check node promtool
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not alone"
+	$(BIN)/python -m pytest -m alone
 
 # The fast inner loop: the pure tests only (folds, decisions, queries, settings; no servers).
 test-fast: install
