@@ -47,7 +47,7 @@ def app_from_environment() -> Litestar:
 def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litestar:
     """Build the gateway application for these settings; `clock` tells every route's "now"."""
 
-    services = ServiceClient(settings.service_timeout_s, cache_ttl_s=settings.cache_ttl_s)
+    services = ServiceClient(settings.service_timeout_s)
     alert_fanout = AlertFanout(settings.sse_max_clients, settings.sse_client_buffer_bytes)
 
     @contextlib.asynccontextmanager

@@ -1,34 +1,47 @@
-"""Hot read routes answered with the bytes last sent for the same request, outside the framework.
+"""The gateway's one cache: read answers kept at its edge, as the bytes last sent.
 
-Why: on a read route whose service answers are already cached (`gateway.services`), what is
-left per request is the framework's own work — routing, the request object, dependency
-injection, the guard, calling the handler, encoding the struct, the response object. On two
-cores shared with nats-server and three services that held the routes to 0.2–0.3 × a bare
-Litestar route (BENCHMARKS.md before this change). A route that opts in (`opt=CACHED`) has
-its whole 200 response (status line headers and body) kept here, and the same GET (path and
-query string) is answered with those bytes by this ASGI wrapper, before Litestar sees it.
+Why here and only here: a NATS round trip per HTTP request costs ~40 % of the gateway's
+throughput and multiplies its p99 by four (PERF_NOTES), and with the service answers cached
+but the framework still run per request, `/api/v1/status` managed 0.3 × a bare Litestar
+route (docs/profiles/gateway-status-after-81ff654.txt: routing, dependency injection, the
+handler, encoding). A route that opts in (`opt=CACHED`) has its whole 200 response kept
+here, and the same GET (path and query string: the route's service, endpoint and
+parameters) is answered with those bytes by this ASGI wrapper, before Litestar sees it.
+Where a route returns the service's answer unchanged, those bytes are the service's own
+(`ServiceClient.answer`): nothing in the gateway decodes or re-encodes them. No other layer
+keeps answers: not the service client, not the routes, not the services.
 
-When a kept response is not served:
-- any change since it was built: the services' change notices and every command sent
-  through the gateway bump `ServiceClient.generation`, so a read after a write sees the
-  write, exactly as with the service answers underneath; a response built while the
-  generation moved (e.g. `?fresh=true`, which is a command) is never kept;
-- after `cache_ttl_s` (answers that depend on the clock: today's date, lock expiry, ages,
-  the `timestamp` field, which is the time the kept answer was built). Once expired, one
-  request rebuilds it through the framework while concurrent requests still get the
-  expired copy, instead of all of them queueing on the same rebuild (the p99 under load);
-- a request whose token the read guard would refuse: it goes through the framework, which
-  answers 401/403 as always.
+An answer belongs to the services its build asked (`gateway.services.asking`):
+- a change notice of one of them makes it stale: served to concurrent requests only while
+  one request rebuilds it (that request waits for the new answer, so a client that reads
+  again after it sees the change);
+- so does `cache_ttl_s` (answers that depend on the clock: today's date, lock expiry,
+  ages, the `timestamp` field, which is the time the kept answer was built);
+- a command sent through this gateway to one of them (and a NATS reconnect, which may have
+  lost notices) drops it at once: a read after a write sees the write;
+- an answer built across a change of its services is not kept (`?fresh=true` is a command),
+  and one that asked no service is dropped at any service's change.
+Bounded staleness: no answer is served more than `cache_ttl_s + service_timeout_s` after it
+was built (3 s with the defaults), the longest a rebuild may wait for its services; past
+that, requests wait for the rebuild in flight.
+
+Concurrent misses share one build: once a route is known to keep its answers (a kept copy
+exists for the request, whatever its state), requests that find a rebuild in flight and no
+copy they may serve wait for that build and are sent its response; a response that cannot
+be shared (built across a change, a 401/403 that depends on who asks, cut short) makes each
+waiter ask through the framework itself. A request whose token the read guard would refuse
+never touches the cache: the framework answers 401/403 as always.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import read_allowed
-from gateway.services import ServiceClient
+from gateway.services import ServiceClient, asking, stop_asking
 from gateway.settings import GatewaySettings
 
 # `opt` for a route handler whose 200 answer depends only on its path, query string, the
@@ -39,27 +52,50 @@ CACHED: dict[str, Any] = {"cache_response": True}
 # must not be able to grow the memory without bound).
 MAX_ENTRIES = 1024
 MAX_BYTES = 32 * 1024 * 1024
+# Responses that depend on who asks: never handed to another request.
+_PERSONAL = frozenset({401, 403})
+
+_FRESH, _STALE, _GONE = 0, 1, 2
+
+
+class _Response:
+    """A complete response as sent: what a waiter is sent, what a kept entry holds."""
+
+    __slots__ = ("body", "headers", "status", "template")
+
+    def __init__(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, template: str
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.template = template
+
+    async def send(self, scope: Scope, send: Send) -> None:
+        scope["path_template"] = self.template  # for the request metrics
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class _Kept:
-    """One kept 200 response."""
+    """One kept 200 response and what it was built from."""
 
-    __slots__ = ("body", "expires", "generation", "headers", "refreshing", "template")
+    __slots__ = ("built", "deps", "epoch", "generation", "response")
 
     def __init__(
         self,
+        response: _Response,
+        built: float,
         generation: int,
-        expires: float,
-        template: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
+        epoch: int,
+        deps: tuple[tuple[str, int, int], ...] | None,
     ) -> None:
-        self.generation = generation
-        self.expires = expires
-        self.template = template
-        self.headers = headers
-        self.body = body
-        self.refreshing = False
+        self.response = response
+        self.built = built  # monotonic, when its build started
+        self.generation = generation  # a generation at which its services were as built
+        self.epoch = epoch
+        # (service, changes, commands) of every service asked; None: it asked none.
+        self.deps = deps
 
 
 class ResponseCache:
@@ -70,33 +106,75 @@ class ResponseCache:
         self.services = services
         self.settings = settings
         self.ttl_s = settings.cache_ttl_s
+        # How long past its TTL a stale copy may still be served while it is rebuilt.
+        self.grace_s = settings.service_timeout_s
         self._kept: dict[tuple[str, bytes], _Kept] = {}
         self._kept_bytes = 0
+        # Builds in flight, by request: their response once complete (None: not shareable).
+        self._flights: dict[tuple[str, bytes], asyncio.Future[_Response | None]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET" or self.ttl_s <= 0:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "GET"
+            or self.ttl_s <= 0
+            or not self._authorised(scope)
+        ):
             await self.app(scope, receive, send)
             return
         key = (scope["path"], scope["query_string"])
         kept = self._kept.get(key)
-        generation = self.services.generation
-        if kept is not None and kept.generation == generation and self._authorised(scope):
-            if kept.expires > time.monotonic() or kept.refreshing:
-                scope["path_template"] = kept.template  # for the request metrics
-                await send({"type": "http.response.start", "status": 200, "headers": kept.headers})
-                await send({"type": "http.response.body", "body": kept.body})
-                return
-            kept.refreshing = True  # this request rebuilds it; the others keep the old copy
-        try:
-            await self._build(key, generation, scope, receive, send)
-        finally:
-            if kept is not None:
-                kept.refreshing = False
+        if kept is None:  # not known to be a kept route: nothing to serve or share
+            await self._build(key, scope, receive, send)
+            return
+        state = self._state(kept, time.monotonic())
+        if state == _FRESH:
+            await kept.response.send(scope, send)
+            return
+        flight = self._flights.get(key)
+        if flight is None:  # this request rebuilds it
+            await self._build(key, scope, receive, send)
+        elif state == _STALE:  # another request is rebuilding it: the old copy meanwhile
+            await kept.response.send(scope, send)
+        else:
+            shared = await asyncio.shield(flight)
+            if shared is not None:
+                await shared.send(scope, send)
+            else:
+                await self.app(scope, receive, send)
+
+    def _state(self, kept: _Kept, now: float) -> int:
+        """Fresh, stale (may be served while one request rebuilds it) or gone."""
+        services = self.services
+        if kept.epoch != services.epoch or now >= kept.built + self.ttl_s + self.grace_s:
+            return _GONE
+        if kept.generation != services.generation:
+            if kept.deps is None:
+                return _GONE  # it asked no service: any change may be its
+            changed = False
+            for service, changes, commands in kept.deps:
+                if services.command_counts.get(service, 0) != commands:
+                    return _GONE
+                if services.change_counts.get(service, 0) != changes:
+                    changed = True
+            if changed:
+                return _STALE
+            kept.generation = services.generation  # only others changed: the fast path again
+        return _FRESH if now < kept.built + self.ttl_s else _STALE
 
     async def _build(
-        self, key: tuple[str, bytes], generation: int, scope: Scope, receive: Receive, send: Send
+        self, key: tuple[str, bytes], scope: Scope, receive: Receive, send: Send
     ) -> None:
         """Answer through the framework, keeping the response when the route allows it."""
+        flight: asyncio.Future[_Response | None] | None = None
+        if key not in self._flights:
+            flight = asyncio.get_running_loop().create_future()
+            self._flights[key] = flight
+        services = self.services
+        generation, epoch = services.generation, services.epoch
+        changes = dict(services.change_counts)
+        commands = dict(services.command_counts)
+        built = time.monotonic()
         start: Message | None = None
         body: list[bytes] = []
         complete = False
@@ -110,34 +188,55 @@ class ResponseCache:
                 complete = not message.get("more_body", False)
             await send(message)
 
-        await self.app(scope, receive, capture)
-        handler = scope.get("route_handler")
-        if (
-            start is None
-            or not complete
-            or start["status"] != 200
-            or handler is None
-            or not handler.opt.get("cache_response")
-            or self.services.generation != generation  # built across a change: maybe stale
-        ):
-            return
-        answer = b"".join(body)
-        if len(answer) > MAX_BYTES // 4:
+        asked, token = asking()
+        response: _Response | None = None
+        try:
+            await self.app(scope, receive, capture)
+            handler = scope.get("route_handler")
+            if (
+                start is not None
+                and complete
+                and handler is not None
+                and handler.opt.get("cache_response")
+                and start["status"] not in _PERSONAL
+                and services.epoch == epoch
+                and (
+                    all(services.change_counts.get(s, 0) == changes.get(s, 0) for s in asked)
+                    if asked
+                    else services.generation == generation
+                )
+            ):
+                response = _Response(
+                    start["status"],
+                    list(start.get("headers", [])),
+                    b"".join(body),
+                    str(scope.get("path_template") or scope["path"]),
+                )
+        finally:
+            stop_asking(token)
+            if flight is not None:
+                del self._flights[key]
+                flight.set_result(response)
+        if response is not None and response.status == 200:
+            deps = (
+                tuple((s, changes.get(s, 0), commands.get(s, 0)) for s in sorted(asked))
+                if asked
+                else None
+            )
+            self._keep(key, _Kept(response, built, generation, epoch, deps))
+
+    def _keep(self, key: tuple[str, bytes], kept: _Kept) -> None:
+        size = len(kept.response.body)
+        if size > MAX_BYTES // 4:
             return  # too large to keep
         replaced = self._kept.pop(key, None)
         if replaced is not None:
-            self._kept_bytes -= len(replaced.body)
-        if len(self._kept) >= MAX_ENTRIES or self._kept_bytes + len(answer) > MAX_BYTES:
+            self._kept_bytes -= len(replaced.response.body)
+        if len(self._kept) >= MAX_ENTRIES or self._kept_bytes + size > MAX_BYTES:
             for old in list(self._kept)[: len(self._kept) // 2 + 1]:
-                self._kept_bytes -= len(self._kept.pop(old).body)
-        self._kept[key] = _Kept(
-            generation,
-            time.monotonic() + self.ttl_s,
-            str(scope.get("path_template") or scope["path"]),
-            list(start.get("headers", [])),
-            answer,
-        )
-        self._kept_bytes += len(answer)
+                self._kept_bytes -= len(self._kept.pop(old).response.body)
+        self._kept[key] = kept
+        self._kept_bytes += size
 
     @property
     def kept_bytes(self) -> int:

@@ -1,24 +1,25 @@
-"""The gateway's client for the services' request/reply endpoints.
+"""The gateway's client for the services' request/reply endpoints, and what changed where.
 
 Every route asks a service through here; a service that does not answer in time becomes an
 UnavailableError (503), a service error keeps its status and detail.
 
-Read answers are cached (see PERF_NOTES: a NATS round trip per HTTP request costs ~40 % of
-the gateway's throughput and multiplies its p99 by four). An answer stays valid while its
-service has announced no change (`stockpilot.changed.<service>`, sent within milliseconds
-of every fold) and for at most `cache_ttl_s` (answers that depend on the clock: "today",
-lock expiry, ages). Any command sent to a service invalidates that service's answers at
-once, so a read after a write through the gateway always sees the write. Concurrent misses
-for the same answer share one request.
+Nothing is cached here: the gateway keeps answers in one place, its edge
+(`gateway.response_cache`), which needs two things from this client:
+- per service, a count of its changes: bumped by its change notices
+  (`stockpilot.changed.<service>`, sent within milliseconds of every fold) and by every
+  command sent to it through this client, with a second count of the commands alone (a
+  read after a write through the gateway must see the write, never a kept copy);
+- which services a request asked (`reading()`), so a kept answer is dropped when one of
+  *its* services changes and no other (a health round no longer drops a usage answer).
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from typing import Any, TypeVar, cast
+import contextvars
+from typing import Any, TypeVar
 
 import msgspec
+from litestar import MediaType, Response
 from litestar.di import NamedDependency
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -35,20 +36,8 @@ _ERROR_HEADER = "Nats-Service-Error"
 _ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 _encode = msgspec.json.Encoder().encode
 
-
-# Endpoints that only read a projection: their answers may be cached. Everything else
-# (commands, fresh health rounds, the built-in status/digest) goes to the service every time.
-# The health routes keep their own short-lived answers (they report the answer's age).
-# `status` (every service's built-in) is cached too: a service announces its own shutdown.
-READ_ENDPOINTS: dict[str, frozenset[str]] = {
-    "health": frozenset({"status", "summary"}),
-    "usage": frozenset({"status", "stats", "timeseries", "costs", "budget", "alerts", "summary"}),
-    "batch": frozenset(
-        {"status", "recent", "stats", "summary", "locks", "expired_locks", "lock_status", "jobs"}
-    ),
-}
-# Endpoints that change a service's state: its cached answers are dropped after each one.
-# Anything in neither list (digest, …) is asked every time and changes nothing.
+# Endpoints that change a service's state: its kept answers are dropped after each one, at
+# once (no stale copy is served after a command). Every other endpoint only reads.
 COMMANDS: dict[str, frozenset[str]] = {
     "health": frozenset({"comprehensive_fresh", "component_fresh", "external_apis_fresh"}),
     "usage": frozenset({"ingest", "reset"}),
@@ -57,42 +46,48 @@ COMMANDS: dict[str, frozenset[str]] = {
     ),
 }
 
+# The services asked while building one answer (set by the edge around each build). A set
+# object, not a value: tasks started by the handler (asyncio.gather) copy the context and
+# add to the same set.
+_asked: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("asked", default=None)
+
 
 class ServiceClient:
-    """Request/reply to `stockpilot.svc.<service>.<endpoint>` with a timeout and a cache."""
+    """Request/reply to `stockpilot.svc.<service>.<endpoint>` with a timeout."""
 
     def __init__(
         self,
         timeout: float,
         nc: NATS | None = None,
-        cache_ttl_s: float = 1.0,
-        read_endpoints: dict[str, frozenset[str]] | None = None,
         commands: dict[str, frozenset[str]] | None = None,
     ) -> None:
         # None until the lifespan's first connection succeeds (the gateway serves meanwhile).
         self.nc = nc
         self.timeout = timeout
-        self.cache_ttl_s = cache_ttl_s
-        self.read_endpoints = READ_ENDPOINTS if read_endpoints is None else read_endpoints
         self.commands = COMMANDS if commands is None else commands
-        self._versions: dict[str, int] = {}
-        # Bumped on every change of any service: what `gateway.response_cache` keys on.
+        # Per service: every change (notices and commands), and the commands alone.
+        self.change_counts: dict[str, int] = {}
+        self.command_counts: dict[str, int] = {}
+        # Bumped with every service's change: unchanged, nothing kept is stale (the edge's
+        # fast path), and what an answer that asked no service depends on.
         self.generation = 0
-        self._cache: dict[tuple[str, str, bytes], tuple[int, float, bytes]] = {}
-        self._inflight: dict[tuple[str, str, bytes], asyncio.Future[bytes]] = {}
-        self._decoded: dict[tuple[str, str, bytes, type[Any]], tuple[bytes, Any]] = {}
+        # Bumped at every reconnect: nothing kept before it is served after it.
+        self.epoch = 0
 
     def changed(self, service: str) -> None:
-        """Forget a service's cached answers (it announced a change, or got a command)."""
-        self._versions[service] = self._versions.get(service, 0) + 1
+        """A service announced a change: its kept answers are stale."""
+        self.change_counts[service] = self.change_counts.get(service, 0) + 1
         self.generation += 1
 
+    def commanded(self, service: str) -> None:
+        """A command went to a service: its kept answers must not be served at all."""
+        self.command_counts[service] = self.command_counts.get(service, 0) + 1
+        self.changed(service)
+
     def forget_all(self) -> None:
-        """Forget every cached answer (after a reconnect notices may have been missed)."""
-        for service in list(self._versions):
-            self.changed(service)
+        """After a reconnect: notices may have been missed, so nothing kept is served."""
+        self.epoch += 1
         self.generation += 1
-        self._cache.clear()
 
     async def watch_changes(self) -> None:
         """Subscribe to the services' change notices."""
@@ -117,48 +112,34 @@ class ServiceClient:
         timeout: float | None = None,
     ) -> bytes:
         """The service's JSON answer, or a StockpilotError with the status to answer with."""
+        asked = _asked.get()
+        if asked is not None:
+            asked.add(service)
         if self.nc is None or not self.nc.is_connected:
             raise UnavailableError(f"the {service} service cannot be reached: NATS is unavailable")
         payload = _encode(params) if params is not None else b"{}"
-        if endpoint not in self.read_endpoints.get(service, ()):
-            if endpoint not in self.commands.get(service, ()):
-                return await self._request(service, endpoint, payload, timeout)
-            # A command: answers cached before it may be stale now.
-            try:
-                return await self._request(service, endpoint, payload, timeout)
-            finally:
-                self.changed(service)
-        key = (service, endpoint, payload)
-        version = self._versions.get(service, 0)
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] == version and cached[1] > now:
-            return cached[2]
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        if endpoint not in self.commands.get(service, ()):
+            return await self._request(service, endpoint, payload, timeout)
         try:
-            data = await self._request(service, endpoint, payload, timeout)
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()  # retrieved: waiters re-raise it, nobody else needs to
-            raise
-        else:
-            future.set_result(data)
-            # Stored under the version seen before asking: a change announced meanwhile
-            # makes this answer stale at once.
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-                self._decoded.clear()
-            self._cache[key] = (version, now + self.cache_ttl_s, data)
-            return data
+            return await self._request(service, endpoint, payload, timeout)
         finally:
-            del self._inflight[key]
+            self.commanded(service)  # even a failed command may have changed something
+
+    async def answer(
+        self,
+        service: str,
+        endpoint: str,
+        params: msgspec.Struct | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Response[Any]:
+        """The service's answer as the HTTP response: its JSON bytes, not decoded.
+
+        For routes that return what the service answered unchanged; the route's return
+        annotation (`Response[TheAnswer]`) still documents the shape in OpenAPI.
+        """
+        data = await self.query_raw(service, endpoint, params, timeout=timeout)
+        return Response(data, media_type=MediaType.JSON)
 
     async def _request(
         self, service: str, endpoint: str, payload: bytes, timeout: float | None
@@ -197,28 +178,25 @@ class ServiceClient:
         *,
         timeout: float | None = None,
     ) -> T:
-        """The service's answer decoded into `response_type`.
-
-        A cached answer is decoded once: callers get the same object until it changes, so
-        they must not mutate it (copy with msgspec.structs.replace instead).
-        """
+        """The service's answer decoded into `response_type` (for routes that use it)."""
         data = await self.query_raw(service, endpoint, params, timeout=timeout)
-        # One entry per question (not per answer), so the memo never outgrows the cache.
-        key = (service, endpoint, _encode(params) if params is not None else b"", response_type)
-        decoded = self._decoded.get(key)
-        if decoded is not None and decoded[0] is data:
-            return cast(T, decoded[1])
         try:
-            value = msgspec.json.decode(data, type=response_type)
+            return msgspec.json.decode(data, type=response_type)
         except msgspec.ValidationError as exc:
             raise StockpilotError(
                 f"the {service} service answered {endpoint} in an unexpected shape: {exc}"
             ) from None
-        if endpoint in self.read_endpoints.get(service, ()):
-            if len(self._decoded) > 10_000:
-                self._decoded.clear()
-            self._decoded[key] = (data, value)
-        return value
+
+
+def asking() -> tuple[set[str], contextvars.Token[set[str] | None]]:
+    """Start recording the services asked in this context (the edge, around one build)."""
+    asked: set[str] = set()
+    return asked, _asked.set(asked)
+
+
+def stop_asking(token: contextvars.Token[set[str] | None]) -> None:
+    """Stop the recording `asking()` started."""
+    _asked.reset(token)
 
 
 # How route handlers ask for the client: `services: Services`.

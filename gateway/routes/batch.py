@@ -75,12 +75,12 @@ async def recent_executions(
     services: Services,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 50,
     job_id: FromQuery[str | None] = None,
-) -> RecentExecutions:
+) -> Response[RecentExecutions]:
     """`?limit=` 1–1000 (default 50), `?job_id=`."""
     if job_id is not None:
         _job_id(job_id, "query parameter 'job_id'")
     params = RecentParams(limit=limit, job_id=job_id)
-    return await services.query("batch", "recent", RecentExecutions, params)
+    return await services.answer("batch", "recent", params)
 
 
 @get(
@@ -93,12 +93,12 @@ async def execution_stats(
     services: Services,
     hours: Annotated[float, QueryParameter(gt=0, le=24 * 400)] = 24.0,
     job_id: FromQuery[str | None] = None,
-) -> BatchStats:
+) -> Response[BatchStats]:
     """Executions started in the last `?hours=` (default 24), of `?job_id=` if given."""
     if job_id is not None:
         _job_id(job_id, "query parameter 'job_id'")
     params = StatsParams(hours=hours, job_id=job_id)
-    return await services.query("batch", "stats", BatchStats, params)
+    return await services.answer("batch", "stats", params)
 
 
 @get(
@@ -107,10 +107,10 @@ async def execution_stats(
     guards=[read_guard],
     opt=CACHED,
 )
-async def lock_status(services: Services, job_id: FromPath[str]) -> LockStatus:
+async def lock_status(services: Services, job_id: FromPath[str]) -> Response[LockStatus]:
     """Held or not, by whom, until when, expired or not, its fencing token."""
     params = JobParams(job_id=_job_id(job_id))
-    return await services.query("batch", "lock_status", LockStatus, params)
+    return await services.answer("batch", "lock_status", params)
 
 
 @post(
@@ -124,16 +124,14 @@ async def release_lock(
     services: Services,
     job_id: FromPath[str],
     data: JSONBody[ReleaseBody | None] = None,
-) -> ReleaseAnswer:
+) -> Response[ReleaseAnswer]:
     """Stores lock.released (reason `forced`); `released` is false when nothing was held."""
     params = ReleaseParams(
         job_id=_job_id(job_id),
         actor=_actor(request),
         reason=data.reason if data is not None else None,
     )
-    return await services.query(
-        "batch", "release", ReleaseAnswer, params, timeout=COMMAND_TIMEOUT_S
-    )
+    return await services.answer("batch", "release", params, timeout=COMMAND_TIMEOUT_S)
 
 
 @get(
@@ -142,9 +140,9 @@ async def release_lock(
     guards=[read_guard],
     opt=CACHED,
 )
-async def expired_locks(services: Services) -> ExpiredLocks:
+async def expired_locks(services: Services) -> Response[ExpiredLocks]:
     """Every lock whose `expires_at` has passed and that nobody released yet."""
-    return await services.query("batch", "expired_locks", ExpiredLocks)
+    return await services.answer("batch", "expired_locks")
 
 
 @get(
@@ -153,9 +151,9 @@ async def expired_locks(services: Services) -> ExpiredLocks:
     guards=[read_guard],
     opt=CACHED,
 )
-async def held_locks(services: Services) -> HeldLocks:
+async def held_locks(services: Services) -> Response[HeldLocks]:
     """Beyond the contract: all held locks in one answer (the dashboard's lock panel)."""
-    return await services.query("batch", "locks", HeldLocks)
+    return await services.answer("batch", "locks")
 
 
 @post(
@@ -164,12 +162,12 @@ async def held_locks(services: Services) -> HeldLocks:
     guards=[admin_guard],
     status_code=HTTP_200_OK,
 )
-async def cleanup_locks(request: Request[Any, Any, Any], services: Services) -> CleanupAnswer:
+async def cleanup_locks(
+    request: Request[Any, Any, Any], services: Services
+) -> Response[CleanupAnswer]:
     """Stores lock.released (reason `expired`) for each expired lock and alerts once per lock."""
     params = CleanupParams(actor=_actor(request))
-    return await services.query(
-        "batch", "cleanup", CleanupAnswer, params, timeout=COMMAND_TIMEOUT_S
-    )
+    return await services.answer("batch", "cleanup", params, timeout=COMMAND_TIMEOUT_S)
 
 
 @get(
@@ -178,9 +176,9 @@ async def cleanup_locks(request: Request[Any, Any, Any], services: Services) -> 
     guards=[read_guard],
     opt=CACHED,
 )
-async def list_jobs(services: Services) -> JobsAnswer:
+async def list_jobs(services: Services) -> Response[JobsAnswer]:
     """Scheduled jobs (STOCKPILOT_JOB_SCHEDULES) and every job in the history."""
-    return await services.query("batch", "jobs", JobsAnswer)
+    return await services.answer("batch", "jobs")
 
 
 # ----- runs and locks over HTTP, for jobs in any language (ingest token; contract §5) ------
@@ -194,11 +192,11 @@ async def list_jobs(services: Services) -> JobsAnswer:
 )
 async def report_run(
     services: Services, job_id: FromPath[str], data: JSONBody[RunBody]
-) -> RunAnswer:
+) -> Response[RunAnswer]:
     """Stored as the run events a Python worker stores; answers the `execution_id` to send
     with the run's end. An end without a start records both."""
     params = RunParams(job_id=_job_id(job_id), **msgspec.structs.asdict(data))
-    return await services.query("batch", "report_run", RunAnswer, params, timeout=COMMAND_TIMEOUT_S)
+    return await services.answer("batch", "report_run", params, timeout=COMMAND_TIMEOUT_S)
 
 
 async def _lock_command(

@@ -3,8 +3,8 @@
 Per-route request counts and latency histograms come from `gateway.request_metrics`
 (global registry, `stockpilot_gateway_*`), which sees every request, kept answers included.
 The system's own figures are gathered at scrape time, concurrently and with a short timeout,
-from the same service answers the REST routes serve (through the same client and its
-cache), so both agree. A source that does not answer
+from the same service endpoints and parameters the REST routes ask (a scrape is not kept at
+the edge: it asks the services each time), so both agree. A source that does not answer
 only drops its own families (`stockpilot_metrics_source_up` says which); the scrape never
 fails because of it. The families themselves are built in `gateway.metrics_families`.
 """
@@ -105,7 +105,7 @@ async def _services(scrape: Scrape) -> list[Metric]:
 
 
 async def _usage(scrape: Scrape) -> list[Metric]:
-    # The same parameters as the REST routes' defaults: the same cached answers.
+    # The same parameters as the REST routes' defaults: the same answers.
     counters, stats, costs, summary = await asyncio.gather(
         scrape.ask("usage", "counters", UsageCounters),
         scrape.ask("usage", "stats", UsageStats, StatsParams()),

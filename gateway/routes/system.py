@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from datetime import datetime
 from typing import Any, Literal
 
@@ -236,28 +235,15 @@ async def ready(services: Services, clock: GatewayClock) -> Response[Readiness]:
     return Response(body, status_code=HTTP_200_OK if is_ready else HTTP_503_SERVICE_UNAVAILABLE)
 
 
-# The hook status changes every few seconds at most: read the bucket once a second, not on
-# every /status request (per client, so two apps in one process never share it).
-_HOOKS_TTL_S = 1.0
-_hooks_read: weakref.WeakKeyDictionary[ServiceClient, tuple[float, tuple[str, list[HookState]]]]
-_hooks_read = weakref.WeakKeyDictionary()
-
-
-async def _hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
-    """The hook process's last published status (KV): not `up` once stopped, failed or stale."""
-    remembered = _hooks_read.get(services)
-    if remembered is not None and remembered[0] > time.monotonic():
-        return remembered[1]
-    answer = await _read_hooks(services, now)
-    _hooks_read[services] = (time.monotonic() + _HOOKS_TTL_S, answer)
-    return answer
-
-
 # A state bucket that does not answer in time or answers with a NATS error.
 _UNREADABLE: tuple[type[Exception], ...] = (TimeoutError, *NATS_ERRORS)
 
 
-async def _read_hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
+async def _hooks(services: ServiceClient, now: datetime) -> tuple[str, list[HookState]]:
+    """The hook process's last published status (KV): not `up` once stopped, failed or stale.
+
+    Read on every build of /status: the edge keeps the whole answer (gateway.response_cache).
+    """
     if services.nc is None or not services.nc.is_connected:
         raise UnavailableError("NATS is unavailable")
     try:

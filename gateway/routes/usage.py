@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post
 from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
@@ -86,14 +86,14 @@ async def usage_stats(
     date: FromQuery[str | None] = None,
     start: FromQuery[str | None] = None,
     end: FromQuery[str | None] = None,
-) -> UsageStats:
+) -> Response[UsageStats]:
     """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default."""
     params = StatsParams(
         date=_moment_param("date", date),
         start=_moment_param("start", start),
         end=_moment_param("end", end),
     )
-    return await services.query("usage", "stats", UsageStats, params)
+    return await services.answer("usage", "stats", params)
 
 
 @get("/usage/timeseries", summary="Hourly or daily usage buckets", guards=[read_guard], opt=CACHED)
@@ -102,12 +102,12 @@ async def usage_timeseries(
     bucket: FromQuery[str] = "hour",
     start: FromQuery[str | None] = None,
     end: FromQuery[str | None] = None,
-) -> UsageTimeseries:
+) -> Response[UsageTimeseries]:
     """Every bucket of the range (zeros included); hourly today by default."""
     params = TimeseriesParams(
         bucket=bucket, start=_moment_param("start", start), end=_moment_param("end", end)
     )
-    return await services.query("usage", "timeseries", UsageTimeseries, params)
+    return await services.answer("usage", "timeseries", params)
 
 
 @get(
@@ -116,9 +116,9 @@ async def usage_timeseries(
     guards=[read_guard],
     opt=CACHED,
 )
-async def usage_costs(services: Services) -> UsageCosts:
+async def usage_costs(services: Services) -> Response[UsageCosts]:
     """Today, this month, by model, the last 30 days, unpriced models and the forecast."""
-    return await services.query("usage", "costs", UsageCosts)
+    return await services.answer("usage", "costs")
 
 
 @get(
@@ -133,19 +133,19 @@ async def usage_budget(
     model: Annotated[str | None, QueryParameter(max_length=128)] = None,
     endpoint: Annotated[str | None, QueryParameter(max_length=512)] = None,
     tag: Annotated[str | None, QueryParameter(max_length=64)] = None,
-) -> BudgetAnswer:
+) -> Response[BudgetAnswer]:
     """`allowed` is false when an enforced budget (STOCKPILOT_BUDGETS) covering the call is
     used up for its current day or month; `reason` names it."""
     params = BudgetParams(user_id=user_id, model=model, endpoint=endpoint, tag=tag)
-    return await services.query("usage", "budget", BudgetAnswer, params)
+    return await services.answer("usage", "budget", params)
 
 
 @get("/usage/alerts", summary="Recent alerts of every source", guards=[read_guard], opt=CACHED)
 async def usage_alerts(
     services: Services, limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100
-) -> AlertList:
+) -> Response[AlertList]:
     """The newest `limit` (1–1000) alerts and how many are held."""
-    return await services.query("usage", "alerts", AlertList, AlertsParams(limit=limit))
+    return await services.answer("usage", "alerts", AlertsParams(limit=limit))
 
 
 @post(
@@ -154,7 +154,7 @@ async def usage_alerts(
     guards=[admin_guard],
     status_code=HTTP_200_OK,
 )
-async def usage_reset(request: Request[Any, Any, Any], services: Services) -> ResetAnswer:
+async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Response[ResetAnswer]:
     """Appends `usage.reset`; the stream keeps every event (replay gives the same state)."""
     body = await request.body()
     reset = _decode_body(body, ResetBody) if body.strip() else ResetBody()
@@ -163,7 +163,7 @@ async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Re
             f"body field 'scope': only 'all' is supported, got {reset.scope!r}"
         )
     params = ResetParams(scope="all", reason=reset.reason, actor="admin")
-    return await services.query("usage", "reset", ResetAnswer, params)
+    return await services.answer("usage", "reset", params)
 
 
 @post(

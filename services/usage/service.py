@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,10 +18,14 @@ from services.usage import decide, dedupe, queries
 from services.usage.answers import (
     AlertList,
     AlertsParams,
+    BudgetAnswer,
     BudgetParams,
     StatsParams,
     TimeseriesParams,
+    UsageCosts,
     UsageCounters,
+    UsageStats,
+    UsageTimeseries,
 )
 from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
 from services.usage.events import (
@@ -195,32 +198,6 @@ def history_projection() -> Projection[AlertHistory, Any]:
     )
 
 
-class AnswerCache:
-    """Encoded answers by (endpoint, params, view positions, second of `now`).
-
-    Dashboards ask the same questions many times a second; an answer changes only when a
-    projection folds something or the clock moves on (requests per minute, "today").
-    """
-
-    LIMIT = 512
-
-    def __init__(self) -> None:
-        self._answers: dict[tuple[object, ...], bytes] = {}
-
-    def get_or_make(self, key: tuple[object, ...], make: Callable[[], msgspec.Struct]) -> bytes:
-        """The cached bytes for `key`, or `make()` encoded and kept."""
-        found = self._answers.get(key)
-        if found is None:
-            found = _encode(make())
-            if len(self._answers) >= self.LIMIT:
-                self._answers.clear()
-            self._answers[key] = found
-        return found
-
-
-_encode = msgspec.json.Encoder().encode
-
-
 def _new_id() -> str:
     return f"usage-{uuid.uuid4().hex}"
 
@@ -243,36 +220,19 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     usage = usage_projection(settings)
     history = history_projection()
 
-    cache = AnswerCache()
+    # No cache here: the gateway keeps answers at its edge (gateway/response_cache.py) and
+    # asks again only after this service's change notice, a command or its TTL.
+    async def stats(params: StatsParams, ctx: Context) -> UsageStats:
+        return queries.stats(usage.view, params, ctx.now(), settings)
 
-    def key(endpoint: str, params: object, now: datetime) -> tuple[object, ...]:
-        second = int(now.timestamp())
-        return (endpoint, params, usage.view.last_seq, history.view.last_seq, second)
+    async def timeseries(params: TimeseriesParams, ctx: Context) -> UsageTimeseries:
+        return queries.timeseries(usage.view, params, ctx.now(), settings)
 
-    async def stats(params: StatsParams, ctx: Context) -> bytes:
-        now = ctx.now()
-        return cache.get_or_make(
-            key("stats", params, now), lambda: queries.stats(usage.view, params, now, settings)
-        )
+    async def costs(params: NoParams, ctx: Context) -> UsageCosts:
+        return queries.costs(usage.view, ctx.now(), settings)
 
-    async def timeseries(params: TimeseriesParams, ctx: Context) -> bytes:
-        now = ctx.now()
-        return cache.get_or_make(
-            key("timeseries", params, now),
-            lambda: queries.timeseries(usage.view, params, now, settings),
-        )
-
-    async def costs(params: NoParams, ctx: Context) -> bytes:
-        now = ctx.now()
-        return cache.get_or_make(
-            key("costs", params, now), lambda: queries.costs(usage.view, now, settings)
-        )
-
-    async def budget(params: BudgetParams, ctx: Context) -> bytes:
-        now = ctx.now()
-        return cache.get_or_make(
-            key("budget", params, now), lambda: queries.budget(usage.view, params, now, settings)
-        )
+    async def budget(params: BudgetParams, ctx: Context) -> BudgetAnswer:
+        return queries.budget(usage.view, params, ctx.now(), settings)
 
     async def alerts(params: AlertsParams, ctx: Context) -> AlertList:
         return queries.alerts(history.view, params)
@@ -315,9 +275,8 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             ),
         )
 
-    async def summary(params: NoParams, ctx: Context) -> bytes:
-        now = ctx.now()
-        return cache.get_or_make(key("summary", params, now), lambda: make_summary(now))
+    async def summary(params: NoParams, ctx: Context) -> UsageSummary:
+        return make_summary(ctx.now())
 
     async def counters(params: NoParams, ctx: Context) -> UsageCounters:
         return queries.counters(usage.view)
