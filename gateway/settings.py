@@ -30,7 +30,9 @@ class GatewaySettings(CommonSettings, frozen=True, kw_only=True):
     read_token: str | None = None
     # How long a route waits for a service before answering 503.
     service_timeout_s: PositiveFloat = 2.0
-    # Longest a cached read answer is served (answers also expire on every change notice).
+    # How long a kept read answer is served before one request rebuilds it (answers also go
+    # stale at their services' change notices); a stale copy is served only while it is
+    # rebuilt, and never past cache_ttl_s + service_timeout_s (gateway.response_cache).
     cache_ttl_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     # Largest request body accepted (POST /usage/records takes up to 1,000 records).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1024 * 1024
