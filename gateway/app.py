@@ -23,7 +23,7 @@ from gateway.alert_fanout import AlertFanout
 from gateway.errors import exception_handlers
 from gateway.openapi import describe_inputs, document_errors, document_security
 from gateway.request_metrics import RequestMetrics
-from gateway.response_cache import ResponseCache
+from gateway.response_cache import ResponseCache, kept_routes
 from gateway.routes import all_routers
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
@@ -112,7 +112,7 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
     document_security(app)
     # Outside the router, inside Litestar's __call__ (so lifespan, state and the test client
     # are Litestar's own): every request is counted, and kept answers skip the framework.
-    front = RequestMetrics(ResponseCache(app.asgi_handler, services, settings))
+    front = RequestMetrics(ResponseCache(app.asgi_handler, services, settings, kept_routes(app)))
     app.asgi_handler = cast("ASGIApp", front)  # plain ASGI dicts, see gateway.asgi
     app.state.settings = settings
     app.state.services = services

@@ -25,19 +25,23 @@ Bounded staleness: no answer is served more than `cache_ttl_s + service_timeout_
 was built (3 s with the defaults), the longest a rebuild may wait for its services; past
 that, requests wait for the rebuild in flight.
 
-Concurrent misses share one build: once a route is known to keep its answers (a kept copy
-exists for the request, whatever its state), requests that find a rebuild in flight and no
-copy they may serve wait for that build and are sent its response; a response that cannot
-be shared (built across a change, a 401/403 that depends on who asks, cut short) makes each
-waiter ask through the framework itself. A request whose token the read guard would refuse
-never touches the cache: the framework answers 401/403 as always.
+Concurrent misses share one build: requests to a route that keeps its answers (Litestar's
+routing says so, `kept_routes`) that find a build in flight and no copy they may serve wait
+for that build and are sent its response (one request to the service for all of them); a
+response that cannot be shared (built across a change, a 401/403 that depends on who asks,
+cut short) makes each waiter ask through the framework itself. A request whose token the
+read guard would refuse never touches the cache: the framework answers 401/403 as always.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
+
+from litestar import Litestar
+from litestar.exceptions import HTTPException
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import read_allowed
@@ -98,13 +102,35 @@ class _Kept:
         self.deps = deps
 
 
+def kept_routes(app: Litestar) -> Callable[[str], bool]:
+    """Whether a GET of this path reaches a `CACHED` route of `app` (Litestar's own routing,
+    which it memoises per path): lets the very first concurrent requests share one build."""
+
+    def kept(path: str) -> bool:
+        try:
+            handler = app.asgi_router.handle_routing(path=path, method="GET")[1]
+        except HTTPException:  # 404, 405: not a route that keeps its answers
+            return False
+        return bool(handler.opt.get("cache_response"))
+
+    return kept
+
+
 class ResponseCache:
     """ASGI wrapper serving kept responses of `CACHED` routes; everything else passes through."""
 
-    def __init__(self, app: ASGIApp, services: ServiceClient, settings: GatewaySettings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        services: ServiceClient,
+        settings: GatewaySettings,
+        kept_route: Callable[[str], bool] | None = None,
+    ) -> None:
         self.app = app
         self.services = services
         self.settings = settings
+        # Without it, a request is known to be kept only once an answer to it was kept.
+        self.kept_route = kept_route
         self.ttl_s = settings.cache_ttl_s
         # How long past its TTL a stale copy may still be served while it is rebuilt.
         self.grace_s = settings.service_timeout_s
@@ -124,8 +150,12 @@ class ResponseCache:
             return
         key = (scope["path"], scope["query_string"])
         kept = self._kept.get(key)
-        if kept is None:  # not known to be a kept route: nothing to serve or share
-            await self._build(key, scope, receive, send)
+        if kept is None:  # nothing to serve: share a build in flight, if its route keeps
+            flight = self._flights.get(key)
+            if flight is None or self.kept_route is None or not self.kept_route(key[0]):
+                await self._build(key, scope, receive, send)
+            else:
+                await self._wait(flight, scope, receive, send)
             return
         state = self._state(kept, time.monotonic())
         if state == _FRESH:
@@ -137,11 +167,21 @@ class ResponseCache:
         elif state == _STALE:  # another request is rebuilding it: the old copy meanwhile
             await kept.response.send(scope, send)
         else:
-            shared = await asyncio.shield(flight)
-            if shared is not None:
-                await shared.send(scope, send)
-            else:
-                await self.app(scope, receive, send)
+            await self._wait(flight, scope, receive, send)
+
+    async def _wait(
+        self,
+        flight: asyncio.Future[_Response | None],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """The response of the build in flight, or (not shareable) the framework's own."""
+        shared = await asyncio.shield(flight)
+        if shared is not None:
+            await shared.send(scope, send)
+        else:
+            await self.app(scope, receive, send)
 
     def _state(self, kept: _Kept, now: float) -> int:
         """Fresh, stale (may be served while one request rebuilds it) or gone."""
@@ -182,8 +222,10 @@ class ResponseCache:
         async def capture(message: Message) -> None:
             nonlocal start, complete
             if message["type"] == "http.response.start":
-                start = message
-            elif message["type"] == "http.response.body":
+                handler = scope.get("route_handler")
+                if handler is not None and handler.opt.get("cache_response"):
+                    start = message  # else not a kept route: its body (an SSE stream) is not held
+            elif start is not None and message["type"] == "http.response.body":
                 body.append(message.get("body", b""))
                 complete = not message.get("more_body", False)
             await send(message)
@@ -192,12 +234,9 @@ class ResponseCache:
         response: _Response | None = None
         try:
             await self.app(scope, receive, capture)
-            handler = scope.get("route_handler")
             if (
                 start is not None
                 and complete
-                and handler is not None
-                and handler.opt.get("cache_response")
                 and start["status"] not in _PERSONAL
                 and services.epoch == epoch
                 and (
