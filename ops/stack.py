@@ -153,7 +153,7 @@ def _gateway(args: argparse.Namespace) -> int:
         )
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0
-    uvicorn.Server(server_config(create_app(settings), settings)).run()
+    uvicorn.Server(server_config(create_app(settings, serving=True), settings)).run()
     return 0
 
 
