@@ -3,9 +3,10 @@
     python -m bench.load NATS_URL RATE
 
 records `RATE` calls a second with the usage client (`UsageRecorder`, as StockPilot AI does),
-in ticks of 10 ms, until SIGTERM; prints `ready` once connected, and at the end one JSON line: events recorded, events
-acknowledged, seconds. Its own process so that the load generator's CPU is not the measuring
-process's event loop (a 5 ms stall there would read as 5 ms of latency).
+in ticks of 10 ms, until SIGTERM; prints `ready` once connected, and at the end one JSON
+line: events recorded, events acknowledged, seconds. Its own process so that the load
+generator's CPU is not the measuring process's event loop (a 5 ms stall there would read as
+5 ms of latency).
 """
 
 from __future__ import annotations
