@@ -25,7 +25,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from bench.harness import Report, latency_results, log, percentile
-from bench.listeners import SseClient, WebhookReceiver, webhook_receiver
+from bench.listeners import SseClient, WebhookReceiver, open_when_serving, webhook_receiver
 from bench.load import background_load
 from bench.stack import Stack, running_stack, wait_folded
 from services.usage.client import UsageRecorder
@@ -119,7 +119,7 @@ async def run(report: Report, ctx: object) -> None:
                 await wait_folded(nc, 0, timeout=120)
                 stack.spawn("hooks")  # after the usage service made the streams
                 sse = SseClient()
-                await _open_when_serving(sse, stack.port)
+                await open_when_serving(sse, stack.port)
                 recorder = UsageRecorder(nc)
                 recorder.start()
                 await hooks_ready(recorder, hook, sse)
@@ -175,15 +175,3 @@ async def run(report: Report, ctx: object) -> None:
                 await nc.close()
     finally:
         server.stop()
-
-
-async def _open_when_serving(client: SseClient, port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await client.open(port)
-            return
-        except (OSError, RuntimeError, IndexError, ValueError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)

@@ -133,3 +133,16 @@ class SseClient:
                 await self._task
         if self._writer is not None:
             self._writer.close()
+
+
+async def open_when_serving(client: SseClient, port: int, timeout: float = 60) -> None:
+    """Open `client` once the gateway on `port` serves the alert stream."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.open(port)
+            return
+        except (OSError, RuntimeError, IndexError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
