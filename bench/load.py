@@ -44,11 +44,12 @@ class LoadSummary(msgspec.Struct, frozen=True):
         return self.published / self.seconds if self.seconds else 0.0
 
 
-def _event(i: int, now: datetime) -> UsageRecorded:
+def load_event(i: int, now: datetime, prefix: str = "load") -> UsageRecorded:
+    """The `i`-th call of a load, dated `now`."""
     # Users, models and endpoints the measured samples never use: the load only adds work.
     return UsageRecorded(
-        id=f"load-{now:%H%M%S}-{i:09d}",
-        request_id=f"load-{now:%H%M%S}-{i:09d}",
+        id=f"{prefix}-{now:%H%M%S}-{i:09d}",
+        request_id=f"{prefix}-{now:%H%M%S}-{i:09d}",
         occurred_at=now,
         model=("gpt-4o-mini", "gpt-4o", "o3-mini")[i % 3],
         endpoint=("/api/v1/analysis", "/api/v1/chat", "/api/v1/report")[i % 3],
@@ -75,7 +76,7 @@ async def _main(url: str, rate: float) -> LoadSummary:
         due = int((time.monotonic() - started) * rate)
         now = datetime.now(UTC)
         while recorded < due:
-            recorder.record(_event(recorded, now))
+            recorder.record(load_event(recorded, now))
             recorded += 1
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), TICK_S)
