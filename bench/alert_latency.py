@@ -125,7 +125,10 @@ async def run(report: Report, ctx: object) -> None:
                 await hooks_ready(recorder, hook, sse)
                 for loaded in (False, True):
                     label = f"at {LOAD_RATE:,} events/s" if loaded else "idle"
-                    hook_p, sse_p, rates = ([], []), ([], []), []
+                    # p50s and p99s of the runs, for the webhook and for the SSE client
+                    hook_p: tuple[list[float], list[float]] = ([], [])
+                    sse_p: tuple[list[float], list[float]] = ([], [])
+                    rates: list[float] = []
                     for i in range(runs):
                         users = [f"a{int(loaded)}r{i}u{n}" for n in range(per_run)]
                         await restart_usage(stack, nc, users)
