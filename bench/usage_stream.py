@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from bench.ceilings import raw_read, sample_event, sample_usage
 from bench.harness import ROOT, Report, Result, log
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
 from shared.runtime import ServiceStatus
 from shared.testing import free_port, stop_process, wait_for_port

@@ -21,7 +21,7 @@ from services.batch.settings import BatchSettings
 from services.health import service as health_service
 from services.health.settings import HealthSettings
 from services.usage import service as usage_service
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from services.usage.settings import UsageSettings
 from shared import bus
 from shared.clock import ManualClock
