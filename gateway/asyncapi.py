@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchSkipped,

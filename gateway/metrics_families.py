@@ -29,7 +29,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from services.batch.schemas import BatchStats, HeldLocks
+from services.batch.contract import BatchStats, HeldLocks
 from services.health.contract import ComponentHealth, ComprehensiveHealth, Status
 from services.usage.contract import UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName

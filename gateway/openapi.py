@@ -132,7 +132,7 @@ def _input_schemas() -> dict[str, Any]:
     """The request body schemas, from the very structs that decode the bodies."""
     from gateway.routes.batch import ReleaseBody
     from gateway.routes.usage import ResetBody
-    from services.batch.schemas import LockBody, RunBody
+    from services.batch.contract import LockBody, RunBody
     from services.usage.contract import UsageRecordedIn
 
     _, components = msgspec.json.schema_components(

@@ -19,7 +19,7 @@ from typing import Literal
 
 import msgspec
 
-from services.batch.schemas import BatchSummary
+from services.batch.contract import BatchSummary
 from services.health.contract import HealthSummary
 from services.usage.contract import UsageSummary
 from shared.events import AwareDatetime

@@ -38,9 +38,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ops import locate
-from services.batch.client import acquire_lock, batch_job
-from services.batch.errors import LockHeldError
-from services.batch.events import BatchFinished, BatchProgress, BatchStarted
+from services.batch.client import LockHeldError, acquire_lock, batch_job
+from services.batch.contract import BatchFinished, BatchProgress, BatchStarted
 from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from shared import bus
 from shared.events import Event, utc_now

@@ -26,7 +26,7 @@ from gateway.status_areas import (
     ServiceState,
     judge,
 )
-from services.batch.schemas import BatchSummary
+from services.batch.contract import BatchSummary
 from services.health.contract import HealthSummary
 from services.usage.contract import UsageSummary, UsageToday
 from shared import bus

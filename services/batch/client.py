@@ -43,8 +43,7 @@ from types import TracebackType
 import psutil
 from nats.aio.client import Client as NATS
 
-from services.batch.errors import LockHeldError, LockLostError, LockStateError
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchSkipped,
@@ -52,6 +51,7 @@ from services.batch.events import (
     FinishedStatus,
     run_subject,
 )
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
 from services.batch.locks import (
     HeldLock,
     acquire_lock,
@@ -66,10 +66,13 @@ from services.batch.settings import BatchSettings
 from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
 
-# The lock primitives are part of the worker-side API too.
+# The lock primitives are part of the worker-side API too, and so are the errors a worker
+# catches (`except LockHeldError`): callers import all of it from here.
 __all__ = [
     "BatchRun",
     "HeldLock",
+    "LockHeldError",
+    "LockLostError",
     "acquire_lock",
     "batch_job",
     "check_lock",

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from gateway.status_areas import HookState, Observed, ServiceState, judge, overall
-from services.batch.schemas import BatchSummary, ExpiredLock, FailingJob, MissedJob
+from services.batch.contract import BatchSummary, ExpiredLock, FailingJob, MissedJob
 from services.health.contract import ComponentBrief, HealthSummary
 from services.usage.contract import ErrorWindow, SpendPeriod, UsageSummary, UsageToday
 from tests.clocks import NOON

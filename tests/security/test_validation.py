@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ops.replay import replay_definition
-from services.batch.events import BatchStarted, LockAcquired, lock_subject, run_subject
+from services.batch.contract import BatchStarted, LockAcquired, lock_subject, run_subject
 from services.health.contract import CHECKED_SUBJECT_PREFIX, HOST_SUBJECT, HealthChecked
 from services.usage.contract import (
     SUBJECT_RECORDED,
