@@ -20,7 +20,7 @@ from croniter import croniter
 
 from shared.events import JOB_ID_RE, AwareDatetime, Event, JobId, wrong_subject
 
-# ===== events: the STOCKPILOT_BATCH stream (contract §4 batch) ==============================
+# ===== events: the STOCKPILOT_BATCH stream (contract §4 batch) ===============================
 
 # Ranges (contract §4): far beyond any real run, small enough that sums, rates and snapshots
 # stay finite and fit in 64 bits. An upper bound on a float also refuses infinity.
@@ -228,7 +228,7 @@ decode_batch_event = msgspec.json.Decoder(BatchEvent).decode
 decode_lock_event = msgspec.json.Decoder(LockEvent).decode
 
 
-# ===== endpoints: parameters and answers (contract §5) ===================================
+# ===== endpoints: parameters and answers (contract §5) =======================================
 
 # An execution's status as the API shows it (`lost` and `skipped` are judged or recorded).
 ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost", "skipped"]

@@ -15,7 +15,7 @@ import msgspec
 
 from shared.events import AwareDatetime, Event, wrong_subject
 
-# ===== events: the STOCKPILOT_HEALTH stream (contract §4 health) ============================
+# ===== events: the STOCKPILOT_HEALTH stream (contract §4 health) =============================
 
 Status = Literal["healthy", "degraded", "unhealthy", "unknown"]
 Kind = Literal["database", "redis", "openai", "external_api"]

@@ -18,7 +18,7 @@ import msgspec
 
 from shared.events import Alert, AwareDatetime, Event, EventId, wrong_subject
 
-# ===== events: the STOCKPILOT_USAGE stream (contract §4 usage) ==============================
+# ===== events: the STOCKPILOT_USAGE stream (contract §4 usage) ===============================
 
 SUBJECT_RECORDED = "stockpilot.usage.recorded"
 SUBJECT_RESET = "stockpilot.usage.reset"
@@ -202,7 +202,7 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             printable(tag, f"tags[{index}]")
 
 
-# ===== endpoints: parameters and answers (the gateway's response schemas) ================
+# ===== endpoints: parameters and answers (the gateway's response schemas) ====================
 
 # ----- parameters --------------------------------------------------------------------------
 
@@ -401,7 +401,7 @@ class AlertList(msgspec.Struct, kw_only=True):
     total: int
 
 
-# ----- helpers -----------------------------------------------------------------------------
+# ----- lifetime counters (/metrics) ----------------------------------------------------------
 
 
 class ModelTotals(msgspec.Struct, kw_only=True):
