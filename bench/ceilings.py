@@ -10,7 +10,7 @@ import nats
 from nats.js import api as js_api
 
 from bench.harness import Report, Result, log, process, repeat, serve_bare_route, wrk
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
 
 SUBJECT = "bench.raw.usage"

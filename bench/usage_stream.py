@@ -30,7 +30,7 @@ from bench.ceilings import raw_read, sample_event, sample_usage
 from bench.harness import Report, Result, log
 from bench.stack import running_stack, wait_folded
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
 
 STREAM = "STOCKPILOT_USAGE"
