@@ -29,7 +29,7 @@ from bench.listeners import SseClient, WebhookReceiver, open_when_serving, webho
 from bench.load import background_load
 from bench.stack import Stack, running_stack, wait_folded
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
 from shared.testing import NatsServer
 

@@ -22,8 +22,8 @@ from bench.harness import log
 from bench.load import load_event
 from bench.stack import Stack, wait_folded
 from bench.usage_stream import calls_held, last_seq
-from services.usage.answers import UsageStats
 from services.usage.client import RecorderSettings, UsageRecorder
+from services.usage.contract import UsageStats
 from shared import bus
 from shared.settings import load_settings
 from shared.testing import NatsCluster

@@ -25,9 +25,8 @@ import nats
 from bench.harness import Report, latency_results, log, percentile
 from bench.load import background_load
 from bench.stack import running_stack
-from services.usage.answers import UsageStats
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded, UsageStats
 
 LOAD_RATE = 5_000
 PROBE_DAYS = 40

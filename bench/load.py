@@ -26,7 +26,7 @@ import nats
 
 from bench.harness import ROOT, log
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 
 TICK_S = 0.01
 
