@@ -92,6 +92,7 @@ async def run(report: Report, ctx: object) -> None:
         recorder.start()
         async with httpx.AsyncClient(base_url=stack.base_url, trust_env=False) as http:
             await _until_serving(http)
+            await samples(http, recorder, day, 3)  # warm-up: the client's bare connection
             for loaded in (False, True):
                 label = f"at {LOAD_RATE:,} events/s" if loaded else "idle"
                 p50, p99, rates = [], [], []
@@ -130,7 +131,9 @@ async def run(report: Report, ctx: object) -> None:
         await nc.close()
 
 
-async def _until_serving(http: httpx.AsyncClient, timeout: float = 60) -> None:
+async def _until_serving(http: httpx.AsyncClient, timeout: float = 600) -> None:
+    # After `usage_stream` the shared stream holds millions of events: the usage service may
+    # still be restoring its snapshot and folding the tail (503 meanwhile).
     deadline = time.monotonic() + timeout
     while True:
         try:
