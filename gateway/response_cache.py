@@ -19,8 +19,10 @@ An answer belongs to the services its build asked (`gateway.services.asking`):
   ages, the `timestamp` field, which is the time the kept answer was built);
 - a command sent through this gateway to one of them (and a NATS reconnect, which may have
   lost notices) drops it at once: a read after a write sees the write;
-- an answer built across a change of its services is not kept (`?fresh=true` is a command),
-  and one that asked no service is dropped at any service's change.
+- an answer built across a change notice of its services is kept as already stale (so under
+  a stream of notices each build still replaces the copy served while the next one runs);
+  one built across a command is neither kept nor shared (`?fresh=true` is a command), and
+  one that asked no service is dropped at any service's change.
 Bounded staleness: no answer is served more than `cache_ttl_s + service_timeout_s` after it
 was built (3 s with the defaults), the longest a rebuild may wait for its services; past
 that, requests wait for the rebuild in flight.
@@ -28,7 +30,7 @@ that, requests wait for the rebuild in flight.
 Concurrent misses share one build: requests to a route that keeps its answers (Litestar's
 routing says so, `kept_routes`) that find a build in flight and no copy they may serve wait
 for that build and are sent its response (one request to the service for all of them); a
-response that cannot be shared (built across a change, a 401/403 that depends on who asks,
+response that cannot be shared (built across a command, a 401/403 that depends on who asks,
 cut short) makes each waiter ask through the framework itself. A request whose token the
 read guard would refuse never touches the cache: the framework answers 401/403 as always.
 """
@@ -231,38 +233,35 @@ class ResponseCache:
             await send(message)
 
         asked, token = asking()
-        response: _Response | None = None
+        answer: _Kept | None = None
         try:
             await self.app(scope, receive, capture)
-            if (
-                start is not None
-                and complete
-                and start["status"] not in _PERSONAL
-                and services.epoch == epoch
-                and (
-                    all(services.change_counts.get(s, 0) == changes.get(s, 0) for s in asked)
-                    if asked
-                    else services.generation == generation
-                )
-            ):
+            if start is not None and complete and start["status"] not in _PERSONAL:
                 response = _Response(
                     start["status"],
                     list(start.get("headers", [])),
                     b"".join(body),
                     str(scope.get("path_template") or scope["path"]),
                 )
+                deps = (
+                    tuple((s, changes.get(s, 0), commands.get(s, 0)) for s in sorted(asked))
+                    if asked
+                    else None
+                )
+                # Judged by the services' counts at its start: built across a change notice
+                # it is stale at once (still the best copy while the next rebuild runs; under
+                # a stream of notices no build would ever be kept otherwise), across a
+                # command or a reconnect it is gone (neither kept nor handed to anyone).
+                answer = _Kept(response, built, generation, epoch, deps)
+                if self._state(answer, time.monotonic()) == _GONE:
+                    answer = None
         finally:
             stop_asking(token)
             if flight is not None:
                 del self._flights[key]
-                flight.set_result(response)
-        if response is not None and response.status == 200:
-            deps = (
-                tuple((s, changes.get(s, 0), commands.get(s, 0)) for s in sorted(asked))
-                if asked
-                else None
-            )
-            self._keep(key, _Kept(response, built, generation, epoch, deps))
+                flight.set_result(None if answer is None else answer.response)
+        if answer is not None and answer.response.status == 200:
+            self._keep(key, answer)
 
     def _keep(self, key: tuple[str, bytes], kept: _Kept) -> None:
         size = len(kept.response.body)

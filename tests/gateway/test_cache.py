@@ -229,3 +229,38 @@ async def test_after_a_command_concurrent_reads_wait_for_one_new_answer(
         assert len(set(counts)) == 1
         assert await requests_served(nc) == 2
     await nc.close()
+
+
+async def test_an_answer_built_across_a_notice_is_the_copy_served_during_the_next_rebuild(
+    env: dict[str, str],
+) -> None:
+    """Under a stream of notices every build overlaps one: kept as stale, not thrown away."""
+    definition, _ = build()
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    async with (
+        running_service(definition, load_settings(CommonSettings, env)),
+        edge(nc) as it,
+    ):
+        it.gate = asyncio.Event()
+        first = asyncio.create_task(it.count())
+        await it.entered.wait()  # the first build is held...
+        await nc.publish(changed_subject("usage"), b"")  # ...while its service announces one
+        for _ in range(200):
+            if it.services.change_counts.get("usage", 0):
+                break
+            await asyncio.sleep(0.01)
+        assert it.services.change_counts.get("usage", 0) == 1
+        it.gate.set()
+        assert await first == 0
+
+        it.gate = asyncio.Event()
+        it.entered.clear()
+        second = asyncio.create_task(it.count())  # stale at once: this one rebuilds it
+        await it.entered.wait()
+        # Served the first build's copy at once, while the second build is still held.
+        assert await asyncio.wait_for(it.count(), 5) == 0
+        assert not second.done()
+        it.gate.set()
+        assert await second == 0
+        assert await requests_served(nc) == 2
+    await nc.close()
