@@ -19,8 +19,8 @@ from services.usage.decide import IngestAnswer, IngestParams
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.service import build, usage_projection
 from services.usage.settings import UsageSettings
-from shared import bus
 from shared.clock import SYSTEM_CLOCK
+from shared.streams import provision, snapshot_bucket
 from shared.testing import running_service
 
 # The events span the week before the run's last eight days began: in the past (the ingest
@@ -96,7 +96,7 @@ async def stream_messages(url: str, subject: str | None = None) -> int:
 async def catch_up(url: str, settings: UsageSettings, stored: int) -> float:
     """The usage service started on the stream of `stored` events, no snapshot: events/s."""
     nc = await nats.connect(url)
-    obs = await nc.jetstream().object_store(bus.snapshot_bucket("usage"))
+    obs = await nc.jetstream().object_store(snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(Exception):
             await obs.delete(name)
@@ -159,7 +159,7 @@ async def run(report: Report, ctx: object) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     for event in events(count(100_000), prefix="stored"):
         await js.publish_async(SUBJECT_RECORDED, _encode(event), headers={"Nats-Msg-Id": event.id})
     await js.publish_async_completed()

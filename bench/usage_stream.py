@@ -35,8 +35,8 @@ from bench.ceilings import raw_read, sample_event, sample_usage
 from bench.harness import ROOT, Report, Result, log
 from services.usage.client import UsageRecorder
 from services.usage.events import UsageRecorded
-from shared import bus
 from shared.runtime import ServiceStatus
+from shared.streams import provision, snapshot_bucket
 from shared.testing import free_port, stop_process, wait_for_port
 
 STREAM = "STOCKPILOT_USAGE"
@@ -202,7 +202,7 @@ async def run(report: Report, ctx: object) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     next_id = 0
     with running_stack(url, workdir / "stream") as stack:
         await wait_folded(nc, await last_seq(js), timeout=600)
@@ -279,7 +279,7 @@ async def run(report: Report, ctx: object) -> None:
             )
 
         replays, reads = [], []
-        obs = await js.object_store(bus.snapshot_bucket("usage"))
+        obs = await js.object_store(snapshot_bucket("usage"))
         for i in range(runs):
             stack.stop("usage")
             for name in SNAPSHOTS:

@@ -29,7 +29,7 @@ from services.batch.events import (
 )
 from services.health.events import HealthChecked, HostSampled
 from services.usage.events import PricesChanged, UsageRecorded, UsageReset
-from shared.bus import DeadLetter
+from shared.dead_letters import DeadLetter
 from shared.events import JOB_ID_PATTERN, Alert
 from shared.runtime import VERSION
 

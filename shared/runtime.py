@@ -44,9 +44,10 @@ from nats.micro.request import Request
 from nats.micro.request import ServiceError as MicroServiceError
 from nats.micro.service import ServiceConfig
 
-from shared import bus
 from shared.alerts import AlertLedger, alert_ledger
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.connection import connect_unless_stopped, drain_or_close, may_administer
+from shared.dead_letters import dead_letter, describe_decode_error
 from shared.errors import StockpilotError
 from shared.events import Alert, AwareDatetime, Event
 from shared.nats_errors import is_nats_error, translate
@@ -59,8 +60,10 @@ from shared.projection import (
     encode_snapshot,
     view_digest,
 )
+from shared.publish import publish_event
 from shared.settings import CommonSettings, require_nats
 from shared.stream_reader import read_stream
+from shared.streams import STREAMS, NotProvisionedError, provision_or_check, snapshot_store
 from shared.supervise import Supervisor
 
 log = logging.getLogger("stockpilot.runtime")
@@ -270,7 +273,7 @@ class Context:
     ) -> js_api.PubAck:
         """Publish an event with `Nats-Msg-Id`; infrastructure errors become UnavailableError."""
         try:
-            return await bus.publish_event(self.js, subject, event, headers=headers)
+            return await publish_event(self.js, subject, event, headers=headers)
         except StockpilotError:
             raise
         except Exception as exc:
@@ -355,7 +358,7 @@ class Runtime:
         async def on_reconnected() -> None:
             self._reconnected.set()
 
-        nc = await bus.connect_unless_stopped(
+        nc = await connect_unless_stopped(
             self.stop,
             self.settings,
             f"stockpilot-{name}",
@@ -373,16 +376,16 @@ class Runtime:
             # streams and this service's user may only check them.
             needed = {t.projection.stream.name for t in self.tracked.values()}
             try:
-                await bus.provision_or_check(
-                    self.js, self.settings, (*sorted(needed), bus.STREAMS["alerts"].name)
+                await provision_or_check(
+                    self.js, self.settings, (*sorted(needed), STREAMS["alerts"].name)
                 )
-                self._obs = await bus.snapshot_store(
+                self._obs = await snapshot_store(
                     self.js,
                     name,
                     self.settings.stream_replicas,
-                    create=bus.may_administer(self.settings),
+                    create=may_administer(self.settings),
                 )
-            except bus.NotProvisionedError as exc:
+            except NotProvisionedError as exc:
                 log.error("%s: %s", name, exc)
                 return 1
             if self.definition.prepare is not None:
@@ -419,7 +422,7 @@ class Runtime:
     async def _close_connection(self) -> None:
         # With NATS away the drain times out and closing may fail: not a reason to exit
         # non-zero.
-        await bus.drain_or_close(self.nc)
+        await drain_or_close(self.nc)
 
     async def _unsubscribe(self) -> None:
         for tracked in self.tracked.values():
@@ -627,7 +630,7 @@ class Runtime:
         try:
             alerts = projection.fold(seq, data, subject, stored_ns)
         except DECODE_ERRORS as exc:
-            self._refuse(tracked, subject, data, seq, bus.describe_decode_error(exc))
+            self._refuse(tracked, subject, data, seq, describe_decode_error(exc))
         except FoldError as exc:
             self._refuse(tracked, subject, data, seq, str(exc))
         except Exception as exc:
@@ -683,7 +686,7 @@ class Runtime:
 
     async def _send_dead_letter(self, subject: str, data: bytes, reason: str, seq: int) -> None:
         with contextlib.suppress(Exception):
-            await bus.dead_letter(
+            await dead_letter(
                 self.nc, self.definition.name, subject, data, reason, seq, self.clock.now()
             )
 
@@ -731,7 +734,7 @@ class Runtime:
             delay = 0.2
             while True:
                 try:
-                    ack = await bus.publish_event(self.js, alert.subject, alert)
+                    ack = await publish_event(self.js, alert.subject, alert)
                     if not ack.duplicate:
                         self.alerts_published += 1
                         log.info("%s: alert %s (%s)", self.definition.name, alert.id, alert.title)

@@ -120,5 +120,5 @@ def test_the_check_sees_every_way_of_importing_the_harness() -> None:
         "from services.usage import tests_of_nothing": False,
     }
     for source, expected in sources.items():
-        names = imported_modules(source, "shared.bus")
+        names = imported_modules(source, "shared.streams")
         assert any(is_forbidden(name) for name in names) is expected, source

@@ -63,8 +63,8 @@ from services.batch.locks import (
     renew_lock,
 )
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.publish import publish_event
 
 # The lock primitives are part of the worker-side API too.
 __all__ = [
@@ -250,7 +250,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             fencing_token=lock.fencing_token,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), started)
+            await publish_event(self._js, run_subject(self.job_id), started)
         except BaseException:
             with contextlib.suppress(Exception):
                 await release_lock(self._js, lock, clock=self._clock)
@@ -272,7 +272,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             holder_fencing_token=held.fencing_token,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), skipped)
+            await publish_event(self._js, run_subject(self.job_id), skipped)
         except Exception as exc:  # the skip itself is what the caller must hear about
             log.error("batch job %s: could not record a skipped run: %s", self.job_id, exc)
 
@@ -301,7 +301,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             memory_mb=memory_mb,
             cpu_percent=cpu,
         )
-        await bus.publish_event(self._js, run_subject(self.job_id), progress)
+        await publish_event(self._js, run_subject(self.job_id), progress)
         if run.lock_lost:
             return
         why = await check_lock(self._js, run.lock, self._clock)
@@ -383,6 +383,6 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             traceback=trace,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), finished)
+            await publish_event(self._js, run_subject(self.job_id), finished)
         except Exception as exc:
             log.error("batch job %s: could not record its end (%s): %s", self.job_id, status, exc)

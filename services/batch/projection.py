@@ -30,9 +30,9 @@ from services.batch.events import (
 )
 from services.batch.lockrule import LockState, lock_step
 from services.batch.schedule import JobSchedule
-from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
 from shared.projection import FoldError, Projection, View, fold_fingerprint
+from shared.streams import STREAMS
 
 ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost", "skipped"]
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import msgspec
 
 from services.usage.events import UsageRecorded, UsageRecordedIn, UsageReset
-from shared.bus import describe_decode_error
+from shared.dead_letters import describe_decode_error
 from shared.errors import InvalidRequestError
 from shared.events import AwareDatetime, timing_problem
 

@@ -43,13 +43,13 @@ from services.usage.projection import (
 )
 from services.usage.settings import UsageSettings
 from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
-from shared import bus
-from shared.bus import STREAMS, encode_event
 from shared.clock import Clock
 from shared.errors import UnavailableError
 from shared.nats_errors import is_nats_error, translate
 from shared.projection import Projection
+from shared.publish import encode_event, publish_event
 from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
+from shared.streams import STREAMS
 
 log = logging.getLogger("stockpilot.usage")
 
@@ -168,7 +168,7 @@ def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
             event = prices_event(configured, await _prices_message(js, first=False), clock.now())
             if event is not None:
                 try:
-                    await bus.publish_event(js, SUBJECT_PRICES, event)
+                    await publish_event(js, SUBJECT_PRICES, event)
                 except Exception as exc:
                     if not is_nats_error(exc):
                         raise

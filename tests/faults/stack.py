@@ -20,9 +20,9 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from shared.bus import STREAMS
 from shared.runtime import DigestAnswer, Runtime, endpoint_subject
 from shared.settings import CommonSettings, load_settings
+from shared.streams import STREAMS
 from shared.testing import free_port, running_service, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]

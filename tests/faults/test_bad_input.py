@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from nats import connect as nats_connect
 
 from services.usage.answers import UsageCounters
-from shared.bus import DeadLetter
+from shared.dead_letters import DeadLetter
 from shared.events import rfc3339
 from shared.runtime import ServiceStatus, endpoint_subject
 from shared.testing import NatsServer

@@ -28,9 +28,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.replay import replay_definition
-from shared.bus import STREAMS, provision
 from shared.runtime import ServiceStatus, endpoint_subject
 from shared.settings import load_settings
+from shared.streams import STREAMS, provision
 from shared.testing import NatsServer, stop_process
 from tests.clocks import NOON
 from tests.faults.stack import (

@@ -23,10 +23,10 @@ from nats.aio.client import Client as NATS
 
 from services.batch.errors import LockHeldError
 from services.batch.locks import acquire_lock
-from shared.bus import provision
 from shared.projection import view_digest
 from shared.runtime import Runtime, endpoint_subject, micro_name
 from shared.settings import load_settings
+from shared.streams import provision
 from shared.testing import NatsServer, running_service
 from tests.clocks import NOON
 from tests.faults.stack import _settings_class, service_env, wait_caught_up

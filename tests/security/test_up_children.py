@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from ops import nats_auth
 from ops.stack import child_environment
 from services.usage.client import RecorderSettings, UsageRecorder
-from shared import bus
+from shared.connection import inbox_prefix
 from shared.settings import load_settings
 from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.clocks import REAL
@@ -263,7 +263,7 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
             f"nats://127.0.0.1:{port}",
             user="observer",
             password=passwords["observer"],
-            inbox_prefix=bus.inbox_prefix("observer"),
+            inbox_prefix=inbox_prefix("observer"),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
             reconnected_cb=on_reconnect,
@@ -302,7 +302,7 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
             f"nats://127.0.0.1:{port}",
             user="usage",
             password=passwords["usage"],
-            inbox_prefix=bus.inbox_prefix("usage"),
+            inbox_prefix=inbox_prefix("usage"),
         )
         async with asyncio.timeout(20):
             await reconnected.wait()
@@ -318,7 +318,7 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
             f"nats://127.0.0.1:{port}",
             user="ops",
             password=passwords["ops"],
-            inbox_prefix=bus.inbox_prefix("ops"),
+            inbox_prefix=inbox_prefix("ops"),
         )
         subject = "stockpilot.usage.recorded"
         info = await ops.jetstream().stream_info("STOCKPILOT_USAGE", subjects_filter=subject)

@@ -19,8 +19,8 @@ from services.usage.answers import UsageCosts, UsageStats, UsageTimeseries
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
+from shared.publish import encode_event
 from shared.testing import nats_server, running_service
 from tests.clocks import NOON
 from tests.usage.helpers import (
@@ -219,13 +219,11 @@ async def publish_records(
     nc = await nats.connect(servers)
     js = nc.jetstream()
     futures = [
-        await js.publish_async(SUBJECT_RECORDED, bus.encode_event(e), headers={"Nats-Msg-Id": e.id})
+        await js.publish_async(SUBJECT_RECORDED, encode_event(e), headers={"Nats-Msg-Id": e.id})
         for e in events
     ]
     # Copies without Nats-Msg-Id get past JetStream's window: the projection drops them.
-    futures += [
-        await js.publish_async(SUBJECT_RECORDED, bus.encode_event(events[i])) for i in repeats
-    ]
+    futures += [await js.publish_async(SUBJECT_RECORDED, encode_event(events[i])) for i in repeats]
     await asyncio.gather(*futures)
     await nc.close()
 
