@@ -35,7 +35,7 @@ from bench.ceilings import raw_read, sample_event, sample_usage
 from bench.harness import ROOT, Report, Result, log
 from services.usage.client import UsageRecorder
 from services.usage.events import UsageRecorded
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 from shared.streams import provision, snapshot_bucket
 from shared.testing import free_port, stop_process, wait_for_port
 

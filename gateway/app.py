@@ -29,7 +29,7 @@ from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
 from shared import connection
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.runtime import VERSION
+from shared.service_status import VERSION
 from shared.streams import STREAMS, provision_or_check
 
 log = logging.getLogger("stockpilot.gateway")

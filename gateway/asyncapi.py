@@ -31,7 +31,7 @@ from services.health.events import HealthChecked, HostSampled
 from services.usage.events import PricesChanged, UsageRecorded, UsageReset
 from shared.dead_letters import DeadLetter
 from shared.events import JOB_ID_PATTERN, Alert
-from shared.runtime import VERSION
+from shared.service_status import VERSION
 
 SCHEMA_REF = "#/components/schemas/{name}"
 

@@ -36,7 +36,7 @@ from services.usage.answers import UsageCosts, UsageCounters, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
 from shared.hook_status import hooks_process_state as process_state
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 
 COMPONENT_STATUSES: tuple[str, ...] = get_args(Status)
 HOOK_STATES: tuple[str, ...] = get_args(HookStateName)

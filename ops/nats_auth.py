@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ops.hook_runner import consumer_name
+from shared.change_notices import changed_subject
 from shared.connection import inbox_prefix
+from shared.endpoints import endpoint_subject, micro_name
 from shared.hook_status import STATUS_KEY
-from shared.runtime import changed_subject, endpoint_subject, micro_name
 from shared.streams import HOOK_MARKS_BUCKET, SERVICES, STATE_BUCKET, STREAMS, snapshot_bucket
 
 EVENT_STREAMS = [spec.name for spec in STREAMS.values()]

@@ -23,8 +23,10 @@ from nats.js import api as js_api
 
 from ops.stream_io import Progress, read_stream
 from shared.alerts import alert_ledger
+from shared.endpoints import endpoint_subject
 from shared.projection import Projection, view_digest
-from shared.runtime import DigestAnswer, ServiceDefinition, ack_metadata, endpoint_subject
+from shared.runtime import ServiceDefinition, ack_metadata
+from shared.service_status import DigestAnswer
 from shared.settings import CommonSettings, SettingsError, env_name, load_settings
 from shared.streams import STREAMS
 

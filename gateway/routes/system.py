@@ -33,7 +33,7 @@ from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime
 from shared.hook_status import hooks_process_state, read_hooks_status
 from shared.nats_errors import NATS_ERRORS
-from shared.runtime import VERSION, ServiceStatus
+from shared.service_status import VERSION, ServiceStatus
 from shared.streams import STREAMS
 
 SERVICES = ("health", "usage", "batch")

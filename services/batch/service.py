@@ -49,11 +49,12 @@ from services.batch.projection import (
 )
 from services.batch.schedule import MAX_MISSED_ALERTS
 from services.batch.settings import BatchSettings
+from shared.endpoints import Endpoint, NoParams
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
 from shared.events import Alert, Event
 from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
 from shared.publish import publish_event
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.runtime import Context, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
 log = logging.getLogger("stockpilot.batch")

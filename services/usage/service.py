@@ -44,11 +44,12 @@ from services.usage.projection import (
 from services.usage.settings import UsageSettings
 from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
 from shared.clock import Clock
+from shared.endpoints import Endpoint, NoParams
 from shared.errors import UnavailableError
 from shared.nats_errors import is_nats_error, translate
 from shared.projection import Projection
 from shared.publish import encode_event, publish_event
-from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
+from shared.runtime import Context, Prepare, ServiceDefinition
 from shared.streams import STREAMS
 
 log = logging.getLogger("stockpilot.usage")

@@ -20,7 +20,9 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from shared.runtime import DigestAnswer, Runtime, endpoint_subject
+from shared.endpoints import endpoint_subject
+from shared.runtime import Runtime
+from shared.service_status import DigestAnswer
 from shared.settings import CommonSettings, load_settings
 from shared.streams import STREAMS
 from shared.testing import free_port, running_service, stop_process, wait_for_port

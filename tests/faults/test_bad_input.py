@@ -29,8 +29,9 @@ from nats import connect as nats_connect
 
 from services.usage.answers import UsageCounters
 from shared.dead_letters import DeadLetter
+from shared.endpoints import endpoint_subject
 from shared.events import rfc3339
-from shared.runtime import ServiceStatus, endpoint_subject
+from shared.service_status import ServiceStatus
 from shared.testing import NatsServer
 from tests.clocks import NOON
 from tests.faults.stack import ROOT, gateway_process, in_process_services, service_env

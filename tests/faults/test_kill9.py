@@ -28,7 +28,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.replay import replay_definition
-from shared.runtime import ServiceStatus, endpoint_subject
+from shared.endpoints import endpoint_subject
+from shared.service_status import ServiceStatus
 from shared.settings import load_settings
 from shared.streams import STREAMS, provision
 from shared.testing import NatsServer, stop_process

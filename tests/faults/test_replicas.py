@@ -23,8 +23,9 @@ from nats.aio.client import Client as NATS
 
 from services.batch.errors import LockHeldError
 from services.batch.locks import acquire_lock
+from shared.endpoints import endpoint_subject, micro_name
 from shared.projection import view_digest
-from shared.runtime import Runtime, endpoint_subject, micro_name
+from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.streams import provision
 from shared.testing import NatsServer, running_service

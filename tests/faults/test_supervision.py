@@ -19,16 +19,12 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.hook_runner import consumer_name
+from shared.endpoints import endpoint_subject
 from shared.events import rfc3339, utc_now
 from shared.hook_status import hooks_process_state, read_hooks_status
-from shared.runtime import (
-    SNAPSHOT_MAX_FAILURES,
-    Context,
-    Runtime,
-    ServiceDefinition,
-    endpoint_subject,
-)
+from shared.runtime import Context, Runtime, ServiceDefinition
 from shared.settings import CommonSettings, load_settings
+from shared.snapshotter import SNAPSHOT_MAX_FAILURES
 from shared.streams import STREAMS, provision, snapshot_bucket
 from shared.supervise import EXIT_LOOP_FAILED
 from shared.testing import NatsServer, stop_process

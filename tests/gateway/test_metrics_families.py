@@ -18,7 +18,7 @@ from services.health.queries import ComprehensiveHealth
 from services.usage.answers import UsageCosts, UsageCounters, UsageStats
 from services.usage.service import UsageSummary
 from shared.hook_status import HooksStatus, HookStatus
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 from tests.clocks import NOON
 
 NOW = NOON  # the scrape's "now": the run's noon UTC, never a literal date

@@ -11,7 +11,8 @@ from services.health.service import ROUND_KEY, build
 from services.health.settings import HealthSettings
 from shared.clock import ManualClock
 from shared.publish import publish_event
-from shared.runtime import ProjectionStatus, Runtime
+from shared.runtime import Runtime
+from shared.service_status import ProjectionStatus
 from shared.settings import load_settings
 from shared.streams import STATE_BUCKET, provision
 from shared.testing import running_service

@@ -27,9 +27,10 @@ from services.usage.answers import StatsParams, UsageStats
 from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, UsageReset
 from services.usage.service import build as build_usage
 from shared.dead_letters import DeadLetter
+from shared.endpoints import endpoint_subject
 from shared.events import Alert, admission_problem, rfc3339, utc_now
 from shared.publish import publish_event
-from shared.runtime import Runtime, ack_metadata, endpoint_subject
+from shared.runtime import Runtime, ack_metadata
 from shared.streams import provision
 from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env

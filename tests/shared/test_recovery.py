@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from shared.projection import decode_snapshot, encode_snapshot, view_digest
 from shared.publish import encode_event
-from shared.runtime import DigestAnswer
+from shared.service_status import DigestAnswer
 from shared.streams import provision
 from tests.clocks import NOON
 from tests.shared.toy import Counted, ToyView, build

@@ -11,7 +11,8 @@ from services.usage.events import SUBJECT_RECORDED
 from services.usage.service import build
 from shared.clock import ManualClock
 from shared.publish import publish_event
-from shared.runtime import ProjectionStatus, Runtime
+from shared.runtime import Runtime
+from shared.service_status import ProjectionStatus
 from shared.streams import provision
 from shared.testing import running_service
 from tests.usage.helpers import recorded, usage_settings
