@@ -33,7 +33,8 @@ class ChangeNotifier:
         # calling `announce`: an attribute read per event rather than a call.
         self.pending: asyncio.TimerHandle | None = None
         self.sent = 0
-        self._last = 0.0
+        # Never sent: the first notice goes at once (the loop's clock may start near 0).
+        self._last = float("-inf")
         self._nc: NATS | None = None
         self._sends: set[asyncio.Task[None]] = set()
 
