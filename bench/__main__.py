@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import ceilings
 from bench.harness import ROOT, Report, log, write_report
-from shared.testing import NatsServer
+from tests.harness import NatsServer
 
 MODULES = ("usage_ingest", "usage_stream", "health", "batch", "gateway")
 

@@ -19,7 +19,7 @@ from services.batch.projection import batch_projection
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared.streams import provision, snapshot_bucket
-from shared.testing import running_service
+from tests.harness import running_service
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 PROGRESS_PER_RUN = 3

@@ -13,7 +13,7 @@ from bench.ceilings import sample_event
 from bench.harness import Report, Result, log, process, wrk
 from services.usage.budget_client import BudgetChecker
 from shared.streams import provision
-from shared.testing import free_port
+from tests.harness import free_port
 
 ROUTES = (
     "/api/v1/status",

@@ -21,7 +21,7 @@ from services.usage.service import build, usage_projection
 from services.usage.settings import UsageSettings
 from shared.clock import SYSTEM_CLOCK
 from shared.streams import provision, snapshot_bucket
-from shared.testing import running_service
+from tests.harness import running_service
 
 # The events span the week before the run's last eight days began: in the past (the ingest
 # refuses a record dated after it was received) and recent (within every retention).

@@ -37,7 +37,7 @@ from services.usage.client import UsageRecorder
 from services.usage.events import UsageRecorded
 from shared.service_status import ServiceStatus
 from shared.streams import provision, snapshot_bucket
-from shared.testing import free_port, stop_process, wait_for_port
+from tests.harness import free_port, stop_process, wait_for_port
 
 STREAM = "STOCKPILOT_USAGE"
 SUBJECT = "stockpilot.usage.recorded"

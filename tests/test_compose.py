@@ -28,7 +28,7 @@ from ops.cli import build_parser
 from shared.connection import inbox_prefix
 from shared.settings import CommonSettings, env_name
 from shared.streams import provision
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read compose.yaml")
 

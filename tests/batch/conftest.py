@@ -23,7 +23,7 @@ from shared.events import Alert
 from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.streams import provision
-from shared.testing import running_service
+from tests.harness import running_service
 
 ADMIN_TOKEN = "test-admin-token"
 

@@ -11,7 +11,7 @@ from shared.clock import ManualClock
 from shared.runtime import Runtime
 from shared.service_status import ProjectionStatus
 from shared.settings import load_settings
-from shared.testing import running_service
+from tests.harness import running_service
 
 JOBS = ("alpha", "beta", "gamma")
 

@@ -12,8 +12,8 @@ from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared.projection import view_digest
 from shared.streams import snapshot_bucket
-from shared.testing import running_service
 from tests.batch.conftest import alerts_of
+from tests.harness import running_service
 
 
 async def work(nc: NATS, job_id: str, fail: bool = False) -> None:

@@ -31,7 +31,7 @@ from shared.events import Event
 from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.streams import provision
-from shared.testing import free_port, running_service
+from tests.harness import free_port, running_service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -25,7 +25,7 @@ from shared.runtime import Runtime
 from shared.service_status import DigestAnswer
 from shared.settings import CommonSettings, load_settings
 from shared.streams import STREAMS
-from shared.testing import free_port, running_service, stop_process, wait_for_port
+from tests.harness import free_port, running_service, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMPTY_TOML = str(ROOT / "tests" / "empty.toml")

@@ -32,7 +32,6 @@ from shared.endpoints import endpoint_subject
 from shared.service_status import ServiceStatus
 from shared.settings import load_settings
 from shared.streams import STREAMS, provision
-from shared.testing import NatsServer, stop_process
 from tests.clocks import NOON
 from tests.faults.stack import (
     _settings_class,
@@ -41,6 +40,7 @@ from tests.faults.stack import (
     spawn,
     wait_caught_up,
 )
+from tests.harness import NatsServer, stop_process
 
 EVENTS = int(os.environ.get("STOCKPILOT_KILL_EVENTS", "50000"))
 WINDOW = 512

@@ -28,9 +28,9 @@ from shared.projection import view_digest
 from shared.runtime import Runtime
 from shared.settings import load_settings
 from shared.streams import provision
-from shared.testing import NatsServer, running_service
 from tests.clocks import NOON
 from tests.faults.stack import _settings_class, service_env, wait_caught_up
+from tests.harness import NatsServer, running_service
 
 # 09:00 UTC six days before the run's noon: a past day the replicas are asked about.
 DAY = NOON - timedelta(days=6, hours=3)

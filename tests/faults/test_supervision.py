@@ -27,8 +27,8 @@ from shared.settings import CommonSettings, load_settings
 from shared.snapshotter import SNAPSHOT_MAX_FAILURES
 from shared.streams import STREAMS, provision, snapshot_bucket
 from shared.supervise import EXIT_LOOP_FAILED
-from shared.testing import NatsServer, stop_process
 from tests.faults.stack import service_env, spawn, wait_caught_up
+from tests.harness import NatsServer, stop_process
 
 
 @contextlib.asynccontextmanager

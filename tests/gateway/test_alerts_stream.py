@@ -26,8 +26,8 @@ from shared.events import Alert
 from shared.publish import publish_event
 from shared.settings import load_settings
 from shared.streams import STREAMS, provision
-from shared.testing import free_port
 from tests.clocks import NOON
+from tests.harness import free_port
 
 # When the alerts say they occurred (the stream is read by when they were stored).
 T0 = NOON - timedelta(hours=3)

@@ -10,8 +10,8 @@ import nats
 from gateway.services import ServiceClient
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import running_service
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import CountAnswer, Counted, build
 
 T0 = NOON  # any instant at or before now: the toy counts events, it has no days

@@ -32,8 +32,8 @@ from shared.events import rfc3339
 from shared.hook_status import STATUS_KEY, HooksStatus, HookStatus
 from shared.settings import CommonSettings, load_settings
 from shared.streams import STATE_BUCKET
-from shared.testing import free_port, running_service
 from tests.gateway.test_system_routes import wait_connected
+from tests.harness import free_port, running_service
 from tests.shared.toy import build
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -17,7 +17,7 @@ from gateway.settings import GatewaySettings
 from services.usage.service import build
 from shared.clock import ManualClock
 from shared.publish import publish_event
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 

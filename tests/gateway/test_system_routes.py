@@ -27,7 +27,7 @@ from shared.clock import ManualClock
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
 from shared.streams import provision
-from shared.testing import free_port, running_service
+from tests.harness import free_port, running_service
 from tests.shared.toy import build
 
 

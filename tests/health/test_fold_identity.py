@@ -15,7 +15,7 @@ from shared.runtime import Runtime
 from shared.service_status import ProjectionStatus
 from shared.settings import load_settings
 from shared.streams import STATE_BUCKET, provision
-from shared.testing import running_service
+from tests.harness import running_service
 
 RESULTS = 6
 

@@ -30,8 +30,8 @@ from shared.dead_letters import dead_letter
 from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
 from shared.streams import provision
-from shared.testing import NatsServer, running_service
 from tests.clocks import NOON
+from tests.harness import NatsServer, running_service
 from tests.shared.toy import Counted, build
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon

@@ -304,7 +304,7 @@ async def test_slack_hook_posts_a_text_message(env: dict[str, str]) -> None:
 
 
 async def test_stops_on_request_while_nats_is_still_unreachable(tmp_path: object) -> None:
-    from shared.testing import free_port
+    from tests.harness import free_port
 
     settings = load_settings(
         HookSettings,

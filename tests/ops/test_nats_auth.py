@@ -18,8 +18,8 @@ from shared.connection import inbox_prefix
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
 from shared.streams import STREAMS, provision
-from shared.testing import free_port, nats_server_binary, running_service, wait_for_port
 from tests.clocks import NOON
+from tests.harness import free_port, nats_server_binary, running_service, wait_for_port
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 

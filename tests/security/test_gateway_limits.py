@@ -28,7 +28,7 @@ from services.health.service import build
 from services.health.settings import HealthSettings
 from shared.settings import load_settings
 from shared.streams import STREAMS, provision
-from shared.testing import free_port, running_service, stop_process
+from tests.harness import free_port, running_service, stop_process
 from tests.health.targets import Reply, Target
 
 ADMIN = "admin-secret"

@@ -37,7 +37,7 @@ from shared.streams import (
     snapshot_bucket,
     snapshot_store,
 )
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.ops.receiver import receiving
 from tests.usage.helpers import recorded
 

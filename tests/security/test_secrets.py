@@ -44,7 +44,7 @@ from ops.stack import CHILD_SETTINGS
 from shared.connection import inbox_prefix
 from shared.redact import forms
 from shared.settings import env_name, load_settings
-from shared.testing import free_port
+from tests.harness import free_port
 from tests.health.targets import Reply, Target
 from tests.ops.receiver import Receiver, receiving
 from tests.security.careless import careless_postgres, careless_redis

@@ -24,8 +24,8 @@ from ops.stack import child_environment
 from services.usage.client import RecorderSettings, UsageRecorder
 from shared.connection import inbox_prefix
 from shared.settings import load_settings
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.clocks import REAL
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.usage.helpers import recorded as usage_call
 
 ROOT = Path(__file__).parents[2]

@@ -32,8 +32,8 @@ from shared.events import Alert, admission_problem, rfc3339, utc_now
 from shared.publish import publish_event
 from shared.runtime import Runtime, ack_metadata
 from shared.streams import provision
-from shared.testing import running_service
 from tests.faults.stack import in_process_services, service_env
+from tests.harness import running_service
 from tests.usage.helpers import (
     ADMIN,
     INGEST,

@@ -14,8 +14,8 @@ from shared.alert_outbox import AlertOutbox
 from shared.alerts import alert_ledger
 from shared.events import Alert, alert_id
 from shared.streams import STREAMS, provision
-from shared.testing import NatsServer
 from tests.clocks import NOON
+from tests.harness import NatsServer
 
 
 def toy_alert(scope: str) -> Alert:

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from shared.change_notices import ChangeNotifier, changed_subject
-from shared.testing import NatsServer
+from tests.harness import NatsServer
 
 
 @pytest.fixture

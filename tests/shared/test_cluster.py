@@ -14,8 +14,8 @@ from services.usage.client import UsageRecorder
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
 from shared.streams import provision
-from shared.testing import NatsCluster, running_service
 from tests.clocks import NOON
+from tests.harness import NatsCluster, running_service
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 

@@ -23,7 +23,7 @@ from shared.endpoints import (
     start_service,
 )
 from shared.errors import ConflictError
-from shared.testing import NatsServer
+from tests.harness import NatsServer
 
 
 class EchoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -9,8 +9,8 @@ import nats
 
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
 from tests.clocks import NOON
+from tests.harness import NatsServer, running_service
 from tests.shared.toy import Counted, build
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon

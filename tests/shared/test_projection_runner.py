@@ -17,8 +17,8 @@ from shared.change_notices import ChangeNotifier
 from shared.clock import ManualClock
 from shared.projection import Projection
 from shared.projection_runner import ProjectionRunner
-from shared.testing import NatsServer
 from tests.clocks import NOON
+from tests.harness import NatsServer
 from tests.shared.toy import Counted, ToyView, build, dead_letters
 
 SUBJECT = "stockpilot.usage.recorded"

@@ -12,8 +12,8 @@ from shared.events import Alert
 from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
 from shared.streams import provision, snapshot_bucket
-from shared.testing import running_service
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import CountAnswer, Counted, build, dead_letters
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
@@ -120,7 +120,7 @@ async def test_a_stop_while_nats_is_still_unreachable_ends_the_service(tmp_path:
     from pathlib import Path
 
     from shared.runtime import Runtime
-    from shared.testing import free_port
+    from tests.harness import free_port
 
     settings = load_settings(
         CommonSettings,

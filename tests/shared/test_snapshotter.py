@@ -19,8 +19,8 @@ from shared.projection import Projection
 from shared.projection_runner import Tracked
 from shared.snapshotter import SNAPSHOT_MAX_FAILURES, Snapshotter
 from shared.streams import provision, snapshot_bucket, snapshot_store
-from shared.testing import NatsServer
 from tests.clocks import NOON
+from tests.harness import NatsServer
 from tests.shared.test_alert_outbox import toy_alert
 from tests.shared.toy import Counted, ToyView, build
 

@@ -15,8 +15,8 @@ from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
 from shared.stream_reader import ReadStopped, read_stream
 from shared.streams import STREAMS, provision, snapshot_bucket
-from shared.testing import running_service
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import Counted, build, dead_letters
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon

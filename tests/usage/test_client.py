@@ -17,7 +17,7 @@ from shared.clock import ManualClock
 from shared.events import utc_now
 from shared.settings import CommonSettings, load_settings
 from shared.streams import provision
-from shared.testing import NatsServer, running_service
+from tests.harness import NatsServer, running_service
 from tests.usage.helpers import recorded, usage_settings
 
 

@@ -14,7 +14,7 @@ from shared.publish import publish_event
 from shared.runtime import Runtime
 from shared.service_status import ProjectionStatus
 from shared.streams import provision
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.usage.helpers import recorded, usage_settings
 
 CALLS = 4

@@ -13,7 +13,7 @@ from services.usage.events import SUBJECT_RECORDED, UsageRecorded, decode_usage_
 from services.usage.service import build
 from shared.clock import ManualClock
 from shared.publish import encode_event
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 # An event as producers wrote it before the optional fields existed (fixed history: only

@@ -21,8 +21,8 @@ from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared.clock import ManualClock
 from shared.publish import encode_event
-from shared.testing import nats_server, running_service
 from tests.clocks import NOON
+from tests.harness import nats_server, running_service
 from tests.usage.helpers import (
     INGEST,
     Oracle,

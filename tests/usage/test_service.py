@@ -26,8 +26,8 @@ from shared.dead_letters import DeadLetter
 from shared.events import Alert, alert_id, rfc3339
 from shared.publish import encode_event, publish_event
 from shared.streams import provision, snapshot_bucket
-from shared.testing import running_service
 from tests.clocks import MOMENTS, REAL, Moment
+from tests.harness import running_service
 from tests.usage.helpers import (
     ADMIN,
     INGEST,

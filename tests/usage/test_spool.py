@@ -27,7 +27,7 @@ from shared import streams
 from shared.events import utc_now
 from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
+from tests.harness import NatsServer, running_service
 from tests.shared import toy
 from tests.usage.helpers import recorded
 
