@@ -64,6 +64,8 @@ class ProjectionRunner:
         self.service = service
         self.clock = clock
         self.outbox = outbox
+        # The ledger folds alerts rather than deriving them; the others' alerts go out.
+        self.ledger = outbox.ledger
         self.notifier = notifier
         self.tracked = {p.name: Tracked(p) for p in projections}
         self._nc: NATS | None = None
@@ -96,8 +98,7 @@ class ProjectionRunner:
         else:
             tracked.events_applied += 1
             tracked.since_snapshot += 1
-            ledger = self.outbox.ledger
-            if alerts and ledger is not None and projection is not ledger:
+            if alerts and self.ledger is not None and projection is not self.ledger:
                 for alert in alerts:
                     self.outbox.queue(alert)
         if self.notifier.pending is None:
