@@ -103,7 +103,8 @@ async def check_stockpilot(nc: NATS, settings: CommonSettings, servers: list[str
     raise StackError(
         f"the NATS at {shown(servers)} ({settings.nats_source}) has {what}: it is not a "
         "StockPilot stack's NATS, or its stack never started; start the stack with "
-        "`stockpilot up`, or point STOCKPILOT_NATS_URL or STOCKPILOT_DATA_DIR at a running one"
+        "`stockpilot up`, or point STOCKPILOT_NATS_URL or STOCKPILOT_DATA_DIR at a running one "
+        "(a fresh server for a restore: `stockpilot up --provision-only` creates the streams)"
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 import nats.errors
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 from nats.micro.request import ServiceError as MicroServiceError
 
 from shared.errors import StockpilotError, UnavailableError
@@ -59,3 +59,23 @@ def translate(
     """
     assert is_nats_error(exc), f"not a NATS error: {exc!r}"
     return error(f"{doing}: {exc}")
+
+
+# What a NATS restart, a reconnect or a stream leader election looks like to a caller: no
+# answer in time, nobody listening yet, JetStream briefly unavailable, the reconnect buffer
+# full. Worth trying again; every other NATS error (a refused permission, a bad request)
+# would fail the same way again.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    ServiceUnavailableError,
+    NoStreamResponseError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is NATS being briefly away rather than refusing (see TRANSIENT_ERRORS)."""
+    return isinstance(exc, TRANSIENT_ERRORS)
