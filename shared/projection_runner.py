@@ -111,7 +111,8 @@ class ProjectionRunner:
     def mark_caught_up(self, tracked: Tracked) -> None:
         """The projection has folded everything its stream held (logged the first time)."""
         if not tracked.caught_up.is_set():
-            tracked.caught_up.set()
+            # Logged before the event is set: whoever sees the service ready (a test in
+            # another thread, reading the log) finds the line already there.
             log.info(
                 "%s: %s caught up at seq %d (%d events folded)",
                 self.service,
@@ -119,6 +120,7 @@ class ProjectionRunner:
                 tracked.projection.view.last_seq,
                 tracked.events_applied,
             )
+            tracked.caught_up.set()
 
     async def wait_applied(
         self, projection: Projection[Any, Any], seq: int, timeout: float
