@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import nats
 import psutil
 
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared import streams
 from shared.connection import ADMIN_USER, connect, drain_or_close, may_administer, redact_url
+from shared.nats_errors import NATS_ERRORS
 from shared.nats_server import wait_for_port
 from shared.settings import (
     CONFIG_FILE_VARIABLE,
@@ -41,6 +41,7 @@ from shared.settings import (
     require_nats,
     settings_or_exit,
 )
+from shared.streams import provision
 
 SERVICES = ("health", "usage", "batch")
 STOP_GRACE_S = 8.0
@@ -99,8 +100,8 @@ def _provision_only() -> int:
             print(f"stockpilot up --provision-only: cannot reach NATS ({exc})", file=sys.stderr)
             return 1
         try:
-            await streams.provision(nc.jetstream(), settings.stream_replicas)
-        except nats.errors.Error as exc:
+            await provision(nc.jetstream(), settings.stream_replicas)
+        except NATS_ERRORS as exc:
             print(
                 f"stockpilot up --provision-only: failed ({exc}); "
                 f"the NATS user must be {ADMIN_USER!r}",
