@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.usage import decide, dedupe, queries
+from services.usage import decide, dedupe, queries, spend_log
 from services.usage.answers import (
     AlertList,
     AlertsParams,
@@ -41,6 +41,7 @@ from services.usage.projection import (
     make_apply,
     make_react,
 )
+from services.usage.records_contract import SpendLog, SpendLogParams
 from services.usage.settings import UsageSettings
 from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
 from shared import bus
@@ -322,6 +323,10 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     async def counters(params: NoParams, ctx: Context) -> UsageCounters:
         return queries.counters(usage.view)
 
+    async def records(params: SpendLogParams, ctx: Context) -> SpendLog:
+        # Read from the stream itself, not the view: never cached, every page is fresh.
+        return await spend_log.page(usage, ctx.js, params, settings.zone)
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
         view = usage.view
@@ -362,6 +367,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("counters", NoParams, counters),
+            Endpoint("records", SpendLogParams, records, concurrent=True),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],
