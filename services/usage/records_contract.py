@@ -98,3 +98,5 @@ class SpendLog(msgspec.Struct, kw_only=True):
     scanned_down_to: int | None = None
     window_start: datetime | None = None
     window_end: datetime | None = None
+    # How the stream was read: "bare" (the protocol reader), "nats-py" (its fallback).
+    read_path: str | None = None

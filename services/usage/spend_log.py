@@ -2,7 +2,7 @@
 
 The stream is the log: no second store, no index to keep in step. A page reads the stream
 downwards from the newest event (or from its cursor) in growing chunks, each read forwards
-by an ordered push consumer from its first sequence to its last, and keeps the calls that
+from its first sequence to its last (services.usage.log_reader), and keeps the calls that
 match, newest first. Calls carry their filter fields only in the payload (every call is on
 one subject), so filtering happens here; two things keep a page fast on millions of events:
 
@@ -21,14 +21,12 @@ occurred_at).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
 import msgspec
@@ -36,11 +34,12 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.log_reader import Message, first_stored_at, read_range
 from services.usage.prices import base_model
 from services.usage.projection import UsageProjection
 from services.usage.queries import _parse_moment  # the stats routes' own date/time reading
 from services.usage.records_contract import Priced, SpendLog, SpendLogParams, SpendRecord
-from shared.errors import InvalidRequestError, UnavailableError
+from shared.errors import InvalidRequestError
 from shared.events import MAX_FUTURE_S
 from shared.nats_errors import is_nats_error, translate
 from shared.projection import FoldError
@@ -51,8 +50,6 @@ SCAN_BUDGET = 50_000
 FIRST_CHUNK = 256
 CHUNK_GROWTH = 4
 MAX_CHUNK = 20_000
-# A consumer that delivers nothing for this long means the stream is unavailable.
-STALL_S = 5.0
 
 _SUBJECT = SUBJECT_RECORDED.encode()
 _CURSOR_VERSION = 1
@@ -146,6 +143,13 @@ def _next_local_day(midnight: datetime, zone: ZoneInfo) -> datetime:
 # ----- cursors ---------------------------------------------------------------------------
 
 
+def cursor_key(info: js_api.StreamInfo) -> bytes:
+    """What a cursor is checked with: the stream's name and creation time, so a cursor of a
+    stream since deleted and recreated (a restore) is refused, not read from elsewhere."""
+    created = info.created.isoformat() if info.created else ""
+    return f"{info.config.name}@{created}".encode()
+
+
 def encode_cursor(before: int, query: Query, key: bytes) -> str:
     """An opaque cursor: read below stream sequence `before` for `query`; `key` (the
     stream's identity) makes it refused by another stream and checks it was not altered."""
@@ -177,78 +181,23 @@ def decode_cursor(cursor: str, query: Query, key: bytes) -> int:
     return int(before)
 
 
-# ----- reading the stream ----------------------------------------------------------------
-
-Message = tuple[int, bytes, bytes, int]  # sequence, subject, payload, stored (ns)
-
-
-async def read_range(
-    js: JetStreamContext, stream: str, subject: str, first: int, last: int
-) -> list[Message]:
-    """Every message of `stream` (on `subject`, its subjects) with a sequence in
-    [first, last], in order."""
-    got: list[Message] = []
-    done = asyncio.Event()
-
-    async def on_message(msg: Any) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        if seq <= last:
-            got.append((seq, msg.subject.encode(), msg.data, _stored_ns(meta.timestamp)))
-        if seq >= last or not meta.num_pending:
-            done.set()
-
-    sub = await js.subscribe(
-        subject,
-        stream=stream,
-        cb=on_message,
-        ordered_consumer=True,
-        config=js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first
-        ),
-        pending_msgs_limit=-1,
-        pending_bytes_limit=256 * 1024 * 1024,
-    )
-    try:
-        await asyncio.wait_for(done.wait(), STALL_S)
-    except TimeoutError:
-        if not got:
-            raise UnavailableError(
-                f"the usage stream delivered nothing from sequence {first} within {STALL_S:g}s"
-            ) from None
-    finally:
-        await sub.unsubscribe()
-    return got
-
-
-def _stored_ns(timestamp: datetime) -> int:
-    return int(timestamp.timestamp()) * 1_000_000_000 + timestamp.microsecond * 1000
-
-
-async def first_stored_at(js: JetStreamContext, stream: str, moment: datetime) -> int | None:
-    """The sequence of the first message stored at or after `moment` (None: there is none),
-    by JetStream's start-by-time direct get."""
-    nc = js._nc  # noqa: SLF001 - nats-py has no start-time get; as services.batch.locks does
-    request = _json({"start_time": moment.astimezone(UTC).isoformat().replace("+00:00", "Z")})
-    msg = await nc.request(f"{js._prefix}.DIRECT.GET.{stream}", request, timeout=STALL_S)  # noqa: SLF001
-    headers = msg.headers or {}
-    if headers.get("Status"):  # 404: nothing stored since
-        return None
-    return int(headers["Nats-Sequence"])
-
-
 # ----- a page ----------------------------------------------------------------------------
 
 
 async def page(
-    usage: UsageProjection, js: JetStreamContext, params: SpendLogParams, zone: ZoneInfo
+    usage: UsageProjection,
+    js: JetStreamContext,
+    params: SpendLogParams,
+    zone: ZoneInfo,
+    bare: bool = True,
 ) -> SpendLog:
-    """One page of the spend log for `params`, newest first."""
+    """One page of the spend log for `params`, newest first (`bare`: read with the bare
+    protocol reader where it can, see services.usage.log_reader)."""
     query = read_query(params, zone)
     stream = usage.stream.name
     try:
         info = await js.stream_info(stream)
-        key = f"{stream}@{info.created.isoformat() if info.created else ''}".encode()
+        key = cursor_key(info)
         upper = info.state.last_seq
         if params.cursor is not None:
             upper = min(upper, decode_cursor(params.cursor, query, key) - 1)
@@ -257,7 +206,7 @@ async def page(
             earliest = query.start - timedelta(seconds=MAX_FUTURE_S)
             found = await first_stored_at(js, stream, earliest)
             lower = upper + 1 if found is None else max(lower, found)
-        return await _scan(usage, js, query, key, lower, upper)
+        return await _scan(usage, js, query, key, lower, upper, bare)
     except Exception as exc:
         if is_nats_error(exc):
             raise translate(exc, "could not read the usage stream") from None
@@ -271,8 +220,10 @@ async def _scan(
     key: bytes,
     lower: int,
     upper: int,
+    bare: bool,
 ) -> SpendLog:
     records: list[SpendRecord] = []
+    paths = set()
     pick = _picker(usage, query)
     position = upper
     scanned = 0
@@ -280,7 +231,8 @@ async def _scan(
     next_before: int | None = None
     while position >= lower and scanned < SCAN_BUDGET:
         first = max(lower, position - size + 1, position - (SCAN_BUDGET - scanned) + 1)
-        chunk = await read_range(js, usage.stream.name, usage.subject, first, position)
+        chunk, path = await read_range(js, usage.stream.name, usage.subject, first, position, bare)
+        paths.add(path)
         scanned += position - first + 1
         found = [record for record in map(pick, chunk) if record is not None]
         for record in reversed(found):
@@ -303,6 +255,7 @@ async def _scan(
         scanned_down_to=position + 1 if scanned else None,
         window_start=query.start,
         window_end=query.end,
+        read_path="+".join(sorted(paths)) or None,
     )
 
 

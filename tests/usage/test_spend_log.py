@@ -12,7 +12,7 @@ import msgspec
 import nats
 import pytest
 
-from services.usage import spend_log
+from services.usage import log_reader, spend_log
 from services.usage.events import (
     SUBJECT_PRICES,
     SUBJECT_RECORDED,
@@ -270,3 +270,26 @@ def test_the_byte_prefilter_never_drops_a_call_written_with_escapes() -> None:
     assert b"\\" in escaped  # so the log decodes it instead of ruling it out
     plain = msgspec.json.encode(event)
     assert all(needle in plain for needle in query.needles())
+
+
+async def test_both_read_paths_read_the_same_stretch_of_the_stream(env: dict[str, str]) -> None:
+    """The bare reader (stopped past the range's end) and nats-py's ordered consumer (its
+    fallback) deliver the same messages, also where the range runs into the stream's end."""
+    nc, js = await _stack(env, ManualClock(T0))
+    for i in range(300):
+        await bus.publish_event(js, SUBJECT_RECORDED, recorded(i))
+    try:
+        for first, last in ((1, 300), (120, 180), (290, 400), (300, 300)):
+            bare, bare_path = await log_reader.read_range(
+                js, "STOCKPILOT_USAGE", "stockpilot.usage.>", first, last, bare=True
+            )
+            plain, plain_path = await log_reader.read_range(
+                js, "STOCKPILOT_USAGE", "stockpilot.usage.>", first, last, bare=False
+            )
+            assert (bare_path, plain_path) == ("bare", "nats-py")
+            assert [m[0] for m in bare] == list(range(first, min(last, 300) + 1))
+            assert [m[:3] for m in bare] == [m[:3] for m in plain]
+            # Stored times agree to the microsecond nats-py keeps (it rounds through a float).
+            assert all(abs(b[3] - p[3]) < 2000 for b, p in zip(bare, plain, strict=True))
+    finally:
+        await nc.close()
