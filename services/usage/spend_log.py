@@ -45,7 +45,7 @@ from shared.nats_errors import is_nats_error, translate
 from shared.projection import FoldError
 
 # Events read per page at most (see the module docstring; bench/spend_log.py times it).
-SCAN_BUDGET = 50_000
+SCAN_BUDGET = 25_000
 # The first chunk read; each next one is CHUNK_GROWTH times larger, up to MAX_CHUNK.
 FIRST_CHUNK = 256
 CHUNK_GROWTH = 4
