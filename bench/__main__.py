@@ -19,7 +19,18 @@ from bench import ceilings
 from bench.harness import ROOT, Report, log, write_report
 from shared.testing import NatsServer
 
-MODULES = ("usage_ingest", "usage_stream", "health", "batch", "gateway", "spend_log")
+MODULES = (
+    "usage_ingest",
+    "usage_stream",
+    "health",
+    "batch",
+    "gateway",
+    "freshness",
+    "alert_latency",
+    "sse_fanout",
+    "cluster",
+    "spend_log",
+)
 
 
 @dataclass

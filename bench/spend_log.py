@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from bench.harness import Report, Result, log, repeat
 from bench.usage_stream import STREAM, fill_to
 from services.usage import spend_log
-from services.usage.records_contract import SpendLog, SpendLogParams
+from services.usage.contract import SpendLog, SpendLogParams
 from services.usage.service import build
 from services.usage.settings import UsageSettings
 from shared import bus

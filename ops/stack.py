@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import nats
 import psutil
 
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared import bus
+from shared.nats_errors import NATS_ERRORS
 from shared.nats_server import wait_for_port
 from shared.settings import (
     CONFIG_FILE_VARIABLE,
@@ -99,7 +99,7 @@ def _provision_only() -> int:
             return 1
         try:
             await bus.provision(nc.jetstream(), settings.stream_replicas)
-        except nats.errors.Error as exc:
+        except NATS_ERRORS as exc:
             print(
                 f"stockpilot up --provision-only: failed ({exc}); "
                 f"the NATS user must be {bus.ADMIN_USER!r}",

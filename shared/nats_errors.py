@@ -2,7 +2,8 @@
 
 Everywhere else asks here whether an exception came from NATS and turns it into one of the
 project's errors (shared.errors), so no module recognises NATS errors by their module name or
-compares the server's error codes as bare numbers.
+compares the server's error codes as bare numbers: JetStream's API errors are JsErrorCode,
+the status of a message (what the bare reader and publisher parse) NatsStatus.
 """
 
 from __future__ import annotations
@@ -25,6 +26,22 @@ class JsErrorCode(IntEnum):
     STREAM_NOT_FOUND = 10059
     # JSStreamWrongLastSequenceErr: an expected-last-(subject-)sequence header did not hold.
     STREAM_WRONG_LAST_SEQUENCE = 10071
+
+
+class NatsStatus(IntEnum):
+    """Codes of the status line a NATS message may carry instead of data (`NATS/1.0 503`),
+    as nats-py's client names them (NO_RESPONDERS_STATUS, CTRL_STATUS)."""
+
+    # An idle heartbeat or a flow-control request of a push consumer.
+    CONTROL = 100
+    # Nobody subscribes to the subject; for a JetStream publish: no stream takes it.
+    NO_RESPONDERS = 503
+
+
+def status_line(code: NatsStatus) -> bytes:
+    """How a header block carrying `code` starts (`b"NATS/1.0 503"`), for the bare reader and
+    publisher, which read the frames themselves."""
+    return b"NATS/1.0 %d" % code
 
 
 # Every nats-py exception derives from nats.errors.Error except the micro framework's

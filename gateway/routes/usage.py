@@ -17,33 +17,29 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CO
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import GatewayClock, Services
-from services.usage.answers import (
-    AlertList,
-    AlertsParams,
-    BudgetAnswer,
-    BudgetParams,
-    StatsParams,
-    TimeseriesParams,
-    UsageCosts,
-    UsageStats,
-    UsageTimeseries,
-)
-from services.usage.decide import (
-    MAX_RECORDS,
-    IngestAnswer,
-    IngestParams,
-    ResetAnswer,
-    ResetParams,
-)
-from services.usage.events import Reason
-from services.usage.records_contract import (
+from services.usage.contract import (
     CURSOR_MAX_LENGTH,
     CURSOR_PATTERN,
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    MAX_RECORDS,
+    AlertList,
+    AlertsParams,
+    BudgetAnswer,
+    BudgetParams,
+    IngestAnswer,
+    IngestParams,
+    Reason,
+    ResetAnswer,
+    ResetParams,
     SpendLog,
     SpendLogParams,
+    StatsParams,
     StatusFilter,
+    TimeseriesParams,
+    UsageCosts,
+    UsageStats,
+    UsageTimeseries,
 )
 from shared.errors import InvalidRequestError
 from shared.events import EARLIEST

@@ -51,8 +51,7 @@ import nats.errors
 import psutil
 from nats.aio.client import Client as NATS
 
-from services.batch.errors import LockHeldError, LockLostError, LockStateError
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchSkipped,
@@ -60,6 +59,7 @@ from services.batch.events import (
     FinishedStatus,
     run_subject,
 )
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
 from services.batch.locks import (
     HeldLock,
     acquire_lock,
@@ -75,10 +75,13 @@ from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.nats_errors import is_transient
 
-# The lock primitives are part of the worker-side API too.
+# The lock primitives are part of the worker-side API too, and so are the errors a worker
+# catches (`except LockHeldError`): callers import all of it from here.
 __all__ = [
     "BatchRun",
     "HeldLock",
+    "LockHeldError",
+    "LockLostError",
     "acquire_lock",
     "batch_job",
     "check_lock",

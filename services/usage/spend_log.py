@@ -33,12 +33,18 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import (
+    SUBJECT_RECORDED,
+    Priced,
+    SpendLog,
+    SpendLogParams,
+    SpendRecord,
+    UsageRecorded,
+)
 from services.usage.log_reader import Message, first_stored_at, read_range
 from services.usage.prices import base_model
 from services.usage.projection import UsageProjection
 from services.usage.queries import _parse_moment  # the stats routes' own date/time reading
-from services.usage.records_contract import Priced, SpendLog, SpendLogParams, SpendRecord
 from shared.errors import InvalidRequestError
 from shared.events import MAX_FUTURE_S
 from shared.nats_errors import is_nats_error, translate

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from shared.events import Event, utc_now
 from tests.dashboard.harness import chromium_page, running_stack
 from tests.dashboard.test_status_headline import STEADY, check_layout

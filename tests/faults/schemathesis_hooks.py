@@ -23,8 +23,7 @@ import schemathesis
 from hypothesis import strategies as st
 
 from services.usage import queries, spend_log
-from services.usage.answers import StatsParams, TimeseriesParams
-from services.usage.records_contract import SpendLogParams
+from services.usage.contract import SpendLogParams, StatsParams, TimeseriesParams
 from services.usage.settings import UsageSettings
 from services.usage.view import UsageView
 from shared.errors import InvalidRequestError

@@ -13,7 +13,7 @@ import nats
 import pytest
 
 from services.usage import log_reader, spend_log
-from services.usage.events import (
+from services.usage.contract import (
     SUBJECT_PRICES,
     SUBJECT_RECORDED,
     Price,
@@ -238,7 +238,7 @@ async def test_a_page_reads_a_bounded_part_of_the_stream(
 def _query(**params: Any) -> spend_log.Query:
     from zoneinfo import ZoneInfo
 
-    from services.usage.records_contract import SpendLogParams
+    from services.usage.contract import SpendLogParams
 
     return spend_log.read_query(SpendLogParams(**params), ZoneInfo("UTC"))
 
