@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import msgspec
 import nats
@@ -18,15 +20,18 @@ from services.usage.contract import (
     SUBJECT_RECORDED,
     Price,
     PricesChanged,
+    SpendLogParams,
     UsageRecorded,
 )
 from services.usage.prices import PriceTable, shipped_prices
-from services.usage.service import build
+from services.usage.service import build, usage_projection
 from shared import bus
 from shared.clock import ManualClock
-from shared.testing import running_service
+from shared.testing import running_service, stop_process
+from tests.security.test_roles import Secured, start_server
 from tests.usage.helpers import T0, gateway, gateway_settings, recorded, usage_settings
 
+UTC_ZONE = ZoneInfo("UTC")
 CUSTOM = {
     "gpt-4o-mini": Price(input=100.0, output=200.0),
     "gpt-4o": Price(input=300.0, output=400.0),
@@ -293,3 +298,38 @@ async def test_both_read_paths_read_the_same_stretch_of_the_stream(env: dict[str
             assert all(abs(b[3] - p[3]) < 2000 for b, p in zip(bare, plain, strict=True))
     finally:
         await nc.close()
+
+
+@pytest.mark.parametrize("bare", [True, False], ids=["bare", "nats-py"])
+async def test_the_usage_role_may_read_its_log_without_new_permissions(
+    tmp_path: Path, bare: bool
+) -> None:
+    """Under the credentials `stockpilot up` gives the usage service (ops.nats_auth), both
+    read paths and the start-by-time lookup work, and the server reports no violation."""
+    process, port, passwords = start_server(tmp_path)
+    stack = Secured(port, passwords)
+    try:
+        await bus.provision((await stack.connect("ops")).nc.jetstream())
+        producer = (await stack.connect("producer")).nc.jetstream()
+        events = [recorded(i, at=T0 + timedelta(minutes=i)) for i in range(30)]
+        for event in events:
+            await bus.publish_event(producer, SUBJECT_RECORDED, event)
+        usage = await stack.connect("usage")
+        settings = usage_settings({"STOCKPILOT_CONFIG": "tests/empty.toml"}, tz="UTC")
+        projection = usage_projection(settings)
+        since = T0 + timedelta(minutes=10)
+        params = SpendLogParams(limit=7, start=since.isoformat())
+        got: list[str] = []
+        answer = await spend_log.page(projection, usage.nc.jetstream(), params, UTC_ZONE, bare)
+        got += [r.id for r in answer.records]
+        while answer.next_cursor:
+            params = msgspec.structs.replace(params, cursor=answer.next_cursor)
+            answer = await spend_log.page(projection, usage.nc.jetstream(), params, UTC_ZONE, bare)
+            got += [r.id for r in answer.records]
+        assert got == [e.id for e in reversed(events) if e.occurred_at >= since]
+        assert answer.read_path == ("bare" if bare else "nats-py")
+        assert usage.errors == []
+    finally:
+        for nc in stack.opened:
+            await nc.close()
+        stop_process(process)
