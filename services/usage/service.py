@@ -287,9 +287,14 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     async def counters(params: NoParams, ctx: Context) -> UsageCounters:
         return queries.counters(usage.view)
 
+    # A page reads up to SCAN_BUDGET events: a few at a time leave the fold its share of the
+    # process (the endpoint is concurrent, so a burst of pages would otherwise all run).
+    reading = asyncio.Semaphore(spend_log.PAGES_AT_ONCE)
+
     async def records(params: SpendLogParams, ctx: Context) -> SpendLog:
         # Read from the stream itself, not the view: never cached, every page is fresh.
-        return await spend_log.page(usage, ctx.js, params, settings.zone)
+        async with reading:
+            return await spend_log.page(usage, ctx.js, params, settings.zone)
 
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)

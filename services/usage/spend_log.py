@@ -52,6 +52,8 @@ from shared.projection import FoldError
 
 # Events read per page at most (see the module docstring; bench/spend_log.py times it).
 SCAN_BUDGET = 25_000
+# Pages read at once by one service process (more wait their turn).
+PAGES_AT_ONCE = 2
 # The first chunk read; each next one is CHUNK_GROWTH times larger, up to MAX_CHUNK.
 FIRST_CHUNK = 256
 CHUNK_GROWTH = 4
