@@ -17,6 +17,9 @@ Each record is what the usage fold counted: the same admission check (a dead let
 the log), retries the fold recognised as duplicates left out, and its cost from the fold's own
 pricing (`UsageProjection.charged`: the reported cost, else the price table in effect at its
 occurred_at).
+
+One module a little past 300 lines: a query, its cursor and its page are read together (a
+cursor means nothing without the query it was made for).
 """
 
 from __future__ import annotations
