@@ -341,3 +341,20 @@ async def test_the_usage_role_may_read_its_log_without_new_permissions(
         for nc in stack.opened:
             await nc.close()
         stop_process(process)
+
+
+def test_a_date_window_is_whole_local_days_and_a_time_window_ends_before_its_end() -> None:
+    """`end=YYYY-MM-DD` includes that day (as in /usage/stats), in STOCKPILOT_TZ; an RFC 3339
+    `end` is exclusive."""
+    from datetime import datetime
+
+    seoul = ZoneInfo("Asia/Seoul")
+    day = (T0 - timedelta(days=3)).date()
+    query = spend_log.read_query(SpendLogParams(start=day.isoformat(), end=day.isoformat()), seoul)
+    midnight = datetime(day.year, day.month, day.day, tzinfo=seoul)
+    assert query.start == midnight
+    assert query.end == midnight + timedelta(days=1)
+    last_second = recorded(1, at=query.end - timedelta(microseconds=1))
+    assert query.matches(last_second)
+    assert not query.matches(recorded(2, at=query.end))
+    assert not query.matches(recorded(3, at=query.start - timedelta(microseconds=1)))
