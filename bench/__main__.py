@@ -29,6 +29,7 @@ MODULES = (
     "alert_latency",
     "sse_fanout",
     "cluster",
+    "spend_log",
 )
 
 

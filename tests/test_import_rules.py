@@ -202,14 +202,15 @@ def test_the_check_sees_every_way_of_importing_the_harness() -> None:
 #   instrumentation and the synchronous recorder; batch's worker client. ops (the demo)
 #   and the bench call them as StockPilot AI would; the gateway never does;
 # - the bench also runs a service inside its own process and times its parts (the fold, the
-#   probes): the service's `service`, `settings`, `projection` and `probes` modules.
+#   probes, a spend-log page from a cursor it makes at a chosen depth): the service's
+#   `service`, `settings`, `projection`, `probes` and `spend_log` modules.
 # tests/ may import anything. ops starts and rebuilds services by name (`stockpilot service`,
 # `replay`) through importlib, which names the entry points (`__main__`, `settings`,
 # `service`) as strings: running a service is not reading its wire, so that stays allowed
 # and unseen here.
 CONTRACT = frozenset({"contract"})
 CLIENT = frozenset({"client", "budget_client", "instrument", "sync_recorder"})
-BENCH_RUNS = frozenset({"service", "settings", "projection", "probes"})
+BENCH_RUNS = frozenset({"service", "settings", "projection", "probes", "spend_log"})
 PUBLIC = {
     "gateway": CONTRACT,
     "ops": CONTRACT | CLIENT,

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.usage import decide, dedupe, queries
+from services.usage import decide, dedupe, queries, spend_log
 from services.usage.contract import (
     SUBJECT_PRICES,
     SUBJECT_RECORDED,
@@ -30,6 +30,8 @@ from services.usage.contract import (
     PricesChanged,
     ResetAnswer,
     ResetParams,
+    SpendLog,
+    SpendLogParams,
     SpendPeriod,
     StatsParams,
     TimeseriesParams,
@@ -286,6 +288,15 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     async def counters(params: NoParams, ctx: Context) -> UsageCounters:
         return queries.counters(usage.view)
 
+    # A page reads up to SCAN_BUDGET events: a few at a time leave the fold its share of the
+    # process (the endpoint is concurrent, so a burst of pages would otherwise all run).
+    reading = asyncio.Semaphore(spend_log.PAGES_AT_ONCE)
+
+    async def records(params: SpendLogParams, ctx: Context) -> SpendLog:
+        # Read from the stream itself, not the view: never cached, every page is fresh.
+        async with reading:
+            return await spend_log.page(usage, ctx.js, params, settings.zone)
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
         view = usage.view
@@ -326,6 +337,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("counters", NoParams, counters),
+            Endpoint("records", SpendLogParams, records, concurrent=True),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],
