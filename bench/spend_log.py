@@ -25,8 +25,8 @@ from services.usage import spend_log
 from services.usage.contract import SpendLog, SpendLogParams
 from services.usage.service import build
 from services.usage.settings import UsageSettings
-from shared import bus
-from shared.testing import running_service
+from shared.streams import provision
+from tests.harness import running_service
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(SpendLog).decode
@@ -56,7 +56,7 @@ async def run(report: Report, ctx: object) -> None:
     target = ctx.count(3_000_000)  # type: ignore[attr-defined]
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     log(f"spend log: filling {STREAM} to {target:,} events")
     await fill_to(js, target, FIRST_ID)
     info = await js.stream_info(STREAM)

@@ -25,9 +25,10 @@ from services.usage.contract import (
 )
 from services.usage.prices import PriceTable, shipped_prices
 from services.usage.service import build, usage_projection
-from shared import bus
 from shared.clock import ManualClock
-from shared.testing import running_service, stop_process
+from shared.publish import encode_event, publish_event
+from shared.streams import provision
+from tests.harness import running_service, stop_process
 from tests.security.test_roles import Secured, start_server
 from tests.usage.helpers import T0, gateway, gateway_settings, recorded, usage_settings
 
@@ -60,7 +61,7 @@ def _events() -> list[UsageRecorded]:
 async def _stack(env: dict[str, str], clock: ManualClock) -> Any:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     return nc, js
 
 
@@ -96,7 +97,7 @@ async def test_spend_log_lists_every_call_newest_first_with_its_charged_cost(
     nc, js = await _stack(env, clock)
     events = _events()
     async with running_service(build(settings), settings, clock=clock):
-        await bus.publish_event(
+        await publish_event(
             js,
             SUBJECT_PRICES,
             PricesChanged(
@@ -104,7 +105,7 @@ async def test_spend_log_lists_every_call_newest_first_with_its_charged_cost(
             ),
         )
         for event in events:
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         async with gateway(gateway_settings(env)) as client:
             listed = await _pages(client, "", limit=5)
             stats = (await client.get(f"/api/v1/usage/stats?date={T0.date()}")).json()
@@ -133,7 +134,7 @@ async def test_spend_log_filters_by_user_model_tag_status_and_window(env: dict[s
     events = _events()
     async with running_service(build(settings), settings):
         for event in events:
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         async with gateway(gateway_settings(env)) as client:
 
             async def ids(query: str) -> list[str]:
@@ -167,7 +168,7 @@ async def test_bad_cursors_are_refused_with_a_detail(env: dict[str, str]) -> Non
     nc, js = await _stack(env, ManualClock(T0))
     async with running_service(build(settings), settings):
         for event in _events():
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         async with gateway(gateway_settings(env)) as client:
             first = (await client.get("/api/v1/usage/records?limit=2&user_id=u-1")).json()
             cursor = first["next_cursor"]
@@ -204,12 +205,12 @@ async def test_retries_and_dead_letters_are_not_in_the_log(env: dict[str, str]) 
     nc, js = await _stack(env, ManualClock(T0))
     first, second = recorded(1), recorded(2, at=T0 + timedelta(minutes=1))
     async with running_service(build(settings), settings):
-        await bus.publish_event(js, SUBJECT_RECORDED, first)
+        await publish_event(js, SUBJECT_RECORDED, first)
         await js.publish(SUBJECT_RECORDED, b"not json", headers={"Nats-Msg-Id": "junk"})
         await js.publish(
-            SUBJECT_RECORDED, bus.encode_event(first), headers={"Nats-Msg-Id": "req-1-again"}
+            SUBJECT_RECORDED, encode_event(first), headers={"Nats-Msg-Id": "req-1-again"}
         )
-        await bus.publish_event(js, SUBJECT_RECORDED, second)
+        await publish_event(js, SUBJECT_RECORDED, second)
         async with gateway(gateway_settings(env)) as client:
             for _ in range(200):  # the fold must have seen the retry to know it is one
                 status = (await client.get("/api/v1/usage/stats?date=" + str(T0.date()))).json()
@@ -236,7 +237,7 @@ async def test_a_page_reads_a_bounded_part_of_the_stream(
     ]
     async with running_service(build(settings), settings):
         for event in events:
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         async with gateway(gateway_settings(env)) as client:
             page = (await client.get("/api/v1/usage/records?user_id=rare&limit=5")).json()
             assert page["records"] == [] and page["scanned"] == 40 and page["next_cursor"]
@@ -290,7 +291,7 @@ async def test_both_read_paths_read_the_same_stretch_of_the_stream(env: dict[str
     fallback) deliver the same messages, also where the range runs into the stream's end."""
     nc, js = await _stack(env, ManualClock(T0))
     for i in range(300):
-        await bus.publish_event(js, SUBJECT_RECORDED, recorded(i))
+        await publish_event(js, SUBJECT_RECORDED, recorded(i))
     try:
         for first, last in ((1, 300), (120, 180), (290, 400), (300, 300)):
             bare, bare_path = await log_reader.read_range(
@@ -317,11 +318,11 @@ async def test_the_usage_role_may_read_its_log_without_new_permissions(
     process, port, passwords = start_server(tmp_path)
     stack = Secured(port, passwords)
     try:
-        await bus.provision((await stack.connect("ops")).nc.jetstream())
+        await provision((await stack.connect("ops")).nc.jetstream())
         producer = (await stack.connect("producer")).nc.jetstream()
         events = [recorded(i, at=T0 + timedelta(minutes=i)) for i in range(30)]
         for event in events:
-            await bus.publish_event(producer, SUBJECT_RECORDED, event)
+            await publish_event(producer, SUBJECT_RECORDED, event)
         usage = await stack.connect("usage")
         settings = usage_settings({"STOCKPILOT_CONFIG": "tests/empty.toml"}, tz="UTC")
         projection = usage_projection(settings)
