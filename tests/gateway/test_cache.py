@@ -21,11 +21,11 @@ from litestar.types import ASGIApp
 from gateway.response_cache import CACHED, ResponseCache, kept_routes
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
-from shared import bus
-from shared.runtime import changed_subject
+from shared.change_notices import changed_subject
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import running_service
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import CountAnswer, Counted, build
 
 T0 = NOON  # any instant at or before now: the toy counts events, it has no days
@@ -103,7 +103,7 @@ async def edge(nc: nats.NATS, ttl_s: float = 60) -> AsyncIterator[Edge]:
 
 
 async def publish_one(nc: nats.NATS, id_: str) -> None:
-    await bus.publish_event(
+    await publish_event(
         nc.jetstream(),
         "stockpilot.usage.recorded",
         Counted(id=id_, occurred_at=T0, model="m", status_code=200),
