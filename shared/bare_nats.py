@@ -28,6 +28,11 @@ class BareUnavailable(Exception):
     """A bare connection cannot be opened (or was lost): the caller uses nats-py instead."""
 
 
+class BareRefused(BareUnavailable):
+    """Not a passing failure: what this connection needs it does not speak (TLS, NKeys, JWT)
+    or the server answered -ERR. Trying again at once would fail the same way."""
+
+
 class FrameProtocol(asyncio.Protocol):
     """Splits the server's byte stream into frames: control lines and MSG/HMSG messages.
 
@@ -113,7 +118,7 @@ class FrameProtocol(asyncio.Protocol):
             if not self.info.done():
                 self.info.set_result(json.loads(line[5:]))
         elif line.startswith(b"-ERR"):
-            raise BareUnavailable(f"server error: {line[5:].decode(errors='replace')}")
+            raise BareRefused(f"server error: {line[5:].decode(errors='replace')}")
         # +OK and anything else: nothing to do.
 
     def write(self, data: bytes) -> None:
@@ -133,7 +138,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     if url is None:
         raise BareUnavailable("not connected")
     if url.scheme not in ("nats", "") or info.get("tls_required"):
-        raise BareUnavailable("TLS connections stay on nats-py")
+        raise BareRefused("TLS connections stay on nats-py")
     options: dict[str, Any] = {
         "verbose": False,
         "pedantic": False,
@@ -147,7 +152,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     # The main connection's credentials: in its URL, or given to nats-py as options.
     given = nc.options
     if given.get("user_credentials") or given.get("nkeys_seed") or given.get("nkeys_seed_str"):
-        raise BareUnavailable("NKey and JWT credentials stay on nats-py")
+        raise BareRefused("NKey and JWT credentials stay on nats-py")
     if url.username and url.password is not None:
         options["user"] = unquote(url.username)
         options["pass"] = unquote(url.password)
@@ -159,7 +164,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     elif given.get("token"):
         options["auth_token"] = given["token"]
     elif info.get("auth_required"):
-        raise BareUnavailable("the server wants credentials a bare connection does not handle")
+        raise BareRefused("the server wants credentials a bare connection does not handle")
     return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
 
 

@@ -5,10 +5,8 @@ A service declares its projections, its query/command endpoints and any backgrou
 
 - connect to NATS (retry forever; exit non-zero if the connection closes for good),
 - provision the streams, restore each projection from its latest snapshot, then fold the
-  stream from there and follow it over a bare protocol connection (`shared.stream_reader`,
-  several times cheaper per event than nats-py's delivery path; nats-py's ordered push
-  consumer where that cannot run), skipping `seq <= last_seq`, dead-lettering what does not
-  decode or apply,
+  stream from there and follow it (`shared.transport`: nats-py, or its accelerator where
+  that works), skipping `seq <= last_seq`, dead-lettering what does not decode or apply,
 - publish the alerts the projections derive (once: see `shared.alerts`),
 - snapshot every N events / T seconds and on shutdown,
 - run every loop under `shared.supervise`: one that fails ends the process (exit 70),
@@ -60,8 +58,8 @@ from shared.projection import (
     view_digest,
 )
 from shared.settings import CommonSettings, require_nats
-from shared.stream_reader import read_stream
 from shared.supervise import Supervisor
+from shared.transport import StreamFollower, ack_metadata
 
 log = logging.getLogger("stockpilot.runtime")
 
@@ -99,25 +97,6 @@ def ack_position(msg: Msg) -> tuple[int, int]:
     """A JetStream message's stream sequence and pending count, read from its reply subject."""
     seq, pending, _ = ack_metadata(msg)
     return seq, pending
-
-
-def ack_metadata(msg: Msg) -> tuple[int, int, int]:
-    """A JetStream message's stream sequence, pending count and stored time (ns since the
-    epoch), read from its reply subject.
-
-    `msg.metadata` builds a Metadata, a SequencePair and a datetime for every message: about
-    a fifth of the runtime's per-message cost while catching up (docs/profiles/). Only the
-    integers are needed; anything unexpected falls back to nats-py's parser.
-    """
-    tokens = (msg.reply or "").split(".")
-    count = len(tokens)
-    if tokens[0] == "$JS" and tokens[1:2] == ["ACK"]:
-        if count == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            return int(tokens[5]), int(tokens[8]), int(tokens[7])
-        if count >= 11:  # v2: $JS.ACK.<domain>.<hash>.<stream>... (+ a random token)
-            return int(tokens[7]), int(tokens[10]), int(tokens[9])
-    meta = msg.metadata
-    return meta.sequence.stream, meta.num_pending, round(meta.timestamp.timestamp() * 1e9)
 
 
 class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -174,6 +153,9 @@ class ProjectionStatus(msgspec.Struct, kw_only=True):
     dead_lettered: int
     snapshot_seq: int
     snapshot_at: AwareDatetime | None
+    # How its events reach it: "accelerated" or "nats-py" (shared.transport); None from a
+    # service that predates the field.
+    transport: str | None = None
 
 
 class ProcessStatus(msgspec.Struct, kw_only=True):
@@ -233,6 +215,7 @@ class _Tracked:
     waiters: SeqWaiters = field(default_factory=SeqWaiters)
     subscription: Any = None
     reader: asyncio.Task[None] | None = None
+    follower: StreamFollower | None = None
 
 
 class Context:
@@ -489,117 +472,35 @@ class Runtime:
         )
 
     async def _start_projection(self, tracked: _Tracked) -> None:
+        """Restore the projection, then follow its stream (shared.transport) under the
+        supervisor, from the view's next sequence on."""
         await self._restore(tracked)
         projection = tracked.projection
-        if not self.bare_reads:
-            await self._follow(tracked)
-            return
-        # Until the reader's first answer: at most what the stream holds past the view.
+        # Until the first event: at most what the stream holds past the view.
         state = (await self.js.stream_info(projection.stream.name)).state
         tracked.lag = max(0, state.last_seq - projection.view.last_seq)
-        tracked.reader = self.supervisor.start(self._read_bare(tracked), f"read-{projection.name}")
 
-    async def _read_bare(self, tracked: _Tracked) -> None:
-        """Fold the stream over a bare connection (shared.stream_reader) for as long as it works.
-
-        A read that stops after making progress (NATS restarted, a consumer lost) starts
-        again from the view's next sequence once NATS is back; one that stops without any
-        (TLS, an auth scheme it does not speak) hands over to nats-py's ordered consumer.
-        """
-        projection = tracked.projection
-        service = self.definition.name
-
-        def apply(seq: int, pending: int, subject: bytes, data: bytes, stored_ns: int) -> None:
+        def on_event(seq: int, pending: int, subject: str | bytes, data: bytes, ns: int) -> None:
             tracked.lag = pending
-            self._apply(tracked, seq, subject, data, stored_ns)
+            self._apply(tracked, seq, subject, data, ns)
 
         def caught_up() -> None:
             tracked.lag = 0
             self._mark_caught_up(tracked)
 
-        while True:
-            began = time.monotonic()
-            folded_before = projection.view.last_seq
-            try:
-                await read_stream(
-                    self.nc,
-                    projection.stream.name,
-                    projection.subject,
-                    projection.view.last_seq + 1,
-                    apply,
-                    follow=True,
-                    on_caught_up=caught_up,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                progressed = (
-                    projection.view.last_seq > folded_before or time.monotonic() - began > 30
-                )
-                log.warning(
-                    "%s: %s read stopped at seq %d (%s); %s",
-                    service,
-                    projection.name,
-                    projection.view.last_seq,
-                    exc,
-                    "reading again" if progressed else "following with nats-py instead",
-                )
-                if not progressed:
-                    break
-                self._reconnected.clear()
-                if not self.nc.is_connected:
-                    await self._reconnected.wait()
-        while True:
-            try:
-                await self._follow(tracked)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS away: nats-py reconnects, then this succeeds
-                log.warning("%s: cannot follow %s yet (%s)", service, projection.name, exc)
-                await asyncio.sleep(1)
-
-    async def _follow(self, tracked: _Tracked) -> None:
-        """Fold the stream from the view's next sequence with an ordered push consumer."""
-        projection = tracked.projection
-        start = projection.view.last_seq + 1
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-        )
-        tracked.subscription = await self.js.subscribe(
+        tracked.follower = StreamFollower(
+            self.nc,
+            projection.stream.name,
             projection.subject,
-            stream=projection.stream.name,
-            cb=self._callback(tracked),
-            ordered_consumer=True,
-            config=config,
-            idle_heartbeat=2.0,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=256 * 1024 * 1024,
+            lambda: projection.view.last_seq + 1,
+            on_event,
+            caught_up,
+            accelerated=self.bare_reads and self.settings.nats_accelerator == "on",
+            name=f"{self.definition.name}: {projection.name}",
         )
-        info = await tracked.subscription.consumer_info()
-        if projection.view.last_seq < start:
-            # Nothing delivered yet; once something is, its position keeps `lag` current.
-            tracked.lag = info.num_pending or 0
-        if tracked.lag == 0:
-            self._mark_caught_up(tracked)
-        else:
-            log.info(
-                "%s: %s following %d events from seq %d",
-                self.definition.name,
-                projection.name,
-                tracked.lag,
-                start,
-            )
-
-    def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
-        async def on_message(msg: Msg) -> None:
-            seq, tracked.lag, stored_ns = ack_metadata(msg)
-            self._apply(tracked, seq, msg.subject, msg.data, stored_ns)
-            if tracked.lag == 0:
-                self._mark_caught_up(tracked)
-
-        return on_message
+        tracked.reader = self.supervisor.start(
+            tracked.follower.run(), f"read-{projection.name}", forever=True
+        )
 
     def _mark_caught_up(self, tracked: _Tracked) -> None:
         """The projection has folded everything its stream held (logged the first time)."""
@@ -908,6 +809,7 @@ class Runtime:
                 dead_lettered=t.dead_lettered,
                 snapshot_seq=t.snapshot_seq,
                 snapshot_at=t.snapshot_at,
+                transport=t.follower.path if t.follower is not None else None,
             )
             for t in self.tracked.values()
         ]
