@@ -57,7 +57,8 @@ async def _until_connected(nc: NATS) -> None:
     A connection closed for good is its owner's to act on (the runtime exits): a follower
     on it just waits until it is cancelled.
     """
-    while not nc.is_connected:
+    # Polled: nats-py's reconnect callbacks are the connection owner's, set at connect.
+    while not nc.is_connected:  # noqa: ASYNC110
         await asyncio.sleep(0.1)
 
 
