@@ -25,8 +25,9 @@ from ops.stream_io import Progress, read_stream
 from shared.alerts import alert_ledger
 from shared.bus import STREAMS
 from shared.projection import Projection, view_digest
-from shared.runtime import DigestAnswer, ServiceDefinition, ack_metadata, endpoint_subject
+from shared.runtime import DigestAnswer, ServiceDefinition, endpoint_subject
 from shared.settings import CommonSettings, SettingsError, env_name, load_settings
+from shared.transport import ack_metadata
 
 # Which services fold which stream (every service keeps an alert ledger over the alerts).
 STREAM_SERVICES: dict[str, tuple[str, ...]] = {
