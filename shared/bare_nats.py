@@ -28,6 +28,10 @@ class BareUnavailable(Exception):
     """A bare connection cannot be opened (or was lost): the caller uses nats-py instead."""
 
 
+class BareUnreachable(BareUnavailable):
+    """The server did not take the connection (restarting, in lame duck mode): try later."""
+
+
 class BareRefused(BareUnavailable):
     """Not a passing failure: what this connection needs it does not speak (TLS, NKeys, JWT)
     or the server answered -ERR. Trying again at once would fail the same way."""
@@ -187,7 +191,7 @@ async def open_bare(
             loop.create_connection(protocol, url.hostname, url.port or 4222), CONNECT_TIMEOUT_S
         )
     except (OSError, TimeoutError) as exc:
-        raise BareUnavailable(f"cannot connect to {url.hostname}:{url.port}: {exc}") from None
+        raise BareUnreachable(f"cannot connect to {url.hostname}:{url.port}: {exc}") from None
     try:
         info = await asyncio.wait_for(reader.info, CONNECT_TIMEOUT_S)
         transport.write(connect_options(nc, info, name))

@@ -33,7 +33,13 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
-from shared.bare_nats import BareRefused, BareUnavailable, FrameProtocol, open_bare
+from shared.bare_nats import (
+    BareRefused,
+    BareUnavailable,
+    BareUnreachable,
+    FrameProtocol,
+    open_bare,
+)
 
 log = logging.getLogger("stockpilot.stream_reader")
 
@@ -49,6 +55,10 @@ _HEARTBEAT_S = 1.0
 
 class ReadStopped(BareUnavailable):
     """Why a read ended before it was asked to."""
+
+
+class ServerUnreachable(ReadStopped):
+    """The server did not take the read's connection (restarting, lame duck): read later."""
 
 
 class ReadRefused(ReadStopped):
@@ -162,6 +172,8 @@ async def read_stream(
         raise
     except BareRefused as exc:
         raise ReadRefused(str(exc)) from None
+    except BareUnreachable as exc:
+        raise ServerUnreachable(str(exc)) from None
     except BareUnavailable as exc:
         raise ReadStopped(str(exc)) from None
     consumer: str | None = None

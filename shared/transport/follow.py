@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 
-from shared.stream_reader import ReadRefused, read_stream
+from shared.stream_reader import ReadRefused, ServerUnreachable, read_stream
 from shared.transport.paths import (
     ACCELERATED,
     ACCELERATOR_RETRY_S,
@@ -140,6 +140,9 @@ class StreamFollower:
                 raise
             except ReadRefused as exc:  # TLS, NKeys, a server that says no
                 return str(exc)
+            except ServerUnreachable as exc:  # restarting or in lame duck mode: not a verdict
+                log.info("%s: %s; reading again once it answers", self._name, exc)
+                await asyncio.sleep(0.5)
             except Exception as exc:  # NATS restarted, a consumer lost, a server error
                 idle_reads = 0 if self._next_seq() > start else idle_reads + 1
                 if idle_reads >= MAX_IDLE_READS:

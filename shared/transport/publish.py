@@ -1,20 +1,21 @@
 """Pipelined JetStream publishes with acknowledgements (what the usage client sends with).
 
 The accelerated path is `shared.bare_publisher` (HPUB frames on a second connection, acks
-counted as bytes); the reference path is nats-py's `publish_async`.
+counted as bytes); the reference path is nats-py's core publish with a reply subject each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from shared.bare_nats import BareUnavailable
-from shared.bare_publisher import BarePublisher, Published
+from shared.bare_publisher import Answers, BarePublisher, Batch, Published
 from shared.transport.paths import ACCELERATED, ACCELERATOR_RETRY_S, NATS_PY, TransportPath
 
 log = logging.getLogger("stockpilot.transport")
@@ -43,6 +44,7 @@ class JetStreamPublisher:
         self._timeout = timeout
         self._retry_s = retry_s
         self._bare: BarePublisher | None = None
+        self._core: _CorePublisher | None = None
         self._refused_at: float | None = None
         self._path: TransportPath = ACCELERATED if accelerated else NATS_PY
 
@@ -78,7 +80,7 @@ class JetStreamPublisher:
             self._path = ACCELERATED
             return self._bare.publish(subject, window)
         self._path = NATS_PY
-        return asyncio.ensure_future(self._publish_with_nats_py(subject, window))
+        return await self._publish_with_nats_py(subject, window)
 
     def _may_try(self, now: float) -> bool:
         return self._refused_at is None or now - self._refused_at >= self._retry_s
@@ -89,41 +91,81 @@ class JetStreamPublisher:
         if self._bare is not None:
             self._bare.close()
             self._bare = None
+        if self._core is not None:
+            self._core.reset()
 
     close = reset
 
     async def _publish_with_nats_py(
         self, subject: str, window: Sequence[tuple[str, bytes]]
-    ) -> Published:
-        futures: list[asyncio.Future[Any]] = []
-        error: str | None = None
-        js = self._nc.jetstream()
-        try:
-            for msg_id, payload in window:
-                futures.append(
-                    await js.publish_async(subject, payload, headers={"Nats-Msg-Id": msg_id})
+    ) -> asyncio.Future[Published]:
+        if self._core is None:
+            self._core = await _CorePublisher.open(self._nc, self._timeout)
+        return await self._core.publish(subject, window)
+
+
+class _CorePublisher:
+    """nats-py's core publish with a numbered reply subject per message, one subscription
+    for the answers, counted per window (`Answers`).
+
+    Not `publish_async`: it costs a future, a semaphore and a JSON decode per message, and
+    nats-py 2.16 never resolves its future when the stream answers with an error (its
+    APIError.from_error raises inside the callback), so a refusal would look like a
+    timeout. This keeps the accelerator's outcome, reason included, on the reference path.
+    """
+
+    def __init__(self, nc: NATS, inbox: str, timeout: float) -> None:
+        self._nc = nc
+        self._inbox = inbox
+        self._timeout = timeout
+        self._next = 0
+        self.answers = Answers()
+
+    @classmethod
+    async def open(cls, nc: NATS, timeout: float) -> _CorePublisher:
+        publisher = cls(nc, nc.new_inbox(), timeout)
+        await nc.subscribe(publisher._inbox + ".*", cb=publisher._on_answer)
+        return publisher
+
+    async def _on_answer(self, msg: Msg) -> None:
+        number = int(msg.subject[msg.subject.rfind(".") + 1 :])
+        status = (msg.headers or {}).get("Status")
+        if status is not None and not msg.data:
+            self.answers.status(number, status.encode())
+        else:
+            self.answers.body(number, msg.data)
+
+    async def publish(
+        self, subject: str, window: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[Published]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Published] = loop.create_future()
+        batch = Batch(self._next, len(window), future)
+        self._next += len(window)
+        if not window:
+            batch.finish()
+            return future
+        self.answers.batches.append(batch)
+        for index, (msg_id, payload) in enumerate(window):
+            try:
+                await self._nc.publish(
+                    subject,
+                    payload,
+                    reply=f"{self._inbox}.{batch.first + index}",
+                    headers={"Nats-Msg-Id": msg_id},
                 )
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()  # releases the library's in-flight slot
-            raise
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__  # the rest are retried with the window
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=self._timeout)
-            for future in pending:
-                future.cancel()
-        acked = duplicates = 0
-        for future in futures:
-            if future.cancelled() or future.exception() is not None:
-                error = error or str(future.exception() if not future.cancelled() else "timeout")
+            except Exception as exc:  # over max_payload, the connection gone
+                batch.refuse_from(index, str(exc) or type(exc).__name__)
                 break
-            acked += 1
-            duplicates += bool(future.result().duplicate)
-        # Read the remaining outcomes so no "exception was never retrieved" is logged.
-        for future in futures[acked:]:
-            if not future.cancelled():
-                future.exception()
-        if acked < len(window) and error is None:
-            error = "not acknowledged"
-        return Published(len(window), acked, duplicates, error)
+        # Answers lost with a connection never come: the window ends as not acknowledged.
+        loop.call_later(self._timeout, self._expire, batch)
+        return future
+
+    def _expire(self, batch: Batch) -> None:
+        if not batch.future.done():
+            batch.finish(error="no acknowledgement in time")
+        with contextlib.suppress(ValueError):
+            self.answers.batches.remove(batch)
+
+    def reset(self) -> None:
+        self.answers.fail_all("publisher reset")
