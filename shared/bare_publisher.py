@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 
 from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
+from shared.nats_errors import NatsStatus, status_line
 
 # A message's outcome in its batch (bytearray cells).
 _WAITING = 0
@@ -33,6 +34,7 @@ _DUPLICATE = 2
 _ERROR = 3
 # The server writes `"duplicate": true` (with a space) and only when it is true.
 _DUPLICATE_FIELD = b'"duplicate"'
+_NO_RESPONDERS = status_line(NatsStatus.NO_RESPONDERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,8 @@ class Answers:
 
     def status(self, number: int, status: bytes) -> None:
         """A status instead of an answer: 503 when no stream takes the subject."""
-        if status.startswith(b"NATS/1.0 503") or status == b"503":
+        # The status line of a frame (the accelerator) or nats-py's Status header.
+        if status.startswith(_NO_RESPONDERS) or status == b"%d" % NatsStatus.NO_RESPONDERS:
             reason = "no stream takes the subject (503)"
         else:
             reason = status.decode(errors="replace")

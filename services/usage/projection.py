@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from services.usage import dedupe, sketch
 from services.usage.alerting import make_react
-from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
+from services.usage.contract import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
 from services.usage.prices import PriceTable, base_model
 from services.usage.settings import Budget
 from services.usage.sketch import Sketch
