@@ -13,7 +13,7 @@ import signal
 import time
 from pathlib import Path
 
-from shared.testing import NatsServer, nats_server
+from shared.testing import NatsCluster, NatsServer, free_port, nats_server
 from shared.transport import TransportPath
 from tests.transport.conftest import (
     OTHER,
@@ -279,3 +279,50 @@ async def test_a_refused_read_is_retried_and_follows_once_permitted(
         await admin.close()
     finally:
         server.stop()
+
+
+async def test_an_info_update_from_a_growing_cluster_changes_nothing_delivered(
+    tmp_path: Path, path: TransportPath
+) -> None:
+    """A fourth node joins the cluster while the follower reads from the first: the server
+    sends every client an INFO with the new connect_urls (nats-py learns the node from it);
+    delivery goes on, in order, on the same path."""
+    cluster = NatsCluster(tmp_path / "cluster", size=3).start()
+    routes = ",".join(f"nats://127.0.0.1:{port}" for port in cluster.cluster_ports)
+    joining = NatsServer(
+        tmp_path / "cluster" / "n3",
+        extra_args=[
+            "--server_name", "n3",
+            "--cluster_name", "stockpilot",
+            "--cluster", f"nats://127.0.0.1:{free_port()}",
+            "--routes", routes,
+        ],
+    )  # fmt: skip
+    try:
+        nc = await connect(cluster.nodes[0].url)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:  # JetStream answers once the nodes have elected a meta leader
+            try:
+                await make_stream(nc, num_replicas=3)
+                break
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        before = await publish(nc, 0, 30)
+        async with following(nc, path) as (follower, fold):
+            await fold.until_seq(before[-1])
+            joining.start()
+            await fold.until(
+                lambda: any(u.port == joining.port for u in nc.discovered_servers),
+                "the INFO naming the new node",
+            )
+            after = await publish(nc, 30, 30)
+            await fold.until_seq(after[-1])
+            assert_delivered(fold, before + after)
+            assert follower.path == path
+        await nc.close()
+    finally:
+        joining.stop()
+        cluster.stop()
