@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from shared.testing import NatsCluster, NatsServer, free_port, nats_server
-from shared.transport import TransportPath
+from shared.transport import ACCELERATED, NATS_PY, TransportPath
 from tests.transport.conftest import (
     OTHER,
     STREAM,
@@ -326,3 +329,34 @@ async def test_an_info_update_from_a_growing_cluster_changes_nothing_delivered(
     finally:
         joining.stop()
         cluster.stop()
+
+
+async def test_an_accelerator_the_server_refuses_is_retried_while_nats_py_delivers(
+    tmp_path: Path, path: TransportPath, caplog: pytest.LogCaptureFixture
+) -> None:
+    """-ERR on the accelerator's own connection: the server takes one connection only, so it
+    refuses the accelerator's second one ('maximum connections exceeded'). Events come over
+    nats-py meanwhile; once the limit is raised (a configuration reload) the accelerator is
+    tried again, after its interval, and carries them again."""
+    server, config_path = config_server(tmp_path / "nats", {"max_connections": 1})
+    try:
+        nc = await connect(server.url)
+        await make_stream(nc)
+        first = await publish(nc, 0, 20)
+        caplog.set_level(logging.INFO, logger="stockpilot.transport")
+        async with following(nc, path, retry_s=0.5) as (follower, fold):
+            await fold.until_seq(first[-1])
+            assert follower.path == NATS_PY  # whichever was asked for
+            if path == ACCELERATED:
+                said = [r.getMessage() for r in caplog.records]
+                assert any("maximum connections" in m and "tried again" in m for m in said), said
+            config_path.write_text(json.dumps({"max_connections": 10}), encoding="utf-8")
+            assert server.process is not None
+            server.process.send_signal(signal.SIGHUP)  # nats-server --signal reload
+            await fold.until(lambda: follower.path == path, f"back on {path}")
+            second = await publish(nc, 20, 20)
+            await fold.until_seq(second[-1])
+            assert_delivered(fold, first + second)
+        await nc.close()
+    finally:
+        server.stop()

@@ -7,12 +7,14 @@ says why the rest were not; re-sending the rest with the same Msg-Ids stores eac
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 from pathlib import Path
 
 from nats.js import api as js_api
 
 from shared.testing import NatsServer, nats_server
-from shared.transport import ACCELERATED, JetStreamPublisher, Published, TransportPath
+from shared.transport import ACCELERATED, NATS_PY, JetStreamPublisher, Published, TransportPath
 from tests.transport.conftest import STREAM, SUBJECT, config_server, connect
 
 Window = list[tuple[str, bytes]]
@@ -176,6 +178,37 @@ async def test_the_connections_credentials_are_used(tmp_path: Path, path: Transp
         publisher = JetStreamPublisher(nc, accelerated=path == ACCELERATED)
         outcome = await send(publisher, [("b", b"{}")])
         assert (outcome.acked, outcome.error, publisher.path) == (1, None, path)
+        publisher.close()
+        await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_an_accelerator_the_server_refuses_is_retried_while_nats_py_publishes(
+    tmp_path: Path, path: TransportPath
+) -> None:
+    """The server takes one connection only and answers the accelerator's with -ERR: windows
+    go over nats-py, and over the accelerator again once the limit is raised."""
+    server, config_path = config_server(tmp_path / "nats", {"max_connections": 1})
+    try:
+        nc = await connect(server.url)
+        await make_stream(nc)
+        publisher = JetStreamPublisher(nc, accelerated=path == ACCELERATED, retry_s=0.2)
+        outcome = await send(publisher, window(0, 10))
+        assert (outcome.acked, outcome.error, publisher.path) == (10, None, NATS_PY)
+        config_path.write_text(json.dumps({"max_connections": 10}), encoding="utf-8")
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)  # nats-server --signal reload
+        sent = 10
+        for _ in range(200):
+            outcome = await send(publisher, window(sent, 10))
+            assert (outcome.acked, outcome.error) == (10, None)
+            sent += 10
+            if publisher.path == path:
+                break
+            await asyncio.sleep(0.05)
+        assert publisher.path == path
+        assert await stored(nc, sent) == [b'{"n":%d}' % i for i in range(sent)]
         publisher.close()
         await nc.close()
     finally:
