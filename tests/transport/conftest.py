@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
+from shared.nats_errors import is_transient
 from shared.testing import NatsServer, free_port
 from shared.transport import ACCELERATED, NATS_PY, StreamFollower, TransportPath
 
@@ -57,15 +58,15 @@ async def publish(nc: NATS, first: int, count: int, subject: str = SUBJECT) -> l
     """
     js = nc.jetstream()
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30  # for them all: a failure shows before pytest's timeout
     seqs = []
     for i in range(first, first + count):
-        deadline = loop.time() + 30
         while True:
             try:
                 ack = await js.publish(subject, b'{"n":%d}' % i, headers={"Nats-Msg-Id": f"m{i}"})
                 break
-            except Exception:
-                if loop.time() > deadline:
+            except Exception as exc:
+                if not is_transient(exc) or loop.time() > deadline:
                     raise
                 await asyncio.sleep(0.1)
         seqs.append(ack.seq)
