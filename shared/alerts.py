@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import msgspec
 
-from shared.bus import STREAMS
 from shared.events import Alert
 from shared.projection import Projection, View
+from shared.streams import STREAMS
 
 LEDGER_LIMIT = 100_000
 

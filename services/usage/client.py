@@ -50,9 +50,11 @@ from services.usage.budget_client import BudgetChecker
 from services.usage.calls import Call, Labels, current_call, failure_event, success_event
 from services.usage.contract import SUBJECT_RECORDED, BudgetAnswer, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
-from shared import bus
+from shared import connection
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.publish import encode_event
 from shared.settings import CommonSettings
+from shared.streams import MAX_EVENT_BYTES
 from shared.transport import ACCELERATED, JetStreamPublisher, Published, TransportPath
 
 log = logging.getLogger("stockpilot.usage.client")
@@ -68,7 +70,7 @@ MAX_BACKOFF_S = 2.0
 SEND_WINDOW = 256
 MAX_IN_FLIGHT = 4096
 # An encoded event larger than this is not sent (room left for the Nats-Msg-Id header).
-MAX_PAYLOAD = bus.MAX_EVENT_BYTES - 1024
+MAX_PAYLOAD = MAX_EVENT_BYTES - 1024
 # After the accelerator's connection could not be opened, nats-py publishes this long.
 BARE_RETRY_S = 30.0
 # While events wait in the spool, it is made durable (fsync) at most this often.
@@ -174,7 +176,7 @@ class UsageRecorder:
         if "spool" not in options:
             options["spool"] = open_spool(settings)
         options.setdefault("bare", settings.nats_accelerator == "on")
-        nc = await bus.connect(settings, name)
+        nc = await connection.connect(settings, name)
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
         return recorder
@@ -261,7 +263,7 @@ class UsageRecorder:
             log.error("usage recorder closed with %d events unsent (no spool: lost)", unsent)
         if self._owns:
             # Bounded and closing even while NATS is away (which is when a close spools).
-            await bus.drain_or_close(self._nc)
+            await connection.drain_or_close(self._nc)
 
     async def flush(self) -> None:
         """Wait until every buffered event is acknowledged."""
@@ -303,7 +305,7 @@ class UsageRecorder:
                     self.dropped,
                 )
             return False
-        payload = bus.encode_event(event)
+        payload = encode_event(event)
         if len(payload) > MAX_PAYLOAD:
             # The stream would refuse it (and nats-server drop the connection carrying it):
             # sent, it would be retried forever and hold up every event behind it.

@@ -29,8 +29,8 @@ import pytest
 from nats.js.api import PubAck
 
 from bench.harness import WrkResult, wrk
-from shared.testing import NatsServer
 from tests.faults.stack import gateway_process, service_env, service_process
+from tests.harness import NatsServer
 
 SECONDS = int(os.environ.get("STOCKPILOT_LOAD_SECONDS", "60"))
 WARMUP_SECONDS = 5

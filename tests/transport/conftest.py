@@ -23,8 +23,8 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from shared.nats_errors import is_transient
-from shared.testing import NatsServer, free_port
 from shared.transport import ACCELERATED, NATS_PY, StreamFollower, TransportPath
+from tests.harness import NatsServer, free_port
 
 STREAM = "T"
 SUBJECT = "t.e"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.testing import NatsCluster, NatsServer, free_port, nats_server
 from shared.transport import ACCELERATED, NATS_PY, TransportPath
+from tests.harness import NatsCluster, NatsServer, free_port, nats_server
 from tests.transport.conftest import (
     OTHER,
     STREAM,

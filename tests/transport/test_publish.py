@@ -13,8 +13,8 @@ from pathlib import Path
 
 from nats.js import api as js_api
 
-from shared.testing import NatsServer, nats_server
 from shared.transport import ACCELERATED, NATS_PY, JetStreamPublisher, Published, TransportPath
+from tests.harness import NatsServer, nats_server
 from tests.transport.conftest import STREAM, SUBJECT, config_server, connect
 
 Window = list[tuple[str, bytes]]

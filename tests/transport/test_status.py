@@ -13,11 +13,11 @@ from gateway.settings import GatewaySettings
 from services.usage import service as usage_service
 from services.usage.settings import UsageSettings
 from shared.clock import ManualClock
-from shared.runtime import ProcessStatus, ProjectionStatus, ServiceStatus
+from shared.service_status import ProcessStatus, ProjectionStatus, ServiceStatus
 from shared.settings import load_settings
-from shared.testing import running_service
 from shared.transport import ACCELERATED, NATS_PY, TransportPath
 from tests.clocks import NOON
+from tests.harness import running_service
 
 
 def status_on(paths: list[str | None]) -> ServiceStatus:
