@@ -180,7 +180,7 @@ async def test_read_routes_under_256_connections_while_ingesting_no_5xx_flat_mem
     for name in processes:
         if name == "nats-server":
             # Not a per-request cost: its file store caches the blocks it writes and its
-            # 20-minute duplicate window keeps every Nats-Msg-Id, so it grows with the
+            # 24-hour duplicate window keeps every Nats-Msg-Id, so it grows with the
             # ~100k events ingested (about 50 MB here), whatever the HTTP load.
             continue
         allowed = max(before[name] * GROWTH_PCT / 100, GROWTH_MB)
