@@ -1,9 +1,8 @@
 """The usage projection: a pure fold of STOCKPILOT_USAGE into the bounded UsageView.
 
 `apply` also runs the alert state machines (budget crossings, error-rate episodes, unpriced
-models) and leaves what the event crossed in `view.fired`; `services.usage.alerting.react`
-turns that into alerts with deterministic ids, so every replica and every replay derives
-the same ones.
+models) and returns the alerts for what the event crossed (`services.usage.alerting` words
+them, with deterministic ids), so every replica and every replay derives the same ones.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from services.usage import dedupe, sketch
-from services.usage.alerting import make_react
+from services.usage.alerting import alerts_for
 from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
 from services.usage.prices import PriceTable, base_model
 from services.usage.settings import Budget
@@ -53,7 +52,7 @@ from services.usage.view import (
     month_bounds,
 )
 from shared.events import Alert, rfc3339
-from shared.projection import Projection
+from shared.projection import NOTHING_FIRED, Projection
 
 __all__ = [
     "FoldConfig",
@@ -61,16 +60,16 @@ __all__ = [
     "UsageProjection",
     "UsageView",
     "make_apply",
-    "make_react",
 ]
 
 
 class UsageApply(Protocol):
-    """The usage fold: `stored_at` is the stream's timestamp of the event (epoch seconds)."""
+    """The usage fold of the event stored at `seq`: the alerts it fired. `stored_at` is the
+    stream's timestamp of the event (epoch seconds; None outside the runtime)."""
 
     def __call__(
-        self, view: UsageView, event: UsageEvent, stored_at: float | None = None
-    ) -> UsageView: ...
+        self, view: UsageView, event: UsageEvent, seq: int, stored_at: float | None = None
+    ) -> Sequence[Alert]: ...
 
 
 _SLOT_S = 900
@@ -148,15 +147,16 @@ def make_apply(config: FoldConfig) -> UsageApply:
             table = tables[epoch.id] = PriceTable(epoch.prices)
         return table
 
-    def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
-        fired = view.fired
+    def record(
+        view: UsageView, event: UsageRecorded, seq: int, stored_at: float | None
+    ) -> list[Fired]:
+        """Fold one call; what it crossed (usually nothing)."""
+        fired: list[Fired] = []
         # Without a stored time (a fold outside the runtime) no generation ends by time.
         remembered_at = view.ids.current.since if stored_at is None else stored_at
-        if not dedupe.remember(
-            view.ids, event.id, view.last_seq + 1, remembered_at, config.dedupe_exact_limit
-        ):
+        if not dedupe.remember(view.ids, event.id, seq, remembered_at, config.dedupe_exact_limit):
             view.duplicates += 1
-            return
+            return fired
         at = event.occurred_at.timestamp()
         view.recorded += 1
         failed = event.failed
@@ -190,7 +190,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 oldest = min(spend)
                 if day_key < oldest:
                     view.too_old += 1
-                    return
+                    return fired
                 del spend[oldest]
             day_spend = spend[day_key] = Spend()
         day_cost_before = day_spend.cost_usd
@@ -288,18 +288,21 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 _scoped_spend(view, scoped_budget, day_key, month_key, cost, warn_pct, fired)
         _error_window(view, event, int(at), failed, config, fired)
         if fired and stored_at is not None:
-            _silence_closed_periods(view, stored_at, day_key, month.end, at, zone)
+            fired = _silence_closed_periods(view, fired, stored_at, day_key, month.end, at, zone)
+        return fired
 
-    def apply(view: UsageView, event: UsageEvent, stored_at: float | None = None) -> UsageView:
-        if view.fired:
-            view.fired = []
+    def apply(
+        view: UsageView, event: UsageEvent, seq: int, stored_at: float | None = None
+    ) -> Sequence[Alert]:
         if isinstance(event, UsageRecorded):
-            record(view, event, stored_at)
+            fired = record(view, event, seq, stored_at)
+            if fired:
+                return alerts_for(fired, event, config)
         elif isinstance(event, UsageReset):
             reset(view, event)
         elif isinstance(event, PricesChanged):
             prices_changed(view, event)
-        return view
+        return NOTHING_FIRED
 
     return apply
 
@@ -343,40 +346,46 @@ class UsageProjection(Projection[UsageView, UsageEvent]):
         subject: str | bytes | None = None,
         stored_ns: int | None = None,
     ) -> Sequence[Alert]:
-        """Decode, check and apply one stored message, with the time the stream stored it."""
+        """Decode, check and apply one stored message, with the time the stream stored it:
+        the alerts it fired."""
         event = self.admit(data, subject, stored_ns)
         apply: UsageApply = self.apply  # type: ignore[assignment]
-        self.view = apply(self.view, event, None if stored_ns is None else stored_ns * 1e-9)
-        self.view.last_seq = seq
-        if self.react is None:
-            return ()
-        return self.react(self.view, event)
+        view = self.view
+        fired = apply(view, event, seq, None if stored_ns is None else stored_ns * 1e-9)
+        view.last_seq = seq
+        return fired
 
 
 def _silence_closed_periods(
-    view: UsageView, stored_at: float, day_key: str, month_end: float, at: float, zone: ZoneInfo
-) -> None:
+    view: UsageView,
+    fired: list[Fired],
+    stored_at: float,
+    day_key: str,
+    month_end: float,
+    at: float,
+    zone: ZoneInfo,
+) -> list[Fired]:
     """Drop the alerts about a period that had closed (plus LATE_ALERT_S) when the event was
     stored: a back-filled call counts in the figures, silently. The stream's stored time,
     not a clock, decides, so a replay drops the same ones."""
     kept = []
-    for fired in view.fired:
-        scoped = fired.kind.startswith("usage.budget_")
-        if fired.scope == "daily" or (scoped and len(fired.period) == len(day_key)):
+    for one in fired:
+        scoped = one.kind.startswith("usage.budget_")
+        if one.scope == "daily" or (scoped and len(one.period) == len(day_key)):
             day = date.fromisoformat(day_key) + timedelta(days=1)
             closes = day_start(day, zone).timestamp()
-        elif fired.scope == "monthly" or scoped:
+        elif one.scope == "monthly" or scoped:
             closes = month_end
-        elif fired.kind == "usage.error_rate":
+        elif one.kind == "usage.error_rate":
             closes = at  # the 5-minute window ending at this call
         else:
-            kept.append(fired)  # not about a period (an unpriced model)
+            kept.append(one)  # not about a period (an unpriced model)
             continue
         if stored_at <= closes + LATE_ALERT_S:
-            kept.append(fired)
+            kept.append(one)
         else:
             view.alerts_silenced += 1
-    view.fired = kept
+    return kept
 
 
 def _covers(budget: Budget) -> Callable[[UsageRecorded], bool]:
