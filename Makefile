@@ -37,6 +37,7 @@ check: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider -o addopts= tests/test_import_rules.py
 	$(BIN)/python -m gateway.asyncapi --check docs/asyncapi.json
 
 # Two workers, one test file each at a time (pytest-xdist, --dist loadfile: a file's module

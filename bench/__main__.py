@@ -19,7 +19,17 @@ from bench import ceilings
 from bench.harness import ROOT, Report, log, write_report
 from shared.testing import NatsServer
 
-MODULES = ("usage_ingest", "usage_stream", "health", "batch", "gateway")
+MODULES = (
+    "usage_ingest",
+    "usage_stream",
+    "health",
+    "batch",
+    "gateway",
+    "freshness",
+    "alert_latency",
+    "sse_fanout",
+    "cluster",
+)
 
 
 @dataclass

@@ -13,8 +13,8 @@ import msgspec
 import nats
 
 from bench.harness import Report, Result, log, repeat
-from services.batch.events import BatchEvent, BatchFinished, BatchProgress, BatchStarted
-from services.batch.locks import acquire_lock, release_lock
+from services.batch.client import acquire_lock, release_lock
+from services.batch.contract import BatchEvent, BatchFinished, BatchProgress, BatchStarted
 from services.batch.projection import batch_projection
 from services.batch.service import build
 from services.batch.settings import BatchSettings

@@ -10,7 +10,7 @@ import nats
 from nats.js import api as js_api
 
 from bench.harness import Report, Result, log, process, repeat, serve_bare_route, wrk
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
 
 SUBJECT = "bench.raw.usage"
@@ -39,23 +39,28 @@ def sample_event(i: int) -> bytes:
     return bus.encode_event(sample_usage(i))
 
 
-async def _fresh_stream(js: object, name: str, subject: str = SUBJECT) -> None:
+async def _fresh_stream(js: object, name: str, subject: str = SUBJECT, replicas: int = 1) -> None:
     try:
         await js.delete_stream(name)  # type: ignore[attr-defined]
     except Exception:
         pass
     await js.add_stream(  # type: ignore[attr-defined]
         js_api.StreamConfig(
-            name=name, subjects=[subject], storage=js_api.StorageType.FILE, duplicate_window=1200
+            name=name,
+            subjects=[subject],
+            storage=js_api.StorageType.FILE,
+            duplicate_window=1200,
+            num_replicas=replicas,
         )
     )
 
 
-async def raw_publish(url: str, count: int, payloads: list[bytes]) -> float:
-    """JetStream publish_async with Nats-Msg-Id, the library's own in-flight limit: msgs/s."""
-    nc = await nats.connect(url)
+async def raw_publish(url: str, count: int, payloads: list[bytes], replicas: int = 1) -> float:
+    """JetStream publish_async with Nats-Msg-Id, the library's own in-flight limit, into a
+    stream of `replicas` (`url`: a comma-separated list for a cluster): msgs/s."""
+    nc = await nats.connect(url.split(","))
     js = nc.jetstream()
-    await _fresh_stream(js, "BENCH_RAW")
+    await _fresh_stream(js, "BENCH_RAW", replicas=replicas)
     started = time.perf_counter()
     for i in range(count):
         await js.publish_async(SUBJECT, payloads[i], headers={"Nats-Msg-Id": f"r{i}"})
@@ -67,8 +72,8 @@ async def raw_publish(url: str, count: int, payloads: list[bytes]) -> float:
 
 async def raw_read(url: str, count: int, subject: str = SUBJECT) -> float:
     """Ordered push consumer with a callback over `count` messages on `subject` (by default
-    the stream raw_publish filled): msgs/s."""
-    nc = await nats.connect(url)
+    the stream raw_publish filled; `url`: a comma-separated list for a cluster): msgs/s."""
+    nc = await nats.connect(url.split(","))
     js = nc.jetstream()
     done = asyncio.Event()
     seen = 0

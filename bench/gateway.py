@@ -128,7 +128,8 @@ async def budget_check_cost(base: str, runs: int) -> Result:
         costs,
         "us",
         higher_is_better=False,
-        target="≤ 100 us",
-        max_value=100.0,
+        # Issue #21: a cached check costs the application at most 10 µs.
+        target="≤ 10 us",
+        max_value=10.0,
         note="the hot path: a dict lookup and a clock read; one HTTP request a second",
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import platform
 import re
@@ -239,3 +240,42 @@ async def wait_until(predicate: object, timeout: float, interval: float = 0.01) 
         if time.monotonic() > deadline:
             raise TimeoutError("condition not met in time")
         await asyncio.sleep(interval)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The nearest-rank percentile of `values` (p99 of 200 samples is the second largest)."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def latency_results(
+    name: str,
+    p50: list[float],
+    p99: list[float],
+    p50_max: float | None,
+    p99_max: float,
+    note: str,
+) -> list[Result]:
+    """A latency figure's p50 and p99 rows (ms, one value per run) against their targets
+    (`p50_max` None: the p50 has none)."""
+    return [
+        Result(
+            f"{name} p50",
+            p50,
+            "ms",
+            higher_is_better=False,
+            target="" if p50_max is None else f"≤ {p50_max:g} ms",
+            max_value=p50_max,
+            note=note,
+        ),
+        Result(
+            f"{name} p99",
+            p99,
+            "ms",
+            higher_is_better=False,
+            target=f"≤ {p99_max:g} ms",
+            max_value=p99_max,
+            note=note,
+        ),
+    ]

@@ -24,7 +24,7 @@ import httpx
 
 from bench.harness import Report, Result, WrkResult, ensure_wrk, log, process
 from services.health import probes
-from services.health.queries import ComprehensiveHealth
+from services.health.contract import ComprehensiveHealth
 from services.health.settings import HealthSettings
 from shared.settings import load_settings
 from shared.testing import free_port

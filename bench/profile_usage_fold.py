@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.ceilings import sample_usage
-from services.usage.events import SUBJECT_RECORDED
+from services.usage.contract import SUBJECT_RECORDED
 from services.usage.service import usage_projection
 from services.usage.settings import UsageSettings
 from shared import bus

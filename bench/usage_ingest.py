@@ -15,8 +15,7 @@ import uvloop
 
 from bench.ceilings import raw_read
 from bench.harness import Report, Result, log, repeat
-from services.usage.decide import IngestAnswer, IngestParams
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, IngestAnswer, IngestParams, UsageRecorded
 from services.usage.service import build, usage_projection
 from services.usage.settings import UsageSettings
 from shared import bus

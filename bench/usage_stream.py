@@ -15,29 +15,23 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import msgspec
 import nats
 import psutil
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bench.ceilings import raw_read, sample_event, sample_usage
-from bench.harness import ROOT, Report, Result, log
+from bench.harness import Report, Result, log
+from bench.stack import running_stack, wait_folded
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared import bus
-from shared.runtime import ServiceStatus
-from shared.testing import free_port, stop_process, wait_for_port
 
 STREAM = "STOCKPILOT_USAGE"
 SUBJECT = "stockpilot.usage.recorded"
@@ -49,97 +43,11 @@ READ_ROUTES = (
     "/api/v1/health/comprehensive",
     "/api/v1/batch/executions/recent",
 )
-_status = msgspec.json.Decoder(ServiceStatus).decode
-
-
-class Stack:
-    """health, usage, batch and the gateway as processes; usage can be restarted."""
-
-    def __init__(self, nats_url: str, data_dir: Path) -> None:
-        self.port = free_port()
-        self.env = {
-            "STOCKPILOT_NATS_URL": nats_url,
-            "STOCKPILOT_DATA_DIR": str(data_dir),
-            "STOCKPILOT_HTTP_PORT": str(self.port),
-            "STOCKPILOT_LOG_LEVEL": "WARNING",
-        }
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
-        self._logs = data_dir / "logs"
-        self._logs.mkdir(parents=True, exist_ok=True)
-
-    def spawn(self, name: str) -> subprocess.Popen[bytes]:
-        """Start one process (`usage`, `health`, `batch` or `gateway`)."""
-        import os
-
-        command = [
-            sys.executable,
-            "-m",
-            "ops",
-            *(["gateway"] if name == "gateway" else ["service", name]),
-        ]
-        with open(self._logs / f"{name}.log", "ab") as out:
-            child = subprocess.Popen(
-                command, env=os.environ | self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
-            )
-        self.children[name] = child
-        return child
-
-    def stop(self, name: str) -> None:
-        """SIGTERM one process and wait for it (a service snapshots on the way out)."""
-        stop_process(self.children.pop(name), timeout=30)
-
-    def rss_mb(self) -> dict[str, float]:
-        """Resident memory of every running process, MB."""
-        return {
-            name: psutil.Process(child.pid).memory_info().rss / 1024 / 1024
-            for name, child in self.children.items()
-        }
-
-
-@contextlib.contextmanager
-def running_stack(nats_url: str, data_dir: Path) -> Iterator[Stack]:
-    """All four processes, stopped at the end."""
-    stack = Stack(nats_url, data_dir)
-    try:
-        for name in ("health", "usage", "batch", "gateway"):
-            stack.spawn(name)
-        wait_for_port("127.0.0.1", stack.port, timeout=60)
-        yield stack
-    finally:
-        for name in list(stack.children):
-            stack.stop(name)
-
-
-async def usage_status(nc: NATS, timeout: float = 2.0) -> ServiceStatus | None:
-    """The usage service's status, or None while it does not answer."""
-    try:
-        msg = await nc.request("stockpilot.svc.usage.status", b"{}", timeout=timeout)
-    except Exception:
-        return None
-    if msg.headers and msg.headers.get("Nats-Service-Error-Code"):
-        return None
-    return _status(msg.data)
 
 
 def _cpu(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
-
-
-def _usage_seq(status: ServiceStatus) -> int:
-    return next(p.last_seq for p in status.projections if p.name == "usage")
-
-
-async def wait_folded(nc: NATS, seq: int, timeout: float = 900, interval: float = 0.01) -> None:
-    """Until the usage service is ready and its usage projection has folded `seq`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await usage_status(nc, timeout=1.0)
-        if status is not None and status.ready and _usage_seq(status) >= seq:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"usage service did not fold seq {seq}")
-        await asyncio.sleep(interval)
 
 
 async def last_seq(js: JetStreamContext) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchSkipped,
@@ -27,8 +27,8 @@ from services.batch.events import (
     LockReleased,
     LockRenewed,
 )
-from services.health.events import HealthChecked, HostSampled
-from services.usage.events import PricesChanged, UsageRecorded, UsageReset
+from services.health.contract import HealthChecked, HostSampled
+from services.usage.contract import PricesChanged, UsageRecorded, UsageReset
 from shared.bus import DeadLetter
 from shared.events import JOB_ID_PATTERN, Alert
 from shared.runtime import VERSION

@@ -29,11 +29,9 @@ from prometheus_client.core import (
     Metric,
 )
 
-from services.batch.schemas import BatchStats, HeldLocks
-from services.health.events import Status
-from services.health.queries import ComponentHealth, ComprehensiveHealth
-from services.usage.answers import UsageCosts, UsageCounters, UsageStats
-from services.usage.service import UsageSummary
+from services.batch.contract import BatchStats, HeldLocks
+from services.health.contract import ComponentHealth, ComprehensiveHealth, Status
+from services.usage.contract import UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
 from shared.hook_status import hooks_process_state as process_state
 from shared.runtime import ServiceStatus

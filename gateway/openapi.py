@@ -76,7 +76,7 @@ def document_errors(openapi: OpenAPI) -> None:
 
 # ----- inputs: what the gateway accepts, exactly ------------------------------------------
 
-# Python's str.isprintable(), which usage names must pass (services.usage.events), as a
+# Python's str.isprintable(), which usage names must pass (services.usage.contract), as a
 # pattern: the printable characters listed as ranges of literal characters, computed from
 # this Python's own Unicode tables so schema and server agree to the code point (a `\p{C}`
 # class would follow the regex engine's Unicode version instead).
@@ -132,8 +132,8 @@ def _input_schemas() -> dict[str, Any]:
     """The request body schemas, from the very structs that decode the bodies."""
     from gateway.routes.batch import ReleaseBody
     from gateway.routes.usage import ResetBody
-    from services.batch.schemas import LockBody, RunBody
-    from services.usage.events import UsageRecordedIn
+    from services.batch.contract import LockBody, RunBody
+    from services.usage.contract import UsageRecordedIn
 
     _, components = msgspec.json.schema_components(
         (UsageRecordedIn, ResetBody, ReleaseBody, RunBody, LockBody), ref_template=REF_TEMPLATE

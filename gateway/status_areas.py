@@ -19,9 +19,9 @@ from typing import Literal
 
 import msgspec
 
-from services.batch.schemas import BatchSummary
-from services.health.queries import HealthSummary
-from services.usage.service import UsageSummary
+from services.batch.contract import BatchSummary
+from services.health.contract import HealthSummary
+from services.usage.contract import UsageSummary
 from shared.events import AwareDatetime
 
 AreaStatus = Literal["healthy", "degraded", "unhealthy", "unknown"]

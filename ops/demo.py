@@ -31,39 +31,22 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Any
 from zoneinfo import ZoneInfo
 
-import msgspec
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from ops import locate
-from services.batch.client import acquire_lock, batch_job
-from services.batch.errors import LockHeldError
-from services.batch.events import BatchFinished, BatchProgress, BatchStarted
+from services.batch.client import LockHeldError, acquire_lock, batch_job
+from services.batch.contract import BatchFinished, BatchProgress, BatchStarted
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from shared import bus
 from shared.events import Event, utc_now
 from shared.settings import CommonSettings, settings_or_exit
 
-USAGE_SUBJECT = "stockpilot.usage.recorded"
+USAGE_SUBJECT = SUBJECT_RECORDED
 DEFAULT_API_PORT = 18_080
-
-
-class UsageRecorded(Event, frozen=True, kw_only=True, tag="usage.recorded"):
-    """One LLM call as StockPilot AI reports it (contract §4 usage)."""
-
-    request_id: str
-    model: str
-    endpoint: str
-    prompt_tokens: Annotated[int, msgspec.Meta(ge=0)]
-    completion_tokens: Annotated[int, msgspec.Meta(ge=0)]
-    cached_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
-    cost_usd: float | None = None
-    status_code: int
-    error_code: str | None = None
-    response_time_ms: Annotated[float, msgspec.Meta(ge=0)]
-    user_id: str | None = None
 
 
 # ----- synthetic LLM traffic (pure: everything comes from `rng` and the arguments) ----------

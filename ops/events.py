@@ -214,10 +214,10 @@ def _unknown_stream(asked: str) -> str:
 
 def _import_command(args: argparse.Namespace) -> int:
     async def work(settings: CommonSettings) -> int:
-        async with _connected(settings, stockpilot_only=False) as nc:
+        # Into a stack's streams only: CONTRACT §2 lets only `up`, `service` and `gateway`
+        # create them (`stockpilot up --provision-only` readies a fresh server for a restore).
+        async with _connected(settings) as nc:
             js = nc.jetstream()
-            if not args.no_provision:
-                await bus.provision(js, settings.stream_replicas)
             progress = stream_io.Progress("import")
             report = await stream_io.import_messages(
                 js,
@@ -356,13 +356,11 @@ def register(subparsers: Any) -> None:
             "Publish the messages of `events export` lines read from stdin to their subjects, "
             "in order, with their headers (Nats-Msg-Id kept, so a repeated import stores "
             "nothing twice). Nats-Expected-* publish preconditions are dropped unless "
-            "--keep-preconditions. Meant for a fresh NATS: the streams are provisioned first."
+            "--keep-preconditions. The streams must exist: to restore into a fresh NATS, run "
+            "`stockpilot up --provision-only` against it first (import never creates streams)."
         ),
     )
     importer.add_argument("--keep-preconditions", action="store_true")
-    importer.add_argument(
-        "--no-provision", action="store_true", help="do not create the StockPilot streams"
-    )
     importer.set_defaults(handler=_import_command)
 
     replay = subparsers.add_parser(

@@ -15,16 +15,19 @@ import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from shared import bus
+from shared.nats_errors import NATS_ERRORS
 from shared.settings import CommonSettings, NoStackError
 
 # The four streams every StockPilot stack has; a NATS without them is not (yet) StockPilot's.
 STOCKPILOT_STREAMS = tuple(spec.name for spec in bus.STREAMS.values())
 CONNECT_TIMEOUT_S = 5.0
+# What a first connection that opened its socket but was not let in raises (nats-py errors
+# recognised through shared.nats_errors).
+_LOGIN_REFUSED: tuple[type[Exception], ...] = (OSError, TimeoutError, *NATS_ERRORS)
 PROBE_TIMEOUT_S = 1.0
 
 
@@ -102,7 +105,8 @@ async def check_stockpilot(nc: NATS, settings: CommonSettings, servers: list[str
     raise StackError(
         f"the NATS at {shown(servers)} ({settings.nats_source}) has {what}: it is not a "
         "StockPilot stack's NATS, or its stack never started; start the stack with "
-        "`stockpilot up`, or point STOCKPILOT_NATS_URL or STOCKPILOT_DATA_DIR at a running one"
+        "`stockpilot up`, or point STOCKPILOT_NATS_URL or STOCKPILOT_DATA_DIR at a running one "
+        "(a fresh server for a restore: `stockpilot up --provision-only` creates the streams)"
     )
 
 
@@ -120,7 +124,7 @@ async def connected(
         nc = await asyncio.wait_for(
             bus.connect(settings, name, first_connect_attempts=2), timeout=CONNECT_TIMEOUT_S
         )
-    except (OSError, TimeoutError, nats.errors.Error) as exc:
+    except _LOGIN_REFUSED as exc:
         raise StackError(
             f"the NATS at {shown(servers)} ({settings.nats_source}) accepts connections but "
             f"did not let this command in within {CONNECT_TIMEOUT_S:g}s "

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import IO, Any
 
 import msgspec
-import nats
 import psutil
 
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
 from shared import bus
+from shared.nats_errors import NATS_ERRORS
 from shared.nats_server import wait_for_port
 from shared.settings import (
     CONFIG_FILE_VARIABLE,
@@ -53,8 +53,16 @@ def register(subparsers: Any) -> None:
         description=(
             "Start the embedded NATS server (unless STOCKPILOT_NATS_URL is set), the health, "
             "usage and batch services, the alert-hook process and the gateway, as separate "
-            "processes. Ctrl-C stops them all."
+            "processes. Ctrl-C stops them all. With --provision-only: create or update the "
+            "streams and buckets on STOCKPILOT_NATS_URL as the ops NATS user, then exit "
+            "(compose.yaml runs this once before the services, whose NATS users may not create "
+            "streams)."
         ),
+    )
+    up.add_argument(
+        "--provision-only",
+        action="store_true",
+        help="create or update the streams and buckets on STOCKPILOT_NATS_URL, then exit",
     )
     up.set_defaults(handler=_up)
 
@@ -76,20 +84,10 @@ def register(subparsers: Any) -> None:
     )
     gateway.set_defaults(handler=_gateway)
 
-    provision = subparsers.add_parser(
-        "provision",
-        help="create or update the streams and buckets (as the ops NATS user), then exit",
-        description=(
-            "Create or update the four streams, the snapshot buckets and the state buckets. "
-            "`stockpilot up` does this itself; compose.yaml runs it once before the services, "
-            "whose NATS users may not create streams."
-        ),
-    )
-    provision.set_defaults(handler=_provision)
 
-
-def _provision(args: argparse.Namespace) -> int:
-    del args
+def _provision_only() -> int:
+    """`up --provision-only`: the stack's provisioning step alone (CONTRACT §2: only `up`,
+    `service` and `gateway` create streams, so compose's one-shot is a mode of `up`)."""
     settings = settings_or_exit(CommonSettings)
     require_nats(settings)
 
@@ -97,19 +95,20 @@ def _provision(args: argparse.Namespace) -> int:
         try:
             nc = await bus.connect(settings, "stockpilot-provision", first_connect_attempts=30)
         except Exception as exc:
-            print(f"stockpilot provision: cannot reach NATS ({exc})", file=sys.stderr)
+            print(f"stockpilot up --provision-only: cannot reach NATS ({exc})", file=sys.stderr)
             return 1
         try:
             await bus.provision(nc.jetstream(), settings.stream_replicas)
-        except nats.errors.Error as exc:
+        except NATS_ERRORS as exc:
             print(
-                f"stockpilot provision: failed ({exc}); the NATS user must be {bus.ADMIN_USER!r}",
+                f"stockpilot up --provision-only: failed ({exc}); "
+                f"the NATS user must be {bus.ADMIN_USER!r}",
                 file=sys.stderr,
             )
             return 1
         finally:
             await bus.drain_or_close(nc)
-        print("stockpilot provision: streams and buckets are in place", file=sys.stderr)
+        print("stockpilot up --provision-only: streams and buckets are in place", file=sys.stderr)
         return 0
 
     return asyncio.run(run())
@@ -505,7 +504,8 @@ class Stack:
 
 
 def _up(args: argparse.Namespace) -> int:
-    del args
+    if args.provision_only:
+        return _provision_only()
     settings = settings_or_exit(CommonSettings)
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client as NATS
 
 from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
+from shared.nats_errors import NatsStatus, status_line
 
 # A message's outcome in its batch (bytearray cells).
 _WAITING = 0
@@ -33,6 +34,7 @@ _DUPLICATE = 2
 _ERROR = 3
 # The server writes `"duplicate": true` (with a space) and only when it is true.
 _DUPLICATE_FIELD = b'"duplicate"'
+_NO_RESPONDERS = status_line(NatsStatus.NO_RESPONDERS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +91,7 @@ class _Acks(FrameProtocol):
                 self._answer(number, _ERROR, _error_of(body))
         else:  # a status instead of an answer: 503 when no stream takes the subject
             status = buffer[body_start : body_start + int(parts[-2])].split(b"\r\n", 1)[0]
-            if status.startswith(b"NATS/1.0 503"):
+            if status.startswith(_NO_RESPONDERS):
                 reason = "no stream takes the subject (503)"
             else:
                 reason = status.decode(errors="replace")

@@ -34,6 +34,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
+from shared.nats_errors import NatsStatus, status_line
 
 log = logging.getLogger("stockpilot.stream_reader")
 
@@ -44,6 +45,7 @@ Apply = Callable[[int, int, bytes, bytes, int], None]
 
 _ACK_PREFIX = b"$JS.ACK."
 _LAST_CONSUMER = b"Nats-Last-Consumer:"
+_CONTROL = status_line(NatsStatus.CONTROL)
 _HEARTBEAT_S = 1.0
 
 
@@ -108,7 +110,7 @@ class _Reader(FrameProtocol):
 
     def _status(self, headers: bytes, reply: bytes) -> None:
         status = headers.split(b"\r\n", 1)[0]
-        if not status.startswith(b"NATS/1.0 100"):
+        if not status.startswith(_CONTROL):
             raise ReadStopped(f"consumer status {status.decode(errors='replace')}")
         if reply:  # flow control: the server waits for this before sending more
             self.write(b"PUB " + reply + b" 0\r\n\r\n")

@@ -63,6 +63,15 @@ def recent_noon(zone: str = "UTC", now: datetime | None = None) -> datetime:
     return _local(zone, datetime.combine(day, time(12)))
 
 
+def zone_far_from_midnight(now: datetime | None = None) -> str:
+    """A fixed-offset zone where `now` is between 06:00 and 18:00: a test whose processes
+    count "today" on the real clock (a whole `stockpilot up`) then never sees the day turn."""
+    hour = (now or REAL.now()).astimezone(UTC).hour
+    offset = 12 - hour  # -11 … +12 hours east of UTC; local noon ± 1 h
+    # The Etc/GMT zones' signs are POSIX's: Etc/GMT-5 is five hours east of UTC.
+    return "Etc/UTC" if offset == 0 else f"Etc/GMT{-offset:+d}"
+
+
 def last_second_of_last_month(zone: str, now: datetime | None = None) -> datetime:
     """23:59:59 local on the last day of the month before this one."""
     local = (now or REAL.now()).astimezone(ZoneInfo(zone))

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from tests.clocks import REAL, awkward_moments, recent_noon
+from tests.clocks import REAL, awkward_moments, recent_noon, zone_far_from_midnight
 
 # "Now" on many days of the next eight years, computed from the real clock (every ~29 days,
 # at a different time of day each), so the helpers are checked on the days the suite will
@@ -43,3 +43,13 @@ def test_recent_noon_is_the_latest_passed_noon(now: datetime) -> None:
         noon = recent_noon(zone, now)
         assert noon <= now < noon + timedelta(days=1, hours=1)
         assert noon.astimezone(ZoneInfo(zone)).hour == 12
+
+
+@pytest.mark.parametrize("now", SOME_NOWS, ids=lambda n: n.strftime("%Y%m%dT%H%M"))
+def test_the_zone_far_from_midnight_is_there_between_six_and_six(now: datetime) -> None:
+    local = now.astimezone(ZoneInfo(zone_far_from_midnight(now)))
+    assert 6 <= local.hour < 18
+    # An hour either way (a test's own length) stays on the same local day.
+    assert (
+        (local - timedelta(hours=1)).date() == local.date() == (local + timedelta(hours=1)).date()
+    )

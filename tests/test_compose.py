@@ -234,7 +234,7 @@ def test_every_process_connects_as_its_own_role(compose: dict[str, Any]) -> None
         ("service", "batch"): "batch",
         ("hooks",): "hooks",
         ("gateway",): "gateway",
-        ("provision",): "ops",
+        ("up", "--provision-only"): "ops",
         ("streams",): "ops",
     }
     for name, spec in stockpilot_services(compose).items():

@@ -3,7 +3,9 @@
 Production code (services/, gateway/, ops/, shared/) never imports the test harness:
 shared.testing and tests/ exist for tests and bench/ only. What production needs to launch a
 nats-server lives in shared.nats_server. shared/ imports none of the packages built on it, and
-a service none of the other services. docs/architecture.md ("Import rules") writes them down.
+a service none of the other services. Outside a service, only its public modules are imported
+(its contract, its client modules; see PUBLIC), and each event struct is defined once, in its
+service's contract. docs/architecture.md ("Import rules") writes them down.
 """
 
 from __future__ import annotations
@@ -122,3 +124,195 @@ def test_the_check_sees_every_way_of_importing_the_harness() -> None:
     for source, expected in sources.items():
         names = imported_modules(source, "shared.bus")
         assert any(is_forbidden(name) for name in names) is expected, source
+
+
+# ----- a service's public face (issue 15) --------------------------------------------------
+#
+# Code outside a service package reaches the service through its public modules only, so the
+# service may rearrange everything else. Which ones, by where the importing code lives:
+# - `contract`: the wire (subjects, events, endpoint parameters and answers), for everyone;
+# - the client modules: the API StockPilot AI's own code calls (README, "Recording from
+#   StockPilot's own code"): the usage recorder, its budget checker, the OpenAI
+#   instrumentation and the synchronous recorder; batch's worker client. ops (the demo)
+#   and the bench call them as StockPilot AI would; the gateway never does;
+# - the bench also runs a service inside its own process and times its parts (the fold, the
+#   probes): the service's `service`, `settings`, `projection` and `probes` modules.
+# tests/ may import anything. ops starts and rebuilds services by name (`stockpilot service`,
+# `replay`) through importlib, which names the entry points (`__main__`, `settings`,
+# `service`) as strings: running a service is not reading its wire, so that stays allowed
+# and unseen here.
+CONTRACT = frozenset({"contract"})
+CLIENT = frozenset({"client", "budget_client", "instrument", "sync_recorder"})
+BENCH_RUNS = frozenset({"service", "settings", "projection", "probes"})
+PUBLIC = {
+    "gateway": CONTRACT,
+    "ops": CONTRACT | CLIENT,
+    "bench": CONTRACT | CLIENT | BENCH_RUNS,
+}
+
+
+def imports_by_line(source: str, module: str) -> list[tuple[int, str]]:
+    """(line, dotted name) of every import in `source`, as `imported_modules` reads them."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            line = ast.unparse(node)
+            found += [(node.lineno, name) for name in imported_modules(line, module)]
+    return found
+
+
+def service_module(name: str) -> str | None:
+    """The module of a service package that `name` imports (`contract` for
+    `services.usage.contract.UsageRecorded`), or None when it names no such module (the
+    `services` package, a service package itself, anything else)."""
+    parts = name.split(".")
+    if parts[0] != "services" or len(parts) < 3:
+        return None
+    return parts[2]
+
+
+def public_face_violations(top: str, sources: dict[Path, str]) -> list[str]:
+    """`path:line: imports name` for every import in `sources` (files under `top`) of a
+    service module that `PUBLIC[top]` does not list."""
+    allowed = PUBLIC[top]
+    found = []
+    for path, source in sources.items():
+        module = ".".join(path.with_suffix("").parts)
+        for line, name in imports_by_line(source, module):
+            inner = service_module(name)
+            if inner is not None and inner not in allowed:
+                # `from a.b import c` reads as `a.b` and `a.b.c`: one report per module.
+                offence = f"{path}:{line}: imports {'.'.join(name.split('.')[:3])}"
+                if offence not in found:
+                    found.append(offence)
+    return found
+
+
+def sources_under(top: str) -> dict[Path, str]:
+    """The text of every module under `top`, by its path relative to the repository."""
+    return {
+        path.relative_to(ROOT): path.read_text(encoding="utf-8")
+        for path in sorted((ROOT / top).rglob("*.py"))
+    }
+
+
+def test_outside_a_service_only_its_public_modules_are_imported() -> None:
+    found = [line for top in PUBLIC for line in public_face_violations(top, sources_under(top))]
+    assert found == [], "\n".join(found)
+
+
+def test_every_service_has_a_contract_module() -> None:
+    services = [p for p in (ROOT / "services").iterdir() if p.is_dir() and p.name[0] != "_"]
+    assert services
+    for service in services:
+        assert (service / "contract.py").is_file(), service.name
+
+
+def test_the_public_face_check_sees_every_way_of_importing_a_service() -> None:
+    sources = {
+        "from services.usage.contract import UsageRecorded": [],
+        "from services.usage import contract": [],
+        "import services.batch.contract": [],
+        "from services.usage.client import UsageRecorder": [],
+        "from services import usage": [],
+        "from services.usage.queries import stats": ["x.py:1: imports services.usage.queries"],
+        "import services.health.projection": ["x.py:1: imports services.health.projection"],
+        "from services.batch import locks": ["x.py:1: imports services.batch.locks"],
+        "def f():\n    from services.usage.view import UsageView\n": [
+            "x.py:2: imports services.usage.view"
+        ],
+    }
+    for source, expected in sources.items():
+        found = public_face_violations("ops", {Path("x.py"): source})
+        assert found == expected, source
+    # the bench may run a service, the gateway may not even use its client
+    assert not public_face_violations("bench", {Path("b.py"): "from services.usage import service"})
+    assert public_face_violations("bench", {Path("b.py"): "from services.usage import view"})
+    assert public_face_violations("gateway", {Path("g.py"): "from services.usage import service"})
+    assert public_face_violations("gateway", {Path("g.py"): "import services.usage.client"})
+
+
+def test_the_event_check_finds_a_copy_however_it_derives_from_event() -> None:
+    copies = {
+        Path("ops/demo.py"): "class UsageRecorded(Event, frozen=True, tag='usage.recorded'): ...",
+        Path("bench/x.py"): (
+            "class _Base(shared.events.Event): ...\n"
+            "class Reset(_Base, tag='usage.reset'): ...\n"
+            "class Line(msgspec.Struct, tag='line'): ...\n"  # a tagged union, no event
+        ),
+    }
+    found = [(str(path), name, tag) for path, _, name, tag in event_classes(copies)]
+    assert found == [
+        ("ops/demo.py", "UsageRecorded", "usage.recorded"),
+        ("bench/x.py", "Reset", "usage.reset"),
+    ]
+
+
+# ----- one definition of each wire struct ---------------------------------------------------
+
+# Where every event type is defined: a service's contract, or shared/events.py (the envelope
+# and the alerts every service raises).
+EVENT_HOMES = ("services/*/contract.py", "shared/events.py")
+
+
+def base_names(node: ast.ClassDef) -> set[str]:
+    """The last part of each base's name (`Event` for `shared.events.Event`)."""
+    return {ast.unparse(base).rsplit(".", 1)[-1] for base in node.bases}
+
+
+def event_classes(sources: dict[Path, str]) -> list[tuple[Path, int, str, str]]:
+    """(path, line, class name, tag) of every event type: a class declared with a string
+    `tag=` that derives, through any of the classes seen, from `Event`. (Other tagged unions,
+    such as the lines of `stockpilot streams`, are no events.)"""
+    classes = [
+        (path, node)
+        for path, source in sources.items()
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef)
+    ]
+    events = {"Event"}
+    while True:  # every class whose base is an event class is one too
+        more = {node.name for _, node in classes if base_names(node) & events} - events
+        if not more:
+            break
+        events |= more
+    return [
+        (path, node.lineno, node.name, str(keyword.value.value))
+        for path, node in classes
+        if node.name in events
+        for keyword in node.keywords
+        if keyword.arg == "tag" and isinstance(keyword.value, ast.Constant)
+    ]
+
+
+def test_each_event_type_is_defined_once_in_its_services_contract() -> None:
+    """No copy of an event struct (the demo's own UsageRecorded was one)."""
+    sources = {
+        path: text for top in (*PRODUCTION, "bench") for path, text in sources_under(top).items()
+    }
+    places: dict[str, list[str]] = {}
+    for path, line, name, tag in event_classes(sources):
+        places.setdefault(tag, []).append(f"{path}:{line}: {name}")
+        if not any(path.match(home) for home in EVENT_HOMES):
+            places[tag].append(f"{path}:{line}: outside a contract module")
+    assert {"usage.recorded", "health.checked", "lock.acquired", "alert"} <= set(places)
+    assert {tag: where for tag, where in places.items() if len(where) > 1} == {}
+
+
+def test_no_struct_of_a_contract_is_declared_again_elsewhere() -> None:
+    """A struct named like one of a contract's, outside it, is a copy waiting to drift."""
+    contract_names: dict[str, str] = {}
+    for path in sorted((ROOT / "services").glob("*/contract.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                contract_names[node.name] = str(path.relative_to(ROOT))
+    assert "UsageRecorded" in contract_names
+    found = [
+        f"{path}:{node.lineno}: {node.name} (defined in {contract_names[node.name]})"
+        for top in (*PRODUCTION, "bench")
+        for path, source in sources_under(top).items()
+        if not path.match("services/*/contract.py")
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ClassDef) and node.name in contract_names
+    ]
+    assert found == [], "\n".join(found)

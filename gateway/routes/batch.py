@@ -18,8 +18,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_409_CONFL
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import Services
-from services.batch.events import job_id_problem
-from services.batch.schemas import (
+from services.batch.contract import (
     BatchStats,
     CleanupAnswer,
     CleanupParams,
@@ -39,6 +38,7 @@ from services.batch.schemas import (
     RunBody,
     RunParams,
     StatsParams,
+    job_id_problem,
 )
 from shared.errors import InvalidRequestError
 

@@ -26,13 +26,15 @@ from gateway.auth import admin_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import ServiceClient, Services
 from gateway.settings import GatewaySettings
-from services.health.history import MAX_HOURS, HealthHistory, HistoryParams
-from services.health.queries import (
+from services.health.contract import (
+    MAX_HOURS,
     ComponentAnswer,
     ComponentParams,
     ComprehensiveHealth,
     ExternalApisHealth,
     FreshParams,
+    HealthHistory,
+    HistoryParams,
 )
 from shared.clock import Clock
 from shared.errors import ForbiddenError, UnauthorizedError

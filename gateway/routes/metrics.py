@@ -25,10 +25,9 @@ from prometheus_client.registry import Collector
 from gateway import metrics_families as fam
 from gateway.auth import read_guard
 from gateway.services import GatewayClock, ServiceClient, Services
-from services.batch import schemas as batch
-from services.health.queries import ComprehensiveHealth
-from services.usage.answers import StatsParams, UsageCosts, UsageCounters, UsageStats
-from services.usage.service import UsageSummary
+from services.batch import contract as batch
+from services.health.contract import ComprehensiveHealth
+from services.usage.contract import StatsParams, UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.clock import Clock
 from shared.errors import StockpilotError
 from shared.hook_status import HooksStatus, read_hooks_status

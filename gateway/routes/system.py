@@ -26,9 +26,9 @@ from gateway.status_areas import (
     ServiceState,
     judge,
 )
-from services.batch.schemas import BatchSummary
-from services.health.queries import HealthSummary
-from services.usage.service import UsageSummary, UsageToday
+from services.batch.contract import BatchSummary
+from services.health.contract import HealthSummary
+from services.usage.contract import UsageSummary, UsageToday
 from shared import bus
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime

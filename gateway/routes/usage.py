@@ -16,25 +16,23 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import GatewayClock, Services
-from services.usage.answers import (
+from services.usage.contract import (
+    MAX_RECORDS,
     AlertList,
     AlertsParams,
     BudgetAnswer,
     BudgetParams,
+    IngestAnswer,
+    IngestParams,
+    Reason,
+    ResetAnswer,
+    ResetParams,
     StatsParams,
     TimeseriesParams,
     UsageCosts,
     UsageStats,
     UsageTimeseries,
 )
-from services.usage.decide import (
-    MAX_RECORDS,
-    IngestAnswer,
-    IngestParams,
-    ResetAnswer,
-    ResetParams,
-)
-from services.usage.events import Reason
 from shared.errors import InvalidRequestError
 from shared.events import EARLIEST
 

@@ -26,6 +26,11 @@ async with batch_job(nc, "daily-price-sync", items_total=len(tickers)) as run:
   traceback; `cancelled` on CancelledError/KeyboardInterrupt (re-raised). Then the lock is
   released (reason `released`). A run that lost its lock does not release it, is recorded as
   failed and raises `LockLostError` at exit even when its body finished.
+- NATS away (a restart of the stack): heartbeats that fail are logged and the next one tries
+  again; the run's end and the release are retried until stored (for up to
+  `record_deadline_s`, 120 s by default), so a run that ends during a restart is recorded once
+  and its lock is free for the next run. Give the client a connection that reconnects
+  (`max_reconnect_attempts=-1`).
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ import socket
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
+import nats.errors
 import psutil
 from nats.aio.client import Client as NATS
 
-from services.batch.errors import LockHeldError, LockLostError, LockStateError
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchSkipped,
@@ -52,6 +59,7 @@ from services.batch.events import (
     FinishedStatus,
     run_subject,
 )
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
 from services.batch.locks import (
     HeldLock,
     acquire_lock,
@@ -65,11 +73,15 @@ from services.batch.locks import (
 from services.batch.settings import BatchSettings
 from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.nats_errors import is_transient
 
-# The lock primitives are part of the worker-side API too.
+# The lock primitives are part of the worker-side API too, and so are the errors a worker
+# catches (`except LockHeldError`): callers import all of it from here.
 __all__ = [
     "BatchRun",
     "HeldLock",
+    "LockHeldError",
+    "LockLostError",
     "acquire_lock",
     "batch_job",
     "check_lock",
@@ -83,6 +95,36 @@ log = logging.getLogger("stockpilot.batch.client")
 
 MAX_WARNINGS = 20
 TRACEBACK_FRAMES = 5
+# How long a run's end (its `batch.finished` and the lock's release) is retried while NATS is
+# away: a restart of the stack takes seconds, and an end that is never stored leaves the run
+# "running" in the history and its lock held until the TTL, skipping the next runs.
+RECORD_DEADLINE_S = 120.0
+
+T = TypeVar("T")
+
+
+async def until_stored(what: str, attempt: Callable[[], Awaitable[T]], deadline_s: float) -> T:
+    """`attempt()` again (backing off up to 2 s) while NATS cannot answer, for `deadline_s`.
+
+    Safe to repeat: every event carries its id as `Nats-Msg-Id` (a retry after a lost answer
+    is stored once) and a lock release recognises its own earlier release. A connection closed
+    for good is not waited for.
+    """
+    give_up = time.monotonic() + deadline_s
+    delay = 0.1
+    while True:
+        try:
+            return await attempt()
+        except nats.errors.ConnectionClosedError:
+            raise
+        except Exception as exc:
+            # LockStateError is how the lock primitives say NATS did not answer them.
+            waitable = isinstance(exc, LockStateError) or is_transient(exc)
+            if not waitable or time.monotonic() + delay > give_up:
+                raise
+            log.warning("%s: NATS did not answer (%s); trying again", what, exc or type(exc))
+            await asyncio.sleep(delay)
+            delay = min(2.0, delay * 2)
 
 
 class BatchRun:
@@ -201,6 +243,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         owner: str | None = None,
         settings: BatchSettings | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        record_deadline_s: float = RECORD_DEADLINE_S,
     ) -> None:
         check_job_id(job_id)
         defaults = settings or BatchSettings()
@@ -217,6 +260,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         self.skipped: LockHeldError | None = None
         # Stamps the run's events and judges lock expiry; durations stay on time.monotonic.
         self._clock = clock
+        self._record_deadline_s = record_deadline_s
         self._sampler = _Sampler()
         self._started = 0.0
         self._beats = 0
@@ -356,7 +400,12 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         await self._finish(run, status, error, trace)
         if not run.lock_lost:
             try:
-                if not await release_lock(self._js, run.lock, clock=self._clock):
+                released = await until_stored(
+                    f"batch job {self.job_id}: releasing its lock",
+                    lambda: release_lock(self._js, run.lock, clock=self._clock),
+                    self._record_deadline_s,
+                )
+                if not released:
                     run._mark_lost("it was no longer ours when the run released it")
             except Exception as exc_release:
                 log.error("batch job %s: could not release its lock: %s", self.job_id, exc_release)
@@ -383,6 +432,10 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             traceback=trace,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), finished)
+            await until_stored(
+                f"batch job {self.job_id}: recording its end",
+                lambda: bus.publish_event(self._js, run_subject(self.job_id), finished),
+                self._record_deadline_s,
+            )
         except Exception as exc:
             log.error("batch job %s: could not record its end (%s): %s", self.job_id, status, exc)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from services.batch.errors import LockHeldError
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchSkipped,
     BatchStarted,
@@ -20,10 +19,11 @@ from services.batch.events import (
     LockRenewed,
     ReleaseReason,
     RunEvent,
+    RunParams,
 )
+from services.batch.errors import LockHeldError
 from services.batch.lockrule import LockRead, LockState
 from services.batch.projection import BatchView, Execution
-from services.batch.schemas import RunParams
 from shared.errors import ConflictError
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 
 import msgspec
 
-from services.batch.events import LockAcquired, LockEvent, LockReleased, LockRenewed
+from services.batch.contract import LockAcquired, LockEvent, LockReleased, LockRenewed
 from shared.events import AwareDatetime
 
 Outcome = Literal["acquired", "renewed", "released", "ignored"]

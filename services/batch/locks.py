@@ -22,15 +22,15 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.batch.decide import decide_acquire, release_event, renew_event, why_lost
-from services.batch.errors import InvalidJobIdError, LockHeldError, LockLostError, LockStateError
-from services.batch.events import (
+from services.batch.contract import (
     LockEvent,
     ReleaseReason,
     decode_lock_event,
     job_id_problem,
     lock_subject,
 )
+from services.batch.decide import decide_acquire, release_event, renew_event, why_lost
+from services.batch.errors import InvalidJobIdError, LockHeldError, LockLostError, LockStateError
 from services.batch.lockrule import LockRead, LockState
 from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock

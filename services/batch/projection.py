@@ -11,16 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Literal
 
 import msgspec
 
-from services.batch.events import (
+from services.batch.contract import (
     BatchEvent,
     BatchFinished,
     BatchProgress,
     BatchSkipped,
     BatchStarted,
+    ExecutionStatus,
+    JobSchedule,
     JobScheduled,
     LockAcquired,
     LockReleased,
@@ -29,12 +30,9 @@ from services.batch.events import (
     decode_batch_event,
 )
 from services.batch.lockrule import LockState, lock_step
-from services.batch.schedule import JobSchedule
 from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
 from shared.projection import NOTHING_FIRED, FoldError, Projection, View, fold_fingerprint
-
-ExecutionStatus = Literal["running", "succeeded", "failed", "cancelled", "lost", "skipped"]
 
 __all__ = ["LockState"]  # re-exported: the lock rule owns it, queries and decide read it here
 

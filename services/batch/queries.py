@@ -12,19 +12,11 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from services.batch.decide import expired_locks
-from services.batch.projection import (
-    BatchView,
-    Execution,
-    ExecutionStatus,
-    LockState,
-    lost_at,
-)
-from services.batch.schedule import judge
-from services.batch.schemas import (
+from services.batch.contract import (
     BatchStats,
     BatchSummary,
     ExecutionOut,
+    ExecutionStatus,
     ExpiredLock,
     ExpiredLocks,
     FailingJob,
@@ -39,6 +31,14 @@ from services.batch.schemas import (
     RecentParams,
     StatsParams,
 )
+from services.batch.decide import expired_locks
+from services.batch.projection import (
+    BatchView,
+    Execution,
+    LockState,
+    lost_at,
+)
+from services.batch.schedule import judge
 
 MAX_PATTERNS = 20
 

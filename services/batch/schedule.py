@@ -23,49 +23,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
-import msgspec
 from croniter import croniter
 
-from services.batch.events import YEAR_S
+from services.batch.contract import JobSchedule, JobState
 
-JobState = Literal["new", "up", "running", "late", "missed", "failing"]
 # Alerts for missed slots raised in one look at most (after a long outage, the newest).
 MAX_MISSED_ALERTS = 10
 # How early a cron run may start and still meet its slot (clock skew between hosts).
 EARLY_S = 60.0
-
-
-class JobSchedule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One job's expected starts: `cron` (5 fields, in `tz`) or `every_s`; `grace_s` after
-    the expected start before the slot counts as missed."""
-
-    cron: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
-    every_s: Annotated[float, msgspec.Meta(ge=1, le=YEAR_S)] | None = None
-    grace_s: Annotated[float, msgspec.Meta(ge=0, le=YEAR_S)] = 300.0
-    tz: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
-
-    def __post_init__(self) -> None:
-        problem = schedule_problem(self)
-        if problem is not None:
-            raise ValueError(problem)
-
-
-def schedule_problem(schedule: JobSchedule) -> str | None:
-    """Why `schedule` cannot be used, or None."""
-    if (schedule.cron is None) == (schedule.every_s is None):
-        return 'give exactly one of "cron" (e.g. "0 2 * * *") and "every_s" (e.g. 300)'
-    if schedule.cron is not None and (
-        len(schedule.cron.split()) != 5 or not croniter.is_valid(schedule.cron)
-    ):
-        return f'"cron" {schedule.cron!r} is not a 5-field cron expression (e.g. "0 2 * * *")'
-    try:
-        ZoneInfo(schedule.tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        return f'"tz" {schedule.tz!r} is not an IANA time zone (e.g. "Europe/Paris")'
-    return None
 
 
 def slots_after(schedule: JobSchedule, after: datetime) -> Iterator[datetime]:

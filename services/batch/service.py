@@ -19,16 +19,16 @@ from datetime import datetime
 import msgspec
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.batch import queries, schemas
-from services.batch.decide import expired_locks, release_event, run_report_events
-from services.batch.errors import LockHeldError, LockLostError, LockStateError
-from services.batch.events import (
+from services.batch import contract, queries
+from services.batch.contract import (
     JobScheduled,
     job_id_problem,
     lock_subject,
     run_subject,
     schedule_subject,
 )
+from services.batch.decide import expired_locks, release_event, run_report_events
+from services.batch.errors import LockHeldError, LockLostError, LockStateError
 from services.batch.lockrule import LockRead, LockState
 from services.batch.locks import (
     BATCH_STREAM,
@@ -116,35 +116,35 @@ def build(settings: BatchSettings) -> ServiceDefinition:
     batch: BatchProjection = batch_projection(settings.history_limit)
     interval = settings.heartbeat_interval_s
 
-    async def recent(params: schemas.RecentParams, ctx: Context) -> schemas.RecentExecutions:
+    async def recent(params: contract.RecentParams, ctx: Context) -> contract.RecentExecutions:
         return queries.recent(batch.view, params, ctx.now(), interval)
 
-    async def stats(params: schemas.StatsParams, ctx: Context) -> schemas.BatchStats:
+    async def stats(params: contract.StatsParams, ctx: Context) -> contract.BatchStats:
         return queries.stats(batch.view, params, ctx.now(), interval)
 
-    async def lock_status(params: schemas.JobParams, ctx: Context) -> schemas.LockStatus:
+    async def lock_status(params: contract.JobParams, ctx: Context) -> contract.LockStatus:
         return queries.lock_status(batch.view, params.job_id, ctx.now())
 
-    async def expired(_: NoParams, ctx: Context) -> schemas.ExpiredLocks:
+    async def expired(_: NoParams, ctx: Context) -> contract.ExpiredLocks:
         return queries.expired(batch.view, ctx.now())
 
-    async def held(_: NoParams, ctx: Context) -> schemas.HeldLocks:
+    async def held(_: NoParams, ctx: Context) -> contract.HeldLocks:
         return queries.held(batch.view, ctx.now())
 
-    async def jobs(_: NoParams, ctx: Context) -> schemas.JobsAnswer:
+    async def jobs(_: NoParams, ctx: Context) -> contract.JobsAnswer:
         return queries.jobs(batch.view, ctx.now(), interval)
 
-    async def summary(_: NoParams, ctx: Context) -> schemas.BatchSummary:
+    async def summary(_: NoParams, ctx: Context) -> contract.BatchSummary:
         return queries.summary(batch.view, ctx.now(), interval)
 
-    async def release(params: schemas.ReleaseParams, ctx: Context) -> schemas.ReleaseAnswer:
+    async def release(params: contract.ReleaseParams, ctx: Context) -> contract.ReleaseAnswer:
         _check(params.job_id)
         for _ in range(RELEASE_ATTEMPTS):
             seq = await _last_seq(ctx, params.job_id)
             await ctx.wait_applied(batch, seq)
             lock = batch.view.locks.get(params.job_id)
             if lock is None:
-                return schemas.ReleaseAnswer(
+                return contract.ReleaseAnswer(
                     job_id=params.job_id, released=False, previous_owner=None
                 )
             event = release_event(
@@ -153,7 +153,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             stored = await _publish_expecting(ctx, params.job_id, event, seq)
             if stored is not None:
                 await ctx.wait_applied(batch, stored)
-                return schemas.ReleaseAnswer(
+                return contract.ReleaseAnswer(
                     job_id=params.job_id,
                     released=True,
                     previous_owner=lock.owner,
@@ -163,7 +163,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             f"the lock of {params.job_id} kept changing while it was being released; try again"
         )
 
-    async def cleanup(params: schemas.CleanupParams, ctx: Context) -> schemas.CleanupAnswer:
+    async def cleanup(params: contract.CleanupParams, ctx: Context) -> contract.CleanupAnswer:
         released: list[str] = []
         last_stored = 0
         for candidate in expired_locks(batch.view, ctx.now()):
@@ -180,7 +180,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 last_stored = max(last_stored, stored)
         if last_stored:
             await ctx.wait_applied(batch, last_stored)
-        return schemas.CleanupAnswer(released=released, count=len(released))
+        return contract.CleanupAnswer(released=released, count=len(released))
 
     async def release_lost(ctx: Context, execution: Execution) -> None:
         """The lease: a lost run's lock is released (reason `lost`), fenced like every lock
@@ -275,7 +275,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ctx.stopping.wait(), settings.lost_check_interval_s)
 
-    async def report_run(params: schemas.RunParams, ctx: Context) -> schemas.RunAnswer:
+    async def report_run(params: contract.RunParams, ctx: Context) -> contract.RunAnswer:
         """A run reported over HTTP: stored as the run events a Python worker stores."""
         _check(params.job_id)
         execution_id = params.execution_id or uuid.uuid4().hex
@@ -289,21 +289,23 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             last = max(last, int(ack.seq))
         if last:
             await ctx.wait_applied(batch, last)
-        return schemas.RunAnswer(
+        return contract.RunAnswer(
             job_id=params.job_id, execution_id=execution_id, status=params.status
         )
 
-    def _holder(held: LockState | None) -> schemas.LockHolder | None:
+    def _holder(held: LockState | None) -> contract.LockHolder | None:
         if held is None:
             return None
-        return schemas.LockHolder(
+        return contract.LockHolder(
             owner=held.owner, fencing_token=held.fencing_token, expires_at=held.expires_at
         )
 
-    async def _refused(ctx: Context, params: schemas.LockParams, detail: str) -> schemas.LockAnswer:
+    async def _refused(
+        ctx: Context, params: contract.LockParams, detail: str
+    ) -> contract.LockAnswer:
         read = await _read_state(ctx, params.job_id)
         live = read.held if read.held is not None and read.held.expires_at > ctx.now() else None
-        return schemas.LockAnswer(
+        return contract.LockAnswer(
             job_id=params.job_id, ok=False, owner=params.owner, holder=_holder(live), detail=detail
         )
 
@@ -311,7 +313,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         # Read-your-writes: the next lock/status answers what was just stored.
         await ctx.wait_applied(batch, await _last_seq(ctx, job_id))
 
-    async def lock_acquire(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+    async def lock_acquire(params: contract.LockParams, ctx: Context) -> contract.LockAnswer:
         """Take a job's lock for `owner` (HTTP); refused (ok false) while someone holds it."""
         _check(params.job_id)
         try:
@@ -330,8 +332,8 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         await _settled(ctx, params.job_id)
         return _granted(params, held)
 
-    def _granted(params: schemas.LockParams, lock: HeldLock) -> schemas.LockAnswer:
-        return schemas.LockAnswer(
+    def _granted(params: contract.LockParams, lock: HeldLock) -> contract.LockAnswer:
+        return contract.LockAnswer(
             job_id=params.job_id,
             ok=True,
             owner=params.owner,
@@ -339,7 +341,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             expires_at=lock.expires_at,
         )
 
-    def _mine(params: schemas.LockParams, ctx: Context) -> HeldLock:
+    def _mine(params: contract.LockParams, ctx: Context) -> HeldLock:
         if params.fencing_token is None:
             raise InvalidRequestError(
                 "fencing_token is required: send the one lock/acquire answered"
@@ -353,7 +355,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
             expires_at=ctx.now(),
         )
 
-    async def lock_renew(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+    async def lock_renew(params: contract.LockParams, ctx: Context) -> contract.LockAnswer:
         """Extend the caller's lock (named by owner and fencing token) to now + ttl_s."""
         _check(params.job_id)
         mine = _mine(params, ctx)
@@ -368,7 +370,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         await _settled(ctx, params.job_id)
         return _granted(params, renewed)
 
-    async def lock_release_mine(params: schemas.LockParams, ctx: Context) -> schemas.LockAnswer:
+    async def lock_release_mine(params: contract.LockParams, ctx: Context) -> contract.LockAnswer:
         """Give back the caller's lock; refused when it is not (or no longer) theirs."""
         _check(params.job_id)
         mine = _mine(params, ctx)
@@ -384,7 +386,7 @@ def build(settings: BatchSettings) -> ServiceDefinition:
                 f"{params.fencing_token}",
             )
         await _settled(ctx, params.job_id)
-        return schemas.LockAnswer(
+        return contract.LockAnswer(
             job_id=params.job_id,
             ok=True,
             owner=params.owner,
@@ -397,19 +399,19 @@ def build(settings: BatchSettings) -> ServiceDefinition:
         fold_settings=FOLD_SETTINGS,
         projections=[batch],
         endpoints=[
-            Endpoint("recent", schemas.RecentParams, recent),
-            Endpoint("stats", schemas.StatsParams, stats),
-            Endpoint("lock_status", schemas.JobParams, lock_status),
+            Endpoint("recent", contract.RecentParams, recent),
+            Endpoint("stats", contract.StatsParams, stats),
+            Endpoint("lock_status", contract.JobParams, lock_status),
             Endpoint("expired_locks", NoParams, expired),
             Endpoint("locks", NoParams, held),
             Endpoint("summary", NoParams, summary),
             Endpoint("jobs", NoParams, jobs),
-            Endpoint("release", schemas.ReleaseParams, release, concurrent=True),
-            Endpoint("cleanup", schemas.CleanupParams, cleanup, concurrent=True),
-            Endpoint("report_run", schemas.RunParams, report_run, concurrent=True),
-            Endpoint("lock_acquire", schemas.LockParams, lock_acquire, concurrent=True),
-            Endpoint("lock_renew", schemas.LockParams, lock_renew, concurrent=True),
-            Endpoint("lock_release_mine", schemas.LockParams, lock_release_mine, concurrent=True),
+            Endpoint("release", contract.ReleaseParams, release, concurrent=True),
+            Endpoint("cleanup", contract.CleanupParams, cleanup, concurrent=True),
+            Endpoint("report_run", contract.RunParams, report_run, concurrent=True),
+            Endpoint("lock_acquire", contract.LockParams, lock_acquire, concurrent=True),
+            Endpoint("lock_renew", contract.LockParams, lock_renew, concurrent=True),
+            Endpoint("lock_release_mine", contract.LockParams, lock_release_mine, concurrent=True),
         ],
         background=[watch_lost],
         alert_source="batch",

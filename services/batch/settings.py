@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.batch.schedule import JobSchedule
+from services.batch.contract import JobSchedule
 from shared.events import JobId
 from shared.settings import CommonSettings, PositiveFloat, PositiveInt
 

@@ -1,4 +1,4 @@
-"""The history query: each component's points and uptime over the last hours (issue 8).
+"""The history query (pure): each component's points and uptime over the last hours (issue 8).
 
 Up to 24 h the raw samples are used, beyond that the hourly buckets; either way a series is
 merged down to `history_max_points` points (the worst status of the merged results wins).
@@ -8,52 +8,18 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
 
-import msgspec
-
-from services.health.events import Kind, Status
+from services.health.contract import (
+    HealthHistory,
+    HistoryParams,
+    HistoryPoint,
+    HistorySeries,
+    Status,
+)
 from services.health.projection import CODES, HOUR_S, STATUSES, ComponentState, HealthView
 from services.health.queries import configured, window, worst
 from services.health.settings import HealthSettings
 from shared.errors import NotFoundError
-from shared.events import AwareDatetime
-
-MAX_HOURS = 2160
-
-
-class HistoryParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Which component (all when absent) over how many hours."""
-
-    component: str | None = None
-    hours: Annotated[int, msgspec.Meta(ge=1, le=MAX_HOURS)] = 24
-
-
-class HistoryPoint(msgspec.Struct, kw_only=True):
-    """One point of a series (several results merged into one when the window is long)."""
-
-    t: AwareDatetime
-    status: Status
-    latency_ms: float | None
-
-
-class HistorySeries(msgspec.Struct, kw_only=True):
-    """A component's results over the window and its uptime there."""
-
-    component: str
-    kind: Kind
-    uptime_pct: float | None
-    checks: int
-    points: list[HistoryPoint]
-
-
-class HealthHistory(msgspec.Struct, kw_only=True):
-    """The answer of /api/v1/health/history."""
-
-    hours: int
-    start: AwareDatetime
-    end: AwareDatetime
-    series: list[HistorySeries]
 
 
 def _merge(points: list[tuple[float, list[int], float, int]], limit: int) -> list[HistoryPoint]:

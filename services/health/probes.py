@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from services.health.events import Details, Kind, Status
+from services.health.contract import Details, Kind, Status
 from services.health.settings import ExternalApi, HealthSettings
 from shared.redact import (
     Redactor,

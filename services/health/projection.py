@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from services.health.events import HealthChecked, HealthEvent, HostSampled, Kind, Status
+from services.health.contract import HealthChecked, HealthEvent, HostSampled, Kind, Status
 from shared.events import Alert, AwareDatetime, Severity, alert_id, rfc3339
 from shared.projection import NOTHING_FIRED, FoldError, View
 

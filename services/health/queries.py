@@ -1,4 +1,4 @@
-"""Pure queries over the health view, and the answers the gateway serves (contract §5)."""
+"""Pure queries over the health view: they fill the answers of services.health.contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ from datetime import datetime
 
 import msgspec
 
-from services.health.events import Details, Kind, Status
+from services.health.contract import (
+    ComponentAnswer,
+    ComponentBrief,
+    ComponentHealth,
+    ComprehensiveHealth,
+    ExternalApisHealth,
+    HealthSummary,
+    Kind,
+    Status,
+    SystemMetrics,
+)
 from services.health.projection import (
     CODES,
     HOUR_S,
@@ -20,118 +30,12 @@ from services.health.projection import (
 )
 from services.health.settings import HealthSettings
 from shared.errors import NotFoundError
-from shared.events import AwareDatetime
 
 CORE: tuple[tuple[str, Kind], ...] = (
     ("database", "database"),
     ("redis", "redis"),
     ("openai", "openai"),
 )
-
-
-# ----- parameters ------------------------------------------------------------------------
-
-
-class FreshParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """A `*_fresh` request: answer from a round started no earlier than `requested_at`.
-
-    Requests to one endpoint are handled one after another, so a request that queued behind
-    a round is answered by that round instead of starting another one.
-    """
-
-    requested_at: AwareDatetime | None = None
-
-
-class ComponentParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One component by its id (`database`, `redis`, `openai`, `external.<name>`)."""
-
-    name: str
-    requested_at: AwareDatetime | None = None
-
-
-# ----- answers ---------------------------------------------------------------------------
-
-
-class ComponentHealth(msgspec.Struct, kw_only=True):
-    """One component: its (hysteresis) status and its latest probe result."""
-
-    name: str
-    kind: Kind
-    status: Status
-    latency_ms: float | None
-    details: Details
-    error: str | None
-    checked_at: AwareDatetime | None
-    # The latest probe's own status; `status` follows it only after the hysteresis.
-    last_result: Status
-    status_since: AwareDatetime | None
-    pending_status: Status | None
-    pending_results: int
-    uptime_pct_1h: float | None
-    uptime_pct_24h: float | None
-    latency_p95_ms_1h: float | None
-    latency_p95_ms_24h: float | None
-
-
-class ComponentAnswer(ComponentHealth, kw_only=True):
-    """One component as a route answer: with whether it came from the cache and its age."""
-
-    cached: bool
-    age_s: float | None
-
-
-class SystemMetrics(msgspec.Struct, kw_only=True):
-    """The health service's host, sampled with psutil each round."""
-
-    cpu_percent: float
-    memory_percent: float
-    disk_percent: float
-    uptime_s: float
-    sampled_at: AwareDatetime
-
-
-class ExternalApisHealth(msgspec.Struct, kw_only=True):
-    """The external APIs together: healthy at >= 80 % reachable, degraded at >= 50 %."""
-
-    status: Status
-    apis: list[ComponentHealth]
-    reachable: int
-    total: int
-    reachable_pct: float | None
-    checked_at: AwareDatetime | None
-    cached: bool
-    age_s: float | None
-
-
-class ComprehensiveHealth(msgspec.Struct, kw_only=True):
-    """Every component, the overall status and the host's metrics."""
-
-    status: Status
-    checked_at: AwareDatetime | None
-    cached: bool
-    age_s: float | None
-    components: list[ComponentHealth]
-    external_apis: ExternalApisHealth
-    system_metrics: SystemMetrics | None
-
-
-class ComponentBrief(msgspec.Struct, kw_only=True):
-    """One component as /api/v1/status judges it: whether it is configured, and why not healthy."""
-
-    name: str
-    kind: Kind
-    status: Status
-    # False when its setting is unset: `unknown` then means "not probed", not "not checked yet".
-    configured: bool
-    error: str | None = None
-
-
-class HealthSummary(msgspec.Struct, kw_only=True):
-    """What /api/v1/status shows of health; the gateway's /status decodes it."""
-
-    status: str
-    components: dict[str, str]
-    checks: list[ComponentBrief] = []
 
 
 # ----- helpers ---------------------------------------------------------------------------

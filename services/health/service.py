@@ -16,8 +16,8 @@ import httpx
 from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from services.health import history, host, probes, queries
-from services.health.events import (
+from services.health import contract, history, host, probes, queries
+from services.health.contract import (
     MAX_ERROR_CHARS,
     HealthChecked,
     HealthEvent,
@@ -233,45 +233,45 @@ def build(settings: HealthSettings) -> ServiceDefinition:
 
     # Cached answers and fresh ones are separate endpoints: requests to one endpoint are
     # handled one at a time, and a cached answer must never wait behind a round of probes.
-    async def summary(_: NoParams, ctx: Context) -> queries.HealthSummary:
+    async def summary(_: NoParams, ctx: Context) -> contract.HealthSummary:
         now = ctx.now()
         return queries.summary(health.view, settings, now, current.at(now))
 
-    async def comprehensive(_: NoParams, ctx: Context) -> queries.ComprehensiveHealth:
+    async def comprehensive(_: NoParams, ctx: Context) -> contract.ComprehensiveHealth:
         now = ctx.now()
         return queries.comprehensive(health.view, settings, now, True, current.at(now))
 
     async def comprehensive_fresh(
-        params: queries.FreshParams, ctx: Context
-    ) -> queries.ComprehensiveHealth:
+        params: contract.FreshParams, ctx: Context
+    ) -> contract.ComprehensiveHealth:
         await rounds.fresh(ctx, params.requested_at)
         now = ctx.now()
         return queries.comprehensive(health.view, settings, now, False, current.at(now))
 
-    async def component(params: queries.ComponentParams, ctx: Context) -> queries.ComponentAnswer:
+    async def component(params: contract.ComponentParams, ctx: Context) -> contract.ComponentAnswer:
         now = ctx.now()
         return queries.component(health.view, settings, params.name, now, True, current.at(now))
 
     async def component_fresh(
-        params: queries.ComponentParams, ctx: Context
-    ) -> queries.ComponentAnswer:
+        params: contract.ComponentParams, ctx: Context
+    ) -> contract.ComponentAnswer:
         queries.component(health.view, settings, params.name, ctx.now(), True)  # 404 first
         await rounds.fresh(ctx, params.requested_at)
         now = ctx.now()
         return queries.component(health.view, settings, params.name, now, False, current.at(now))
 
-    async def external_apis(_: NoParams, ctx: Context) -> queries.ExternalApisHealth:
+    async def external_apis(_: NoParams, ctx: Context) -> contract.ExternalApisHealth:
         now = ctx.now()
         return queries.external_apis(health.view, settings, now, True, current.at(now))
 
     async def external_apis_fresh(
-        params: queries.FreshParams, ctx: Context
-    ) -> queries.ExternalApisHealth:
+        params: contract.FreshParams, ctx: Context
+    ) -> contract.ExternalApisHealth:
         await rounds.fresh(ctx, params.requested_at)
         now = ctx.now()
         return queries.external_apis(health.view, settings, now, False, current.at(now))
 
-    async def series(params: history.HistoryParams, ctx: Context) -> history.HealthHistory:
+    async def series(params: contract.HistoryParams, ctx: Context) -> contract.HealthHistory:
         return history.history(health.view, settings, params, ctx.now())
 
     probe_loop.__name__ = "health_probes"
@@ -283,15 +283,15 @@ def build(settings: HealthSettings) -> ServiceDefinition:
             Endpoint("summary", NoParams, summary),
             Endpoint("comprehensive", NoParams, comprehensive),
             Endpoint(
-                "comprehensive_fresh", queries.FreshParams, comprehensive_fresh, concurrent=True
+                "comprehensive_fresh", contract.FreshParams, comprehensive_fresh, concurrent=True
             ),
-            Endpoint("component", queries.ComponentParams, component),
-            Endpoint("component_fresh", queries.ComponentParams, component_fresh, concurrent=True),
+            Endpoint("component", contract.ComponentParams, component),
+            Endpoint("component_fresh", contract.ComponentParams, component_fresh, concurrent=True),
             Endpoint("external_apis", NoParams, external_apis),
             Endpoint(
-                "external_apis_fresh", queries.FreshParams, external_apis_fresh, concurrent=True
+                "external_apis_fresh", contract.FreshParams, external_apis_fresh, concurrent=True
             ),
-            Endpoint("history", history.HistoryParams, series),
+            Endpoint("history", contract.HistoryParams, series),
         ],
         background=[probe_loop],
         alert_source="health",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.usage.events import UsageEvent
+from services.usage.contract import UsageEvent
 from services.usage.view import QUIET_S, WINDOW_S, Fired, FoldConfig
 from shared.events import Alert, Severity, alert_id
 

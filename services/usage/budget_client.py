@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import msgspec
 
-from services.usage.answers import BudgetAnswer
+from services.usage.contract import BudgetAnswer
 
 MAX_AGE_S = 1.0
 _decode = msgspec.json.Decoder(BudgetAnswer).decode

@@ -26,14 +26,14 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared.clock import Clock
 
 log = logging.getLogger("stockpilot.usage.client")
 
 T = TypeVar("T")
 
-# The bounds of the event (services.usage.events): what a caller hands in is clamped to
+# The bounds of the event (services.usage.contract): what a caller hands in is clamped to
 # them here, since a struct built in Python is not validated and an event outside them
 # would be dead-lettered, losing the whole call.
 MAX_TAGS = 16

@@ -46,10 +46,9 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 from nats.aio.client import Client as NATS
 
-from services.usage.answers import BudgetAnswer
 from services.usage.budget_client import BudgetChecker
 from services.usage.calls import Call, Labels, current_call, failure_event, success_event
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, BudgetAnswer, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
 from shared import bus
 from shared.bare_nats import BareUnavailable

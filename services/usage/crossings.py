@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from zoneinfo import ZoneInfo
 
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from services.usage.prices import base_model
 from services.usage.settings import Budget
 from services.usage.view import (

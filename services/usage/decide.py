@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
-from services.usage.events import UsageRecorded, UsageRecordedIn, UsageReset
+from services.usage.contract import (
+    MAX_RECORDS,
+    IngestParams,
+    Rejected,
+    ResetParams,
+    UsageRecorded,
+    UsageRecordedIn,
+    UsageReset,
+)
 from shared.bus import describe_decode_error
 from shared.errors import InvalidRequestError
-from shared.events import AwareDatetime, timing_problem
+from shared.events import timing_problem
 
-MAX_RECORDS = 1_000
 # JSON does not tell 3 from 3.0, and JSON Schema counts 3.0 as an integer (the published
 # OpenAPI schema says `integer`): such values of the integer fields are taken as integers.
 _INTEGER_FIELDS = ("status_code", "prompt_tokens", "completion_tokens", "cached_tokens")
@@ -29,48 +36,6 @@ def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
                 changed = dict(raw)
             changed[name] = int(value)
     return raw if changed is None else changed
-
-
-class IngestParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What the gateway forwards: the posted records as they came, and when it received them."""
-
-    records: list[Any]
-    received_at: AwareDatetime
-    # Where `records[0]` was in the posted list (the gateway splits very large bodies).
-    offset: int = 0
-
-
-class Rejected(msgspec.Struct, kw_only=True):
-    """A posted record that was not accepted, by its index in the posted list."""
-
-    index: int
-    reason: str
-
-
-class IngestAnswer(msgspec.Struct, kw_only=True):
-    """`POST /api/v1/usage/records` answer (202)."""
-
-    accepted: int
-    duplicates: int
-    rejected: list[Rejected]
-    ids: list[str] = []
-
-
-class ResetParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Optional body of `POST /api/v1/usage/reset`."""
-
-    scope: Literal["all"] = "all"
-    reason: str | None = None
-    actor: str = "admin"
-
-
-class ResetAnswer(msgspec.Struct, kw_only=True):
-    """`POST /api/v1/usage/reset` answer."""
-
-    reset: bool
-    scope: str
-    at: AwareDatetime
-    id: str
 
 
 def records_to_events(

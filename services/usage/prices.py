@@ -10,7 +10,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.usage.events import Price
+from services.usage.contract import Price
 from services.usage.settings import ModelPrice
 
 PRICES_FILE = Path(__file__).with_name("prices.toml")

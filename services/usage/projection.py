@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from services.usage import dedupe, sketch
 from services.usage.alerting import alerts_for
+from services.usage.contract import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
 from services.usage.crossings import (
     covers,
     crossings,
@@ -28,7 +29,6 @@ from services.usage.crossings import (
     scoped_spend,
     silence_closed_periods,
 )
-from services.usage.events import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
 from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
 from services.usage.view import (

@@ -6,7 +6,7 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from services.usage import sketch
-from services.usage.answers import (
+from services.usage.contract import (
     AlertList,
     AlertsParams,
     Breakdown,

@@ -16,21 +16,26 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.usage import decide, dedupe, queries
-from services.usage.answers import (
-    AlertList,
-    AlertsParams,
-    BudgetParams,
-    StatsParams,
-    TimeseriesParams,
-    UsageCounters,
-)
-from services.usage.decide import IngestAnswer, IngestParams, ResetAnswer, ResetParams
-from services.usage.events import (
+from services.usage.contract import (
     SUBJECT_PRICES,
     SUBJECT_RECORDED,
     SUBJECT_RESET,
+    AlertList,
+    AlertsParams,
+    BudgetParams,
+    ErrorWindow,
+    IngestAnswer,
+    IngestParams,
     Price,
     PricesChanged,
+    ResetAnswer,
+    ResetParams,
+    SpendPeriod,
+    StatsParams,
+    TimeseriesParams,
+    UsageCounters,
+    UsageSummary,
+    UsageToday,
     decode_usage_event,
 )
 from services.usage.history import AlertHistory, apply_alert, decode_alert
@@ -54,48 +59,6 @@ log = logging.getLogger("stockpilot.usage")
 
 PUBLISH_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 5.0
-
-
-class UsageToday(msgspec.Struct, kw_only=True):
-    """Today's LLM usage at a glance (the shape of gateway.routes.system.UsageToday)."""
-
-    requests: int
-    cost_usd: float
-    # null with no calls today
-    error_rate: float | None
-    budget_used_pct: float | None
-
-
-class SpendPeriod(msgspec.Struct, kw_only=True):
-    """Spend of the current day or month against its budget (None when no budget is set)."""
-
-    period: str
-    cost_usd: float
-    budget_usd: float | None
-    used_pct: float | None
-
-
-class ErrorWindow(msgspec.Struct, kw_only=True):
-    """Failed LLM calls over the alert's rolling window ending now."""
-
-    window_s: int
-    calls: int
-    failed: int
-    # null with no calls in the window
-    rate_pct: float | None
-    threshold_pct: float
-    min_calls: int
-
-
-class UsageSummary(msgspec.Struct, kw_only=True):
-    """The `summary` answer (the shape of gateway.routes.system.UsageSummary)."""
-
-    today: UsageToday
-    alerts_24h: int
-    # What /api/v1/status judges spend and errors by (defaults: an older service's answer).
-    spend: list[SpendPeriod] = []
-    cost_alert_pct: float = 80.0
-    errors: ErrorWindow | None = None
 
 
 def fold_config(settings: UsageSettings) -> FoldConfig:

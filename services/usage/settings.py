@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from services.usage.events import PriceUsd
+from services.usage.contract import PriceUsd
 from shared.settings import CommonSettings, PositiveFloat, PositiveInt
 
 Threshold = Annotated[float, msgspec.Meta(gt=0, le=100)]

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared.clock import Clock
 from shared.settings import CommonSettings
 

@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 
 import msgspec
 
+from services.usage.contract import Price, UsageRecorded
 from services.usage.dedupe import EXACT_LIMIT, IdMemory
-from services.usage.events import Price, UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.settings import Budget
 from services.usage.sketch import Sketch

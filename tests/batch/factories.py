@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchProgress,
     BatchStarted,

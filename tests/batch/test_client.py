@@ -15,9 +15,8 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
 from services.batch.client import acquire_lock, batch_job, check_lock, read_lock
+from services.batch.contract import LockReleased, RecentExecutions
 from services.batch.errors import LockHeldError, LockLostError
-from services.batch.events import LockReleased
-from services.batch.schemas import RecentExecutions
 from services.batch.settings import BatchSettings
 from shared.clock import ManualClock
 from shared.runtime import Runtime

@@ -11,7 +11,7 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
 from services.batch.client import batch_job
-from services.batch.events import BatchEvent, run_subject
+from services.batch.contract import BatchEvent, run_subject
 from services.batch.settings import BatchSettings
 from shared import bus
 from shared.clock import ManualClock

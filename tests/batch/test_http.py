@@ -15,7 +15,7 @@ from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
 from services.batch.client import read_lock
-from services.batch.events import LockReleased
+from services.batch.contract import LockReleased
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared.clock import ManualClock

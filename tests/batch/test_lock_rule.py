@@ -25,8 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError
 
-from services.batch.errors import LockHeldError
-from services.batch.events import (
+from services.batch.contract import (
     BatchStarted,
     JobScheduled,
     LockAcquired,
@@ -37,6 +36,7 @@ from services.batch.events import (
     lock_subject,
     run_subject,
 )
+from services.batch.errors import LockHeldError
 from services.batch.locks import (
     EXPECTED_LAST_SUBJECT_SEQ,
     acquire_lock,

@@ -12,7 +12,7 @@ import nats
 from litestar.testing import AsyncTestClient
 from nats.aio.client import Client as NATS
 
-from services.batch.events import LockAcquired, LockEvent, LockReleased, lock_subject
+from services.batch.contract import LockAcquired, LockEvent, LockReleased, lock_subject
 from services.batch.locks import (
     BATCH_STREAM,
     acquire_lock,

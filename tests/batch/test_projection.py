@@ -8,9 +8,9 @@ import msgspec
 import pytest
 
 from services.batch.client import batch_job
+from services.batch.contract import BatchEvent, LockEvent
 from services.batch.decide import decide_acquire, expired_locks, release_event, why_lost
 from services.batch.errors import BatchError, InvalidJobIdError, LockHeldError
-from services.batch.events import BatchEvent, LockEvent
 from services.batch.lockrule import LockRead
 from services.batch.projection import (
     MAX_TRACEBACK_CHARS,

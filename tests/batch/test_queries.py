@@ -12,10 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.batch.events import BatchEvent, FinishedStatus
+from services.batch.contract import BatchEvent, FinishedStatus, RecentParams, StatsParams
 from services.batch.projection import BatchView, apply, batch_projection
 from services.batch.queries import error_pattern, recent, stats, summary
-from services.batch.schemas import RecentParams, StatsParams
 from shared.projection import decode_snapshot, encode_snapshot, view_digest
 from tests.batch.factories import T0, acquired, at, finished, progress, released, started
 from tests.clocks import MOMENTS, Moment

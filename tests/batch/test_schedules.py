@@ -18,8 +18,9 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from ops.replay import fold_to
 from services.batch import queries
+from services.batch.contract import JobSchedule
 from services.batch.projection import batch_projection
-from services.batch.schedule import JobSchedule, judge
+from services.batch.schedule import judge
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared.clock import ManualClock

@@ -21,7 +21,7 @@ from litestar.testing import AsyncTestClient
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from ops import demo
-from services.batch.events import BatchFinished, BatchStarted
+from services.batch.contract import BatchFinished, BatchStarted
 from shared.events import Alert, Event, utc_now
 from shared.settings import load_settings
 from tests.dashboard.harness import (

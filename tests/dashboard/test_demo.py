@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops import demo
-from services.batch.events import BatchFinished, BatchStarted
+from services.batch.contract import BatchFinished, BatchStarted
 from shared import bus
 from tests.clocks import NOON
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ops import demo
-from services.batch.events import (
+from services.batch.contract import (
     BatchFinished,
     BatchStarted,
     JobScheduled,

@@ -21,8 +21,8 @@ import httpx
 
 from ops import demo
 from services.batch.client import acquire_lock
-from services.batch.events import BatchFinished, BatchStarted
-from services.usage.events import UsageRecorded
+from services.batch.contract import BatchFinished, BatchStarted
+from services.usage.contract import UsageRecorded
 from shared.events import Event, utc_now
 from tests.dashboard.harness import ADMIN_TOKEN, Stack, chromium_page, running_stack
 

@@ -21,7 +21,7 @@ import schemathesis
 from hypothesis import strategies as st
 
 from services.usage import queries
-from services.usage.answers import StatsParams, TimeseriesParams
+from services.usage.contract import StatsParams, TimeseriesParams
 from services.usage.settings import UsageSettings
 from services.usage.view import UsageView
 from shared.errors import InvalidRequestError

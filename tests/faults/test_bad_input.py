@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats import connect as nats_connect
 
-from services.usage.answers import UsageCounters
+from services.usage.contract import UsageCounters
 from shared.bus import DeadLetter
 from shared.events import rfc3339
 from shared.runtime import ServiceStatus, endpoint_subject

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from services.usage.client import UsageRecorder
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from shared.settings import CommonSettings, load_settings
 from shared.testing import NatsServer
 from tests.faults.stack import gateway_process, service_env, service_process

@@ -13,10 +13,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from gateway import metrics_families as fam
-from services.batch.schemas import BatchStats, HeldLocks, LockStatus
-from services.health.queries import ComprehensiveHealth
-from services.usage.answers import UsageCosts, UsageCounters, UsageStats
-from services.usage.service import UsageSummary
+from services.batch.contract import BatchStats, HeldLocks, LockStatus
+from services.health.contract import ComprehensiveHealth
+from services.usage.contract import UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.hook_status import HooksStatus, HookStatus
 from shared.runtime import ServiceStatus
 from tests.clocks import NOON

@@ -20,7 +20,8 @@ from gateway.app import create_app
 from gateway.openapi import printable_pattern
 from gateway.routes.usage import LAST_YEAR
 from gateway.settings import GatewaySettings
-from services.usage.decide import IngestParams, records_to_events
+from services.usage.contract import IngestParams
+from services.usage.decide import records_to_events
 from shared.events import EARLIEST, JOB_ID_RE, rfc3339
 from shared.settings import load_settings
 from tests.clocks import NOON

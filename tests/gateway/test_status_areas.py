@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from gateway.status_areas import HookState, Observed, ServiceState, judge, overall
-from services.batch.schemas import BatchSummary, ExpiredLock, FailingJob, MissedJob
-from services.health.queries import ComponentBrief, HealthSummary
-from services.usage.service import ErrorWindow, SpendPeriod, UsageSummary, UsageToday
+from services.batch.contract import BatchSummary, ExpiredLock, FailingJob, MissedJob
+from services.health.contract import ComponentBrief, HealthSummary
+from services.usage.contract import ErrorWindow, SpendPeriod, UsageSummary, UsageToday
 from tests.clocks import NOON
 
 UP = {name: ServiceState(status="up") for name in ("health", "usage", "batch")}

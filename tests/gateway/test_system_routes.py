@@ -16,12 +16,12 @@ from nats.js import JetStreamContext
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.batch import service as batch_service
-from services.batch.events import BatchFinished, BatchStarted, LockAcquired
+from services.batch.contract import BatchFinished, BatchStarted, LockAcquired
 from services.batch.settings import BatchSettings
 from services.health import service as health_service
 from services.health.settings import HealthSettings
 from services.usage import service as usage_service
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from services.usage.settings import UsageSettings
 from shared import bus
 from shared.clock import ManualClock

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import msgspec
 
-from services.health.events import HealthChecked, HealthEvent, Status, decode_health_event
+from services.health.contract import HealthChecked, HealthEvent, Status, decode_health_event
 from services.health.projection import (
     FLAP_KIND,
     FLAP_WINDOW_S,

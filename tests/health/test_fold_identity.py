@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import nats
 
-from services.health.events import CHECKED_SUBJECT_PREFIX, HealthChecked
+from services.health.contract import CHECKED_SUBJECT_PREFIX, HealthChecked
 from services.health.service import ROUND_KEY, build
 from services.health.settings import HealthSettings
 from shared import bus

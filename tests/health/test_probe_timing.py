@@ -10,7 +10,7 @@ import msgspec
 import nats
 
 from services.health import probes
-from services.health.events import HealthChecked
+from services.health.contract import HealthChecked
 from services.health.service import build
 from services.health.settings import HealthSettings
 from shared.clock import ManualClock

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.health.events import HealthChecked, HealthEvent, HostSampled, Status
+from services.health.contract import HealthChecked, HealthEvent, HostSampled, Status
 from services.health.projection import (
     FLAP_CHANGES,
     FLAP_WINDOW_S,
@@ -241,7 +241,7 @@ def event_lists(draw: st.DrawFn) -> list[HealthEvent]:
 
 
 def projection() -> Projection[HealthView, HealthEvent]:
-    from services.health.events import decode_health_event
+    from services.health.contract import decode_health_event
 
     return Projection(
         name="health",

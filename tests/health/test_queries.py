@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from services.health import history, queries
-from services.health.events import HealthChecked, HostSampled, Status
+from services.health.contract import HealthChecked, HistoryParams, HostSampled, Status
 from services.health.projection import FoldPolicy, HealthView, apply
 from services.health.settings import HealthSettings
 from shared.errors import NotFoundError
@@ -131,7 +131,7 @@ def test_history_points_and_uptime_of_a_target_going_down_and_up(moment: Moment)
     answer = history.history(
         view_of(*events),
         settings(1, STOCKPILOT_TZ=moment.zone),
-        history.HistoryParams(component="external.api0", hours=1),
+        HistoryParams(component="external.api0", hours=1),
         now,
     )
     [series] = answer.series
@@ -149,9 +149,7 @@ def test_history_is_bounded_per_component_and_merges_the_worst_status(moment: Mo
         for i in range(100)
     ]
     s = settings(STOCKPILOT_HISTORY_MAX_POINTS="10", STOCKPILOT_TZ=moment.zone)
-    answer = history.history(
-        view_of(*events), s, history.HistoryParams(component="database"), moment.at
-    )
+    answer = history.history(view_of(*events), s, HistoryParams(component="database"), moment.at)
     [series] = answer.series
     assert len(series.points) == 10
     assert series.checks == 100
@@ -173,20 +171,20 @@ def test_history_beyond_a_day_uses_hourly_buckets(moment: Moment) -> None:
         for d in (timedelta(0), rest / 2)
     ]
     answer = history.history(
-        view_of(*events), zoned, history.HistoryParams(component="database", hours=72), now
+        view_of(*events), zoned, HistoryParams(component="database", hours=72), now
     )
     [series] = answer.series
     assert len(series.points) == 72
     assert series.points[1].status == "unhealthy"
     assert series.checks == 144
     assert series.uptime_pct == pytest.approx(100 * 142 / 144, abs=0.01)
-    day = history.history(view_of(*events), zoned, history.HistoryParams(component="database"), now)
+    day = history.history(view_of(*events), zoned, HistoryParams(component="database"), now)
     assert day.series[0].checks == 48  # raw samples of the last 24 h
 
 
 def test_history_lists_every_component_and_unknown_names_are_404() -> None:
     view = view_of(result("external.old", "healthy", T0))
-    answer = history.history(view, settings(1), history.HistoryParams(), T0)
+    answer = history.history(view, settings(1), HistoryParams(), T0)
     assert [s.component for s in answer.series] == [
         "database",
         "redis",
@@ -195,7 +193,7 @@ def test_history_lists_every_component_and_unknown_names_are_404() -> None:
         "external.old",
     ]
     with pytest.raises(NotFoundError):
-        history.history(view, settings(), history.HistoryParams(component="nope"), T0)
+        history.history(view, settings(), HistoryParams(component="nope"), T0)
 
 
 def test_summary_matches_the_status_route_shape() -> None:

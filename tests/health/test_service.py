@@ -19,8 +19,13 @@ from gateway.app import create_app
 from gateway.routes.system import HealthSummary
 from gateway.settings import GatewaySettings
 from ops.replay import replay_definition
-from services.health.events import HealthChecked, HostSampled
-from services.health.queries import ComprehensiveHealth, ExternalApisHealth, FreshParams
+from services.health.contract import (
+    ComprehensiveHealth,
+    ExternalApisHealth,
+    FreshParams,
+    HealthChecked,
+    HostSampled,
+)
 from services.health.service import build
 from services.health.settings import HealthSettings
 from shared.clock import SYSTEM_CLOCK, Clock, ManualClock

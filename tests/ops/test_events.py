@@ -113,6 +113,20 @@ async def test_export_then_import_into_a_fresh_server_round_trips_byte_for_byte(
             original = await stored(js, USAGE)
         source = {**env}
         target = {**env, "STOCKPILOT_NATS_URL": fresh.url}
+        # Import never creates streams (CONTRACT §2): into a bare server it stops, saying how
+        # to ready one, and the server is left without any stream.
+        code, out, err = await run_shell(
+            cli(source, "events", "export", "usage") + " | " + cli(target, "events", "import")
+        )
+        assert code == 2, err.decode()
+        assert b"stockpilot up --provision-only" in err
+        bare = await nats.connect(fresh.url)
+        try:
+            assert await bare.jetstream().streams_info() == []
+        finally:
+            await bare.close()
+        code, _, err = await run_shell(cli(target, "up", "--provision-only"))
+        assert code == 0, err.decode()
         code, out, err = await run_shell(
             cli(source, "events", "export", "usage") + " | " + cli(target, "events", "import")
         )
@@ -324,6 +338,8 @@ async def test_import_names_the_line_that_is_not_an_exported_message(env: dict[s
             "stockpilot.usage.recorded", b"{}", stream=USAGE, seq=1, moment=T0, headers=None
         )
     )
+    async with connected(env["STOCKPILOT_NATS_URL"]):
+        pass  # the stack's streams exist (import never creates them)
     code, _, err = await run_shell(cli(env, "events", "import"), stdin=good + b'{"seq": 2}\n')
     assert code == 2
     assert b"line 2 is not an exported message" in err

@@ -144,7 +144,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
         ("replay", "usage"),
         ("nats-info",),
         ("demo", "--api-port=-1"),
-        ("provision",),
+        ("up", "--provision-only"),
         ("service", "usage"),
         ("gateway",),
         ("hooks",),

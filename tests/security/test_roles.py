@@ -674,7 +674,7 @@ def test_a_process_whose_streams_are_missing_stops_saying_who_creates_them(
 def test_provision_creates_the_streams_as_ops_only(
     server: tuple[int, dict[str, str]], tmp_path: Path, role: str, status: int
 ) -> None:
-    """`stockpilot provision` (compose's one-shot step): ops creates everything; any other
+    """`stockpilot up --provision-only` (compose's one-shot step): ops creates everything; any other
     user is refused and says the user must be ops."""
     port, passwords = server
     env = up_environment(tmp_path / "data", free_port()) | {
@@ -683,7 +683,7 @@ def test_provision_creates_the_streams_as_ops_only(
         "STOCKPILOT_NATS_PASSWORD": passwords[role],
     }
     result = subprocess.run(
-        [sys.executable, "-m", "ops", "provision"],
+        [sys.executable, "-m", "ops", "up", "--provision-only"],
         env=env,
         capture_output=True,
         text=True,

@@ -25,7 +25,7 @@ from services.usage.client import RecorderSettings, UsageRecorder
 from shared import bus
 from shared.settings import load_settings
 from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
-from tests.clocks import REAL
+from tests.clocks import REAL, zone_far_from_midnight
 from tests.usage.helpers import recorded as usage_call
 
 ROOT = Path(__file__).parents[2]
@@ -235,28 +235,43 @@ def test_a_leftover_nats_server_of_an_earlier_stack_is_refused(tmp_path: Path) -
         stop_process(orphan)
 
 
-async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> None:
-    """CONTRACT §2: an outside subscriber configured once keeps working across restarts of
-    `stockpilot up`; the port and passwords live under the data dir, owner-only."""
+# gpt-4o-mini priced so that each test call (800 prompt tokens) costs exactly $0.001, and a
+# daily budget of 90 calls: the warning (80 %) is crossed by the 72nd call, the budget by the
+# 90th, i.e. one in each of the second and third runs of the stack below.
+PRICES = json.dumps({"gpt-4o-mini": {"input": 1.25, "cached_input": 1.25, "output": 0}})
+BUDGET = "0.09"
+CALLS_PER_RUN = 40
+
+
+async def test_two_restarts_keep_port_and_credentials_and_lose_or_repeat_nothing(
+    tmp_path: Path,
+) -> None:
+    """CONTRACT §2 and issue #19's proof: the stack restarted twice under an outside observer
+    (configured once, nats-py) and the project's usage client (configured once, recording all
+    along, also while the stack is down): every call is stored once, and each budget alert,
+    raised by the services in a later run, reaches the observer once."""
     data = tmp_path / "data"
-    env = up_env(data)
-    first = start(env, tmp_path / "first.log")
+    env = up_env(
+        data,
+        STOCKPILOT_PRICES=PRICES,
+        STOCKPILOT_DAILY_BUDGET_USD=BUDGET,
+        STOCKPILOT_TZ=zone_far_from_midnight(),
+    )
+    received: list[tuple[str, str]] = []
+    heard = {kind: asyncio.Event() for kind in ("usage.cost_warning", "usage.cost_exceeded")}
+    first = start(env, tmp_path / "run-1.log")
     try:
         wait_serving(env, first)
         passwords = json.loads((data / "credentials.json").read_text())
         port = int((data / "nats.port").read_text())
         for name in ("credentials.json", "nats.port", "nats.url", "nats-server.conf"):
             assert (data / name).stat().st_mode & 0o077 == 0, name
-        received: list[str] = []
-        arrived = asyncio.Event()
-        reconnected = asyncio.Event()
 
         async def on_alert(msg: Msg) -> None:
-            received.append(msg.subject)
-            arrived.set()
-
-        async def on_reconnect() -> None:
-            reconnected.set()
+            received.append((msg.subject, json.loads(msg.data)["id"]))
+            kind = msg.subject.removeprefix("stockpilot.alerts.")
+            if kind in heard:
+                heard[kind].set()
 
         # Configured once, reconnecting forever: an outside observer.
         observer = await nats.connect(
@@ -266,12 +281,10 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
             inbox_prefix=bus.inbox_prefix("observer"),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
-            reconnected_cb=on_reconnect,
         )
         await observer.subscribe("stockpilot.alerts.>", cb=on_alert)
         await observer.flush()
-        # The project's own usage client, configured once as `producer` like an application:
-        # calls recorded before, during and after the restart are all stored, once each.
+        # The project's own usage client, configured once as `producer` like an application.
         recorder = await UsageRecorder.connect(
             load_settings(
                 RecorderSettings,
@@ -284,55 +297,56 @@ async def test_a_restart_keeps_the_nats_port_and_credentials(tmp_path: Path) -> 
                 },
             )
         )
-        for i in range(40):
+        for i in range(CALLS_PER_RUN):
             recorder.record(usage_call(i, REAL.now()))
         await asyncio.wait_for(recorder.flush(), timeout=20)
         assert recorder.pending == 0
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=15)
-    for i in range(40, 80):  # the stack is down: these wait in the client's spool
-        recorder.record(usage_call(i, REAL.now()))
-    second = start(env, tmp_path / "second.log")
-    try:
-        wait_serving(env, second)
-        assert json.loads((data / "credentials.json").read_text()) == passwords
-        assert int((data / "nats.port").read_text()) == port
-        usage = await nats.connect(
-            f"nats://127.0.0.1:{port}",
-            user="usage",
-            password=passwords["usage"],
-            inbox_prefix=bus.inbox_prefix("usage"),
-        )
-        async with asyncio.timeout(20):
-            await reconnected.wait()
-            await observer.flush()
-            await usage.publish("stockpilot.alerts.usage.cost_warning", b"{}")
-            await arrived.wait()
-        assert received == ["stockpilot.alerts.usage.cost_warning"]
-        for i in range(80, 120):
+    for run, kind in ((2, "usage.cost_warning"), (3, "usage.cost_exceeded")):
+        calls = range((run - 1) * CALLS_PER_RUN, run * CALLS_PER_RUN)
+        for i in calls:  # the stack is down: these wait in the client's spool
             recorder.record(usage_call(i, REAL.now()))
-        await asyncio.wait_for(recorder.close(timeout=30), timeout=40)
-        assert recorder.pending == 0 and recorder.dropped == 0
-        ops = await nats.connect(
-            f"nats://127.0.0.1:{port}",
-            user="ops",
-            password=passwords["ops"],
-            inbox_prefix=bus.inbox_prefix("ops"),
-        )
-        subject = "stockpilot.usage.recorded"
-        info = await ops.jetstream().stream_info("STOCKPILOT_USAGE", subjects_filter=subject)
-        await ops.close()
-        assert (info.state.subjects or {}).get(subject) == 120  # each call once, none lost
-        await usage.close()
-        await observer.close()
-    finally:
-        second.send_signal(signal.SIGINT)
-        assert second.wait(timeout=15) == 0
-    # Restoring from the snapshots the first run took works under the services' roles too.
-    log = (tmp_path / "second.log").read_text(errors="replace")
-    assert "restored" in log
-    assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
+        again = start(env, tmp_path / f"run-{run}.log")
+        try:
+            wait_serving(env, again)
+            assert json.loads((data / "credentials.json").read_text()) == passwords
+            assert int((data / "nats.port").read_text()) == port
+            await asyncio.wait_for(recorder.flush(), timeout=30)
+            # Raised by this run, heard by the observer.
+            await asyncio.wait_for(heard[kind].wait(), timeout=30)
+            if run == 3:
+                await asyncio.wait_for(recorder.close(timeout=30), timeout=40)
+                assert recorder.pending == 0 and recorder.dropped == 0
+                ops = await nats.connect(
+                    f"nats://127.0.0.1:{port}",
+                    user="ops",
+                    password=passwords["ops"],
+                    inbox_prefix=bus.inbox_prefix("ops"),
+                )
+                subject = "stockpilot.usage.recorded"
+                js = ops.jetstream()
+                info = await js.stream_info("STOCKPILOT_USAGE", subjects_filter=subject)
+                await ops.close()
+                # Each call once, none lost.
+                assert (info.state.subjects or {}).get(subject) == 3 * CALLS_PER_RUN
+                await observer.flush()
+        finally:
+            again.send_signal(signal.SIGINT)
+            assert again.wait(timeout=15) == 0
+        # Restoring from the snapshots the run before took works under the services' roles.
+        log = (tmp_path / f"run-{run}.log").read_text(errors="replace")
+        assert "restored" in log
+        assert "Violation" not in log, [line for line in log.splitlines() if "Violation" in line]
+    await observer.close()
+    # Every alert once (none raised again by a restart's replay), the two budget alerts among them.
+    assert len({alert_id for _, alert_id in received}) == len(received), received
+    budget = sorted(subject for subject, _ in received if ".usage.cost_" in subject)
+    assert budget == [
+        "stockpilot.alerts.usage.cost_exceeded",
+        "stockpilot.alerts.usage.cost_warning",
+    ]
 
 
 def test_up_on_an_external_nats_with_users_runs_each_child_as_its_role(tmp_path: Path) -> None:

@@ -21,10 +21,15 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from ops.replay import replay_definition
-from services.batch.events import BatchStarted, LockAcquired, lock_subject, run_subject
-from services.health.events import CHECKED_SUBJECT_PREFIX, HOST_SUBJECT, HealthChecked
-from services.usage.answers import StatsParams, UsageStats
-from services.usage.events import SUBJECT_RECORDED, SUBJECT_RESET, UsageReset
+from services.batch.contract import BatchStarted, LockAcquired, lock_subject, run_subject
+from services.health.contract import CHECKED_SUBJECT_PREFIX, HOST_SUBJECT, HealthChecked
+from services.usage.contract import (
+    SUBJECT_RECORDED,
+    SUBJECT_RESET,
+    StatsParams,
+    UsageReset,
+    UsageStats,
+)
 from services.usage.service import build as build_usage
 from shared import bus
 from shared.events import Alert, admission_problem, rfc3339, utc_now

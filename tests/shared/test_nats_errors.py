@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import nats.aio.client
 import nats.errors
+import nats.js.client
 import pytest
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError, NotFoundError
 from nats.micro.request import ServiceError
@@ -11,9 +13,11 @@ from services.batch.errors import LockStateError
 from shared.errors import StockpilotError, UnavailableError
 from shared.nats_errors import (
     JsErrorCode,
+    NatsStatus,
     has_code,
     is_nats_error,
     is_wrong_last_sequence,
+    status_line,
     translate,
 )
 
@@ -51,6 +55,16 @@ def test_the_codes_are_the_servers() -> None:
     assert JsErrorCode.STREAM_NAME_IN_USE == 10058
     assert JsErrorCode.STREAM_NOT_FOUND == 10059
     assert JsErrorCode.STREAM_WRONG_LAST_SEQUENCE == 10071
+
+
+def test_the_message_statuses_are_nats_pys() -> None:
+    """The status codes nats-py itself compares a message's status with, and the line the
+    bare reader and publisher look for."""
+    assert str(NatsStatus.NO_RESPONDERS.value) == nats.aio.client.NO_RESPONDERS_STATUS
+    assert str(NatsStatus.NO_RESPONDERS.value) == nats.js.client.NO_RESPONDERS_STATUS
+    assert str(NatsStatus.CONTROL.value) == nats.aio.client.CTRL_STATUS
+    assert status_line(NatsStatus.NO_RESPONDERS) == b"NATS/1.0 503"
+    assert status_line(NatsStatus.CONTROL) == b"NATS/1.0 100"
 
 
 def test_translate_names_what_failed_and_keeps_natss_words() -> None:

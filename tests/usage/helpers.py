@@ -16,7 +16,7 @@ from litestar.testing import AsyncTestClient
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from services.usage.events import UsageRecorded
+from services.usage.contract import UsageRecorded
 from services.usage.prices import PriceTable
 from services.usage.settings import UsageSettings
 from shared.clock import SYSTEM_CLOCK, Clock

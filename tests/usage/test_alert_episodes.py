@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from services.usage.events import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
+from services.usage.contract import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply
 from services.usage.view import QUIET_S, FoldConfig, UsageView

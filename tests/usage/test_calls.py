@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from services.usage.calls import Call, Labels
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from shared.clock import ManualClock
 
 

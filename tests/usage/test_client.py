@@ -10,8 +10,8 @@ import msgspec
 import nats as nats_py
 import pytest
 
-from services.usage.answers import StatsParams, UsageStats
 from services.usage.client import UsageRecorder
+from services.usage.contract import StatsParams, UsageStats
 from services.usage.service import build
 from shared import bus
 from shared.clock import ManualClock

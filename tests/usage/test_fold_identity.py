@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import nats
 
-from services.usage.events import SUBJECT_RECORDED
+from services.usage.contract import SUBJECT_RECORDED
 from services.usage.service import build
 from shared import bus
 from shared.clock import ManualClock

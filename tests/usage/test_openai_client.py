@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from services.usage.client import UsageRecorder
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
 from services.usage.instrument import instrument, usage_context
 from services.usage.service import build
 from services.usage.sync_recorder import SyncUsageRecorder

@@ -9,7 +9,7 @@ import msgspec
 import nats as nats_py
 import pytest
 
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
+from services.usage.contract import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
 from services.usage.service import build
 from shared import bus
 from shared.clock import ManualClock

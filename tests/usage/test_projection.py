@@ -12,13 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.usage import queries
-from services.usage.answers import BudgetParams, StatsParams, TimeseriesParams, UsageStats
-from services.usage.events import (
+from services.usage.contract import (
+    BudgetParams,
     Price,
     PricesChanged,
+    StatsParams,
+    TimeseriesParams,
     UsageEvent,
     UsageRecorded,
     UsageReset,
+    UsageStats,
     decode_usage_event,
 )
 from services.usage.prices import PriceTable

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.usage import queries
-from services.usage.answers import StatsParams, TimeseriesParams
+from services.usage.contract import StatsParams, TimeseriesParams
 from services.usage.prices import PriceTable, base_model, shipped_prices
 from services.usage.projection import make_apply
 from services.usage.settings import ModelPrice, UsageSettings

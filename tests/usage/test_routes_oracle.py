@@ -15,8 +15,13 @@ import nats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.usage.answers import UsageCosts, UsageStats, UsageTimeseries
-from services.usage.events import SUBJECT_RECORDED, UsageRecorded
+from services.usage.contract import (
+    SUBJECT_RECORDED,
+    UsageCosts,
+    UsageRecorded,
+    UsageStats,
+    UsageTimeseries,
+)
 from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus

@@ -16,9 +16,18 @@ from nats.aio.client import Client as NATS
 from nats.js.errors import ObjectNotFoundError
 
 from gateway.routes import system
+from services.usage import contract as usage_contract
 from services.usage import service as usage_service
-from services.usage.answers import AlertList, UsageCosts, UsageStats, UsageTimeseries
-from services.usage.events import SUBJECT_PRICES, SUBJECT_RECORDED, PricesChanged, UsageRecorded
+from services.usage.contract import (
+    SUBJECT_PRICES,
+    SUBJECT_RECORDED,
+    AlertList,
+    PricesChanged,
+    UsageCosts,
+    UsageRecorded,
+    UsageStats,
+    UsageTimeseries,
+)
 from services.usage.prices import PriceTable
 from services.usage.service import build
 from shared import bus
@@ -659,12 +668,12 @@ def test_summary_has_exactly_the_gateway_shape() -> None:
     def shape(cls: Any) -> list[tuple[str, Any]]:
         return [(f.name, f.type) for f in msgspec.structs.fields(cls)]
 
-    assert shape(usage_service.UsageSummary)[1] == shape(system.UsageSummary)[1]
-    assert [n for n, _ in shape(usage_service.UsageSummary)][:2] == ["today", "alerts_24h"]
-    assert shape(usage_service.UsageToday) == shape(system.UsageToday)
+    assert shape(usage_contract.UsageSummary)[1] == shape(system.UsageSummary)[1]
+    assert [n for n, _ in shape(usage_contract.UsageSummary)][:2] == ["today", "alerts_24h"]
+    assert shape(usage_contract.UsageToday) == shape(system.UsageToday)
     encoded = msgspec.json.encode(
-        usage_service.UsageSummary(
-            today=usage_service.UsageToday(
+        usage_contract.UsageSummary(
+            today=usage_contract.UsageToday(
                 requests=1, cost_usd=0.5, error_rate=0.0, budget_used_pct=None
             ),
             alerts_24h=2,

@@ -1,0 +1,146 @@
+"""Freshness: a call recorded by the usage client → visible in `GET /api/v1/usage/stats`
+through the gateway, idle and under a background load of 5,000 events/s.
+
+The usage service and the gateway run as `stockpilot up` runs them (their own processes). Each
+sample records one call with the usage client in this process and polls the gateway until
+the call is counted. The sample calls are dated on a day nothing else writes (PROBE_DAYS
+back), so `?date=` of that day counts them and nothing else: the background load (today's
+calls, from its own process, bench.load) adds work to every process on the path without
+moving the figure the sample waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import msgspec
+import nats
+
+from bench.harness import Report, latency_results, log, percentile
+from bench.load import background_load
+from bench.stack import running_stack
+from services.usage.client import UsageRecorder
+from services.usage.contract import UsageRecorded, UsageStats
+
+LOAD_RATE = 5_000
+PROBE_DAYS = 40
+POLL_S = 0.001  # between polls: a round trip or two of resolution, without a busy loop
+_stats = msgspec.json.Decoder(UsageStats).decode
+
+
+def probe_event(n: int, day: datetime) -> UsageRecorded:
+    """The sample call: one request on the probe day."""
+    return UsageRecorded(
+        id=f"fresh-{day:%Y%m%d}-{time.time_ns()}-{n}",
+        request_id=f"fresh-{n}",
+        occurred_at=day,
+        model="gpt-4o-mini",
+        endpoint="/api/v1/fresh",
+        prompt_tokens=10,
+        completion_tokens=5,
+        status_code=200,
+        response_time_ms=100.0,
+        user_id="fresh",
+    )
+
+
+async def counted(http: httpx.AsyncClient, day: str) -> int:
+    """The probe day's total_requests, as the gateway answers it."""
+    response = await http.get("/api/v1/usage/stats", params={"date": day})
+    response.raise_for_status()
+    return _stats(response.content).total_requests
+
+
+async def samples(
+    http: httpx.AsyncClient, recorder: UsageRecorder, day: datetime, count: int
+) -> list[float]:
+    """`count` freshness samples, ms each."""
+    key = day.strftime("%Y-%m-%d")
+    seen = await counted(http, key)
+    latencies = []
+    for n in range(count):
+        started = time.perf_counter()
+        recorder.record(probe_event(n, day))
+        while await counted(http, key) <= seen:
+            if time.perf_counter() - started > 10:
+                raise TimeoutError("a recorded call was not visible in /usage/stats within 10 s")
+            await asyncio.sleep(POLL_S)
+        latencies.append((time.perf_counter() - started) * 1000)
+        seen += 1
+        # Samples apart, at no fixed phase to the load's 10 ms ticks or the 5 ms notices.
+        await asyncio.sleep(random.uniform(0.005, 0.025))
+    return latencies
+
+
+async def run(report: Report, ctx: object) -> None:
+    """p50/p99 of record → visible, idle and at LOAD_RATE events/s."""
+    url: str = ctx.nats_url  # type: ignore[attr-defined]
+    runs: int = ctx.runs  # type: ignore[attr-defined]
+    workdir: Path = ctx.workdir  # type: ignore[attr-defined]
+    quick: bool = ctx.quick  # type: ignore[attr-defined]
+    count = 50 if quick else 200
+    day = (datetime.now(UTC) - timedelta(days=PROBE_DAYS)).replace(hour=12, minute=0, second=0)
+    with running_stack(url, workdir / "freshness", ("usage", "gateway")) as stack:
+        nc = await nats.connect(url)
+        recorder = UsageRecorder(nc)
+        recorder.start()
+        async with httpx.AsyncClient(base_url=stack.base_url, trust_env=False) as http:
+            await _until_serving(http)
+            await samples(http, recorder, day, 3)  # warm-up: the client's bare connection
+            for loaded in (False, True):
+                label = f"at {LOAD_RATE:,} events/s" if loaded else "idle"
+                p50, p99, rates = [], [], []
+                for i in range(runs):
+                    if loaded:
+                        with background_load(url, LOAD_RATE) as summary:
+                            values = await samples(http, recorder, day, count)
+                        rates.append(summary[0].rate if summary else 0.0)
+                    else:
+                        values = await samples(http, recorder, day, count)
+                    p50.append(percentile(values, 50))
+                    p99.append(percentile(values, 99))
+                    log(
+                        f"  freshness {label} run {i + 1}/{runs}: p50 {p50[-1]:.1f} ms, "
+                        f"p99 {p99[-1]:.1f} ms, max {max(values):.1f} ms ({count} samples)"
+                    )
+                load_note = (
+                    f"; the load process acknowledged {statistics.median(rates):,.0f} events/s "
+                    "(median of the runs)"
+                    if loaded
+                    else ""
+                )
+                report.results.extend(
+                    latency_results(
+                        f"freshness {label}: usage client record → counted in GET "
+                        "/api/v1/usage/stats (gateway)",
+                        p50,
+                        p99,
+                        50.0,
+                        250.0,
+                        f"{count} samples a run, one at a time; polled every ~{POLL_S * 1000:g} ms "
+                        f"plus a round trip{load_note}",
+                    )
+                )
+        await recorder.close()
+        await nc.close()
+
+
+async def _until_serving(http: httpx.AsyncClient, timeout: float = 600) -> None:
+    # After `usage_stream` the shared stream holds millions of events: the usage service may
+    # still be restoring its snapshot and folding the tail (503 meanwhile).
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if (await http.get("/api/v1/usage/stats")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gateway did not serve /api/v1/usage/stats")
+        await asyncio.sleep(0.1)
