@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench import ceilings
 from bench.harness import ROOT, Report, log, write_report
-from shared.testing import NatsServer
+from tests.harness import NatsServer
 
 MODULES = (
     "usage_ingest",
@@ -29,6 +29,7 @@ MODULES = (
     "alert_latency",
     "sse_fanout",
     "cluster",
+    "spend_log",
 )
 
 

@@ -30,8 +30,8 @@ from bench.load import background_load
 from bench.stack import Stack, running_stack, wait_folded
 from services.usage.client import UsageRecorder
 from services.usage.contract import UsageRecorded
-from shared import bus
-from shared.testing import NatsServer
+from shared.streams import STREAMS
+from tests.harness import NatsServer
 
 LOAD_RATE = 5_000
 MODEL = "bench-alert-model"
@@ -74,7 +74,7 @@ async def restart_usage(stack: Stack, nc: NATS, users: list[str]) -> None:
         stack.stop("usage")
     stack.env.update(budget_env(users))
     stack.spawn("usage")
-    info = await nc.jetstream().stream_info(bus.STREAMS["usage"].name)
+    info = await nc.jetstream().stream_info(STREAMS["usage"].name)
     await wait_folded(nc, int(info.state.last_seq), timeout=300)
 
 

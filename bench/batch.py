@@ -18,8 +18,8 @@ from services.batch.contract import BatchEvent, BatchFinished, BatchProgress, Ba
 from services.batch.projection import batch_projection
 from services.batch.service import build
 from services.batch.settings import BatchSettings
-from shared import bus
-from shared.testing import running_service
+from shared.streams import provision, snapshot_bucket
+from tests.harness import running_service
 
 T0 = datetime(2026, 11, 26, 9, 0, tzinfo=UTC)
 PROGRESS_PER_RUN = 3
@@ -91,7 +91,7 @@ async def lock_round_trips(url: str, count: int) -> float:
     """acquire_lock + release_lock, one after the other on one job: pairs/s."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     started = time.perf_counter()
     for _ in range(count):
         lock = await acquire_lock(
@@ -116,7 +116,7 @@ async def catch_up(url: str, workdir: Path, count: int) -> float:
     """The batch service started on a stream of `count` events, no snapshot: events/s."""
     nc = await nats.connect(url)
     js = nc.jetstream()
-    obs = await js.object_store(bus.snapshot_bucket("batch"))
+    obs = await js.object_store(snapshot_bucket("batch"))
     for name in ("batch.batch", "batch.batch-alert-ledger"):
         with contextlib.suppress(Exception):
             await obs.delete(name)
@@ -166,7 +166,7 @@ async def run(report: Report, ctx: object) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     for subject, event in events:
         await js.publish_async(subject, encode(event), headers={"Nats-Msg-Id": event.id})
     await js.publish_async_completed()

@@ -11,7 +11,7 @@ from nats.js import api as js_api
 
 from bench.harness import Report, Result, log, process, repeat, serve_bare_route, wrk
 from services.usage.contract import UsageRecorded
-from shared import bus
+from shared.publish import encode_event
 
 SUBJECT = "bench.raw.usage"
 
@@ -36,7 +36,7 @@ def sample_usage(i: int, prefix: str = "req") -> UsageRecorded:
 
 def sample_event(i: int) -> bytes:
     """`sample_usage(i)` as the usage client sends it (the same bytes)."""
-    return bus.encode_event(sample_usage(i))
+    return encode_event(sample_usage(i))
 
 
 async def _fresh_stream(js: object, name: str, subject: str = SUBJECT, replicas: int = 1) -> None:

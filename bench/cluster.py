@@ -12,7 +12,7 @@ figure next to a raw R3 ceiling of the same run:
   again (the gateway's /usage/stats counts an event recorded after the stop), and whether
   anything was lost (the stream holds every recorded event once).
 
-The cluster is the project's nats-server (shared.testing.NatsCluster), on loopback, started by
+The cluster is the project's nats-server (tests.harness.NatsCluster), on loopback, started by
 the bench; every process of the stack gets all three URLs.
 """
 
@@ -31,8 +31,8 @@ from bench.failover import RATE, Failover, failover, recorder_for
 from bench.harness import Report, Result, log
 from bench.stack import Stack, running_stack, wait_folded
 from bench.usage_stream import SNAPSHOTS, SUBJECT, calls_held, last_seq
-from shared import bus
-from shared.testing import NatsCluster
+from shared.streams import snapshot_bucket
+from tests.harness import NatsCluster
 
 
 async def _reconnecting(exc: Exception) -> None:
@@ -74,7 +74,7 @@ async def replay(stack: Stack, nc: NATS, url: str) -> tuple[float, float, int]:
     and the events folded."""
     js = nc.jetstream()
     stack.stop("usage")
-    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    obs = await js.object_store(snapshot_bucket("usage"))
     for name in SNAPSHOTS:
         with contextlib.suppress(Exception):
             await obs.delete(name)

@@ -24,11 +24,11 @@ from bench.stack import Stack, wait_folded
 from bench.usage_stream import calls_held, last_seq
 from services.usage.client import RecorderSettings, UsageRecorder
 from services.usage.contract import UsageStats
-from shared import bus
 from shared.settings import load_settings
-from shared.testing import NatsCluster
+from shared.streams import STREAMS
+from tests.harness import NatsCluster
 
-STREAM = bus.STREAMS["usage"].name
+STREAM = STREAMS["usage"].name
 RATE = 5_000  # events/s recorded while the leader is stopped
 GIVE_UP_S = 60.0  # the longest a failover run records
 _stats = msgspec.json.Decoder(UsageStats).decode

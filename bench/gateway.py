@@ -12,8 +12,8 @@ import nats
 from bench.ceilings import sample_event
 from bench.harness import Report, Result, log, process, wrk
 from services.usage.budget_client import BudgetChecker
-from shared import bus
-from shared.testing import free_port
+from shared.streams import provision
+from tests.harness import free_port
 
 ROUTES = (
     "/api/v1/status",
@@ -51,7 +51,7 @@ async def seed(nats_url: str, count: int) -> None:
     """Some usage history so the routes have something to compute."""
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    await bus.provision(js)  # `--only gateway` runs before anything else made the streams
+    await provision(js)  # `--only gateway` runs before anything else made the streams
     for i in range(count):
         await js.publish_async(
             "stockpilot.usage.recorded", sample_event(i), headers={"Nats-Msg-Id": f"seed-{i}"}

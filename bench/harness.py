@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from shared.testing import free_port, stop_process, wait_for_port
+from tests.harness import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,7 @@ from services.health import probes
 from services.health.contract import ComprehensiveHealth
 from services.health.settings import HealthSettings
 from shared.settings import load_settings
-from shared.testing import free_port
+from tests.harness import free_port
 
 HANG_TIMEOUT_S = 1.0
 DATABASE_URL = os.environ.get(
@@ -282,7 +282,7 @@ def serve_bare(port: int, answer_file: str) -> None:
 
 async def _standalone() -> None:
     """`python -m bench.health`: the two figures alone, printed."""
-    from shared.testing import NatsServer
+    from tests.harness import NatsServer
 
     class Ctx:
         runs = 1

@@ -23,7 +23,7 @@ from bench.ceilings import sample_usage
 from services.usage.contract import SUBJECT_RECORDED
 from services.usage.service import usage_projection
 from services.usage.settings import UsageSettings
-from shared import bus
+from shared.publish import encode_event
 
 SUBJECT = SUBJECT_RECORDED.encode()
 
@@ -33,7 +33,7 @@ def stored_events(count: int) -> list[tuple[bytes, int]]:
     the events' (fixed) occurred_at, so every run folds the same view."""
     first = sample_usage(0)
     start_ns = int(first.occurred_at.timestamp() + 60) * 1_000_000_000
-    return [(bus.encode_event(sample_usage(i)), start_ns + i * 1_000_000) for i in range(count)]
+    return [(encode_event(sample_usage(i)), start_ns + i * 1_000_000) for i in range(count)]
 
 
 def fold_all(stored: list[tuple[bytes, int]]) -> str:

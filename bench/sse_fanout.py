@@ -25,7 +25,7 @@ from bench.harness import Report, Result, log, percentile
 from bench.listeners import SseClient, open_when_serving
 from bench.stack import running_stack, wait_folded
 from services.usage.client import UsageRecorder
-from shared.testing import NatsServer
+from tests.harness import NatsServer
 
 CLIENTS = 1_000
 CONNECTING = 50  # connections opened at a time

@@ -21,8 +21,8 @@ import psutil
 from nats.aio.client import Client as NATS
 
 from bench.harness import ROOT
-from shared.runtime import ServiceStatus
-from shared.testing import free_port, stop_process, wait_for_port
+from shared.service_status import ServiceStatus
+from tests.harness import free_port, stop_process, wait_for_port
 
 _status = msgspec.json.Decoder(ServiceStatus).decode
 

@@ -18,9 +18,9 @@ from bench.harness import Report, Result, log, repeat
 from services.usage.contract import SUBJECT_RECORDED, IngestAnswer, IngestParams, UsageRecorded
 from services.usage.service import build, usage_projection
 from services.usage.settings import UsageSettings
-from shared import bus
 from shared.clock import SYSTEM_CLOCK
-from shared.testing import running_service
+from shared.streams import provision, snapshot_bucket
+from tests.harness import running_service
 
 # The events span the week before the run's last eight days began: in the past (the ingest
 # refuses a record dated after it was received) and recent (within every retention).
@@ -95,7 +95,7 @@ async def stream_messages(url: str, subject: str | None = None) -> int:
 async def catch_up(url: str, settings: UsageSettings, stored: int) -> float:
     """The usage service started on the stream of `stored` events, no snapshot: events/s."""
     nc = await nats.connect(url)
-    obs = await nc.jetstream().object_store(bus.snapshot_bucket("usage"))
+    obs = await nc.jetstream().object_store(snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(Exception):
             await obs.delete(name)
@@ -158,7 +158,7 @@ async def run(report: Report, ctx: object) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     for event in events(count(100_000), prefix="stored"):
         await js.publish_async(SUBJECT_RECORDED, _encode(event), headers={"Nats-Msg-Id": event.id})
     await js.publish_async_completed()

@@ -31,7 +31,7 @@ from bench.harness import Report, Result, log
 from bench.stack import running_stack, wait_folded
 from services.usage.client import UsageRecorder
 from services.usage.contract import UsageRecorded
-from shared import bus
+from shared.streams import provision, snapshot_bucket
 
 STREAM = "STOCKPILOT_USAGE"
 SUBJECT = "stockpilot.usage.recorded"
@@ -110,7 +110,7 @@ async def run(report: Report, ctx: object) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     next_id = 0
     with running_stack(url, workdir / "stream") as stack:
         await wait_folded(nc, await last_seq(js), timeout=600)
@@ -187,7 +187,7 @@ async def run(report: Report, ctx: object) -> None:
             )
 
         replays, reads = [], []
-        obs = await js.object_store(bus.snapshot_bucket("usage"))
+        obs = await js.object_store(snapshot_bucket("usage"))
         for i in range(runs):
             stack.stop("usage")
             for name in SNAPSHOTS:

@@ -32,8 +32,8 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from shared.bus import STREAMS
 from shared.errors import UnavailableError
+from shared.streams import STREAMS
 
 log = logging.getLogger("stockpilot.gateway")
 

@@ -27,9 +27,10 @@ from gateway.response_cache import ResponseCache
 from gateway.routes import all_routers
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
-from shared import bus
+from shared import connection
 from shared.clock import SYSTEM_CLOCK, Clock
-from shared.runtime import VERSION
+from shared.service_status import VERSION
+from shared.streams import STREAMS, provision_or_check
 
 log = logging.getLogger("stockpilot.gateway")
 
@@ -58,13 +59,13 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
             services.forget_all()  # change notices may have been missed while away
 
         async def connect() -> None:
-            nc = await bus.connect(settings, "stockpilot-gateway", on_reconnected=reconnected)
+            nc = await connection.connect(
+                settings, "stockpilot-gateway", on_reconnected=reconnected
+            )
             services.nc = nc
             await services.watch_changes()
             with contextlib.suppress(Exception):
-                await bus.provision_or_check(
-                    nc.jetstream(), settings, (bus.STREAMS["alerts"].name,)
-                )
+                await provision_or_check(nc.jetstream(), settings, (STREAMS["alerts"].name,))
 
         task = asyncio.create_task(connect())
         try:
@@ -75,7 +76,7 @@ def create_app(settings: GatewaySettings, clock: Clock = SYSTEM_CLOCK) -> Litest
                 await task
             await alert_fanout.close()  # ends the SSE streams, deletes their consumer
             if services.nc is not None:
-                await bus.drain_or_close(services.nc)
+                await connection.drain_or_close(services.nc)
 
     def provide_services() -> ServiceClient:
         return services

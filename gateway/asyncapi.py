@@ -29,9 +29,9 @@ from services.batch.contract import (
 )
 from services.health.contract import HealthChecked, HostSampled
 from services.usage.contract import PricesChanged, UsageRecorded, UsageReset
-from shared.bus import DeadLetter
+from shared.dead_letters import DeadLetter
 from shared.events import JOB_ID_PATTERN, Alert
-from shared.runtime import VERSION
+from shared.service_status import VERSION
 
 SCHEMA_REF = "#/components/schemas/{name}"
 

@@ -34,7 +34,7 @@ from services.health.contract import ComponentHealth, ComprehensiveHealth, Statu
 from services.usage.contract import UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
 from shared.hook_status import hooks_process_state as process_state
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 
 COMPONENT_STATUSES: tuple[str, ...] = get_args(Status)
 HOOK_STATES: tuple[str, ...] = get_args(HookStateName)

@@ -272,6 +272,15 @@ def describe_inputs(openapi: OpenAPI) -> None:
             "at most 90 days"
         ),
     }
+    # The spend log's window: no 90-day bound (a page reads a bounded part of the stream).
+    window = {
+        "anyOf": moment["anyOf"],
+        "description": (
+            "A date YYYY-MM-DD (a whole day in STOCKPILOT_TZ; `end` inclusive) or an RFC 3339 "
+            "time (`end` exclusive), years 2000-2999, on each call's occurred_at; start before "
+            "end"
+        ),
+    }
     for path, item in paths.items():
         for method in _METHODS:
             operation = getattr(item, method, None)
@@ -286,6 +295,16 @@ def describe_inputs(openapi: OpenAPI) -> None:
                     _string_parameter(parameter, day)
                 elif path == "/api/v1/usage/timeseries" and parameter.name in ("start", "end"):
                     _string_parameter(parameter, moment)
+                elif (
+                    path == _RECORDS_PATH
+                    and method == "get"
+                    and parameter.name
+                    in (
+                        "start",
+                        "end",
+                    )
+                ):
+                    _string_parameter(parameter, window)
                 elif path == "/api/v1/usage/timeseries" and parameter.name == "bucket":
                     parameter.schema = Schema(
                         enum=["hour", "day"], default="hour", type=OpenAPIType.STRING

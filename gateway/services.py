@@ -24,10 +24,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError, TimeoutError
 
+from shared.change_notices import changed_subject
 from shared.clock import Clock
+from shared.endpoints import endpoint_subject
 from shared.errors import StockpilotError, UnavailableError, error_for_status
 from shared.nats_errors import is_nats_error
-from shared.runtime import changed_subject, endpoint_subject
 
 T = TypeVar("T")
 

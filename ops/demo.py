@@ -41,8 +41,8 @@ from ops import locate
 from services.batch.client import LockHeldError, acquire_lock, batch_job
 from services.batch.contract import BatchFinished, BatchProgress, BatchStarted
 from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
-from shared import bus
 from shared.events import Event, utc_now
+from shared.publish import publish_event
 from shared.settings import CommonSettings, settings_or_exit
 
 USAGE_SUBJECT = SUBJECT_RECORDED
@@ -230,7 +230,7 @@ async def publish_all(
     """Publish (subject, event) pairs, `concurrency` in flight at a time; how many were sent."""
     for start in range(0, len(events), concurrency):
         chunk = events[start : start + concurrency]
-        await asyncio.gather(*(bus.publish_event(js, s, e) for s, e in chunk))
+        await asyncio.gather(*(publish_event(js, s, e) for s, e in chunk))
     return len(events)
 
 
@@ -247,7 +247,7 @@ async def stuck_lock(nc: NATS, *, ttl_s: float, job_id: str = STUCK_JOB) -> str:
     lock = await acquire_lock(js, job_id, owner=owner, execution_id=execution_id, ttl_s=ttl_s)
     now = utc_now()
     items, _ = JOBS[job_id]
-    await bus.publish_event(
+    await publish_event(
         js,
         _run_subject(job_id),
         BatchStarted(
@@ -262,7 +262,7 @@ async def stuck_lock(nc: NATS, *, ttl_s: float, job_id: str = STUCK_JOB) -> str:
             fencing_token=lock.fencing_token,
         ),
     )
-    await bus.publish_event(
+    await publish_event(
         js,
         _run_subject(job_id),
         BatchProgress(
@@ -484,7 +484,7 @@ async def _live_calls(
             return
         incident = 0.15 * duration <= elapsed < 0.5 * duration
         event = usage_event(rng, utc_now(), error_rate=0.6 if incident else 0.035)
-        await bus.publish_event(js, USAGE_SUBJECT, event)
+        await publish_event(js, USAGE_SUBJECT, event)
         counters.calls += 1
         counters.failed += event.status_code >= 400
         with contextlib.suppress(TimeoutError):

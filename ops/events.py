@@ -34,9 +34,9 @@ from ops.replay import (
     stream_name,
 )
 from ops.streams_report import render_table, streams_report, unavailable_services
-from shared import bus
 from shared.nats_errors import is_nats_error
 from shared.settings import CommonSettings, SettingsError, settings_or_exit
+from shared.streams import STREAMS
 
 _encode = msgspec.json.Encoder().encode
 
@@ -201,15 +201,13 @@ def _export_command(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
-_KNOWN = {*bus.STREAMS, *(s.name.lower() for s in bus.STREAMS.values())}
+_KNOWN = {*STREAMS, *(s.name.lower() for s in STREAMS.values())}
 
 
 def _unknown_stream(asked: str) -> str:
     """One line: no such stream, and the names that would do."""
-    names = ", ".join(spec.name for spec in bus.STREAMS.values())
-    return (
-        f"no stream {asked!r} on this NATS: expected one of {names} (or {', '.join(bus.STREAMS)})"
-    )
+    names = ", ".join(spec.name for spec in STREAMS.values())
+    return f"no stream {asked!r} on this NATS: expected one of {names} (or {', '.join(STREAMS)})"
 
 
 def _import_command(args: argparse.Namespace) -> int:

@@ -41,14 +41,15 @@ from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from ops.hook_delivery import AlertHook, HookError, UndeliverableError
-from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.dead_letters import dead_letter, dead_letter_subject, describe_decode_error
 from shared.events import Alert, AwareDatetime
 from shared.hook_status import (
     STATUS_KEY,
     HooksStatus,
     HookStatus,
 )
+from shared.streams import HOOK_MARKS_BUCKET, STATE_BUCKET, STREAMS
 from shared.supervise import Supervisor
 
 log = logging.getLogger("stockpilot.hooks")
@@ -64,7 +65,7 @@ _FINAL_STATUS_S = 1.0
 # or refused to it): the process exits and its restart creates the consumer again.
 FETCH_MAX_FAILURES = 10
 DEAD_LETTER_SERVICE = "hooks"
-PARKED_SUBJECT = bus.dead_letter_subject(DEAD_LETTER_SERVICE)  # stockpilot.deadletter.hooks
+PARKED_SUBJECT = dead_letter_subject(DEAD_LETTER_SERVICE)  # stockpilot.deadletter.hooks
 _HOOK_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _KEY_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -173,8 +174,8 @@ class HookRunner:
 
     async def run(self) -> None:
         """Run until `stop` is set; then publish the final state and return, in STOP_TIMEOUT_S."""
-        self._kv = await self.js.key_value(bus.STATE_BUCKET)
-        self._marks = await self.js.key_value(bus.HOOK_MARKS_BUCKET)
+        self._kv = await self.js.key_value(STATE_BUCKET)
+        self._marks = await self.js.key_value(HOOK_MARKS_BUCKET)
         for worker in self._workers:
             worker.subscription = await self._subscribe(worker.hook.name)
         for worker in self._workers:
@@ -241,7 +242,7 @@ class HookRunner:
             )
 
     async def _subscribe(self, hook: str) -> JetStreamContext.PullSubscription:
-        stream = bus.STREAMS["alerts"].name
+        stream = STREAMS["alerts"].name
         # Long back-offs keep a message in hand; in_progress() is sent before each wait, but
         # the ack wait must still outlast one attempt plus one wait.
         config = js_api.ConsumerConfig(
@@ -316,7 +317,7 @@ class HookRunner:
                 "hook %s: seq %d is not an alert (%s); skipped",
                 hook.name,
                 seq,
-                bus.describe_decode_error(exc),
+                describe_decode_error(exc),
             )
             await _ack(msg)
             return
@@ -405,7 +406,7 @@ class HookRunner:
         reason = f"hook {hook.name} gave up after {attempts} attempt(s): {error}"[:500]
         log.error("hook %s: alert %s parked on %s: %s", hook.name, alert.id, PARKED_SUBJECT, reason)
         try:
-            await bus.dead_letter(self._nc, DEAD_LETTER_SERVICE, msg.subject, msg.data, reason, seq)
+            await dead_letter(self._nc, DEAD_LETTER_SERVICE, msg.subject, msg.data, reason, seq)
         except Exception as exc:  # the log line above and the mark below still record it
             log.error("hook %s: could not publish parked alert %s (%s)", hook.name, alert.id, exc)
         mark = DeliveryMark(

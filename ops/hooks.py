@@ -21,7 +21,7 @@ import msgspec
 
 from ops.hook_delivery import AlertHook, LogHook, SlackHook, WebhookHook
 from ops.hook_runner import HookRunner, RetryPolicy
-from shared import bus
+from shared.connection import connect_unless_stopped, drain_or_close
 from shared.settings import (
     CommonSettings,
     PositiveFloat,
@@ -30,6 +30,14 @@ from shared.settings import (
     require_nats,
     settings_or_exit,
     strip_whitespace,
+)
+from shared.streams import (
+    HOOK_BACKFILL_MAX_S,
+    HOOK_MARKS_BUCKET,
+    STATE_BUCKET,
+    STREAMS,
+    NotProvisionedError,
+    provision_or_check,
 )
 
 log = logging.getLogger("stockpilot.hooks")
@@ -52,7 +60,7 @@ class HookSettings(CommonSettings, frozen=True, kw_only=True):
     hook_max_attempts: PositiveInt = 10
     # A hook seen for the first time starts with the alerts of this many seconds back (at
     # most 30 days: its delivery marks, which keep it from repeating one, expire after 35).
-    hook_backfill_s: Annotated[float, msgspec.Meta(ge=0, le=bus.HOOK_BACKFILL_MAX_S)] = 86_400.0
+    hook_backfill_s: Annotated[float, msgspec.Meta(ge=0, le=HOOK_BACKFILL_MAX_S)] = 86_400.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,23 +128,23 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
             closed_for_good = True
             stop.set()
 
-    nc = await bus.connect_unless_stopped(stop, settings, "stockpilot-hooks", on_closed=on_closed)
+    nc = await connect_unless_stopped(stop, settings, "stockpilot-hooks", on_closed=on_closed)
     if nc is None:
         return 0
     runner: HookRunner | None = None
     try:
         js = nc.jetstream()
         try:
-            await bus.provision_or_check(
+            await provision_or_check(
                 js,
                 settings,
                 (
-                    bus.STREAMS["alerts"].name,
-                    f"KV_{bus.STATE_BUCKET}",
-                    f"KV_{bus.HOOK_MARKS_BUCKET}",
+                    STREAMS["alerts"].name,
+                    f"KV_{STATE_BUCKET}",
+                    f"KV_{HOOK_MARKS_BUCKET}",
                 ),
             )
-        except bus.NotProvisionedError as exc:
+        except NotProvisionedError as exc:
             log.error("hooks: %s", exc)
             return 1
         async with http_client(settings) as client:
@@ -156,7 +164,7 @@ async def run_hooks(settings: HookSettings, stop: asyncio.Event | None = None) -
         # After the runner stopped (STOP_TIMEOUT_S), the drain or close takes 4 s at most:
         # whatever a hook or NATS does, a SIGTERM ends the process within 8 s, well inside a
         # supervisor's grace period (~1 s idle).
-        await bus.drain_or_close(nc)
+        await drain_or_close(nc)
     status = 1 if closed_for_good else 0
     return runner.supervisor.exit_status(status) if runner is not None else status
 

@@ -18,12 +18,13 @@ from urllib.parse import urlsplit
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
-from shared import bus
+from shared.connection import connect, drain_or_close
 from shared.nats_errors import NATS_ERRORS
 from shared.settings import CommonSettings, NoStackError
+from shared.streams import STREAMS
 
 # The four streams every StockPilot stack has; a NATS without them is not (yet) StockPilot's.
-STOCKPILOT_STREAMS = tuple(spec.name for spec in bus.STREAMS.values())
+STOCKPILOT_STREAMS = tuple(spec.name for spec in STREAMS.values())
 CONNECT_TIMEOUT_S = 5.0
 # What a first connection that opened its socket but was not let in raises (nats-py errors
 # recognised through shared.nats_errors).
@@ -118,11 +119,11 @@ async def connected(
     streams exist) unless `stockpilot_only` is false (a restore into a fresh server)."""
     servers = servers_or_raise(settings)
     await require_running(settings, servers)
-    # bus.connect retries a first connection that fails after the socket opened (a login
+    # connect retries a first connection that fails after the socket opened (a login
     # refused) forever, as nats-py does with unlimited reconnects: bound it here.
     try:
         nc = await asyncio.wait_for(
-            bus.connect(settings, name, first_connect_attempts=2), timeout=CONNECT_TIMEOUT_S
+            connect(settings, name, first_connect_attempts=2), timeout=CONNECT_TIMEOUT_S
         )
     except _LOGIN_REFUSED as exc:
         raise StackError(
@@ -135,4 +136,4 @@ async def connected(
             await check_stockpilot(nc, settings, servers)
         yield nc
     finally:
-        await bus.drain_or_close(nc)
+        await drain_or_close(nc)

@@ -21,7 +21,7 @@ shipped file equals it).
   consumers and buckets.
 
 Subjects are named exactly: no user gets `>` or `$JS.API.>`. Every user's reply inboxes are
-`_INBOX.<user>.…` (shared.bus.inbox_prefix), so nobody can read another's answers. A
+`_INBOX.<user>.…` (shared.connection.inbox_prefix), so nobody can read another's answers. A
 consumer's name is a single subject token, so the hooks' durable consumers are protected by
 name from everyone else (deny), whatever wildcard a role's own consumers need.
 """
@@ -35,16 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from ops.hook_runner import consumer_name
-from shared.bus import (
-    HOOK_MARKS_BUCKET,
-    SERVICES,
-    STATE_BUCKET,
-    STREAMS,
-    inbox_prefix,
-    snapshot_bucket,
-)
+from shared.change_notices import changed_subject
+from shared.connection import inbox_prefix
+from shared.endpoints import endpoint_subject, micro_name
 from shared.hook_status import STATUS_KEY
-from shared.runtime import changed_subject, endpoint_subject, micro_name
+from shared.streams import HOOK_MARKS_BUCKET, SERVICES, STATE_BUCKET, STREAMS, snapshot_bucket
 
 EVENT_STREAMS = [spec.name for spec in STREAMS.values()]
 ALERTS = STREAMS["alerts"].name

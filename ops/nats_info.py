@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from ops import locate, nats_auth
-from shared.bus import inbox_prefix
+from shared.connection import inbox_prefix
 from shared.settings import (
     CREDENTIALS_FILE,
     CommonSettings,

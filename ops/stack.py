@@ -30,7 +30,8 @@ import psutil
 
 from ops import nats_auth
 from ops.embedded_nats import EmbeddedNatsError, embedded_command, port_is_free, url_file
-from shared import bus
+from shared import streams
+from shared.connection import ADMIN_USER, connect, drain_or_close, may_administer, redact_url
 from shared.nats_errors import NATS_ERRORS
 from shared.nats_server import wait_for_port
 from shared.settings import (
@@ -40,6 +41,7 @@ from shared.settings import (
     require_nats,
     settings_or_exit,
 )
+from shared.streams import provision
 
 SERVICES = ("health", "usage", "batch")
 STOP_GRACE_S = 8.0
@@ -93,21 +95,21 @@ def _provision_only() -> int:
 
     async def run() -> int:
         try:
-            nc = await bus.connect(settings, "stockpilot-provision", first_connect_attempts=30)
+            nc = await connect(settings, "stockpilot-provision", first_connect_attempts=30)
         except Exception as exc:
             print(f"stockpilot up --provision-only: cannot reach NATS ({exc})", file=sys.stderr)
             return 1
         try:
-            await bus.provision(nc.jetstream(), settings.stream_replicas)
+            await provision(nc.jetstream(), settings.stream_replicas)
         except NATS_ERRORS as exc:
             print(
                 f"stockpilot up --provision-only: failed ({exc}); "
-                f"the NATS user must be {bus.ADMIN_USER!r}",
+                f"the NATS user must be {ADMIN_USER!r}",
                 file=sys.stderr,
             )
             return 1
         finally:
-            await bus.drain_or_close(nc)
+            await drain_or_close(nc)
         print("stockpilot up --provision-only: streams and buckets are in place", file=sys.stderr)
         return 0
 
@@ -409,7 +411,7 @@ class Stack:
         self.passwords = passwords
         # The streams and buckets are created here, as `ops`: the children's users may not.
         admin = msgspec.structs.replace(
-            self.settings, nats_url=url, nats_user=bus.ADMIN_USER, nats_password=passwords["ops"]
+            self.settings, nats_url=url, nats_user=ADMIN_USER, nats_password=passwords["ops"]
         )
         try:
             await self._provision(admin)
@@ -433,30 +435,30 @@ class Stack:
             if env.get(nats_auth.password_variable(role))
         }
         admin: CommonSettings | None = None
-        if bus.ADMIN_USER in self.passwords:
+        if ADMIN_USER in self.passwords:
             admin = msgspec.structs.replace(
                 self.settings,
-                nats_user=bus.ADMIN_USER,
-                nats_password=self.passwords[bus.ADMIN_USER],
+                nats_user=ADMIN_USER,
+                nats_password=self.passwords[ADMIN_USER],
             )
-        elif bus.may_administer(self.settings):
+        elif may_administer(self.settings):
             admin = self.settings
         if admin is None:
             return True
         try:
             await self._provision(admin)
         except Exception as exc:
-            where = ", ".join(bus.redact_url(url) for url in self.settings.nats_servers)
+            where = ", ".join(redact_url(url) for url in self.settings.nats_servers)
             self._say(f"error: cannot create the streams on {where}: {exc}")
             return False
         return True
 
     async def _provision(self, settings: CommonSettings) -> None:
-        nc = await bus.connect(settings, "stockpilot-up", first_connect_attempts=10)
+        nc = await connect(settings, "stockpilot-up", first_connect_attempts=10)
         try:
-            await bus.provision(nc.jetstream(), settings.stream_replicas)
+            await streams.provision(nc.jetstream(), settings.stream_replicas)
         finally:
-            await bus.drain_or_close(nc)
+            await drain_or_close(nc)
 
     async def _supervise(self) -> int:
         waits = {asyncio.create_task(child.process.wait()): child for child in self.children}

@@ -13,9 +13,10 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from shared.endpoints import endpoint_subject
 from shared.events import AwareDatetime
 from shared.hook_status import read_hooks_status
-from shared.runtime import ServiceStatus, endpoint_subject
+from shared.service_status import ServiceStatus
 
 SERVICES = ("health", "usage", "batch")
 

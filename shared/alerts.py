@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import msgspec
 
-from shared.bus import STREAMS
 from shared.events import Alert
 from shared.projection import NOTHING_FIRED, Projection, View
+from shared.streams import STREAMS
 
 LEDGER_LIMIT = 100_000
 # Bumped when the fold's meaning or the view's layout changes (see Projection.version).

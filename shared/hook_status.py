@@ -13,8 +13,8 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from shared import bus
 from shared.events import AwareDatetime
+from shared.streams import STATE_BUCKET
 
 STATUS_KEY = "hooks.status"
 # The hook process rewrites its status at least this often; older means it is not running.
@@ -75,7 +75,7 @@ def hooks_process_state(status: HooksStatus | None, now: datetime) -> HooksProce
 
 async def read_hooks_status(js: JetStreamContext) -> HooksStatus | None:
     """What the hook process last published, or None when it never ran."""
-    kv = await js.key_value(bus.STATE_BUCKET)
+    kv = await js.key_value(STATE_BUCKET)
     try:
         entry = await kv.get(STATUS_KEY)
     except KeyNotFoundError:

@@ -1,8 +1,8 @@
 """The pinned nats-server as a child process, and the small socket helpers it needs.
 
 Production code: `stockpilot up` (ops.embedded_nats, ops.stack) launches and waits for
-processes with these; shared.testing and bench/ build their throwaway servers on them. Nothing
-here may import the test harness (tests/test_import_rules.py checks it).
+processes with these; the test harness (tests/harness.py) and bench/ build their throwaway
+servers on them. Nothing here may import the harness (tests/test_import_rules.py checks it).
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from shared.bus import StreamSpec
 from shared.events import Alert, AwareDatetime, admission_problem
+from shared.streams import StreamSpec
 
 
 class View(msgspec.Struct, kw_only=True):

@@ -1,20 +1,28 @@
-"""The service runtime the three services share.
+"""The service runtime the three services share: a small `Runtime` composing the parts.
 
 A service declares its projections, its query/command endpoints and any background work in a
-`ServiceDefinition`; `run_service` does the rest:
+`ServiceDefinition`; `run_service` does the rest. The `Runtime` here owns the lifecycle and
+the reading of the streams; each other job is a part, testable alone:
 
-- connect to NATS (retry forever; exit non-zero if the connection closes for good),
-- provision the streams, restore each projection from its latest snapshot, then fold the
+- connect to NATS (retry forever; exit non-zero if the connection closes for good:
+  `shared.connection`), provision or check the streams (`shared.streams`),
+- restore each projection from its latest snapshot (`shared.snapshotter`), then fold the
   stream from there and follow it over a bare protocol connection (`shared.stream_reader`,
   several times cheaper per event than nats-py's delivery path; nats-py's ordered push
-  consumer where that cannot run), skipping `seq <= last_seq`, dead-lettering what does not
-  decode or apply,
-- publish the alerts the projections derive (once: see `shared.alerts`),
-- snapshot every N events / T seconds and on shutdown,
+  consumer where that cannot run): the read methods below,
+- fold each event, skipping `seq <= last_seq`, dead-lettering what does not decode or apply
+  (`shared.projection_runner`), and announce the change (`shared.change_notices`),
+- publish the alerts the projections derive, once each (`shared.alert_outbox`,
+  `shared.alerts`),
+- snapshot every N events / T seconds and on shutdown (`shared.snapshotter`),
 - run every loop under `shared.supervise`: one that fails ends the process (exit 70),
 - answer requests through the `nats.micro` framework (`$SRV.PING|INFO|STATS` included) on
-  `stockpilot.svc.<service>.<endpoint>`, queue-grouped so replicas share the load,
+  `stockpilot.svc.<service>.<endpoint>`, queue-grouped so replicas share the load
+  (`shared.endpoints`), the built-in `status` and `digest` included (`shared.service_status`),
 - stop cleanly on SIGINT/SIGTERM.
+
+Over ~300 lines because the read methods (`_start_projection` to `_callback`) still live
+here: issue #15 moves them behind one transport seam (`shared/transport.py`).
 """
 
 from __future__ import annotations
@@ -22,77 +30,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import msgspec
-import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NotFoundError as JsNotFoundError
-from nats.js.errors import ObjectNotFoundError
-from nats.micro import add_service
-from nats.micro.request import Request
-from nats.micro.request import ServiceError as MicroServiceError
-from nats.micro.service import ServiceConfig
 
-from shared import bus
-from shared.alerts import AlertLedger, alert_ledger
+from shared.alert_outbox import AlertOutbox
+from shared.alerts import alert_ledger
+from shared.change_notices import ChangeNotifier
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.connection import connect_unless_stopped, drain_or_close, may_administer
+from shared.endpoints import Endpoint, NoParams, add_endpoints, start_service
 from shared.errors import StockpilotError
-from shared.events import Alert, AwareDatetime, Event
+from shared.events import Alert, Event
 from shared.nats_errors import is_nats_error, translate
-from shared.projection import (
-    FoldError,
-    Projection,
-    SeqWaiters,
-    SnapshotMismatch,
-    decode_snapshot,
-    encode_snapshot,
-    view_digest,
-)
+from shared.projection import Projection
+from shared.projection_runner import ProjectionRunner
+from shared.projection_runner import Tracked as _Tracked  # the name the read methods use
+from shared.publish import publish_event
+from shared.service_status import VERSION, DigestAnswer, ServiceStatus, StatusReporter
 from shared.settings import CommonSettings, require_nats
+from shared.snapshotter import Snapshotter
 from shared.stream_reader import read_stream
+from shared.streams import STREAMS, NotProvisionedError, provision_or_check, snapshot_store
 from shared.supervise import Supervisor
 
 log = logging.getLogger("stockpilot.runtime")
-
-VERSION = "0.1.0"
-P = TypeVar("P", bound=msgspec.Struct)
-
-
-def endpoint_subject(service: str, endpoint: str) -> str:
-    """The request subject of one endpoint of one service."""
-    return f"stockpilot.svc.{service}.{endpoint}"
-
-
-def changed_subject(service: str) -> str:
-    """Core-NATS subject a service announces projection changes on (gateway caches listen)."""
-    return f"stockpilot.changed.{service}"
-
-
-# Consecutive failed snapshot writes, while connected, after which the snapshot loop fails.
-SNAPSHOT_MAX_FAILURES = 10
-
-# What a payload that does not decode raises: msgspec's errors, and also a RecursionError
-# for JSON nested too deep and a UnicodeDecodeError for invalid UTF-8 inside a string.
-DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
-
-# Change notices are coalesced: at most one per service every few milliseconds.
-CHANGE_NOTICE_INTERVAL_S = 0.005
-
-
-def micro_name(service: str) -> str:
-    """The nats.micro service name (`$SRV.PING.<name>`)."""
-    return f"stockpilot-{service}"
 
 
 def ack_position(msg: Msg) -> tuple[int, int]:
@@ -120,23 +91,6 @@ def ack_metadata(msg: Msg) -> tuple[int, int, int]:
     return meta.sequence.stream, meta.num_pending, round(meta.timestamp.timestamp() * 1e9)
 
 
-class NoParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Parameters of an endpoint that takes none."""
-
-
-@dataclass(frozen=True)
-class Endpoint(Generic[P]):
-    """One request/reply endpoint: its parameters are decoded (and validated) into `params`."""
-
-    name: str
-    params: type[P]
-    handler: Callable[[P, Context], Awaitable[msgspec.Struct | bytes]]
-    # nats-py hands one subscription's messages to its callback one at a time: a slow
-    # endpoint (a command waiting for its event to be folded, a fresh probe round) would
-    # queue every other request to it. Such endpoints run each request in its own task.
-    concurrent: bool = False
-
-
 Background = Callable[["Context"], Coroutine[Any, Any, None]]
 Prepare = Callable[[JetStreamContext, Clock | None], Awaitable[None]]
 
@@ -160,79 +114,6 @@ class ServiceDefinition:
     # streams and, given a clock (the live service; a replay passes None), publishes what
     # the service announces at start (the usage service's price table).
     prepare: Prepare | None = None
-
-
-class ProjectionStatus(msgspec.Struct, kw_only=True):
-    """How far one projection has got."""
-
-    name: str
-    stream: str
-    last_seq: int
-    lag: int
-    caught_up: bool
-    events_applied: int
-    dead_lettered: int
-    snapshot_seq: int
-    snapshot_at: AwareDatetime | None
-
-
-class ProcessStatus(msgspec.Struct, kw_only=True):
-    """The service process itself."""
-
-    pid: int
-    rss_mb: float
-    cpu_percent: float
-
-
-class ProjectionDigest(msgspec.Struct, kw_only=True):
-    """A projection's state fingerprint at a sequence (what `stockpilot replay` compares)."""
-
-    name: str
-    stream: str
-    filter_subject: str
-    last_seq: int
-    digest: str
-
-
-class DigestAnswer(msgspec.Struct, kw_only=True):
-    """Answer of the built-in `digest` endpoint."""
-
-    service: str
-    projections: list[ProjectionDigest]
-    # The fold-relevant settings the projections were built with (ServiceDefinition
-    # .fold_settings), by settings field name; None from a service that predates them.
-    settings: dict[str, Any] | None = None
-
-
-class ServiceStatus(msgspec.Struct, kw_only=True):
-    """Answer of every service's built-in `status` endpoint."""
-
-    service: str
-    instance: str
-    version: str
-    started_at: AwareDatetime
-    uptime_s: float
-    ready: bool
-    projections: list[ProjectionStatus]
-    process: ProcessStatus
-    alerts_published: int
-
-
-@dataclass
-class _Tracked:
-    """Runtime bookkeeping of one projection."""
-
-    projection: Projection[Any, Any]
-    lag: int = 0
-    caught_up: asyncio.Event = field(default_factory=asyncio.Event)
-    events_applied: int = 0
-    dead_lettered: int = 0
-    since_snapshot: int = 0
-    snapshot_seq: int = 0
-    snapshot_at: datetime | None = None
-    waiters: SeqWaiters = field(default_factory=SeqWaiters)
-    subscription: Any = None
-    reader: asyncio.Task[None] | None = None
 
 
 class Context:
@@ -270,7 +151,7 @@ class Context:
     ) -> js_api.PubAck:
         """Publish an event with `Nats-Msg-Id`; infrastructure errors become UnavailableError."""
         try:
-            return await bus.publish_event(self.js, subject, event, headers=headers)
+            return await publish_event(self.js, subject, event, headers=headers)
         except StockpilotError:
             raise
         except Exception as exc:
@@ -282,16 +163,16 @@ class Context:
         self, projection: Projection[Any, Any], seq: int, timeout: float = 2.0
     ) -> bool:
         """Wait until `projection` has folded stream sequence `seq` (read-your-writes)."""
-        return await self._runtime.wait_applied(projection, seq, timeout)
+        return await self._runtime.runner.wait_applied(projection, seq, timeout)
 
     async def raise_alerts(self, alerts: Sequence[Alert]) -> None:
         """Publish alerts not already in the ledger (a background task's own alerts)."""
         for alert in alerts:
-            self._runtime.queue_alert(alert)
+            self._runtime.outbox.queue(alert)
 
 
 class Runtime:
-    """Runs one ServiceDefinition against NATS."""
+    """Runs one ServiceDefinition against NATS: the lifecycle, the reads, and the parts."""
 
     def __init__(
         self,
@@ -312,29 +193,41 @@ class Runtime:
         self.supervisor = Supervisor(definition.name, self.stop)
         self.closed_for_good = False
         self.started_at = clock.now()
-        self._started_monotonic = time.monotonic()
         self.context = Context(self)
-        self._ledger: Projection[AlertLedger, Alert] | None = (
-            alert_ledger(definition.alert_source) if definition.alert_source else None
+        name = definition.name
+        ledger = alert_ledger(definition.alert_source) if definition.alert_source else None
+        self.outbox = AlertOutbox(name, ledger)
+        self.notifier = ChangeNotifier(name)
+        projections = [*([ledger] if ledger is not None else []), *definition.projections]
+        self.runner = ProjectionRunner(name, projections, clock, self.outbox, self.notifier)
+        self.tracked = self.runner.tracked
+        self.snapshots = Snapshotter(
+            name,
+            self.tracked,
+            clock,
+            self.outbox,
+            every_s=settings.snapshot_every_s,
+            every_events=settings.snapshot_every_events,
         )
-        projections = list(definition.projections)
-        if self._ledger is not None:
-            projections.insert(0, self._ledger)
-        self.tracked = {p.name: _Tracked(p) for p in projections}
-        self._alerts: asyncio.Queue[Alert] = asyncio.Queue(maxsize=10_000)
-        # Alerts queued or being published; no snapshot is taken while any is (see snapshot).
-        self._alerts_unpublished = 0
-        self._alerts_idle = asyncio.Event()
-        self._alerts_idle.set()
-        self.alerts_published = 0
-        self._process = psutil.Process()
-        self._process.cpu_percent()
-        self._notice: asyncio.TimerHandle | None = None
-        self._last_notice = 0.0
-        self._background_sends: set[asyncio.Task[None]] = set()
+        self.reporter = StatusReporter(
+            name, self.tracked, self.supervisor, self.outbox, self.started_at
+        )
+        # The read methods below hand each message to the parts under these names.
+        self._restore = self.snapshots.restore
+        self._apply = self.runner.apply
+        self._mark_caught_up = self.runner.mark_caught_up
         self.nc: NATS
         self.js: JetStreamContext
         self.instance = ""
+
+    @property
+    def alerts_published(self) -> int:
+        """Alerts this process published (not counting ones JetStream already held)."""
+        return self.outbox.published
+
+    def status(self) -> ServiceStatus:
+        """Where every projection stands and what the process uses."""
+        return self.reporter.status(self.instance)
 
     # ----- lifecycle -------------------------------------------------------------------
 
@@ -355,7 +248,7 @@ class Runtime:
         async def on_reconnected() -> None:
             self._reconnected.set()
 
-        nc = await bus.connect_unless_stopped(
+        nc = await connect_unless_stopped(
             self.stop,
             self.settings,
             f"stockpilot-{name}",
@@ -367,59 +260,59 @@ class Runtime:
             return 0
         self.nc = nc
         self.js = self.nc.jetstream()
+        self.runner.attach(nc)
+        self.notifier.attach(nc)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self._close_connection)
             # Under `stockpilot up` (or compose's provision step) the `ops` user created the
             # streams and this service's user may only check them.
             needed = {t.projection.stream.name for t in self.tracked.values()}
             try:
-                await bus.provision_or_check(
-                    self.js, self.settings, (*sorted(needed), bus.STREAMS["alerts"].name)
+                await provision_or_check(
+                    self.js, self.settings, (*sorted(needed), STREAMS["alerts"].name)
                 )
-                self._obs = await bus.snapshot_store(
+                store = await snapshot_store(
                     self.js,
                     name,
                     self.settings.stream_replicas,
-                    create=bus.may_administer(self.settings),
+                    create=may_administer(self.settings),
                 )
-            except bus.NotProvisionedError as exc:
+            except NotProvisionedError as exc:
                 log.error("%s: %s", name, exc)
                 return 1
+            self.snapshots.attach(nc, store)
             if self.definition.prepare is not None:
                 await self.definition.prepare(self.js, self.clock)
             stack.push_async_callback(self.supervisor.cancel_all)
-            self.supervisor.start(self._publish_alerts(), "alerts", forever=True)
+            ledger = self.outbox.ledger
+            ledger_ready = self.tracked[ledger.name].caught_up if ledger is not None else None
+            publishing = self.outbox.publish_forever(self.js, after=ledger_ready)
+            self.supervisor.start(publishing, "alerts", forever=True)
             for tracked in self.tracked.values():
                 await self._start_projection(tracked)
-            stack.push_async_callback(self._final_snapshots)
+            stack.push_async_callback(self.snapshots.final)
             stack.push_async_callback(self._unsubscribe)
-            service = await add_service(
-                self.nc,
-                ServiceConfig(
-                    name=micro_name(name),
-                    version=VERSION,
-                    description=self.definition.description or f"StockPilot {name} service",
-                    queue_group=f"stockpilot-{name}",
-                    metadata={"service": name, "pid": str(os.getpid())},
-                ),
-            )
+            description = self.definition.description
+            service = await start_service(self.nc, name, description, VERSION)
             self.instance = service.id
             stack.push_async_callback(service.stop)
-            await self._add_endpoints(service)
-            self.supervisor.start(self._snapshot_loop(), "snapshots", forever=True)
+            builtin = [
+                Endpoint("status", NoParams, self._status_endpoint),
+                Endpoint("digest", NoParams, self._digest_endpoint),
+            ]
+            await add_endpoints(service, name, [*builtin, *self.definition.endpoints], self.context)
+            self.supervisor.start(self.snapshots.loop(), "snapshots", forever=True)
             self.supervisor.start(self._start_background(), "background")
             log.info("%s service %s listening on stockpilot.svc.%s.*", name, self.instance, name)
             await self.stop.wait()
             log.info("%s: stopping", name)
-            # Gateways drop this service's cached answers (its status says it is gone).
-            with contextlib.suppress(Exception):
-                await self.nc.publish(changed_subject(name), b"")
+            await self.notifier.final()
         return self.supervisor.exit_status(1 if self.closed_for_good else 0)
 
     async def _close_connection(self) -> None:
         # With NATS away the drain times out and closing may fail: not a reason to exit
         # non-zero.
-        await bus.drain_or_close(self.nc)
+        await drain_or_close(self.nc)
 
     async def _unsubscribe(self) -> None:
         for tracked in self.tracked.values():
@@ -442,51 +335,13 @@ class Runtime:
         for work in self.definition.background:
             self.supervisor.start(work(self.context), work.__name__, forever=True)
 
-    # ----- projections -----------------------------------------------------------------
+    async def _status_endpoint(self, _: NoParams, ctx: Context) -> ServiceStatus:
+        return self.status()
 
-    def _snapshot_name(self, projection: Projection[Any, Any]) -> str:
-        return f"{self.definition.name}.{projection.name}"
+    async def _digest_endpoint(self, _: NoParams, ctx: Context) -> DigestAnswer:
+        return self.reporter.digest(self.settings, self.definition.fold_settings)
 
-    async def _restore(self, tracked: _Tracked) -> None:
-        projection = tracked.projection
-        try:
-            result = await self._obs.get(self._snapshot_name(projection))
-        except (ObjectNotFoundError, JsNotFoundError):
-            log.info(
-                "%s: no snapshot of %s; folding from the first event",
-                self.definition.name,
-                projection.name,
-            )
-            return
-        data = result.data or b""
-        try:
-            view, taken_at = decode_snapshot(data, projection.view_type, projection)
-        except SnapshotMismatch as exc:  # settings or the fold changed since it was taken
-            log.warning(
-                "%s: snapshot of %s discarded: %s; rebuilding from the first event",
-                self.definition.name,
-                projection.name,
-                exc,
-            )
-            return
-        except Exception as exc:  # a snapshot of an older view shape: rebuild instead
-            log.warning(
-                "%s: snapshot of %s unusable (%s); folding from the first event",
-                self.definition.name,
-                projection.name,
-                exc,
-            )
-            return
-        projection.view = view
-        tracked.snapshot_seq = view.last_seq
-        tracked.snapshot_at = taken_at
-        log.info(
-            "%s: restored %s from snapshot at seq %d (%d bytes)",
-            self.definition.name,
-            projection.name,
-            view.last_seq,
-            len(data),
-        )
+    # ----- reading the streams ---------------------------------------------------------
 
     async def _start_projection(self, tracked: _Tracked) -> None:
         await self._restore(tracked)
@@ -600,329 +455,6 @@ class Runtime:
                 self._mark_caught_up(tracked)
 
         return on_message
-
-    def _mark_caught_up(self, tracked: _Tracked) -> None:
-        """The projection has folded everything its stream held (logged the first time)."""
-        if not tracked.caught_up.is_set():
-            tracked.caught_up.set()
-            log.info(
-                "%s: %s caught up at seq %d (%d events folded)",
-                self.definition.name,
-                tracked.projection.name,
-                tracked.projection.view.last_seq,
-                tracked.events_applied,
-            )
-
-    def _apply(
-        self, tracked: _Tracked, seq: int, subject: str | bytes, data: bytes, stored_ns: int
-    ) -> None:
-        """Fold one stored event (or dead-letter it); skip what the view already holds.
-
-        The fold checks the event against the subject it was stored on and the time the
-        stream stored it (both from the message itself, so a replay decides alike).
-        """
-        projection = tracked.projection
-        if seq <= projection.view.last_seq:
-            return
-        try:
-            alerts = projection.fold(seq, data, subject, stored_ns)
-        except DECODE_ERRORS as exc:
-            self._refuse(tracked, subject, data, seq, bus.describe_decode_error(exc))
-        except FoldError as exc:
-            self._refuse(tracked, subject, data, seq, str(exc))
-        except Exception as exc:
-            log.exception(
-                "%s: %s could not apply seq %d", self.definition.name, projection.name, seq
-            )
-            self._refuse(tracked, subject, data, seq, f"could not be applied: {exc!r}"[:500])
-        else:
-            tracked.events_applied += 1
-            tracked.since_snapshot += 1
-            if alerts and self._ledger is not None and projection is not self._ledger:
-                for alert in alerts:
-                    self.queue_alert(alert)
-        if self._notice is None:
-            self._announce_change()
-        if tracked.waiters:
-            for waiter in tracked.waiters.pop_ready(seq):
-                if isinstance(waiter, asyncio.Future) and not waiter.done():
-                    waiter.set_result(True)
-
-    def _announce_change(self) -> None:
-        """Tell the gateways this service's answers changed (coalesced; fire and forget)."""
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, self._last_notice + CHANGE_NOTICE_INTERVAL_S - loop.time())
-        self._notice = loop.call_later(delay, self._send_change_notice)
-
-    def _send_change_notice(self) -> None:
-        self._notice = None
-        loop = asyncio.get_running_loop()
-        self._last_notice = loop.time()
-        if self.nc.is_connected:
-            self._send_in_background(self.nc.publish(changed_subject(self.definition.name), b""))
-
-    def _send_in_background(self, send: Coroutine[Any, Any, None]) -> None:
-        """Run a send without waiting for it; tasks start in creation order, so sends keep it."""
-        task = asyncio.get_running_loop().create_task(send)
-        self._background_sends.add(task)
-        task.add_done_callback(self._background_sends.discard)
-
-    def _refuse(
-        self, tracked: _Tracked, subject: str | bytes, data: bytes, seq: int, reason: str
-    ) -> None:
-        if isinstance(subject, bytes):
-            subject = subject.decode(errors="replace")
-        projection = tracked.projection
-        projection.view.last_seq = seq
-        tracked.dead_lettered += 1
-        log.warning(
-            "%s: dead-lettered seq %d on %s: %s", self.definition.name, seq, subject, reason
-        )
-        # Folding never waits on NATS.
-        self._send_in_background(self._send_dead_letter(subject, data, reason, seq))
-
-    async def _send_dead_letter(self, subject: str, data: bytes, reason: str, seq: int) -> None:
-        with contextlib.suppress(Exception):
-            await bus.dead_letter(
-                self.nc, self.definition.name, subject, data, reason, seq, self.clock.now()
-            )
-
-    async def wait_applied(
-        self, projection: Projection[Any, Any], seq: int, timeout: float
-    ) -> bool:
-        """True once `projection` has folded `seq`; False after `timeout`."""
-        if projection.view.last_seq >= seq:
-            return True
-        tracked = self.tracked[projection.name]
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        tracked.waiters.add(seq, future)
-        try:
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            return False
-
-    # ----- alerts ----------------------------------------------------------------------
-
-    def queue_alert(self, alert: Alert) -> None:
-        """Queue an alert for publishing unless the ledger already holds its id."""
-        if self._ledger is not None and alert.id in self._ledger.view.ids:
-            return
-        try:
-            self._alerts.put_nowait(alert)
-            self._alerts_unpublished += 1
-            self._alerts_idle.clear()
-        except asyncio.QueueFull:
-            log.error("%s: alert queue full; dropped alert %s", self.definition.name, alert.id)
-
-    def _alert_settled(self) -> None:
-        self._alerts_unpublished -= 1
-        if self._alerts_unpublished == 0:
-            self._alerts_idle.set()
-
-    async def _publish_alerts(self) -> None:
-        # Alerts wait until the ledger has caught up, so a restart does not repeat old ones.
-        if self._ledger is not None:
-            await self.tracked[self._ledger.name].caught_up.wait()
-        while True:
-            alert = await self._alerts.get()
-            if self._ledger is not None and alert.id in self._ledger.view.ids:
-                self._alert_settled()
-                continue
-            delay = 0.2
-            while True:
-                try:
-                    ack = await bus.publish_event(self.js, alert.subject, alert)
-                    if not ack.duplicate:
-                        self.alerts_published += 1
-                        log.info("%s: alert %s (%s)", self.definition.name, alert.id, alert.title)
-                    self._alert_settled()
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning(
-                        "%s: publishing alert %s failed (%s); retrying",
-                        self.definition.name,
-                        alert.id,
-                        exc,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-
-    # ----- snapshots -------------------------------------------------------------------
-
-    async def _snapshot_loop(self) -> None:
-        every_s = self.settings.snapshot_every_s
-        every_events = self.settings.snapshot_every_events
-        last = {name: time.monotonic() for name in self.tracked}
-        failures = dict.fromkeys(self.tracked, 0)
-        while True:
-            await asyncio.sleep(min(1.0, every_s))
-            for name, tracked in self.tracked.items():
-                due_by_time = time.monotonic() - last[name] >= every_s
-                if tracked.since_snapshot and (
-                    due_by_time or tracked.since_snapshot >= every_events
-                ):
-                    if await self.snapshot(tracked) is False and self.nc.is_connected:
-                        # Retried next tick; while connected, a write that keeps failing (the
-                        # bucket gone, no permission) is not a blip: without snapshots every
-                        # restart refolds more, so the process says so and exits instead.
-                        failures[name] += 1
-                        if failures[name] >= SNAPSHOT_MAX_FAILURES:
-                            raise RuntimeError(
-                                f"snapshot of {name} failed {failures[name]} times in a row"
-                            )
-                        continue
-                    failures[name] = 0
-                    last[name] = time.monotonic()
-
-    async def snapshot(self, tracked: _Tracked) -> bool | None:
-        """Store the projection's view with its last_seq; False when the write failed.
-
-        Not while alerts derived from folded events wait to be published: after a crash the
-        service resumes *after* the snapshot and would never derive them again. The next
-        tick (or the shutdown, which first waits for them) takes it instead.
-        """
-        if self._alerts_unpublished:  # queued or being published
-            return None
-        projection = tracked.projection
-        taken_at = self.clock.now()
-        data = encode_snapshot(projection, taken_at)
-        seq = projection.view.last_seq
-        since = tracked.since_snapshot
-        tracked.since_snapshot = 0
-        try:
-            await self._obs.put(self._snapshot_name(projection), data)
-        except Exception as exc:
-            tracked.since_snapshot += since
-            log.warning("%s: snapshot of %s failed: %s", self.definition.name, projection.name, exc)
-            return False
-        tracked.snapshot_seq = seq
-        tracked.snapshot_at = taken_at
-        log.debug(
-            "%s: snapshot of %s at seq %d (%d bytes)",
-            self.definition.name,
-            projection.name,
-            seq,
-            len(data),
-        )
-        return True
-
-    async def _final_snapshots(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._alerts_idle.wait(), timeout=3)
-        for tracked in self.tracked.values():
-            if tracked.since_snapshot and self.nc.is_connected:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.snapshot(tracked), timeout=5)
-
-    # ----- requests --------------------------------------------------------------------
-
-    async def _add_endpoints(self, service: Any) -> None:
-        builtin = [
-            Endpoint("status", NoParams, self._status_endpoint),
-            Endpoint("digest", NoParams, self._digest_endpoint),
-        ]
-        for endpoint in [*builtin, *self.definition.endpoints]:
-            await service.add_endpoint(
-                name=endpoint.name,
-                subject=endpoint_subject(self.definition.name, endpoint.name),
-                handler=self._handler(endpoint),
-            )
-
-    def _handler(self, endpoint: Endpoint[Any]) -> Callable[[Request], Awaitable[None]]:
-        decoder = msgspec.json.Decoder(endpoint.params)
-        encode = msgspec.json.Encoder().encode
-        context = self.context
-
-        async def handle(request: Request) -> None:
-            try:
-                params = decoder.decode(request.data or b"{}")
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise MicroServiceError("422", str(exc)) from None
-            try:
-                result = await endpoint.handler(params, context)
-            except StockpilotError as exc:
-                raise MicroServiceError(str(exc.status), exc.detail) from None
-            except Exception as exc:
-                log.exception("%s: endpoint %s failed", self.definition.name, endpoint.name)
-                raise MicroServiceError("500", f"internal error in {endpoint.name}") from exc
-            await request.respond(result if isinstance(result, bytes) else encode(result))
-
-        if not endpoint.concurrent:
-            return handle
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def respond_error(request: Request, error: MicroServiceError) -> None:
-            with contextlib.suppress(Exception):
-                await request.respond_error(error.code, error.description)
-
-        async def in_its_own_task(request: Request) -> None:
-            try:
-                await handle(request)
-            except MicroServiceError as error:
-                await respond_error(request, error)
-
-        async def spawn(request: Request) -> None:
-            task = asyncio.create_task(in_its_own_task(request))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        return spawn
-
-    async def _status_endpoint(self, _: NoParams, ctx: Context) -> ServiceStatus:
-        return self.status()
-
-    async def _digest_endpoint(self, _: NoParams, ctx: Context) -> DigestAnswer:
-        return DigestAnswer(
-            service=self.definition.name,
-            projections=[
-                ProjectionDigest(
-                    name=t.projection.name,
-                    stream=t.projection.stream.name,
-                    filter_subject=t.projection.subject,
-                    last_seq=t.projection.view.last_seq,
-                    digest=view_digest(t.projection.view),
-                )
-                for t in self.tracked.values()
-            ],
-            settings={
-                name: msgspec.to_builtins(getattr(self.settings, name))
-                for name in self.definition.fold_settings
-            },
-        )
-
-    def status(self) -> ServiceStatus:
-        """Where every projection stands and what the process uses."""
-        with self._process.oneshot():
-            rss = self._process.memory_info().rss / 1024 / 1024
-            cpu = self._process.cpu_percent()
-        projections = [
-            ProjectionStatus(
-                name=t.projection.name,
-                stream=t.projection.stream.name,
-                last_seq=t.projection.view.last_seq,
-                lag=t.lag,
-                caught_up=t.caught_up.is_set(),
-                events_applied=t.events_applied,
-                dead_lettered=t.dead_lettered,
-                snapshot_seq=t.snapshot_seq,
-                snapshot_at=t.snapshot_at,
-            )
-            for t in self.tracked.values()
-        ]
-        return ServiceStatus(
-            service=self.definition.name,
-            instance=self.instance,
-            version=VERSION,
-            started_at=self.started_at,
-            uptime_s=round(time.monotonic() - self._started_monotonic, 3),
-            # A process whose loop died is on its way out: never "up".
-            ready=all(p.caught_up for p in projections) and not self.supervisor.failed,
-            projections=projections,
-            process=ProcessStatus(pid=os.getpid(), rss_mb=round(rss, 1), cpu_percent=cpu),
-            alerts_published=self.alerts_published,
-        )
 
 
 async def run_service(definition: ServiceDefinition, settings: CommonSettings) -> int:

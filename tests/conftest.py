@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from shared.clock import ManualClock
-from shared.testing import NatsServer, nats_server
 from tests.clocks import NOON
+from tests.harness import NatsServer, nats_server
 
 # PostgreSQL and Redis fixtures (real servers; throwaway ones when none answers).
 pytest_plugins = ["tests.dbs"]

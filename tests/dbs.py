@@ -30,7 +30,7 @@ import asyncpg
 import pytest
 import redis
 
-from shared.testing import free_port
+from tests.harness import free_port
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

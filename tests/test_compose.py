@@ -25,9 +25,10 @@ import pytest
 
 from ops import nats_auth
 from ops.cli import build_parser
-from shared import bus
+from shared.connection import inbox_prefix
 from shared.settings import CommonSettings, env_name
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
+from shared.streams import provision
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read compose.yaml")
 
@@ -295,13 +296,13 @@ async def test_a_nats_server_with_the_shipped_config_enforces_the_roles(tmp_path
                 url,
                 user=role,
                 password=passwords[role],
-                inbox_prefix=bus.inbox_prefix(role),
+                inbox_prefix=inbox_prefix(role),
                 error_cb=on_error,
                 allow_reconnect=False,
             )
 
         ops = await connect("ops")
-        await bus.provision(ops.jetstream())
+        await provision(ops.jetstream())
         producer = await connect("producer")
         ack = await producer.jetstream().publish("stockpilot.usage.recorded", b"{}")
         assert ack.stream == "STOCKPILOT_USAGE"

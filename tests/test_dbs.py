@@ -17,7 +17,6 @@ import asyncpg
 import pytest
 import redis
 
-from shared.testing import free_port
 from tests import dbs
 from tests.dbs import (
     DEFAULT_DATABASE_URL,
@@ -32,6 +31,7 @@ from tests.dbs import (
     throwaway_postgres,
     throwaway_redis,
 )
+from tests.harness import free_port
 
 
 def _wheels_exist_here() -> bool:

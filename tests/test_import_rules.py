@@ -1,11 +1,13 @@
 """Import rules, checked by reading the source (no imports run, no servers).
 
-Production code (services/, gateway/, ops/, shared/) never imports the test harness:
-shared.testing and tests/ exist for tests and bench/ only. What production needs to launch a
-nats-server lives in shared.nats_server. shared/ imports none of the packages built on it, and
-a service none of the other services. Outside a service, only its public modules are imported
-(its contract, its client modules; see PUBLIC), and each event struct is defined once, in its
-service's contract. docs/architecture.md ("Import rules") writes them down.
+Production code (services/, gateway/, ops/, shared/, all of it) never imports the test
+harness: tests/ (tests.harness included) and bench/ exist for tests and benchmarks only, and
+no production package holds a harness or a test framework. What production needs to launch a
+nats-server lives in shared.nats_server. shared/ imports none of the packages built on it, a
+service none of the other services, and a part of the service runtime not the Runtime that
+composes it. Outside a service, only its public modules are imported (its contract, its client
+modules; see PUBLIC), and each event struct is defined once, in its service's contract.
+docs/architecture.md ("Import rules") writes them down.
 """
 
 from __future__ import annotations
@@ -15,18 +17,47 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ("services", "gateway", "ops", "shared")
-# The harness itself: the one module under shared/ that may import what tests use.
-HARNESS = Path("shared/testing.py")
-FORBIDDEN = ("shared.testing", "tests")
+# The harness and what only tests and benchmarks use; shared.testing is where the harness
+# once lived (inside a production package) and must not come back.
+FORBIDDEN = ("tests", "bench", "shared.testing", "pytest", "_pytest", "hypothesis")
+# The parts the service runtime is composed of (shared.runtime composes them): each is
+# testable alone, so none imports the Runtime (a type-only import for annotations is fine).
+RUNTIME_PARTS = (
+    "shared/alert_outbox.py",
+    "shared/change_notices.py",
+    "shared/endpoints.py",
+    "shared/projection_runner.py",
+    "shared/service_status.py",
+    "shared/snapshotter.py",
+)
 
 
-def imported_modules(source: str, module: str) -> list[str]:
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the import nodes under `if TYPE_CHECKING:` (never run)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(inner) for part in node.body for inner in ast.walk(part))
+    return skipped
+
+
+def imported_modules(source: str, module: str, *, at_run_time: bool = False) -> list[str]:
     """Every module `source` imports, anywhere in it (functions included), as a dotted name;
-    `from a import b` counts as both `a` and `a.b` (b may be a module)."""
+    `from a import b` counts as both `a` and `a.b` (b may be a module), and a constant name
+    handed to `importlib.import_module` or `__import__` counts too. `at_run_time`: leave out
+    the imports under `if TYPE_CHECKING:`."""
     names: list[str] = []
     package = module.rsplit(".", 1)[0]
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
+    tree = ast.parse(source)
+    skipped = _type_checking_only(tree) if at_run_time else set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Call) and _is_dynamic_import(node.func):
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.append(first.value)
+        elif isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -39,6 +70,12 @@ def imported_modules(source: str, module: str) -> list[str]:
     return names
 
 
+def _is_dynamic_import(func: ast.expr) -> bool:
+    """`import_module(...)`, `importlib.import_module(...)` or `__import__(...)`."""
+    name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+    return name in ("import_module", "__import__")
+
+
 def inside(name: str, package: str) -> bool:
     """Whether module `name` is `package` or inside it."""
     return name == package or name.startswith(package + ".")
@@ -49,13 +86,14 @@ def is_forbidden(name: str) -> bool:
     return any(inside(name, bad) for bad in FORBIDDEN)
 
 
-def modules(top: str) -> list[tuple[Path, list[str]]]:
+def modules(top: str, *, at_run_time: bool = False) -> list[tuple[Path, list[str]]]:
     """(path relative to the repository, the modules it imports) of every module under `top`."""
     found: list[tuple[Path, list[str]]] = []
     for path in sorted((ROOT / top).rglob("*.py")):
         relative = path.relative_to(ROOT)
         module = ".".join(relative.with_suffix("").parts)
-        found.append((relative, imported_modules(path.read_text(encoding="utf-8"), module)))
+        source = path.read_text(encoding="utf-8")
+        found.append((relative, imported_modules(source, module, at_run_time=at_run_time)))
     return found
 
 
@@ -65,7 +103,6 @@ def violations() -> list[str]:
         f"{path}: imports {name}"
         for top in PRODUCTION
         for path, names in modules(top)
-        if path != HARNESS
         for name in names
         if is_forbidden(name)
     ]
@@ -103,6 +140,27 @@ def test_a_service_imports_no_other_service() -> None:
     assert found == []
 
 
+def test_no_part_of_the_runtime_imports_the_runtime() -> None:
+    parts = {path: names for path, names in modules("shared", at_run_time=True)}
+    found = [
+        f"{path}: imports {name}"
+        for path in map(Path, RUNTIME_PARTS)
+        for name in parts[path]
+        if inside(name, "shared.runtime")
+    ]
+    assert found == []
+
+
+def test_the_runtime_check_reads_every_part_and_skips_only_type_checking() -> None:
+    for part in RUNTIME_PARTS:
+        assert (ROOT / part).is_file(), part
+    source = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from shared.runtime import C\n"
+    )
+    assert "shared.runtime" in imported_modules(source, "shared.endpoints")
+    assert "shared.runtime" not in imported_modules(source, "shared.endpoints", at_run_time=True)
+
+
 def test_the_check_reads_every_production_package() -> None:
     """A check that read nothing would pass for the wrong reason."""
     for top in PRODUCTION:
@@ -112,17 +170,25 @@ def test_the_check_reads_every_production_package() -> None:
 def test_the_check_sees_every_way_of_importing_the_harness() -> None:
     sources = {
         "import shared.testing": True,
-        "from shared.testing import free_port": True,
+        "from tests.harness import free_port": True,
         "from shared import testing": True,
         "def f():\n    from tests.clocks import NOON\n": True,
         "import tests": True,
         "from . import testing": True,  # relative, from inside shared/
+        "from bench.harness import start": True,
+        "import pytest": True,
+        "from hypothesis import given": True,
+        "import importlib\nimportlib.import_module('tests.harness')": True,
+        "from importlib import import_module\nimport_module('bench')": True,
+        "__import__('shared.testing')": True,
         "from shared.nats_server import free_port": False,
         "import shared.testing_tools_elsewhere": False,
         "from services.usage import tests_of_nothing": False,
+        "import benchmark_of_nothing": False,
+        "import importlib\nimportlib.import_module(f'services.{name}.settings')": False,
     }
     for source, expected in sources.items():
-        names = imported_modules(source, "shared.bus")
+        names = imported_modules(source, "shared.streams")
         assert any(is_forbidden(name) for name in names) is expected, source
 
 
@@ -136,14 +202,15 @@ def test_the_check_sees_every_way_of_importing_the_harness() -> None:
 #   instrumentation and the synchronous recorder; batch's worker client. ops (the demo)
 #   and the bench call them as StockPilot AI would; the gateway never does;
 # - the bench also runs a service inside its own process and times its parts (the fold, the
-#   probes): the service's `service`, `settings`, `projection` and `probes` modules.
+#   probes, a spend-log page from a cursor it makes at a chosen depth): the service's
+#   `service`, `settings`, `projection`, `probes` and `spend_log` modules.
 # tests/ may import anything. ops starts and rebuilds services by name (`stockpilot service`,
 # `replay`) through importlib, which names the entry points (`__main__`, `settings`,
 # `service`) as strings: running a service is not reading its wire, so that stays allowed
 # and unseen here.
 CONTRACT = frozenset({"contract"})
 CLIENT = frozenset({"client", "budget_client", "instrument", "sync_recorder"})
-BENCH_RUNS = frozenset({"service", "settings", "projection", "probes"})
+BENCH_RUNS = frozenset({"service", "settings", "projection", "probes", "spend_log"})
 PUBLIC = {
     "gateway": CONTRACT,
     "ops": CONTRACT | CLIENT,

@@ -30,9 +30,9 @@ from gateway.alert_fanout import AlertFanout, StoredAlert, backlog, first_seq_fr
 from gateway.auth import read_guard
 from gateway.http_server import ABORT_EXTENSION
 from gateway.services import Services
-from shared.bus import STREAMS
 from shared.errors import InvalidRequestError, UnavailableError
 from shared.nats_errors import is_nats_error, translate
+from shared.streams import STREAMS
 
 log = logging.getLogger("stockpilot.gateway")
 

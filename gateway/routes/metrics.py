@@ -32,7 +32,7 @@ from shared.clock import Clock
 from shared.errors import StockpilotError
 from shared.hook_status import HooksStatus, read_hooks_status
 from shared.nats_errors import NATS_ERRORS
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 
 T = TypeVar("T")
 

@@ -29,17 +29,17 @@ from gateway.status_areas import (
 from services.batch.contract import BatchSummary
 from services.health.contract import HealthSummary
 from services.usage.contract import UsageSummary, UsageToday
-from shared import bus
 from shared.errors import StockpilotError, UnavailableError
 from shared.events import AwareDatetime
 from shared.hook_status import hooks_process_state, read_hooks_status
 from shared.nats_errors import NATS_ERRORS
-from shared.runtime import VERSION, ServiceStatus
+from shared.service_status import VERSION, ServiceStatus
+from shared.streams import STREAMS
 
 SERVICES = ("health", "usage", "batch")
 # /status and /ready must answer quickly even when a service hangs: a shorter timeout.
 PROBE_TIMEOUT_S = 1.0
-USAGE_STREAM = bus.STREAMS["usage"].name
+USAGE_STREAM = STREAMS["usage"].name
 # A stream (or account) with less room than this left cannot take a usage event.
 EVENT_ROOM_BYTES = 1024
 

@@ -1,4 +1,5 @@
-"""The /api/v1/usage routes: statistics, time series, costs, alerts, reset and record ingest.
+"""The /api/v1/usage routes: statistics, time series, costs, alerts, reset, record ingest and
+the spend log.
 
 The gateway never publishes usage events itself: posted records go to the usage service's
 `ingest` endpoint, which validates each one, publishes and waits until they are folded.
@@ -9,14 +10,18 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Request, Router, get, post
+from litestar import Request, Response, Router, get, post, route
 from litestar.params import FromQuery, QueryParameter
-from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from gateway.auth import admin_guard, ingest_guard, read_guard
 from gateway.response_cache import CACHED
 from gateway.services import GatewayClock, Services
 from services.usage.contract import (
+    CURSOR_MAX_LENGTH,
+    CURSOR_PATTERN,
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
     MAX_RECORDS,
     AlertList,
     AlertsParams,
@@ -27,7 +32,10 @@ from services.usage.contract import (
     Reason,
     ResetAnswer,
     ResetParams,
+    SpendLog,
+    SpendLogParams,
     StatsParams,
+    StatusFilter,
     TimeseriesParams,
     UsageCosts,
     UsageStats,
@@ -39,6 +47,9 @@ from shared.events import EARLIEST
 # A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
 FORWARD_MAX_BYTES = 900 * 1024
 INGEST_TIMEOUT_S = 15.0
+# A spend-log page reads the stream (bounded, well under a second on 3M events); a loaded
+# host gets more room than the projections' 2 s before it turns into a 503.
+RECORDS_TIMEOUT_S = 10.0
 _encode = msgspec.json.Encoder().encode
 
 
@@ -146,6 +157,55 @@ async def usage_alerts(
     return await services.query("usage", "alerts", AlertList, AlertsParams(limit=limit))
 
 
+@route("/usage/records", http_method=["OPTIONS"], include_in_schema=False)
+async def usage_records_options() -> Response[None]:
+    """`Allow` for the path with two handlers (GET the log, POST ingest). Litestar builds the
+    automatic OPTIONS answer from the handlers registered before the second one and keeps it
+    when that one joins the path, so it would name one method only (schemathesis ST205)."""
+    return Response(content=None, status_code=HTTP_204_NO_CONTENT, headers={"Allow": _ALLOW})
+
+
+_ALLOW = "GET, OPTIONS, POST"
+
+
+@get(
+    "/usage/records",
+    summary="The spend log: recorded LLM calls with their cost, newest first",
+    guards=[read_guard],
+)
+async def usage_records_log(
+    services: Services,
+    start: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    end: Annotated[str | None, QueryParameter(max_length=64)] = None,
+    user_id: Annotated[str | None, QueryParameter(min_length=1, max_length=256)] = None,
+    model: Annotated[str | None, QueryParameter(min_length=1, max_length=128)] = None,
+    endpoint: Annotated[str | None, QueryParameter(min_length=1, max_length=512)] = None,
+    tag: Annotated[str | None, QueryParameter(min_length=1, max_length=64)] = None,
+    status: FromQuery[StatusFilter | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None,
+        QueryParameter(min_length=1, max_length=CURSOR_MAX_LENGTH, pattern=CURSOR_PATTERN),
+    ] = None,
+) -> SpendLog:
+    """Read from STOCKPILOT_USAGE itself. `start`/`end`: a date (whole days in
+    STOCKPILOT_TZ, `end` inclusive) or an RFC 3339 time (`end` exclusive), on occurred_at.
+    `model` also matches its dated names. A page reads a bounded part of the stream: it may
+    hold fewer than `limit` records; follow `next_cursor` (same filters) until it is null."""
+    params = SpendLogParams(
+        start=_moment_param("start", start),
+        end=_moment_param("end", end),
+        user_id=user_id,
+        model=model,
+        endpoint=endpoint,
+        tag=tag,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+    )
+    return await services.query("usage", "records", SpendLog, params, timeout=RECORDS_TIMEOUT_S)
+
+
 @post(
     "/usage/reset",
     summary="Restart usage statistics from zero (admin)",
@@ -245,6 +305,9 @@ router = Router(
         usage_costs,
         usage_budget,
         usage_alerts,
+        # Before both handlers of the path: see its docstring.
+        usage_records_options,
+        usage_records_log,
         usage_reset,
         usage_records,
     ],

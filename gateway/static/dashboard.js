@@ -2,6 +2,7 @@
 // panel loads and fails on its own, so one service down greys out its panels only.
 import { currentLang, locale, setLang, t, translateStatic } from "./i18n.js";
 import { PALETTE, esc, gauge, sparkline, stackedBars } from "./charts.js";
+import { spendLogPanel } from "./spendlog.js";
 
 const API = "/api/v1";
 const params = new URLSearchParams(location.search);
@@ -194,6 +195,7 @@ const PANELS = [
   { id: "panel-costchart", service: "usage", load: loadCostChart, render: renderCostChart },
   { id: "panel-requests", service: "usage", load: loadRequests, render: renderRequests },
   { id: "panel-top", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderTop },
+  spendLogPanel({ usd: fmtUSD, int: fmtInt, time: fmtTime, ms: fmtMs, badge }, () => refresh()),
   { id: "panel-executions", service: "batch", load: (ctx) => ctx.get("/batch/executions/recent?limit=12"), render: renderExecutions },
   { id: "panel-jobs", service: "batch", load: (ctx) => ctx.get("/batch/executions/stats"), render: renderJobs },
   { id: "panel-schedules", service: "batch", load: (ctx) => ctx.get("/batch/jobs"), render: renderSchedules },

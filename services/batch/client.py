@@ -71,9 +71,9 @@ from services.batch.locks import (
     renew_lock,
 )
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.nats_errors import is_transient
+from shared.publish import publish_event
 
 # The lock primitives are part of the worker-side API too, and so are the errors a worker
 # catches (`except LockHeldError`): callers import all of it from here.
@@ -294,7 +294,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             fencing_token=lock.fencing_token,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), started)
+            await publish_event(self._js, run_subject(self.job_id), started)
         except BaseException:
             with contextlib.suppress(Exception):
                 await release_lock(self._js, lock, clock=self._clock)
@@ -316,7 +316,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             holder_fencing_token=held.fencing_token,
         )
         try:
-            await bus.publish_event(self._js, run_subject(self.job_id), skipped)
+            await publish_event(self._js, run_subject(self.job_id), skipped)
         except Exception as exc:  # the skip itself is what the caller must hear about
             log.error("batch job %s: could not record a skipped run: %s", self.job_id, exc)
 
@@ -345,7 +345,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
             memory_mb=memory_mb,
             cpu_percent=cpu,
         )
-        await bus.publish_event(self._js, run_subject(self.job_id), progress)
+        await publish_event(self._js, run_subject(self.job_id), progress)
         if run.lock_lost:
             return
         why = await check_lock(self._js, run.lock, self._clock)
@@ -434,7 +434,7 @@ class batch_job:  # lower case: read as a function, `async with batch_job(...) a
         try:
             await until_stored(
                 f"batch job {self.job_id}: recording its end",
-                lambda: bus.publish_event(self._js, run_subject(self.job_id), finished),
+                lambda: publish_event(self._js, run_subject(self.job_id), finished),
                 self._record_deadline_s,
             )
         except Exception as exc:

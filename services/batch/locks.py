@@ -32,13 +32,15 @@ from services.batch.contract import (
 from services.batch.decide import decide_acquire, release_event, renew_event, why_lost
 from services.batch.errors import InvalidJobIdError, LockHeldError, LockLostError, LockStateError
 from services.batch.lockrule import LockRead, LockState
-from shared import bus
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.dead_letters import describe_decode_error
 from shared.events import admission_problem
 from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
+from shared.publish import publish_event
+from shared.streams import STREAMS
 
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-BATCH_STREAM = bus.STREAMS["batch"].name
+BATCH_STREAM = STREAMS["batch"].name
 # Messages per direct-get batch when folding a lock subject, and attempts when it keeps moving.
 READ_BATCH = 256
 ATTEMPTS = 5
@@ -78,7 +80,7 @@ async def read_lock(js: JetStreamContext, job_id: str) -> tuple[LockEvent | None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise LockStateError(
             f"the last message on {lock_subject(job_id)} (seq {msg.seq}) is not a lock event "
-            f"({bus.describe_decode_error(exc)}); release the lock with the admin route"
+            f"({describe_decode_error(exc)}); release the lock with the admin route"
         ) from None
 
 
@@ -200,7 +202,7 @@ async def _publish_expecting(
     """Store `event` if the subject's last sequence is still `last_seq`: its sequence, or None
     when the subject moved on (the caller folds it again and decides again)."""
     try:
-        ack = await bus.publish_event(
+        ack = await publish_event(
             js, lock_subject(job_id), event, headers={EXPECTED_LAST_SUBJECT_SEQ: str(last_seq)}
         )
     except Exception as exc:

@@ -30,9 +30,9 @@ from services.batch.contract import (
     decode_batch_event,
 )
 from services.batch.lockrule import LockState, lock_step
-from shared.bus import STREAMS
 from shared.events import Alert, AwareDatetime, alert_id
 from shared.projection import NOTHING_FIRED, FoldError, Projection, View, fold_fingerprint
+from shared.streams import STREAMS
 
 __all__ = ["LockState"]  # re-exported: the lock rule owns it, queries and decide read it here
 

@@ -49,11 +49,12 @@ from services.batch.projection import (
 )
 from services.batch.schedule import MAX_MISSED_ALERTS
 from services.batch.settings import BatchSettings
-from shared import bus
+from shared.endpoints import Endpoint, NoParams
 from shared.errors import ConflictError, InvalidRequestError, UnavailableError
 from shared.events import Alert, Event
 from shared.nats_errors import is_nats_error, is_wrong_last_sequence, translate
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.publish import publish_event
+from shared.runtime import Context, ServiceDefinition
 
 RELEASE_ATTEMPTS = 3
 log = logging.getLogger("stockpilot.batch")
@@ -89,7 +90,7 @@ async def _last_seq(ctx: Context, job_id: str) -> int:
 async def _publish_expecting(ctx: Context, job_id: str, event: Event, seq: int) -> int | None:
     """Store `event` on the lock subject if its last sequence is still `seq`; its sequence."""
     try:
-        ack = await bus.publish_event(
+        ack = await publish_event(
             ctx.js, lock_subject(job_id), event, headers={EXPECTED_LAST_SUBJECT_SEQ: str(seq)}
         )
     except Exception as exc:

@@ -26,10 +26,11 @@ from services.health.contract import (
 )
 from services.health.projection import FOLD_VERSION, FoldPolicy, HealthView, make_apply
 from services.health.settings import HealthSettings
-from shared.bus import STATE_BUCKET, STREAMS
+from shared.endpoints import Endpoint, NoParams
 from shared.errors import StockpilotError
 from shared.projection import Projection, fold_fingerprint
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.runtime import Context, ServiceDefinition
+from shared.streams import STATE_BUCKET, STREAMS
 
 log = logging.getLogger("stockpilot.health")
 

@@ -50,11 +50,13 @@ from services.usage.budget_client import BudgetChecker
 from services.usage.calls import Call, Labels, current_call, failure_event, success_event
 from services.usage.contract import SUBJECT_RECORDED, BudgetAnswer, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
-from shared import bus
+from shared import connection
 from shared.bare_nats import BareUnavailable
 from shared.bare_publisher import BarePublisher, Published
 from shared.clock import SYSTEM_CLOCK, Clock
+from shared.publish import encode_event
 from shared.settings import CommonSettings
+from shared.streams import MAX_EVENT_BYTES
 
 log = logging.getLogger("stockpilot.usage.client")
 
@@ -69,7 +71,7 @@ MAX_BACKOFF_S = 2.0
 SEND_WINDOW = 256
 MAX_IN_FLIGHT = 4096
 # An encoded event larger than this is not sent (room left for the Nats-Msg-Id header).
-MAX_PAYLOAD = bus.MAX_EVENT_BYTES - 1024
+MAX_PAYLOAD = MAX_EVENT_BYTES - 1024
 # After the bare connection could not be opened, nats-py publishes for this long.
 BARE_RETRY_S = 30.0
 # While events wait in the spool, it is made durable (fsync) at most this often.
@@ -170,7 +172,7 @@ class UsageRecorder:
         under the settings' spool directory (see RecorderSettings) unless `spool` is given."""
         if "spool" not in options:
             options["spool"] = open_spool(settings)
-        nc = await bus.connect(settings, name)
+        nc = await connection.connect(settings, name)
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
         return recorder
@@ -252,7 +254,7 @@ class UsageRecorder:
             log.error("usage recorder closed with %d events unsent (no spool: lost)", unsent)
         if self._owns:
             # Bounded and closing even while NATS is away (which is when a close spools).
-            await bus.drain_or_close(self._nc)
+            await connection.drain_or_close(self._nc)
 
     async def flush(self) -> None:
         """Wait until every buffered event is acknowledged."""
@@ -294,7 +296,7 @@ class UsageRecorder:
                     self.dropped,
                 )
             return False
-        payload = bus.encode_event(event)
+        payload = encode_event(event)
         if len(payload) > MAX_PAYLOAD:
             # The stream would refuse it (and nats-server drop the connection carrying it):
             # sent, it would be retried forever and hold up every event behind it.

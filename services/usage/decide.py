@@ -17,7 +17,7 @@ from services.usage.contract import (
     UsageRecordedIn,
     UsageReset,
 )
-from shared.bus import describe_decode_error
+from shared.dead_letters import describe_decode_error
 from shared.errors import InvalidRequestError
 from shared.events import timing_problem
 

@@ -1,9 +1,10 @@
 """The ids the usage fold remembers: a call id retried within 24 hours is counted once,
 whatever the traffic, in bounded memory.
 
-JetStream drops a repeated `Nats-Msg-Id` only within its duplicate window (20 minutes) and
-forgets it on a restart; a producer retrying later (a spool flushed after an outage) stores
-the call again. The fold remembers ids in two generations of at least DEDUPE_S each, by the
+JetStream drops a repeated `Nats-Msg-Id` only within the usage stream's duplicate window
+(24 hours, shared.streams); a producer retrying later, or a stream whose window an operator
+shortened, stores the call again, and an import (`events import`) may bring ids stored
+before. The fold remembers ids in two generations of at least DEDUPE_S each, by the
 time the stream stored them (a replay rotates at the same events). A generation holds its
 first EXACT_LIMIT ids exactly; past that, ids go into the generation's Bloom filter of
 BLOOM_BITS bits, which never forgets an id (a retry is never counted twice) and, up to a

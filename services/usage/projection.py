@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -160,19 +160,17 @@ def make_local_keys(zone: ZoneInfo) -> Callable[[datetime, float], tuple[str, in
     return local_keys
 
 
-def make_apply(config: FoldConfig) -> UsageApply:
-    """The fold for this configuration (zone, first prices, budgets, thresholds)."""
-    zone = config.zone
-    first_prices = config.prices
-    warn_pct = config.cost_alert_pct / 100.0
-    local_keys = make_local_keys(zone)
-    scoped = [(budget, covers(budget)) for budget in config.budgets]
+PricesAt = Callable[[UsageView, float], PriceTable]
+
+
+def make_prices_at(first_prices: PriceTable) -> PricesAt:
+    """`prices_at(view, at)`: the table in effect at `at` (epoch seconds), the latest of the
+    view's tables that took effect at or before it (`first_prices` for a call older than
+    every table). What the fold prices calls with; the spend log prices them with it too."""
     # Lookup tables of the view's price epochs, by event id (rebuilt after a restore).
     tables: dict[str, PriceTable] = {}
 
     def prices_at(view: UsageView, at: float) -> PriceTable:
-        """The table in effect at `at`: the latest that took effect at or before it (the
-        earliest for a call older than every table)."""
         epochs = view.prices
         if not epochs:
             return first_prices
@@ -185,6 +183,27 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 tables.clear()
             table = tables[epoch.id] = PriceTable(epoch.prices)
         return table
+
+    return prices_at
+
+
+def price_call(
+    prices_at: PricesAt, view: UsageView, event: UsageRecorded, at: float
+) -> float | None:
+    """USD for a call that did not report its cost, from the table in effect at `at` (its
+    occurred_at); None for a model without a price."""
+    return prices_at(view, at).cost(
+        event.model, event.prompt_tokens, event.completion_tokens, event.cached_tokens
+    )
+
+
+def make_apply(config: FoldConfig) -> UsageApply:
+    """The fold for this configuration (zone, first prices, budgets, thresholds)."""
+    zone = config.zone
+    warn_pct = config.cost_alert_pct / 100.0
+    local_keys = make_local_keys(zone)
+    scoped = [(budget, covers(budget)) for budget in config.budgets]
+    prices_at = make_prices_at(config.prices)
 
     def record(
         view: UsageView, event: UsageRecorded, seq: int, stored_at: float | None
@@ -208,6 +227,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
         failed = status_code >= 400 or bool(error_code)  # UsageRecorded.failed, inlined
         cost = event.cost_usd
         if cost is None:
+            # price_call's expression, with the fields already read.
             cost = prices_at(view, at).cost(model, prompt, completion, cached)
             if cost is None:
                 cost = 0.0
@@ -403,12 +423,26 @@ class UsageProjection(Projection[UsageView, UsageEvent]):
     and prices calls older than every price table with the stream's first table."""
 
     config: FoldConfig | None = None
+    # The fold's pricing for readers of the stream (the spend log), made on first use.
+    _prices_at: PricesAt | None = field(default=None, init=False, repr=False)
 
     def use_first_prices(self, prices: Mapping[str, Price]) -> None:
         """Price calls folded before any `usage.prices_changed` with this table."""
         assert self.config is not None
         self.config = replace(self.config, prices=PriceTable(prices))
         self.apply = make_apply(self.config)
+        self._prices_at = None
+
+    def charged(self, event: UsageRecorded) -> float | None:
+        """What the fold charges `event`: its reported cost, else its price (the fold's own
+        pricing, with the view's tables); None for a model without a price."""
+        if event.cost_usd is not None:
+            return event.cost_usd
+        prices_at = self._prices_at
+        if prices_at is None:
+            assert self.config is not None
+            prices_at = self._prices_at = make_prices_at(self.config.prices)
+        return price_call(prices_at, self.view, event, event.occurred_at.timestamp())
 
     def fold(
         self,

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
-from services.usage import decide, dedupe, queries
+from services.usage import decide, dedupe, queries, spend_log
 from services.usage.contract import (
     SUBJECT_PRICES,
     SUBJECT_RECORDED,
@@ -30,6 +30,8 @@ from services.usage.contract import (
     PricesChanged,
     ResetAnswer,
     ResetParams,
+    SpendLog,
+    SpendLogParams,
     SpendPeriod,
     StatsParams,
     TimeseriesParams,
@@ -47,13 +49,14 @@ from services.usage.projection import (
 )
 from services.usage.settings import UsageSettings
 from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
-from shared import bus
-from shared.bus import STREAMS, encode_event
 from shared.clock import Clock
+from shared.endpoints import Endpoint, NoParams
 from shared.errors import UnavailableError
 from shared.nats_errors import is_nats_error, translate
 from shared.projection import Projection
-from shared.runtime import Context, Endpoint, NoParams, Prepare, ServiceDefinition
+from shared.publish import encode_event, publish_event
+from shared.runtime import Context, Prepare, ServiceDefinition
+from shared.streams import STREAMS
 
 log = logging.getLogger("stockpilot.usage")
 
@@ -129,7 +132,7 @@ def make_prepare(usage: UsageProjection, settings: UsageSettings) -> Prepare:
             event = prices_event(configured, await _prices_message(js, first=False), clock.now())
             if event is not None:
                 try:
-                    await bus.publish_event(js, SUBJECT_PRICES, event)
+                    await publish_event(js, SUBJECT_PRICES, event)
                 except Exception as exc:
                     if not is_nats_error(exc):
                         raise
@@ -283,6 +286,15 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     async def counters(params: NoParams, ctx: Context) -> UsageCounters:
         return queries.counters(usage.view)
 
+    # A page reads up to SCAN_BUDGET events: a few at a time leave the fold its share of the
+    # process (the endpoint is concurrent, so a burst of pages would otherwise all run).
+    reading = asyncio.Semaphore(spend_log.PAGES_AT_ONCE)
+
+    async def records(params: SpendLogParams, ctx: Context) -> SpendLog:
+        # Read from the stream itself, not the view: never cached, every page is fresh.
+        async with reading:
+            return await spend_log.page(usage, ctx.js, params, settings.zone)
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
         view = usage.view
@@ -323,6 +335,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("alerts", AlertsParams, alerts),
             Endpoint("summary", NoParams, summary),
             Endpoint("counters", NoParams, counters),
+            Endpoint("records", SpendLogParams, records, concurrent=True),
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],

@@ -18,12 +18,12 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.batch.service import build
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.clock import ManualClock
 from shared.events import Alert
 from shared.runtime import Runtime
 from shared.settings import load_settings
-from shared.testing import running_service
+from shared.streams import provision
+from tests.harness import running_service
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -48,7 +48,7 @@ def settings(batch_env: dict[str, str]) -> BatchSettings:
 async def nc(settings: BatchSettings) -> AsyncIterator[NATS]:
     """A worker's NATS connection, the streams provisioned."""
     conn = await nats.connect(settings.nats_servers)
-    await bus.provision(conn.jetstream())
+    await provision(conn.jetstream())
     yield conn
     await conn.close()
 

@@ -15,10 +15,10 @@ from nats.js import JetStreamContext
 
 from services.batch.client import batch_job, until_stored
 from services.batch.errors import LockStateError
-from shared import bus
-from shared.testing import NatsServer
+from shared.streams import STREAMS, provision
+from tests.harness import NatsServer
 
-BATCH = bus.STREAMS["batch"].name
+BATCH = STREAMS["batch"].name
 RETRIED = "recording its end: NATS did not answer"
 
 
@@ -39,7 +39,7 @@ async def test_a_run_ending_while_nats_restarts_is_recorded_once_and_frees_its_l
     back = asyncio.Event()
     nc = await nats_connect(nats.url, back)
     try:
-        await bus.provision(nc.jetstream())
+        await provision(nc.jetstream())
         restarted: asyncio.Task[None] | None = None
         async with batch_job(nc, "nightly", items_total=3, heartbeat_interval_s=600) as run:
             run.advance(2)

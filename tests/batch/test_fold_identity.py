@@ -8,9 +8,10 @@ from services.batch.client import acquire_lock
 from services.batch.service import build
 from services.batch.settings import BatchSettings
 from shared.clock import ManualClock
-from shared.runtime import ProjectionStatus, Runtime
+from shared.runtime import Runtime
+from shared.service_status import ProjectionStatus
 from shared.settings import load_settings
-from shared.testing import running_service
+from tests.harness import running_service
 
 JOBS = ("alpha", "beta", "gamma")
 

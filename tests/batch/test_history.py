@@ -13,8 +13,8 @@ from nats.aio.client import Client as NATS
 from services.batch.client import batch_job
 from services.batch.contract import BatchEvent, run_subject
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.clock import ManualClock
+from shared.publish import encode_event
 from shared.runtime import Runtime
 from tests.batch.conftest import eventually
 from tests.batch.factories import finished, started
@@ -24,7 +24,7 @@ async def publish_all(nc: NATS, events: list[BatchEvent]) -> None:
     js = nc.jetstream()
     futures = [
         await js.publish_async(
-            run_subject(e.job_id), bus.encode_event(e), headers={"Nats-Msg-Id": e.id}
+            run_subject(e.job_id), encode_event(e), headers={"Nats-Msg-Id": e.id}
         )
         for e in events
     ]

@@ -21,9 +21,9 @@ from services.batch.settings import BatchSettings
 from shared.clock import ManualClock
 from shared.runtime import Runtime
 from shared.settings import load_settings
-from shared.testing import NatsServer, running_service
 from tests.batch.conftest import ADMIN
 from tests.faults.stack import gateway_process, service_env
+from tests.harness import NatsServer, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "docs" / "examples" / "cron-job.sh"

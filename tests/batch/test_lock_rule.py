@@ -42,9 +42,9 @@ from services.batch.locks import (
     acquire_lock,
     read_lock_state,
 )
-from shared import bus
-from shared.bus import DeadLetter
 from shared.clock import ManualClock
+from shared.dead_letters import DeadLetter, dead_letter_subject
+from shared.publish import publish_event
 from shared.runtime import Runtime
 
 OWNERS = ["w0", "w1", "mallory"]
@@ -134,7 +134,7 @@ async def _publish(
     elif header == "stale":
         headers[EXPECTED_LAST_SUBJECT_SEQ] = str(last_seq + 7)
     try:
-        ack = await bus.publish_event(js, lock_subject(job_id), event, headers=headers)
+        ack = await publish_event(js, lock_subject(job_id), event, headers=headers)
     except BadRequestError:
         assert header == "stale"
         return None
@@ -322,7 +322,7 @@ async def test_mallory_cannot_release_or_take_the_lock_and_the_api_keeps_the_rea
         ),
     ]
     for event in junk:
-        await bus.publish_event(js, lock_subject("nightly"), event)  # no expected sequence
+        await publish_event(js, lock_subject("nightly"), event)  # no expected sequence
     read = await read_lock_state(js, "nightly")
     assert read.held is not None
     assert (read.held.owner, read.held.fencing_token) == ("w1", held.fencing_token)
@@ -351,7 +351,7 @@ async def test_batch_events_on_a_subject_they_do_not_belong_to_are_dead_letters(
     them to the job they named (a forced release of "nightly" stored on another job's subject
     freed nightly in the API while the workers still saw w1 holding it)."""
     js = nc.jetstream()
-    letters = await nc.subscribe(bus.dead_letter_subject("batch"))
+    letters = await nc.subscribe(dead_letter_subject("batch"))
     held = await acquire_lock(js, "nightly", owner="w1", execution_id="e1", ttl_s=60, clock=clock)
     now = clock.now()
     misplaced: list[tuple[str, Any]] = [
@@ -389,7 +389,7 @@ async def test_batch_events_on_a_subject_they_do_not_belong_to_are_dead_letters(
         ),
     ]
     for subject, event in misplaced:
-        await bus.publish_event(js, subject, event)
+        await publish_event(js, subject, event)
     reasons = []
     for _ in misplaced:
         letter = msgspec.json.decode((await letters.next_msg(timeout=5)).data, type=DeadLetter)

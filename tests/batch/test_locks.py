@@ -21,9 +21,10 @@ from services.batch.locks import (
     release_lock,
 )
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.clock import ManualClock
+from shared.publish import publish_event
 from shared.runtime import Runtime
+from shared.streams import provision
 from tests.batch.conftest import ADMIN, alerts_of, eventually
 from tests.batch.racer import RoundResult, race
 
@@ -188,7 +189,7 @@ async def test_acquire_stored_without_the_sequence_check_does_not_take_a_live_lo
         owner="rogue",
         expires_at=lock.expires_at,
     )
-    await bus.publish_event(js, lock_subject("guarded"), rogue)
+    await publish_event(js, lock_subject("guarded"), rogue)
 
     async def counted() -> bool:
         status = (await api.get("/api/v1/batch/jobs/guarded/lock/status")).json()
@@ -218,7 +219,7 @@ async def test_a_connection_folds_only_new_lock_events_and_notices_a_recreated_s
         fresh = await read_lock_state(other.jetstream(), "inc")
         assert (fresh.held, fresh.last_seq) == (second.held, second.last_seq)
         await js.delete_stream(BATCH_STREAM)
-        await bus.provision(js)
+        await provision(js)
         # The new stream grows past the old last sequence with other messages: w2 holds the
         # lock, and mallory's release and header-less acquire change nothing. Folded on top
         # of the old state from sequence 3, mallory's acquire would look like the holder.
@@ -240,7 +241,7 @@ async def test_a_connection_folds_only_new_lock_events_and_notices_a_recreated_s
             ),
         ]
         for event in junk:
-            await bus.publish_event(other_js, lock_subject("inc"), event)
+            await publish_event(other_js, lock_subject("inc"), event)
     finally:
         await other.close()
     read = await read_lock_state(js, "inc")

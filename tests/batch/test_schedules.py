@@ -27,9 +27,9 @@ from shared.clock import ManualClock
 from shared.projection import view_digest
 from shared.runtime import Runtime
 from shared.settings import SettingsError, load_settings
-from shared.testing import running_service
 from tests.batch.conftest import ADMIN, ADMIN_TOKEN, alerts_of
 from tests.clocks import MOMENTS, NOON, Moment
+from tests.harness import running_service
 
 SCHEDULES = {
     # 02:00 in Seoul is 17:00 UTC the day before: the slots fall on a UTC day boundary's eve.

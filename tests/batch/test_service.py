@@ -10,10 +10,10 @@ from nats.aio.client import Client as NATS
 from services.batch.client import acquire_lock, batch_job
 from services.batch.service import build
 from services.batch.settings import BatchSettings
-from shared import bus
 from shared.projection import view_digest
-from shared.testing import running_service
+from shared.streams import snapshot_bucket
 from tests.batch.conftest import alerts_of
+from tests.harness import running_service
 
 
 async def work(nc: NATS, job_id: str, fail: bool = False) -> None:
@@ -51,7 +51,7 @@ async def test_restart_resumes_from_snapshot_and_matches_a_full_replay(
         ]
         assert list(view.locks) == ["held"]
 
-    obs = await js.object_store(bus.snapshot_bucket("batch"))
+    obs = await js.object_store(snapshot_bucket("batch"))
     await obs.delete("batch.batch")
     definition = build(settings)
     async with running_service(definition, settings) as runtime:

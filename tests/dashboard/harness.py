@@ -27,11 +27,11 @@ from nats.aio.client import Client as NATS
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from ops import demo
-from shared import bus
 from shared.events import Event
 from shared.runtime import Runtime
 from shared.settings import load_settings
-from shared.testing import free_port, running_service
+from shared.streams import provision
+from tests.harness import free_port, running_service
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -203,7 +203,7 @@ async def running_stack(
         gateway_settings = load_settings(GatewaySettings, full_env)
         nc = await nats.connect(gateway_settings.nats_servers)
         stack.push_async_callback(nc.close)
-        await bus.provision(nc.jetstream())
+        await provision(nc.jetstream())
         app = create_app(gateway_settings)
         url = await stack.enter_async_context(gateway_server(app))
         result = Stack(

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 
 from ops import demo
 from services.batch.contract import BatchFinished, BatchStarted
-from shared import bus
+from shared.streams import STREAMS, provision
 from tests.clocks import NOON
 
 NOW = NOON - timedelta(hours=3)  # 09:00 UTC of the run's noon day, never a literal date
@@ -32,7 +32,7 @@ async def env(env: dict[str, str]) -> dict[str, str]:
     feeds a running stack and never creates streams itself."""
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     try:
-        await bus.provision(nc.jetstream())
+        await provision(nc.jetstream())
     finally:
         await nc.close()
     return env
@@ -132,11 +132,11 @@ async def test_a_short_run_feeds_usage_batch_and_a_lock_then_exits(env: dict[str
     assert "backfilling" in progress and "LLM calls" in progress and "done" in progress
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     try:
-        usage = await _count(nc, bus.STREAMS["usage"].name)
+        usage = await _count(nc, STREAMS["usage"].name)
         assert usage > 100
-        locks = await _count(nc, bus.STREAMS["batch"].name, "stockpilot.batch.lock.>")
+        locks = await _count(nc, STREAMS["batch"].name, "stockpilot.batch.lock.>")
         assert locks >= 3  # the stuck lock, and a live run's acquire + release
-        runs = await _count(nc, bus.STREAMS["batch"].name, "stockpilot.batch.run.>")
+        runs = await _count(nc, STREAMS["batch"].name, "stockpilot.batch.run.>")
         assert runs > 40
     finally:
         await nc.close()

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jsonschema_rs
+import msgspec
 import schemathesis
 from hypothesis import strategies as st
 
-from services.usage import queries
-from services.usage.contract import StatsParams, TimeseriesParams
+from services.usage import queries, spend_log
+from services.usage.contract import SpendLogParams, StatsParams, TimeseriesParams
 from services.usage.settings import UsageSettings
 from services.usage.view import UsageView
 from shared.errors import InvalidRequestError
@@ -83,6 +85,19 @@ def _timeseries_in_range(query: dict[str, Any], now: datetime) -> None:
         query.pop("end", None)
 
 
+def _spend_log_in_rules(query: dict[str, Any]) -> None:
+    """The spend log's window must be a real date or time with start before end, and a
+    cursor is one the log handed out (any other is refused, as the contract says)."""
+    query.pop("cursor", None)
+    try:
+        spend_log.read_query(
+            SpendLogParams(start=query.get("start"), end=query.get("end")), ZoneInfo("UTC")
+        )
+    except (InvalidRequestError, msgspec.ValidationError):
+        query.pop("start", None)
+        query.pop("end", None)
+
+
 @schemathesis.hook
 def map_case(context: Any, case: Any) -> Any:
     """Positive cases kept inside the rules above (see the module's docstring)."""
@@ -91,7 +106,10 @@ def map_case(context: Any, case: Any) -> Any:
         return case
     now = datetime.now(UTC)
     path = case.operation.path
-    if path == "/api/v1/usage/records" and isinstance(case.body, dict):
+    if path == "/api/v1/usage/records" and case.method.upper() == "GET":
+        if isinstance(case.query, dict):
+            _spend_log_in_rules(case.query)
+    elif path == "/api/v1/usage/records" and isinstance(case.body, dict):
         _record_in_time(case.body, now)
     elif path == "/api/v1/usage/stats" and isinstance(case.query, dict):
         _stats_in_range(case.query, now)

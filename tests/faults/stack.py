@@ -20,10 +20,12 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from shared.bus import STREAMS
-from shared.runtime import DigestAnswer, Runtime, endpoint_subject
+from shared.endpoints import endpoint_subject
+from shared.runtime import Runtime
+from shared.service_status import DigestAnswer
 from shared.settings import CommonSettings, load_settings
-from shared.testing import free_port, running_service, stop_process, wait_for_port
+from shared.streams import STREAMS
+from tests.harness import free_port, running_service, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMPTY_TOML = str(ROOT / "tests" / "empty.toml")

@@ -28,12 +28,13 @@ from hypothesis import strategies as st
 from nats import connect as nats_connect
 
 from services.usage.contract import UsageCounters
-from shared.bus import DeadLetter
+from shared.dead_letters import DeadLetter
+from shared.endpoints import endpoint_subject
 from shared.events import rfc3339
-from shared.runtime import ServiceStatus, endpoint_subject
-from shared.testing import NatsServer
+from shared.service_status import ServiceStatus
 from tests.clocks import NOON
 from tests.faults.stack import ROOT, gateway_process, in_process_services, service_env
+from tests.harness import NatsServer
 
 ADMIN = "admin-token-for-the-sweep"
 # Per operation; each example is one request. STOCKPILOT_SCHEMATHESIS_EXAMPLES raises it.

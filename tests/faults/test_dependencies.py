@@ -26,7 +26,6 @@ import nats as nats_py
 import pytest
 from nats.aio.client import Client as NATS
 
-from shared.testing import NatsServer, free_port
 from tests.dbs import (
     _postgres_bin_for,
     _RunAs,
@@ -37,6 +36,7 @@ from tests.dbs import (
     redis_server_binary,
 )
 from tests.faults.stack import gateway_process, in_process_services, service_env
+from tests.harness import NatsServer, free_port
 
 OTHER_ROUTES = [
     "/api/v1/usage/stats",

@@ -28,10 +28,10 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.replay import replay_definition
-from shared.bus import STREAMS, provision
-from shared.runtime import ServiceStatus, endpoint_subject
+from shared.endpoints import endpoint_subject
+from shared.service_status import ServiceStatus
 from shared.settings import load_settings
-from shared.testing import NatsServer, stop_process
+from shared.streams import STREAMS, provision
 from tests.clocks import NOON
 from tests.faults.stack import (
     _settings_class,
@@ -40,6 +40,7 @@ from tests.faults.stack import (
     spawn,
     wait_caught_up,
 )
+from tests.harness import NatsServer, stop_process
 
 EVENTS = int(os.environ.get("STOCKPILOT_KILL_EVENTS", "50000"))
 WINDOW = 512

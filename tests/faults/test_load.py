@@ -29,8 +29,8 @@ import pytest
 from nats.js.api import PubAck
 
 from bench.harness import WrkResult, wrk
-from shared.testing import NatsServer
 from tests.faults.stack import gateway_process, service_env, service_process
+from tests.harness import NatsServer
 
 SECONDS = int(os.environ.get("STOCKPILOT_LOAD_SECONDS", "60"))
 WARMUP_SECONDS = 5
@@ -180,7 +180,7 @@ async def test_read_routes_under_256_connections_while_ingesting_no_5xx_flat_mem
     for name in processes:
         if name == "nats-server":
             # Not a per-request cost: its file store caches the blocks it writes and its
-            # 20-minute duplicate window keeps every Nats-Msg-Id, so it grows with the
+            # 24-hour duplicate window keeps every Nats-Msg-Id, so it grows with the
             # ~100k events ingested (about 50 MB here), whatever the HTTP load.
             continue
         allowed = max(before[name] * GROWTH_PCT / 100, GROWTH_MB)

@@ -13,8 +13,8 @@ import httpx
 from services.usage.client import UsageRecorder
 from services.usage.contract import UsageRecorded
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer
 from tests.faults.stack import gateway_process, service_env, service_process
+from tests.harness import NatsServer
 
 EVENTS = 3_000
 OUTAGE_S = 3.0

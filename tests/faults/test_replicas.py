@@ -23,13 +23,14 @@ from nats.aio.client import Client as NATS
 
 from services.batch.errors import LockHeldError
 from services.batch.locks import acquire_lock
-from shared.bus import provision
+from shared.endpoints import endpoint_subject, micro_name
 from shared.projection import view_digest
-from shared.runtime import Runtime, endpoint_subject, micro_name
+from shared.runtime import Runtime
 from shared.settings import load_settings
-from shared.testing import NatsServer, running_service
+from shared.streams import provision
 from tests.clocks import NOON
 from tests.faults.stack import _settings_class, service_env, wait_caught_up
+from tests.harness import NatsServer, running_service
 
 # 09:00 UTC six days before the run's noon: a past day the replicas are asked about.
 DAY = NOON - timedelta(days=6, hours=3)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import nats as nats_py
 
-from shared.testing import NatsServer, stop_process
 from tests.faults.stack import digest, service_env, spawn
+from tests.harness import NatsServer, stop_process
 
 
 async def test_sigterm_while_nats_is_away_exits_zero_without_a_traceback(

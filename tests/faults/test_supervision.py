@@ -19,26 +19,22 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from ops.hook_runner import consumer_name
-from shared import bus
+from shared.endpoints import endpoint_subject
 from shared.events import rfc3339, utc_now
 from shared.hook_status import hooks_process_state, read_hooks_status
-from shared.runtime import (
-    SNAPSHOT_MAX_FAILURES,
-    Context,
-    Runtime,
-    ServiceDefinition,
-    endpoint_subject,
-)
+from shared.runtime import Context, Runtime, ServiceDefinition
 from shared.settings import CommonSettings, load_settings
+from shared.snapshotter import SNAPSHOT_MAX_FAILURES
+from shared.streams import STREAMS, provision, snapshot_bucket
 from shared.supervise import EXIT_LOOP_FAILED
-from shared.testing import NatsServer, stop_process
 from tests.faults.stack import service_env, spawn, wait_caught_up
+from tests.harness import NatsServer, stop_process
 
 
 @contextlib.asynccontextmanager
 async def connected(url: str) -> AsyncIterator[NATS]:
     nc = await nats.connect(url)
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     try:
         yield nc
     finally:
@@ -81,7 +77,7 @@ async def test_usage_service_whose_snapshots_cannot_be_written_exits_non_zero(
         try:
             await record_usage(nc, "req-1")
             await wait_caught_up(nc, "usage", "STOCKPILOT_USAGE")
-            await nc.jetstream().delete_object_store(bus.snapshot_bucket("usage"))
+            await nc.jetstream().delete_object_store(snapshot_bucket("usage"))
             await record_usage(nc, "req-2")
             status = await exit_status(process, timeout=60)
         finally:
@@ -108,7 +104,7 @@ async def test_hooks_process_whose_consumer_is_deleted_exits_non_zero_and_is_not
                 assert time.monotonic() < deadline, log.read_text()
                 await asyncio.sleep(0.1)
             assert hooks_process_state(status, utc_now()) == "up"
-            await js.delete_consumer(bus.STREAMS["alerts"].name, consumer_name("log"))
+            await js.delete_consumer(STREAMS["alerts"].name, consumer_name("log"))
             code = await exit_status(process, timeout=60)
         finally:
             stop_process(process)

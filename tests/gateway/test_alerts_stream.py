@@ -22,11 +22,12 @@ from gateway.app import create_app
 from gateway.http_server import server_config
 from gateway.routes import alerts as alerts_routes
 from gateway.settings import GatewaySettings
-from shared import bus
 from shared.events import Alert
+from shared.publish import publish_event
 from shared.settings import load_settings
-from shared.testing import free_port
+from shared.streams import STREAMS, provision
 from tests.clocks import NOON
+from tests.harness import free_port
 
 # When the alerts say they occurred (the stream is read by when they were stored).
 T0 = NOON - timedelta(hours=3)
@@ -64,7 +65,7 @@ async def gateway(env: dict[str, str], **extra: str) -> AsyncIterator[str]:
     # The gateway creates the streams once it reaches NATS, a moment after /health says
     # 200: create them first, or the first stream request may find none (503).
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     await nc.close()
     settings = load_settings(GatewaySettings, {**env, **extra})
     port = free_port()
@@ -122,7 +123,7 @@ async def jetstream(env: dict[str, str]) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     try:
         js = nc.jetstream()
-        await bus.provision(js)
+        await provision(js)
         yield js
     finally:
         await nc.close()
@@ -135,13 +136,13 @@ async def test_alert_published_after_connecting_arrives_as_an_event(env: dict[st
         httpx.AsyncClient(base_url=base, timeout=10) as client,
     ):
         old = make_alert(0)
-        await bus.publish_event(js, old.subject, old)
+        await publish_event(js, old.subject, old)
         async with client.stream("GET", "/api/v1/alerts/stream") as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
             await asyncio.sleep(0.3)  # the consumer exists once the headers are sent
             new = make_alert(1)
-            ack = await bus.publish_event(js, new.subject, new)
+            ack = await publish_event(js, new.subject, new)
             (event,) = await read_events(response.aiter_lines(), 1)
     assert event.event == "alert"
     assert event.id == str(ack.seq)
@@ -156,19 +157,19 @@ async def test_resuming_with_last_event_id_has_no_gaps_or_repeats(env: dict[str,
     ):
         for n in range(1, 4):
             alert = make_alert(n)
-            await bus.publish_event(js, alert.subject, alert)
+            await publish_event(js, alert.subject, alert)
         async with client.stream("GET", "/api/v1/alerts/stream?since=0") as response:
             first = await read_events(response.aiter_lines(), 2)
         assert [e.id for e in first] == ["1", "2"]
         for n in range(4, 7):
             alert = make_alert(n)
-            await bus.publish_event(js, alert.subject, alert)
+            await publish_event(js, alert.subject, alert)
         headers = {"Last-Event-ID": first[-1].id or ""}
         async with client.stream("GET", "/api/v1/alerts/stream", headers=headers) as response:
             lines = response.aiter_lines()
             rest = await read_events(lines, 4)
             new = make_alert(7)
-            await bus.publish_event(js, new.subject, new)
+            await publish_event(js, new.subject, new)
             rest += await read_events(lines, 1)
     assert [e.id for e in rest] == ["3", "4", "5", "6", "7"]
     ids = [msgspec.json.decode(e.data, type=Alert).id for e in first + rest]
@@ -226,10 +227,10 @@ async def test_a_client_leaving_releases_its_consumer(env: dict[str, str]) -> No
         async with client.stream("GET", "/api/v1/alerts/stream") as response:
             assert response.status_code == 200
             await asyncio.sleep(0.2)
-            info = await js.stream_info(bus.STREAMS["alerts"].name)
+            info = await js.stream_info(STREAMS["alerts"].name)
             assert info.state.consumer_count == 1
         for _ in range(100):
-            info = await js.stream_info(bus.STREAMS["alerts"].name)
+            info = await js.stream_info(STREAMS["alerts"].name)
             if info.state.consumer_count == 0:
                 break
             await asyncio.sleep(0.05)
@@ -243,12 +244,12 @@ async def test_since_a_time_starts_at_the_first_alert_stored_from_then(env: dict
         httpx.AsyncClient(base_url=base, timeout=10) as client,
     ):
         for n in (1, 2):
-            await bus.publish_event(js, make_alert(n).subject, make_alert(n))
+            await publish_event(js, make_alert(n).subject, make_alert(n))
         await asyncio.sleep(0.05)
         # `since` is matched against the time JetStream stored each alert: the machine's.
         moment = datetime.now(UTC)
         await asyncio.sleep(0.05)
-        await bus.publish_event(js, make_alert(3).subject, make_alert(3))
+        await publish_event(js, make_alert(3).subject, make_alert(3))
         since = moment.isoformat().replace("+00:00", "Z")
         async with client.stream(
             "GET", "/api/v1/alerts/stream", params={"since": since}
@@ -268,17 +269,17 @@ async def test_a_last_event_id_past_the_end_starts_after_the_last_stored_alert(
         gateway(env) as base,
         httpx.AsyncClient(base_url=base, timeout=10) as client,
     ):
-        await bus.publish_event(js, make_alert(1).subject, make_alert(1))
+        await publish_event(js, make_alert(1).subject, make_alert(1))
         headers = {"Last-Event-ID": "500"}
         async with client.stream("GET", "/api/v1/alerts/stream", headers=headers) as response:
             await asyncio.sleep(0.2)
-            await bus.publish_event(js, make_alert(2).subject, make_alert(2))
+            await publish_event(js, make_alert(2).subject, make_alert(2))
             (event,) = await read_events(response.aiter_lines(), 1)
         assert event.id == "2"
 
 
 async def consumer_count(js: JetStreamContext) -> int:
-    return (await js.stream_info(bus.STREAMS["alerts"].name)).state.consumer_count
+    return (await js.stream_info(STREAMS["alerts"].name)).state.consumer_count
 
 
 async def test_every_client_of_a_gateway_shares_one_consumer(env: dict[str, str]) -> None:
@@ -295,7 +296,7 @@ async def test_every_client_of_a_gateway_shares_one_consumer(env: dict[str, str]
         assert {r.status_code for r in responses} == {200}
         assert await consumer_count(js) == 1
         alert = make_alert(1)
-        ack = await bus.publish_event(js, alert.subject, alert)
+        ack = await publish_event(js, alert.subject, alert)
         events = await asyncio.gather(*(read_events(r.aiter_lines(), 1) for r in responses))
         assert {e.id for (e,) in events} == {str(ack.seq)}
         assert await consumer_count(js) == 1
@@ -312,13 +313,13 @@ async def test_a_client_resuming_from_before_the_shared_position_misses_and_repe
         client.stream("GET", "/api/v1/alerts/stream") as watcher,  # keeps the fan-out going
     ):
         for n in range(1, 41):
-            await bus.publish_event(js, make_alert(n).subject, make_alert(n))
+            await publish_event(js, make_alert(n).subject, make_alert(n))
         await read_events(watcher.aiter_lines(), 40)
         headers = {"Last-Event-ID": "10"}
         async with client.stream("GET", "/api/v1/alerts/stream", headers=headers) as response:
             lines = response.aiter_lines()
             for n in range(41, 46):  # live alerts arriving while the backlog is read
-                await bus.publish_event(js, make_alert(n).subject, make_alert(n))
+                await publish_event(js, make_alert(n).subject, make_alert(n))
             events = await read_events(lines, 35)
         assert await consumer_count(js) == 1
     assert [e.id for e in events] == [str(n) for n in range(11, 46)]
@@ -356,7 +357,7 @@ async def test_a_client_that_does_not_read_is_dropped_and_resumes_without_loss(
         total = 0
         for n in range(1, 3001):
             alert = msgspec.structs.replace(make_alert(n), message=body)
-            await bus.publish_event(js, alert.subject, alert)
+            await publish_event(js, alert.subject, alert)
             total = n
             if n % 100 == 0 and (await gateway_dropped(base)):
                 break

@@ -8,10 +8,10 @@ import msgspec
 import nats
 
 from gateway.services import ServiceClient
-from shared import bus
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import running_service
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import CountAnswer, Counted, build
 
 T0 = NOON  # any instant at or before now: the toy counts events, it has no days
@@ -45,7 +45,7 @@ async def test_cached_answers_until_the_service_announces_a_change(env: dict[str
         assert {a.count for a in answers} == {0}
         assert await requests_served(nc) == 1  # 51 answers, one request
 
-        await bus.publish_event(
+        await publish_event(
             js,
             "stockpilot.usage.recorded",
             Counted(id="a", occurred_at=T0, model="m", status_code=200),

@@ -27,13 +27,13 @@ from services.health import service as health
 from services.health.settings import HealthSettings
 from services.usage import service as usage
 from services.usage.settings import UsageSettings
-from shared import bus
 from shared.clock import ManualClock
 from shared.events import rfc3339
 from shared.hook_status import STATUS_KEY, HooksStatus, HookStatus
 from shared.settings import CommonSettings, load_settings
-from shared.testing import free_port, running_service
+from shared.streams import STATE_BUCKET
 from tests.gateway.test_system_routes import wait_connected
+from tests.harness import free_port, running_service
 from tests.shared.toy import build
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -163,7 +163,7 @@ async def publish_hooks_status(js: JetStreamContext, at: datetime) -> None:
             HookStatus(name="pager", state="retrying", failures=2, consecutive_failures=2),
         ],
     )
-    kv = await js.key_value(bus.STATE_BUCKET)
+    kv = await js.key_value(STATE_BUCKET)
     await kv.put(STATUS_KEY, msgspec.json.encode(status))
 
 

@@ -17,7 +17,7 @@ from services.batch.contract import BatchStats, HeldLocks, LockStatus
 from services.health.contract import ComprehensiveHealth
 from services.usage.contract import UsageCosts, UsageCounters, UsageStats, UsageSummary
 from shared.hook_status import HooksStatus, HookStatus
-from shared.runtime import ServiceStatus
+from shared.service_status import ServiceStatus
 from tests.clocks import NOON
 
 NOW = NOON  # the scrape's "now": the run's noon UTC, never a literal date

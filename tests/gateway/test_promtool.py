@@ -28,9 +28,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.batch.client import acquire_lock, batch_job
-from shared.testing import NatsServer, stop_process
 from tests.clocks import NOON
 from tests.faults.stack import ROOT, gateway_process, service_env, service_process, spawn
+from tests.harness import NatsServer, stop_process
 
 PROMTOOL_LOCAL = ROOT / ".tools" / "bin" / "promtool"
 DASHBOARD = ROOT / "docs" / "grafana-dashboard.json"

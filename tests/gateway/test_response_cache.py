@@ -15,9 +15,9 @@ from gateway.response_cache import CACHED, MAX_BYTES, ResponseCache
 from gateway.services import ServiceClient
 from gateway.settings import GatewaySettings
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
-from shared.testing import running_service
+from shared.publish import publish_event
+from tests.harness import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 
@@ -38,7 +38,7 @@ async def test_status_is_kept_until_a_change_notice(
 
         nc = await nats.connect(settings.nats_servers)
         # Dated by the test's clock: "today" is the clock's day, whatever the calendar says.
-        await bus.publish_event(
+        await publish_event(
             nc.jetstream(), "stockpilot.usage.recorded", recorded(1, at=clock.now())
         )
         await nc.close()

@@ -23,10 +23,11 @@ from services.health.settings import HealthSettings
 from services.usage import service as usage_service
 from services.usage.contract import SUBJECT_RECORDED, UsageRecorded
 from services.usage.settings import UsageSettings
-from shared import bus
 from shared.clock import ManualClock
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import free_port, running_service
+from shared.streams import provision
+from tests.harness import free_port, running_service
 from tests.shared.toy import build
 
 
@@ -133,7 +134,7 @@ async def stack(
     }
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     async with contextlib.AsyncExitStack() as services:
         for name in run:
             build_service, settings_type = builders[name]
@@ -207,7 +208,7 @@ async def test_status_is_unhealthy_with_the_daily_budget_spent_three_times(
 ) -> None:
     async with stack(env, clock, daily_budget_usd="10") as (client, js):
         at = clock.now() - timedelta(minutes=30)
-        await bus.publish_event(js, SUBJECT_RECORDED, llm_call(1, at, cost_usd=30.0))
+        await publish_event(js, SUBJECT_RECORDED, llm_call(1, at, cost_usd=30.0))
         body = await status_when(client, lambda b: b["areas"]["llm_spend"]["status"] != "healthy")
     assert body["status"] == "unhealthy"
     assert body["areas"]["llm_spend"]["status"] == "unhealthy"
@@ -224,7 +225,7 @@ async def test_status_is_degraded_with_half_the_calls_failing(
         for i in range(20):
             at = now - timedelta(seconds=100 - i)
             fields = {"status_code": 500, "error_code": "server_error"} if i % 2 else {}
-            await bus.publish_event(js, SUBJECT_RECORDED, llm_call(i, at, **fields))
+            await publish_event(js, SUBJECT_RECORDED, llm_call(i, at, **fields))
         body = await status_when(client, lambda b: b["areas"]["llm_errors"]["status"] != "healthy")
     assert body["status"] == "degraded"
     assert "llm_errors.high" in codes(body)
@@ -253,7 +254,7 @@ async def test_status_names_a_failed_job_until_it_succeeds_again(
                 error=error,
             )  # fmt: skip
             for event in (start, end):
-                await bus.publish_event(js, "stockpilot.batch.run.price_sync", event)
+                await publish_event(js, "stockpilot.batch.run.price_sync", event)
 
         await run(0, "failed", "quotes API timed out")
         body = await status_when(client, lambda b: b["areas"]["batch"]["status"] != "healthy")
@@ -275,7 +276,7 @@ async def test_status_names_an_expired_lock_still_held(
             id="lock-1", occurred_at=acquired, job_id="report", owner="worker-7",
             expires_at=acquired + timedelta(hours=1),
         )  # fmt: skip
-        await bus.publish_event(
+        await publish_event(
             js,
             "stockpilot.batch.lock.report",
             lock,

@@ -18,9 +18,9 @@ from services.health.projection import (
     apply,
     make_apply,
 )
-from shared.bus import STREAMS
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot
+from shared.streams import STREAMS
 from tests.clocks import NOON
 
 POLICY = FoldPolicy(down_after=3, up_after=2)

@@ -9,11 +9,13 @@ import nats
 from services.health.contract import CHECKED_SUBJECT_PREFIX, HealthChecked
 from services.health.service import ROUND_KEY, build
 from services.health.settings import HealthSettings
-from shared import bus
 from shared.clock import ManualClock
-from shared.runtime import ProjectionStatus, Runtime
+from shared.publish import publish_event
+from shared.runtime import Runtime
+from shared.service_status import ProjectionStatus
 from shared.settings import load_settings
-from shared.testing import running_service
+from shared.streams import STATE_BUCKET, provision
+from tests.harness import running_service
 
 RESULTS = 6
 
@@ -27,9 +29,9 @@ async def test_a_snapshot_under_other_hysteresis_is_discarded_and_the_view_rebui
 ) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     # No scheduled round while this test runs: the stream holds only the results below.
-    kv = await js.key_value(bus.STATE_BUCKET)
+    kv = await js.key_value(STATE_BUCKET)
     await kv.put(ROUND_KEY, str(2**62).encode())
     for i in range(RESULTS):
         event = HealthChecked(
@@ -40,7 +42,7 @@ async def test_a_snapshot_under_other_hysteresis_is_discarded_and_the_view_rebui
             status="unhealthy" if i % 2 else "healthy",
             latency_ms=1.0,
         )
-        await bus.publish_event(js, CHECKED_SUBJECT_PREFIX + "database", event)
+        await publish_event(js, CHECKED_SUBJECT_PREFIX + "database", event)
 
     settings_a = load_settings(HealthSettings, env)
     settings_b = load_settings(HealthSettings, env | {"STOCKPILOT_HYSTERESIS_DOWN": "5"})

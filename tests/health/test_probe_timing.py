@@ -15,7 +15,7 @@ from services.health.service import build
 from services.health.settings import HealthSettings
 from shared.clock import ManualClock
 from shared.settings import load_settings
-from shared.testing import running_service
+from tests.harness import running_service
 
 BASE = {"STOCKPILOT_CONFIG": "tests/empty.toml"}
 ROUNDS = 20

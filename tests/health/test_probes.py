@@ -17,7 +17,7 @@ from services.health import probes
 from services.health.host import sample_host
 from services.health.settings import HealthSettings
 from shared.settings import SettingsError, load_settings
-from shared.testing import free_port, wait_for_port
+from tests.harness import free_port, wait_for_port
 from tests.health.targets import Reply, Target, models_body
 
 TIMEOUT_S = 0.5

@@ -18,9 +18,9 @@ from services.health.projection import (
     apply,
     make_apply,
 )
-from shared.bus import STREAMS
 from shared.events import Alert
 from shared.projection import FoldError, Projection, decode_snapshot, encode_snapshot
+from shared.streams import STREAMS
 from tests.clocks import MOMENTS, NOON, Moment
 
 # 09:00 UTC on the day of the run's noon (tests.clocks.NOON): on the hour, never a literal date.

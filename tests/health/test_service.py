@@ -32,7 +32,7 @@ from shared.clock import SYSTEM_CLOCK, Clock, ManualClock
 from shared.events import Alert, utc_now
 from shared.runtime import Runtime
 from shared.settings import load_settings
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.health.targets import Reply, Target, models_body
 
 ADMIN = "a-token"

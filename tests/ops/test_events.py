@@ -26,10 +26,12 @@ from ops.hook_delivery import LogHook
 from ops.hook_runner import HookRunner
 from ops.replay import ReplayError, replay_definition, stream_name
 from ops.streams_report import HookLine, ProjectionLine, ServiceLine, StreamLine, streams_report
-from shared import bus
+from shared.dead_letters import dead_letter
+from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
+from shared.streams import provision
 from tests.clocks import NOON
+from tests.harness import NatsServer, running_service
 from tests.shared.toy import Counted, build
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 async def connected(url: str) -> AsyncIterator[NATS]:
     nc = await nats.connect(url)
     try:
-        await bus.provision(nc.jetstream())
+        await provision(nc.jetstream())
         yield nc
     finally:
         await nc.close()
@@ -54,7 +56,7 @@ async def publish_counted(js: JetStreamContext, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
         event = Counted(id=f"e{i}", occurred_at=T0, model=f"m{i % 7}", status_code=200)
         await js.publish_async(
-            "stockpilot.usage.recorded", bus.encode_event(event), headers={"Nats-Msg-Id": event.id}
+            "stockpilot.usage.recorded", encode_event(event), headers={"Nats-Msg-Id": event.id}
         )
     await js.publish_async_completed()
 
@@ -206,7 +208,7 @@ async def test_tail_follows_core_subjects_without_a_stream(env: dict[str, str]) 
             tail(nc, "stockpilot.deadletter.>", seen.append, stop=stop, count=1)
         )
         await asyncio.sleep(0.2)
-        await bus.dead_letter(nc, "usage", "stockpilot.usage.recorded", b"{bad", "not JSON")
+        await dead_letter(nc, "usage", "stockpilot.usage.recorded", b"{bad", "not JSON")
         assert await asyncio.wait_for(task, timeout=5) == 1
     assert seen[0].seq is None
     assert seen[0].subject == "stockpilot.deadletter.usage"

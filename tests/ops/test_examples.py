@@ -15,8 +15,8 @@ import pytest
 from services.usage.service import build
 from services.usage.settings import UsageSettings
 from shared.settings import load_settings
-from shared.testing import NatsServer, running_service
 from tests.faults.stack import gateway_process, service_env
+from tests.harness import NatsServer, running_service
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "docs" / "examples"

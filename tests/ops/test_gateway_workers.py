@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from shared.testing import free_port
+from tests.harness import free_port
 from tests.ops.test_up import wait_for
 
 

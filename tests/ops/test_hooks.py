@@ -35,10 +35,12 @@ from ops.hook_runner import (
     sanitise_key_token,
 )
 from ops.hooks import HookSettings, run_hooks
-from shared import bus
+from shared.connection import CLOSE_TIMEOUT_S, DRAIN_TIMEOUT_S
 from shared.events import Alert
 from shared.hook_status import read_hooks_status
+from shared.publish import publish_event
 from shared.settings import SettingsError, load_settings
+from shared.streams import HOOK_MARK_TTL_S, HOOK_MARKS_BUCKET, STREAMS, provision
 from tests.clocks import NOON
 from tests.ops.receiver import receiving
 
@@ -64,14 +66,14 @@ def make_alert(n: int) -> Alert:
 
 
 async def publish(js: JetStreamContext, alert: Alert) -> None:
-    await bus.publish_event(js, alert.subject, alert)
+    await publish_event(js, alert.subject, alert)
 
 
 @contextlib.asynccontextmanager
 async def connected(env: dict[str, str]) -> AsyncIterator[JetStreamContext]:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     try:
         yield js
     finally:
@@ -191,15 +193,15 @@ async def test_restarts_never_repeat_an_alert_a_hook_already_took(env: dict[str,
                 await receiver.wait_accepted(round_)
                 await asyncio.sleep(0.3)
             if n == 2:
-                await js.delete_consumer(bus.STREAMS["alerts"].name, consumer_name("webhook"))
+                await js.delete_consumer(STREAMS["alerts"].name, consumer_name("webhook"))
         assert alert_ids([r.body for r in receiver.requests]) == [
             make_alert(n).id for n in (1, 2, 3)
         ]
         status = await read_hooks_status(js)
         assert status is not None
         assert [(h.name, h.skipped_duplicates) for h in status.hooks] == [("webhook", 2)]
-        kv = await js.key_value(bus.HOOK_MARKS_BUCKET)
-        assert (await kv.status()).ttl == bus.HOOK_MARK_TTL_S  # marks expire
+        kv = await js.key_value(HOOK_MARKS_BUCKET)
+        assert (await kv.status()).ttl == HOOK_MARK_TTL_S  # marks expire
         entry = await kv.get(delivery_key("webhook", make_alert(1).id))
         assert b'"attempts":1' in (entry.value or b"")
 
@@ -302,7 +304,7 @@ async def test_slack_hook_posts_a_text_message(env: dict[str, str]) -> None:
 
 
 async def test_stops_on_request_while_nats_is_still_unreachable(tmp_path: object) -> None:
-    from shared.testing import free_port
+    from tests.harness import free_port
 
     settings = load_settings(
         HookSettings,
@@ -370,10 +372,7 @@ async def test_a_receiver_that_never_answers_does_not_hold_up_stopping(
         stopped_at = loop.time()
         stop.set()
         assert await asyncio.wait_for(task, timeout=15) == 0
-        assert (
-            loop.time() - stopped_at
-            < STOP_TIMEOUT_S + bus.DRAIN_TIMEOUT_S + 2 * bus.CLOSE_TIMEOUT_S
-        )
+        assert loop.time() - stopped_at < STOP_TIMEOUT_S + DRAIN_TIMEOUT_S + 2 * CLOSE_TIMEOUT_S
         assert "hook webhook: delivery of seq 1 cut short by stopping" in caplog.text
         # Handed back at once: the next run has it without waiting out the ack wait (30 s).
         healthy = hook_settings(

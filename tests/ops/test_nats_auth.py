@@ -14,10 +14,12 @@ import pytest
 
 from ops import nats_auth
 from services.usage.client import UsageRecorder
-from shared import bus
+from shared.connection import inbox_prefix
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import free_port, nats_server_binary, running_service, wait_for_port
+from shared.streams import STREAMS, provision
 from tests.clocks import NOON
+from tests.harness import free_port, nats_server_binary, running_service, wait_for_port
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 
@@ -50,7 +52,7 @@ async def connect(port: int, user: str, password: str) -> nats.NATS:
         user=user,
         password=password,
         error_cb=quiet,
-        inbox_prefix=bus.inbox_prefix(user),
+        inbox_prefix=inbox_prefix(user),
     )
 
 
@@ -85,7 +87,7 @@ async def test_service_runs_under_its_own_credentials(
         },
     )
     admin = await connect(port, "ops", passwords["ops"])
-    await bus.provision(admin.jetstream())  # what `stockpilot up` does before the services
+    await provision(admin.jetstream())  # what `stockpilot up` does before the services
     await admin.close()
     definition, projection = build()  # a service named "usage" on the real runtime
     client = await connect(port, "producer", passwords["producer"])
@@ -93,7 +95,7 @@ async def test_service_runs_under_its_own_credentials(
         js = client.jetstream()
         for i in range(5):
             event = Counted(id=f"e{i}", occurred_at=T0, model="m", status_code=200)
-            await bus.publish_event(js, "stockpilot.usage.recorded", event)
+            await publish_event(js, "stockpilot.usage.recorded", event)
         for _ in range(100):
             if projection.view.count == 5:
                 break
@@ -111,7 +113,7 @@ async def test_the_usage_client_publishes_over_its_bare_connection_as_producer(
 ) -> None:
     port, passwords = secured
     admin = await connect(port, "ops", passwords["ops"])
-    await bus.provision(admin.jetstream())
+    await provision(admin.jetstream())
     nc = await connect(port, "producer", passwords["producer"])
     recorder = UsageRecorder(nc)
     recorder.start()
@@ -142,12 +144,12 @@ async def test_publishing_outside_ones_subjects_is_refused(
 ) -> None:
     port, passwords = secured
     admin = await connect(port, "ops", passwords["ops"])
-    await bus.provision(admin.jetstream())
+    await provision(admin.jetstream())
     nc = await connect(port, user, passwords[user])
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await nc.jetstream().publish(subject, b"{}", timeout=0.5)
     await nc.close()
-    stream = next(s for s in bus.STREAMS.values() if subject.startswith(s.subjects[0][:-1]))
+    stream = next(s for s in STREAMS.values() if subject.startswith(s.subjects[0][:-1]))
     info = await admin.jetstream().stream_info(stream.name)
     assert info.state.messages == 0
     await admin.close()
@@ -156,7 +158,7 @@ async def test_publishing_outside_ones_subjects_is_refused(
 async def test_services_cannot_delete_the_history(secured: tuple[int, dict[str, str]]) -> None:
     port, passwords = secured
     admin = await connect(port, "ops", passwords["ops"])
-    await bus.provision(admin.jetstream())
+    await provision(admin.jetstream())
     nc = await connect(port, "usage", passwords["usage"])
     with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
         await nc.jetstream().delete_stream("STOCKPILOT_USAGE")

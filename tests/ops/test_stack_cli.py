@@ -22,9 +22,9 @@ import pytest
 from ops.replay import load_definition, replay_definition
 from services.usage.settings import UsageSettings
 from shared.settings import load_settings, recorded_nats_url
-from shared.testing import NatsServer, free_port
 from tests.clocks import NOON
 from tests.faults.stack import digest
+from tests.harness import NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 EMPTY_TOML = str(ROOT / "tests" / "empty.toml")

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from shared.testing import free_port
+from tests.harness import free_port
 
 SECRETS = {
     "STOCKPILOT_ADMIN_TOKEN": "admin-secret-7c1f9e",

@@ -22,10 +22,12 @@ from nats.js import JetStreamContext
 from ops.hook_delivery import IDEMPOTENCY_KEY_HEADER
 from ops.hook_runner import PARKED_SUBJECT, DeliveryMark, delivery_key
 from ops.hooks import HookSettings, run_hooks
-from shared import bus
+from shared.dead_letters import DeadLetter
 from shared.events import Alert, utc_now
 from shared.hook_status import read_hooks_status
+from shared.publish import publish_event
 from shared.settings import load_settings
+from shared.streams import HOOK_MARKS_BUCKET, provision
 from tests.ops.receiver import Receiver, receiving
 
 HOSTILE_MODEL = "gpt\r\nX-Injected: 1 模型-é\x1b[31m"
@@ -51,7 +53,7 @@ def make_alert(
 
 async def publish(js: JetStreamContext, alert: Alert) -> None:
     # As the services publish it (nats-py folds CR/LF in the Nats-Msg-Id header value).
-    await bus.publish_event(js, alert.subject, alert)
+    await publish_event(js, alert.subject, alert)
 
 
 def settings(env: dict[str, str], **extra: str) -> HookSettings:
@@ -70,7 +72,7 @@ def settings(env: dict[str, str], **extra: str) -> HookSettings:
 @contextlib.asynccontextmanager
 async def connected(env: dict[str, str]) -> AsyncIterator[NATS]:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     try:
         yield nc
     finally:
@@ -138,13 +140,13 @@ async def test_an_alert_a_receiver_keeps_refusing_is_parked_with_the_reason(
             await publish(nc.jetstream(), second)
             await asyncio.wait_for(got_both.wait(), timeout=20)
         status = await read_hooks_status(nc.jetstream())
-        marks = await nc.jetstream().key_value(bus.HOOK_MARKS_BUCKET)
+        marks = await nc.jetstream().key_value(HOOK_MARKS_BUCKET)
         mark = msgspec.json.decode(
             (await marks.get(delivery_key("webhook", first.id))).value or b"", type=DeliveryMark
         )
     bodies = [msgspec.json.decode(r.body, type=Alert).id for r in receiver.requests]
     assert bodies == [first.id] * 3 + [second.id] * 3
-    letters = [msgspec.json.decode(m.data, type=bus.DeadLetter) for m in parked]
+    letters = [msgspec.json.decode(m.data, type=DeadLetter) for m in parked]
     assert [msgspec.json.decode(letter.payload, type=Alert).id for letter in letters] == [
         first.id,
         second.id,
@@ -242,7 +244,7 @@ async def test_the_delivery_is_recorded_on_the_status_line_not_after_a_slow_body
     """The mark is written while the receiver still holds its body: a crash then repeats nothing."""
     alert = make_alert(1)
     async with slow_body_receiver() as (url, answered, release), connected(env) as nc:
-        marks = await nc.jetstream().key_value(bus.HOOK_MARKS_BUCKET)
+        marks = await nc.jetstream().key_value(HOOK_MARKS_BUCKET)
         async with hook_process(settings(env, STOCKPILOT_ALERT_WEBHOOK_URL=url)):
             await publish(nc.jetstream(), alert)
             await asyncio.wait_for(answered.wait(), timeout=10)

@@ -26,9 +26,9 @@ from gateway.http_server import server_config
 from gateway.settings import GatewaySettings
 from services.health.service import build
 from services.health.settings import HealthSettings
-from shared import bus
 from shared.settings import load_settings
-from shared.testing import free_port, running_service, stop_process
+from shared.streams import STREAMS, provision
+from tests.harness import free_port, running_service, stop_process
 from tests.health.targets import Reply, Target
 
 ADMIN = "admin-secret"
@@ -42,7 +42,7 @@ async def served(env: dict[str, str], **extra: str) -> AsyncIterator[str]:
     # The gateway creates the streams once it reaches NATS, a moment after /health says
     # 200: create them first, or the first stream request may find none (503).
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     await nc.close()
     port = free_port()
     settings = load_settings(
@@ -261,7 +261,7 @@ async def test_sse_clients_that_never_read_do_not_grow_the_gateway(
                 await asyncio.sleep(0.1)
             # Each was dropped when its buffer filled; the last one out deleted the consumer.
             for _ in range(100):
-                info = await js.stream_info(bus.STREAMS["alerts"].name)
+                info = await js.stream_info(STREAMS["alerts"].name)
                 if info.state.consumer_count == 0:
                     break
                 await asyncio.sleep(0.1)

@@ -24,19 +24,29 @@ from nats.js import api as js_api
 from ops import nats_auth
 from ops.hook_runner import consumer_name
 from services.batch.client import batch_job
-from shared import bus
+from shared.connection import inbox_prefix
 from shared.events import utc_now
 from shared.hook_status import STATUS_KEY
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
+from shared.publish import publish_event
+from shared.streams import (
+    HOOK_MARKS_BUCKET,
+    SERVICES,
+    STATE_BUCKET,
+    STREAMS,
+    provision,
+    snapshot_bucket,
+    snapshot_store,
+)
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.ops.receiver import receiving
 from tests.usage.helpers import recorded
 
 ROLES = nats_auth.ROLES
 NOT_OPS = tuple(role for role in ROLES if role != "ops")
 HOOK_CONSUMER = consumer_name("webhook")
-ALERTS = bus.STREAMS["alerts"].name
-USAGE = bus.STREAMS["usage"].name
-USAGE_SNAPSHOTS = bus.snapshot_bucket("usage")
+ALERTS = STREAMS["alerts"].name
+USAGE = STREAMS["usage"].name
+USAGE_SNAPSHOTS = snapshot_bucket("usage")
 ROUND_KEY = "health.round"
 
 
@@ -98,7 +108,7 @@ class Secured:
             f"nats://127.0.0.1:{self.port}",
             user=user,
             password=self.passwords[user],
-            inbox_prefix=bus.inbox_prefix(user),
+            inbox_prefix=inbox_prefix(user),
             error_cb=on_error,
             allow_reconnect=False,
         )
@@ -131,15 +141,15 @@ async def seed(stack: Secured) -> None:
     """Provision as ops, then each owner writes its own state (each an allowed operation)."""
     try:
         ops = (await stack.connect("ops")).nc.jetstream()
-        await bus.provision(ops)
+        await provision(ops)
         usage = (await stack.connect("usage")).nc.jetstream()
-        snapshots = await bus.snapshot_store(usage, "usage", create=False)
+        snapshots = await snapshot_store(usage, "usage", create=False)
         await snapshots.put("usage.stats", b"the real snapshot")
         health = (await stack.connect("health")).nc.jetstream()
-        await (await health.key_value(bus.STATE_BUCKET)).put(ROUND_KEY, b"42")
+        await (await health.key_value(STATE_BUCKET)).put(ROUND_KEY, b"42")
         hooks = (await stack.connect("hooks")).nc.jetstream()
-        await (await hooks.key_value(bus.STATE_BUCKET)).put(STATUS_KEY, b"{}")
-        await (await hooks.key_value(bus.HOOK_MARKS_BUCKET)).put("hooks.webhook.a1", b"1")
+        await (await hooks.key_value(STATE_BUCKET)).put(STATUS_KEY, b"{}")
+        await (await hooks.key_value(HOOK_MARKS_BUCKET)).put("hooks.webhook.a1", b"1")
         await hooks.pull_subscribe(
             "stockpilot.alerts.>",
             durable=HOOK_CONSUMER,
@@ -149,7 +159,7 @@ async def seed(stack: Secured) -> None:
         producer = (await stack.connect("producer")).nc.jetstream()
         for i in range(3):
             event = recorded(i, utc_now())
-            await bus.publish_event(producer, "stockpilot.usage.recorded", event)
+            await publish_event(producer, "stockpilot.usage.recorded", event)
     finally:
         for nc in stack.opened:
             await nc.close()
@@ -274,26 +284,26 @@ async def test_only_usage_may_write_its_snapshots(secured: Secured, role: str) -
 @pytest.mark.parametrize("role", [r for r in NOT_OPS if r != "health"])
 async def test_only_health_may_schedule_health_rounds(secured: Secured, role: str) -> None:
     conn = await secured.connect(role)
-    await conn.refused_publish(f"$KV.{bus.STATE_BUCKET}.{ROUND_KEY}", b"99999999999")
-    kv = await (await ops_js(secured)).key_value(bus.STATE_BUCKET)
+    await conn.refused_publish(f"$KV.{STATE_BUCKET}.{ROUND_KEY}", b"99999999999")
+    kv = await (await ops_js(secured)).key_value(STATE_BUCKET)
     assert (await kv.get(ROUND_KEY)).value == b"42"
 
 
 @pytest.mark.parametrize("role", [r for r in NOT_OPS if r != "hooks"])
 async def test_only_hooks_may_write_the_hook_status_and_marks(secured: Secured, role: str) -> None:
     conn = await secured.connect(role)
-    await conn.refused_publish(f"$KV.{bus.STATE_BUCKET}.{STATUS_KEY}", b'{"forged":1}')
-    await conn.refused_publish(f"$KV.{bus.HOOK_MARKS_BUCKET}.hooks.webhook.a1", b"")
-    kv = await (await ops_js(secured)).key_value(bus.STATE_BUCKET)
+    await conn.refused_publish(f"$KV.{STATE_BUCKET}.{STATUS_KEY}", b'{"forged":1}')
+    await conn.refused_publish(f"$KV.{HOOK_MARKS_BUCKET}.hooks.webhook.a1", b"")
+    kv = await (await ops_js(secured)).key_value(STATE_BUCKET)
     assert (await kv.get(STATUS_KEY)).value == b"{}"
 
 
 @pytest.mark.parametrize("role", NOT_OPS)
 async def test_nobody_but_ops_may_purge_the_delivery_marks(secured: Secured, role: str) -> None:
     conn = await secured.connect(role)
-    await conn.refused_request(f"$JS.API.STREAM.PURGE.KV_{bus.HOOK_MARKS_BUCKET}")
-    await conn.refused_request(f"$JS.API.STREAM.DELETE.KV_{bus.HOOK_MARKS_BUCKET}")
-    marks = await (await ops_js(secured)).key_value(bus.HOOK_MARKS_BUCKET)
+    await conn.refused_request(f"$JS.API.STREAM.PURGE.KV_{HOOK_MARKS_BUCKET}")
+    await conn.refused_request(f"$JS.API.STREAM.DELETE.KV_{HOOK_MARKS_BUCKET}")
+    marks = await (await ops_js(secured)).key_value(HOOK_MARKS_BUCKET)
     assert (await marks.get("hooks.webhook.a1")).value == b"1"
 
 
@@ -347,7 +357,7 @@ async def test_only_a_service_takes_its_own_requests(secured: Secured, role: str
     """stockpilot.svc.<service>.* and the service's $SRV discovery subjects: refused to
     every other user (a forged answer needs the request first)."""
     conn = await secured.connect(role)
-    for service in bus.SERVICES:
+    for service in SERVICES:
         if service == role:
             continue
         await conn.refused_subscribe(f"stockpilot.svc.{service}.stats")
@@ -397,7 +407,7 @@ async def test_nobody_subscribes_to_everything(secured: Secured, role: str) -> N
 
 async def test_producer_publishes_usage_and_gets_its_acks(secured: Secured) -> None:
     producer = await secured.connect("producer")
-    ack = await bus.publish_event(
+    ack = await publish_event(
         producer.nc.jetstream(), "stockpilot.usage.recorded", recorded(99, utc_now())
     )
     assert ack.stream == USAGE
@@ -412,7 +422,7 @@ async def test_producer_runs_a_batch_job_under_its_lock(secured: Secured) -> Non
         run.advance(2)
     assert producer.errors == []
     js = await ops_js(secured)
-    batch = bus.STREAMS["batch"].name
+    batch = STREAMS["batch"].name
     finished = await js.get_last_msg(batch, "stockpilot.batch.run.nightly")
     assert json.loads(finished.data or b"")["type"] == "batch.finished"
     released = await js.get_last_msg(batch, "stockpilot.batch.lock.nightly")
@@ -425,7 +435,7 @@ async def test_producer_may_do_nothing_else(secured: Secured) -> None:
     await producer.refused_request("$JS.API.STREAM.PURGE.STOCKPILOT_USAGE")
     await producer.refused_request(f"$JS.API.STREAM.INFO.{USAGE}")
     await producer.refused_request(f"$JS.API.CONSUMER.CREATE.{USAGE}")
-    await producer.refused_request(f"$JS.API.STREAM.MSG.GET.{bus.STREAMS['batch'].name}")
+    await producer.refused_request(f"$JS.API.STREAM.MSG.GET.{STREAMS['batch'].name}")
     await producer.refused_request("stockpilot.svc.usage.stats")
     await producer.refused_publish("stockpilot.usage.reset")
     await producer.refused_publish("stockpilot.usage.prices_changed")
@@ -452,7 +462,7 @@ async def test_observer_reads_the_streams_from_the_start_and_follows_alerts(
 ) -> None:
     observer = await secured.connect("observer")
     js = observer.nc.jetstream()
-    for spec in bus.STREAMS.values():
+    for spec in STREAMS.values():
         assert (await js.stream_info(spec.name)).config.name == spec.name
     read: list[int] = []
     done = asyncio.Event()
@@ -492,7 +502,7 @@ async def test_observer_may_not_publish_or_manage(secured: Secured) -> None:
     await observer.refused_publish("stockpilot.usage.recorded")
     await observer.refused_publish("stockpilot.alerts.usage.cost_exceeded")
     await observer.refused_request(f"$JS.API.CONSUMER.DELETE.{USAGE}.anything")
-    await observer.refused_request(f"$KV.{bus.STATE_BUCKET}.{ROUND_KEY}")
+    await observer.refused_request(f"$KV.{STATE_BUCKET}.{ROUND_KEY}")
 
 
 # ----- every process for real, each under its own role ---------------------------------------
@@ -694,10 +704,10 @@ def test_provision_creates_the_streams_as_ops_only(
     names = asyncio.run(stream_names(port, passwords["ops"]))
     if status == 0:
         assert set(names) >= {
-            *(spec.name for spec in bus.STREAMS.values()),
-            *(f"OBJ_{bus.snapshot_bucket(s)}" for s in bus.SERVICES),
-            f"KV_{bus.STATE_BUCKET}",
-            f"KV_{bus.HOOK_MARKS_BUCKET}",
+            *(spec.name for spec in STREAMS.values()),
+            *(f"OBJ_{snapshot_bucket(s)}" for s in SERVICES),
+            f"KV_{STATE_BUCKET}",
+            f"KV_{HOOK_MARKS_BUCKET}",
         }
     else:
         assert names == []
@@ -709,7 +719,7 @@ async def stream_names(port: int, ops_password: str) -> list[str]:
         f"nats://127.0.0.1:{port}",
         user="ops",
         password=ops_password,
-        inbox_prefix=bus.inbox_prefix("ops"),
+        inbox_prefix=inbox_prefix("ops"),
     )
     try:
         return [info.config.name or "" for info in await nc.jetstream().streams_info()]

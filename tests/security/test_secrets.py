@@ -41,10 +41,10 @@ from ops import nats_auth
 from ops.hook_delivery import SIGNATURE_HEADER, verify_signature
 from ops.hooks import HookSettings
 from ops.stack import CHILD_SETTINGS
-from shared import bus
+from shared.connection import inbox_prefix
 from shared.redact import forms
 from shared.settings import env_name, load_settings
-from shared.testing import free_port
+from tests.harness import free_port
 from tests.health.targets import Reply, Target
 from tests.ops.receiver import Receiver, receiving
 from tests.security.careless import careless_postgres, careless_redis
@@ -403,7 +403,7 @@ async def ops_connection(stack: Stack) -> NATS:
         f"nats://127.0.0.1:{port}",
         user="ops",
         password=passwords["ops"],
-        inbox_prefix=bus.inbox_prefix("ops"),
+        inbox_prefix=inbox_prefix("ops"),
     )
 
 

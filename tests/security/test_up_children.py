@@ -22,10 +22,10 @@ from nats.aio.msg import Msg
 from ops import nats_auth
 from ops.stack import child_environment
 from services.usage.client import RecorderSettings, UsageRecorder
-from shared import bus
+from shared.connection import inbox_prefix
 from shared.settings import load_settings
-from shared.testing import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.clocks import REAL, zone_far_from_midnight
+from tests.harness import free_port, nats_server_binary, stop_process, wait_for_port
 from tests.usage.helpers import recorded as usage_call
 
 ROOT = Path(__file__).parents[2]
@@ -278,7 +278,7 @@ async def test_two_restarts_keep_port_and_credentials_and_lose_or_repeat_nothing
             f"nats://127.0.0.1:{port}",
             user="observer",
             password=passwords["observer"],
-            inbox_prefix=bus.inbox_prefix("observer"),
+            inbox_prefix=inbox_prefix("observer"),
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.2,
         )
@@ -323,7 +323,7 @@ async def test_two_restarts_keep_port_and_credentials_and_lose_or_repeat_nothing
                     f"nats://127.0.0.1:{port}",
                     user="ops",
                     password=passwords["ops"],
-                    inbox_prefix=bus.inbox_prefix("ops"),
+                    inbox_prefix=inbox_prefix("ops"),
                 )
                 subject = "stockpilot.usage.recorded"
                 js = ops.jetstream()

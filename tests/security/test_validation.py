@@ -31,11 +31,14 @@ from services.usage.contract import (
     UsageStats,
 )
 from services.usage.service import build as build_usage
-from shared import bus
+from shared.dead_letters import DeadLetter
+from shared.endpoints import endpoint_subject
 from shared.events import Alert, admission_problem, rfc3339, utc_now
-from shared.runtime import Runtime, ack_metadata, endpoint_subject
-from shared.testing import running_service
+from shared.publish import publish_event
+from shared.runtime import Runtime, ack_metadata
+from shared.streams import provision
 from tests.faults.stack import in_process_services, service_env
+from tests.harness import running_service
 from tests.usage.helpers import (
     ADMIN,
     INGEST,
@@ -53,12 +56,12 @@ class Letters:
     """Dead letters of every service, as they arrive on `stockpilot.deadletter.>`."""
 
     def __init__(self) -> None:
-        self.items: list[bus.DeadLetter] = []
+        self.items: list[DeadLetter] = []
 
     async def on_letter(self, msg: Any) -> None:
-        self.items.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))
+        self.items.append(msgspec.json.decode(msg.data, type=DeadLetter))
 
-    def of(self, service: str) -> list[bus.DeadLetter]:
+    def of(self, service: str) -> list[DeadLetter]:
         return [letter for letter in self.items if letter.service == service]
 
 
@@ -66,7 +69,7 @@ class Letters:
 async def connected(url: str) -> AsyncIterator[tuple[NATS, Any, Letters]]:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     letters = Letters()
     await nc.subscribe("stockpilot.deadletter.>", cb=letters.on_letter)
     try:
@@ -139,14 +142,14 @@ async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letter
         running_service(build_usage(settings), settings) as runtime,
     ):
         reset = UsageReset(id="evil-reset", occurred_at=now, actor="attacker")
-        await bus.publish_event(js, SUBJECT_RECORDED, reset)
+        await publish_event(js, SUBJECT_RECORDED, reset)
         hostile = [
             recorded(900, now + timedelta(days=64 * 365), status_code=500),
             recorded(901, tomorrow, cost_usd=0.95),
             recorded(902, now + timedelta(minutes=30), status_code=500),
         ]
         for event in hostile:
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         # Real calls after them: 5 of 10 fail within the last minute, $1.00 spent.
         real = [
             recorded(i, now - timedelta(seconds=50 - i), status_code=500 if i < 5 else 200)
@@ -154,7 +157,7 @@ async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letter
         ]
         real = [msgspec.structs.replace(e, cost_usd=0.1) for e in real]
         for event in real:
-            await bus.publish_event(js, SUBJECT_RECORDED, event)
+            await publish_event(js, SUBJECT_RECORDED, event)
         # A reset where resets belong still works (and is folded, not dead-lettered).
         # Seq 1 is the price table the usage service published at start.
         await wait_for(lambda: folded(runtime, "usage", 15) and len(letters.of("usage")) >= 4)
@@ -199,7 +202,7 @@ async def test_usage_events_off_their_subject_or_from_the_future_are_dead_letter
         assert result.equal and result.refused == 4 and result.events == 11  # + the prices
 
         # A reset on its own subject still resets.
-        await bus.publish_event(
+        await publish_event(
             js, SUBJECT_RESET, UsageReset(id="real-reset", occurred_at=utc_now(), actor="ops")
         )
         await wait_for(lambda: folded(runtime, "usage", 16))
@@ -221,8 +224,8 @@ async def test_health_and_batch_events_off_their_subject_are_dead_letters(
         redis = HealthChecked(
             id="evil-hc", occurred_at=now, component="redis", kind="redis", status="unhealthy"
         )
-        await bus.publish_event(js, CHECKED_SUBJECT_PREFIX + "database", redis)
-        await bus.publish_event(js, HOST_SUBJECT, msgspec.structs.replace(redis, id="evil-hc2"))
+        await publish_event(js, CHECKED_SUBJECT_PREFIX + "database", redis)
+        await publish_event(js, HOST_SUBJECT, msgspec.structs.replace(redis, id="evil-hc2"))
         acquired = LockAcquired(
             id="evil-lock",
             occurred_at=now,
@@ -230,7 +233,7 @@ async def test_health_and_batch_events_off_their_subject_are_dead_letters(
             owner="attacker",
             expires_at=now + timedelta(hours=1),
         )
-        lock_seq = (await bus.publish_event(js, lock_subject("attacker"), acquired)).seq
+        lock_seq = (await publish_event(js, lock_subject("attacker"), acquired)).seq
         started = BatchStarted(
             id="evil-run",
             occurred_at=now,
@@ -239,7 +242,7 @@ async def test_health_and_batch_events_off_their_subject_are_dead_letters(
             host="h",
             pid=1,
         )
-        await bus.publish_event(js, run_subject("attacker"), started)
+        await publish_event(js, run_subject("attacker"), started)
         await wait_for(lambda: len(letters.of("health")) >= 2 and len(letters.of("batch")) >= 2)
         health = letters.of("health")
         assert {letter.subject for letter in health} == {
@@ -629,9 +632,9 @@ async def test_the_nats_py_path_decides_from_the_stored_timestamp_too(
         connected(env["STOCKPILOT_NATS_URL"]) as (nc, js, letters),
         running_service(build_usage(settings), settings, bare_reads=False) as runtime,
     ):
-        await bus.publish_event(js, SUBJECT_RECORDED, recorded(1, now + timedelta(minutes=10)))
-        await bus.publish_event(js, SUBJECT_RECORDED, recorded(2, now + timedelta(minutes=4)))
-        await bus.publish_event(js, SUBJECT_RECORDED, recorded(3, now))
+        await publish_event(js, SUBJECT_RECORDED, recorded(1, now + timedelta(minutes=10)))
+        await publish_event(js, SUBJECT_RECORDED, recorded(2, now + timedelta(minutes=4)))
+        await publish_event(js, SUBJECT_RECORDED, recorded(3, now))
         # Seq 1 is the price table the usage service published at start.
         await wait_for(lambda: folded(runtime, "usage", 4) and len(letters.of("usage")) == 1)
         [letter] = letters.of("usage")

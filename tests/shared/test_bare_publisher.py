@@ -9,7 +9,7 @@ import nats as nats_py
 from nats.js import api as js_api
 
 from shared.bare_publisher import BarePublisher
-from shared.testing import NatsServer, nats_server
+from tests.harness import NatsServer, nats_server
 
 SUBJECT = "bench.bare.events"
 

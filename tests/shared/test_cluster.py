@@ -11,10 +11,11 @@ import nats
 import pytest
 
 from services.usage.client import UsageRecorder
-from shared import bus
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsCluster, running_service
+from shared.streams import provision
 from tests.clocks import NOON
+from tests.harness import NatsCluster, running_service
 from tests.shared.toy import Counted, build
 from tests.usage.helpers import recorded
 
@@ -68,7 +69,7 @@ async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsClu
             for _attempt in range(300):
                 try:
                     # The same Msg-Id on a retry: stored once even if the first ack was lost.
-                    await bus.publish_event(js, "stockpilot.usage.recorded", event, timeout=1)
+                    await publish_event(js, "stockpilot.usage.recorded", event, timeout=1)
                     break
                 except nats.errors.Error:  # no leader yet, timeout, reconnecting
                     await asyncio.sleep(0.1)
@@ -104,7 +105,7 @@ async def test_node_killed_mid_ingest_loses_nothing_and_rejoins(cluster: NatsClu
 async def test_the_usage_client_fails_over_when_its_node_dies(cluster: NatsCluster) -> None:
     settings = await cluster_settings(cluster)
     admin = await nats.connect(settings.nats_servers)
-    await bus.provision(admin.jetstream(), replicas=3)
+    await provision(admin.jetstream(), replicas=3)
     recorder = await UsageRecorder.connect(settings, publish_timeout=1.0)
     total = 3_000
     for i in range(total):

@@ -7,10 +7,10 @@ from datetime import timedelta
 
 import nats
 
-from shared import bus
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
 from tests.clocks import NOON
+from tests.harness import NatsServer, running_service
 from tests.shared.toy import Counted, build
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
@@ -23,7 +23,7 @@ async def publish_range(url: str, start: int, stop: int) -> None:
     js = nc.jetstream()
     for i in range(start, stop):
         event = Counted(id=f"e{i}", occurred_at=T0, model="m", status_code=200)
-        await bus.publish_event(js, "stockpilot.usage.recorded", event)
+        await publish_event(js, "stockpilot.usage.recorded", event)
     await nc.close()
 
 

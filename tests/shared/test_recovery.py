@@ -15,9 +15,10 @@ import nats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared import bus
 from shared.projection import decode_snapshot, encode_snapshot, view_digest
-from shared.runtime import DigestAnswer
+from shared.publish import encode_event
+from shared.service_status import DigestAnswer
+from shared.streams import provision
 from tests.clocks import NOON
 from tests.shared.toy import Counted, ToyView, build
 
@@ -51,7 +52,7 @@ def fold_all(raw: list[bytes]) -> ToyView:
 @settings(max_examples=60, deadline=None)
 @given(events, st.integers(min_value=0, max_value=60))
 def test_snapshot_plus_tail_equals_full_replay(stream: list[Counted], cut: int) -> None:
-    raw = [bus.encode_event(e) for e in stream]
+    raw = [encode_event(e) for e in stream]
     cut = min(cut, len(raw))
     _, head = build()
     for seq, data in enumerate(raw[:cut], start=1):
@@ -74,12 +75,12 @@ async def test_service_killed_mid_stream_recovers_to_full_replay(
 ) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     total = 6_000
     raw = []
     for i in range(total):
         event = Counted(id=f"e{i}", occurred_at=T0, model=f"m{i % 7}", status_code=200)
-        raw.append(bus.encode_event(event))
+        raw.append(encode_event(event))
     # Frequent snapshots so the kill lands between a snapshot and the tail.
     child_env = os.environ | env | {"STOCKPILOT_SNAPSHOT_EVERY_S": "0.2"}
     command = [sys.executable, "-m", "tests.shared.toy_main"]

@@ -8,11 +8,12 @@ from datetime import timedelta
 import msgspec
 import nats
 
-from shared import bus
 from shared.events import Alert
+from shared.publish import publish_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import running_service
+from shared.streams import provision, snapshot_bucket
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import CountAnswer, Counted, build, dead_letters
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
@@ -23,7 +24,7 @@ T0 = NOON - timedelta(hours=3)
 async def publish_counted(js: object, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
         event = Counted(id=f"e{i}", occurred_at=T0, model="m" if i % 2 else "n", status_code=200)
-        await bus.publish_event(js, "stockpilot.usage.recorded", event)  # type: ignore[arg-type]
+        await publish_event(js, "stockpilot.usage.recorded", event)  # type: ignore[arg-type]
 
 
 async def test_folds_stream_and_answers_queries(env: dict[str, str]) -> None:
@@ -31,7 +32,7 @@ async def test_folds_stream_and_answers_queries(env: dict[str, str]) -> None:
     definition, projection = build()
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     await publish_counted(js, 5)
     async with running_service(definition, settings):
         msg = await nc.request("stockpilot.svc.usage.count", b"{}", timeout=2)
@@ -48,13 +49,13 @@ async def test_malformed_message_is_dead_lettered_and_service_goes_on(env: dict[
     definition, projection = build()
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     letters = await dead_letters(nc)
     async with running_service(definition, settings) as runtime:
         await js.publish("stockpilot.usage.recorded", b"{not json")
         await js.publish("stockpilot.usage.recorded", b'{"type":"usage.recorded","id":"x"}')
         bad = Counted(id="neg", occurred_at=T0, model="m", status_code=-1)
-        await bus.publish_event(js, "stockpilot.usage.recorded", bad)
+        await publish_event(js, "stockpilot.usage.recorded", bad)
         await publish_counted(js, 1)
         for _ in range(100):
             if projection.view.count == 1 and len(letters) == 3:
@@ -73,7 +74,7 @@ async def test_restart_restores_snapshot_and_folds_tail(env: dict[str, str]) -> 
     settings = load_settings(CommonSettings, env)
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     await publish_counted(js, 10)
     definition, projection = build()
     async with running_service(definition, settings):
@@ -94,14 +95,14 @@ async def test_derived_alert_is_published_once_across_restarts(env: dict[str, st
     settings = load_settings(CommonSettings, env)
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     await publish_counted(js, 4)
     definition, _ = build()
     async with running_service(definition, settings):
         await asyncio.sleep(0.3)
     # A fresh replica folds from the first event again (no snapshot used) and derives the
     # same alert: the ledger keeps it from being raised twice.
-    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    obs = await js.object_store(snapshot_bucket("usage"))
     for name in ("usage.toy", "usage.usage-alert-ledger"):
         await obs.delete(name)
     definition, _ = build()
@@ -119,7 +120,7 @@ async def test_a_stop_while_nats_is_still_unreachable_ends_the_service(tmp_path:
     from pathlib import Path
 
     from shared.runtime import Runtime
-    from shared.testing import free_port
+    from tests.harness import free_port
 
     settings = load_settings(
         CommonSettings,

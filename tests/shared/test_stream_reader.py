@@ -10,28 +10,27 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from shared import bus
 from shared.projection import view_digest
+from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
 from shared.stream_reader import ReadStopped, read_stream
-from shared.testing import running_service
+from shared.streams import STREAMS, provision, snapshot_bucket
 from tests.clocks import NOON
+from tests.harness import running_service
 from tests.shared.toy import Counted, build, dead_letters
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
 # (tests.clocks.NOON), never a literal date.
 T0 = NOON - timedelta(hours=3)
 SUBJECT = "stockpilot.usage.recorded"
-STREAM = bus.STREAMS["usage"].name
+STREAM = STREAMS["usage"].name
 
 
 async def publish(js: JetStreamContext, first: int, count: int) -> None:
     futures = [
         await js.publish_async(
             SUBJECT,
-            bus.encode_event(
-                Counted(id=f"e{i}", occurred_at=T0, model=f"m{i % 7}", status_code=200)
-            ),
+            encode_event(Counted(id=f"e{i}", occurred_at=T0, model=f"m{i % 7}", status_code=200)),
             headers={"Nats-Msg-Id": f"e{i}"},
         )
         for i in range(first, first + count)
@@ -40,7 +39,7 @@ async def publish(js: JetStreamContext, first: int, count: int) -> None:
 
 
 async def forget_snapshots(js: JetStreamContext) -> None:
-    snapshots = await js.object_store(bus.snapshot_bucket("usage"))
+    snapshots = await js.object_store(snapshot_bucket("usage"))
     for info in await snapshots.list():
         await snapshots.delete(info.name)
 
@@ -51,7 +50,7 @@ async def test_the_bare_read_folds_what_the_ordered_consumer_folds_and_follows(
     settings = load_settings(CommonSettings, env)
     nc = await nats.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     letters = await dead_letters(nc)
     await publish(js, 0, 2_000)
     await js.publish(SUBJECT, b"{not json")  # with no headers: a MSG frame, not HMSG
@@ -94,7 +93,7 @@ async def test_a_read_that_stops_early_applies_everything_before_the_stop(
 ) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     await publish(js, 0, 500)
     seen: list[int] = []
 

@@ -8,10 +8,12 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from shared.bus import STREAMS, DeadLetter, dead_letter_subject
+from shared.dead_letters import DeadLetter, dead_letter_subject
+from shared.endpoints import Endpoint, NoParams
 from shared.events import Alert, Event, alert_id
 from shared.projection import FoldError, Projection, View
-from shared.runtime import Context, Endpoint, NoParams, ServiceDefinition
+from shared.runtime import Context, ServiceDefinition
+from shared.streams import STREAMS
 
 
 class Counted(Event, frozen=True, kw_only=True, tag="usage.recorded"):

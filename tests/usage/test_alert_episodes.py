@@ -13,9 +13,10 @@ from services.usage.contract import UsageEvent, UsageRecorded, UsageReset, decod
 from services.usage.prices import PriceTable
 from services.usage.projection import make_apply
 from services.usage.view import QUIET_S, FoldConfig, UsageView
-from shared.bus import STREAMS, encode_event
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot
+from shared.publish import encode_event
+from shared.streams import STREAMS
 from tests.usage.helpers import T0, recorded
 
 CONFIG = FoldConfig(

@@ -13,7 +13,7 @@ from services.usage.budget_client import BudgetChecker, BudgetError, BudgetExcee
 from services.usage.client import UsageRecorder
 from services.usage.service import build
 from shared.clock import ManualClock
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 BUDGETS = '[{"scope": "user:u-42", "period": "daily", "usd": 1.0, "enforce": true}]'

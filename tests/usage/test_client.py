@@ -13,11 +13,11 @@ import pytest
 from services.usage.client import UsageRecorder
 from services.usage.contract import StatsParams, UsageStats
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
 from shared.events import utc_now
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
+from shared.streams import provision
+from tests.harness import NatsServer, running_service
 from tests.usage.helpers import recorded, usage_settings
 
 
@@ -102,7 +102,7 @@ async def test_a_nats_restart_loses_nothing(
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     await nc.close()
     recorder = await UsageRecorder.connect(settings, publish_timeout=0.5, bare=bare)
     now = clock.now()
@@ -131,7 +131,7 @@ async def test_a_30_second_nats_outage_loses_nothing(
     # The bound: calls go on for the whole outage, and all of them are stored once.
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     await nc.close()
     recorder = await UsageRecorder.connect(settings, publish_timeout=0.5)
     now = clock.now()
@@ -159,7 +159,7 @@ async def test_without_a_spool_a_full_buffer_drops_and_counts(
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     recorder = UsageRecorder(nc, buffer_size=5)
     now = clock.now()
     kept = [recorder.record(recorded(i, now)) for i in range(8)]
@@ -179,7 +179,7 @@ async def test_many_calls_are_stored_once_each_in_order_and_repeats_count_as_dup
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     recorder = UsageRecorder(nc, buffer_size=20_000, bare=bare)
     recorder.start()
     now = clock.now()
@@ -206,7 +206,7 @@ async def test_an_event_too_large_for_a_message_is_dropped_and_the_rest_go_on(
 ) -> None:
     settings = load_settings(CommonSettings, env)
     nc = await nats_py.connect(settings.nats_servers)
-    await bus.provision(nc.jetstream())
+    await provision(nc.jetstream())
     recorder = UsageRecorder(nc)
     recorder.start()
     now = clock.now()

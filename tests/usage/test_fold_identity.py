@@ -9,10 +9,12 @@ import nats
 
 from services.usage.contract import SUBJECT_RECORDED
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
-from shared.runtime import ProjectionStatus, Runtime
-from shared.testing import running_service
+from shared.publish import publish_event
+from shared.runtime import Runtime
+from shared.service_status import ProjectionStatus
+from shared.streams import provision
+from tests.harness import running_service
 from tests.usage.helpers import recorded, usage_settings
 
 CALLS = 4
@@ -29,9 +31,9 @@ async def test_a_snapshot_under_another_budget_is_discarded_and_the_view_rebuilt
 ) -> None:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     for i in range(CALLS):
-        await bus.publish_event(js, SUBJECT_RECORDED, recorded(i, clock.now() - timedelta(hours=1)))
+        await publish_event(js, SUBJECT_RECORDED, recorded(i, clock.now() - timedelta(hours=1)))
     settings_a = usage_settings(env)
     settings_b = usage_settings(env, daily_budget_usd="5")
     async with running_service(build(settings_a), settings_a, clock=clock) as runtime:

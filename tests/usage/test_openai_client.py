@@ -20,7 +20,7 @@ from services.usage.instrument import instrument, usage_context
 from services.usage.service import build
 from services.usage.sync_recorder import SyncUsageRecorder
 from shared.clock import ManualClock
-from shared.testing import running_service
+from tests.harness import running_service
 from tests.usage.helpers import gateway, gateway_settings, usage_settings
 from tests.usage.openai_server import (
     BREAKS_MID_STREAM,

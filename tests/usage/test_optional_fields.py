@@ -11,9 +11,9 @@ import pytest
 
 from services.usage.contract import SUBJECT_RECORDED, UsageRecorded, decode_usage_event
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
-from shared.testing import running_service
+from shared.publish import encode_event
+from tests.harness import running_service
 from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 # An event as producers wrote it before the optional fields existed (fixed history: only
@@ -42,7 +42,7 @@ def test_the_optional_fields_round_trip() -> None:
         stream=True,
         ttft_ms=212.5,
     )
-    assert decode_usage_event(bus.encode_event(event)) == event
+    assert decode_usage_event(encode_event(event)) == event
 
 
 def _with(**fields: Any) -> bytes:

@@ -28,9 +28,10 @@ from services.usage.prices import PriceTable
 from services.usage.projection import make_apply
 from services.usage.settings import Budget, UsageSettings
 from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
-from shared.bus import STREAMS, encode_event
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot, view_digest
+from shared.publish import encode_event
+from shared.streams import STREAMS
 from tests.clocks import MOMENTS, Moment
 from tests.usage import helpers
 from tests.usage.helpers import Oracle, close, hours_in, local_midnight, recorded

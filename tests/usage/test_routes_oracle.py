@@ -24,10 +24,10 @@ from services.usage.contract import (
 )
 from services.usage.prices import PriceTable
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
-from shared.testing import nats_server, running_service
+from shared.publish import encode_event
 from tests.clocks import NOON
+from tests.harness import nats_server, running_service
 from tests.usage.helpers import (
     INGEST,
     Oracle,
@@ -224,13 +224,11 @@ async def publish_records(
     nc = await nats.connect(servers)
     js = nc.jetstream()
     futures = [
-        await js.publish_async(SUBJECT_RECORDED, bus.encode_event(e), headers={"Nats-Msg-Id": e.id})
+        await js.publish_async(SUBJECT_RECORDED, encode_event(e), headers={"Nats-Msg-Id": e.id})
         for e in events
     ]
     # Copies without Nats-Msg-Id get past JetStream's window: the projection drops them.
-    futures += [
-        await js.publish_async(SUBJECT_RECORDED, bus.encode_event(events[i])) for i in repeats
-    ]
+    futures += [await js.publish_async(SUBJECT_RECORDED, encode_event(events[i])) for i in repeats]
     await asyncio.gather(*futures)
     await nc.close()
 

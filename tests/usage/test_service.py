@@ -30,11 +30,13 @@ from services.usage.contract import (
 )
 from services.usage.prices import PriceTable
 from services.usage.service import build
-from shared import bus
 from shared.clock import ManualClock
+from shared.dead_letters import DeadLetter
 from shared.events import Alert, alert_id, rfc3339
-from shared.testing import running_service
+from shared.publish import encode_event, publish_event
+from shared.streams import provision, snapshot_bucket
 from tests.clocks import MOMENTS, REAL, Moment
+from tests.harness import running_service
 from tests.usage.helpers import (
     ADMIN,
     INGEST,
@@ -53,13 +55,13 @@ from tests.usage.helpers import (
 async def connect(env: dict[str, str]) -> tuple[NATS, Any]:
     nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
     js = nc.jetstream()
-    await bus.provision(js)
+    await provision(js)
     return nc, js
 
 
 async def publish(js: Any, events: list[UsageRecorded]) -> None:
     for event in events:
-        await bus.publish_event(js, SUBJECT_RECORDED, event)
+        await publish_event(js, SUBJECT_RECORDED, event)
 
 
 async def wait_for(check: Any, timeout: float = 10.0) -> None:
@@ -142,10 +144,10 @@ async def test_malformed_usage_on_the_subject_is_dead_lettered_with_a_reason(
 ) -> None:
     settings = usage_settings(env)
     nc, js = await connect(env)
-    letters: list[bus.DeadLetter] = []
+    letters: list[DeadLetter] = []
 
     async def on_letter(msg: Any) -> None:
-        letters.append(msgspec.json.decode(msg.data, type=bus.DeadLetter))
+        letters.append(msgspec.json.decode(msg.data, type=DeadLetter))
 
     await nc.subscribe("stockpilot.deadletter.usage", cb=on_letter)
     async with running_service(build(settings), settings) as runtime:
@@ -293,7 +295,7 @@ async def test_reset_restarts_statistics_and_a_replay_gives_the_same_answers(
     stored = await js.get_last_msg("STOCKPILOT_USAGE", "stockpilot.usage.reset")
     assert msgspec.json.decode(stored.data)["actor"] == "admin"
     # A fresh replica without snapshots replays the whole stream to the same answers.
-    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    obs = await js.object_store(snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(ObjectNotFoundError):
             await obs.delete(name)
@@ -416,7 +418,7 @@ async def test_a_new_price_never_reprices_history_and_a_replay_prices_as_live(
         pass
     assert len(await price_tables(js)) == 2
     # No snapshots, and yet another price: the rebuild prices every call as the live one did.
-    obs = await js.object_store(bus.snapshot_bucket("usage"))
+    obs = await js.object_store(snapshot_bucket("usage"))
     for name in ("usage.usage", "usage.alert-history", "usage.usage-alert-ledger"):
         with contextlib.suppress(ObjectNotFoundError):
             await obs.delete(name)
@@ -495,7 +497,7 @@ async def test_a_call_retried_past_the_jetstream_window_is_counted_once(
     ):
         await publish(js, calls)
         for retried in (calls[0], calls[150]):  # no Nats-Msg-Id: JetStream stores it again
-            await js.publish(SUBJECT_RECORDED, bus.encode_event(retried))
+            await js.publish(SUBJECT_RECORDED, encode_event(retried))
         await wait_for(lambda: folded(runtime, 303))  # the price table, 300 calls, 2 retries
         again = await client.post(
             "/api/v1/usage/records", json=msgspec.to_builtins(calls[7]), headers=auth(INGEST)
@@ -624,10 +626,10 @@ async def test_alert_history_holds_every_source_and_feeds_the_summary(
         running_service(build(settings), settings, clock=clock),
         gateway(gateway_settings(env), clock) as client,
     ):
-        await bus.publish_event(js, batch_alert.subject, old_alert)
-        await bus.publish_event(js, batch_alert.subject, batch_alert)
+        await publish_event(js, batch_alert.subject, old_alert)
+        await publish_event(js, batch_alert.subject, batch_alert)
         # The same alert stored again (past the duplicate window) is listed once.
-        await js.publish(batch_alert.subject, bus.encode_event(batch_alert))
+        await js.publish(batch_alert.subject, encode_event(batch_alert))
         await client.post(
             "/api/v1/usage/records",
             json=[msgspec.to_builtins(recorded(i, now, model="mystery")) for i in range(2)]
@@ -730,7 +732,7 @@ async def test_stockpilot_replay_rebuilds_the_same_usage_views(
         await js.publish(SUBJECT_RECORDED, b"{broken")
         await client.post("/api/v1/usage/reset", headers=auth(ADMIN))
         await publish(js, events[20:])  # ten repeats JetStream dedupes, fifty new
-        await js.publish(SUBJECT_RECORDED, bus.encode_event(events[45]))  # past the window
+        await js.publish(SUBJECT_RECORDED, encode_event(events[45]))  # past the window
         await wait_for(lambda: folded(runtime, 64))  # 63 and the price table
         results = await replay_definition(nc, build(settings), "STOCKPILOT_USAGE")
     assert [r.projection for r in results] == ["usage"]

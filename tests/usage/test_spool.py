@@ -23,10 +23,11 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.usage.client import RecorderSettings, UsageRecorder
 from services.usage.spool import Spool, SpoolBusy
-from shared import bus
+from shared import streams
 from shared.events import utc_now
+from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
-from shared.testing import NatsServer, running_service
+from tests.harness import NatsServer, running_service
 from tests.shared import toy
 from tests.usage.helpers import recorded
 
@@ -68,7 +69,7 @@ async def set_usage_limit(url: str, max_bytes: int) -> None:
 
 async def provision(url: str) -> None:
     nc = await nats_py.connect(url)
-    await bus.provision(nc.jetstream())
+    await streams.provision(nc.jetstream())
     await nc.close()
 
 
@@ -289,7 +290,7 @@ async def test_ready_and_status_name_a_usage_stream_that_refuses_writes(
         now = utc_now()
         with pytest.raises(APIError, match="maximum bytes exceeded"):
             for i in range(100):
-                await js.publish("stockpilot.usage.recorded", bus.encode_event(recorded(i, now)))
+                await js.publish("stockpilot.usage.recorded", encode_event(recorded(i, now)))
         await nc.close()
 
         ready = await client.get("/api/v1/health/ready")

@@ -4,6 +4,10 @@ Not test doubles: every helper here runs the real thing (the pinned nats-server 
 real service runtime) so tests and `bench/` exercise production code paths. The launcher and
 port helpers live in shared.nats_server (production code uses them; it never imports this
 module) and are re-exported here for the tests.
+
+It lives under tests/, not shared/: the production packages (and the image built from them)
+hold no test harness at all, and tests/test_import_rules.py checks that nothing in them
+imports it.
 """
 
 from __future__ import annotations
