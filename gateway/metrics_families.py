@@ -35,11 +35,13 @@ from services.usage.contract import UsageCosts, UsageCounters, UsageStats, Usage
 from shared.hook_status import STALE_AFTER_S, HooksStatus, HookStateName
 from shared.hook_status import hooks_process_state as process_state
 from shared.service_status import ServiceStatus
+from shared.transport import TransportPath
 
 COMPONENT_STATUSES: tuple[str, ...] = get_args(Status)
 HOOK_STATES: tuple[str, ...] = get_args(HookStateName)
 SERVICE_STATES = ("up", "catching_up", "unavailable")
 HOOKS_PROCESS_STATES = ("up", "unavailable", "not_configured")
+TRANSPORT_PATHS: tuple[str, ...] = get_args(TransportPath)
 # A component counts as up while it answers, even slowly.
 UP_STATUSES = frozenset({"healthy", "degraded"})
 
@@ -114,6 +116,22 @@ def service_families(statuses: dict[str, ServiceStatus | None]) -> list[Metric]:
             last_seq.add_metric([name, projection.name], projection.last_seq)
             dead.add_metric([name, projection.name], projection.dead_lettered)
     return [up, state, lag, last_seq, dead, rss, uptime]
+
+
+def transport_families(statuses: dict[str, ServiceStatus | None]) -> list[Metric]:
+    """Which transport path each projection reads its stream over (shared.transport), as a
+    state set: `accelerated` (our own protocol code) or `nats-py` (the reference path)."""
+    family = state_set(
+        "stockpilot_projection_transport",
+        "The transport path the projection reads its stream over (1 for the current one)",
+        ["service", "projection"],
+        "path",
+    )
+    for name, status in statuses.items():
+        for projection in status.projections if status is not None else ():
+            if projection.transport is not None:
+                add_state(family, [name, projection.name], TRANSPORT_PATHS, projection.transport)
+    return [family]
 
 
 # ----- usage -------------------------------------------------------------------------------

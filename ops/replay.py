@@ -25,10 +25,11 @@ from ops.stream_io import Progress, read_stream
 from shared.alerts import alert_ledger
 from shared.endpoints import endpoint_subject
 from shared.projection import Projection, view_digest
-from shared.runtime import ServiceDefinition, ack_metadata
+from shared.runtime import ServiceDefinition
 from shared.service_status import DigestAnswer
 from shared.settings import CommonSettings, SettingsError, env_name, load_settings
 from shared.streams import STREAMS
+from shared.transport import ack_metadata
 
 # Which services fold which stream (every service keeps an alert ledger over the alerts).
 STREAM_SERVICES: dict[str, tuple[str, ...]] = {

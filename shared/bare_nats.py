@@ -28,6 +28,15 @@ class BareUnavailable(Exception):
     """A bare connection cannot be opened (or was lost): the caller uses nats-py instead."""
 
 
+class BareUnreachable(BareUnavailable):
+    """The server did not take the connection (restarting, in lame duck mode): try later."""
+
+
+class BareRefused(BareUnavailable):
+    """Not a passing failure: what this connection needs it does not speak (TLS, NKeys, JWT)
+    or the server answered -ERR. Trying again at once would fail the same way."""
+
+
 class FrameProtocol(asyncio.Protocol):
     """Splits the server's byte stream into frames: control lines and MSG/HMSG messages.
 
@@ -113,7 +122,7 @@ class FrameProtocol(asyncio.Protocol):
             if not self.info.done():
                 self.info.set_result(json.loads(line[5:]))
         elif line.startswith(b"-ERR"):
-            raise BareUnavailable(f"server error: {line[5:].decode(errors='replace')}")
+            raise BareRefused(f"server error: {line[5:].decode(errors='replace')}")
         # +OK and anything else: nothing to do.
 
     def write(self, data: bytes) -> None:
@@ -133,7 +142,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     if url is None:
         raise BareUnavailable("not connected")
     if url.scheme not in ("nats", "") or info.get("tls_required"):
-        raise BareUnavailable("TLS connections stay on nats-py")
+        raise BareRefused("TLS connections stay on nats-py")
     options: dict[str, Any] = {
         "verbose": False,
         "pedantic": False,
@@ -147,7 +156,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     # The main connection's credentials: in its URL, or given to nats-py as options.
     given = nc.options
     if given.get("user_credentials") or given.get("nkeys_seed") or given.get("nkeys_seed_str"):
-        raise BareUnavailable("NKey and JWT credentials stay on nats-py")
+        raise BareRefused("NKey and JWT credentials stay on nats-py")
     if url.username and url.password is not None:
         options["user"] = unquote(url.username)
         options["pass"] = unquote(url.password)
@@ -159,7 +168,7 @@ def connect_options(nc: NATS, info: dict[str, Any], name: str) -> bytes:
     elif given.get("token"):
         options["auth_token"] = given["token"]
     elif info.get("auth_required"):
-        raise BareUnavailable("the server wants credentials a bare connection does not handle")
+        raise BareRefused("the server wants credentials a bare connection does not handle")
     return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
 
 
@@ -182,7 +191,7 @@ async def open_bare(
             loop.create_connection(protocol, url.hostname, url.port or 4222), CONNECT_TIMEOUT_S
         )
     except (OSError, TimeoutError) as exc:
-        raise BareUnavailable(f"cannot connect to {url.hostname}:{url.port}: {exc}") from None
+        raise BareUnreachable(f"cannot connect to {url.hostname}:{url.port}: {exc}") from None
     try:
         info = await asyncio.wait_for(reader.info, CONNECT_TIMEOUT_S)
         transport.write(connect_options(nc, info, name))

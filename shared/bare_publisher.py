@@ -48,7 +48,7 @@ class Published:
 
 
 @dataclass(slots=True)
-class _Batch:
+class Batch:
     first: int  # the number in its first message's reply subject
     size: int
     future: asyncio.Future[Published]
@@ -58,6 +58,15 @@ class _Batch:
 
     def __post_init__(self) -> None:
         self.outcomes = bytearray(self.size)
+
+    def refuse_from(self, index: int, error: str) -> None:
+        """Messages from `index` on are not sent: answered now, as errors."""
+        for position in range(index, self.size):
+            self.outcomes[position] = _ERROR
+        self.errors.append(error)
+        self.answered += self.size - index
+        if self.answered == self.size:
+            self.finish()
 
     def finish(self, error: str | None = None) -> None:
         if self.future.done():
@@ -73,31 +82,33 @@ class _Batch:
         self.future.set_result(Published(self.size, acked, duplicates, error))
 
 
-class _Acks(FrameProtocol):
-    """Reads the acknowledgements (MSG) and status answers (HMSG) to `<inbox>.<number>`."""
+class Answers:
+    """The windows waiting for their acknowledgements, answered by reply number.
+
+    Both publish paths keep one (shared.transport.publish): this connection's frames, and
+    nats-py's core publishes with a reply subject each.
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.batches: collections.deque[_Batch] = collections.deque()
-        self.lost: str | None = None
+        self.batches: collections.deque[Batch] = collections.deque()
 
-    def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
-        number = int(parts[1][parts[1].rfind(b".") + 1 :])
-        if parts[0] == b"MSG":
-            body = buffer[body_start:end]
-            if body.startswith(b'{"stream"'):
-                self._answer(number, _DUPLICATE if _DUPLICATE_FIELD in body else _OK, None)
-            else:
-                self._answer(number, _ERROR, _error_of(body))
-        else:  # a status instead of an answer: 503 when no stream takes the subject
-            status = buffer[body_start : body_start + int(parts[-2])].split(b"\r\n", 1)[0]
-            if status.startswith(_NO_RESPONDERS):
-                reason = "no stream takes the subject (503)"
-            else:
-                reason = status.decode(errors="replace")
-            self._answer(number, _ERROR, reason)
+    def body(self, number: int, body: bytes) -> None:
+        """A JSON answer: a PubAck (maybe a duplicate) or an error."""
+        if body.startswith(b'{"stream"'):
+            self.answer(number, _DUPLICATE if _DUPLICATE_FIELD in body else _OK, None)
+        else:
+            self.answer(number, _ERROR, _error_of(body))
 
-    def _answer(self, number: int, outcome: int, error: str | None) -> None:
+    def status(self, number: int, status: bytes) -> None:
+        """A status instead of an answer: 503 when no stream takes the subject."""
+        # The status line of a frame (the accelerator) or nats-py's Status header.
+        if status.startswith(_NO_RESPONDERS) or status == b"%d" % NatsStatus.NO_RESPONDERS:
+            reason = "no stream takes the subject (503)"
+        else:
+            reason = status.decode(errors="replace")
+        self.answer(number, _ERROR, reason)
+
+    def answer(self, number: int, outcome: int, error: str | None) -> None:
         for batch in self.batches:
             index = number - batch.first
             if 0 <= index < batch.size:
@@ -109,13 +120,35 @@ class _Acks(FrameProtocol):
                     batch.finish()
                     self.batches.remove(batch)
                 return
-        # An answer to no batch still waiting (not expected of the server): ignored.
+        # An answer to no batch still waiting (late, after a reset): ignored.
+
+    def fail_all(self, reason: str) -> None:
+        """Every window still waiting finishes with what it has, as not acknowledged."""
+        while self.batches:
+            self.batches.popleft().finish(error=reason)
+
+
+class _Acks(FrameProtocol):
+    """Reads the acknowledgements (MSG) and status answers (HMSG) to `<inbox>.<number>`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = Answers()
+        self.batches = self.answers.batches
+        self.lost: str | None = None
+
+    def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
+        number = int(parts[1][parts[1].rfind(b".") + 1 :])
+        if parts[0] == b"MSG":
+            self.answers.body(number, buffer[body_start:end])
+        else:
+            status = buffer[body_start : body_start + int(parts[-2])].split(b"\r\n", 1)[0]
+            self.answers.status(number, status)
 
     def stopped(self, reason: Exception | None) -> None:
         self.lost = str(reason or "closed")
         self._fail_handshake(reason or BareUnavailable("closed"))
-        while self.batches:
-            self.batches.popleft().finish(error=self.lost)
+        self.answers.fail_all(self.lost)
 
 
 def _error_of(body: bytes) -> str:
@@ -134,6 +167,10 @@ class BarePublisher:
         self._acks = acks
         self._reply = inbox[:-1].encode()  # "<inbox>." : numbers follow
         self._next = 0
+        # nats-server closes a connection that sends a larger message (-ERR 'Maximum
+        # Payload Violation'): such a message is refused here instead, as nats-py does.
+        info = acks.info.result() if acks.info.done() else {}
+        self._max_payload = int(info.get("max_payload") or 1024 * 1024)
 
     @classmethod
     async def open(cls, nc: NATS, name: str = "stockpilot-publisher") -> BarePublisher:
@@ -152,26 +189,34 @@ class BarePublisher:
     ) -> asyncio.Future[Published]:
         """Send (msg id, payload) pairs as one write; the future says what was stored."""
         future: asyncio.Future[Published] = asyncio.get_running_loop().create_future()
-        batch = _Batch(self._next, len(messages), future)
+        batch = Batch(self._next, len(messages), future)
         if self.closed:
             batch.finish(error=self._acks.lost or "publisher closed")
             return future
         head = b"HPUB " + subject.encode() + b" " + self._reply
         frames = []
         number = self._next
-        for msg_id, payload in messages:
+        for index, (msg_id, payload) in enumerate(messages):
             headers = b"NATS/1.0\r\nNats-Msg-Id: " + msg_id.encode() + b"\r\n\r\n"
             size = len(headers)
+            if size + len(payload) > self._max_payload:
+                # Neither it nor what follows is sent (the stream keeps the window's order).
+                batch.refuse_from(
+                    index,
+                    f"message {msg_id[:80]} is over the server's max_payload "
+                    f"({size + len(payload)} > {self._max_payload} bytes)",
+                )
+                break
             frames.append(
                 b"%s%d %d %d\r\n%s%s\r\n"
                 % (head, number, size, size + len(payload), headers, payload)
             )
             number += 1
-        self._next = number
-        if messages:
+        self._next = self._next + len(messages)
+        if frames and not batch.future.done():
             self._acks.batches.append(batch)
             self._transport.write(b"".join(frames))
-        else:
+        elif not frames:
             batch.finish()
         return future
 

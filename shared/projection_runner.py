@@ -25,6 +25,7 @@ from shared.change_notices import ChangeNotifier
 from shared.clock import Clock
 from shared.dead_letters import dead_letter, describe_decode_error
 from shared.projection import FoldError, Projection, SeqWaiters
+from shared.transport import StreamFollower
 
 log = logging.getLogger("stockpilot.runtime")
 
@@ -48,6 +49,8 @@ class Tracked:
     waiters: SeqWaiters = field(default_factory=SeqWaiters)
     subscription: Any = None
     reader: asyncio.Task[None] | None = None
+    # What reads its stream (shared.transport): its `path` shows in the status.
+    follower: StreamFollower | None = None
 
 
 class ProjectionRunner:

@@ -7,9 +7,8 @@ the reading of the streams; each other job is a part, testable alone:
 - connect to NATS (retry forever; exit non-zero if the connection closes for good:
   `shared.connection`), provision or check the streams (`shared.streams`),
 - restore each projection from its latest snapshot (`shared.snapshotter`), then fold the
-  stream from there and follow it over a bare protocol connection (`shared.stream_reader`,
-  several times cheaper per event than nats-py's delivery path; nats-py's ordered push
-  consumer where that cannot run): the read methods below,
+  stream from there with one follower per projection (`shared.transport`: nats-py, or its
+  accelerator where that works), supervised,
 - fold each event, skipping `seq <= last_seq`, dead-lettering what does not decode or apply
   (`shared.projection_runner`), and announce the change (`shared.change_notices`),
 - publish the alerts the projections derive, once each (`shared.alert_outbox`,
@@ -21,8 +20,8 @@ the reading of the streams; each other job is a part, testable alone:
   (`shared.endpoints`), the built-in `status` and `digest` included (`shared.service_status`),
 - stop cleanly on SIGINT/SIGTERM.
 
-Over ~300 lines because the read methods (`_start_projection` to `_callback`) still live
-here: issue #15 moves them behind one transport seam (`shared/transport.py`).
+Over ~300 lines: the read methods went behind the transport seam (issue #15), what is left
+is `Context` (what handlers and background work see) and the lifecycle composing the parts.
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ import contextlib
 import logging
 import signal
 import threading
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -59,9 +57,9 @@ from shared.publish import publish_event
 from shared.service_status import VERSION, DigestAnswer, ServiceStatus, StatusReporter
 from shared.settings import CommonSettings, require_nats
 from shared.snapshotter import Snapshotter
-from shared.stream_reader import read_stream
 from shared.streams import STREAMS, NotProvisionedError, provision_or_check, snapshot_store
 from shared.supervise import Supervisor
+from shared.transport import StreamFollower, ack_metadata
 
 log = logging.getLogger("stockpilot.runtime")
 
@@ -70,25 +68,6 @@ def ack_position(msg: Msg) -> tuple[int, int]:
     """A JetStream message's stream sequence and pending count, read from its reply subject."""
     seq, pending, _ = ack_metadata(msg)
     return seq, pending
-
-
-def ack_metadata(msg: Msg) -> tuple[int, int, int]:
-    """A JetStream message's stream sequence, pending count and stored time (ns since the
-    epoch), read from its reply subject.
-
-    `msg.metadata` builds a Metadata, a SequencePair and a datetime for every message: about
-    a fifth of the runtime's per-message cost while catching up (docs/profiles/). Only the
-    integers are needed; anything unexpected falls back to nats-py's parser.
-    """
-    tokens = (msg.reply or "").split(".")
-    count = len(tokens)
-    if tokens[0] == "$JS" and tokens[1:2] == ["ACK"]:
-        if count == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            return int(tokens[5]), int(tokens[8]), int(tokens[7])
-        if count >= 11:  # v2: $JS.ACK.<domain>.<hash>.<stream>... (+ a random token)
-            return int(tokens[7]), int(tokens[10]), int(tokens[9])
-    meta = msg.metadata
-    return meta.sequence.stream, meta.num_pending, round(meta.timestamp.timestamp() * 1e9)
 
 
 Background = Callable[["Context"], Coroutine[Any, Any, None]]
@@ -344,117 +323,35 @@ class Runtime:
     # ----- reading the streams ---------------------------------------------------------
 
     async def _start_projection(self, tracked: _Tracked) -> None:
+        """Restore the projection, then follow its stream (shared.transport) under the
+        supervisor, from the view's next sequence on."""
         await self._restore(tracked)
         projection = tracked.projection
-        if not self.bare_reads:
-            await self._follow(tracked)
-            return
-        # Until the reader's first answer: at most what the stream holds past the view.
+        # Until the first event: at most what the stream holds past the view.
         state = (await self.js.stream_info(projection.stream.name)).state
         tracked.lag = max(0, state.last_seq - projection.view.last_seq)
-        tracked.reader = self.supervisor.start(self._read_bare(tracked), f"read-{projection.name}")
 
-    async def _read_bare(self, tracked: _Tracked) -> None:
-        """Fold the stream over a bare connection (shared.stream_reader) for as long as it works.
-
-        A read that stops after making progress (NATS restarted, a consumer lost) starts
-        again from the view's next sequence once NATS is back; one that stops without any
-        (TLS, an auth scheme it does not speak) hands over to nats-py's ordered consumer.
-        """
-        projection = tracked.projection
-        service = self.definition.name
-
-        def apply(seq: int, pending: int, subject: bytes, data: bytes, stored_ns: int) -> None:
+        def on_event(seq: int, pending: int, subject: str | bytes, data: bytes, ns: int) -> None:
             tracked.lag = pending
-            self._apply(tracked, seq, subject, data, stored_ns)
+            self._apply(tracked, seq, subject, data, ns)
 
         def caught_up() -> None:
             tracked.lag = 0
             self._mark_caught_up(tracked)
 
-        while True:
-            began = time.monotonic()
-            folded_before = projection.view.last_seq
-            try:
-                await read_stream(
-                    self.nc,
-                    projection.stream.name,
-                    projection.subject,
-                    projection.view.last_seq + 1,
-                    apply,
-                    follow=True,
-                    on_caught_up=caught_up,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                progressed = (
-                    projection.view.last_seq > folded_before or time.monotonic() - began > 30
-                )
-                log.warning(
-                    "%s: %s read stopped at seq %d (%s); %s",
-                    service,
-                    projection.name,
-                    projection.view.last_seq,
-                    exc,
-                    "reading again" if progressed else "following with nats-py instead",
-                )
-                if not progressed:
-                    break
-                self._reconnected.clear()
-                if not self.nc.is_connected:
-                    await self._reconnected.wait()
-        while True:
-            try:
-                await self._follow(tracked)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # NATS away: nats-py reconnects, then this succeeds
-                log.warning("%s: cannot follow %s yet (%s)", service, projection.name, exc)
-                await asyncio.sleep(1)
-
-    async def _follow(self, tracked: _Tracked) -> None:
-        """Fold the stream from the view's next sequence with an ordered push consumer."""
-        projection = tracked.projection
-        start = projection.view.last_seq + 1
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start,
-        )
-        tracked.subscription = await self.js.subscribe(
+        tracked.follower = StreamFollower(
+            self.nc,
+            projection.stream.name,
             projection.subject,
-            stream=projection.stream.name,
-            cb=self._callback(tracked),
-            ordered_consumer=True,
-            config=config,
-            idle_heartbeat=2.0,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=256 * 1024 * 1024,
+            lambda: projection.view.last_seq + 1,
+            on_event,
+            caught_up,
+            accelerated=self.bare_reads and self.settings.nats_accelerator == "on",
+            name=f"{self.definition.name}: {projection.name}",
         )
-        info = await tracked.subscription.consumer_info()
-        if projection.view.last_seq < start:
-            # Nothing delivered yet; once something is, its position keeps `lag` current.
-            tracked.lag = info.num_pending or 0
-        if tracked.lag == 0:
-            self._mark_caught_up(tracked)
-        else:
-            log.info(
-                "%s: %s following %d events from seq %d",
-                self.definition.name,
-                projection.name,
-                tracked.lag,
-                start,
-            )
-
-    def _callback(self, tracked: _Tracked) -> Callable[[Msg], Awaitable[None]]:
-        async def on_message(msg: Msg) -> None:
-            seq, tracked.lag, stored_ns = ack_metadata(msg)
-            self._apply(tracked, seq, msg.subject, msg.data, stored_ns)
-            if tracked.lag == 0:
-                self._mark_caught_up(tracked)
-
-        return on_message
+        tracked.reader = self.supervisor.start(
+            tracked.follower.run(), f"read-{projection.name}", forever=True
+        )
 
 
 async def run_service(definition: ServiceDefinition, settings: CommonSettings) -> int:

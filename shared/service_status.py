@@ -34,6 +34,9 @@ class ProjectionStatus(msgspec.Struct, kw_only=True):
     dead_lettered: int
     snapshot_seq: int
     snapshot_at: AwareDatetime | None
+    # How its events reach it: "accelerated" or "nats-py" (shared.transport); None from a
+    # service that predates the field.
+    transport: str | None = None
 
 
 class ProcessStatus(msgspec.Struct, kw_only=True):
@@ -114,6 +117,7 @@ class StatusReporter:
                 dead_lettered=t.dead_lettered,
                 snapshot_seq=t.snapshot_seq,
                 snapshot_at=t.snapshot_at,
+                transport=t.follower.path if t.follower is not None else None,
             )
             for t in self.tracked.values()
         ]

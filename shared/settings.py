@@ -14,7 +14,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -112,6 +112,9 @@ class CommonSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     snapshot_every_s: PositiveFloat = 30.0
     # Streams are created with this many replicas (3 on a NATS cluster).
     stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    # STOCKPILOT_NATS_ACCELERATOR: projection reads and usage publishes over our own NATS
+    # protocol code where it works ("on"), or over nats-py only ("off"); shared.transport.
+    nats_accelerator: Literal["on", "off"] = "on"
 
     def __post_init__(self) -> None:
         strip_whitespace(self, "nats_password")

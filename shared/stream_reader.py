@@ -33,7 +33,13 @@ from collections.abc import Callable
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
-from shared.bare_nats import BareUnavailable, FrameProtocol, open_bare
+from shared.bare_nats import (
+    BareRefused,
+    BareUnavailable,
+    BareUnreachable,
+    FrameProtocol,
+    open_bare,
+)
 from shared.nats_errors import NatsStatus, status_line
 
 log = logging.getLogger("stockpilot.stream_reader")
@@ -51,6 +57,15 @@ _HEARTBEAT_S = 1.0
 
 class ReadStopped(BareUnavailable):
     """Why a read ended before it was asked to."""
+
+
+class ServerUnreachable(ReadStopped):
+    """The server did not take the read's connection (restarting, lame duck): read later."""
+
+
+class ReadRefused(ReadStopped):
+    """The bare connection cannot work here (TLS, NKeys, credentials it does not speak, a
+    server that answered -ERR): reading again the same way would fail the same way."""
 
 
 class _Reader(FrameProtocol):
@@ -71,7 +86,8 @@ class _Reader(FrameProtocol):
 
     def stopped(self, reason: Exception | None) -> None:
         if reason is not None and not isinstance(reason, ReadStopped):
-            reason = ReadStopped(str(reason))
+            refused = isinstance(reason, BareRefused)
+            reason = (ReadRefused if refused else ReadStopped)(str(reason))
         self._fail_handshake(reason or ReadStopped("ended before the handshake"))
         if not self.finished.done():
             if reason is None:
@@ -154,6 +170,12 @@ async def read_stream(
         transport, reader = await open_bare(
             nc, lambda: _Reader(apply, follow, on_caught_up), "stockpilot-stream-reader", inbox
         )
+    except ReadStopped:
+        raise
+    except BareRefused as exc:
+        raise ReadRefused(str(exc)) from None
+    except BareUnreachable as exc:
+        raise ServerUnreachable(str(exc)) from None
     except BareUnavailable as exc:
         raise ReadStopped(str(exc)) from None
     consumer: str | None = None

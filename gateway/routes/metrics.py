@@ -100,7 +100,8 @@ async def _services(scrape: Scrape) -> list[Metric]:
     statuses = await asyncio.gather(
         *(scrape.ask(name, "status", ServiceStatus) for name in SERVICES)
     )
-    return fam.service_families(dict(zip(SERVICES, statuses, strict=True)))
+    by_service = dict(zip(SERVICES, statuses, strict=True))
+    return [*fam.service_families(by_service), *fam.transport_families(by_service)]
 
 
 async def _usage(scrape: Scrape) -> list[Metric]:

@@ -16,10 +16,10 @@ loses nothing, and a retried publish is stored once. When the buffer is full the
 is dropped, counted and logged.
 
 Sending is pipelined: windows of up to SEND_WINDOW events go out one after another, up to
-MAX_IN_FLIGHT unacknowledged, over a bare protocol connection (`shared.bare_publisher`, a
-fraction of nats-py's CPU per event, which the application's own process pays); when that
-connection cannot be opened (TLS, NKey or JWT credentials) they go through nats-py's
-`publish_async` instead.
+MAX_IN_FLIGHT unacknowledged, through `shared.transport.JetStreamPublisher`: over its
+accelerator (a fraction of nats-py's CPU per event, which the application's own process pays)
+unless STOCKPILOT_NATS_ACCELERATOR is off or it cannot run here (TLS, NKey or JWT
+credentials), else nats-py's `publish_async`.
 
 With a spool (`services.usage.spool`, on by default for `connect`) nothing recorded is lost
 to an outage longer than the buffer, a stream that refuses writes (its store full, its
@@ -51,12 +51,11 @@ from services.usage.calls import Call, Labels, current_call, failure_event, succ
 from services.usage.contract import SUBJECT_RECORDED, BudgetAnswer, UsageRecorded
 from services.usage.spool import DEFAULT_MAX_BYTES, Position, Spool, SpoolError
 from shared import connection
-from shared.bare_nats import BareUnavailable
-from shared.bare_publisher import BarePublisher, Published
 from shared.clock import SYSTEM_CLOCK, Clock
 from shared.publish import encode_event
 from shared.settings import CommonSettings
 from shared.streams import MAX_EVENT_BYTES
+from shared.transport import ACCELERATED, JetStreamPublisher, Published, TransportPath
 
 log = logging.getLogger("stockpilot.usage.client")
 
@@ -72,7 +71,7 @@ SEND_WINDOW = 256
 MAX_IN_FLIGHT = 4096
 # An encoded event larger than this is not sent (room left for the Nats-Msg-Id header).
 MAX_PAYLOAD = MAX_EVENT_BYTES - 1024
-# After the bare connection could not be opened, nats-py publishes for this long.
+# After the accelerator's connection could not be opened, nats-py publishes this long.
 BARE_RETRY_S = 30.0
 # While events wait in the spool, it is made durable (fsync) at most this often.
 SPOOL_SYNC_S = 1.0
@@ -137,10 +136,14 @@ class UsageRecorder:
         self._in_flight: collections.deque[tuple[int, asyncio.Future[Published]]] = (
             collections.deque()
         )
-        # Publish over a bare connection when one can be opened (False: nats-py only).
-        self._use_bare = bare
-        self._bare: BarePublisher | None = None
-        self._bare_refused_at = -BARE_RETRY_S
+        # Publish over the accelerator when it works here (False: nats-py only).
+        self._publisher = JetStreamPublisher(
+            nc,
+            accelerated=bare,
+            name="stockpilot-usage-client",
+            timeout=publish_timeout,
+            retry_s=BARE_RETRY_S,
+        )
         self._last_connection = ""
         self._capacity = buffer_size
         self._timeout = publish_timeout
@@ -172,6 +175,7 @@ class UsageRecorder:
         under the settings' spool directory (see RecorderSettings) unless `spool` is given."""
         if "spool" not in options:
             options["spool"] = open_spool(settings)
+        options.setdefault("bare", settings.nats_accelerator == "on")
         nc = await connection.connect(settings, name)
         recorder = cls(nc, owns_connection=True, **options)
         recorder.start()
@@ -195,9 +199,14 @@ class UsageRecorder:
 
     @property
     def connection(self) -> str:
-        """What the last window went over: "bare" (a bare NATS connection), "nats-py", or ""
+        """What the last window went over: "bare" (the accelerator), "nats-py", or ""
         before the first."""
         return self._last_connection
+
+    @property
+    def path(self) -> TransportPath:
+        """The transport path publishing now (shared.transport): "accelerated" or "nats-py"."""
+        return self._publisher.path
 
     @property
     def clock(self) -> Clock:
@@ -466,70 +475,17 @@ class UsageRecorder:
 
     async def _start_window(self, window: list[tuple[str, bytes]]) -> asyncio.Future[Published]:
         """Publish a window; a future of what became of it."""
-        loop = asyncio.get_running_loop()
-        if not self._nc.is_connected:  # nats-py is reconnecting: try again after a pause
-            outcome: asyncio.Future[Published] = loop.create_future()
-            outcome.set_result(Published(len(window), 0, 0, "NATS is not connected"))
-            return outcome
-        if (
-            self._use_bare
-            and self._bare is None
-            and loop.time() - self._bare_refused_at >= BARE_RETRY_S
-        ):
-            try:
-                self._bare = await BarePublisher.open(self._nc, "stockpilot-usage-client")
-            except BareUnavailable as exc:
-                self._bare_refused_at = loop.time()
-                log.info("usage client publishes with nats-py for now: %s", exc)
-        if self._bare is not None:
-            self._last_connection = "bare"
-            return self._bare.publish(SUBJECT_RECORDED, window)
-        self._last_connection = "nats-py"
-        return asyncio.ensure_future(self._publish_with_nats_py(window))
+        outcome = await self._publisher.publish(SUBJECT_RECORDED, window)
+        if self._nc.is_connected:
+            self._last_connection = "bare" if self._publisher.path == ACCELERATED else "nats-py"
+        return outcome
 
     def _abandon_in_flight(self) -> None:
-        """Stop waiting for the windows in flight (their events are sent again) and close the
-        bare connection: what it still owed is not waited for, the next window opens anew."""
-        if self._bare is not None:
-            self._bare.close()  # its windows finish as not acknowledged
-            self._bare = None
+        """Stop waiting for the windows in flight (their events are sent again) and drop the
+        accelerator's connection: what it still owed is not waited for, the next window opens
+        anew."""
+        self._publisher.reset()  # its windows finish as not acknowledged
         for _, outcome in self._in_flight:
             outcome.cancel()  # a nats-py window's task: releases the library's slots
         self._in_flight.clear()
         self._sent = 0
-
-    async def _publish_with_nats_py(self, window: list[tuple[str, bytes]]) -> Published:
-        """The same window through nats-py's publish_async (the bare connection is away)."""
-        futures: list[asyncio.Future[Any]] = []
-        error: str | None = None
-        try:
-            for msg_id, payload in window:
-                futures.append(
-                    await self._js.publish_async(
-                        SUBJECT_RECORDED, payload, headers={"Nats-Msg-Id": msg_id}
-                    )
-                )
-        except asyncio.CancelledError:
-            for future in futures:
-                future.cancel()  # releases the library's in-flight slot
-            raise
-        except Exception as exc:
-            error = str(exc) or type(exc).__name__  # the rest are retried with the window
-        if futures:
-            _, pending = await asyncio.wait(futures, timeout=self._timeout)
-            for future in pending:
-                future.cancel()
-        acked = duplicates = 0
-        for future in futures:
-            if future.cancelled() or future.exception() is not None:
-                error = error or str(future.exception() if not future.cancelled() else "timeout")
-                break
-            acked += 1
-            duplicates += bool(future.result().duplicate)
-        # Read the remaining outcomes so no "exception was never retrieved" is logged.
-        for future in futures[acked:]:
-            if not future.cancelled():
-                future.exception()
-        if acked < len(window) and error is None:
-            error = "not acknowledged"
-        return Published(len(window), acked, duplicates, error)

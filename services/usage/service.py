@@ -293,7 +293,9 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     async def records(params: SpendLogParams, ctx: Context) -> SpendLog:
         # Read from the stream itself, not the view: never cached, every page is fresh.
         async with reading:
-            return await spend_log.page(usage, ctx.js, params, settings.zone)
+            return await spend_log.page(
+                usage, ctx.js, params, settings.zone, bare=settings.nats_accelerator == "on"
+            )
 
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)

@@ -51,7 +51,6 @@ from services.usage.queries import _parse_moment  # the stats routes' own date/t
 from shared.errors import InvalidRequestError
 from shared.events import MAX_FUTURE_S
 from shared.nats_errors import is_nats_error, translate
-from shared.projection import FoldError
 
 # Events read per page at most (see the module docstring; bench/spend_log.py times it).
 SCAN_BUDGET = 25_000
@@ -283,8 +282,10 @@ def _picker(usage: UsageProjection, query: Query) -> Callable[[Message], SpendRe
             return None
         try:
             event = usage.admit(data, subject.decode(), stored_ns)
-        except (msgspec.DecodeError, msgspec.ValidationError, FoldError):
-            return None  # a dead letter: the fold never counted it
+        except Exception:
+            # Whatever admission raises (bad JSON or UTF-8, out of range, a FoldError), the
+            # runtime dead-letters (shared.projection_runner): the fold never counted it.
+            return None
         if not isinstance(event, UsageRecorded) or not query.matches(event):
             return None
         remembered = ids.current.ids.get(event.id) or ids.previous.ids.get(event.id)
