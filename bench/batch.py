@@ -104,7 +104,7 @@ async def lock_round_trips(url: str, count: int) -> float:
 
 
 def fold_rate(stored: list[bytes]) -> float:
-    """Decode + apply + react of stored events in-process: events/s."""
+    """Decode + apply (with the alerts it returns) of stored events in-process: events/s."""
     projection = batch_projection()
     started = time.perf_counter()
     for seq, data in enumerate(stored, start=1):

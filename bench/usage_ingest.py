@@ -51,7 +51,7 @@ def events(count: int, prefix: str = "bench") -> list[UsageRecorded]:
 
 
 def fold_rate(stored: list[bytes], settings: UsageSettings) -> float:
-    """Decode + apply + react in-process: events/s."""
+    """Decode + apply (with the alerts it returns) in-process: events/s."""
     projection = usage_projection(settings)
     started = time.perf_counter()
     for seq, data in enumerate(stored, start=1):

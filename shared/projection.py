@@ -1,7 +1,9 @@
 """A projection: a stream folded into a view by a pure function, plus what the runtime tracks.
 
-The fold (`apply`) and the reaction (`react`, which derives alerts from the view after an
-event) are pure: their only inputs are the view and the event. Everything about NATS lives in
+The fold, `apply(view, event, seq) -> alerts`, is pure: its only inputs are the view, the
+event and the stream sequence it was stored at, and it returns the alerts the event fired
+(usually none). Alerts never pass through fields of the persisted view: a snapshot holds
+state, not what the last event happened to cross. Everything about NATS lives in
 `shared.runtime`; this module is what both the runtime and the replay tooling fold with.
 """
 
@@ -35,6 +37,10 @@ class FoldError(Exception):
     """An event that decoded but cannot be applied (it is dead-lettered with this reason)."""
 
 
+NOTHING_FIRED: Sequence[Alert] = ()
+"""What a fold returns for an event that fired no alert (most of them): no allocation."""
+
+
 @dataclass
 class Projection(Generic[V, E]):
     """How to fold one stream (optionally a subset of its subjects) into a view."""
@@ -43,8 +49,10 @@ class Projection(Generic[V, E]):
     stream: StreamSpec
     view_type: type[V]
     decode: Callable[[bytes], E]
-    apply: Callable[[V, E], V]
-    react: Callable[[V, E], Sequence[Alert]] | None = None
+    # Folds the event stored at `seq` into the view, in place, and returns the alerts it
+    # fired. The sequence is the fold's only way to learn where it stands (a lock's fencing
+    # token, the sequence an id was first stored at); `view.last_seq` is set after it.
+    apply: Callable[[V, E, int], Sequence[Alert]]
     filter_subject: str | None = None
     # The fold's identity, stored with every snapshot: a snapshot folded by another version
     # of the fold (its meaning or the view's layout changed; bump `version` then) or under
@@ -83,13 +91,12 @@ class Projection(Generic[V, E]):
         subject: str | bytes | None = None,
         stored_ns: int | None = None,
     ) -> Sequence[Alert]:
-        """Decode, check and apply one stored message; raises on a message to dead-letter."""
+        """Decode, check and apply one stored message: the alerts it fired; raises on a
+        message to dead-letter."""
         event = self.admit(data, subject, stored_ns)
-        self.view = self.apply(self.view, event)
+        fired = self.apply(self.view, event, seq)
         self.view.last_seq = seq
-        if self.react is None:
-            return ()
-        return self.react(self.view, event)
+        return fired
 
     def reset(self) -> None:
         """Back to the empty view (before a full rebuild)."""

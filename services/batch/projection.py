@@ -1,15 +1,15 @@
 """The batch projection: execution history (bounded) and job locks, as a pure fold.
 
 The fold needs the stream sequence of each event (a lock's fencing token is the sequence of
-its `lock.acquired`), so `apply` takes it and `BatchProjection.fold` passes it. Nothing here
-reads a clock: whether a lock has expired or a running execution is lost is decided at query
-time from `expires_at` and `last_heartbeat_at` (see `queries`).
+its `lock.acquired`): `apply(view, event, seq)` takes it, and returns the alerts the event
+fired (a failed run, an expired lock cleaned up, a forced release). Nothing here reads a
+clock: whether a lock has expired or a running execution is lost is decided at query time
+from `expires_at` and `last_heartbeat_at` (see `queries`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import msgspec
@@ -31,7 +31,7 @@ from services.batch.contract import (
 )
 from services.batch.lockrule import LockState, lock_step
 from shared.events import Alert, AwareDatetime, alert_id
-from shared.projection import FoldError, Projection, View, fold_fingerprint
+from shared.projection import NOTHING_FIRED, FoldError, Projection, View, fold_fingerprint
 from shared.streams import STREAMS
 
 __all__ = ["LockState"]  # re-exported: the lock rule owns it, queries and decide read it here
@@ -46,6 +46,9 @@ MAX_WARNINGS = 20
 MAX_WARNING_CHARS = 500
 MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 4000
+# Bumped when the fold's meaning or the view's layout changes (see Projection.version).
+# 2: the view no longer holds `last_released` (apply returns the alerts it fired).
+FOLD_VERSION = "2"
 
 
 class Execution(msgspec.Struct, kw_only=True):
@@ -77,7 +80,7 @@ class Execution(msgspec.Struct, kw_only=True):
 
 
 class ReleasedLock(msgspec.Struct, kw_only=True):
-    """The lock the event just folded released (what `react` alerts on)."""
+    """The lock the event just folded released (what its alert is about; not kept)."""
 
     job_id: str
     owner: str
@@ -111,7 +114,6 @@ class BatchView(View, kw_only=True):
     ignored_releases: int = 0
     ignored_renewals: int = 0
     orphan_events: int = 0
-    last_released: ReleasedLock | None = None
 
 
 def _pct(done: int, total: int | None) -> float | None:
@@ -233,7 +235,8 @@ def _scheduled(view: BatchView, event: JobScheduled) -> None:
 
 def _lock_event(
     view: BatchView, event: LockAcquired | LockReleased | LockRenewed, seq: int
-) -> None:
+) -> ReleasedLock | None:
+    """Fold a lock event; the lock a release released (None for anything else)."""
     # The same rule the workers fold the lock subject with (services.batch.lockrule).
     step = lock_step(view.locks.get(event.job_id), event, seq)
     if step.held is None:
@@ -247,27 +250,28 @@ def _lock_event(
             view.ignored_releases += 1
         else:
             view.ignored_renewals += 1
-        return
-    if step.released is not None and isinstance(event, LockReleased):
-        held = step.released
-        view.last_released = ReleasedLock(
-            job_id=held.job_id,
-            owner=held.owner,
-            fencing_token=held.fencing_token,
-            reason=event.reason,
-            by=event.by,
-            acquired_at=held.acquired_at,
-            expires_at=held.expires_at,
-            released_at=event.occurred_at,
-            note=event.note,
-        )
+        return None
+    if step.released is None or not isinstance(event, LockReleased):
+        return None
+    held = step.released
+    return ReleasedLock(
+        job_id=held.job_id,
+        owner=held.owner,
+        fencing_token=held.fencing_token,
+        reason=event.reason,
+        by=event.by,
+        acquired_at=held.acquired_at,
+        expires_at=held.expires_at,
+        released_at=event.occurred_at,
+        note=event.note,
+    )
 
 
 def apply(
     view: BatchView, event: BatchEvent, seq: int, history_limit: int = DEFAULT_HISTORY_LIMIT
-) -> BatchView:
-    """Fold one event stored at stream sequence `seq` into the view (in place)."""
-    view.last_released = None
+) -> Sequence[Alert]:
+    """Fold one event stored at stream sequence `seq` into the view (in place); the alerts
+    it fired: a failed run, an expired lock cleaned up, a forced release."""
     match event:
         case BatchStarted():
             _started(view, event, seq, history_limit)
@@ -275,13 +279,21 @@ def apply(
             _progress(view, event)
         case BatchFinished():
             _finished(view, event)
-        case LockAcquired() | LockReleased() | LockRenewed():
+            if event.status == "failed":
+                execution = view.executions.get(event.execution_id)
+                if execution is not None and execution.status == "failed":
+                    return [job_failed_alert(execution, event.occurred_at, "failed")]
+        case LockAcquired() | LockRenewed():
             _lock_event(view, event, seq)
+        case LockReleased():
+            released = _lock_event(view, event, seq)
+            if released is not None:
+                return _release_alerts(released, event)
         case BatchSkipped():
             _skipped(view, event, seq, history_limit)
         case JobScheduled():
             _scheduled(view, event)
-    return view
+    return NOTHING_FIRED
 
 
 def job_failed_alert(execution: Execution, occurred_at: datetime, why: str) -> Alert:
@@ -374,69 +386,41 @@ def lock_forced_alert(released: ReleasedLock) -> Alert:
     )
 
 
-def react(view: BatchView, event: BatchEvent) -> Sequence[Alert]:
-    """Alerts derived from the event just folded: a failed run, an expired lock cleaned up, a
-    forced release."""
-    match event:
-        case BatchFinished(status="failed"):
-            execution = view.executions.get(event.execution_id)
-            if execution is not None and execution.status == "failed":
-                return [job_failed_alert(execution, event.occurred_at, "failed")]
-        case LockReleased(reason="expired"):
-            released = view.last_released
-            if released is not None:
-                lock = LockState(
-                    job_id=released.job_id,
-                    owner=released.owner,
-                    execution_id=None,
-                    acquired_at=released.acquired_at,
-                    expires_at=released.expires_at,
-                    fencing_token=released.fencing_token,
-                )
-                return [lock_expired_alert(lock, event.occurred_at, released.by)]
-        case LockReleased(reason="forced"):
-            if view.last_released is not None:
-                return [lock_forced_alert(view.last_released)]
-    return ()
+def _release_alerts(released: ReleasedLock, event: LockReleased) -> Sequence[Alert]:
+    """A cleanup of an expired lock, or a forced release, is alerted; a normal one is not."""
+    if event.reason == "expired":
+        lock = LockState(
+            job_id=released.job_id,
+            owner=released.owner,
+            execution_id=None,
+            acquired_at=released.acquired_at,
+            expires_at=released.expires_at,
+            fencing_token=released.fencing_token,
+        )
+        return [lock_expired_alert(lock, event.occurred_at, released.by)]
+    if event.reason == "forced":
+        return [lock_forced_alert(released)]
+    return NOTHING_FIRED
 
 
-@dataclass
-class BatchProjection(Projection[BatchView, BatchEvent]):
-    """A Projection whose fold hands the stream sequence to `apply`."""
-
-    history_limit: int = DEFAULT_HISTORY_LIMIT
-
-    def fold(
-        self,
-        seq: int,
-        data: bytes,
-        subject: str | bytes | None = None,
-        stored_ns: int | None = None,
-    ) -> Sequence[Alert]:
-        """Decode, check and apply one stored message at `seq`: an event on a subject it does
-        not belong to (a lock event naming another job, a schedule on a run subject) is
-        refused (FoldError: the runtime dead-letters it) and changes nothing."""
-        event = self.admit(data, subject, stored_ns)
-        self.view = apply(self.view, event, seq, self.history_limit)
-        self.view.last_seq = seq
-        return react(self.view, event)
+BatchProjection = Projection[BatchView, BatchEvent]
 
 
 def batch_projection(history_limit: int = DEFAULT_HISTORY_LIMIT) -> BatchProjection:
-    """The projection of the whole STOCKPILOT_BATCH stream."""
+    """The projection of the whole STOCKPILOT_BATCH stream. An event on a subject it does not
+    belong to (a lock event naming another job, a schedule on a run subject) is refused
+    (FoldError: the runtime dead-letters it) and changes nothing."""
 
-    def apply_next(view: BatchView, event: BatchEvent) -> BatchView:
-        # For callers of the plain Projection API: the batch stream has no gaps in practice.
-        return apply(view, event, view.last_seq + 1, history_limit)
+    def fold(view: BatchView, event: BatchEvent, seq: int) -> Sequence[Alert]:
+        return apply(view, event, seq, history_limit)
 
-    return BatchProjection(
+    return Projection(
         name="batch",
         stream=STREAMS["batch"],
         view_type=BatchView,
         decode=decode_batch_event,
-        apply=apply_next,
-        react=react,
-        history_limit=history_limit,
+        apply=fold,
+        version=FOLD_VERSION,
         # The history bound decides what the view keeps: another bound, another view.
         fingerprint=fold_fingerprint(history_limit),
     )

@@ -2,12 +2,12 @@
 
 A pure fold. A component's status changes only after `down_after` consecutive results in a
 worse state (`up_after` for a better one), so a flapping target does not flip on one result;
-each confirmed change is recorded as the component's `last_transition`, from which `react`
-derives exactly one `health.status_changed` alert. A component that changes FLAP_CHANGES times
-within FLAP_WINDOW_S is reported once as `health.flapping`, and once more when it has kept one
-status for FLAP_WINDOW_S (all judged from event times, so replicas and replays agree). Raw
-samples are kept for 24 h (bounded by count), hourly buckets for `max_hours`, so the view and
-its snapshot stay bounded.
+each confirmed change is recorded as the component's `last_transition`, and `apply` returns
+exactly one `health.status_changed` alert for the event that confirmed it. A component that
+changes FLAP_CHANGES times within FLAP_WINDOW_S is reported once as `health.flapping`, and
+once more when it has kept one status for FLAP_WINDOW_S (all judged from event times, so
+replicas and replays agree). Raw samples are kept for 24 h (bounded by count), hourly buckets
+for `max_hours`, so the view and its snapshot stay bounded.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import msgspec
 
 from services.health.contract import HealthChecked, HealthEvent, HostSampled, Kind, Status
 from shared.events import Alert, AwareDatetime, Severity, alert_id, rfc3339
-from shared.projection import FoldError, View
+from shared.projection import NOTHING_FIRED, FoldError, View
 
 HOUR_S = 3600.0
 DAY_S = 86_400.0
 # Bumped when the fold's meaning or the view's layout changes: a snapshot folded by another
-# version is not reused and the view is rebuilt from the stream's first event.
+# version is not reused and the view is rebuilt from the stream's first event. (Returning
+# the alerts from `apply` changed neither: `last_transition` is still recorded as before.)
 FOLD_VERSION = "1"
 ALERT_KIND = "health.status_changed"
 # Status codes stored in samples (a byte each instead of a string).
@@ -109,7 +110,7 @@ class HealthView(View, kw_only=True):
     checked_at: AwareDatetime | None = None
 
 
-def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
+def _change(state: ComponentState, event: HealthChecked, results: int) -> Transition:
     old, new = state.status, event.status
     # unknown → healthy is a probe being switched on, not news; anything else is alerted.
     alert = new != "unknown" and (old != "unknown" or new != "healthy")
@@ -123,7 +124,7 @@ def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
         elif len(state.changes) >= FLAP_CHANGES:
             state.flapping_since = event.occurred_at
             note = "flapping"
-    state.last_transition = Transition(
+    change = state.last_transition = Transition(
         from_status=old,
         to_status=new,
         at=event.occurred_at,
@@ -136,18 +137,20 @@ def _change(state: ComponentState, event: HealthChecked, results: int) -> None:
     state.since = event.occurred_at
     state.pending = None
     state.streak = 0
+    return change
 
 
-def _hysteresis(state: ComponentState, event: HealthChecked, policy: FoldPolicy) -> None:
+def _hysteresis(
+    state: ComponentState, event: HealthChecked, policy: FoldPolicy
+) -> Transition | None:
     new = event.status
     if new == state.status:
         state.pending = None
         state.streak = 0
-        return
+        return None
     if new == "unknown" or state.status == "unknown":
         # Switching a probe off or on is configuration, not a flapping target: follow it.
-        _change(state, event, 1)
-        return
+        return _change(state, event, 1)
     if new == state.pending:
         state.streak += 1
     else:
@@ -155,7 +158,8 @@ def _hysteresis(state: ComponentState, event: HealthChecked, policy: FoldPolicy)
         state.streak = 1
     needed = policy.down_after if RANK[new] > RANK[state.status] else policy.up_after
     if state.streak >= needed:
-        _change(state, event, state.streak)
+        return _change(state, event, state.streak)
+    return None
 
 
 def _record(state: ComponentState, event: HealthChecked, policy: FoldPolicy) -> None:
@@ -196,7 +200,10 @@ def _record(state: ComponentState, event: HealthChecked, policy: FoldPolicy) -> 
         del hours[: len(hours) - policy.max_hours]
 
 
-def _checked(view: HealthView, event: HealthChecked, policy: FoldPolicy) -> None:
+def _checked(
+    view: HealthView, event: HealthChecked, policy: FoldPolicy
+) -> tuple[ComponentState, Transition | None]:
+    """Fold one result: the component's state and the transition the result made, if any."""
     if not event.component or " " in event.component:
         raise FoldError(f"component name {event.component!r} is not valid")
     if event.latency_ms is not None and event.latency_ms < 0:
@@ -207,29 +214,32 @@ def _checked(view: HealthView, event: HealthChecked, policy: FoldPolicy) -> None
             kind=event.kind, latest=event, status="unknown", since=event.occurred_at
         )
         view.components[event.component] = state
+        change = None
         if event.status != "unknown":
             # Nothing to flap from: the first result is the status.
-            _change(state, event, 1)
+            change = _change(state, event, 1)
     else:
         if event.occurred_at >= state.latest.occurred_at:
             state.latest = event
             state.kind = event.kind
-        _hysteresis(state, event, policy)
-        _settle(state, event)
+        change = _hysteresis(state, event, policy)
+        # Settling is recorded after (and instead of) a change by the same result.
+        change = _settle(state, event) or change
     _record(state, event, policy)
     if view.checked_at is None or event.occurred_at > view.checked_at:
         view.checked_at = event.occurred_at
+    return state, change
 
 
-def _settle(state: ComponentState, event: HealthChecked) -> None:
+def _settle(state: ComponentState, event: HealthChecked) -> Transition | None:
     """A flapping component that has kept one status for FLAP_WINDOW_S has settled."""
     if state.flapping_since is None or not state.changes:
-        return
+        return None
     if event.occurred_at.timestamp() - state.changes[-1] < FLAP_WINDOW_S:
-        return
+        return None
     state.flapping_since = None
     state.changes = []
-    state.last_transition = Transition(
+    change = state.last_transition = Transition(
         from_status=state.status,
         to_status=state.status,
         at=event.occurred_at,
@@ -238,23 +248,29 @@ def _settle(state: ComponentState, event: HealthChecked) -> None:
         alert=True,
         note="settled",
     )
+    return change
 
 
-def apply(view: HealthView, event: HealthEvent, policy: FoldPolicy) -> HealthView:
-    """Fold one event into the view (pure: the event is the only input)."""
+def apply(view: HealthView, event: HealthEvent, policy: FoldPolicy) -> Sequence[Alert]:
+    """Fold one event into the view, in place (pure: the event is the only input); the
+    alert it fired: `health.status_changed` or `health.flapping` for a result that confirmed
+    a change, started or ended flapping."""
     match event:
         case HealthChecked():
-            _checked(view, event, policy)
+            state, change = _checked(view, event, policy)
+            if change is not None and change.alert:
+                return [_alert(state, change, event)]
         case HostSampled():
             if view.host is None or event.occurred_at >= view.host.occurred_at:
                 view.host = event
-    return view
+    return NOTHING_FIRED
 
 
-def make_apply(policy: FoldPolicy) -> Callable[[HealthView, HealthEvent], HealthView]:
-    """The fold with its configuration bound (what the Projection takes)."""
+def make_apply(policy: FoldPolicy) -> Callable[[HealthView, HealthEvent, int], Sequence[Alert]]:
+    """The fold with its configuration bound (what the Projection takes; it needs no
+    stream sequence)."""
 
-    def fold(view: HealthView, event: HealthEvent) -> HealthView:
+    def fold(view: HealthView, event: HealthEvent, seq: int) -> Sequence[Alert]:
         return apply(view, event, policy)
 
     return fold
@@ -263,93 +279,79 @@ def make_apply(policy: FoldPolicy) -> Callable[[HealthView, HealthEvent], Health
 _SEVERITY: dict[str, Severity] = {"healthy": "info", "degraded": "warning", "unhealthy": "critical"}
 
 
-def react(view: HealthView, event: HealthEvent) -> Sequence[Alert]:
-    """A `health.status_changed` alert for the event that confirmed a status change."""
-    if not isinstance(event, HealthChecked):
-        return ()
-    state = view.components.get(event.component)
-    if state is None or state.last_transition is None:
-        return ()
-    change = state.last_transition
-    if change.event_id != event.id or not change.alert:
-        return ()
+def _alert(state: ComponentState, change: Transition, event: HealthChecked) -> Alert:
+    """The alert for the change `event` just confirmed (or the flapping it began or ended)."""
     detail = f": {event.error}" if event.error and change.to_status != "healthy" else ""
     minutes = f"{FLAP_WINDOW_S / 60:g}"
     if change.note == "flapping":
-        return [
-            Alert(
-                id=alert_id(FLAP_KIND, event.component, rfc3339(event.occurred_at)),
-                occurred_at=event.occurred_at,
-                source="health",
-                kind=FLAP_KIND,
-                severity="warning",
-                title=f"{event.component} is flapping",
-                message=(
-                    f"{event.component} changed status {len(state.changes)} times in "
-                    f"{minutes} minutes, now {change.to_status}{detail}; further changes are "
-                    f"not alerted until it keeps one status for {minutes} minutes"
-                ),
-                metric=f"{event.component}.status_changes",
-                value=float(len(state.changes)),
-                threshold=float(FLAP_CHANGES),
-                params={
-                    "component": event.component,
-                    "to": change.to_status,
-                    "changes": len(state.changes),
-                    "minutes": int(FLAP_WINDOW_S // 60),
-                    "error": event.error if change.to_status != "healthy" else None,
-                },
-            )
-        ]
+        return Alert(
+            id=alert_id(FLAP_KIND, event.component, rfc3339(event.occurred_at)),
+            occurred_at=event.occurred_at,
+            source="health",
+            kind=FLAP_KIND,
+            severity="warning",
+            title=f"{event.component} is flapping",
+            message=(
+                f"{event.component} changed status {len(state.changes)} times in "
+                f"{minutes} minutes, now {change.to_status}{detail}; further changes are "
+                f"not alerted until it keeps one status for {minutes} minutes"
+            ),
+            metric=f"{event.component}.status_changes",
+            value=float(len(state.changes)),
+            threshold=float(FLAP_CHANGES),
+            params={
+                "component": event.component,
+                "to": change.to_status,
+                "changes": len(state.changes),
+                "minutes": int(FLAP_WINDOW_S // 60),
+                "error": event.error if change.to_status != "healthy" else None,
+            },
+        )
     if change.note == "settled":
-        return [
-            Alert(
-                id=alert_id(ALERT_KIND, event.component, f"{rfc3339(event.occurred_at)}:settled"),
-                occurred_at=event.occurred_at,
-                source="health",
-                kind=ALERT_KIND,
-                severity=_SEVERITY.get(change.to_status, "warning"),
-                title=f"{event.component} settled: {change.to_status}",
-                message=(
-                    f"{event.component} stopped flapping: {change.to_status} for "
-                    f"{minutes} minutes{detail}"
-                ),
-                metric=f"{event.component}.status_rank",
-                value=float(RANK.get(change.to_status, -1)),
-                threshold=float(RANK.get(change.to_status, -1)),
-                params={
-                    "component": event.component,
-                    "to": change.to_status,
-                    "settled": True,
-                    "minutes": int(FLAP_WINDOW_S // 60),
-                    "error": event.error if change.to_status != "healthy" else None,
-                },
-            )
-        ]
-    return [
-        Alert(
-            id=alert_id(ALERT_KIND, event.component, rfc3339(event.occurred_at)),
+        return Alert(
+            id=alert_id(ALERT_KIND, event.component, f"{rfc3339(event.occurred_at)}:settled"),
             occurred_at=event.occurred_at,
             source="health",
             kind=ALERT_KIND,
             severity=_SEVERITY.get(change.to_status, "warning"),
-            title=f"{event.component} is {change.to_status}",
+            title=f"{event.component} settled: {change.to_status}",
             message=(
-                f"{event.component} went from {change.from_status} to {change.to_status} "
-                f"after {change.results} consecutive result(s){detail}"
+                f"{event.component} stopped flapping: {change.to_status} for "
+                f"{minutes} minutes{detail}"
             ),
             metric=f"{event.component}.status_rank",
             value=float(RANK.get(change.to_status, -1)),
-            threshold=float(RANK.get(change.from_status, -1)),
+            threshold=float(RANK.get(change.to_status, -1)),
             params={
                 "component": event.component,
-                "from": change.from_status,
                 "to": change.to_status,
-                "results": change.results,
+                "settled": True,
+                "minutes": int(FLAP_WINDOW_S // 60),
                 "error": event.error if change.to_status != "healthy" else None,
             },
         )
-    ]
+    return Alert(
+        id=alert_id(ALERT_KIND, event.component, rfc3339(event.occurred_at)),
+        occurred_at=event.occurred_at,
+        source="health",
+        kind=ALERT_KIND,
+        severity=_SEVERITY.get(change.to_status, "warning"),
+        title=f"{event.component} is {change.to_status}",
+        message=(
+            f"{event.component} went from {change.from_status} to {change.to_status} "
+            f"after {change.results} consecutive result(s){detail}"
+        ),
+        metric=f"{event.component}.status_rank",
+        value=float(RANK.get(change.to_status, -1)),
+        threshold=float(RANK.get(change.from_status, -1)),
+        params={
+            "component": event.component,
+            "from": change.from_status,
+            "to": change.to_status,
+            "results": change.results,
+            "error": event.error if change.to_status != "healthy" else None,
+        },
+    )
 
 
 def status_at(code: int) -> Status:

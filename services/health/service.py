@@ -24,7 +24,7 @@ from services.health.contract import (
     HostSampled,
     decode_health_event,
 )
-from services.health.projection import FOLD_VERSION, FoldPolicy, HealthView, make_apply, react
+from services.health.projection import FOLD_VERSION, FoldPolicy, HealthView, make_apply
 from services.health.settings import HealthSettings
 from shared.endpoints import Endpoint, NoParams
 from shared.errors import StockpilotError
@@ -53,7 +53,6 @@ def health_projection(settings: HealthSettings) -> Projection[HealthView, Health
         view_type=HealthView,
         decode=decode_health_event,
         apply=make_apply(fold_policy(settings)),
-        react=react,
         version=FOLD_VERSION,
         # Hysteresis and history bounds shape the view: a snapshot under others is rebuilt.
         fingerprint=fold_fingerprint(fold_policy(settings)),

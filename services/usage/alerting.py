@@ -1,11 +1,11 @@
-"""Alerts from what the last usage event crossed: deterministic ids, contract fields."""
+"""Alerts from what a usage event crossed: deterministic ids, contract fields."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from services.usage.contract import UsageEvent
-from services.usage.view import QUIET_S, WINDOW_S, Fired, FoldConfig, UsageView
+from services.usage.view import QUIET_S, WINDOW_S, Fired, FoldConfig
 from shared.events import Alert, Severity, alert_id
 
 _TEXT: dict[str, tuple[Severity, str, str]] = {
@@ -19,15 +19,9 @@ _TEXT: dict[str, tuple[Severity, str, str]] = {
 }
 
 
-def make_react(config: FoldConfig) -> Callable[[UsageView, UsageEvent], Sequence[Alert]]:
-    """Alerts for what the last event crossed (deterministic ids: kind + scope + period)."""
-
-    def react(view: UsageView, event: UsageEvent) -> Sequence[Alert]:
-        if not view.fired:
-            return ()
-        return [_alert(f, event, config) for f in view.fired]
-
-    return react
+def alerts_for(fired: Sequence[Fired], event: UsageEvent, config: FoldConfig) -> list[Alert]:
+    """The alerts for what `event` crossed (deterministic ids: kind + scope + period)."""
+    return [_alert(f, event, config) for f in fired]
 
 
 def _alert(fired: Fired, event: UsageEvent, config: FoldConfig) -> Alert:

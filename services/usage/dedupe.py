@@ -83,10 +83,13 @@ def remember(
     current, previous = memory.current, memory.previous
     if key in current.ids or key in previous.ids:
         return False
+    bloom = current.bloom
+    if bloom and stored_at - current.since < DEDUPE_S and len(current.ids) >= exact_limit:
+        return _remember_spilled(current, previous.bloom, key)
     bits: tuple[int, ...] | None = None
-    if current.bloom or previous.bloom:
+    if bloom or previous.bloom:
         bits = positions(key)
-        if (current.bloom and _in_bloom(current.bloom, bits)) or (
+        if (bloom and _in_bloom(bloom, bits)) or (
             previous.bloom and _in_bloom(previous.bloom, bits)
         ):
             return False
@@ -101,5 +104,42 @@ def remember(
     bloom = current.bloom
     for p in bits or positions(key):
         bloom[p >> 3] |= 1 << (p & 7)
+    current.spilled += 1
+    return True
+
+
+def _remember_spilled(current: IdGeneration, previous: bytearray, key: str) -> bool:
+    """`remember` in a generation past its exact ids (no rotation due): the same decision
+    and the same bits as the general path, in the fewest steps. Most ids of a busy day
+    (every id of a replay past the first EXACT_LIMIT) come here; the loops, the tuple and
+    the separate membership test of the general path were a fifth of the fold's time."""
+    n = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=24).digest(), "little")
+    m = _MASK
+    p0, p1, p2, p3 = n & m, (n >> 26) & m, (n >> 52) & m, (n >> 78) & m
+    p4, p5, p6 = (n >> 104) & m, (n >> 130) & m, (n >> 156) & m
+    if (
+        previous
+        and previous[p0 >> 3] & (1 << (p0 & 7))
+        and previous[p1 >> 3] & (1 << (p1 & 7))
+        and previous[p2 >> 3] & (1 << (p2 & 7))
+        and previous[p3 >> 3] & (1 << (p3 & 7))
+        and previous[p4 >> 3] & (1 << (p4 & 7))
+        and previous[p5 >> 3] & (1 << (p5 & 7))
+        and previous[p6 >> 3] & (1 << (p6 & 7))
+    ):
+        return False
+    # Set the bits, noting whether one was unset: if none was, the id was in the filter
+    # already (a retry) and setting them changed nothing.
+    bloom = current.bloom
+    new = 0
+    for p in (p0, p1, p2, p3, p4, p5, p6):
+        i = p >> 3
+        old = bloom[i]
+        bit = 1 << (p & 7)
+        if not old & bit:
+            bloom[i] = old | bit
+            new = 1
+    if not new:
+        return False
     current.spilled += 1
     return True

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 from shared.events import Alert
-from shared.projection import View
+from shared.projection import NOTHING_FIRED, View
 
 HISTORY_LIMIT = 1_000
 
@@ -19,14 +21,15 @@ class AlertHistory(View, kw_only=True):
     seen_total: int = 0
 
 
-def apply_alert(view: AlertHistory, alert: Alert) -> AlertHistory:
-    """Keep the alert unless its id is already held; trim the oldest past the bound."""
+def apply_alert(view: AlertHistory, alert: Alert, seq: int) -> Sequence[Alert]:
+    """Keep the alert unless its id is already held; trim the oldest past the bound. Fires
+    nothing (the alerts are what it folds)."""
     if alert.id in view.alerts:
-        return view
+        return NOTHING_FIRED
     view.alerts[alert.id] = alert
     view.seen_total += 1
     # Trimming in batches keeps this O(1) amortised (dict deletes from the front are not).
     if len(view.alerts) > HISTORY_LIMIT + HISTORY_LIMIT // 10:
         kept = list(view.alerts.items())[-HISTORY_LIMIT:]
         view.alerts = dict(kept)
-    return view
+    return NOTHING_FIRED

@@ -1,9 +1,13 @@
 """The usage projection: a pure fold of STOCKPILOT_USAGE into the bounded UsageView.
 
 `apply` also runs the alert state machines (budget crossings, error-rate episodes, unpriced
-models) and leaves what the event crossed in `view.fired`; `services.usage.alerting.react`
-turns that into alerts with deterministic ids, so every replica and every replay derives
-the same ones.
+models) and returns the alerts for what the event crossed (`services.usage.alerting` words
+them, with deterministic ids), so every replica and every replay derives the same ones.
+
+Longer than the house's ~300 lines on purpose: `record`, the fold of one call, is the hot
+path of every replay and start-up (bench/profile_usage_fold.py, docs/profiles/usage-fold-*),
+kept as one closure over its configuration with its steps inline; what an event crossed
+(budgets, error-rate episodes, late periods) lives in services.usage.crossings.
 """
 
 from __future__ import annotations
@@ -11,32 +15,34 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
 from services.usage import dedupe, sketch
-from services.usage.alerting import make_react
+from services.usage.alerting import alerts_for
 from services.usage.contract import Price, PricesChanged, UsageEvent, UsageRecorded, UsageReset
-from services.usage.prices import PriceTable, base_model
-from services.usage.settings import Budget
+from services.usage.crossings import (
+    covers,
+    crossings,
+    error_window,
+    scoped_spend,
+    silence_closed_periods,
+)
+from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
 from services.usage.view import (
-    BUDGET_PERIOD_LIMIT,
-    COST_EPSILON,
     DAY_LIMIT,
     FORECAST_MIN_ELAPSED_S,
     HOUR_LIMIT,
     KEY_LIMIT,
-    LATE_ALERT_S,
+    LATENCY_BUCKETS_S,
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
     PRICE_TABLE_LIMIT,
-    QUIET_S,
     UNPRICED_LIMIT,
     USER_LIMIT,
-    WINDOW_S,
     Agg,
     Day,
     Fired,
@@ -46,14 +52,11 @@ from services.usage.view import (
     PriceEpoch,
     Spend,
     UsageView,
-    add_call,
-    add_total,
-    day_start,
     hour_key,
     month_bounds,
 )
-from shared.events import Alert, rfc3339
-from shared.projection import Projection
+from shared.events import Alert
+from shared.projection import NOTHING_FIRED, Projection
 
 __all__ = [
     "FoldConfig",
@@ -61,16 +64,16 @@ __all__ = [
     "UsageProjection",
     "UsageView",
     "make_apply",
-    "make_react",
 ]
 
 
 class UsageApply(Protocol):
-    """The usage fold: `stored_at` is the stream's timestamp of the event (epoch seconds)."""
+    """The usage fold of the event stored at `seq`: the alerts it fired. `stored_at` is the
+    stream's timestamp of the event (epoch seconds; None outside the runtime)."""
 
     def __call__(
-        self, view: UsageView, event: UsageEvent, stored_at: float | None = None
-    ) -> UsageView: ...
+        self, view: UsageView, event: UsageEvent, seq: int, stored_at: float | None = None
+    ) -> Sequence[Alert]: ...
 
 
 _SLOT_S = 900
@@ -79,16 +82,51 @@ _SLOT_END = timedelta(seconds=_SLOT_S, microseconds=-1)
 _SLOT_LIMIT = 10_000
 
 
-def _bounded_key(mapping: dict[str, object], key: str, limit: int) -> str:
-    return key if key in mapping or len(mapping) < limit else OTHER
-
-
 def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
-    key = key if key in mapping or len(mapping) < limit else OTHER
+    """The aggregate of `key` (created; `(other)` once `limit` keys are held)."""
     agg = mapping.get(key)
     if agg is None:
-        agg = mapping[key] = Agg()
+        if len(mapping) >= limit:
+            key = OTHER
+            agg = mapping.get(key)
+        if agg is None:
+            agg = mapping[key] = Agg()
     return agg
+
+
+def _count_key(counts: dict[str, int], key: str) -> None:
+    """Count one of `key` (`(other)` once KEY_LIMIT keys are held)."""
+    count = counts.get(key)
+    if count is None and len(counts) >= KEY_LIMIT:
+        key = OTHER
+        count = counts.get(key)
+    counts[key] = 1 if count is None else count + 1
+
+
+def add_calls(
+    aggs: list[Agg],
+    cost: float,
+    failed: bool,
+    prompt: int,
+    completion: int,
+    cached: int,
+    latency: float | None,
+) -> None:
+    """Count one call into each of `aggs` (what view.add_call does, for several at once)."""
+    # A Struct's field costs ~45 ns to add to (no specialised store): a count of zero cached
+    # tokens (most calls) is not added.
+    for agg in aggs:
+        agg.requests += 1
+        if failed:
+            agg.failures += 1
+        agg.prompt_tokens += prompt
+        agg.completion_tokens += completion
+        if cached:
+            agg.cached_tokens += cached
+        agg.cost_usd += cost
+        if latency is not None:
+            agg.latency_n += 1
+            agg.latency_sum += latency
 
 
 def make_local_keys(zone: ZoneInfo) -> Callable[[datetime, float], tuple[str, int, int, int]]:
@@ -162,44 +200,76 @@ def price_call(
 def make_apply(config: FoldConfig) -> UsageApply:
     """The fold for this configuration (zone, first prices, budgets, thresholds)."""
     zone = config.zone
-    first_prices = config.prices
     warn_pct = config.cost_alert_pct / 100.0
     local_keys = make_local_keys(zone)
-    scoped = [(budget, _covers(budget)) for budget in config.budgets]
-    prices_at = make_prices_at(first_prices)
+    scoped = [(budget, covers(budget)) for budget in config.budgets]
+    prices_at = make_prices_at(config.prices)
 
-    def record(view: UsageView, event: UsageRecorded, stored_at: float | None) -> None:
-        fired = view.fired
+    def record(
+        view: UsageView, event: UsageRecorded, seq: int, stored_at: float | None
+    ) -> list[Fired]:
+        """Fold one call; what it crossed (usually nothing)."""
+        fired: list[Fired] = []
         # Without a stored time (a fold outside the runtime) no generation ends by time.
         remembered_at = view.ids.current.since if stored_at is None else stored_at
-        if not dedupe.remember(
-            view.ids, event.id, view.last_seq + 1, remembered_at, config.dedupe_exact_limit
-        ):
+        if not dedupe.remember(view.ids, event.id, seq, remembered_at, config.dedupe_exact_limit):
             view.duplicates += 1
-            return
+            return fired
         at = event.occurred_at.timestamp()
         view.recorded += 1
-        failed = event.failed
+        model = event.model
+        prompt = event.prompt_tokens
+        completion = event.completion_tokens
+        cached = event.cached_tokens
+        latency = event.response_time_ms
+        error_code = event.error_code
+        status_code = event.status_code
+        failed = status_code >= 400 or bool(error_code)  # UsageRecorded.failed, inlined
         cost = event.cost_usd
         if cost is None:
-            cost = price_call(prices_at, view, event, at)
+            # price_call's expression, with the fields already read.
+            cost = prices_at(view, at).cost(model, prompt, completion, cached)
             if cost is None:
                 cost = 0.0
-                if event.model not in view.unpriced:
-                    if len(view.unpriced) < UNPRICED_LIMIT:
-                        view.unpriced[event.model] = 0
+                unpriced = view.unpriced
+                if model not in unpriced:
+                    if len(unpriced) < UNPRICED_LIMIT:
+                        unpriced[model] = 0
                         fired.append(
                             Fired(
                                 kind="usage.unpriced_model",
-                                scope=event.model,
+                                scope=model,
                                 period="any",
                                 value=1.0,
                                 threshold=0.0,
                             )
                         )
-                if event.model in view.unpriced:
-                    view.unpriced[event.model] += 1
-        add_total(view.totals, event, cost, failed)
+                if model in unpriced:
+                    unpriced[model] += 1
+        # Every call counts into seven aggregates (lifetime, day, endpoint, model, user, hour,
+        # month's model): gathered here and counted in one loop (add_calls), which was a
+        # seventh of the fold as seven calls re-reading the event's fields.
+        totals = view.totals
+        status_key = str(status_code)
+        # `d.get(key) or _count_into(...)`: a held key (nearly every call) without a call.
+        by_model = totals.by_model
+        aggs = [by_model.get(model) or _count_into(by_model, model, KEY_LIMIT)]
+        if error_code:
+            _count_key(totals.by_error_code, error_code)
+        statuses = totals.by_status_code
+        count = statuses.get(status_key)
+        if count is None:
+            _count_key(statuses, status_key)
+        else:
+            statuses[status_key] = count + 1
+        if latency is not None:
+            latency_at = sketch.index_of(latency)
+            seconds = latency / 1000.0
+            buckets = totals.latency_buckets
+            if not buckets:
+                buckets.extend([0] * (len(LATENCY_BUCKETS_S) + 1))
+            buckets[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            totals.latency_sum_s += seconds
         day_key, h_key, local_year, local_month = local_keys(event.occurred_at, at)
         spend = view.spend
         day_spend = spend.get(day_key)
@@ -208,7 +278,8 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 oldest = min(spend)
                 if day_key < oldest:
                     view.too_old += 1
-                    return
+                    add_calls(aggs, cost, failed, prompt, completion, cached, latency)
+                    return fired
                 del spend[oldest]
             day_spend = spend[day_key] = Spend()
         day_cost_before = day_spend.cost_usd
@@ -223,27 +294,26 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 # more: the oldest of them is older than this one.
                 del days[min(days)]
             day = days[day_key] = Day(total=Agg(), latency=Sketch(bins={}))
-        add_call(day.total, event, cost, failed)
-        latency = event.response_time_ms
-        latency_at = None if latency is None else sketch.index_of(latency)
+        aggs.append(day.total)
         if latency is not None:
             sketch.add_at(day.latency, latency_at)
-        add_call(
-            _count_into(day.by_endpoint, event.endpoint or NO_ENDPOINT, KEY_LIMIT),
-            event,
-            cost,
-            failed,
-        )
-        add_call(_count_into(day.by_model, event.model, KEY_LIMIT), event, cost, failed)
-        if event.user_id:
-            add_call(_count_into(day.by_user, event.user_id, USER_LIMIT), event, cost, failed)
-        if event.error_code:
-            codes = day.by_error_code
-            key = _bounded_key(codes, event.error_code, KEY_LIMIT)  # type: ignore[arg-type]
-            codes[key] = codes.get(key, 0) + 1
+        endpoint = event.endpoint or NO_ENDPOINT
+        by_endpoint = day.by_endpoint
+        aggs.append(by_endpoint.get(endpoint) or _count_into(by_endpoint, endpoint, KEY_LIMIT))
+        by_model = day.by_model
+        aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
+        user_id = event.user_id
+        if user_id:
+            by_user = day.by_user
+            aggs.append(by_user.get(user_id) or _count_into(by_user, user_id, USER_LIMIT))
+        if error_code:
+            _count_key(day.by_error_code, error_code)
         statuses = day.by_status_code
-        status_key = _bounded_key(statuses, str(event.status_code), KEY_LIMIT)  # type: ignore[arg-type]
-        statuses[status_key] = statuses.get(status_key, 0) + 1
+        count = statuses.get(status_key)
+        if count is None:
+            _count_key(statuses, status_key)
+        else:
+            statuses[status_key] = count + 1
 
         hours = view.hours
         hour = hours.get(h_key)
@@ -258,33 +328,36 @@ def make_apply(config: FoldConfig) -> UsageApply:
             else:
                 hour = hours[h_key] = Hour(total=Agg(), latency=Sketch(bins={}))
         if hour is not None:
-            add_call(hour.total, event, cost, failed)
+            aggs.append(hour.total)
             if latency is not None:
                 sketch.add_at(hour.latency, latency_at)
 
         month_key = day_key[:7]
-        month = view.months.get(month_key)
+        months = view.months
+        month = months.get(month_key)
         if month is None:
             start, end = month_bounds(local_year, local_month, zone)
-            month = view.months[month_key] = Month(start=start, end=end)
-            if len(view.months) > MONTH_LIMIT:
-                del view.months[min(view.months)]
+            month = months[month_key] = Month(start=start, end=end)
+            if len(months) > MONTH_LIMIT:
+                del months[min(months)]
         month_cost_before = month.cost_usd
         month.requests += 1
         month.failures += failed
         month.cost_usd += cost
-        add_call(_count_into(month.by_model, event.model, KEY_LIMIT), event, cost, failed)
+        by_model = month.by_model
+        aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
+        add_calls(aggs, cost, failed, prompt, completion, cached, latency)
         if at > month.last_at:
             month.last_at = at
 
         if config.daily_budget_usd is not None:
-            _crossings(
+            crossings(
                 fired, "daily", day_key, day_cost_before, day_spend.cost_usd,
                 config.daily_budget_usd, warn_pct,
             )  # fmt: skip
         if config.monthly_budget_usd is not None:
             budget = config.monthly_budget_usd
-            _crossings(
+            crossings(
                 fired, "monthly", month_key, month_cost_before, month.cost_usd, budget, warn_pct
             )
             elapsed = month.last_at - month.start
@@ -301,23 +374,26 @@ def make_apply(config: FoldConfig) -> UsageApply:
                             threshold=budget,
                         )
                     )
-        for scoped_budget, covers in scoped:
-            if covers(event):
-                _scoped_spend(view, scoped_budget, day_key, month_key, cost, warn_pct, fired)
-        _error_window(view, event, int(at), failed, config, fired)
+        for scoped_budget, counts in scoped:
+            if counts(event):
+                scoped_spend(view, scoped_budget, day_key, month_key, cost, warn_pct, fired)
+        error_window(view, event, int(at), failed, config, fired)
         if fired and stored_at is not None:
-            _silence_closed_periods(view, stored_at, day_key, month.end, at, zone)
+            fired = silence_closed_periods(view, fired, stored_at, day_key, month.end, at, zone)
+        return fired
 
-    def apply(view: UsageView, event: UsageEvent, stored_at: float | None = None) -> UsageView:
-        if view.fired:
-            view.fired = []
+    def apply(
+        view: UsageView, event: UsageEvent, seq: int, stored_at: float | None = None
+    ) -> Sequence[Alert]:
         if isinstance(event, UsageRecorded):
-            record(view, event, stored_at)
+            fired = record(view, event, seq, stored_at)
+            if fired:
+                return alerts_for(fired, event, config)
         elif isinstance(event, UsageReset):
             reset(view, event)
         elif isinstance(event, PricesChanged):
             prices_changed(view, event)
-        return view
+        return NOTHING_FIRED
 
     return apply
 
@@ -375,182 +451,14 @@ class UsageProjection(Projection[UsageView, UsageEvent]):
         subject: str | bytes | None = None,
         stored_ns: int | None = None,
     ) -> Sequence[Alert]:
-        """Decode, check and apply one stored message, with the time the stream stored it."""
+        """Decode, check and apply one stored message, with the time the stream stored it:
+        the alerts it fired."""
         event = self.admit(data, subject, stored_ns)
         apply: UsageApply = self.apply  # type: ignore[assignment]
-        self.view = apply(self.view, event, None if stored_ns is None else stored_ns * 1e-9)
-        self.view.last_seq = seq
-        if self.react is None:
-            return ()
-        return self.react(self.view, event)
-
-
-def _silence_closed_periods(
-    view: UsageView, stored_at: float, day_key: str, month_end: float, at: float, zone: ZoneInfo
-) -> None:
-    """Drop the alerts about a period that had closed (plus LATE_ALERT_S) when the event was
-    stored: a back-filled call counts in the figures, silently. The stream's stored time,
-    not a clock, decides, so a replay drops the same ones."""
-    kept = []
-    for fired in view.fired:
-        scoped = fired.kind.startswith("usage.budget_")
-        if fired.scope == "daily" or (scoped and len(fired.period) == len(day_key)):
-            day = date.fromisoformat(day_key) + timedelta(days=1)
-            closes = day_start(day, zone).timestamp()
-        elif fired.scope == "monthly" or scoped:
-            closes = month_end
-        elif fired.kind == "usage.error_rate":
-            closes = at  # the 5-minute window ending at this call
-        else:
-            kept.append(fired)  # not about a period (an unpriced model)
-            continue
-        if stored_at <= closes + LATE_ALERT_S:
-            kept.append(fired)
-        else:
-            view.alerts_silenced += 1
-    view.fired = kept
-
-
-def _covers(budget: Budget) -> Callable[[UsageRecorded], bool]:
-    """Whether a call counts against `budget` (a model scope covers its dated names)."""
-    kind, _, value = budget.scope.partition(":")
-    if kind == "user":
-        return lambda event: event.user_id == value
-    if kind == "model":
-        return lambda event: event.model == value or base_model(event.model) == value
-    if kind == "endpoint":
-        return lambda event: event.endpoint == value
-    if kind == "tag":
-        return lambda event: value in event.tags
-    return lambda event: True
-
-
-def _scoped_spend(
-    view: UsageView,
-    budget: Budget,
-    day_key: str,
-    month_key: str,
-    cost: float,
-    warn_pct: float,
-    fired: list[Fired],
-) -> None:
-    periods = view.budget_spend.get(budget.key)
-    if periods is None:
-        periods = view.budget_spend[budget.key] = {}
-    period = day_key if budget.period == "daily" else month_key
-    before = periods.get(period)
-    if before is None:
-        if len(periods) >= BUDGET_PERIOD_LIMIT:
-            oldest = min(periods)
-            if period < oldest:
-                return  # older than any period still held: nobody asks about it
-            del periods[oldest]
-        before = 0.0
-    after = periods[period] = before + cost
-    for kind, level in (
-        ("usage.budget_warning", budget.usd * warn_pct),
-        ("usage.budget_exceeded", budget.usd),
-    ):
-        if before < level - COST_EPSILON <= after:
-            fired.append(
-                Fired(kind=kind, scope=budget.scope, period=period, value=after, threshold=level)
-            )
-
-
-def _crossings(
-    fired: list[Fired],
-    scope: str,
-    period: str,
-    before: float,
-    after: float,
-    budget: float,
-    warn_pct: float,
-) -> None:
-    for kind, level in (("usage.cost_warning", budget * warn_pct), ("usage.cost_exceeded", budget)):
-        # Float sums drift (0.1 * 8 < 0.8): a nano-dollar of slack keeps crossings exact.
-        if before < level - COST_EPSILON <= after:
-            fired.append(Fired(kind=kind, scope=scope, period=period, value=after, threshold=level))
-
-
-def _error_window(
-    view: UsageView,
-    event: UsageRecorded,
-    second: int,
-    failed: bool,
-    config: FoldConfig,
-    fired: list[Fired],
-) -> None:
-    window = view.window
-    if second > view.window_end:
-        # The window holds seconds in (end - WINDOW_S, end]: moving its end to `second`, the
-        # seconds up to `second - WINDOW_S` leave it. Popped by range rather than by a scan
-        # of every key, which cost ~5 % of a replay where events are seconds apart.
-        if second - view.window_end >= WINDOW_S:
-            window.clear()
-            view.window_calls = 0
-            view.window_failures = 0
-        else:
-            for gone in range(view.window_end - WINDOW_S + 1, second - WINDOW_S + 1):
-                slot = window.pop(gone, None)
-                if slot is not None:
-                    view.window_calls -= slot[0]
-                    view.window_failures -= slot[1]
-        view.window_end = second
-    if second <= view.window_end - WINDOW_S:
-        return  # older than the rolling window: it counts in its day, not in the rate
-    slot = window.get(second)
-    if slot is None:
-        slot = window[second] = [0, 0]
-    slot[0] += 1
-    view.window_calls += 1
-    if failed:
-        slot[1] += 1
-        view.window_failures += 1
-    rate = 100.0 * view.window_failures / view.window_calls
-    threshold = config.error_rate_alert_pct
-    _error_recovery(view, config, fired)
-    if view.error_alert_active:
-        if rate < threshold:
-            view.error_alert_active = False
-            view.error_cleared_at = view.window_end
-            view.error_cleared_rate = round(rate, 4)
-    elif rate >= threshold and view.window_calls >= config.error_rate_min_calls:
-        view.error_alert_active = True
-        view.error_cleared_at = None
-        if view.error_episode is not None:
-            return  # back within QUIET_S of clearing: the same episode, not raised again
-        view.error_episodes += 1
-        period = f"{rfc3339(event.occurred_at.replace(microsecond=0))}#{view.error_episodes}"
-        view.error_episode = period
-        fired.append(
-            Fired(
-                kind="usage.error_rate",
-                scope="all",
-                period=period,
-                value=round(rate, 4),
-                threshold=threshold,
-            )
-        )
-
-
-def _error_recovery(view: UsageView, config: FoldConfig, fired: list[Fired]) -> None:
-    """End the open episode once its condition has stayed clear for QUIET_S (event time)."""
-    cleared = view.error_cleared_at
-    if view.error_episode is None or view.error_alert_active or cleared is None:
-        return
-    if view.window_end - cleared < QUIET_S:
-        return
-    fired.append(
-        Fired(
-            kind="usage.error_rate",
-            scope="all",
-            period=f"{view.error_episode}:recovered",
-            value=view.error_cleared_rate,
-            threshold=config.error_rate_alert_pct,
-        )
-    )
-    view.error_episode = None
-    view.error_cleared_at = None
+        view = self.view
+        fired = apply(view, event, seq, None if stored_ns is None else stored_ns * 1e-9)
+        view.last_seq = seq
+        return fired
 
 
 def reset(view: UsageView, event: UsageReset) -> None:

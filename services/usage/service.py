@@ -49,7 +49,6 @@ from services.usage.projection import (
     FoldConfig,
     UsageProjection,
     make_apply,
-    make_react,
 )
 from services.usage.settings import UsageSettings
 from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
@@ -91,7 +90,6 @@ def usage_projection(settings: UsageSettings) -> UsageProjection:
         view_type=UsageView,
         decode=decode_usage_event,
         apply=make_apply(config),
-        react=make_react(config),
         version=FOLD_VERSION,
         fingerprint=config_fingerprint(config),
         config=config,

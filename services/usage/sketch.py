@@ -54,7 +54,8 @@ def index_of(value: float) -> int | None:
 
     With `add_at`, lets one value go into several sketches for one logarithm.
     """
-    return None if value <= MIN_VALUE else bucket_of(value)
+    # bucket_of's expression inline: one Python call less per latency folded.
+    return None if value <= MIN_VALUE else math.ceil(math.log(value) / _LOG_GAMMA)
 
 
 def add_at(sketch: Sketch, index: int | None, count: int = 1) -> None:

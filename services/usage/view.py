@@ -49,8 +49,10 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # version is not reused and the view is rebuilt from the stream's first event (money-1: a
 # reset keeps the money, spend per day and months by model; money-2: prices come from the
 # stream's usage.prices_changed events, not from the settings; money-3: ids remembered for
-# 24 hours by stored time; totals-1: lifetime counters for /metrics that a reset never touches).
-FOLD_VERSION = "money-3+totals-1"
+# 24 hours by stored time; totals-1: lifetime counters for /metrics that a reset never touches;
+# fired-1: no `fired` in the view, the fold returns its alerts, and an id remembers the stream
+# sequence it was stored at, not the view's last_seq + 1).
+FOLD_VERSION = "money-3+totals-1+fired-1"
 OTHER = "(other)"
 NO_ENDPOINT = "(none)"
 
@@ -133,7 +135,7 @@ class PriceEpoch(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
 
 
 class Fired(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """A condition the last event crossed: what `react` turns into an alert."""
+    """A condition an event crossed: what `alerting` words as an alert (never stored)."""
 
     kind: str
     scope: str
@@ -184,7 +186,6 @@ class UsageView(View, kw_only=True):
     error_cleared_rate: float = 0.0
     resets: int = 0
     reset_at: float | None = None
-    fired: list[Fired] = []
     totals: Totals = msgspec.field(default_factory=Totals)
 
 

@@ -19,7 +19,6 @@ from services.batch.projection import (
     BatchView,
     apply,
     batch_projection,
-    react,
 )
 from services.batch.queries import lock_status
 from shared.projection import decode_snapshot, encode_snapshot
@@ -38,7 +37,7 @@ from tests.clocks import MOMENTS, Moment
 def fold(events: list[BatchEvent], limit: int = 1000) -> BatchView:
     view = BatchView()
     for seq, event in enumerate(events, start=1):
-        view = apply(view, event, seq, limit)
+        apply(view, event, seq, limit)
         view.last_seq = seq
     return view
 
@@ -152,25 +151,23 @@ def test_lock_expiry_is_judged_at_query_time(moment: Moment) -> None:
 def test_failed_run_raises_job_failed_once_with_a_deterministic_id() -> None:
     view = fold([started("e1", job_id="sync")])
     event = finished("e1", job_id="sync", status="failed", error="boom")
-    view = apply(view, event, 2)
-    alerts = react(view, event)
+    alerts = apply(view, event, 2)
     assert [a.id for a in alerts] == ["batch.job_failed:sync:e1"]
     assert alerts[0].subject == "stockpilot.alerts.batch.job_failed"
     assert "boom" in alerts[0].message
     ok = finished("e2", job_id="sync")
-    assert list(react(apply(view, ok, 3), ok)) == []
+    assert list(apply(view, ok, 3)) == []
 
 
 def test_cleanup_release_raises_lock_expired_per_job_and_token() -> None:
     view = fold([acquired(owner="w1", ttl=2)])
     event = released(owner="w1", t=3, reason="expired", by="admin")
-    view = apply(view, event, 2)
-    alerts = react(view, event)
+    alerts = apply(view, event, 2)
     assert [a.id for a in alerts] == ["batch.lock_expired:job:1"]
     # A forced release alerts too now (issue #18), naming who forced it; a cleanup does not.
     forced = released(owner="w1", t=3, reason="forced", by="admin:ops-anna")
     view2 = fold([acquired(owner="w1", ttl=2)])
-    alerts = list(react(apply(view2, forced, 2), forced))
+    alerts = list(apply(view2, forced, 2))
     assert [a.id for a in alerts] == ["batch.lock_forced:job:1"]
     assert "admin:ops-anna" in alerts[0].title and "w1" in alerts[0].message
 
@@ -178,7 +175,7 @@ def test_cleanup_release_raises_lock_expired_per_job_and_token() -> None:
 def test_an_ignored_forced_release_raises_nothing() -> None:
     view = fold([acquired(owner="w1", ttl=60)])
     forced = released(owner="someone-else", t=3, reason="forced", by="admin")
-    assert list(react(apply(view, forced, 2), forced)) == []
+    assert list(apply(view, forced, 2)) == []
     assert view.locks["job"].owner == "w1"
 
 
@@ -278,7 +275,7 @@ def test_snapshot_of_the_full_bounded_history_stays_small_and_round_trips() -> N
         events.append(big)
     projection = batch_projection()
     for seq, event in enumerate(events, start=1):
-        projection.view = apply(projection.view, event, seq)
+        apply(projection.view, event, seq)
         projection.view.last_seq = seq
     execution = next(iter(projection.view.executions.values()))
     assert len(execution.warnings) == MAX_WARNINGS

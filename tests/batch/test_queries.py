@@ -36,7 +36,7 @@ TEMPLATES = [
 def fold(events: list[BatchEvent], limit: int = 1000) -> BatchView:
     view = BatchView()
     for seq, event in enumerate(events, start=1):
-        view = apply(view, event, seq, limit)
+        apply(view, event, seq, limit)
         view.last_seq = seq
     return view
 

@@ -17,7 +17,6 @@ from services.health.projection import (
     HealthView,
     apply,
     make_apply,
-    react,
 )
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot
@@ -54,8 +53,7 @@ def fold(events: list[HealthChecked]) -> list[Alert]:
     view = HealthView()
     alerts: list[Alert] = []
     for event in events:
-        view = apply(view, event, POLICY)
-        alerts.extend(react(view, event))
+        alerts.extend(apply(view, event, POLICY))
     return alerts
 
 
@@ -102,7 +100,6 @@ def projection() -> Projection[HealthView, HealthEvent]:
         view_type=HealthView,
         decode=decode_health_event,
         apply=make_apply(POLICY),
-        react=react,
     )
 
 

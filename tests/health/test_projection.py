@@ -17,7 +17,6 @@ from services.health.projection import (
     HealthView,
     apply,
     make_apply,
-    react,
 )
 from shared.events import Alert
 from shared.projection import FoldError, Projection, decode_snapshot, encode_snapshot
@@ -58,8 +57,7 @@ def fold(
     confirmed: list[Status] = []
     for i, letter in enumerate(statuses):
         event = checked(i, SHORT[letter], component)  # type: ignore[arg-type]
-        view = apply(view, event, policy)
-        alerts.extend(react(view, event))
+        alerts.extend(apply(view, event, policy))
         confirmed.append(view.components[component].status)
     return view, alerts, confirmed
 
@@ -128,8 +126,8 @@ def test_a_confirmed_change_gives_exactly_one_alert_with_a_deterministic_id() ->
 def test_components_are_independent() -> None:
     view = HealthView()
     for i in range(3):
-        view = apply(view, checked(i, "unhealthy", "external.a"), POLICY)
-        view = apply(view, checked(i, "healthy", "external.b"), POLICY)
+        apply(view, checked(i, "unhealthy", "external.a"), POLICY)
+        apply(view, checked(i, "healthy", "external.b"), POLICY)
     assert view.components["external.a"].status == "unhealthy"
     assert view.components["external.b"].status == "healthy"
 
@@ -151,7 +149,7 @@ def test_raw_history_is_bounded_by_a_day_and_by_count(moment: Moment) -> None:
     view = HealthView()
     policy = FoldPolicy(max_samples=100, max_hours=5)
     for i in range(3000):  # 25 hours at 30 s
-        view = apply(view, checked(i, "healthy", base=base), policy)
+        apply(view, checked(i, "healthy", base=base), policy)
     state = view.components["database"]
     assert len(state.samples) == 100
     assert state.samples[-1].t == checked(2999, "healthy", base=base).occurred_at.timestamp()
@@ -163,15 +161,15 @@ def test_raw_history_is_bounded_by_a_day_and_by_count(moment: Moment) -> None:
 def test_samples_older_than_a_day_are_dropped(moment: Moment) -> None:
     base = moment.at - timedelta(seconds=30 * (2 * 2880 + 1))  # the second result: the moment
     view = HealthView()
-    view = apply(view, checked(0, "healthy", base=base), POLICY)
-    view = apply(view, checked(2 * 2880 + 1, "unhealthy", base=base), POLICY)  # two days later
+    apply(view, checked(0, "healthy", base=base), POLICY)
+    apply(view, checked(2 * 2880 + 1, "unhealthy", base=base), POLICY)  # two days later
     assert len(view.components["database"].samples) == 1
 
 
 def test_hourly_buckets_count_statuses_and_latency() -> None:
     view = HealthView()
     for i, letter in enumerate("hhduu"):
-        view = apply(view, checked(i, SHORT[letter], latency=10.0 * (i + 1)), POLICY)  # type: ignore[arg-type]
+        apply(view, checked(i, SHORT[letter], latency=10.0 * (i + 1)), POLICY)  # type: ignore[arg-type]
     [bucket] = view.components["database"].hours
     assert bucket.counts == [2, 1, 2, 0]
     assert bucket.latency_n == 5
@@ -181,14 +179,15 @@ def test_hourly_buckets_count_statuses_and_latency() -> None:
 def test_a_late_result_is_kept_in_time_order() -> None:
     view = HealthView()
     for i in (0, 2, 1):
-        view = apply(view, checked(i, "healthy"), POLICY)
+        apply(view, checked(i, "healthy"), POLICY)
     times = [s.t for s in view.components["database"].samples]
     assert times == sorted(times)
     assert view.components["database"].latest.id == "hc-2-database"
 
 
 def test_negative_latency_is_refused_and_leaves_the_view_unchanged() -> None:
-    view = apply(HealthView(), checked(0, "healthy"), POLICY)
+    view = HealthView()
+    apply(view, checked(0, "healthy"), POLICY)
     before = msgspec.msgpack.encode(view)
     with pytest.raises(FoldError, match="latency_ms"):
         apply(view, checked(1, "healthy", latency=-1.0), POLICY)
@@ -207,9 +206,10 @@ def test_host_sample_keeps_the_latest() -> None:
         disk_percent=9,
         uptime_s=9,
     )
-    view = apply(apply(HealthView(), first, POLICY), older, POLICY)
+    view = HealthView()
+    fired = [*apply(view, first, POLICY), *apply(view, older, POLICY)]
     assert view.host == first
-    assert react(view, first) == ()
+    assert fired == []
 
 
 # ----- replay equivalence ----------------------------------------------------------------
@@ -249,7 +249,6 @@ def projection() -> Projection[HealthView, HealthEvent]:
         view_type=HealthView,
         decode=decode_health_event,
         apply=make_apply(FoldPolicy(down_after=2, up_after=2, max_samples=20)),
-        react=react,
     )
 
 

@@ -43,7 +43,7 @@ def result(component: str, status: Status, at: datetime, latency: float = 10.0) 
 def view_of(*events: HealthChecked | HostSampled) -> HealthView:
     view = HealthView()
     for event in events:
-        view = apply(view, event, POLICY)
+        apply(view, event, POLICY)
     return view
 
 

@@ -32,16 +32,12 @@ class ToyView(View, kw_only=True):
 decode = msgspec.json.Decoder(Counted).decode
 
 
-def apply(view: ToyView, event: Counted) -> ToyView:
+def apply(view: ToyView, event: Counted, seq: int) -> Sequence[Alert]:
     if event.status_code < 0:
         raise FoldError("negative status code")
     view.count += 1
     view.by_model[event.model] = view.by_model.get(event.model, 0) + 1
     view.ids.append(event.id)
-    return view
-
-
-def react(view: ToyView, event: Counted) -> Sequence[Alert]:
     if view.count == 3:
         return [
             Alert(
@@ -73,7 +69,6 @@ def build() -> tuple[ServiceDefinition, Projection[ToyView, Counted]]:
         view_type=ToyView,
         decode=decode,
         apply=apply,
-        react=react,
     )
 
     async def count(_: NoParams, ctx: Context) -> CountAnswer:

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from services.usage.contract import UsageEvent, UsageRecorded, UsageReset, decode_usage_event
 from services.usage.prices import PriceTable
-from services.usage.projection import make_apply, make_react
+from services.usage.projection import make_apply
 from services.usage.view import QUIET_S, FoldConfig, UsageView
 from shared.events import Alert
 from shared.projection import Projection, decode_snapshot, encode_snapshot
@@ -28,13 +28,12 @@ CONFIG = FoldConfig(
 
 
 def fold(events: Sequence[UsageEvent]) -> list[Alert]:
-    apply, react = make_apply(CONFIG), make_react(CONFIG)
+    apply = make_apply(CONFIG)
     view = UsageView()
     alerts: list[Alert] = []
     for seq, event in enumerate(events, start=1):
-        view = apply(view, event)
+        alerts.extend(apply(view, event, seq))
         view.last_seq = seq
-        alerts.extend(react(view, event))
     return [a for a in alerts if a.kind == "usage.error_rate"]
 
 
@@ -128,7 +127,6 @@ def projection() -> Projection[UsageView, UsageEvent]:
         view_type=UsageView,
         decode=decode_usage_event,
         apply=make_apply(CONFIG),
-        react=make_react(CONFIG),
     )
 
 

@@ -25,7 +25,7 @@ from services.usage.contract import (
     decode_usage_event,
 )
 from services.usage.prices import PriceTable
-from services.usage.projection import make_apply, make_react
+from services.usage.projection import make_apply
 from services.usage.settings import Budget, UsageSettings
 from services.usage.view import DAY_LIMIT, HOUR_LIMIT, FoldConfig, UsageView
 from shared.events import Alert
@@ -51,13 +51,12 @@ def fold(
     events: Sequence[UsageEvent], cfg: FoldConfig | None = None
 ) -> tuple[UsageView, list[Alert]]:
     cfg = cfg or config()
-    apply, react = make_apply(cfg), make_react(cfg)
+    apply = make_apply(cfg)
     view = UsageView()
     alerts: list[Alert] = []
     for seq, event in enumerate(events, start=1):
-        view = apply(view, event)
+        alerts.extend(apply(view, event, seq))
         view.last_seq = seq
-        alerts.extend(react(view, event))
     return view, alerts
 
 
@@ -96,8 +95,8 @@ def test_ids_are_remembered_for_24_hours_of_stored_time() -> None:
     day = timedelta(hours=24)
 
     def store(i: int, after: timedelta) -> None:
-        nonlocal view
-        view = apply(view, recorded(i), (T0 + after).timestamp())
+        apply(view, recorded(i), view.last_seq + 1, (T0 + after).timestamp())
+        view.last_seq += 1
 
     store(1, timedelta(0))
     store(2, day)  # a new generation: id 1 is in the previous one
@@ -372,13 +371,12 @@ def fold_stored(
     events: Sequence[tuple[UsageEvent, datetime]], cfg: FoldConfig
 ) -> tuple[UsageView, list[Alert]]:
     """Fold events with the time the stream stored each."""
-    apply, react = make_apply(cfg), make_react(cfg)
+    apply = make_apply(cfg)
     view = UsageView()
     alerts: list[Alert] = []
     for seq, (event, stored) in enumerate(events, start=1):
-        view = apply(view, event, stored.timestamp())
+        alerts.extend(apply(view, event, seq, stored.timestamp()))
         view.last_seq = seq
-        alerts.extend(react(view, event))
     return view, alerts
 
 
@@ -528,7 +526,6 @@ def _projection(view: UsageView) -> Projection[UsageView, UsageEvent]:
         view_type=UsageView,
         decode=decode_usage_event,
         apply=make_apply(cfg),
-        react=make_react(cfg),
     )
     projection.view = view
     return projection
@@ -591,7 +588,7 @@ def test_snapshot_plus_tail_equals_full_replay(events: list[UsageEvent], cut: in
     def new() -> Projection[UsageView, UsageEvent]:
         return Projection(
             name="usage", stream=STREAMS["usage"], view_type=UsageView,
-            decode=decode_usage_event, apply=make_apply(cfg), react=make_react(cfg),
+            decode=decode_usage_event, apply=make_apply(cfg),
         )  # fmt: skip
 
     full = new()

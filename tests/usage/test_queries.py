@@ -108,7 +108,7 @@ def test_requests_per_minute_is_the_last_five_minutes_today_and_the_day_average_
     events = [recorded(i, now - timedelta(seconds=30 * i)) for i in range(20)]  # 10 minutes
     events += [recorded(100 + i, now - timedelta(days=1)) for i in range(144)]
     for seq, event in enumerate(events, start=1):
-        apply(view, event)
+        apply(view, event, seq)
         view.last_seq = seq
     today = queries.stats(view, StatsParams(), now, settings)
     assert today.requests_per_minute == 10 / 5  # 10 calls in the last 5 minutes
@@ -187,7 +187,7 @@ def test_costs_forecast_extrapolates_the_month_so_far(moment: Moment) -> None:
     apply = make_apply(FoldConfig(zone=zone, prices=PriceTable.with_overrides({})))
     view = UsageView()
     for seq, event in enumerate([recorded(i, now, cost_usd=9.0) for i in range(10)], start=1):
-        apply(view, event)
+        apply(view, event, seq)
         view.last_seq = seq
     first = moment.local.date().replace(day=1)
     month_start = local_midnight(first, zone)
@@ -228,7 +228,7 @@ def test_hourly_buckets_hold_every_call_across_a_half_hour_clock_change(change: 
         recorded(i, change - timedelta(hours=6) + timedelta(minutes=10 * i)) for i in range(73)
     ]
     for seq, event in enumerate(events, start=1):
-        apply(view, event)
+        apply(view, event, seq)
         view.last_seq = seq
     day = change.astimezone(zone).date()
     series = queries.timeseries(
