@@ -1,5 +1,9 @@
 """The event side described like the HTTP side: an AsyncAPI 3 document built from the structs.
 
+Why one module of over 300 lines: it is the one table of channels (`CHANNELS`), the document
+built from it and the `--check` that keeps docs/asyncapi.json current; the table and its
+rendering change together, so they stay together.
+
 Every subject a program outside StockPilot Ops may publish to or read, every event type on
 it (the JSON Schema comes from the same msgspec structs the services decode with, so the
 document cannot drift from the code), the headers, and which NATS role may do what. The

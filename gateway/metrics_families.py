@@ -1,5 +1,9 @@
 """Prometheus metric families built from the services' answers: pure, one builder per area.
 
+Why one module of over 300 lines: it is the whole of /metrics' naming, one short builder per
+area under the conventions below; keeping them together keeps the names, units and state sets
+consistent, and splitting per area would scatter those conventions.
+
 Each builder takes the very answers the REST routes serve (decoded structs) and returns
 metric families, so `/metrics` and `/api/v1/...` agree and every builder is table-testable
 without NATS. Conventions:

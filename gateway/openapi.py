@@ -1,5 +1,9 @@
 """What the generated OpenAPI schema leaves out: the gateway's real error answers.
 
+Why one module of over 300 lines: it is everything the generated schema needs added (errors,
+exact inputs, tokens), applied to one document by `gateway.app`; the inputs part is most of
+it, and split, the three passes over the same document would live apart.
+
 Litestar documents a 400 "Validation Exception" on routes with parameters, but the gateway
 answers invalid input with 422 (contract §4) and every route can also answer 401/403 (tokens),
 404, 409, 413 or 503 (a service not answering), all as `{"status_code", "detail"}`. Clients

@@ -1,5 +1,10 @@
 """The rules of /api/v1/status: what each area's status is, and why (a pure function).
 
+Why one module of over 300 lines: it is one rule, area by area, with the structs it reads and
+writes; each area's function is short, and the overall status, the ranking of severities and
+the reason codes the dashboard keys on must stay side by side, so splitting the areas apart
+would scatter the one answer /api/v1/status gives.
+
 The services' `summary` answers come in (or None when a service did not answer); seven areas
 with a status and a one-line summary, and one reason per problem, come out. The overall
 status is the worst area: it never reads `healthy` while any area is degraded or unhealthy,

@@ -1,5 +1,10 @@
 """`stockpilot demo`: feed realistic synthetic traffic into a running stack.
 
+Why one module of over 300 lines: it is one command's script, read top to bottom (the
+synthetic traffic, the batch runs, the fake external APIs, then the command that sets them
+going together); the parts serve only this command (and its tests), so splitting it would
+spread one scenario across files without giving any piece a second user.
+
 What it publishes is exactly what StockPilot AI's own processes would (contract §4), so the
 dashboard, the alerts and the hooks react as they would in production:
 

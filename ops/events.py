@@ -1,5 +1,9 @@
 """Ops tooling over the streams: `events tail|export|import`, `replay`, `streams`.
 
+Why one module of over 300 lines: it is the one command group for the streams, each
+subcommand short and sharing the same connection checks, signal handling and output
+conventions; the reading and the JSON-lines form already live in ops.stream_io.
+
 Output is JSON lines on stdout (one object per message or per result; `streams` prints
 tables unless --json); progress and diagnostics go to stderr. The stack is found by
 ops.locate (STOCKPILOT_NATS_URL, or the embedded server recorded under STOCKPILOT_DATA_DIR)

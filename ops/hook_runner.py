@@ -1,5 +1,9 @@
 """The hook runner: every alert of STOCKPILOT_ALERTS to every hook, each at its own pace.
 
+Why one module of over 300 lines: it is one delivery loop and the state it keeps (delivery
+marks, retry policy, per-hook status); the at-least-once promise below depends on the order of
+mark, ack, retry and park in `_handle`, which reads best in one place.
+
 Each hook has its own durable pull consumer (`stockpilot-hooks-<hook>`) and its own task, so a
 hook that keeps failing holds back nobody else. Delivery is at least once, with an idempotency
 key (the alert id, in `Idempotency-Key`): an alert is acked only after the hook took it, and

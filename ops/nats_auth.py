@@ -1,5 +1,9 @@
 """NATS roles: one user per process kind, each allowed exactly the subjects its job needs.
 
+Why one module of over 300 lines: it is the single source of truth for NATS permissions (see
+below), so every role and both renderings of it (`generate`, `compose_config`) stay in one
+place where a reviewer can see who may do what.
+
 The single source of truth for who may do what on NATS (CONTRACT §4, docs/operations.md
 "Security model"). `stockpilot up` writes the embedded server's config from it with fresh
 passwords (`generate`); compose.yaml's servers read deploy/nats.conf, which is the same users

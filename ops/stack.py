@@ -1,5 +1,9 @@
 """`stockpilot up`, `stockpilot service NAME`, `stockpilot gateway`: running the system.
 
+Why one module of over 300 lines: it is the whole of running the system, the three commands
+and the supervisor behind `up` (what each child may see, children dying with it, one stack per
+data dir); those pieces exist only for the supervisor, so they stay beside it.
+
 `up` is a small supervisor: the embedded NATS (unless STOCKPILOT_NATS_URL is set), then the
 three services, the alert-hook process and the gateway, each a separate OS process whose
 output is prefixed with its name. Ctrl-C (SIGINT/SIGTERM) stops them in reverse order within

@@ -1,5 +1,9 @@
 """Reading streams fast, and the JSON-lines form of stored messages (export, import, tail).
 
+Why one module of over 300 lines: it is the one stored-message format and the reading and
+writing that use it (export, import, tail, replay); the line format and the stream reads that
+produce and consume it must change together.
+
 One exported line per stored message:
 `{"stream","seq","subject","time","headers","data"}`, where `data` is the payload itself when
 it is one line of UTF-8 JSON (every event is), kept byte for byte; any other payload is

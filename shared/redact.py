@@ -1,5 +1,9 @@
 """Keeping secrets out of everything StockPilot Ops shows: events, answers, alerts, logs.
 
+Why one module of over 300 lines: it is one concern, keeping secrets out of text, from
+finding them (URLs, DSNs, settings) to every shape they take and the registry the logs use;
+split, a new shape or source of secret could be added in one place and missed in another.
+
 One module for every process. A secret can reach text in many shapes: as configured, with
 its trailing newline stripped, escaped by `repr` or JSON (`\\n` as two characters, quotes
 escaped), percent-encoded in a URL, inside a URL (`postgresql://user:pass@host`) or a libpq

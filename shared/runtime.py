@@ -166,7 +166,6 @@ class Runtime:
         self.clock = clock
         # Projections read over a bare connection (shared.stream_reader); False: nats-py only.
         self.bare_reads = bare_reads
-        self._reconnected = asyncio.Event()
         self.stop = asyncio.Event()
         # Every loop of the process runs under it: one that fails stops the process (exit 70).
         self.supervisor = Supervisor(definition.name, self.stop)
@@ -224,15 +223,11 @@ class Runtime:
                 self.closed_for_good = True
                 self.stop.set()
 
-        async def on_reconnected() -> None:
-            self._reconnected.set()
-
         nc = await connect_unless_stopped(
             self.stop,
             self.settings,
             f"stockpilot-{name}",
             on_closed=on_closed,
-            on_reconnected=on_reconnected,
         )
         if nc is None:
             log.info("%s: stopped before NATS could be reached", name)

@@ -1,5 +1,9 @@
 """The worker-side client: run a batch job under its lock and record the execution.
 
+Why one module of over 300 lines: it is `batch_job` and what runs inside it (the run handle,
+the process sampler, the heartbeat loop, the finish); the lock primitives already live in
+services.batch.locks, and what is left shares one run's state from enter to exit.
+
 ```python
 async with batch_job(nc, "daily-price-sync", items_total=len(tickers)) as run:
     for chunk in chunks(tickers):

@@ -1,5 +1,9 @@
 """Job-lock primitives over JetStream (what `batch_job` and the service's commands build on).
 
+Why one module of over 300 lines: every operation on a lock (read, acquire, renew, release,
+check) first folds the same subject and publishes expecting its last sequence; those shared
+reads and the operations built on them are one primitive.
+
 A lock is what the events on `stockpilot.batch.lock.<job_id>` decide under the one lock rule
 (lockrule.py), which the batch projection applies too: every operation here first folds the
 subject (read in batches with JetStream's direct get). Taking the lock publishes `lock.acquired`

@@ -1,5 +1,9 @@
 """The batch projection: execution history (bounded) and job locks, as a pure fold.
 
+Why one module of over 300 lines: it is the one fold of the batch stream, with the alerts it
+returns; the execution history and the locks come from one stream, in one order, and a run
+carries its lock's fencing token, so one view and one `apply` keep them consistent.
+
 The fold needs the stream sequence of each event (a lock's fencing token is the sequence of
 its `lock.acquired`): `apply(view, event, seq)` takes it, and returns the alerts the event
 fired (a failed run, an expired lock cleaned up, a forced release). Nothing here reads a

@@ -1,5 +1,9 @@
 """Pure queries over the batch view, answering in the shapes of `schemas` (contract §5).
 
+Why one module of over 300 lines: it holds every read of the batch view (executions, stats,
+failure patterns, locks, jobs, the summary), and they share the one time-dependent rule of
+what is lost or expired at `now`; split, that rule would be imported from elsewhere by each.
+
 Time-dependent answers take `now`: a running execution with no heartbeat for three intervals
 is `lost`, a lock past its `expires_at` is expired. Nothing here changes the view.
 """

@@ -1,5 +1,10 @@
 """The batch service: the NATS adapter around the batch projection.
 
+Why one module of over 300 lines: it is the service's one NATS adapter, `build` and the
+endpoints it closes over; its lock commands (forced release, cleanup, the lease on lost runs,
+the HTTP acquire, renew and release) share the same steps: read the lock subject's last
+sequence, publish expecting it, wait until the fold has caught up.
+
 Queries answer from the projection with `now`; the two commands (force release, cleanup) read
 the lock subject's last sequence, decide from the projection caught up to it, publish with
 `Nats-Expected-Last-Subject-Sequence` (so they cannot race a new acquire) and wait until the

@@ -1,5 +1,9 @@
 """Probes of StockPilot's dependencies, over real connections, each bounded by its own timeout.
 
+Why one module of over 300 lines: the four probes (database, Redis, OpenAI, external APIs)
+share one way of bounding, describing and redacting what goes wrong (`bounded`, `_describe`,
+`redacted`), so each probe reads as the same pattern next to the others.
+
 A probe never raises: whatever goes wrong becomes an `unhealthy` result with an error a person
 understands. A result is redacted before it becomes an event (kept for months, shown by the
 routes, copied into alerts and webhooks): no secret of the settings in any form (raw, stripped,

@@ -1,5 +1,9 @@
 """The health projection: latest result, hysteresis status and bounded history per component.
 
+Why one module of over 300 lines: it is one fold, with its hysteresis, flapping rule and the
+alerts it returns; those rules decide together when a status changes and what is said about
+it, so they stay beside the view they change.
+
 A pure fold. A component's status changes only after `down_after` consecutive results in a
 worse state (`up_after` for a better one), so a flapping target does not flip on one result;
 each confirmed change is recorded as the component's `last_transition`, and `apply` returns

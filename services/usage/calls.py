@@ -1,5 +1,10 @@
 """One LLM call from its start to its one usage event: answered, failed or streamed.
 
+Why one module of over 300 lines: it is the life of one call, from `Call.begin` to its one
+event, and the stream wrappers, the duck-typed readers of response shapes (`_get`) and the
+event builders all serve that one path; split, the rules for what ends a call and what it
+records would sit in several files that only make sense together.
+
 The usage client (`UsageRecorder.track`) and `instrument(client)` both time a call with a
 `Call`. A call that answers at once is recorded when it returns or raises; a streamed one
 (an OpenAI `Stream`/`AsyncStream` of chat completion chunks or Responses API events) comes

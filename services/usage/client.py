@@ -1,5 +1,9 @@
 """The usage client for StockPilot's own code: time an LLM call, record it, never lose it.
 
+Why one module of over 300 lines: it is one object, `UsageRecorder`, whose buffer, sender
+loop and spool hand events to one another; the call timing (services.usage.calls) and the
+spool (services.usage.spool) already live apart, and what is left shares the recorder's state.
+
     recorder = await UsageRecorder.connect(settings)
     response = await recorder.track(
         client.chat.completions.create(model="gpt-4o-mini", messages=...),

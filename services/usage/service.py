@@ -1,4 +1,9 @@
-"""The usage service's NATS adapter: projections, query endpoints, ingest and reset commands."""
+"""The usage service's NATS adapter: projections, query endpoints, ingest and reset commands.
+
+Why one module of over 300 lines: it is the service's one NATS adapter, `build` and the
+endpoints it closes over, with the projections it wires up; the queries, decisions and fold
+already live in their own modules.
+"""
 
 from __future__ import annotations
 
