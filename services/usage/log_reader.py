@@ -22,6 +22,7 @@ from nats.js import api as js_api
 
 from shared.errors import UnavailableError
 from shared.stream_reader import ReadStopped, read_stream
+from shared.transport import ack_metadata
 
 log = logging.getLogger("stockpilot.usage.spend_log")
 
@@ -79,11 +80,12 @@ async def _ordered_range(
     done = asyncio.Event()
 
     async def on_message(msg: Any) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
+        # The runtime's own parse of the reply subject: the stored time to the nanosecond, as
+        # the fold is given it (msg.metadata's datetime keeps microseconds only).
+        seq, pending, stored_ns = ack_metadata(msg)
         if seq <= last:
-            got.append((seq, msg.subject.encode(), msg.data, _stored_ns(meta.timestamp)))
-        if seq >= last or not meta.num_pending:
+            got.append((seq, msg.subject.encode(), msg.data, stored_ns))
+        if seq >= last or not pending:
             done.set()
 
     sub = await js.subscribe(
@@ -107,10 +109,6 @@ async def _ordered_range(
     finally:
         await sub.unsubscribe()
     return got
-
-
-def _stored_ns(timestamp: datetime) -> int:
-    return int(timestamp.timestamp()) * 1_000_000_000 + timestamp.microsecond * 1000
 
 
 async def first_stored_at(js: JetStreamContext, stream: str, moment: datetime) -> int | None:
