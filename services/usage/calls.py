@@ -457,23 +457,21 @@ def success_event(
 ) -> UsageRecorded:
     """The event of a call that answered (chat completions or responses API usage shapes)."""
     prompt, completion, cached = _tokens(response)
-    rid = request_id or _get(response, "_request_id") or _get(response, "id")
-    return UsageRecorded(
-        id=str(rid) if rid else f"usage-{uuid.uuid4().hex}",
-        occurred_at=started_at,
-        request_id=str(rid) if rid else None,
+    return _call_event(
+        request_id or _get(response, "_request_id") or _get(response, "id"),
+        started_at,
+        elapsed_ms,
         model=model or str(_get(response, "model") or "unknown"),
         endpoint=endpoint,
+        user_id=user_id,
+        tags=tags,
+        task_type=task_type,
+        stream=stream,
+        ttft_ms=ttft_ms,
         prompt_tokens=prompt,
         completion_tokens=completion,
         cached_tokens=cached,
         status_code=200,
-        response_time_ms=round(elapsed_ms, 3),
-        user_id=user_id,
-        tags=_clean_tags(tags),
-        task_type=_short(task_type, MAX_TASK_TYPE),
-        stream=stream,
-        ttft_ms=ttft_ms,
     )
 
 
@@ -503,23 +501,53 @@ def failure_event(
     # The provider's own text: OpenAI's errors keep the error object of the answer in `body`
     # (their `message` adds "Error code: 429 - " to it).
     message = _text(_get(exc, "body", "message")) or _text(_get(exc, "message")) or _text(str(exc))
-    rid = request_id or _get(exc, "request_id")
+    return _call_event(
+        request_id or _get(exc, "request_id"),
+        started_at,
+        elapsed_ms,
+        model=model or "unknown",
+        endpoint=endpoint,
+        user_id=user_id,
+        tags=tags,
+        task_type=task_type,
+        stream=stream,
+        ttft_ms=ttft_ms,
+        # 0: no HTTP answer at all (connection error, timeout).
+        status_code=status if isinstance(status, int) and 0 <= status <= 999 else 0,
+        error_code=code[:MAX_ERROR_CODE],
+        error_message=message,
+    )
+
+
+def _call_event(
+    rid: Any,
+    started_at: datetime,
+    elapsed_ms: float,
+    *,
+    model: str,
+    endpoint: str | None,
+    user_id: str | None,
+    tags: tuple[str, ...],
+    task_type: str | None,
+    stream: bool,
+    ttft_ms: float | None,
+    **outcome: Any,
+) -> UsageRecorded:
+    """The event of one call, answered or not: what describes the call is the same for both
+    (the id from the request id when there is one); `outcome` is what its answer said."""
     return UsageRecorded(
         id=str(rid) if rid else f"usage-{uuid.uuid4().hex}",
         occurred_at=started_at,
         request_id=str(rid) if rid else None,
-        model=model or "unknown",
+        model=model,
         endpoint=endpoint,
-        # 0: no HTTP answer at all (connection error, timeout).
-        status_code=status if isinstance(status, int) and 0 <= status <= 999 else 0,
-        error_code=code[:MAX_ERROR_CODE],
         response_time_ms=round(elapsed_ms, 3),
         user_id=user_id,
         tags=_clean_tags(tags),
         task_type=_short(task_type, MAX_TASK_TYPE),
-        error_message=message,
         stream=stream,
         ttft_ms=ttft_ms,
+        **outcome,
     )
 
 
