@@ -9,7 +9,8 @@ with `Nats-Msg-Id` and a reply subject numbering it, and the acknowledgements ar
 bytes in the socket's read callback and counted per batch: one future per batch.
 
 A batch's outcome says how many of its messages, from the first, the stream acknowledged,
-how many of those were duplicates, and why the rest were not (an error answer, no stream,
+how many of those were duplicates, the highest stream sequence acknowledged (what a caller
+waits for a projection to fold), and why the rest were not (an error answer, no stream,
 a lost connection). Nothing is retried here: the caller sends the rest again with the same
 Msg-Ids, which JetStream stores once.
 """
@@ -34,6 +35,7 @@ _DUPLICATE = 2
 _ERROR = 3
 # The server writes `"duplicate": true` (with a space) and only when it is true.
 _DUPLICATE_FIELD = b'"duplicate"'
+_SEQ_FIELD = b'"seq":'
 _NO_RESPONDERS = status_line(NatsStatus.NO_RESPONDERS)
 
 
@@ -45,6 +47,9 @@ class Published:
     acked: int
     duplicates: int
     error: str | None
+    # The highest stream sequence among the acknowledgements (a duplicate's is the sequence
+    # of the copy stored first); 0 when none came.
+    last_seq: int = 0
 
 
 @dataclass(slots=True)
@@ -54,6 +59,7 @@ class Batch:
     future: asyncio.Future[Published]
     outcomes: bytearray = field(init=False)
     answered: int = 0
+    last_seq: int = 0
     errors: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -79,7 +85,7 @@ class Batch:
             duplicates += outcome == _DUPLICATE
         if acked < self.size and error is None:
             error = self.errors[0] if self.errors else "not acknowledged"
-        self.future.set_result(Published(self.size, acked, duplicates, error))
+        self.future.set_result(Published(self.size, acked, duplicates, error, self.last_seq))
 
 
 class Answers:
@@ -95,7 +101,8 @@ class Answers:
     def body(self, number: int, body: bytes) -> None:
         """A JSON answer: a PubAck (maybe a duplicate) or an error."""
         if body.startswith(b'{"stream"'):
-            self.answer(number, _DUPLICATE if _DUPLICATE_FIELD in body else _OK, None)
+            outcome = _DUPLICATE if _DUPLICATE_FIELD in body else _OK
+            self.answer(number, outcome, None, _seq_of(body))
         else:
             self.answer(number, _ERROR, _error_of(body))
 
@@ -108,13 +115,15 @@ class Answers:
             reason = status.decode(errors="replace")
         self.answer(number, _ERROR, reason)
 
-    def answer(self, number: int, outcome: int, error: str | None) -> None:
+    def answer(self, number: int, outcome: int, error: str | None, seq: int = 0) -> None:
         for batch in self.batches:
             index = number - batch.first
             if 0 <= index < batch.size:
                 batch.outcomes[index] = outcome
                 if error is not None:
                     batch.errors.append(error)
+                if seq > batch.last_seq:
+                    batch.last_seq = seq
                 batch.answered += 1
                 if batch.answered == batch.size:
                     batch.finish()
@@ -149,6 +158,21 @@ class _Acks(FrameProtocol):
         self.lost = str(reason or "closed")
         self._fail_handshake(reason or BareUnavailable("closed"))
         self.answers.fail_all(self.lost)
+
+
+def _seq_of(ack: bytes) -> int:
+    """The stream sequence of a PubAck (`{"stream":"S","seq":12,...}`), read from its bytes."""
+    start = ack.find(_SEQ_FIELD)
+    if start < 0:
+        return 0
+    start += len(_SEQ_FIELD)
+    end = ack.find(b",", start)
+    if end < 0:
+        end = ack.find(b"}", start)
+    try:
+        return int(ack[start : end if end >= 0 else len(ack)])  # int() ignores spaces
+    except ValueError:
+        return 0
 
 
 def _error_of(body: bytes) -> str:

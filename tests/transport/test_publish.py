@@ -50,6 +50,8 @@ async def test_windows_are_stored_in_order_and_acks_counted_exactly(
     assert (one.size, one.acked, one.duplicates, one.error) == (1000, 1000, 0, None)
     # m990..m999 were stored by the first window: acknowledged as duplicates, not stored again.
     assert (two.size, two.acked, two.duplicates, two.error) == (20, 20, 10, None)
+    # The highest sequence acknowledged: what a caller waits for a projection to fold.
+    assert (one.last_seq, two.last_seq) == (1000, 1010)
     js = nc.jetstream()
     assert (await js.stream_info(STREAM)).state.messages == 1010
     first_stored = await js.get_msg(STREAM, 1)
@@ -81,7 +83,7 @@ async def test_a_refused_message_stops_the_count_at_the_ones_before_it(
     await make_stream(nc, max_msgs=5, discard=js_api.DiscardPolicy.NEW)
     publisher = JetStreamPublisher(nc, accelerated=path == ACCELERATED)
     outcome = await send(publisher, window(0, 8))
-    assert (outcome.acked, outcome.duplicates) == (5, 0)
+    assert (outcome.acked, outcome.duplicates, outcome.last_seq) == (5, 0, 5)
     assert outcome.error is not None and "maximum messages" in outcome.error
     publisher.close()
     await nc.close()
