@@ -7,10 +7,12 @@ The gateway never publishes usage events itself: posted records go to the usage 
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, Router, get, post, route
+from litestar.enums import MediaType
 from litestar.params import FromQuery, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
@@ -46,6 +48,8 @@ from shared.events import EARLIEST
 
 # A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
 FORWARD_MAX_BYTES = 900 * 1024
+# What a forwarded request holds besides the records (received_at, offset, NATS headers).
+FORWARD_HEADROOM_BYTES = 4 * 1024
 INGEST_TIMEOUT_S = 15.0
 # A spend-log page reads the stream (bounded, well under a second on 3M events); a loaded
 # host gets more room than the projections' 2 s before it turns into a 503.
@@ -232,7 +236,7 @@ async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Re
 )
 async def usage_records(
     request: Request[Any, Any, Any], services: Services, clock: GatewayClock
-) -> IngestAnswer:
+) -> Response[IngestAnswer]:
     """Each record is validated on its own: accepted, duplicates, rejected [{index, reason}].
 
     A single record (a JSON object, not a list) that is refused makes the request a 422 with
@@ -240,6 +244,8 @@ async def usage_records(
     """
     received_at = clock.now()
     body = await request.body()
+    # Decoded here for what is wrong with the body as a whole; the records go on as the
+    # posted bytes (the service decodes each once).
     data = _decode_body(body, Any)
     if isinstance(data, dict):
         records: list[Any] = [data]
@@ -251,8 +257,17 @@ async def usage_records(
         raise InvalidRequestError(
             f"body: at most {MAX_RECORDS} records per request, got {len(records)}"
         )
+    limit = _forward_limit(services)
+    if isinstance(data, list) and len(body) <= limit:
+        # The usual list: one request, and the service's answer is the HTTP answer.
+        params = IngestParams(records=msgspec.Raw(body), received_at=received_at)
+        answered = await services.query_raw("usage", "ingest", params, timeout=INGEST_TIMEOUT_S)
+        as_posted: Response[Any] = Response(
+            answered, status_code=HTTP_202_ACCEPTED, media_type=MediaType.JSON
+        )
+        return as_posted
     answer = IngestAnswer(accepted=0, duplicates=0, rejected=[], ids=[])
-    for part in _parts(IngestParams(records=records, received_at=received_at)):
+    for part in _parts(records, 0, received_at, limit):
         got = await services.query("usage", "ingest", IngestAnswer, part, timeout=INGEST_TIMEOUT_S)
         answer.accepted += got.accepted
         answer.duplicates += got.duplicates
@@ -261,7 +276,7 @@ async def usage_records(
     if isinstance(data, dict) and answer.rejected:
         # One record posted on its own is the whole body: refused, the request is a 422.
         raise InvalidRequestError(f"body: {answer.rejected[0].reason}")
-    return answer
+    return Response(answer, status_code=HTTP_202_ACCEPTED)
 
 
 def _decode_body(body: bytes, kind: Any) -> Any:
@@ -281,20 +296,28 @@ def _decode_body(body: bytes, kind: Any) -> Any:
         ) from None
 
 
-def _parts(params: IngestParams) -> list[IngestParams]:
+def _forward_limit(services: Services) -> int:
+    """The most bytes of records one forwarded request may carry: FORWARD_MAX_BYTES, less
+    on a server whose max_payload is smaller (room left for the rest of the request)."""
+    max_payload = services.nc.max_payload if services.nc is not None else 0
+    if max_payload <= 0:
+        return FORWARD_MAX_BYTES
+    return min(FORWARD_MAX_BYTES, max_payload - FORWARD_HEADROOM_BYTES)
+
+
+def _parts(
+    records: list[Any], offset: int, received_at: datetime, limit: int
+) -> list[IngestParams]:
     """Split so every forwarded request fits in one NATS message."""
-    if len(params.records) <= 1 or len(_encode(params)) <= FORWARD_MAX_BYTES:
-        return [params]
-    half = len(params.records) // 2
-    first = IngestParams(
-        records=params.records[:half], received_at=params.received_at, offset=params.offset
-    )
-    second = IngestParams(
-        records=params.records[half:],
-        received_at=params.received_at,
-        offset=params.offset + half,
-    )
-    return [*_parts(first), *_parts(second)]
+    encoded = _encode(records)
+    if len(records) <= 1 or len(encoded) <= limit:
+        part = IngestParams(records=msgspec.Raw(encoded), received_at=received_at, offset=offset)
+        return [part]
+    half = len(records) // 2
+    return [
+        *_parts(records[:half], offset, received_at, limit),
+        *_parts(records[half:], offset + half, received_at, limit),
+    ]
 
 
 router = Router(

@@ -12,7 +12,7 @@ and splitting it would scatter the contract again (issue 15).
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -440,9 +440,13 @@ MAX_RECORDS = 1_000
 
 
 class IngestParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What the gateway forwards: the posted records as they came, and when it received them."""
+    """What the gateway forwards: the posted records as they came, and when it received them.
 
-    records: list[Any]
+    `records` is the JSON list itself (msgspec.Raw), usually the posted body's own bytes: the
+    gateway neither re-encodes it nor does the service decode it twice (services.usage.decide).
+    """
+
+    records: msgspec.Raw
     received_at: AwareDatetime
     # Where `records[0]` was in the posted list (the gateway splits very large bodies).
     offset: int = 0

@@ -20,6 +20,7 @@ from services.usage.contract import (
 from shared.dead_letters import describe_decode_error
 from shared.errors import InvalidRequestError
 from shared.events import timing_problem
+from shared.publish import encode_event
 
 # JSON does not tell 3 from 3.0, and JSON Schema counts 3.0 as an integer (the published
 # OpenAPI schema says `integer`): such values of the integer fields are taken as integers.
@@ -38,35 +39,41 @@ def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
     return raw if changed is None else changed
 
 
+_decode_all = msgspec.json.Decoder(list[UsageRecordedIn]).decode
+_decode_each = msgspec.json.Decoder(list[Any]).decode
+
+
 def records_to_events(
     params: IngestParams, new_id: Callable[[], str]
 ) -> tuple[list[tuple[int, UsageRecorded]], list[Rejected]]:
     """Validate each record on its own: events to publish (with their index) and rejections."""
-    if len(params.records) > MAX_RECORDS:
+    try:
+        # Most lists are all valid: decoded straight into records, no dict per record.
+        records: list[Any] = _decode_all(params.records)
+        valid = True
+    except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
+        # Some record is not: each one again on its own, to say which and why.
+        try:
+            records = _decode_each(params.records)
+        except (msgspec.DecodeError, RecursionError) as exc:  # not a list of JSON values
+            raise InvalidRequestError(f"records: {exc or type(exc).__name__}") from None
+        valid = False
+    if len(records) > MAX_RECORDS:
         raise InvalidRequestError(
-            f"body: at most {MAX_RECORDS} records per request, got {len(params.records)}"
+            f"body: at most {MAX_RECORDS} records per request, got {len(records)}"
         )
     events: list[tuple[int, UsageRecorded]] = []
     rejected: list[Rejected] = []
-    for position, raw in enumerate(params.records):
+    for position, raw in enumerate(records):
         index = params.offset + position
-        if not isinstance(raw, dict):
-            rejected.append(Rejected(index=index, reason="a record must be a JSON object"))
-            continue
-        kind = raw.get("type", "usage.recorded")
-        if kind != "usage.recorded":
-            rejected.append(
-                Rejected(
-                    index=index,
-                    reason=f"unknown type {kind!r}: only 'usage.recorded' records are accepted",
-                )
-            )
-            continue
-        try:
-            record = msgspec.convert(_integral_floats_as_ints(raw), UsageRecordedIn)
-        except msgspec.ValidationError as exc:
-            rejected.append(Rejected(index=index, reason=describe_decode_error(exc)))
-            continue
+        if valid:
+            record = raw
+        else:
+            refused = _refusal(raw)
+            if isinstance(refused, str):
+                rejected.append(Rejected(index=index, reason=refused))
+                continue
+            record = refused
         if record.occurred_at is not None:
             problem = timing_problem(record.occurred_at, params.received_at.timestamp())
             if problem is not None:  # stored, it would only be dead-lettered
@@ -74,6 +81,50 @@ def records_to_events(
                 continue
         events.append((index, to_event(record, params.received_at, new_id)))
     return events, rejected
+
+
+def _refusal(raw: Any) -> UsageRecordedIn | str:
+    """One decoded record as a record, or why it is not one."""
+    if not isinstance(raw, dict):
+        return "a record must be a JSON object"
+    kind = raw.get("type", "usage.recorded")
+    if kind != "usage.recorded":
+        return f"unknown type {kind!r}: only 'usage.recorded' records are accepted"
+    try:
+        return msgspec.convert(_integral_floats_as_ints(raw), UsageRecordedIn)
+    except msgspec.ValidationError as exc:
+        return describe_decode_error(exc)
+
+
+# What a JetStream publish adds to the payload: its header block with the Msg-Id (the
+# server counts headers and payload against max_payload).
+_HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+
+
+def encode_within(
+    events: list[tuple[int, UsageRecorded]], max_payload: int
+) -> tuple[list[tuple[str, bytes]], list[Rejected]]:
+    """Each event as (Msg-Id, JSON), and the records too large for one NATS message.
+
+    A record the server would refuse on every retry is refused on its own, here, rather
+    than failing the request (or, published, closing the publisher's connection).
+    """
+    window: list[tuple[str, bytes]] = []
+    rejected: list[Rejected] = []
+    for index, event in events:
+        payload = encode_event(event)
+        size = _HEADER_BYTES + len(event.id.encode()) + len(payload)
+        if size > max_payload:
+            rejected.append(
+                Rejected(
+                    index=index,
+                    reason=f"the record is {size} bytes as a NATS message, over the NATS "
+                    f"server's max_payload ({max_payload} bytes)",
+                )
+            )
+            continue
+        window.append((event.id, payload))
+    return window, rejected
 
 
 def to_event(

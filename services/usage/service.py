@@ -16,7 +16,6 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 from nats.js.errors import NotFoundError as JsNotFoundError
 
 from services.usage import decide, dedupe, queries, spend_log
@@ -60,11 +59,12 @@ from services.usage.view import FOLD_VERSION, UsageView, config_fingerprint
 from shared.clock import Clock
 from shared.endpoints import Endpoint, NoParams
 from shared.errors import UnavailableError
-from shared.nats_errors import is_nats_error, translate
+from shared.nats_errors import is_nats_error
 from shared.projection import Projection
-from shared.publish import encode_event, publish_event
+from shared.publish import publish_event
 from shared.runtime import Context, Prepare, ServiceDefinition
 from shared.streams import STREAMS
+from shared.transport import JetStreamPublisher, Published
 
 log = logging.getLogger("stockpilot.usage")
 
@@ -261,26 +261,53 @@ def build(settings: UsageSettings) -> ServiceDefinition:
                 usage, ctx.js, params, settings.zone, bare=settings.nats_accelerator == "on"
             )
 
+    # Posted records go out as one pipelined window through the transport seam, as the usage
+    # client publishes (nats-py's publish_async cost ~4 times the CPU an event: BENCHMARKS.md).
+    publishers: list[JetStreamPublisher] = []
+
+    def publisher(ctx: Context) -> JetStreamPublisher:
+        if not publishers:
+            publishers.append(
+                JetStreamPublisher(
+                    ctx.nc,
+                    accelerated=settings.nats_accelerator == "on",
+                    name="stockpilot-usage-ingest",
+                    timeout=PUBLISH_TIMEOUT_S,
+                )
+            )
+        return publishers[0]
+
+    async def ingest_publisher(ctx: Context) -> None:
+        """Keeps the ingest publisher until the service stops, then closes its connection."""
+        try:
+            await ctx.stopping.wait()
+        finally:
+            for opened in publishers:
+                opened.close()
+
     async def ingest(params: IngestParams, ctx: Context) -> IngestAnswer:
         events, rejected = decide.records_to_events(params, _new_id)
+        encoded, oversized = decide.encode_within(events, ctx.nc.max_payload)
+        if oversized:
+            rejected = sorted([*rejected, *oversized], key=lambda r: r.index)
         view = usage.view
         duplicates = 0
-        fresh = []
-        for _, event in events:
+        window = []
+        for event_id, payload in encoded:
             # Beyond JetStream's duplicate window the projection still knows recent ids.
-            if dedupe.has(view.ids, event.id):
+            if dedupe.has(view.ids, event_id):
                 duplicates += 1
             else:
-                fresh.append(event)
-        acks = await _publish_all(ctx, fresh)
-        duplicates += sum(1 for ack in acks if ack.duplicate)
-        if acks:
-            await ctx.wait_applied(usage, max(ack.seq for ack in acks), APPLY_TIMEOUT_S)
+                window.append((event_id, payload))
+        stored = await _store(publisher(ctx), window)
+        duplicates += stored.duplicates
+        if stored.last_seq:
+            await ctx.wait_applied(usage, stored.last_seq, APPLY_TIMEOUT_S)
         return IngestAnswer(
-            accepted=len(events) - duplicates,
+            accepted=len(encoded) - duplicates,
             duplicates=duplicates,
             rejected=rejected,
-            ids=[event.id for _, event in events],
+            ids=[event_id for event_id, _ in encoded],
         )
 
     async def reset(params: ResetParams, ctx: Context) -> ResetAnswer:
@@ -305,33 +332,31 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("ingest", IngestParams, ingest, concurrent=True),
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],
+        background=[ingest_publisher],
         alert_source="usage",
         description="StockPilot LLM usage, cost, latency and error statistics, budgets, alerts",
         prepare=make_prepare(usage, settings),
     )
 
 
-async def _publish_all(ctx: Context, events: list[Any]) -> list[js_api.PubAck]:
-    """Publish with the library's pipelining (publish_async), then collect every ack."""
-    if not events:
-        return []
-    js = ctx.js
+async def _store(publisher: JetStreamPublisher, window: list[tuple[str, bytes]]) -> Published:
+    """Publish the window (Msg-Id = event id) and wait for its acknowledgements: what the
+    stream stored, or UnavailableError (503) saying why not all of it was."""
+    if not window:
+        return Published(0, 0, 0, None)
+    outcome = await publisher.publish(SUBJECT_RECORDED, window)
     try:
-        futures = [
-            await js.publish_async(
-                SUBJECT_RECORDED, encode_event(event), headers={"Nats-Msg-Id": event.id}
-            )
-            for event in events
-        ]
-        acks: list[js_api.PubAck] = await asyncio.wait_for(
-            asyncio.gather(*futures), timeout=PUBLISH_TIMEOUT_S
-        )
+        published = await asyncio.wait_for(asyncio.shield(outcome), PUBLISH_TIMEOUT_S)
     except TimeoutError:
+        # What the publisher still owes ends as not acknowledged; the next window opens anew.
+        publisher.reset()
         raise UnavailableError(
             "JetStream did not acknowledge the records in time; retry (ids make it safe)"
         ) from None
-    except Exception as exc:
-        if is_nats_error(exc):
-            raise translate(exc, "could not store the records in JetStream") from None
-        raise
-    return acks
+    if published.error is not None:
+        raise UnavailableError(
+            f"could not store the records in JetStream: {published.error} "
+            f"({published.acked} of {published.size} stored; a retry stores each record "
+            "with an id once)"
+        )
+    return published

@@ -55,7 +55,8 @@ def body_schema(schema: dict[str, Any], method: str, path: str) -> dict[str, Any
 def accepted_by_ingest(record: Any) -> bool:
     """Whether the usage service's own validation takes the record (one posted alone)."""
     events, rejected = records_to_events(
-        IngestParams(records=[record], received_at=NOON), lambda: "assigned"
+        IngestParams(records=msgspec.Raw(msgspec.json.encode([record])), received_at=NOON),
+        lambda: "assigned",
     )
     return bool(events) and not rejected
 
