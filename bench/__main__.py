@@ -21,6 +21,7 @@ from tests.harness import NatsServer
 
 MODULES = (
     "usage_ingest",
+    "http_ingest",
     "usage_stream",
     "health",
     "batch",

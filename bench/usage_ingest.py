@@ -71,7 +71,8 @@ async def ingest_rate(url: str, settings: UsageSettings, count: int, run: int) -
         accepted = 0
         for start in range(0, count, 1000):
             params = IngestParams(
-                records=records[start : start + 1000], received_at=SYSTEM_CLOCK.now()
+                records=msgspec.Raw(_encode(records[start : start + 1000])),
+                received_at=SYSTEM_CLOCK.now(),
             )
             msg = await nc.request("stockpilot.svc.usage.ingest", _encode(params), timeout=30)
             accepted += msgspec.json.decode(msg.data, type=IngestAnswer).accepted

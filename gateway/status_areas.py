@@ -55,7 +55,8 @@ class ServiceState(msgspec.Struct, kw_only=True):
     rss_mb: float | None = None
     cpu_percent: float | None = None
     uptime_s: float | None = None
-    # How each projection reads its stream (shared.transport): "accelerated" or "nats-py".
+    # How each projection reads its stream and each publisher of the service sends (the
+    # usage service's "ingest"; shared.transport): "accelerated" or "nats-py".
     transports: dict[str, str] | None = None
 
 

@@ -93,6 +93,9 @@ class ServiceDefinition:
     # streams and, given a clock (the live service; a replay passes None), publishes what
     # the service announces at start (the usage service's price table).
     prepare: Prepare | None = None
+    # How the service's own publishers send, by name ("accelerated" or "nats-py"), for its
+    # `status` answer (shared.transport).
+    publishers: Callable[[], dict[str, str]] | None = None
 
 
 class Context:
@@ -188,7 +191,12 @@ class Runtime:
             every_events=settings.snapshot_every_events,
         )
         self.reporter = StatusReporter(
-            name, self.tracked, self.supervisor, self.outbox, self.started_at
+            name,
+            self.tracked,
+            self.supervisor,
+            self.outbox,
+            self.started_at,
+            definition.publishers,
         )
         # The read methods below hand each message to the parts under these names.
         self._restore = self.snapshots.restore

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -79,6 +79,9 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     projections: list[ProjectionStatus]
     process: ProcessStatus
     alerts_published: int
+    # How each of the service's publishers sends (shared.transport): "accelerated" or
+    # "nats-py" by name (the usage service's "ingest"); None when it has none.
+    publishers: dict[str, str] | None = None
 
 
 class StatusReporter:
@@ -91,8 +94,10 @@ class StatusReporter:
         supervisor: Supervisor,
         outbox: AlertOutbox,
         started_at: datetime,
+        publishers: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.service = service
+        self.publishers = publishers
         self.tracked = tracked
         self.supervisor = supervisor
         self.outbox = outbox
@@ -132,6 +137,7 @@ class StatusReporter:
             projections=projections,
             process=ProcessStatus(pid=os.getpid(), rss_mb=round(rss, 1), cpu_percent=cpu),
             alerts_published=self.outbox.published,
+            publishers=self.publishers() if self.publishers is not None else None,
         )
 
     def digest(self, settings: object, fold_settings: Sequence[str]) -> DigestAnswer:

@@ -150,7 +150,11 @@ async def _service_states(services: Services) -> dict[str, ServiceState]:
             rss_mb=status.process.rss_mb,
             cpu_percent=status.process.cpu_percent,
             uptime_s=status.uptime_s,
-            transports={p.name: p.transport for p in status.projections if p.transport} or None,
+            transports={
+                **{p.name: p.transport for p in status.projections if p.transport},
+                **(status.publishers or {}),
+            }
+            or None,
         )
 
     states = await asyncio.gather(*(one(name) for name in SERVICES))

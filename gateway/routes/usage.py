@@ -32,6 +32,7 @@ from services.usage.contract import (
     IngestAnswer,
     IngestParams,
     Reason,
+    Rejected,
     ResetAnswer,
     ResetParams,
     SpendLog,
@@ -49,7 +50,7 @@ from shared.events import EARLIEST
 # A NATS message is at most 1 MiB; a posted body near the cap is forwarded in parts.
 FORWARD_MAX_BYTES = 900 * 1024
 # What a forwarded request holds besides the records (received_at, offset, NATS headers).
-FORWARD_HEADROOM_BYTES = 4 * 1024
+FORWARD_HEADROOM_BYTES = 512
 INGEST_TIMEOUT_S = 15.0
 # A spend-log page reads the stream (bounded, well under a second on 3M events); a loaded
 # host gets more room than the projections' 2 s before it turns into a 503.
@@ -268,6 +269,9 @@ async def usage_records(
         return as_posted
     answer = IngestAnswer(accepted=0, duplicates=0, rejected=[], ids=[])
     for part in _parts(records, 0, received_at, limit):
+        if isinstance(part, Rejected):
+            answer.rejected.append(part)
+            continue
         got = await services.query("usage", "ingest", IngestAnswer, part, timeout=INGEST_TIMEOUT_S)
         answer.accepted += got.accepted
         answer.duplicates += got.duplicates
@@ -307,12 +311,19 @@ def _forward_limit(services: Services) -> int:
 
 def _parts(
     records: list[Any], offset: int, received_at: datetime, limit: int
-) -> list[IngestParams]:
-    """Split so every forwarded request fits in one NATS message."""
+) -> list[IngestParams | Rejected]:
+    """Split so every forwarded request fits in one NATS message; a record too large for one
+    on its own is refused here (forwarded, NATS would refuse the request on every retry)."""
     encoded = _encode(records)
-    if len(records) <= 1 or len(encoded) <= limit:
+    if len(encoded) <= limit:
         part = IngestParams(records=msgspec.Raw(encoded), received_at=received_at, offset=offset)
         return [part]
+    if len(records) == 1:
+        reason = (
+            f"the record is {len(encoded) - 2} bytes, over what one NATS message to the usage "
+            f"service carries here ({limit} bytes)"
+        )
+        return [Rejected(index=offset, reason=reason)]
     half = len(records) // 2
     return [
         *_parts(records[:half], offset, received_at, limit),

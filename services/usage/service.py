@@ -333,6 +333,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
             Endpoint("reset", ResetParams, reset, concurrent=True),
         ],
         background=[ingest_publisher],
+        publishers=lambda: {"ingest": publishers[0].path} if publishers else {},
         alert_source="usage",
         description="StockPilot LLM usage, cost, latency and error statistics, budgets, alerts",
         prepare=make_prepare(usage, settings),
