@@ -94,6 +94,11 @@ async def main_async(args: argparse.Namespace) -> None:
                 await post_all(base, bodies(1000, "warm"), 1)
                 posts = bodies(args.records, "profiled")
                 procs = {n: psutil.Process(c.pid) for n, c in children.items()}
+                me = psutil.Process()
+                procs["nats-server"] = next(
+                    c for c in me.children(recursive=True) if c.name().startswith("nats-server")
+                )
+                procs["client"] = me
                 before = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
                 started = time.perf_counter()
                 await post_all(base, posts, IN_FLIGHT)

@@ -1,5 +1,6 @@
 """Usage: the fold in-process, ingest through the service's `ingest` endpoint (1,000-record
-batches, publish_async + wait until folded), and the service's start-up catch-up, each next to
+batches, each one pipelined window through the transport seam + wait until folded; the HTTP
+route in front of it: bench.http_ingest), and the service's start-up catch-up, each next to
 the raw JetStream ceiling of the same run."""
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ async def run(report: Report, ctx: object) -> None:
 
     report.results.append(
         Result(
-            "usage ingest endpoint: validate, publish_async with Nats-Msg-Id, wait until folded",
+            "usage ingest endpoint: validate, publish as one pipelined window through the "
+            "transport seam (accelerator) with Nats-Msg-Id, wait until folded",
             await repeat(runs, ingest_once),
             "records/s",
             ceiling="publish",
