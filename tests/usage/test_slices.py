@@ -14,11 +14,14 @@ from services.usage import queries
 from services.usage.contract import StatsParams, TimeseriesParams, UsageRecorded
 from services.usage.prices import PriceTable, base_model
 from services.usage.projection import make_apply
+from services.usage.service import build
 from services.usage.settings import UsageSettings
 from services.usage.slices import GROUP_LIMIT
 from services.usage.view import CELL_LIMIT, FoldConfig, UsageView
+from shared.clock import ManualClock
+from tests.harness import running_service
 from tests.usage import helpers
-from tests.usage.helpers import recorded
+from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorded, usage_settings
 
 SETTINGS = UsageSettings(tz="Asia/Seoul")
 ZONE = SETTINGS.zone
@@ -252,3 +255,72 @@ def test_past_the_cell_bound_a_user_filter_says_what_it_could_not_tell_apart() -
     assert by_model.coverage.unattributed_calls == 0
     whole = queries.stats(view, StatsParams(), NOW, SETTINGS)
     assert whole.total_requests == users
+
+
+async def test_filters_and_group_by_through_the_gateway(env: dict[str, str]) -> None:
+    settings = usage_settings(env, tz="UTC")
+    clock = ManualClock(helpers.T0 + timedelta(hours=2))
+    day = helpers.T0.date().isoformat()
+    calls = [
+        {
+            "request_id": f"r-{i}",
+            "occurred_at": (helpers.T0 + timedelta(minutes=i)).isoformat(),
+            "model": ("gpt-4o", "gpt-4o-mini", "o3-mini")[i % 3],
+            "endpoint": ("/api/v1/analysis", "/api/v1/chat")[i % 2],
+            "user_id": f"u-{i % 4}",
+            "tags": ["feature:screener"] if i % 5 == 0 else [],
+            "prompt_tokens": 100 + i,
+            "completion_tokens": 10,
+            "response_time_ms": 100.0 + 10 * i,
+            "status_code": 200 if i % 7 else 429,
+        }
+        for i in range(60)
+    ]
+    async with (
+        running_service(build(settings), settings, clock=clock),
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        posted = await client.post("/api/v1/usage/records", json=calls, headers=auth(INGEST))
+        assert posted.status_code == 202 and posted.json()["accepted"] == 60, posted.text
+        stats = await client.get(
+            f"/api/v1/usage/stats?date={day}&user_id=u-1&model=gpt-4o-mini&tag=feature:screener"
+        )
+        assert stats.status_code == 200, stats.text
+        body = stats.json()
+        expected = [
+            c for c in calls if c["user_id"] == "u-1" and c["model"] == "gpt-4o-mini" and c["tags"]
+        ]
+        assert body["total_requests"] == len(expected) > 0
+        assert body["filters"] == {
+            "user_id": "u-1",
+            "model": "gpt-4o-mini",
+            "tag": "feature:screener",
+        }
+        assert body["p95_response_time_ms"] is None and body["coverage"]["exact"] is False
+        by_model = await client.get(f"/api/v1/usage/stats?date={day}&model=o3-mini")
+        latencies = [c["response_time_ms"] for c in calls if c["model"] == "o3-mini"]
+        answer = by_model.json()
+        assert answer["total_requests"] == 20 and answer["coverage"]["exact"] is True
+        assert answer["by_model"]["o3-mini"]["p99_response_time_ms"] == pytest.approx(
+            rank(latencies, 0.99), rel=0.0101
+        )
+        series = await client.get(
+            f"/api/v1/usage/timeseries?bucket=day&start={day}&end={day}&group_by=model"
+        )
+        assert series.status_code == 200, series.text
+        grouped = series.json()
+        assert grouped["group_by"] == "model" and grouped["other_keys"] == 0
+        assert {s["key"]: s["points"][0]["requests"] for s in grouped["series"]} == {
+            "gpt-4o": 20,
+            "gpt-4o-mini": 20,
+            "o3-mini": 20,
+        }
+        for query, named in [
+            ("group_by=colour", "group_by"),
+            ("model=", "model"),
+            ("tag=" + "x" * 65, "tag"),
+            ("user_id=" + "u" * 257, "user_id"),
+        ]:
+            refused = await client.get(f"/api/v1/usage/timeseries?{query}")
+            assert refused.status_code in (400, 422), (query, refused.text)
+            assert named in refused.text, refused.text
