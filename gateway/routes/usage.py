@@ -29,6 +29,7 @@ from services.usage.contract import (
     AlertsParams,
     BudgetAnswer,
     BudgetParams,
+    GroupBy,
     IngestAnswer,
     IngestParams,
     Reason,
@@ -65,6 +66,12 @@ class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     reason: Reason | None = None
 
 
+# The filters of the usage reads (bounded like the record fields they match).
+UserQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=256)]
+ModelQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=128)]
+EndpointQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=512)]
+TagQuery = Annotated[str | None, QueryParameter(min_length=1, max_length=64)]
+
 # Days and times asked for must lie where the calendar arithmetic behind them works
 # (`?date=9999-12-31` has no next day) and where events can be: from EARLIEST (events before
 # it are dead letters) to the year 2999.
@@ -100,12 +107,23 @@ async def usage_stats(
     date: FromQuery[str | None] = None,
     start: FromQuery[str | None] = None,
     end: FromQuery[str | None] = None,
+    user_id: UserQuery = None,
+    model: ModelQuery = None,
+    endpoint: EndpointQuery = None,
+    tag: TagQuery = None,
 ) -> Response[UsageStats]:
-    """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default."""
+    """`?date=YYYY-MM-DD` or `?start=&end=` (≤ 90 days) in STOCKPILOT_TZ; today by default.
+
+    `user_id`, `model` (its dated names too), `endpoint` and `tag` narrow it to those calls,
+    in any combination; `coverage` says what a filter could not tell apart."""
     params = StatsParams(
         date=_moment_param("date", date),
         start=_moment_param("start", start),
         end=_moment_param("end", end),
+        user_id=user_id,
+        model=model,
+        endpoint=endpoint,
+        tag=tag,
     )
     return await services.answer("usage", "stats", params)
 
@@ -116,10 +134,24 @@ async def usage_timeseries(
     bucket: FromQuery[str] = "hour",
     start: FromQuery[str | None] = None,
     end: FromQuery[str | None] = None,
+    user_id: UserQuery = None,
+    model: ModelQuery = None,
+    endpoint: EndpointQuery = None,
+    tag: TagQuery = None,
+    group_by: FromQuery[GroupBy | None] = None,
 ) -> Response[UsageTimeseries]:
-    """Every bucket of the range (zeros included); hourly today by default."""
+    """Every bucket of the range (zeros included); hourly today by default. Filters as on
+    /usage/stats; `group_by=model|endpoint|user_id|tag` adds `series`, the ten largest keys
+    by cost and `(other)` for the rest (`other_keys` says how many)."""
     params = TimeseriesParams(
-        bucket=bucket, start=_moment_param("start", start), end=_moment_param("end", end)
+        bucket=bucket,
+        start=_moment_param("start", start),
+        end=_moment_param("end", end),
+        user_id=user_id,
+        model=model,
+        endpoint=endpoint,
+        tag=tag,
+        group_by=group_by,
     )
     return await services.answer("usage", "timeseries", params)
 
@@ -182,10 +214,10 @@ async def usage_records_log(
     services: Services,
     start: Annotated[str | None, QueryParameter(max_length=64)] = None,
     end: Annotated[str | None, QueryParameter(max_length=64)] = None,
-    user_id: Annotated[str | None, QueryParameter(min_length=1, max_length=256)] = None,
-    model: Annotated[str | None, QueryParameter(min_length=1, max_length=128)] = None,
-    endpoint: Annotated[str | None, QueryParameter(min_length=1, max_length=512)] = None,
-    tag: Annotated[str | None, QueryParameter(min_length=1, max_length=64)] = None,
+    user_id: UserQuery = None,
+    model: ModelQuery = None,
+    endpoint: EndpointQuery = None,
+    tag: TagQuery = None,
     status: FromQuery[StatusFilter | None] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     cursor: Annotated[

@@ -210,20 +210,38 @@ class UsageRecordedIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 Moment = Annotated[str, msgspec.Meta(max_length=64)]
 
 
+# What a statistics or time-series answer may be narrowed to: the calls of one user, model
+# (its dated names too), endpoint or tag, in any combination.
+UserFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+ModelFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+EndpointFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+TagFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+GroupBy = Literal["model", "endpoint", "user_id", "tag"]
+
+
 class StatsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`?date=` or `?start=&end=` (YYYY-MM-DD in STOCKPILOT_TZ); today by default."""
+    """`?date=` or `?start=&end=` (YYYY-MM-DD in STOCKPILOT_TZ); today by default; filters."""
 
     date: Moment | None = None
     start: Moment | None = None
     end: Moment | None = None
+    user_id: UserFilter | None = None
+    model: ModelFilter | None = None
+    endpoint: EndpointFilter | None = None
+    tag: TagFilter | None = None
 
 
 class TimeseriesParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """`?bucket=hour|day&start=&end=`; hourly today by default."""
+    """`?bucket=hour|day&start=&end=`; hourly today by default; filters and `group_by`."""
 
     bucket: Annotated[str, msgspec.Meta(max_length=16)] = "hour"
     start: Moment | None = None
     end: Moment | None = None
+    user_id: UserFilter | None = None
+    model: ModelFilter | None = None
+    endpoint: EndpointFilter | None = None
+    tag: TagFilter | None = None
+    group_by: GroupBy | None = None
 
 
 class AlertsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -233,6 +251,29 @@ class AlertsParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
 
 # ----- answers -----------------------------------------------------------------------------
+
+
+class Filters(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The filters an answer applied (none: every call)."""
+
+    user_id: str | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    tag: str | None = None
+
+
+class Coverage(msgspec.Struct, kw_only=True):
+    """How far a filtered or grouped answer is exact.
+
+    Filters and `group_by` add up the view's cells (calls by model, endpoint, user and tags,
+    a bounded number per day and hour; the newest 100 days keep them). Past the bound a new
+    combination is counted coarser, under `(other)`: those calls count in the totals but no
+    filter or key can claim them. `unattributed_calls` says how many calls of the range a
+    filter could not tell apart (0: exact), `notes` says why in sentences."""
+
+    exact: bool = True
+    unattributed_calls: int = 0
+    notes: list[str] = []
 
 
 class StatsPeriod(msgspec.Struct, kw_only=True):
@@ -255,6 +296,11 @@ class Breakdown(msgspec.Struct, kw_only=True):
     total_tokens: int
     cost_usd: float
     avg_response_time_ms: float
+    # Kept per model and per endpoint (null for a user, or under a filter that narrows the
+    # calls below what the model's or endpoint's own latencies describe).
+    p50_response_time_ms: float | None = None
+    p95_response_time_ms: float | None = None
+    p99_response_time_ms: float | None = None
 
 
 class UserUsage(msgspec.Struct, kw_only=True):
@@ -283,9 +329,10 @@ class UsageStats(msgspec.Struct, kw_only=True):
     total_tokens: int
     total_cost_usd: float
     avg_response_time_ms: float
-    p50_response_time_ms: float
-    p95_response_time_ms: float
-    p99_response_time_ms: float
+    # Null only under a filter the view keeps no latencies for (a user or a tag; `notes`).
+    p50_response_time_ms: float | None
+    p95_response_time_ms: float | None
+    p99_response_time_ms: float | None
     requests_per_minute: float
     by_endpoint: dict[str, Breakdown]
     by_model: dict[str, Breakdown]
@@ -293,6 +340,9 @@ class UsageStats(msgspec.Struct, kw_only=True):
     by_status_code: dict[str, int]
     top_users: list[UserUsage]
     unpriced_models: list[str]
+    # The filters applied ({} for every call), and what the answer could not tell apart.
+    filters: Filters = msgspec.field(default_factory=lambda: Filters())
+    coverage: Coverage = msgspec.field(default_factory=lambda: Coverage())
 
 
 class TimePoint(msgspec.Struct, kw_only=True):
@@ -304,17 +354,34 @@ class TimePoint(msgspec.Struct, kw_only=True):
     tokens: int
     cost_usd: float
     avg_response_time_ms: float
-    p95_response_time_ms: float
+    # Null where the view keeps no latencies for the calls the point counts (`notes`).
+    p95_response_time_ms: float | None
+
+
+class Series(msgspec.Struct, kw_only=True):
+    """The points of one model, endpoint, user or tag (`group_by`); `(other)` adds up the
+    keys past the largest ones, `(none)` the calls without a user, endpoint or tag."""
+
+    key: str
+    points: list[TimePoint]
 
 
 class UsageTimeseries(msgspec.Struct, kw_only=True):
-    """`GET /api/v1/usage/timeseries`: every bucket of the range, zeros included."""
+    """`GET /api/v1/usage/timeseries`: every bucket of the range, zeros included.
+
+    `points` are every (filtered) call; with `group_by`, `series` splits them by key."""
 
     bucket: Literal["hour", "day"]
     timezone: str
     start: AwareDatetime
     end: AwareDatetime
     points: list[TimePoint]
+    filters: Filters = msgspec.field(default_factory=lambda: Filters())
+    group_by: GroupBy | None = None
+    series: list[Series] | None = None
+    # Keys added up under the `(other)` series (0: every key has its own series).
+    other_keys: int = 0
+    coverage: Coverage = msgspec.field(default_factory=lambda: Coverage())
 
 
 class BudgetUse(msgspec.Struct, kw_only=True):
@@ -499,10 +566,6 @@ Cursor = Annotated[
     str, msgspec.Meta(min_length=1, max_length=CURSOR_MAX_LENGTH, pattern=CURSOR_PATTERN)
 ]
 # The same bounds as the event's fields (above), so a filter can match.
-UserFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-ModelFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-EndpointFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
-TagFilter = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 StatusFilter = Literal["succeeded", "failed"]
 Priced = Literal["reported", "price_table", "unpriced"]
 

@@ -32,18 +32,24 @@ from services.usage.crossings import (
 from services.usage.prices import PriceTable
 from services.usage.sketch import Sketch
 from services.usage.view import (
+    CELL_DAYS,
+    CELL_LIMIT,
     DAY_LIMIT,
     FORECAST_MIN_ELAPSED_S,
+    HOUR_CELL_LIMIT,
     HOUR_LIMIT,
     KEY_LIMIT,
     LATENCY_BUCKETS_S,
     MONTH_LIMIT,
     NO_ENDPOINT,
     OTHER,
+    OTHER_TAGS,
     PRICE_TABLE_LIMIT,
     UNPRICED_LIMIT,
     USER_LIMIT,
     Agg,
+    Cell,
+    CellKey,
     Day,
     Fired,
     FoldConfig,
@@ -92,6 +98,54 @@ def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
         if agg is None:
             agg = mapping[key] = Agg()
     return agg
+
+
+def _cell_into(cells: dict[CellKey, Cell], key: CellKey, limit: int) -> Cell:
+    """The cell of `key` (created), or once `limit` cells are held the finest coarser one:
+    the user, then the tags, then the endpoint, then the model counted as `(other)`.
+
+    Coarser cells may take a tenth more room; past that everything new goes to the one
+    all-`(other)` cell, so a day holds at most limit * 1.1 + 1 cells."""
+    held = len(cells)
+    if held < limit:
+        cell = cells[key] = Cell()
+        return cell
+    model, endpoint, _, tags = key
+    for coarser in (
+        (model, endpoint, OTHER, tags),
+        (model, endpoint, OTHER, OTHER_TAGS),
+        (model, OTHER, OTHER, OTHER_TAGS),
+    ):
+        found = cells.get(coarser)
+        if found is not None:
+            return found
+        if held < limit + limit // 10:
+            cell = cells[coarser] = Cell()
+            return cell
+    everything = (OTHER, OTHER, OTHER, OTHER_TAGS)
+    found = cells.get(everything)
+    if found is None:
+        found = cells[everything] = Cell()
+    return found
+
+
+def _sketch_of(sketches: dict[str, Sketch], key: str) -> Sketch:
+    """The latency sketch of `key` (created; `(other)` once KEY_LIMIT keys are held)."""
+    found = sketches.get(key)
+    if found is None:
+        if len(sketches) >= KEY_LIMIT:
+            key = OTHER
+            found = sketches.get(key)
+        if found is None:
+            found = sketches[key] = Sketch(bins={})
+    return found
+
+
+def _keep_newest_cells(days: dict[str, Day]) -> None:
+    """Only the CELL_DAYS newest days keep their cells (filters reach no further back)."""
+    for key in sorted(days)[:-CELL_DAYS]:
+        if days[key].cells:
+            days[key].cells = {}
 
 
 def _count_key(counts: dict[str, int], key: str) -> None:
@@ -246,9 +300,10 @@ def make_apply(config: FoldConfig) -> UsageApply:
                         )
                 if model in unpriced:
                     unpriced[model] += 1
-        # Every call counts into seven aggregates (lifetime, day, endpoint, model, user, hour,
-        # month's model): gathered here and counted in one loop (add_calls), which was a
-        # seventh of the fold as seven calls re-reading the event's fields.
+        # Every call counts into nine aggregates (lifetime, day, endpoint, model, user, the
+        # day's and the hour's cell, hour, month's model): gathered here and counted in one
+        # loop (add_calls), which was a seventh of the fold as separate calls re-reading the
+        # event's fields.
         totals = view.totals
         status_key = str(status_code)
         # `d.get(key) or _count_into(...)`: a held key (nearly every call) without a call.
@@ -294,15 +349,31 @@ def make_apply(config: FoldConfig) -> UsageApply:
                 # more: the oldest of them is older than this one.
                 del days[min(days)]
             day = days[day_key] = Day(total=Agg(), latency=Sketch(bins={}))
+            if len(days) > CELL_DAYS:
+                _keep_newest_cells(days)
         aggs.append(day.total)
-        if latency is not None:
-            sketch.add_at(day.latency, latency_at)
         endpoint = event.endpoint or NO_ENDPOINT
+        if latency is not None:
+            by_model_s = day.latency_by_model
+            by_endpoint_s = day.latency_by_endpoint
+            sketches = [
+                day.latency,
+                by_model_s.get(model) or _sketch_of(by_model_s, model),
+                by_endpoint_s.get(endpoint) or _sketch_of(by_endpoint_s, endpoint),
+            ]
+        user_id = event.user_id
+        tags = event.tags
+        # Decoded events hold a tuple; one built in Python may hold a list.
+        cell_key = (model, endpoint, user_id or "", tags if type(tags) is tuple else tuple(tags))
+        cells = day.cells
+        cell = cells.get(cell_key) or _cell_into(cells, cell_key, CELL_LIMIT)
+        aggs.append(cell)
+        if error_code:
+            _count_key(cell.errors, error_code)
         by_endpoint = day.by_endpoint
         aggs.append(by_endpoint.get(endpoint) or _count_into(by_endpoint, endpoint, KEY_LIMIT))
         by_model = day.by_model
         aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
-        user_id = event.user_id
         if user_id:
             by_user = day.by_user
             aggs.append(by_user.get(user_id) or _count_into(by_user, user_id, USER_LIMIT))
@@ -330,7 +401,9 @@ def make_apply(config: FoldConfig) -> UsageApply:
         if hour is not None:
             aggs.append(hour.total)
             if latency is not None:
-                sketch.add_at(hour.latency, latency_at)
+                sketches.append(hour.latency)
+            cells = hour.cells
+            aggs.append(cells.get(cell_key) or _cell_into(cells, cell_key, HOUR_CELL_LIMIT))
 
         month_key = day_key[:7]
         months = view.months
@@ -347,6 +420,8 @@ def make_apply(config: FoldConfig) -> UsageApply:
         by_model = month.by_model
         aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
         add_calls(aggs, cost, failed, prompt, completion, cached, latency)
+        if latency is not None:
+            sketch.add_to_each(sketches, latency_at)
         if at > month.last_at:
             month.last_at = at
 

@@ -21,9 +21,11 @@ from services.usage.contract import (
     BudgetState,
     BudgetUse,
     CostForecast,
+    Coverage,
     DailyCost,
     ModelCost,
     ModelTotals,
+    Series,
     StatsParams,
     StatsPeriod,
     TimePoint,
@@ -38,10 +40,23 @@ from services.usage.history import AlertHistory
 from services.usage.prices import base_model
 from services.usage.settings import UsageSettings
 from services.usage.sketch import Sketch
+from services.usage.slices import (
+    Slice,
+    Tally,
+    coverage,
+    latency_sketch,
+    slice_of,
+    split,
+    tally,
+)
 from services.usage.view import (
+    CELL_DAYS,
     COST_EPSILON,
     LATENCY_BUCKETS_S,
+    OTHER,
     Agg,
+    Day,
+    Hour,
     UsageView,
     day_start,
     hour_key,
@@ -126,8 +141,8 @@ def _q(value: Sketch, q: float) -> float:
     return _rounded(found, 3) if found is not None else 0.0
 
 
-def breakdown(agg: Agg) -> Breakdown:
-    """The answer shape of one counted set of calls."""
+def breakdown(agg: Agg, latency: Sketch | None = None) -> Breakdown:
+    """The answer shape of one counted set of calls (percentiles where its latencies are kept)."""
     return Breakdown(
         requests=agg.requests,
         successful_requests=agg.requests - agg.failures,
@@ -138,7 +153,26 @@ def breakdown(agg: Agg) -> Breakdown:
         total_tokens=agg.prompt_tokens + agg.completion_tokens,
         cost_usd=_rounded(agg.cost_usd),
         avg_response_time_ms=_avg(agg),
+        p50_response_time_ms=_q(latency, 0.50) if latency is not None else None,
+        p95_response_time_ms=_q(latency, 0.95) if latency is not None else None,
+        p99_response_time_ms=_q(latency, 0.99) if latency is not None else None,
     )
+
+
+def _latencies(held_days: list[Day], part: str, wanted: Slice) -> dict[str, Sketch] | None:
+    """Response times per model or endpoint over `held_days`, or None where the filters
+    narrow the calls below what those latencies describe."""
+    if not wanted.only(part):
+        return None
+    merged: dict[str, Sketch] = {}
+    for held in held_days:
+        per_key = held.latency_by_model if part == "model" else held.latency_by_endpoint
+        for key, found in per_key.items():
+            into = merged.get(key)
+            if into is None:
+                into = merged[key] = Sketch(bins={})
+            sketch.merge_into(into, found)
+    return merged
 
 
 def _merge_dict(target: dict[str, Agg], source: dict[str, Agg]) -> None:
@@ -147,6 +181,13 @@ def _merge_dict(target: dict[str, Agg], source: dict[str, Agg]) -> None:
         if into is None:
             into = target[key] = Agg()
         merge_agg(into, agg)
+
+
+def _agg_of(mapping: dict[str, Agg], key: str) -> Agg:
+    agg = mapping.get(key)
+    if agg is None:
+        agg = mapping[key] = Agg()
+    return agg
 
 
 def _merge_counts(target: dict[str, int], source: dict[str, int]) -> None:
@@ -164,25 +205,37 @@ def stats(
     zone = settings.zone
     today = now.astimezone(zone).date()
     start, end = day_range(params, today)
-    total = Agg()
-    latency = Sketch(bins={})
+    wanted = slice_of(params)
+    held_days = [
+        held for day in _days(start, end) if (held := view.days.get(day.isoformat())) is not None
+    ]
     by_endpoint: dict[str, Agg] = {}
     by_model: dict[str, Agg] = {}
     by_user: dict[str, Agg] = {}
     by_error: dict[str, int] = {}
     by_status: dict[str, int] = {}
-    for day in _days(start, end):
-        held = view.days.get(day.isoformat())
-        if held is None:
-            continue
-        merge_agg(total, held.total)
-        sketch.merge_into(latency, held.latency)
-        _merge_dict(by_endpoint, held.by_endpoint)
-        _merge_dict(by_model, held.by_model)
-        _merge_dict(by_user, held.by_user)
-        _merge_counts(by_error, held.by_error_code)
-        _merge_counts(by_status, held.by_status_code)
-    if start == end == today:
+    counted = Tally(total=Agg())
+    if wanted.everything:
+        for held in held_days:
+            merge_agg(counted.total, held.total)
+            _merge_dict(by_endpoint, held.by_endpoint)
+            _merge_dict(by_model, held.by_model)
+            _merge_dict(by_user, held.by_user)
+            _merge_counts(by_error, held.by_error_code)
+            _merge_counts(by_status, held.by_status_code)
+    else:
+        # Breakdowns and error codes of the matching cells; status codes are not kept per
+        # cell, so a filtered answer's by_status_code is empty (docs/usage-analytics.md).
+        for held in held_days:
+            for (model, endpoint, user, _), cell in tally(held.cells, wanted, held.total, counted):
+                merge_agg(_agg_of(by_model, model), cell)
+                merge_agg(_agg_of(by_endpoint, endpoint), cell)
+                if user:
+                    merge_agg(_agg_of(by_user, user), cell)
+                _merge_counts(by_error, cell.errors)
+    total = counted.total
+    latency = latency_sketch(held_days, wanted)
+    if start == end == today and wanted.everything:
         rpm = requests_last_minutes(view, now) / (RATE_WINDOW_S / 60)
     else:
         span_start = day_start(start, zone)
@@ -191,6 +244,8 @@ def stats(
         # subtract as wall clocks, an hour off across a daylight-saving change.
         minutes = (span_end.timestamp() - span_start.timestamp()) / 60
         rpm = total.requests / minutes if minutes > 0 else 0.0
+    model_latency = _latencies(held_days, "model", wanted)
+    endpoint_latency = _latencies(held_days, "endpoint", wanted)
     users = sorted(by_user.items(), key=lambda item: (-item[1].requests, item[0]))
     return UsageStats(
         period=StatsPeriod(start=start, end=end, timezone=settings.tz),
@@ -208,12 +263,18 @@ def stats(
         total_tokens=total.prompt_tokens + total.completion_tokens,
         total_cost_usd=_rounded(total.cost_usd),
         avg_response_time_ms=_avg(total),
-        p50_response_time_ms=_q(latency, 0.50),
-        p95_response_time_ms=_q(latency, 0.95),
-        p99_response_time_ms=_q(latency, 0.99),
+        p50_response_time_ms=_q(latency, 0.50) if latency is not None else None,
+        p95_response_time_ms=_q(latency, 0.95) if latency is not None else None,
+        p99_response_time_ms=_q(latency, 0.99) if latency is not None else None,
         requests_per_minute=_rounded(rpm, 4),
-        by_endpoint={k: breakdown(v) for k, v in by_endpoint.items()},
-        by_model={k: breakdown(v) for k, v in by_model.items()},
+        by_endpoint={
+            k: breakdown(v, endpoint_latency.get(k) if endpoint_latency is not None else None)
+            for k, v in by_endpoint.items()
+        },
+        by_model={
+            k: breakdown(v, model_latency.get(k) if model_latency is not None else None)
+            for k, v in by_model.items()
+        },
         by_error_code=by_error,
         by_status_code=by_status,
         top_users=[
@@ -227,6 +288,10 @@ def stats(
             for user, agg in users[: settings.top_users]
         ],
         unpriced_models=sorted(view.unpriced),
+        filters=wanted.filters(),
+        coverage=Coverage()
+        if wanted.everything
+        else coverage(wanted, counted, percentiles_kept=latency is not None, days_kept=CELL_DAYS),
     )
 
 
@@ -280,38 +345,69 @@ def timeseries(
         raise InvalidRequestError(
             f"query parameter 'end': the range is longer than {MAX_RANGE_DAYS} days"
         )
-    points: list[TimePoint] = []
+    moments: list[datetime] = []
+    hours: list[Hour | None] = []
+    days: list[Day | None] = []
     if params.bucket == "hour":
         key = int(start.replace(minute=0, second=0, microsecond=0).timestamp())
         stop = end_exclusive.timestamp()
         while key < stop:
-            hour = view.hours.get(key)
-            moment = datetime.fromtimestamp(key, zone)
-            points.append(
-                _point(moment, hour.total, hour.latency)
-                if hour is not None
-                else _point(moment, Agg(), None)
-            )
+            hours.append(view.hours.get(key))
+            moments.append(datetime.fromtimestamp(key, zone))
             key = _next_hour(key, zone)
     else:
         day = start.date()
         last = (end_exclusive - timedelta(microseconds=1)).date()
         while day <= last:
-            held = view.days.get(day.isoformat())
-            moment = day_start(day, zone)
-            points.append(
-                _point(moment, held.total, held.latency)
-                if held is not None
-                else _point(moment, Agg(), None)
-            )
+            days.append(view.days.get(day.isoformat()))
+            moments.append(day_start(day, zone))
             day += timedelta(days=1)
-    return UsageTimeseries(
+    answer = UsageTimeseries(
         bucket="hour" if params.bucket == "hour" else "day",
         timezone=settings.tz,
-        start=points[0].t if points else start,
+        start=moments[0] if moments else start,
         end=end_exclusive,
-        points=points,
+        points=[],
     )
+    wanted = slice_of(params)
+    if wanted.everything and params.group_by is None:
+        answer.points = [
+            _point(moment, held.total, held.latency)
+            if held is not None
+            else _point(moment, Agg(), None)
+            for moment, held in zip(moments, hours or days, strict=True)
+        ]
+        return answer
+    sliced = split(
+        hours if params.bucket == "hour" else days, params.bucket == "day", wanted, params.group_by
+    )
+    answer.points = _points(moments, sliced.totals, sliced.latencies)
+    answer.filters = wanted.filters()
+    answer.group_by = params.group_by
+    if params.group_by is not None:
+        answer.series = [
+            Series(key=key, points=_points(moments, aggs, latencies))
+            for key, (aggs, latencies) in sliced.groups.items()
+        ]
+        answer.other_keys = sliced.other_keys
+    kept = all(found is not None for found in sliced.latencies) and all(
+        found is not None
+        for key, (_, latencies) in sliced.groups.items()
+        if key != OTHER
+        for found in latencies
+    )
+    answer.coverage = coverage(wanted, sliced.counted, percentiles_kept=kept, days_kept=CELL_DAYS)
+    return answer
+
+
+def _points(
+    moments: list[datetime], aggs: list[Agg], latencies: list[Sketch | None]
+) -> list[TimePoint]:
+    """Sliced points: a p95 of null where the view keeps no latencies for their calls."""
+    return [
+        _point(moment, agg, latency, kept=latency is not None)
+        for moment, agg, latency in zip(moments, aggs, latencies, strict=True)
+    ]
 
 
 def _next_hour(key: int, zone: ZoneInfo) -> int:
@@ -327,7 +423,8 @@ def _next_hour(key: int, zone: ZoneInfo) -> int:
     return following
 
 
-def _point(moment: datetime, agg: Agg, latency: Sketch | None) -> TimePoint:
+def _point(moment: datetime, agg: Agg, latency: Sketch | None, *, kept: bool = True) -> TimePoint:
+    """One bucket; its p95 is 0 for an empty bucket, null where latencies are not `kept`."""
     return TimePoint(
         t=moment,
         requests=agg.requests,
@@ -335,7 +432,7 @@ def _point(moment: datetime, agg: Agg, latency: Sketch | None) -> TimePoint:
         tokens=agg.prompt_tokens + agg.completion_tokens,
         cost_usd=_rounded(agg.cost_usd),
         avg_response_time_ms=_avg(agg),
-        p95_response_time_ms=_q(latency, 0.95) if latency is not None else 0.0,
+        p95_response_time_ms=_q(latency, 0.95) if latency is not None else 0.0 if kept else None,
     )
 
 

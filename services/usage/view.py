@@ -28,6 +28,12 @@ HOUR_LIMIT = 24 * 9
 MONTH_LIMIT = 15
 KEY_LIMIT = 100
 USER_LIMIT = 200
+# Cells (calls by model, endpoint, user and tags: what filters and group_by read) per day and
+# per hour; past the limit a new combination is counted coarser (services.usage.projection).
+CELL_LIMIT = 1_000
+HOUR_CELL_LIMIT = 200
+# Days whose cells are kept: the newest ones, beyond the longest range a query may ask for.
+CELL_DAYS = 100
 UNPRICED_LIMIT = 1_000
 # Price tables held (one per `usage.prices_changed`; a few a year in practice).
 PRICE_TABLE_LIMIT = 500
@@ -51,9 +57,12 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # stream's usage.prices_changed events, not from the settings; money-3: ids remembered for
 # 24 hours by stored time; totals-1: lifetime counters for /metrics that a reset never touches;
 # fired-1: no `fired` in the view, the fold returns its alerts, and an id remembers the stream
-# sequence it was stored at, not the view's last_seq + 1).
-FOLD_VERSION = "money-3+totals-1+fired-1"
+# sequence it was stored at, not the view's last_seq + 1; cells-1: calls by model, endpoint,
+# user and tags per day and hour, and latency sketches per model and endpoint per day).
+FOLD_VERSION = "money-3+totals-1+fired-1+cells-1"
 OTHER = "(other)"
+# The tags of a cell whose calls' tags were not kept apart.
+OTHER_TAGS: tuple[str, ...] = (OTHER,)
 NO_ENDPOINT = "(none)"
 
 
@@ -85,11 +94,25 @@ class Totals(msgspec.Struct, kw_only=True):
     latency_sum_s: float = 0.0
 
 
+class Cell(Agg, kw_only=True, array_like=True):
+    """The calls of one combination of model, endpoint, user and tags: what a filter or a
+    group_by adds up. Failures also by error code (only failed calls touch it)."""
+
+    errors: dict[str, int] = {}
+
+
+# (model, endpoint or NO_ENDPOINT, user_id or "", tags as the call gave them). A coarser cell
+# has OTHER for the parts it no longer tells apart (the user first, then the tags, then the
+# endpoint, then the model).
+CellKey = tuple[str, str, str, tuple[str, ...]]
+
+
 class Hour(msgspec.Struct, kw_only=True, array_like=True):
     """One hour of calls (in the configured zone)."""
 
     total: Agg
     latency: Sketch
+    cells: dict[CellKey, Cell] = {}
 
 
 class Day(msgspec.Struct, kw_only=True):
@@ -102,6 +125,10 @@ class Day(msgspec.Struct, kw_only=True):
     by_error_code: dict[str, int] = {}
     by_status_code: dict[str, int] = {}
     by_user: dict[str, Agg] = {}
+    cells: dict[CellKey, Cell] = {}
+    # Response times per model and per endpoint (keys bounded like the breakdowns).
+    latency_by_model: dict[str, Sketch] = {}
+    latency_by_endpoint: dict[str, Sketch] = {}
 
 
 class Month(msgspec.Struct, kw_only=True, array_like=True):
