@@ -62,6 +62,10 @@ class JetStreamPublisher:
             outcome: asyncio.Future[Published] = loop.create_future()
             outcome.set_result(Published(len(window), 0, 0, "NATS is not connected"))
             return outcome
+        if self._bare is not None and self._bare.closed:
+            # Its connection is gone (a server restart): this window opens a new one, so a
+            # caller that does not reset (the usage service's ingest) is not refused for ever.
+            self._bare = None
         if self._accelerated and self._bare is None and self._may_try(loop.time()):
             try:
                 self._bare = await BarePublisher.open(self._nc, self._name)

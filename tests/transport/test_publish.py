@@ -131,6 +131,29 @@ async def test_a_lost_connection_finishes_the_waiting_windows(
         await nc.close()
 
 
+async def test_after_a_server_restart_the_next_window_goes_out_without_a_reset(
+    tmp_path: Path, path: TransportPath
+) -> None:
+    """A caller that only retries (the usage service's ingest answers 503 and the client
+    posts again) gets its windows stored once the server is back."""
+    with nats_server(tmp_path / "nats") as server:
+        nc = await connect(server.url)
+        await make_stream(nc)
+        publisher = JetStreamPublisher(nc, accelerated=path == ACCELERATED, timeout=2)
+        assert (await send(publisher, window(0, 10))).acked == 10
+        server.stop()
+        server.start()  # the same port and store
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (outcome := await send(publisher, window(10, 10))).error is not None:
+            assert loop.time() < deadline, outcome.error
+            await asyncio.sleep(0.1)
+        assert outcome.acked == 10 and publisher.path == path
+        assert (await nc.jetstream().stream_info(STREAM)).state.messages == 20
+        publisher.close()
+        await nc.close()
+
+
 async def test_nothing_is_lost_or_stored_twice_over_a_server_restart(
     tmp_path: Path, path: TransportPath
 ) -> None:
