@@ -176,7 +176,7 @@ const asPct = (v) => num(v);
 
 // ----- panels ------------------------------------------------------------------------------
 
-const state = { tick: 0, status: null, statusError: null, history: null, lockMessage: null, alerts: new Map(), stream: "connecting" };
+const state = { tick: 0, status: null, statusError: null, latencyBy: "model", history: null, lockMessage: null, alerts: new Map(), stream: "connecting" };
 
 /** A per-refresh memo so panels that read the same route share one request. */
 function refreshContext() {
@@ -195,6 +195,7 @@ const PANELS = [
   { id: "panel-costchart", service: "usage", load: (ctx) => ctx.get(COST_CHART_PATH), render: renderCostChart },
   { id: "panel-requests", service: "usage", load: loadRequests, render: renderRequests },
   { id: "panel-top", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderTop },
+  { id: "panel-latency", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderLatency },
   spendLogPanel({ usd: fmtUSD, int: fmtInt, time: fmtTime, ms: fmtMs, badge }, () => refresh()),
   { id: "panel-executions", service: "batch", load: (ctx) => ctx.get("/batch/executions/recent?limit=12"), render: renderExecutions },
   { id: "panel-jobs", service: "batch", load: (ctx) => ctx.get("/batch/executions/stats"), render: renderJobs },
@@ -612,6 +613,42 @@ function renderTop(stats) {
     ? rankRows(errs, { color: "#f85149", value: (e) => fmtInt(e.n) })
     : `<div class="empty">${esc(t("top.noErrors"))}</div>`;
 }
+
+// ----- latency by model and by endpoint -----------------------------------------------------
+
+const LATENCY_ROWS = 12;
+
+/** Today's response times per model or per endpoint (the toggle), busiest first; a dash
+ * where the server keeps no percentile (null). Reads the refresh's one /usage/stats. */
+function renderLatency(stats) {
+  const by = state.latencyBy;
+  for (const button of document.querySelectorAll("#latency-toggle button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.by === by));
+  }
+  document.getElementById("latency-key").textContent = t(by === "model" ? "latency.model" : "latency.endpoint");
+  const rows = entries(by === "model" ? stats.by_model : stats.by_endpoint, by)
+    .sort((a, b) => countOf(b) - countOf(a) || a.key.localeCompare(b.key))
+    .slice(0, LATENCY_ROWS);
+  const body = document.getElementById("latency-rows");
+  body.innerHTML = rows.length
+    ? rows.map((e) => `<tr data-testid="latency-row" data-key="${esc(e.key)}">
+        <td class="job" title="${esc(e.key)}">${esc(e.key)}</td>
+        <td class="num">${esc(fmtInt(countOf(e)))}</td>
+        <td class="num" data-testid="latency-avg">${esc(fmtMs(e.avg_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p50">${esc(fmtMs(e.p50_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p95">${esc(fmtMs(e.p95_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p99">${esc(fmtMs(e.p99_response_time_ms))}</td>
+      </tr>`).join("")
+    : `<tr><td colspan="6" class="empty">${esc(t("top.none"))}</td></tr>`;
+}
+
+document.getElementById("latency-toggle").addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-by]");
+  if (!button || button.dataset.by === state.latencyBy) return;
+  state.latencyBy = button.dataset.by;
+  const panel = PANELS.find((p) => p.id === "panel-latency");
+  if (panel.data !== undefined || panel.error) drawPanel(panel);
+});
 
 // ----- batch executions ------------------------------------------------------------------------
 
