@@ -354,11 +354,13 @@ def make_apply(config: FoldConfig) -> UsageApply:
         aggs.append(day.total)
         endpoint = event.endpoint or NO_ENDPOINT
         if latency is not None:
-            sketch.add_at(day.latency, latency_at)
-            by = day.latency_by_model
-            sketch.add_at(by.get(model) or _sketch_of(by, model), latency_at)
-            by = day.latency_by_endpoint
-            sketch.add_at(by.get(endpoint) or _sketch_of(by, endpoint), latency_at)
+            by_model_s = day.latency_by_model
+            by_endpoint_s = day.latency_by_endpoint
+            sketches = [
+                day.latency,
+                by_model_s.get(model) or _sketch_of(by_model_s, model),
+                by_endpoint_s.get(endpoint) or _sketch_of(by_endpoint_s, endpoint),
+            ]
         user_id = event.user_id
         tags = event.tags
         # Decoded events hold a tuple; one built in Python may hold a list.
@@ -399,7 +401,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
         if hour is not None:
             aggs.append(hour.total)
             if latency is not None:
-                sketch.add_at(hour.latency, latency_at)
+                sketches.append(hour.latency)
             cells = hour.cells
             aggs.append(cells.get(cell_key) or _cell_into(cells, cell_key, HOUR_CELL_LIMIT))
 
@@ -418,6 +420,8 @@ def make_apply(config: FoldConfig) -> UsageApply:
         by_model = month.by_model
         aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
         add_calls(aggs, cost, failed, prompt, completion, cached, latency)
+        if latency is not None:
+            sketch.add_to_each(sketches, latency_at)
         if at > month.last_at:
             month.last_at = at
 

@@ -70,6 +70,25 @@ def add_at(sketch: Sketch, index: int | None, count: int = 1) -> None:
         _collapse(bins)
 
 
+def add_to_each(sketches: list[Sketch], index: int | None) -> None:
+    """Count one value at `index` into each of `sketches`: add_at's body in one loop, as the
+    usage fold counts every call's response time into four sketches (a call each was a
+    measurable part of the fold)."""
+    for sketch in sketches:
+        sketch.count += 1
+        if index is None:
+            sketch.zero += 1
+            continue
+        bins = sketch.bins
+        held = bins.get(index)
+        if held is not None:
+            bins[index] = held + 1
+            continue
+        bins[index] = 1
+        if len(bins) > MAX_BUCKETS:
+            _collapse(bins)
+
+
 def _collapse(bins: dict[int, int]) -> None:
     keys = sorted(bins)
     excess = len(keys) - MAX_BUCKETS

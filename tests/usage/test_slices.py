@@ -8,6 +8,7 @@ import math
 import random
 from datetime import timedelta
 
+import msgspec
 import pytest
 
 from services.usage import queries
@@ -324,3 +325,14 @@ async def test_filters_and_group_by_through_the_gateway(env: dict[str, str]) -> 
             refused = await client.get(f"/api/v1/usage/timeseries?{query}")
             assert refused.status_code in (400, 422), (query, refused.text)
             assert named in refused.text, refused.text
+
+
+def test_cells_survive_a_snapshot_round_trip() -> None:
+    restored = msgspec.msgpack.decode(msgspec.msgpack.encode(VIEW), type=UsageView)
+    assert restored == VIEW
+    params = TimeseriesParams(
+        bucket="day", start=START, end=END, tag="feature:screener", group_by="user_id"
+    )
+    assert queries.timeseries(restored, params, NOW, SETTINGS) == queries.timeseries(
+        VIEW, params, NOW, SETTINGS
+    )
