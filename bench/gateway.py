@@ -22,6 +22,9 @@ ROUTES = (
     "/api/v1/batch/executions/recent",
     # The budget check StockPilot AI makes before a call (the client keeps it a second).
     "/api/v1/usage/budget?user_id=u-1&model=gpt-4o",
+    # Issue #20: a filtered read and the dashboard's cost-by-model chart (one request).
+    "/api/v1/usage/stats?user_id=u-1&model=gpt-4o",
+    "/api/v1/usage/timeseries?bucket=day&group_by=model",
 )
 BUDGET_CHECKS = 200_000
 

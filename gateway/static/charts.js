@@ -12,6 +12,7 @@ export function esc(value) {
 
 export const PALETTE = [
   "#58a6ff", "#3fb950", "#d29922", "#bc8cff", "#ff7b72", "#39c5cf", "#f778ba", "#a5d6ff", "#7ee787",
+  "#ffa657",
 ];
 
 /** A round upper bound for an axis and its step (1, 2, 2.5, 5 × 10^n). */

@@ -176,7 +176,7 @@ const asPct = (v) => num(v);
 
 // ----- panels ------------------------------------------------------------------------------
 
-const state = { tick: 0, status: null, statusError: null, costDays: new Map(), history: null, lockMessage: null, alerts: new Map(), stream: "connecting" };
+const state = { tick: 0, status: null, statusError: null, latencyBy: "model", history: null, lockMessage: null, alerts: new Map(), stream: "connecting" };
 
 /** A per-refresh memo so panels that read the same route share one request. */
 function refreshContext() {
@@ -192,9 +192,10 @@ function refreshContext() {
 const PANELS = [
   { id: "panel-components", service: "health", load: loadComponents, render: renderComponents },
   { id: "panel-cost", service: "usage", load: (ctx) => ctx.get("/usage/costs"), render: renderCost },
-  { id: "panel-costchart", service: "usage", load: loadCostChart, render: renderCostChart },
+  { id: "panel-costchart", service: "usage", load: (ctx) => ctx.get(COST_CHART_PATH), render: renderCostChart },
   { id: "panel-requests", service: "usage", load: loadRequests, render: renderRequests },
   { id: "panel-top", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderTop },
+  { id: "panel-latency", service: "usage", load: (ctx) => ctx.get("/usage/stats"), render: renderLatency },
   spendLogPanel({ usd: fmtUSD, int: fmtInt, time: fmtTime, ms: fmtMs, badge }, () => refresh()),
   { id: "panel-executions", service: "batch", load: (ctx) => ctx.get("/batch/executions/recent?limit=12"), render: renderExecutions },
   { id: "panel-jobs", service: "batch", load: (ctx) => ctx.get("/batch/executions/stats"), render: renderJobs },
@@ -477,76 +478,67 @@ function renderCost(costs) {
 
 // ----- 30-day cost by model ------------------------------------------------------------------
 
-async function mapLimit(items, limit, fn) {
-  const results = new Array(items.length);
-  let next = 0;
-  const worker = async () => {
-    while (next < items.length) {
-      const i = next++;
-      results[i] = await fn(items[i], i);
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
-  return results;
-}
+// One request for the whole chart: the server's default day range is the same 30 days as
+// /usage/costs' `daily`, and `series` holds its ten dearest models plus `(other)`. (It used
+// to take one /usage/stats?date= per day with calls: up to 30 requests per draw.)
+const COST_CHART_PATH = "/usage/timeseries?bucket=day&group_by=model";
+const OTHER_KEY = "(other)";
+const OTHER_COLOR = "#5d6b7e";
 
-async function loadCostChart(ctx) {
-  const costs = await ctx.get("/usage/costs");
-  const daily = (costs.daily || []).slice(-30);
-  const days = await mapLimit(daily, 6, async (day, i) => {
-    const isToday = i === daily.length - 1;
-    if (day.by_model) return { date: day.date, total: costOf(day), models: modelCosts(day.by_model) };
-    if (!(costOf(day) > 0) && !(countOf(day) > 0)) return { date: day.date, total: 0, models: new Map() };
-    // The contract's daily list has totals only; the per-model split of a day comes from
-    // /usage/stats?date=. Past days are cached and refetched only when their total changes.
-    const cacheKey = `${day.date}|${costOf(day)}|${countOf(day)}`;
-    if (!isToday && state.costDays.has(cacheKey)) return state.costDays.get(cacheKey);
-    const stats = await (isToday ? ctx.get("/usage/stats") : api(`/usage/stats?date=${encodeURIComponent(day.date)}`));
-    const result = { date: day.date, total: costOf(day), models: modelCosts(stats.by_model) };
-    if (!isToday) state.costDays.set(cacheKey, result);
-    return result;
-  });
-  return { days };
-}
+/** A bucket's day as the server names it: `t` is its start in STOCKPILOT_TZ, so the date
+ * part of the ISO text is the server's day, whatever the browser's zone. */
+const serverDay = (iso) => String(iso).slice(0, 10);
 
-function modelCosts(breakdown) {
-  const out = new Map();
-  for (const e of entries(breakdown, "model")) out.set(e.key, (out.get(e.key) || 0) + costOf(e));
-  return out;
-}
-
-function renderCostChart({ days }) {
-  const totals = new Map();
-  for (const d of days) for (const [m, v] of d.models) totals.set(m, (totals.get(m) || 0) + v);
-  const ranked = [...totals.entries()].filter(([, v]) => v > 0).sort((a, b) => b[1] - a[1]);
-  const shown = ranked.slice(0, 7).map(([m]) => m);
+function renderCostChart(answer) {
+  const points = answer.points || [];
+  const days = points.map((p) => serverDay(p.t));
+  const totals = points.map((p) => num(p.cost_usd) ?? 0);
+  const grand = totals.reduce((a, b) => a + b, 0);
   const chart = document.getElementById("cost-chart");
   const legend = document.getElementById("cost-legend");
-  const grand = days.reduce((s, d) => s + d.total, 0);
+  const note = document.getElementById("cost-note");
   if (!days.length || grand <= 0) {
     chart.innerHTML = `<div class="empty">${esc(t("costchart.none"))}</div>`;
     legend.innerHTML = "";
+    note.textContent = "";
     return;
   }
-  const other = (d) => {
-    const known = shown.reduce((s, m) => s + (d.models.get(m) || 0), 0);
-    return Math.max(0, d.total - known);
-  };
-  const series = shown.map((m, i) => ({ name: m, color: PALETTE[i % PALETTE.length], values: days.map((d) => d.models.get(m) || 0) }));
-  const rest = days.map(other);
-  if (rest.some((v) => v > grand * 1e-3)) series.push({ name: "other", color: "#5d6b7e", values: rest });
+  // The server's order (dearest first, `(other)` last); a model that cost nothing in the
+  // range draws no bar, so it takes no colour and no legend entry either.
+  const series = (answer.series || [])
+    .map((s) => ({ key: s.key, values: days.map((_, i) => (s.points && s.points[i] ? num(s.points[i].cost_usd) ?? 0 : 0)) }))
+    .filter((s) => s.values.some((v) => v > 0))
+    .map((s, i) => ({
+      key: s.key,
+      name: s.key === OTHER_KEY ? t("costchart.other") : s.key,
+      color: s.key === OTHER_KEY ? OTHER_COLOR : PALETTE[i % PALETTE.length],
+      values: s.values,
+    }));
   chart.innerHTML = stackedBars({
-    categories: days.map((d) => fmtDay(d.date)),
+    categories: days.map(fmtDay),
     series,
     width: 860,
     height: 230,
-    yFormat: axisUSD(Math.max(...days.map((d) => d.total))),
+    yFormat: axisUSD(Math.max(...totals)),
     labelEvery: days.length > 16 ? 3 : 1,
-    titles: days.map((d) => `${d.date}: ${fmtUSD(d.total)}\n` + series.map((s, i) => `${s.name}: ${fmtUSD(s.values[days.indexOf(d)])}`).filter((_, i) => series[i].values[days.indexOf(d)] > 0).join("\n")),
+    titles: days.map((day, i) => [`${day}: ${fmtUSD(totals[i])}`,
+      ...series.filter((s) => s.values[i] > 0).map((s) => `${s.name}: ${fmtUSD(s.values[i])}`)].join("\n")),
   });
   legend.innerHTML = series.map((s) =>
-    `<span><i style="background:${s.color}"></i>${esc(s.name)}<b>${esc(fmtUSD(s.values.reduce((a, b) => a + b, 0)))}</b></span>`,
+    `<span data-testid="cost-legend-item" data-key="${esc(s.key)}"><i style="background:${s.color}"></i>${esc(s.name)}<b>${esc(fmtUSD(s.values.reduce((a, b) => a + b, 0)))}</b></span>`,
   ).join("") + `<span>· ${esc(t("costchart.total"))}<b>${esc(fmtUSD(grand))}</b></span>`;
+  // Say when a bar is not every model by name: keys added up under "other", or calls the
+  // per-model cells could not tell apart (the server's notes say why, in English).
+  const otherKeys = num(answer.other_keys) ?? 0;
+  const coverage = answer.coverage || {};
+  const notes = [];
+  if (otherKeys > 0) notes.push(t("costchart.otherKeys", { n: fmtInt(otherKeys) }));
+  // Only calls matter here: a coverage that is inexact for percentiles alone (which this
+  // chart does not draw) has no unattributed calls and earns no note.
+  const unattributed = num(coverage.unattributed_calls) ?? 0;
+  if (coverage.exact === false && unattributed > 0) notes.push(t("costchart.inexact", { n: fmtInt(unattributed) }));
+  note.textContent = notes.join(" ");
+  note.title = unattributed > 0 ? (coverage.notes || []).join("\n") : "";
 }
 
 // ----- requests today ------------------------------------------------------------------------
@@ -621,6 +613,42 @@ function renderTop(stats) {
     ? rankRows(errs, { color: "#f85149", value: (e) => fmtInt(e.n) })
     : `<div class="empty">${esc(t("top.noErrors"))}</div>`;
 }
+
+// ----- latency by model and by endpoint -----------------------------------------------------
+
+const LATENCY_ROWS = 12;
+
+/** Today's response times per model or per endpoint (the toggle), busiest first; a dash
+ * where the server keeps no percentile (null). Reads the refresh's one /usage/stats. */
+function renderLatency(stats) {
+  const by = state.latencyBy;
+  for (const button of document.querySelectorAll("#latency-toggle button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.by === by));
+  }
+  document.getElementById("latency-key").textContent = t(by === "model" ? "latency.model" : "latency.endpoint");
+  const rows = entries(by === "model" ? stats.by_model : stats.by_endpoint, by)
+    .sort((a, b) => countOf(b) - countOf(a) || a.key.localeCompare(b.key))
+    .slice(0, LATENCY_ROWS);
+  const body = document.getElementById("latency-rows");
+  body.innerHTML = rows.length
+    ? rows.map((e) => `<tr data-testid="latency-row" data-key="${esc(e.key)}">
+        <td class="job" title="${esc(e.key)}">${esc(e.key)}</td>
+        <td class="num">${esc(fmtInt(countOf(e)))}</td>
+        <td class="num" data-testid="latency-avg">${esc(fmtMs(e.avg_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p50">${esc(fmtMs(e.p50_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p95">${esc(fmtMs(e.p95_response_time_ms))}</td>
+        <td class="num" data-testid="latency-p99">${esc(fmtMs(e.p99_response_time_ms))}</td>
+      </tr>`).join("")
+    : `<tr><td colspan="6" class="empty">${esc(t("top.none"))}</td></tr>`;
+}
+
+document.getElementById("latency-toggle").addEventListener("click", (event) => {
+  const button = event.target.closest("button[data-by]");
+  if (!button || button.dataset.by === state.latencyBy) return;
+  state.latencyBy = button.dataset.by;
+  const panel = PANELS.find((p) => p.id === "panel-latency");
+  if (panel.data !== undefined || panel.error) drawPanel(panel);
+});
 
 // ----- batch executions ------------------------------------------------------------------------
 

@@ -370,6 +370,12 @@ def make_apply(config: FoldConfig) -> UsageApply:
         aggs.append(cell)
         if error_code:
             _count_key(cell.errors, error_code)
+        statuses = cell.statuses
+        count = statuses.get(status_key)
+        if count is None:
+            _count_key(statuses, status_key)
+        else:
+            statuses[status_key] = count + 1
         by_endpoint = day.by_endpoint
         aggs.append(by_endpoint.get(endpoint) or _count_into(by_endpoint, endpoint, KEY_LIMIT))
         by_model = day.by_model

@@ -224,8 +224,7 @@ def stats(
             _merge_counts(by_error, held.by_error_code)
             _merge_counts(by_status, held.by_status_code)
     else:
-        # Breakdowns and error codes of the matching cells; status codes are not kept per
-        # cell, so a filtered answer's by_status_code is empty (docs/usage-analytics.md).
+        # Breakdowns, error and status codes of the matching cells.
         for held in held_days:
             for (model, endpoint, user, _), cell in tally(held.cells, wanted, held.total, counted):
                 merge_agg(_agg_of(by_model, model), cell)
@@ -233,6 +232,7 @@ def stats(
                 if user:
                     merge_agg(_agg_of(by_user, user), cell)
                 _merge_counts(by_error, cell.errors)
+                _merge_counts(by_status, cell.statuses)
     total = counted.total
     latency = latency_sketch(held_days, wanted)
     if start == end == today and wanted.everything:

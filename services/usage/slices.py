@@ -216,52 +216,101 @@ def split(
     counted = Tally(total=Agg())
     totals: list[Agg] = []
     latencies: list[Sketch | None] = []
-    by_key: dict[str, list[Agg]] = {}
-    size = len(buckets)
+    # Per group, only the buckets it has calls in: a group_by=user_id over 30 days may
+    # meet thousands of users, most of them in a few buckets.
+    by_key: dict[str, dict[int, Agg]] = {}
+    everything = wanted.everything
     for index, held in enumerate(buckets):
         point = Agg()
         totals.append(point)
         if held is None:
             latencies.append(Sketch(bins={}) if _latency_kept(daily, wanted) else None)
             continue
-        for key, cell in tally(held.cells, wanted, held.total, counted):
-            merge_agg(point, cell)
-            if group_by is not None:
-                for group in group_keys(key, group_by):
-                    aggs = by_key.get(group)
-                    if aggs is None:
-                        aggs = by_key[group] = [Agg() for _ in range(size)]
-                    merge_agg(aggs[index], cell)
+        if everything and isinstance(held, Day) and group_by in ("model", "endpoint"):
+            # Every call of a day by model or by endpoint is already added up (the day's
+            # breakdowns, exact): a few keys instead of up to a thousand cells (the
+            # dashboard's cost-by-model chart asks this).
+            merge_agg(point, held.total)
+            breakdown = held.by_model if group_by == "model" else held.by_endpoint
+            for group, agg in breakdown.items():
+                _add_to_group(by_key, group, index, agg)
+        else:
+            _add_cells(held, index, wanted, group_by, point, by_key, counted)
         if isinstance(held, Day):
             latencies.append(latency_sketch([held], wanted))
         else:
-            latencies.append(held.latency if wanted.everything else None)
+            latencies.append(held.latency if everything else None)
     groups: dict[str, tuple[list[Agg], list[Sketch | None]]] = {}
     other_keys = 0
     if group_by is not None:
-        ranked = sorted(
-            (name for name in by_key if name != OTHER), key=lambda name: _rank(by_key[name], name)
-        )
+        named = [name for name in by_key if name != OTHER]
+        ranked = sorted(named, key=lambda name: _rank(by_key[name].values(), name))
         kept, rest = ranked[:GROUP_LIMIT], ranked[GROUP_LIMIT:]
+        size = len(buckets)
         for name in kept:
             latencies_of = _group_latencies(buckets, daily, group_by, name, wanted)
-            groups[name] = (by_key[name], latencies_of)
+            groups[name] = (_dense(by_key[name], size), latencies_of)
         merged_rest = [by_key[name] for name in rest]
         if OTHER in by_key:
             merged_rest.append(by_key[OTHER])
         if merged_rest:
             other = [Agg() for _ in range(size)]
-            for aggs in merged_rest:
-                for into, agg in zip(other, aggs, strict=True):
-                    merge_agg(into, agg)
+            for per_bucket in merged_rest:
+                for index, agg in per_bucket.items():
+                    merge_agg(other[index], agg)
             groups[OTHER] = (other, [None] * size)
         other_keys = len(rest)
     return Split(totals, latencies, groups, other_keys, counted)
 
 
-def _rank(aggs: list[Agg], name: str) -> tuple[float, int, str]:
+def _add_cells(
+    held: Hour | Day,
+    index: int,
+    wanted: Slice,
+    group_by: GroupBy | None,
+    point: Agg,
+    by_key: dict[str, dict[int, Agg]],
+    counted: Tally,
+) -> None:
+    """Add the cells of one bucket that `wanted` matches into `point` and their groups."""
+    everything = wanted.everything
+    in_cells = 0
+    for key, cell in held.cells.items():
+        in_cells += cell.requests
+        if not (everything or wanted.matches(key)):
+            if wanted.blurred(key):
+                counted.unattributed += cell.requests
+            continue
+        merge_agg(point, cell)
+        if group_by is not None:
+            for group in group_keys(key, group_by):
+                _add_to_group(by_key, group, index, cell)
+    if in_cells < held.total.requests:
+        counted.uncelled += held.total.requests - in_cells
+
+
+def _add_to_group(by_key: dict[str, dict[int, Agg]], group: str, index: int, agg: Agg) -> None:
+    per_bucket = by_key.get(group)
+    if per_bucket is None:
+        per_bucket = by_key[group] = {}
+    into = per_bucket.get(index)
+    if into is None:
+        into = per_bucket[index] = Agg()
+    merge_agg(into, agg)
+
+
+def _dense(per_bucket: dict[int, Agg], size: int) -> list[Agg]:
+    return [per_bucket.get(index) or Agg() for index in range(size)]
+
+
+def _rank(aggs: Iterable[Agg], name: str) -> tuple[float, int, str]:
     """Largest cost first, then most calls, then by name (a stable order for ties)."""
-    return (-sum(a.cost_usd for a in aggs), -sum(a.requests for a in aggs), name)
+    cost = 0.0
+    requests = 0
+    for agg in aggs:
+        cost += agg.cost_usd
+        requests += agg.requests
+    return (-cost, -requests, name)
 
 
 def _latency_kept(daily: bool, wanted: Slice) -> bool:

@@ -96,9 +96,11 @@ class Totals(msgspec.Struct, kw_only=True):
 
 class Cell(Agg, kw_only=True, array_like=True):
     """The calls of one combination of model, endpoint, user and tags: what a filter or a
-    group_by adds up. Failures also by error code (only failed calls touch it)."""
+    group_by adds up. A day's cells also count their calls by error code and by status code
+    (keys bounded like a day's)."""
 
     errors: dict[str, int] = {}
+    statuses: dict[str, int] = {}
 
 
 # (model, endpoint or NO_ENDPOINT, user_id or "", tags as the call gave them). A coarser cell

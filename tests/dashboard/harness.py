@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from ops import demo
+from shared.clock import SYSTEM_CLOCK, Clock
 from shared.events import Event
 from shared.runtime import Runtime
 from shared.settings import load_settings
@@ -113,6 +114,8 @@ class Stack:
     apis: demo.ExternalApis | None = None
     # The settings with every dependency configured (what `configure_dependencies` switches to).
     configured_env: dict[str, str] = field(default_factory=dict)
+    # "Now" for the gateway and every service started here (the test's clock, or the real one).
+    clock: Clock = SYSTEM_CLOCK
 
     async def start_service(self, name: str) -> Runtime:
         """Run services.<name> in this loop (skipped while it is not importable)."""
@@ -121,7 +124,9 @@ class Stack:
         settings_type = typing.get_type_hints(build)["settings"]
         settings = load_settings(settings_type, self.env)
         stack = contextlib.AsyncExitStack()
-        runtime = await stack.enter_async_context(running_service(build(settings), settings))
+        runtime = await stack.enter_async_context(
+            running_service(build(settings), settings, clock=self.clock)
+        )
         self.runtimes[name] = runtime
         self.stops[name] = stack
         return runtime
@@ -184,9 +189,11 @@ async def running_stack(
     services: tuple[str, ...] = SERVICES,
     apis: list[demo.FakeApi] | None = None,
     configured: bool = True,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> AsyncIterator[Stack]:
     """Loopback APIs (the demo's, flapping fx included, unless given), NATS streams, the named
-    services and the gateway on a real socket."""
+    services and the gateway on a real socket; `clock` is their "now" (the real one unless
+    given: a test that dates its events from the `clock` fixture hands it over)."""
     apis = apis if apis is not None else [*demo.demo_apis(), demo.fake_openai()]
     async with contextlib.AsyncExitStack() as stack:
         external = await stack.enter_async_context(demo.ExternalApis(first_port=0, apis=apis))
@@ -204,10 +211,16 @@ async def running_stack(
         nc = await nats.connect(gateway_settings.nats_servers)
         stack.push_async_callback(nc.close)
         await provision(nc.jetstream())
-        app = create_app(gateway_settings)
+        app = create_app(gateway_settings, clock)
         url = await stack.enter_async_context(gateway_server(app))
         result = Stack(
-            env=full_env, nc=nc, app=app, url=url, apis=external, configured_env=configured_env
+            env=full_env,
+            nc=nc,
+            app=app,
+            url=url,
+            apis=external,
+            configured_env=configured_env,
+            clock=clock,
         )
 
         async def stop_all() -> None:

@@ -130,7 +130,15 @@ async def test_every_panel_fails_on_its_own_when_no_service_runs(
         await expect(page.get_by_test_id("overall-status")).to_have_attribute(
             "data-status", "unhealthy"
         )
-        for panel in ("components", "cost", "costchart", "requests", "top", "executions"):
+        for panel in (
+            "components",
+            "cost",
+            "costchart",
+            "requests",
+            "top",
+            "latency",
+            "executions",
+        ):
             locator = page.get_by_test_id(f"panel-{panel}")
             await expect(locator).to_have_attribute("data-state", "unavailable", timeout=WAIT_MS)
             await expect(locator.locator(".panel-error")).to_contain_text("service")
@@ -357,7 +365,7 @@ async def test_stopped_usage_service_greys_out_its_panels_only(
             await expect(page.get_by_test_id("service-usage")).to_have_attribute(
                 "data-status", "unavailable", timeout=WAIT_MS
             )
-            for panel in ("cost", "costchart", "requests", "top"):
+            for panel in ("cost", "costchart", "requests", "top", "latency"):
                 locator = page.get_by_test_id(f"panel-{panel}")
                 await expect(locator).to_have_attribute(
                     "data-state", "unavailable", timeout=WAIT_MS

@@ -122,6 +122,10 @@ def test_filtered_stats_count_exactly_the_calls_the_filters_ask_for(
     assert stats.by_error_code == (
         {"server_error": stats.failed_requests} if stats.failed_requests else {}
     )
+    statuses: dict[str, int] = {}
+    for event in expected:
+        statuses[str(event.status_code)] = statuses.get(str(event.status_code), 0) + 1
+    assert stats.by_status_code == statuses
     by_model: dict[str, int] = {}
     for event in expected:
         by_model[event.model] = by_model.get(event.model, 0) + 1
