@@ -46,7 +46,6 @@ from services.usage.view import (
     OTHER_TAGS,
     PRICE_TABLE_LIMIT,
     UNPRICED_LIMIT,
-    USER_LIMIT,
     Agg,
     Cell,
     CellKey,
@@ -59,6 +58,7 @@ from services.usage.view import (
     Spend,
     UsageView,
     hour_key,
+    keep_breakdowns,
     month_bounds,
 )
 from shared.events import Alert
@@ -142,10 +142,12 @@ def _sketch_of(sketches: dict[str, Sketch], key: str) -> Sketch:
 
 
 def _keep_newest_cells(days: dict[str, Day]) -> None:
-    """Only the CELL_DAYS newest days keep their cells (filters reach no further back)."""
+    """Only the CELL_DAYS newest days keep their cells (filters reach no further back); an
+    older day keeps its breakdowns, added up from its cells before they go."""
     for key in sorted(days)[:-CELL_DAYS]:
-        if days[key].cells:
-            days[key].cells = {}
+        day = days[key]
+        if day.cells:
+            keep_breakdowns(day)
 
 
 def _count_key(counts: dict[str, int], key: str) -> None:
@@ -376,21 +378,9 @@ def make_apply(config: FoldConfig) -> UsageApply:
             _count_key(statuses, status_key)
         else:
             statuses[status_key] = count + 1
-        by_endpoint = day.by_endpoint
-        aggs.append(by_endpoint.get(endpoint) or _count_into(by_endpoint, endpoint, KEY_LIMIT))
-        by_model = day.by_model
-        aggs.append(by_model.get(model) or _count_into(by_model, model, KEY_LIMIT))
-        if user_id:
-            by_user = day.by_user
-            aggs.append(by_user.get(user_id) or _count_into(by_user, user_id, USER_LIMIT))
-        if error_code:
-            _count_key(day.by_error_code, error_code)
-        statuses = day.by_status_code
-        count = statuses.get(status_key)
-        if count is None:
-            _count_key(statuses, status_key)
-        else:
-            statuses[status_key] = count + 1
+        # The day's breakdowns (by endpoint, model, user, error and status code) are its
+        # cells added up when asked (view.day_breakdowns): counting them here as well was as
+        # much work per call as the cell (docs/profiles/usage-fold-3-cells.txt).
 
         hours = view.hours
         hour = hours.get(h_key)

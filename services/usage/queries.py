@@ -58,6 +58,7 @@ from services.usage.view import (
     Day,
     Hour,
     UsageView,
+    day_breakdowns,
     day_start,
     hour_key,
     merge_agg,
@@ -218,11 +219,12 @@ def stats(
     if wanted.everything:
         for held in held_days:
             merge_agg(counted.total, held.total)
-            _merge_dict(by_endpoint, held.by_endpoint)
-            _merge_dict(by_model, held.by_model)
-            _merge_dict(by_user, held.by_user)
-            _merge_counts(by_error, held.by_error_code)
-            _merge_counts(by_status, held.by_status_code)
+            parts = day_breakdowns(held)
+            _merge_dict(by_endpoint, parts.by_endpoint)
+            _merge_dict(by_model, parts.by_model)
+            _merge_dict(by_user, parts.by_user)
+            _merge_counts(by_error, parts.by_error_code)
+            _merge_counts(by_status, parts.by_status_code)
     else:
         # Breakdowns, error and status codes of the matching cells.
         for held in held_days:

@@ -26,6 +26,7 @@ from services.usage.view import (
     CellKey,
     Day,
     Hour,
+    day_breakdowns,
     merge_agg,
 )
 
@@ -226,13 +227,22 @@ def split(
         if held is None:
             latencies.append(Sketch(bins={}) if _latency_kept(daily, wanted) else None)
             continue
-        if everything and isinstance(held, Day) and group_by in ("model", "endpoint"):
-            # Every call of a day by model or by endpoint is already added up (the day's
-            # breakdowns, exact): a few keys instead of up to a thousand cells (the
-            # dashboard's cost-by-model chart asks this).
+        if (
+            not held.cells
+            and everything
+            and isinstance(held, Day)
+            and group_by
+            in (
+                "model",
+                "endpoint",
+            )
+        ):
+            # A day past CELL_DAYS: its kept breakdowns still split every call of it.
             merge_agg(point, held.total)
-            breakdown = held.by_model if group_by == "model" else held.by_endpoint
-            for group, agg in breakdown.items():
+            parts = day_breakdowns(held)
+            for group, agg in (
+                parts.by_model if group_by == "model" else parts.by_endpoint
+            ).items():
                 _add_to_group(by_key, group, index, agg)
         else:
             _add_cells(held, index, wanted, group_by, point, by_key, counted)

@@ -57,9 +57,10 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # stream's usage.prices_changed events, not from the settings; money-3: ids remembered for
 # 24 hours by stored time; totals-1: lifetime counters for /metrics that a reset never touches;
 # fired-1: no `fired` in the view, the fold returns its alerts, and an id remembers the stream
-# sequence it was stored at, not the view's last_seq + 1; cells-1: calls by model, endpoint,
-# user and tags per day and hour, and latency sketches per model and endpoint per day).
-FOLD_VERSION = "money-3+totals-1+fired-1+cells-1"
+# sequence it was stored at, not the view's last_seq + 1; cells-2: calls by model, endpoint,
+# user and tags per day and hour, latency sketches per model and endpoint per day, and a
+# day's breakdowns added up from its cells).
+FOLD_VERSION = "money-3+totals-1+fired-1+cells-2"
 OTHER = "(other)"
 # The tags of a cell whose calls' tags were not kept apart.
 OTHER_TAGS: tuple[str, ...] = (OTHER,)
@@ -118,7 +119,8 @@ class Hour(msgspec.Struct, kw_only=True, array_like=True):
 
 
 class Day(msgspec.Struct, kw_only=True):
-    """One day of calls with its breakdowns (keys bounded; the rest under `(other)`)."""
+    """One day of calls. Its breakdowns are its cells added up (`day_breakdowns`); a day
+    past CELL_DAYS keeps them instead of its cells (keys bounded; the rest under `(other)`)."""
 
     total: Agg
     latency: Sketch
@@ -325,3 +327,87 @@ def hour_key(local: datetime) -> int:
 def day_start(day: date, zone: ZoneInfo) -> datetime:
     """Midnight at the start of `day` in `zone`."""
     return datetime(day.year, day.month, day.day, tzinfo=zone)
+
+
+class Breakdowns(msgspec.Struct, kw_only=True):
+    """A day's calls by endpoint, model and user, and by error and status code."""
+
+    by_endpoint: dict[str, Agg]
+    by_model: dict[str, Agg]
+    by_user: dict[str, Agg]
+    by_error_code: dict[str, int]
+    by_status_code: dict[str, int]
+
+
+def day_breakdowns(day: Day) -> Breakdowns:
+    """The day's breakdowns: its cells added up (bounded like its kept ones), or those it
+    kept when its cells went (past CELL_DAYS)."""
+    if not day.cells:
+        return Breakdowns(
+            by_endpoint=day.by_endpoint,
+            by_model=day.by_model,
+            by_user=day.by_user,
+            by_error_code=day.by_error_code,
+            by_status_code=day.by_status_code,
+        )
+    by_endpoint: dict[str, Agg] = {}
+    by_model: dict[str, Agg] = {}
+    by_user: dict[str, Agg] = {}
+    by_error: dict[str, int] = {}
+    by_status: dict[str, int] = {}
+    for (model, endpoint, user, _), cell in day.cells.items():
+        merge_agg(_held(by_model, model), cell)
+        merge_agg(_held(by_endpoint, endpoint), cell)
+        if user:
+            merge_agg(_held(by_user, user), cell)
+        for code, count in cell.errors.items():
+            by_error[code] = by_error.get(code, 0) + count
+        for code, count in cell.statuses.items():
+            by_status[code] = by_status.get(code, 0) + count
+    return Breakdowns(
+        by_endpoint=_bounded(by_endpoint, KEY_LIMIT),
+        by_model=_bounded(by_model, KEY_LIMIT),
+        by_user=_bounded(by_user, USER_LIMIT),
+        by_error_code=_bounded_counts(by_error),
+        by_status_code=_bounded_counts(by_status),
+    )
+
+
+def keep_breakdowns(day: Day) -> None:
+    """Keep the day's breakdowns in place of its cells (a day past CELL_DAYS)."""
+    kept = day_breakdowns(day)
+    day.by_endpoint = kept.by_endpoint
+    day.by_model = kept.by_model
+    day.by_user = kept.by_user
+    day.by_error_code = kept.by_error_code
+    day.by_status_code = kept.by_status_code
+    day.cells = {}
+
+
+def _held(mapping: dict[str, Agg], key: str) -> Agg:
+    agg = mapping.get(key)
+    if agg is None:
+        agg = mapping[key] = Agg()
+    return agg
+
+
+def _bounded(mapping: dict[str, Agg], limit: int) -> dict[str, Agg]:
+    """At most `limit` keys and `(other)`: the busiest kept, the rest added up under it."""
+    if len(mapping) <= limit:
+        return mapping
+    ranked = sorted(mapping.items(), key=lambda item: (item[0] == OTHER, -item[1].requests))
+    kept = dict(ranked[:limit])
+    other = kept.pop(OTHER, None) or Agg()
+    for _, agg in ranked[limit:]:
+        merge_agg(other, agg)
+    kept[OTHER] = other
+    return kept
+
+
+def _bounded_counts(counts: dict[str, int]) -> dict[str, int]:
+    if len(counts) <= KEY_LIMIT:
+        return counts
+    ranked = sorted(counts.items(), key=lambda item: (item[0] == OTHER, -item[1]))
+    kept = dict(ranked[:KEY_LIMIT])
+    kept[OTHER] = kept.pop(OTHER, 0) + sum(count for _, count in ranked[KEY_LIMIT:])
+    return kept

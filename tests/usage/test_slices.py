@@ -18,7 +18,7 @@ from services.usage.projection import make_apply
 from services.usage.service import build
 from services.usage.settings import UsageSettings
 from services.usage.slices import GROUP_LIMIT
-from services.usage.view import CELL_LIMIT, FoldConfig, UsageView
+from services.usage.view import CELL_DAYS, CELL_LIMIT, FoldConfig, UsageView
 from shared.clock import ManualClock
 from tests.harness import running_service
 from tests.usage import helpers
@@ -339,4 +339,47 @@ def test_cells_survive_a_snapshot_round_trip() -> None:
     )
     assert queries.timeseries(restored, params, NOW, SETTINGS) == queries.timeseries(
         VIEW, params, NOW, SETTINGS
+    )
+
+
+def test_a_day_past_the_cell_days_keeps_its_breakdowns_exactly() -> None:
+    """Only the newest CELL_DAYS days keep cells; an older day's breakdowns, added up from
+    its cells before they go, answer as they did."""
+    first = NOON - timedelta(days=CELL_DAYS + 4)
+    calls = [
+        recorded(
+            i,
+            at=first + timedelta(days=i // 6),
+            model=MODELS[i % 4],
+            endpoint=ENDPOINTS[i % 3],
+            user_id=USERS[i % 4],
+            status_code=(200, 429)[i % 2],
+            error_code=(None, "rate_limit")[i % 2],
+        )
+        for i in range(6 * (CELL_DAYS + 5))
+    ]
+    oldest = first.astimezone(ZONE).date().isoformat()
+    before = queries.stats(folded(calls[:6]), StatsParams(date=oldest), NOW, SETTINGS)
+    view = folded(calls)
+    assert not view.days[oldest].cells and view.days[TODAY.isoformat()].cells
+    after = queries.stats(view, StatsParams(date=oldest), NOW, SETTINGS)
+    assert after.by_model.keys() == before.by_model.keys()
+    for part in ("by_model", "by_endpoint"):
+        assert {k: v.requests for k, v in getattr(after, part).items()} == {
+            k: v.requests for k, v in getattr(before, part).items()
+        }
+    assert after.by_status_code == before.by_status_code == {"200": 3, "429": 3}
+    assert after.by_error_code == {"rate_limit": 3}
+    assert [u.user_id for u in after.top_users] == [u.user_id for u in before.top_users]
+    grouped = queries.timeseries(
+        view,
+        TimeseriesParams(bucket="day", start=oldest, end=oldest, group_by="model"),
+        NOW,
+        SETTINGS,
+    )
+    assert grouped.series is not None and grouped.coverage.exact
+    assert sum(s.points[0].requests for s in grouped.series) == 6
+    filtered = queries.stats(view, StatsParams(date=oldest, user_id="u-1"), NOW, SETTINGS)
+    assert filtered.coverage.unattributed_calls == 6 and "no longer kept" in " ".join(
+        filtered.coverage.notes
     )
