@@ -16,7 +16,7 @@ import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar
 from zoneinfo import ZoneInfo
 
 from services.usage import dedupe, sketch
@@ -86,6 +86,7 @@ _SLOT_S = 900
 _SLOT = timedelta(seconds=_SLOT_S)
 _SLOT_END = timedelta(seconds=_SLOT_S, microseconds=-1)
 _SLOT_LIMIT = 10_000
+A = TypeVar("A", bound=Agg)
 
 
 def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
@@ -100,7 +101,7 @@ def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
     return agg
 
 
-def _cell_into(cells: dict[CellKey, Cell], key: CellKey, limit: int) -> Cell:
+def _cell_into(cells: dict[CellKey, A], key: CellKey, limit: int, make: Callable[[], A]) -> A:
     """The cell of `key` (created), or once `limit` cells are held the finest coarser one:
     the user, then the tags, then the endpoint, then the model counted as `(other)`.
 
@@ -108,7 +109,7 @@ def _cell_into(cells: dict[CellKey, Cell], key: CellKey, limit: int) -> Cell:
     all-`(other)` cell, so a day holds at most limit * 1.1 + 1 cells."""
     held = len(cells)
     if held < limit:
-        cell = cells[key] = Cell()
+        cell = cells[key] = make()
         return cell
     model, endpoint, _, tags = key
     for coarser in (
@@ -120,12 +121,12 @@ def _cell_into(cells: dict[CellKey, Cell], key: CellKey, limit: int) -> Cell:
         if found is not None:
             return found
         if held < limit + limit // 10:
-            cell = cells[coarser] = Cell()
+            cell = cells[coarser] = make()
             return cell
     everything = (OTHER, OTHER, OTHER, OTHER_TAGS)
     found = cells.get(everything)
     if found is None:
-        found = cells[everything] = Cell()
+        found = cells[everything] = make()
     return found
 
 
@@ -302,10 +303,10 @@ def make_apply(config: FoldConfig) -> UsageApply:
                         )
                 if model in unpriced:
                     unpriced[model] += 1
-        # Every call counts into nine aggregates (lifetime, day, endpoint, model, user, the
-        # day's and the hour's cell, hour, month's model): gathered here and counted in one
-        # loop (add_calls), which was a seventh of the fold as separate calls re-reading the
-        # event's fields.
+        # Every call counts into five aggregates (lifetime by model, the day, the day's and
+        # the hour's cell, the month's model): gathered here and counted in one loop
+        # (add_calls), which was a seventh of the fold as separate calls re-reading the
+        # event's fields. A day's breakdowns and an hour's total are their cells added up.
         totals = view.totals
         status_key = str(status_code)
         # `d.get(key) or _count_into(...)`: a held key (nearly every call) without a call.
@@ -368,7 +369,7 @@ def make_apply(config: FoldConfig) -> UsageApply:
         # Decoded events hold a tuple; one built in Python may hold a list.
         cell_key = (model, endpoint, user_id or "", tags if type(tags) is tuple else tuple(tags))
         cells = day.cells
-        cell = cells.get(cell_key) or _cell_into(cells, cell_key, CELL_LIMIT)
+        cell = cells.get(cell_key) or _cell_into(cells, cell_key, CELL_LIMIT, Cell)
         aggs.append(cell)
         if error_code:
             _count_key(cell.errors, error_code)
@@ -391,15 +392,16 @@ def make_apply(config: FoldConfig) -> UsageApply:
                     hour = None
                 else:
                     del hours[oldest_hour]
-                    hour = hours[h_key] = Hour(total=Agg(), latency=Sketch(bins={}))
+                    hour = hours[h_key] = Hour(latency=Sketch(bins={}))
             else:
-                hour = hours[h_key] = Hour(total=Agg(), latency=Sketch(bins={}))
+                hour = hours[h_key] = Hour(latency=Sketch(bins={}))
         if hour is not None:
-            aggs.append(hour.total)
             if latency is not None:
                 sketches.append(hour.latency)
-            cells = hour.cells
-            aggs.append(cells.get(cell_key) or _cell_into(cells, cell_key, HOUR_CELL_LIMIT))
+            hour_cells = hour.cells
+            aggs.append(
+                hour_cells.get(cell_key) or _cell_into(hour_cells, cell_key, HOUR_CELL_LIMIT, Agg)
+            )
 
         month_key = day_key[:7]
         months = view.months

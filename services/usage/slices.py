@@ -10,8 +10,9 @@ quietly leaving them out or counting them in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.usage import sketch
 from services.usage.contract import Coverage, Filters, GroupBy
@@ -22,7 +23,6 @@ from services.usage.view import (
     OTHER,
     OTHER_TAGS,
     Agg,
-    Cell,
     CellKey,
     Day,
     Hour,
@@ -33,6 +33,7 @@ from services.usage.view import (
 # Series a grouped answer draws on their own (the largest by cost, then by calls); the other
 # keys are added up under `(other)`, so an answer stays small whatever the cardinality.
 GROUP_LIMIT = 10
+A = TypeVar("A", bound=Agg)
 NONE_KEY = "(none)"
 
 
@@ -111,8 +112,8 @@ class Tally:
 
 
 def tally(
-    cells: dict[CellKey, Cell], wanted: Slice, held: Agg, into: Tally
-) -> list[tuple[CellKey, Cell]]:
+    cells: Mapping[CellKey, A], wanted: Slice, held: Agg, into: Tally
+) -> list[tuple[CellKey, A]]:
     """Add the cells `wanted` matches into `into.total`; the matching cells with their keys.
 
     `held` is the day's or hour's total: what its cells add up to while they are kept."""
@@ -295,7 +296,8 @@ def _add_cells(
         if group_by is not None:
             for group in group_keys(key, group_by):
                 _add_to_group(by_key, group, index, cell)
-    if in_cells < held.total.requests:
+    # An hour's total is its cells; a day past CELL_DAYS has a total and no cells.
+    if isinstance(held, Day) and in_cells < held.total.requests:
         counted.uncelled += held.total.requests - in_cells
 
 

@@ -31,7 +31,7 @@ USER_LIMIT = 200
 # Cells (calls by model, endpoint, user and tags: what filters and group_by read) per day and
 # per hour; past the limit a new combination is counted coarser (services.usage.projection).
 CELL_LIMIT = 1_000
-HOUR_CELL_LIMIT = 200
+HOUR_CELL_LIMIT = 400
 # Days whose cells are kept: the newest ones, beyond the longest range a query may ask for.
 CELL_DAYS = 100
 UNPRICED_LIMIT = 1_000
@@ -59,7 +59,7 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # fired-1: no `fired` in the view, the fold returns its alerts, and an id remembers the stream
 # sequence it was stored at, not the view's last_seq + 1; cells-2: calls by model, endpoint,
 # user and tags per day and hour, latency sketches per model and endpoint per day, and a
-# day's breakdowns added up from its cells).
+# day's breakdowns and an hour's total added up from its cells).
 FOLD_VERSION = "money-3+totals-1+fired-1+cells-2"
 OTHER = "(other)"
 # The tags of a cell whose calls' tags were not kept apart.
@@ -111,11 +111,20 @@ CellKey = tuple[str, str, str, tuple[str, ...]]
 
 
 class Hour(msgspec.Struct, kw_only=True, array_like=True):
-    """One hour of calls (in the configured zone)."""
+    """One hour of calls (in the configured zone); its cells count calls only (the error and
+    status codes are a day's)."""
 
-    total: Agg
     latency: Sketch
-    cells: dict[CellKey, Cell] = {}
+    cells: dict[CellKey, Agg] = {}
+
+    @property
+    def total(self) -> Agg:
+        """Every call of the hour: its cells added up (each call is in exactly one; not
+        counted a second time by the fold, which is the hot path)."""
+        total = Agg()
+        for cell in self.cells.values():
+            merge_agg(total, cell)
+        return total
 
 
 class Day(msgspec.Struct, kw_only=True):
