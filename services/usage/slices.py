@@ -228,16 +228,8 @@ def split(
         if held is None:
             latencies.append(Sketch(bins={}) if _latency_kept(daily, wanted) else None)
             continue
-        if (
-            not held.cells
-            and everything
-            and isinstance(held, Day)
-            and group_by
-            in (
-                "model",
-                "endpoint",
-            )
-        ):
+        by_kept_breakdowns = group_by in ("model", "endpoint") and everything
+        if by_kept_breakdowns and isinstance(held, Day) and not held.cells:
             # A day past CELL_DAYS: its kept breakdowns still split every call of it.
             merge_agg(point, held.total)
             parts = day_breakdowns(held)
