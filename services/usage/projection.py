@@ -87,18 +87,33 @@ _SLOT = timedelta(seconds=_SLOT_S)
 _SLOT_END = timedelta(seconds=_SLOT_S, microseconds=-1)
 _SLOT_LIMIT = 10_000
 A = TypeVar("A", bound=Agg)
+T = TypeVar("T")
+
+
+def _entry(mapping: dict[str, T], key: str, limit: int, make: Callable[[], T]) -> T:
+    """The entry of `key` (made; `(other)`'s once `limit` keys are held)."""
+    found = mapping.get(key)
+    if found is None:
+        if len(mapping) >= limit:
+            key = OTHER
+            found = mapping.get(key)
+        if found is None:
+            found = mapping[key] = make()
+    return found
 
 
 def _count_into(mapping: dict[str, Agg], key: str, limit: int) -> Agg:
     """The aggregate of `key` (created; `(other)` once `limit` keys are held)."""
-    agg = mapping.get(key)
-    if agg is None:
-        if len(mapping) >= limit:
-            key = OTHER
-            agg = mapping.get(key)
-        if agg is None:
-            agg = mapping[key] = Agg()
-    return agg
+    return _entry(mapping, key, limit, Agg)
+
+
+def _sketch_of(sketches: dict[str, Sketch], key: str) -> Sketch:
+    """The latency sketch of `key` (created; `(other)` once KEY_LIMIT keys are held)."""
+    return _entry(sketches, key, KEY_LIMIT, _new_sketch)
+
+
+def _new_sketch() -> Sketch:
+    return Sketch(bins={})
 
 
 def _cell_into(cells: dict[CellKey, A], key: CellKey, limit: int, make: Callable[[], A]) -> A:
@@ -127,18 +142,6 @@ def _cell_into(cells: dict[CellKey, A], key: CellKey, limit: int, make: Callable
     found = cells.get(everything)
     if found is None:
         found = cells[everything] = make()
-    return found
-
-
-def _sketch_of(sketches: dict[str, Sketch], key: str) -> Sketch:
-    """The latency sketch of `key` (created; `(other)` once KEY_LIMIT keys are held)."""
-    found = sketches.get(key)
-    if found is None:
-        if len(sketches) >= KEY_LIMIT:
-            key = OTHER
-            found = sketches.get(key)
-        if found is None:
-            found = sketches[key] = Sketch(bins={})
     return found
 
 
