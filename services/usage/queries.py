@@ -55,9 +55,12 @@ from services.usage.view import (
     LATENCY_BUCKETS_S,
     OTHER,
     Agg,
+    Breakdowns,
     Day,
     Hour,
     UsageView,
+    add_breakdowns,
+    add_cells,
     day_breakdowns,
     day_start,
     hour_key,
@@ -176,26 +179,6 @@ def _latencies(held_days: list[Day], part: str, wanted: Slice) -> dict[str, Sket
     return merged
 
 
-def _merge_dict(target: dict[str, Agg], source: dict[str, Agg]) -> None:
-    for key, agg in source.items():
-        into = target.get(key)
-        if into is None:
-            into = target[key] = Agg()
-        merge_agg(into, agg)
-
-
-def _agg_of(mapping: dict[str, Agg], key: str) -> Agg:
-    agg = mapping.get(key)
-    if agg is None:
-        agg = mapping[key] = Agg()
-    return agg
-
-
-def _merge_counts(target: dict[str, int], source: dict[str, int]) -> None:
-    for key, count in source.items():
-        target[key] = target.get(key, 0) + count
-
-
 # ----- queries -----------------------------------------------------------------------------
 
 
@@ -210,31 +193,16 @@ def stats(
     held_days = [
         held for day in _days(start, end) if (held := view.days.get(day.isoformat())) is not None
     ]
-    by_endpoint: dict[str, Agg] = {}
-    by_model: dict[str, Agg] = {}
-    by_user: dict[str, Agg] = {}
-    by_error: dict[str, int] = {}
-    by_status: dict[str, int] = {}
+    found = Breakdowns()
     counted = Tally(total=Agg())
     if wanted.everything:
         for held in held_days:
             merge_agg(counted.total, held.total)
-            parts = day_breakdowns(held)
-            _merge_dict(by_endpoint, parts.by_endpoint)
-            _merge_dict(by_model, parts.by_model)
-            _merge_dict(by_user, parts.by_user)
-            _merge_counts(by_error, parts.by_error_code)
-            _merge_counts(by_status, parts.by_status_code)
+            add_breakdowns(found, day_breakdowns(held))
     else:
-        # Breakdowns, error and status codes of the matching cells.
+        # The breakdowns, error and status codes of the matching cells.
         for held in held_days:
-            for (model, endpoint, user, _), cell in tally(held.cells, wanted, held.total, counted):
-                merge_agg(_agg_of(by_model, model), cell)
-                merge_agg(_agg_of(by_endpoint, endpoint), cell)
-                if user:
-                    merge_agg(_agg_of(by_user, user), cell)
-                _merge_counts(by_error, cell.errors)
-                _merge_counts(by_status, cell.statuses)
+            add_cells(found, tally(held.cells, wanted, held.total, counted))
     total = counted.total
     latency = latency_sketch(held_days, wanted)
     if start == end == today and wanted.everything:
@@ -248,7 +216,7 @@ def stats(
         rpm = total.requests / minutes if minutes > 0 else 0.0
     model_latency = _latencies(held_days, "model", wanted)
     endpoint_latency = _latencies(held_days, "endpoint", wanted)
-    users = sorted(by_user.items(), key=lambda item: (-item[1].requests, item[0]))
+    users = sorted(found.by_user.items(), key=lambda item: (-item[1].requests, item[0]))
     return UsageStats(
         period=StatsPeriod(start=start, end=end, timezone=settings.tz),
         total_requests=total.requests,
@@ -271,14 +239,14 @@ def stats(
         requests_per_minute=_rounded(rpm, 4),
         by_endpoint={
             k: breakdown(v, endpoint_latency.get(k) if endpoint_latency is not None else None)
-            for k, v in by_endpoint.items()
+            for k, v in found.by_endpoint.items()
         },
         by_model={
             k: breakdown(v, model_latency.get(k) if model_latency is not None else None)
-            for k, v in by_model.items()
+            for k, v in found.by_model.items()
         },
-        by_error_code=by_error,
-        by_status_code=by_status,
+        by_error_code=found.by_error_code,
+        by_status_code=found.by_status_code,
         top_users=[
             UserUsage(
                 user_id=user,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
@@ -339,13 +340,38 @@ def day_start(day: date, zone: ZoneInfo) -> datetime:
 
 
 class Breakdowns(msgspec.Struct, kw_only=True):
-    """A day's calls by endpoint, model and user, and by error and status code."""
+    """Calls by endpoint, model and user, and by error and status code (a day's, or the
+    cells a query adds up)."""
 
-    by_endpoint: dict[str, Agg]
-    by_model: dict[str, Agg]
-    by_user: dict[str, Agg]
-    by_error_code: dict[str, int]
-    by_status_code: dict[str, int]
+    by_endpoint: dict[str, Agg] = {}
+    by_model: dict[str, Agg] = {}
+    by_user: dict[str, Agg] = {}
+    by_error_code: dict[str, int] = {}
+    by_status_code: dict[str, int] = {}
+
+
+def add_cells(into: Breakdowns, cells: Iterable[tuple[CellKey, Cell]]) -> None:
+    """Add each cell to the breakdowns of its model, endpoint and user, and its codes."""
+    for (model, endpoint, user, _), cell in cells:
+        merge_agg(_agg_of(into.by_model, model), cell)
+        merge_agg(_agg_of(into.by_endpoint, endpoint), cell)
+        if user:
+            merge_agg(_agg_of(into.by_user, user), cell)
+        _merge_counts(into.by_error_code, cell.errors)
+        _merge_counts(into.by_status_code, cell.statuses)
+
+
+def add_breakdowns(into: Breakdowns, parts: Breakdowns) -> None:
+    """Add `parts` (another day's breakdowns) to `into`."""
+    for target, source in (
+        (into.by_endpoint, parts.by_endpoint),
+        (into.by_model, parts.by_model),
+        (into.by_user, parts.by_user),
+    ):
+        for key, agg in source.items():
+            merge_agg(_agg_of(target, key), agg)
+    _merge_counts(into.by_error_code, parts.by_error_code)
+    _merge_counts(into.by_status_code, parts.by_status_code)
 
 
 def day_breakdowns(day: Day) -> Breakdowns:
@@ -359,26 +385,14 @@ def day_breakdowns(day: Day) -> Breakdowns:
             by_error_code=day.by_error_code,
             by_status_code=day.by_status_code,
         )
-    by_endpoint: dict[str, Agg] = {}
-    by_model: dict[str, Agg] = {}
-    by_user: dict[str, Agg] = {}
-    by_error: dict[str, int] = {}
-    by_status: dict[str, int] = {}
-    for (model, endpoint, user, _), cell in day.cells.items():
-        merge_agg(_held(by_model, model), cell)
-        merge_agg(_held(by_endpoint, endpoint), cell)
-        if user:
-            merge_agg(_held(by_user, user), cell)
-        for code, count in cell.errors.items():
-            by_error[code] = by_error.get(code, 0) + count
-        for code, count in cell.statuses.items():
-            by_status[code] = by_status.get(code, 0) + count
+    found = Breakdowns()
+    add_cells(found, day.cells.items())
     return Breakdowns(
-        by_endpoint=_bounded(by_endpoint, KEY_LIMIT),
-        by_model=_bounded(by_model, KEY_LIMIT),
-        by_user=_bounded(by_user, USER_LIMIT),
-        by_error_code=_bounded_counts(by_error),
-        by_status_code=_bounded_counts(by_status),
+        by_endpoint=_bounded(found.by_endpoint, KEY_LIMIT),
+        by_model=_bounded(found.by_model, KEY_LIMIT),
+        by_user=_bounded(found.by_user, USER_LIMIT),
+        by_error_code=_bounded_counts(found.by_error_code),
+        by_status_code=_bounded_counts(found.by_status_code),
     )
 
 
@@ -393,11 +407,16 @@ def keep_breakdowns(day: Day) -> None:
     day.cells = {}
 
 
-def _held(mapping: dict[str, Agg], key: str) -> Agg:
+def _agg_of(mapping: dict[str, Agg], key: str) -> Agg:
     agg = mapping.get(key)
     if agg is None:
         agg = mapping[key] = Agg()
     return agg
+
+
+def _merge_counts(target: dict[str, int], source: dict[str, int]) -> None:
+    for key, count in source.items():
+        target[key] = target.get(key, 0) + count
 
 
 def _bounded(mapping: dict[str, Agg], limit: int) -> dict[str, Agg]:
