@@ -194,16 +194,16 @@ def stats(
         held for day in _days(start, end) if (held := view.days.get(day.isoformat())) is not None
     ]
     found = Breakdowns()
-    counted = Tally(total=Agg())
+    total = Agg()
+    counted = Tally()
     if wanted.everything:
         for held in held_days:
-            merge_agg(counted.total, held.total)
+            merge_agg(total, held.total)
             add_breakdowns(found, day_breakdowns(held))
     else:
         # The breakdowns, error and status codes of the matching cells.
         for held in held_days:
-            add_cells(found, tally(held.cells, wanted, held.total, counted))
-    total = counted.total
+            add_cells(found, tally(held.cells, wanted, counted, total, held.total.requests))
     latency = latency_sketch(held_days, wanted)
     if start == end == today and wanted.everything:
         rpm = requests_last_minutes(view, now) / (RATE_WINDOW_S / 60)

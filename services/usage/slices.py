@@ -103,31 +103,32 @@ def slice_of(params: object) -> Slice:
 
 @dataclass
 class Tally:
-    """What a filter counted in some cells, and the calls it could not tell apart."""
+    """The calls of some cells a filter could not tell apart."""
 
-    total: Agg
     unattributed: int = 0
     # Calls of days or hours whose cells are no longer kept (older than CELL_DAYS).
     uncelled: int = 0
 
 
 def tally(
-    cells: Mapping[CellKey, A], wanted: Slice, held: Agg, into: Tally
+    cells: Mapping[CellKey, A], wanted: Slice, counted: Tally, into: Agg, held: int | None
 ) -> list[tuple[CellKey, A]]:
-    """Add the cells `wanted` matches into `into.total`; the matching cells with their keys.
+    """Add the cells `wanted` matches into `into`; the matching cells with their keys.
 
-    `held` is the day's or hour's total: what its cells add up to while they are kept."""
+    Counts in `counted` the calls a filter could not tell apart and, given `held` (the calls
+    of the day the cells are of), those no cell holds any more (a day past CELL_DAYS)."""
     matched = []
-    counted = 0
+    in_cells = 0
+    everything = wanted.everything
     for key, cell in cells.items():
-        counted += cell.requests
-        if wanted.matches(key):
-            merge_agg(into.total, cell)
+        in_cells += cell.requests
+        if everything or wanted.matches(key):
+            merge_agg(into, cell)
             matched.append((key, cell))
         elif wanted.blurred(key):
-            into.unattributed += cell.requests
-    if counted < held.requests:
-        into.uncelled += held.requests - counted
+            counted.unattributed += cell.requests
+    if held is not None and in_cells < held:
+        counted.uncelled += held - in_cells
     return matched
 
 
@@ -215,7 +216,7 @@ def split(
     """Add up the cells of every bucket (hours or days, None where nothing was counted) that
     `wanted` matches, and by `group_by` (the GROUP_LIMIT largest keys by cost, then calls;
     the rest under `(other)`)."""
-    counted = Tally(total=Agg())
+    counted = Tally()
     totals: list[Agg] = []
     latencies: list[Sketch | None] = []
     # Per group, only the buckets it has calls in: a group_by=user_id over 30 days may
@@ -276,21 +277,12 @@ def _add_cells(
     counted: Tally,
 ) -> None:
     """Add the cells of one bucket that `wanted` matches into `point` and their groups."""
-    everything = wanted.everything
-    in_cells = 0
-    for key, cell in held.cells.items():
-        in_cells += cell.requests
-        if not (everything or wanted.matches(key)):
-            if wanted.blurred(key):
-                counted.unattributed += cell.requests
-            continue
-        merge_agg(point, cell)
+    # An hour's total is its cells; a day past CELL_DAYS has a total and no cells.
+    calls = held.total.requests if isinstance(held, Day) else None
+    for key, cell in tally(held.cells, wanted, counted, point, calls):
         if group_by is not None:
             for group in group_keys(key, group_by):
                 _add_to_group(by_key, group, index, cell)
-    # An hour's total is its cells; a day past CELL_DAYS has a total and no cells.
-    if isinstance(held, Day) and in_cells < held.total.requests:
-        counted.uncelled += held.total.requests - in_cells
 
 
 def _add_to_group(by_key: dict[str, dict[int, Agg]], group: str, index: int, agg: Agg) -> None:
