@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from services.usage import sketch
-from services.usage.contract import Coverage, Filters, GroupBy
+from services.usage.contract import (
+    Coverage,
+    Filters,
+    GroupBy,
+    StatsParams,
+    TimeseriesParams,
+)
 from services.usage.prices import base_model
 from services.usage.sketch import Sketch
 from services.usage.view import (
@@ -91,13 +97,10 @@ class Slice:
 _PARTS = ("user_id", "model", "endpoint", "tag")
 
 
-def slice_of(params: object) -> Slice:
+def slice_of(params: StatsParams | TimeseriesParams) -> Slice:
     """The filters of stats or timeseries parameters."""
     return Slice(
-        user_id=getattr(params, "user_id", None),
-        model=getattr(params, "model", None),
-        endpoint=getattr(params, "endpoint", None),
-        tag=getattr(params, "tag", None),
+        user_id=params.user_id, model=params.model, endpoint=params.endpoint, tag=params.tag
     )
 
 
