@@ -252,7 +252,9 @@ async def usage_records_log(
 async def usage_reset(request: Request[Any, Any, Any], services: Services) -> Response[ResetAnswer]:
     """Appends `usage.reset`; the stream keeps every event (replay gives the same state)."""
     body = await request.body()
-    reset = _decode_body(body, ResetBody) if body.strip() else ResetBody()
+    # No body: every default; anything else must be a JSON object (whitespace alone is not
+    # JSON, as the batch routes' optional bodies answer too).
+    reset = _decode_body(body, ResetBody) if body else ResetBody()
     if reset.scope != "all":
         raise InvalidRequestError(
             f"body field 'scope': only 'all' is supported, got {reset.scope!r}"
