@@ -8,7 +8,9 @@ before. The fold remembers ids in two generations of at least DEDUPE_S each, by 
 time the stream stored them (a replay rotates at the same events). A generation holds its
 first EXACT_LIMIT ids exactly; past that, ids go into the generation's Bloom filter of
 BLOOM_BITS bits, which never forgets an id (a retry is never counted twice) and, up to a
-million more ids a day, takes fewer than one new id in ten million for a retry.
+million more ids a day, takes fewer than one new id in ten million for a retry. When the
+filter is made it takes the exact ids too, so from then on one read of the filter decides
+for that generation (the exact ids stay for the spend log, which asks for an id's sequence).
 
 The filter is blocked: an id's BLOOM_MASK_BITS bits all lie in one 64-byte block (a cache
 line), set and tested as one 512-bit integer. A plain Bloom filter's seven bits anywhere in
@@ -99,18 +101,23 @@ def _in_bloom(bloom: bytearray, offset: int, mask: int) -> bool:
     return _block(bloom, offset) & mask == mask
 
 
+def _known(generation: IdGeneration, key: str, offset: int, mask: int) -> bool:
+    """Whether `generation` holds `key`: a generation with a filter holds its exact ids in
+    it too, so one block read answers, without a probe of its 100,000-id dict (a cache miss
+    or two, as many as the block read, in a live service sharing its cores)."""
+    bloom = generation.bloom
+    if bloom:
+        return _block(bloom, offset) & mask == mask
+    return key in generation.ids
+
+
 def has(memory: IdMemory, key: str) -> bool:
     """Whether `key` was remembered (within the last DEDUPE_S at least)."""
     current, previous = memory.current, memory.previous
-    if key in current.ids or key in previous.ids:
-        return True
     if not current.bloom and not previous.bloom:
-        return False
+        return key in current.ids or key in previous.ids
     offset, mask = locate(key)
-    return bool(
-        (current.bloom and _in_bloom(current.bloom, offset, mask))
-        or (previous.bloom and _in_bloom(previous.bloom, offset, mask))
-    )
+    return _known(current, key, offset, mask) or _known(previous, key, offset, mask)
 
 
 def remember(
@@ -119,26 +126,24 @@ def remember(
     """Remember `key` stored at `stored_at` (rotating a generation DEDUPE_S old); False when
     it was remembered already (a retry), True when it is new."""
     current, previous = memory.current, memory.previous
-    if key in current.ids or key in previous.ids:
-        return False
     bloom = current.bloom
+    if bloom and stored_at - current.since < DEDUPE_S:
+        # Past the exact ids with no rotation due: most ids of a busy day, every id of a
+        # replay past the first EXACT_LIMIT. One block read decides for this generation.
+        offset, mask = locate(key)
+        block = _block(bloom, offset)
+        if block & mask == mask or _known(previous, key, offset, mask):
+            return False
+        bloom[offset : offset + BLOCK_BYTES] = (block | mask).to_bytes(BLOCK_BYTES, "little")
+        current.spilled += 1
+        return True
     located: tuple[int, int] | None = None
     if bloom or previous.bloom:
         offset, mask = located = locate(key)
-        if previous.bloom and _in_bloom(previous.bloom, offset, mask):
+        if _known(current, key, offset, mask) or _known(previous, key, offset, mask):
             return False
-        if bloom:
-            block = _block(bloom, offset)
-            if block & mask == mask:
-                return False
-            if stored_at - current.since < DEDUPE_S and len(current.ids) >= exact_limit:
-                # Past the exact ids with no rotation due (most ids of a busy day, every
-                # id of a replay past the first EXACT_LIMIT): set the bits read just now.
-                bloom[offset : offset + BLOCK_BYTES] = (block | mask).to_bytes(
-                    BLOCK_BYTES, "little"
-                )
-                current.spilled += 1
-                return True
+    elif key in current.ids or key in previous.ids:
+        return False
     if stored_at - current.since >= DEDUPE_S:
         memory.previous = current
         memory.current = current = IdGeneration(since=stored_at)
@@ -146,11 +151,22 @@ def remember(
         current.ids[key] = seq
         return True
     if not current.bloom:
-        current.bloom = bytearray(BLOOM_BITS // 8)
+        current.bloom = _filter_of(current.ids)
     offset, mask = located or locate(key)
-    bloom = current.bloom
+    _add(current.bloom, offset, mask)
+    current.spilled += 1
+    return True
+
+
+def _filter_of(ids: dict[str, int]) -> bytearray:
+    """A new filter holding `ids` (a generation's exact ids, when it first spills)."""
+    bloom = bytearray(BLOOM_BITS // 8)
+    for key in ids:
+        _add(bloom, *locate(key))
+    return bloom
+
+
+def _add(bloom: bytearray, offset: int, mask: int) -> None:
     bloom[offset : offset + BLOCK_BYTES] = (_block(bloom, offset) | mask).to_bytes(
         BLOCK_BYTES, "little"
     )
-    current.spilled += 1
-    return True

@@ -61,7 +61,8 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # sequence it was stored at, not the view's last_seq + 1; cells-2: calls by model, endpoint,
 # user and tags per day and hour, latency sketches per model and endpoint per day, and a
 # day's breakdowns and an hour's total added up from its cells; bloom-2: the id filter's
-# bits of an id lie in one 64-byte block, ten of them, dedupe.locate).
+# bits of an id lie in one 64-byte block, ten of them, dedupe.locate; the filter holds its
+# generation's exact ids as well).
 FOLD_VERSION = "money-3+totals-1+fired-1+cells-2+bloom-2"
 OTHER = "(other)"
 # The tags of a cell whose calls' tags were not kept apart.

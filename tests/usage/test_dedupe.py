@@ -40,8 +40,11 @@ def oracle_remember(memory: IdMemory, key: str, seq: int, stored_at: float, limi
     if len(current.ids) < limit:
         current.ids[key] = seq
         return True
-    if not current.bloom:
+    if not current.bloom:  # a filter holds its generation's exact ids as well
         current.bloom = bytearray(BLOOM_BITS // 8)
+        for exact in current.ids:
+            for p in bit_positions(exact):
+                current.bloom[p >> 3] |= 1 << (p & 7)
     for p in bits:
         current.bloom[p >> 3] |= 1 << (p & 7)
     current.spilled += 1
