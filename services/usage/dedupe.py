@@ -32,11 +32,11 @@ EXACT_LIMIT = 100_000
 BLOOM_BITS = 1 << 26  # 8 MiB per generation, allocated only once a generation overflows
 BLOCK_BYTES = 64
 BLOCKS = BLOOM_BITS // 8 // BLOCK_BYTES  # 2**17: the low 17 bits of the digest
-assert BLOCKS == 1 << 17
+assert BLOCKS == 1 << 17  # locate() takes the digest's low 17 bits for the block
 # An id's mask is one entry of each of three tables of 2**TABLE_INDEX_BITS masks (of 4, 3
 # and 3 bits): a lookup and an OR per table instead of a shift and an OR per bit. Entries
 # shared by two ids of a block (one chance in 4,096 a table) barely change the rate.
-TABLE_INDEX_BITS = 12
+TABLE_INDEX_BITS = 12  # locate() takes three 12-bit slices of the digest above the block's
 TABLE_MASK_BITS = (4, 3, 3)
 BLOOM_MASK_BITS = sum(TABLE_MASK_BITS)  # at most: two entries may share a bit
 
@@ -97,10 +97,6 @@ def _block(bloom: bytearray, offset: int) -> int:
     return int.from_bytes(bloom[offset : offset + BLOCK_BYTES], "little")
 
 
-def _in_bloom(bloom: bytearray, offset: int, mask: int) -> bool:
-    return _block(bloom, offset) & mask == mask
-
-
 def _known(generation: IdGeneration, key: str, offset: int, mask: int) -> bool:
     """Whether `generation` holds `key`: a generation with a filter holds its exact ids in
     it too, so one block read answers, without a probe of its 100,000-id dict (a cache miss
@@ -111,13 +107,19 @@ def _known(generation: IdGeneration, key: str, offset: int, mask: int) -> bool:
     return key in generation.ids
 
 
-def has(memory: IdMemory, key: str) -> bool:
-    """Whether `key` was remembered (within the last DEDUPE_S at least)."""
+def _find(memory: IdMemory, key: str) -> tuple[bool, tuple[int, int] | None]:
+    """Whether `key` was remembered, and its place in a filter when either generation has
+    one (so that remembering it does not locate it again)."""
     current, previous = memory.current, memory.previous
     if not current.bloom and not previous.bloom:
-        return key in current.ids or key in previous.ids
-    offset, mask = locate(key)
-    return _known(current, key, offset, mask) or _known(previous, key, offset, mask)
+        return key in current.ids or key in previous.ids, None
+    offset, mask = located = locate(key)
+    return _known(current, key, offset, mask) or _known(previous, key, offset, mask), located
+
+
+def has(memory: IdMemory, key: str) -> bool:
+    """Whether `key` was remembered (within the last DEDUPE_S at least)."""
+    return _find(memory, key)[0]
 
 
 def remember(
@@ -137,12 +139,8 @@ def remember(
         bloom[offset : offset + BLOCK_BYTES] = (block | mask).to_bytes(BLOCK_BYTES, "little")
         current.spilled += 1
         return True
-    located: tuple[int, int] | None = None
-    if bloom or previous.bloom:
-        offset, mask = located = locate(key)
-        if _known(current, key, offset, mask) or _known(previous, key, offset, mask):
-            return False
-    elif key in current.ids or key in previous.ids:
+    known, located = _find(memory, key)
+    if known:
         return False
     if stored_at - current.since >= DEDUPE_S:
         memory.previous = current
