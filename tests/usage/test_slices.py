@@ -33,7 +33,7 @@ NOW = NOON + timedelta(hours=6)
 TODAY = NOON.date()
 # "gpt-4o-2024-08-06" is a dated model name (fixed history: OpenAI's snapshot name, which a
 # `model=gpt-4o` filter matches), not a day of the test.
-MODELS = ("gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "o3-mini")
+MODELS = ("gpt-4o", "gpt-4o-2024-08-06", "gpt-4o-mini", "o3-mini")  # fixed history: names
 ENDPOINTS = ("/api/v1/analysis", "/api/v1/chat", None)
 USERS = ("u-1", "u-2", "u-3", None)
 TAGS = ((), ("feature:screener",), ("feature:screener", "env:prod"), ("feature:news",))
