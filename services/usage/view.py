@@ -62,8 +62,8 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # user and tags per day and hour, latency sketches per model and endpoint per day, and a
 # day's breakdowns and an hour's total added up from its cells; bloom-2: the id filter's
 # bits of an id lie in one 64-byte block, ten of them, dedupe.locate; the filter holds its
-# generation's exact ids as well).
-FOLD_VERSION = "money-3+totals-1+fired-1+cells-2+bloom-2"
+# generation's exact ids as well; bloom-3: an id's place in the filter from its XXH3 digest).
+FOLD_VERSION = "money-3+totals-1+fired-1+cells-2+bloom-3"
 OTHER = "(other)"
 # The tags of a cell whose calls' tags were not kept apart.
 OTHER_TAGS: tuple[str, ...] = (OTHER,)

@@ -84,10 +84,10 @@ def test_the_filter_layout_is_the_one_snapshots_hold() -> None:
     """Snapshots keep the filter's bytes: a change of where an id's bits go must come with a
     new FOLD_VERSION (services/usage/view.py), which rebuilds views from the stream."""
     offset, mask = locate("req-1")
-    assert offset == 5_867_392
+    assert offset == 5_027_200
     assert mask == int(
-        "0x4000000000000000000000004000000000000000000000000000000000000010000000400000"
-        "200000020000000000000000000000000140000024000000",
+        "0x400000041000000000000000000000800000000000040000000400000000000000010000080420"
+        "000000000000000000000",
         16,
     )
 
