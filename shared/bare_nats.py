@@ -53,6 +53,9 @@ class FrameProtocol(asyncio.Protocol):
         self.info: asyncio.Future[dict[str, Any]] = loop.create_future()
         self.pong: asyncio.Future[None] = loop.create_future()
         self.last_read = loop.time()
+        # Set by a subclass to stop parsing (the rest of the chunk is left unread): a plain
+        # attribute, read once a frame, rather than a property call.
+        self.done = False
 
     # ----- to implement ------------------------------------------------------------------
 
@@ -67,11 +70,6 @@ class FrameProtocol(asyncio.Protocol):
 
     def stopped(self, reason: Exception | None) -> None:
         """The connection ended (`reason` None: closed as asked) or a frame stopped it."""
-
-    @property
-    def done(self) -> bool:
-        """Whether to stop parsing (the rest of the chunk is left unread)."""
-        return False
 
     # ----- asyncio.Protocol ------------------------------------------------------------
 

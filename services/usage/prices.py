@@ -78,9 +78,12 @@ class PriceTable:
         self, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int
     ) -> float | None:
         """USD for one call; None when the model has no price."""
-        price = self.price(model)
+        # self.price(model)'s kept answer read here: this runs for every call folded.
+        price = self._cache.get(model)
         if price is None:
-            return None
+            price = self.price(model)
+            if price is None:
+                return None
         # Cached tokens are part of the prompt tokens (as OpenAI reports them).
         cached = min(cached_tokens, prompt_tokens)
         cached_price = price.input if price.cached_input is None else price.cached_input

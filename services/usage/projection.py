@@ -236,7 +236,13 @@ def make_prices_at(first_prices: PriceTable) -> PricesAt:
             return first_prices
         epoch = epochs[-1]
         if at < epoch.since:
-            epoch = epochs[max(bisect.bisect_right(epochs, at, key=_since) - 1, 0)]
+            # Older than the first table too (history imported from before the service first
+            # ran; every call of the benchmarks): the first, as the search finds, without it.
+            first = epochs[0]
+            if at < first.since:
+                epoch = first
+            else:
+                epoch = epochs[bisect.bisect_right(epochs, at, key=_since) - 1]
         table = tables.get(epoch.id)
         if table is None:
             if len(tables) >= PRICE_TABLE_LIMIT:
