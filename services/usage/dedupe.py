@@ -116,13 +116,26 @@ def _find(memory: IdMemory, key: str) -> tuple[bool, tuple[int, int] | None]:
     current, previous = memory.current, memory.previous
     if not current.bloom and not previous.bloom:
         return key in current.ids or key in previous.ids, None
-    offset, mask = located = locate(key)
+    offset, mask = located = _located.pop(key, None) or locate(key)
     return _known(current, key, offset, mask) or _known(previous, key, offset, mask), located
+
+
+# Places found by has() for ids about to be published (HTTP ingest asks before it publishes),
+# taken by remember() when it folds them: each posted id is located once, not twice. A memo
+# of a pure function, so a fold decides alike with it or without; bounded for ids asked
+# about and never stored (a publish that failed, a duplicate).
+_located: dict[str, tuple[int, int]] = {}
+_LOCATED_LIMIT = 10_000
 
 
 def has(memory: IdMemory, key: str) -> bool:
     """Whether `key` was remembered (within the last DEDUPE_S at least)."""
-    return _find(memory, key)[0]
+    known, located = _find(memory, key)
+    if located is not None and not known:
+        if len(_located) >= _LOCATED_LIMIT:
+            _located.clear()
+        _located[key] = located
+    return known
 
 
 def remember(
@@ -135,7 +148,8 @@ def remember(
     if bloom and stored_at - current.since < DEDUPE_S:
         # Past the exact ids with no rotation due: most ids of a busy day, every id of a
         # replay past the first EXACT_LIMIT. One block read decides for this generation.
-        offset, mask = locate(key)
+        located = _located.pop(key, None) if _located else None
+        offset, mask = located or locate(key)
         block = _block(bloom, offset)
         if block & mask == mask or _known(previous, key, offset, mask):
             return False

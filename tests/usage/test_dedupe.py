@@ -105,3 +105,29 @@ def test_a_filter_holding_a_busy_days_ids_takes_no_new_id_for_a_retry() -> None:
     )
     assert taken_for_retries == 0
     assert all(dedupe.has(memory, f"old-{i}") for i in range(0, 400_000, 97))
+
+
+def test_asking_before_remembering_decides_and_sets_alike() -> None:
+    """HTTP ingest asks has() for each posted id before publishing it; the place has()
+    found is kept for remember(), which must then decide and set exactly the same bits."""
+    asked, plain = IdMemory(), IdMemory()
+    dedupe._located.clear()
+    for seq in range(1, 3_001):
+        key = f"req-{seq % 2_500}"  # the last 500 are retries
+        known = dedupe.has(asked, key)
+        assert known == (seq > 2_500)
+        assert dedupe.remember(asked, key, seq, 0.0, exact_limit=100) == (
+            dedupe.remember(plain, key, seq, 0.0, exact_limit=100)
+        )
+    assert asked.current.bloom == plain.current.bloom
+    assert asked.current.spilled == plain.current.spilled == 2_400
+    assert not dedupe._located  # every place kept by has() was taken by remember()
+
+
+def test_places_asked_for_and_never_remembered_stay_bounded() -> None:
+    memory = IdMemory()
+    for i in range(200):
+        dedupe.remember(memory, f"held-{i}", i, 0.0, exact_limit=10)
+    for i in range(dedupe._LOCATED_LIMIT + 500):
+        assert not dedupe.has(memory, f"never-published-{i}")
+    assert 0 < len(dedupe._located) <= dedupe._LOCATED_LIMIT
