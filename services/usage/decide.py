@@ -64,6 +64,7 @@ def records_to_events(
         )
     events: list[tuple[int, UsageRecorded]] = []
     rejected: list[Rejected] = []
+    received_at = params.received_at.timestamp()
     for position, raw in enumerate(records):
         index = params.offset + position
         if valid:
@@ -75,7 +76,7 @@ def records_to_events(
                 continue
             record = refused
         if record.occurred_at is not None:
-            problem = timing_problem(record.occurred_at, params.received_at.timestamp())
+            problem = timing_problem(record.occurred_at, received_at)
             if problem is not None:  # stored, it would only be dead-lettered
                 rejected.append(Rejected(index=index, reason=problem))
                 continue
