@@ -10,6 +10,7 @@ import msgspec
 
 from services.usage.contract import (
     MAX_RECORDS,
+    SUBJECT_RECORDED,
     IngestParams,
     Rejected,
     ResetParams,
@@ -39,14 +40,36 @@ def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
     return raw if changed is None else changed
 
 
+_decode_complete = msgspec.json.Decoder(list[UsageRecorded]).decode
 _decode_all = msgspec.json.Decoder(list[UsageRecordedIn]).decode
 _decode_each = msgspec.json.Decoder(list[Any]).decode
+
+
+def _complete_events(params: IngestParams) -> list[tuple[int, UsageRecorded]] | None:
+    """The posted list as events when every record already is one (an id, a time, nothing
+    the fold would refuse): what the usage client's bytes and most programs send. None
+    otherwise, and the records are taken one by one (records_to_events), with defaults and
+    reasons. The same events either way; this way skips a conversion a record (~1 µs)."""
+    try:
+        events = _decode_complete(params.records)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if len(events) > MAX_RECORDS:
+        return None  # refused, with its reason, below
+    received_at = params.received_at.timestamp()
+    for event in events:
+        if event.stored_problem(SUBJECT_RECORDED) or timing_problem(event.occurred_at, received_at):
+            return None
+    return list(enumerate(events, start=params.offset))
 
 
 def records_to_events(
     params: IngestParams, new_id: Callable[[], str]
 ) -> tuple[list[tuple[int, UsageRecorded]], list[Rejected]]:
     """Validate each record on its own: events to publish (with their index) and rejections."""
+    complete = _complete_events(params)
+    if complete is not None:
+        return complete, []
     try:
         # Most lists are all valid: decoded straight into records, no dict per record.
         records: list[Any] = _decode_all(params.records)

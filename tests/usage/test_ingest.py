@@ -12,8 +12,13 @@ import nats
 import pytest
 from nats.js import api as js_api
 
-from services.usage.contract import SUBJECT_RECORDED, IngestParams, UsageRecorded
-from services.usage.decide import encode_within, records_to_events
+from services.usage.contract import (
+    SUBJECT_RECORDED,
+    IngestParams,
+    UsageRecorded,
+    UsageRecordedIn,
+)
+from services.usage.decide import _complete_events, encode_within, records_to_events, to_event
 from services.usage.service import build
 from shared.clock import ManualClock
 from shared.events import EARLIEST, rfc3339
@@ -185,3 +190,46 @@ def test_the_typed_fast_path_decides_as_the_record_by_record_one() -> None:
     accepted = [index for index, _ in events]
     assert accepted == [0, 1, 2, 10]
     assert mixed[1].prompt_tokens == 12  # type: ignore[union-attr]
+
+
+def converted(record: dict[str, Any]) -> UsageRecorded:
+    """The event the record-by-record path makes of a valid record."""
+    return to_event(msgspec.convert(record, UsageRecordedIn), NOON, lambda: "assigned")
+
+
+def test_a_list_of_complete_events_becomes_the_events_the_conversion_makes() -> None:
+    """Records that already are events (an id and a time: what the usage client sends) are
+    decoded as events, skipping the per-record conversion, with the same result."""
+    at = NOON - timedelta(minutes=5)
+    complete = [msgspec.to_builtins(recorded(i, at)) for i in range(4)]
+    complete[0]["tags"] = ["feature:x", "b"]
+    complete[1].pop("type")  # the type may be left out
+    complete[2]["added_later"] = {"x": [1]}  # a field it does not know is ignored
+    complete[3] |= {"stream": True, "ttft_ms": 120.5, "task_type": "summary"}
+    events, rejected = decided(complete)
+    assert rejected == []
+    assert events == [(index, converted(record)) for index, record in enumerate(complete)]
+    posted = IngestParams(records=msgspec.Raw(msgspec.json.encode(complete)), received_at=NOON)
+    assert _complete_events(posted) == events  # taken as events, not record by record
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"model": "gpt\r\nX: 1"}, "control characters"),
+        ({"occurred_at": rfc3339(NOON + timedelta(hours=1))}, "in the future"),
+        ({"occurred_at": rfc3339(EARLIEST - timedelta(hours=1))}, "before"),
+        ({"type": "usage.reset"}, "unknown type"),
+    ],
+)
+def test_one_complete_event_the_fold_would_refuse_is_rejected_on_its_own(
+    change: dict[str, Any], reason: str
+) -> None:
+    complete = [msgspec.to_builtins(recorded(i, NOON)) for i in range(3)]
+    complete[1] |= change
+    events, rejected = decided(complete)
+    assert events == [(0, converted(complete[0])), (2, converted(complete[2]))]
+    posted = IngestParams(records=msgspec.Raw(msgspec.json.encode(complete)), received_at=NOON)
+    assert _complete_events(posted) is None  # record by record, to say which and why
+    assert [r.index for r in rejected] == [1]
+    assert reason in rejected[0].reason
