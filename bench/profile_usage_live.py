@@ -9,7 +9,8 @@ as `stockpilot up` runs it) and times its replay from spawn to ready, then recor
 rate until the service folded the last, each process's share of a core while they were
 published, and the usage process's CPU per event recorded. With --py-spy, py-spy (not a
 project dependency: `pip install py-spy` somewhere on PATH) samples the usage process during
-the recording (or, with --recorded 0, during the replay) and writes its raw stacks to FILE.
+the recording (or, with --recorded 0, during the replay), writes its raw stacks to FILE and
+prints the functions with the most samples.
 
 The machine is shared: compare versions by alternating runs, and read the usage CPU per
 event rather than the rates (bench/EXPLANATIONS.md).
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import nats
@@ -53,10 +55,37 @@ def _sampler(pid: int, out: str | None) -> subprocess.Popen[bytes] | None:
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop_sampler(sampler: subprocess.Popen[bytes] | None) -> None:
+def _stop_sampler(sampler: subprocess.Popen[bytes] | None, out: str) -> None:
     if sampler is not None:
         sampler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
         sampler.wait(timeout=60)
+        print(by_function(Path(out).read_text()))
+
+
+def by_function(raw: str, top: int = 30) -> str:
+    """py-spy's raw stacks (`frame;frame;... count` a line) as the functions with the most
+    samples: their own, then with what they call (% of all samples)."""
+    own: Counter[str] = Counter()
+    within: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        samples = int(count)
+        total += samples
+        # "function (path/file.py:line)" -> "function file.py"
+        frames = [
+            f"{f.split(' (')[0]} {f.rsplit('/', 1)[-1].split(':')[0]}" for f in stack.split(";")
+        ]
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            within[frame] += samples
+    lines = [f"# {total:,} samples; own time:"]
+    lines += [f"{100 * n / total:6.1f} %  {name}" for name, n in own.most_common(top)]
+    lines += ["# with what they call:"]
+    lines += [f"{100 * n / total:6.1f} %  {name}" for name, n in within.most_common(top)]
+    return "\n".join(lines)
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -86,7 +115,7 @@ async def main_async(args: argparse.Namespace) -> None:
             child = spawn("usage", env, None, Path(tmp))  # as `stockpilot up` runs it
             sampler = _sampler(child.pid, args.py_spy) if not args.recorded else None
             await wait_folded(nc, last, timeout=900, interval=0.05)
-            _stop_sampler(sampler)
+            _stop_sampler(sampler, args.py_spy)
             elapsed = time.perf_counter() - started
             print(f"replay of {last:,} events from spawn: {elapsed:.1f} s, {last / elapsed:,.0f}/s")
             if not args.recorded:
@@ -106,7 +135,7 @@ async def main_async(args: argparse.Namespace) -> None:
             await wait_folded(nc, int((await js.stream_info(STREAM)).state.last_seq), 900, 0.01)
             elapsed = time.perf_counter() - started
             usage_cpu = _cpu(usage) - before[usage]
-            _stop_sampler(sampler)
+            _stop_sampler(sampler, args.py_spy)
             print(
                 f"recorded {args.recorded:,} events, folded in {elapsed:.1f} s: "
                 f"{args.recorded / elapsed:,.0f}/s; usage CPU {usage_cpu / args.recorded * 1e6:.1f}"
