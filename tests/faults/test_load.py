@@ -56,11 +56,15 @@ class Ingest:
     def __init__(self) -> None:
         self.acked = 0
         self.stop = asyncio.Event()
+        # Every event is dated at the start of the (UTC) day the run began, a microsecond
+        # apart: the count is asked of that day, which is no longer "today" when the run
+        # crosses midnight.
+        self.start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
     async def run(self, url: str) -> None:
         nc = await nats_py.connect(url)
         js = nc.jetstream()
-        start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        start = self.start
         tick = 0.05
         per_tick = int(RATE * tick)
         loop = asyncio.get_running_loop()
@@ -156,8 +160,9 @@ async def test_read_routes_under_256_connections_while_ingesting_no_5xx_flat_mem
                 ingest.stop.set()
                 await ingesting
             total = None
+            day = ingest.start.date().isoformat()  # the stack's STOCKPILOT_TZ is UTC
             for _ in range(300):
-                response = await client.get("/api/v1/usage/stats")
+                response = await client.get("/api/v1/usage/stats", params={"date": day})
                 total = response.json()["total_requests"]
                 if total == ingest.acked:
                     break
