@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -20,10 +20,10 @@ EVENTS = 3_000
 OUTAGE_S = 3.0
 
 
-async def usage_total(client: httpx.AsyncClient) -> int | None:
-    """Today's total requests as the gateway reports them (None while it cannot say)."""
+async def usage_total(client: httpx.AsyncClient, day: date) -> int | None:
+    """`day`'s total requests as the gateway reports them (None while it cannot say)."""
     try:
-        response = await client.get("/api/v1/usage/stats")
+        response = await client.get("/api/v1/usage/stats", params={"date": day.isoformat()})
     except httpx.HTTPError:
         return None
     if response.status_code != 200:
@@ -41,12 +41,14 @@ async def test_nats_restart_mid_ingest_loses_nothing_and_everything_reconnects(
         gateway_process(env, tmp_path) as base,
     ):
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
+            # The calls are dated at the start of the (UTC) day the test began, a microsecond
+            # apart, and counted on that day: a run crossing midnight asks the same day.
+            start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
             for _ in range(300):
-                if await usage_total(client) == 0:
+                if await usage_total(client, start.date()) == 0:
                     break
                 await asyncio.sleep(0.1)
             recorder = await UsageRecorder.connect(load_settings(CommonSettings, env))
-            start = datetime.now(UTC)
             outage_ends = 0.0
             buffered = 0
             try:
@@ -83,7 +85,7 @@ async def test_nats_restart_mid_ingest_loses_nothing_and_everything_reconnects(
                 await recorder.close()
             total = None
             for _ in range(600):
-                total = await usage_total(client)
+                total = await usage_total(client, start.date())
                 if total == EVENTS:
                     break
                 await asyncio.sleep(0.1)
