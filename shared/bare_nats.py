@@ -45,11 +45,6 @@ class FrameProtocol(asyncio.Protocol):
     then the payloads and fields themselves, with no bytearray-to-bytes copy per message.
     """
 
-    # Whether to let the event loop run between two chunks read from the socket (reading
-    # paused until its next turn). For a connection whose frames take long to handle: under
-    # uvloop, libuv reads a socket up to 32 times (256 KB each) before anything else runs.
-    one_chunk_a_turn = False
-
     def __init__(self) -> None:
         # The unparsed end of the last chunk (a frame cut in two by the socket).
         self.rest = b""
@@ -112,16 +107,6 @@ class FrameProtocol(asyncio.Protocol):
         except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
             self.stopped(BareUnavailable(f"unreadable frame: {exc!r}"))
         self.rest = buffer[position:]
-        transport = self.transport
-        if self.one_chunk_a_turn and not self.done and transport and not transport.is_closing():
-            transport.pause_reading()
-            asyncio.get_running_loop().call_soon(self._read_on)
-
-    def _read_on(self) -> None:
-        """Reading again, one turn of the event loop after a chunk (one_chunk_a_turn)."""
-        transport = self.transport
-        if not self.done and transport is not None and not transport.is_closing():
-            transport.resume_reading()
 
     # ----- helpers ---------------------------------------------------------------------
 
