@@ -403,7 +403,7 @@ async def test_an_idle_hook_process_keeps_its_status_fresh(env: dict[str, str]) 
 @pytest.mark.parametrize(
     "alert_id",
     [
-        "usage.cost_warning:all:daily:2026-11-26",
+        "usage.cost_warning:all:daily:2026-11-26",  # fixed history: an id's text
         "usage.budget_exceeded:model:gpt\r\nX-Injected: 1:daily",
         "model:模型-é\x1b[31m\x00",
         " leading and trailing ",

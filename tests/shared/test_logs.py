@@ -13,6 +13,8 @@ from shared import redact
 from shared.logs import configure_logging, escape_controls
 
 SECRET = "tok-Kx93mPq71\n"
+# The timestamp of a forged log line, text in a logged value.
+FORGED = "2026-01-01T00:00:00"  # fixed history: any date would do
 
 
 @pytest.fixture
@@ -31,14 +33,13 @@ def lines() -> Iterator[io.StringIO]:
 
 
 def test_newlines_and_ansi_escapes_in_arguments_stay_on_one_line(lines: io.StringIO) -> None:
-    # The timestamp is text of a forged log line (fixed history: any date would do).
-    model = "gpt-4o\n2026-01-01T00:00:00 ERROR usage: forged\r\x1b[31mred\x1b[0m\x07\x9b\u2028"
+    model = f"gpt-4o\n{FORGED} ERROR usage: forged\r\x1b[31mred\x1b[0m\x07\x9b\u2028"
     logging.getLogger("stockpilot.usage").warning("unpriced model %s", model)
     written = lines.getvalue()
     assert written.count("\n") == 1  # one record, one line
     assert "\x1b" not in written and "\r" not in written and "\x07" not in written
     assert "\x9b" not in written and "\u2028" not in written
-    assert "gpt-4o\\n2026-01-01T00:00:00 ERROR usage: forged\\r\\x1b[31mred" in written
+    assert f"gpt-4o\\n{FORGED} ERROR usage: forged\\r\\x1b[31mred" in written
     assert "\\x07\\x9b\\u2028" in written
 
 
@@ -51,16 +52,16 @@ def test_controls_in_the_message_itself_are_escaped_too(lines: io.StringIO) -> N
 def test_tracebacks_stay_multi_line_but_their_messages_cannot_add_lines(
     lines: io.StringIO,
 ) -> None:
-    try:  # a forged log line's timestamp (fixed history: any date would do)
-        raise ValueError("bad value\n2026-01-01T00:00:00 INFO forged\x1b[2J")
+    try:
+        raise ValueError(f"bad value\n{FORGED} INFO forged\x1b[2J")
     except ValueError:
         logging.getLogger("x").exception("it failed")
     written = lines.getvalue().splitlines()
     assert written[0].endswith("it failed")
     assert written[1] == "Traceback (most recent call last):"
     assert any(line.startswith('  File "') for line in written)
-    assert written[-1] == "ValueError: bad value\\n2026-01-01T00:00:00 INFO forged\\x1b[2J"
-    assert not any(line.startswith("2026-01-01") for line in written)
+    assert written[-1] == f"ValueError: bad value\\n{FORGED} INFO forged\\x1b[2J"
+    assert not any(line.startswith(FORGED[:10]) for line in written)  # its day
 
 
 SHAPES = {

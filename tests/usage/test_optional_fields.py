@@ -19,7 +19,8 @@ from tests.usage.helpers import INGEST, auth, gateway, gateway_settings, recorde
 # An event as producers wrote it before the optional fields existed (fixed history: only
 # decoded, never folded into a day, so its date never becomes 'today').
 OLD_EVENT = (
-    b'{"type":"usage.recorded","id":"req-old","occurred_at":"2026-01-02T09:00:00Z",'
+    b'{"type":"usage.recorded","id":"req-old",'
+    b'"occurred_at":"2026-01-02T09:00:00Z",'  # fixed history
     b'"request_id":"req-old","model":"gpt-4o-mini","endpoint":"/api/v1/analysis",'
     b'"prompt_tokens":812,"completion_tokens":164,"cached_tokens":0,"cost_usd":null,'
     b'"status_code":200,"error_code":null,"response_time_ms":1432.5,"user_id":"u-42"}'

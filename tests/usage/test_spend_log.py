@@ -33,6 +33,8 @@ from tests.security.test_roles import Secured, start_server
 from tests.usage.helpers import T0, gateway, gateway_settings, recorded, usage_settings
 
 UTC_ZONE = ZoneInfo("UTC")
+# A model's dated name, matched by its base name.
+DATED_MODEL = "gpt-4o-2024-08-06"  # fixed history: a name, not a day of the test
 CUSTOM = {
     "gpt-4o-mini": Price(input=100.0, output=200.0),
     "gpt-4o": Price(input=300.0, output=400.0),
@@ -49,7 +51,7 @@ def _events() -> list[UsageRecorded]:
                 i,
                 at=T0 + timedelta(minutes=10 * i + 5),
                 user_id=f"u-{i % 3}",
-                model=("gpt-4o-mini", "gpt-4o-2024-08-06", "no-such-model")[i % 3],
+                model=("gpt-4o-mini", DATED_MODEL, "no-such-model")[i % 3],
                 tags=("feature:screener",) if i % 4 == 0 else (),
                 status_code=500 if i % 5 == 0 else 200,
                 cost_usd=0.25 if i == 7 else None,
@@ -144,7 +146,7 @@ async def test_spend_log_filters_by_user_model_tag_status_and_window(env: dict[s
             assert await ids("&user_id=u-1") == [e.id for e in newest_first if e.user_id == "u-1"]
             # A base model name matches its dated names, as a model budget does.
             assert await ids("&model=gpt-4o") == [
-                e.id for e in newest_first if e.model == "gpt-4o-2024-08-06"
+                e.id for e in newest_first if e.model == DATED_MODEL
             ]
             assert await ids("&tag=feature:screener") == [e.id for e in newest_first if e.tags]
             assert await ids("&status=failed") == [
@@ -277,7 +279,7 @@ def test_the_byte_prefilter_never_drops_a_call_written_with_escapes() -> None:
     judged by its bytes."""
     query = _query(user_id="사용자-1", endpoint="/api/v1/chat", model="gpt-4o", tag="a/b")
     event = recorded(
-        1, user_id="사용자-1", endpoint="/api/v1/chat", model="gpt-4o-2024-08-06", tags=("a/b",)
+        1, user_id="사용자-1", endpoint="/api/v1/chat", model=DATED_MODEL, tags=("a/b",)
     )
     assert query.matches(event)
     escaped = json.dumps(msgspec.to_builtins(event)).replace("/", "\\/").encode()
