@@ -63,6 +63,12 @@ def recent_noon(zone: str = "UTC", now: datetime | None = None) -> datetime:
     return _local(zone, datetime.combine(day, time(12)))
 
 
+def utc_day_start(now: datetime | None = None) -> datetime:
+    """Midnight UTC of the real clock's day: where a test of processes on the real clock (in
+    UTC) dates its events, then asking for that day by name, not "today", which may turn."""
+    return (now or REAL.now()).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 def zone_far_from_midnight(now: datetime | None = None) -> str:
     """A fixed-offset zone where `now` is between 06:00 and 18:00: a test whose processes
     count "today" on the real clock (a whole `stockpilot up`) then never sees the day turn."""

@@ -19,7 +19,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -32,7 +32,7 @@ from shared.endpoints import endpoint_subject
 from shared.service_status import ServiceStatus
 from shared.settings import load_settings
 from shared.streams import STREAMS, provision
-from tests.clocks import NOON
+from tests.clocks import NOON, utc_day_start
 from tests.faults.stack import (
     _settings_class,
     digest,
@@ -218,7 +218,7 @@ async def test_sigkill_mid_ingest_then_restart_loses_nothing_and_equals_replay(
     stream = STREAMS[service].name
     # Calls of today from its first minute (UTC, the services' zone here): the stats below
     # ask for that day by name, so an ingest that runs past midnight still finds them.
-    start = datetime.now(UTC).replace(hour=0, minute=0)
+    start = utc_day_start()
     messages = GENERATORS[service](EVENTS, start)
     nc = await nats_py.connect(nats.url)
     log_dir = tmp_path

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -29,6 +29,7 @@ import pytest
 from nats.js.api import PubAck
 
 from bench.harness import WrkResult, wrk
+from tests.clocks import utc_day_start
 from tests.faults.stack import gateway_process, service_env, service_process
 from tests.harness import NatsServer
 
@@ -59,7 +60,7 @@ class Ingest:
         # Every event is dated at the start of the (UTC) day the run began, a microsecond
         # apart: the count is asked of that day, which is no longer "today" when the run
         # crosses midnight.
-        self.start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        self.start = utc_day_start()
 
     async def run(self, url: str) -> None:
         nc = await nats_py.connect(url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 from pathlib import Path
 
 import httpx
@@ -13,6 +13,7 @@ import httpx
 from services.usage.client import UsageRecorder
 from services.usage.contract import UsageRecorded
 from shared.settings import CommonSettings, load_settings
+from tests.clocks import utc_day_start
 from tests.faults.stack import gateway_process, service_env, service_process
 from tests.harness import NatsServer
 
@@ -43,7 +44,7 @@ async def test_nats_restart_mid_ingest_loses_nothing_and_everything_reconnects(
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             # The calls are dated at the start of the (UTC) day the test began, a microsecond
             # apart, and counted on that day: a run crossing midnight asks the same day.
-            start = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            start = utc_day_start()
             for _ in range(300):
                 if await usage_total(client, start.date()) == 0:
                     break
