@@ -32,16 +32,12 @@ from pathlib import Path
 import nats
 import psutil
 
-from bench.ceilings import sample_event, sample_usage
+from bench.ceilings import sample_usage
 from bench.profile_http_ingest import spawn
 from bench.stack import wait_folded
-from bench.usage_stream import STREAM, SUBJECT, record
+from bench.usage_stream import STREAM, _cpu, publish, record
 from shared.streams import provision
 from tests.harness import NatsServer, free_port, stop_process
-
-
-def _cpu(process: psutil.Process) -> float:
-    return float(sum(process.cpu_times()[:2]))
 
 
 def _sampler(pid: int, out: str | None) -> subprocess.Popen[bytes] | None:
@@ -97,10 +93,7 @@ async def main_async(args: argparse.Namespace) -> None:
             js = nc.jetstream()
             await provision(js)
             started = time.perf_counter()
-            for i in range(args.stored):
-                headers = {"Nats-Msg-Id": f"stored-{i}"}
-                await js.publish_async(SUBJECT, sample_event(i), headers=headers)
-            await js.publish_async_completed()
+            await publish(js, 0, args.stored)
             last = int((await js.stream_info(STREAM)).state.last_seq)
             print(f"stored {args.stored:,} events in {time.perf_counter() - started:.1f} s")
 
