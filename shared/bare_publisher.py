@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +38,13 @@ _ERROR = 3
 _DUPLICATE_FIELD = b'"duplicate"'
 _SEQ_FIELD = b'"seq":'
 _NO_RESPONDERS = status_line(NatsStatus.NO_RESPONDERS)
+# An acknowledgement frame whole, as nats-server writes it for each stored message:
+# `MSG <inbox>.<number> <sid> <size>` and `{"stream":"S","seq":12}` (a domain after the
+# stream when the server has one; `,"duplicate": true` before the brace for a duplicate).
+_PUB_ACK = re.compile(
+    rb"MSG [^ \r\n]+\.(\d+) [^ \r\n]+ (\d+)\r\n"
+    rb'(\{"stream":"[^"\r\n]*",(?:"domain":"[^"\r\n]*",)?"seq":(\d+)(,"duplicate": ?true)?\})\r\n'
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +153,22 @@ class _Acks(FrameProtocol):
         self.answers = Answers()
         self.batches = self.answers.batches
         self.lost: str | None = None
+
+    def data_received(self, data: bytes) -> None:
+        # The acknowledgements lead every chunk, a thousand for a window of HTTP ingest: each
+        # matched whole by one regular expression (~1 us) rather than split and read field by
+        # field (~3 us, a twentieth of what the usage service spent on a posted record).
+        # Whatever else comes (an error answer, a 503 status, PING, a frame the socket cut in
+        # two) and everything after it in the chunk goes through the general parser.
+        buffer = self.rest + data if self.rest else data
+        position = 0
+        match = _PUB_ACK.match
+        answer = self.answers.answer
+        while (ack := match(buffer, position)) is not None and int(ack[2]) == len(ack[3]):
+            answer(int(ack[1]), _DUPLICATE if ack[5] else _OK, None, int(ack[4]))
+            position = ack.end()
+        self.rest = b""
+        super().data_received(buffer[position:] if position else buffer)
 
     def message(self, parts: list[bytes], buffer: bytes, body_start: int, end: int) -> None:
         number = int(parts[1][parts[1].rfind(b".") + 1 :])

@@ -8,7 +8,7 @@ from pathlib import Path
 import nats as nats_py
 from nats.js import api as js_api
 
-from shared.bare_publisher import BarePublisher
+from shared.bare_publisher import BarePublisher, Batch, Published, _Acks
 from tests.harness import NatsServer, nats_server
 
 SUBJECT = "bench.bare.events"
@@ -107,3 +107,32 @@ async def test_the_main_connections_credentials_are_used(tmp_path: Path) -> None
         await nc.close()
     finally:
         server.stop()
+
+
+# Answers as nats-server writes them (tests/shared/test_bare_publisher.py's real-server tests
+# see the same): stored, stored with a JetStream domain, a duplicate, an error, stored.
+ANSWERS = [
+    b'{"stream":"S","seq":7}',
+    b'{"stream":"S","domain":"hub","seq":8}',
+    b'{"stream":"S","seq":7,"duplicate": true}',
+    b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"}}',
+    b'{"stream":"S","seq":9}',
+]
+
+
+async def test_acknowledgements_read_the_same_wherever_the_socket_cuts_them() -> None:
+    """Whole acknowledgements take a fast path; an error answer, a PING and a frame cut in
+    two take the general parser: every cut of the bytes gives the same outcome."""
+    frames = [b"MSG _INBOX.t.%d 1 %d\r\n%s\r\n" % (n, len(a), a) for n, a in enumerate(ANSWERS)]
+    data = b"".join(frames[:2]) + b"PING\r\n" + b"".join(frames[2:])
+    expected = Published(5, 3, 1, "maximum messages exceeded (503)", 9)
+    loop = asyncio.get_running_loop()
+    for cut in range(len(data) + 1):
+        acks = _Acks()
+        batch = Batch(0, len(ANSWERS), loop.create_future())
+        acks.batches.append(batch)
+        acks.data_received(data[:cut])
+        acks.data_received(data[cut:])
+        assert batch.future.done(), f"cut at {cut}"
+        assert batch.future.result() == expected, f"cut at {cut}"
+        assert not acks.batches and acks.rest == b""
