@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
@@ -162,8 +163,12 @@ class Runtime:
         settings: CommonSettings,
         bare_reads: bool = True,
         clock: Clock = SYSTEM_CLOCK,
+        freeze_gc: bool = False,
     ) -> None:
         self.definition = definition
+        # Whether the objects of the caught-up views leave the collector's care (run_service's
+        # processes; not tests, which run many runtimes in one process).
+        self.freeze_gc = freeze_gc
         self.settings = settings
         # Every "now" of this service (queries, loops, stamps) comes from here; tests set it.
         self.clock = clock
@@ -314,6 +319,18 @@ class Runtime:
         """
         await asyncio.gather(*(t.caught_up.wait() for t in self.tracked.values()))
         log.info("%s: projections caught up", self.definition.name)
+        if self.freeze_gc:
+            # A caught-up view is most of the process's objects (millions after a long
+            # replay) and lives as long as it: each full collection walked all of it, ~2 % of
+            # the usage service's CPU under HTTP ingest. Frozen objects are still freed by
+            # reference counting; only a cycle among them that becomes garbage stays.
+            gc.collect()
+            gc.freeze()
+            log.info(
+                "%s: %d objects of the caught-up views left out of garbage collection",
+                self.definition.name,
+                gc.get_freeze_count(),
+            )
         for work in self.definition.background:
             self.supervisor.start(work(self.context), work.__name__, forever=True)
 
@@ -359,7 +376,7 @@ class Runtime:
 
 async def run_service(definition: ServiceDefinition, settings: CommonSettings) -> int:
     """Run a service until SIGINT/SIGTERM; its exit status."""
-    return await Runtime(definition, settings).run()
+    return await Runtime(definition, settings, freeze_gc=True).run()
 
 
 def service_main(build: Callable[[Any], ServiceDefinition], settings: CommonSettings) -> int:

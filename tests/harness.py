@@ -60,6 +60,7 @@ async def running_service(
     bare_reads: bool = True,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
     clock: Clock = SYSTEM_CLOCK,
+    freeze_gc: bool = False,
 ) -> AsyncIterator[Runtime]:
     """Run a service until the block ends; wait until it is caught up.
 
@@ -67,7 +68,7 @@ async def running_service(
     clients that block the test's loop while a request is handled (Litestar's
     AsyncTestClient runs the app through a blocking portal) must not freeze the service.
     """
-    runtime = Runtime(definition, settings, bare_reads, clock)
+    runtime = Runtime(definition, settings, bare_reads, clock, freeze_gc)
     loop = loop_factory()
     failure: list[BaseException] = []
 
