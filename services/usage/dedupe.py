@@ -23,6 +23,7 @@ sum_j P(j; n/blocks) * (1 - (1 - 1/512)^(10 j))^10), under the plain filter's 9.
 
 from __future__ import annotations
 
+import math
 from hashlib import blake2s
 
 import msgspec
@@ -128,9 +129,21 @@ _located: dict[str, tuple[int, int]] = {}
 _LOCATED_LIMIT = 10_000
 
 
-def has(memory: IdMemory, key: str) -> bool:
-    """Whether `key` was remembered (within the last DEDUPE_S at least)."""
-    known, located = _find(memory, key)
+def has(memory: IdMemory, key: str, older_than: float = math.inf) -> bool:
+    """Whether `key` was remembered (within the last DEDUPE_S at least), asked only of the
+    generations begun before `older_than` (epoch seconds of the stream's time): a caller
+    that knows ids stored since then are refused elsewhere (JetStream's duplicate window)
+    skips a generation holding nothing older, and its filter test."""
+    if memory.current.since >= older_than:
+        previous = memory.previous
+        if previous.since >= older_than:
+            return False
+        if not previous.bloom:
+            return key in previous.ids
+        located = _located.pop(key, None) or locate(key)
+        known = _known(previous, key, *located)
+    else:
+        known, located = _find(memory, key)
     if located is not None and not known:
         if len(_located) >= _LOCATED_LIMIT:
             _located.clear()

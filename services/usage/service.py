@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -70,6 +71,44 @@ log = logging.getLogger("stockpilot.usage")
 
 PUBLISH_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 5.0
+# How often ingest reads the usage stream's duplicate window again (an operator may change
+# it), and how much younger than it an id must be for the view not to be asked about it:
+# the service's clock against the server's, and a publish still in flight.
+WINDOW_READ_EVERY_S = 60.0
+WINDOW_MARGIN_S = 3600.0
+
+
+class DuplicateWindow:
+    """The usage stream's duplicate window, as its server has it.
+
+    JetStream refuses an id stored within that window itself (the acknowledgement says
+    `duplicate`): a posted id need only be looked for in the view's memory of ids when it
+    may have been stored before then. A generation of the memory begun within the window
+    (every generation but during its first hours) is then skipped: its filter test was a
+    tenth of what the usage service spent on a posted record (docs/profiles). Unknown (not
+    read yet, or unreadable): every generation is asked.
+    """
+
+    def __init__(self) -> None:
+        self.window_s = 0.0
+        self.read_at = -math.inf
+
+    async def older_than(self, ctx: Context) -> float:
+        """Epoch seconds before which a stored id may have left JetStream's window."""
+        clock = asyncio.get_running_loop().time()
+        if clock - self.read_at >= WINDOW_READ_EVERY_S:
+            self.read_at = clock
+            try:
+                info = await ctx.js.stream_info(STREAMS["usage"].name)
+                self.window_s = float(info.config.duplicate_window or 0.0)
+            except Exception as exc:
+                if not is_nats_error(exc):
+                    raise
+                log.warning("usage: the stream's duplicate window could not be read: %r", exc)
+                self.window_s = 0.0
+        if self.window_s <= WINDOW_MARGIN_S:
+            return math.inf
+        return ctx.now().timestamp() - self.window_s + WINDOW_MARGIN_S
 
 
 def fold_config(settings: UsageSettings) -> FoldConfig:
@@ -264,6 +303,7 @@ def build(settings: UsageSettings) -> ServiceDefinition:
     # Posted records go out as one pipelined window through the transport seam, as the usage
     # client publishes (nats-py's publish_async cost ~4 times the CPU an event: BENCHMARKS.md).
     publishers: list[JetStreamPublisher] = []
+    stored_window = DuplicateWindow()
 
     def publisher(ctx: Context) -> JetStreamPublisher:
         if not publishers:
@@ -290,12 +330,13 @@ def build(settings: UsageSettings) -> ServiceDefinition:
         encoded, oversized = decide.encode_within(events, ctx.nc.max_payload)
         if oversized:
             rejected = sorted([*rejected, *oversized], key=lambda r: r.index)
-        view = usage.view
+        ids = usage.view.ids
+        older_than = await stored_window.older_than(ctx)
         duplicates = 0
         window = []
         for event_id, payload in encoded:
             # Beyond JetStream's duplicate window the projection still knows recent ids.
-            if dedupe.has(view.ids, event_id):
+            if dedupe.has(ids, event_id, older_than):
                 duplicates += 1
             else:
                 window.append((event_id, payload))

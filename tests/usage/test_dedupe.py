@@ -131,3 +131,27 @@ def test_places_asked_for_and_never_remembered_stay_bounded() -> None:
     for i in range(dedupe._LOCATED_LIMIT + 500):
         assert not dedupe.has(memory, f"never-published-{i}")
     assert 0 < len(dedupe._located) <= dedupe._LOCATED_LIMIT
+
+
+def test_asked_about_older_ids_only_generations_begun_before_are_looked_in() -> None:
+    """HTTP ingest asks only about ids that may be older than JetStream's duplicate window:
+    a generation begun since holds none of them and is not looked in."""
+    for limit in (100, 0):  # exact ids, then every id in a filter
+        memory = IdMemory()
+        dedupe.remember(memory, "first-day", 1, DEDUPE_S, limit)  # each begins a generation
+        dedupe.remember(memory, "second-day", 2, 2 * DEDUPE_S, limit)
+        began = memory.current.since
+        assert began == 2 * DEDUPE_S and memory.previous.since == DEDUPE_S
+        # Both generations asked (the default, or a time after both began):
+        assert dedupe.has(memory, "first-day") and dedupe.has(memory, "second-day")
+        assert dedupe.has(memory, "second-day", older_than=began + 1)
+        # The current generation begun at or after older_than: only the previous is asked.
+        assert dedupe.has(memory, "first-day", older_than=began)
+        assert not dedupe.has(memory, "second-day", older_than=began)
+        # Both begun at or after it: nothing is asked.
+        assert not dedupe.has(memory, "first-day", older_than=DEDUPE_S)
+        assert not dedupe.has(memory, "never", older_than=began)
+        # What has() located for remember() is the same place: remembering decides alike.
+        assert not dedupe.remember(memory, "second-day", 3, began + 10, limit)
+        assert dedupe.remember(memory, "third", 4, began + 10, limit)
+        dedupe._located.clear()

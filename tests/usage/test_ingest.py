@@ -4,6 +4,7 @@ the decisions it rests on (the typed fast path, records too large for a NATS mes
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -106,7 +107,7 @@ async def test_records_stored_before_are_duplicates_over_the_services_own_reques
             "stockpilot.svc.usage.ingest", msgspec.json.encode(params), timeout=30
         )
         answer = msgspec.json.decode(msg.data)
-    # The view folded the first ten at start: counted as duplicates before publishing.
+    # Stored within JetStream's duplicate window: the acknowledgements say duplicate.
     assert (answer["accepted"], answer["duplicates"]) == (10, 10)
     info = await js.stream_info(STREAM, subjects_filter=SUBJECT_RECORDED)
     assert (info.state.subjects or {}).get(SUBJECT_RECORDED) == 20
@@ -233,3 +234,40 @@ def test_one_complete_event_the_fold_would_refuse_is_rejected_on_its_own(
     assert _complete_events(posted) is None  # record by record, to say which and why
     assert [r.index for r in rejected] == [1]
     assert reason in rejected[0].reason
+
+
+async def test_past_a_short_duplicate_window_the_views_memory_refuses_posted_ids(
+    env: dict[str, str], clock: ManualClock
+) -> None:
+    """Ingest leaves ids stored within the stream's duplicate window to JetStream; with a
+    window too short to count on (an operator's choice), every posted id is looked for in
+    the view's memory: ten stored without `Nats-Msg-Id`, which JetStream cannot know, are
+    duplicates still, and not stored again."""
+    settings = usage_settings(env)
+    now = clock.now()
+    events = [recorded(i, now) for i in range(20)]
+    nc = await nats.connect(env["STOCKPILOT_NATS_URL"])
+    js = nc.jetstream()
+    async with (
+        running_service(build(settings), settings, clock=clock) as runtime,
+        gateway(gateway_settings(env), clock) as client,
+    ):
+        config = (await js.stream_info(STREAM)).config
+        config.duplicate_window = 120.0
+        await js.update_stream(config)
+        for event in events[:10]:
+            await js.publish(SUBJECT_RECORDED, msgspec.json.encode(event))
+        last = (await js.stream_info(STREAM)).state.last_seq
+        view = runtime.tracked["usage"].projection.view
+        for _ in range(500):  # the service folds in its own thread
+            if view.last_seq >= last:
+                break
+            await asyncio.sleep(0.02)
+        assert view.recorded == 10
+        body = [msgspec.to_builtins(event) for event in events]
+        response = await client.post("/api/v1/usage/records", json=body, headers=auth(INGEST))
+        assert response.status_code == 202, response.text
+        assert (response.json()["accepted"], response.json()["duplicates"]) == (10, 10)
+    info = await js.stream_info(STREAM, subjects_filter=SUBJECT_RECORDED)
+    assert (info.state.subjects or {}).get(SUBJECT_RECORDED) == 20
+    await nc.close()
