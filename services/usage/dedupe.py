@@ -134,6 +134,7 @@ def has(memory: IdMemory, key: str, older_than: float = math.inf) -> bool:
     generations begun before `older_than` (epoch seconds of the stream's time): a caller
     that knows ids stored since then are refused elsewhere (JetStream's duplicate window)
     skips a generation holding nothing older, and its filter test."""
+    located: tuple[int, int] | None
     if memory.current.since >= older_than:
         previous = memory.previous
         if previous.since >= older_than:
