@@ -31,9 +31,10 @@ log = logging.getLogger("stockpilot.runtime")
 SNAPSHOT_MAX_FAILURES = 10
 # A snapshot due by its event count waits until the last one took at most this share of the
 # time since it ended. Encoding and compressing a large view is not free (the usage view
-# past 100,000 ids a day: ~10 MB, ~0.12 s of zlib): every 50,000 events of a 40,000/s
-# ingest that was ~6 % of the service's CPU (py-spy, live). Bounding the share lengthens the tail a
-# crash refolds only while snapshots are slow, and by as much as they cost.
+# past 100,000 ids a day: ~10 MB, ~0.15 s of zlib, ~0.04 s of zstd since): every 50,000
+# events of a 40,000/s ingest, zlib's was ~6 % of the service's CPU (py-spy, live). Bounding
+# the share lengthens the tail a crash refolds only while snapshots are slow, and by as much
+# as they cost.
 SNAPSHOT_BUSY_SHARE = 0.05
 
 

@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from ops.hook_delivery import SIGNATURE_HEADER, verify_signature
 from ops.hooks import HookSettings
 from ops.stack import CHILD_SETTINGS
 from shared.connection import inbox_prefix
+from shared.projection import decompress_snapshot
 from shared.redact import forms
 from shared.settings import env_name, load_settings
 from tests.harness import free_port
@@ -440,7 +440,7 @@ async def sweep_nats(nc: NATS, sweep: Sweep) -> None:
                     continue
                 for entry in listed:
                     data = (await store.get(entry.name)).data or b""
-                    objects[f"{name}/{entry.name}"] = zlib.decompress(data)
+                    objects[f"{name}/{entry.name}"] = decompress_snapshot(data)
         return {"health.health", "usage.usage"} <= {k.split("/")[1] for k in objects}
 
     await wait_until("the health and usage services took snapshots", snapshotted, 20)
