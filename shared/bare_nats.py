@@ -45,6 +45,12 @@ class FrameProtocol(asyncio.Protocol):
     then the payloads and fields themselves, with no bytearray-to-bytes copy per message.
     """
 
+    # A chunk of at least this many bytes is followed by one turn of the event loop (reading
+    # paused until then); None: reading goes on. For a connection whose frames take long to
+    # handle: under uvloop, libuv reads a socket up to 32 times (256 KB each) before anything
+    # else runs. Small chunks (a few frames) go on at once: pausing costs two system calls.
+    turn_after_bytes: int | None = None
+
     def __init__(self) -> None:
         # The unparsed end of the last chunk (a frame cut in two by the socket).
         self.rest = b""
@@ -107,6 +113,18 @@ class FrameProtocol(asyncio.Protocol):
         except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
             self.stopped(BareUnavailable(f"unreadable frame: {exc!r}"))
         self.rest = buffer[position:]
+        turn_after = self.turn_after_bytes
+        if turn_after is not None and len(data) >= turn_after and not self.done:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.pause_reading()
+                asyncio.get_running_loop().call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        """Reading again, one turn of the event loop after a large chunk (turn_after_bytes)."""
+        transport = self.transport
+        if not self.done and transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     # ----- helpers ---------------------------------------------------------------------
 

@@ -71,6 +71,13 @@ class ReadRefused(ReadStopped):
 class _Reader(FrameProtocol):
     """Hands a push consumer's JetStream messages to `apply`; answers flow control."""
 
+    # A large chunk is hundreds of events folded in the read callback: after one, the service
+    # answers its requests and reads its publisher's acknowledgements. Reading on for libuv's
+    # 32 reads a turn, a 500k-event replay answered `status` in 750 ms (median) instead of
+    # 20 ms, and HTTP ingest's acknowledgements arrived a window after the fold had passed
+    # their records (bench/EXPLANATIONS.md).
+    turn_after_bytes = 64 * 1024
+
     def __init__(self, apply: Apply, follow: bool, on_caught_up: Callable[[], None]) -> None:
         super().__init__()
         self.apply = apply
