@@ -83,10 +83,11 @@ class DuplicateWindow:
 
     JetStream refuses an id stored within that window itself (the acknowledgement says
     `duplicate`): a posted id need only be looked for in the view's memory of ids when it
-    may have been stored before then. A generation of the memory begun within the window
-    (every generation but during its first hours) is then skipped: its filter test was a
-    tenth of what the usage service spent on a posted record (docs/profiles). Unknown (not
-    read yet, or unreadable): every generation is asked.
+    may have been stored before then. A generation of the memory begun within the window less
+    WINDOW_MARGIN_S (with the 24-hour window: the current one, for its first 23 hours) is then
+    skipped: its filter test was a tenth of what the usage service spent on a posted record
+    (py-spy; bench/EXPLANATIONS.md). Unknown (not read yet, or unreadable): every generation
+    is asked.
     """
 
     def __init__(self) -> None:
