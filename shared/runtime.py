@@ -320,10 +320,10 @@ class Runtime:
         await asyncio.gather(*(t.caught_up.wait() for t in self.tracked.values()))
         log.info("%s: projections caught up", self.definition.name)
         if self.freeze_gc:
-            # A caught-up view is most of the process's objects (millions after a long
-            # replay) and lives as long as it: each full collection walked all of it, ~2 % of
-            # the usage service's CPU under HTTP ingest. Frozen objects are still freed by
-            # reference counting; only a cycle among them that becomes garbage stays.
+            # A caught-up view lives as long as the process: each full collection walked it
+            # again (the usage service's gen-2 collections during 200k posted records: 0.15 s,
+            # 0.06 s frozen). Frozen objects are still freed by reference counting; only a
+            # cycle among them that becomes garbage stays.
             gc.collect()
             gc.freeze()
             log.info(
