@@ -111,14 +111,25 @@ def _known(generation: IdGeneration, key: str, offset: int, mask: int) -> bool:
     return key in generation.ids
 
 
-def _find(memory: IdMemory, key: str) -> tuple[bool, tuple[int, int] | None]:
-    """Whether `key` was remembered, and its place in a filter when either generation has
-    one (so that remembering it does not locate it again)."""
+def _find(
+    memory: IdMemory, key: str, older_than: float = math.inf
+) -> tuple[bool, tuple[int, int] | None]:
+    """Whether `key` was remembered, asking only the generations begun before `older_than`,
+    and its place in a filter when either has one (so that remembering it does not locate
+    it again)."""
     current, previous = memory.current, memory.previous
+    if current.since >= older_than:  # begun since: it holds no id older than that
+        current = _UNASKED
+        if previous.since >= older_than:
+            previous = _UNASKED
     if not current.bloom and not previous.bloom:
         return key in current.ids or key in previous.ids, None
     offset, mask = located = _located.pop(key, None) or locate(key)
     return _known(current, key, offset, mask) or _known(previous, key, offset, mask), located
+
+
+# Stands for a generation not asked (_find): it holds nothing, and is never written.
+_UNASKED = IdGeneration()
 
 
 # Places found by has() for ids about to be published (HTTP ingest asks before it publishes),
@@ -134,17 +145,7 @@ def has(memory: IdMemory, key: str, older_than: float = math.inf) -> bool:
     generations begun before `older_than` (epoch seconds of the stream's time): a caller
     that knows ids stored since then are refused elsewhere (JetStream's duplicate window)
     skips a generation holding nothing older, and its filter test."""
-    located: tuple[int, int] | None
-    if memory.current.since >= older_than:
-        previous = memory.previous
-        if previous.since >= older_than:
-            return False
-        if not previous.bloom:
-            return key in previous.ids
-        located = _located.pop(key, None) or locate(key)
-        known = _known(previous, key, *located)
-    else:
-        known, located = _find(memory, key)
+    known, located = _find(memory, key, older_than)
     if located is not None and not known:
         if len(_located) >= _LOCATED_LIMIT:
             _located.clear()
