@@ -36,16 +36,22 @@ class SlowFrames(FrameProtocol):
             self.all_seen.set_result(None)
 
 
-async def turns_while_reading(turn_after_bytes: int | None) -> tuple[int, int]:
-    """How many times the event loop turned while FRAMES frames were read and handled, and
-    the most frames handled between two turns; the other end (a thread) keeps the socket as
-    full as the kernel allows."""
-    # TCP on loopback, as to nats-server: the kernel lets megabytes wait in the socket.
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a TCP connection on loopback, as to nats-server (the kernel lets
+    megabytes wait in the socket); ours non-blocking, for the event loop."""
     listener = socket.create_server(("127.0.0.1", 0))
     ours = socket.create_connection(listener.getsockname())
     theirs, _ = listener.accept()
     listener.close()
     ours.setblocking(False)
+    return ours, theirs
+
+
+async def turns_while_reading(turn_after_bytes: int | None) -> tuple[int, int]:
+    """How many times the event loop turned while FRAMES frames were read and handled, and
+    the most frames handled between two turns; the other end (a thread) keeps the socket as
+    full as the kernel allows."""
+    ours, theirs = tcp_pair()
     writer = threading.Thread(target=theirs.sendall, args=(FRAME * FRAMES,), daemon=True)
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_connection(
@@ -86,10 +92,7 @@ def test_the_stream_reader_lets_the_loop_turn_after_each_large_chunk() -> None:
 
 async def reading_after(size: int) -> tuple[bool, bool]:
     """Whether a connection reads on right after a chunk of `size` bytes, and a turn later."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ours = socket.create_connection(listener.getsockname())
-    theirs, _ = listener.accept()
-    listener.close()
+    ours, theirs = tcp_pair()
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_connection(lambda: SlowFrames(64 * 1024), sock=ours)
     protocol.data_received(FRAME * (size // len(FRAME)))
