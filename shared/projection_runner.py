@@ -106,7 +106,7 @@ class ProjectionRunner:
                     self.outbox.queue(alert)
         if self.notifier.pending is None:
             self.notifier.announce()
-        if tracked.waiters:
+        if seq >= tracked.waiters.next_seq:
             for waiter in tracked.waiters.pop_ready(seq):
                 if isinstance(waiter, asyncio.Future) and not waiter.done():
                     waiter.set_result(True)

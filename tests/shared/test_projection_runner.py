@@ -75,6 +75,25 @@ async def test_a_waiter_wakes_once_its_sequence_is_folded() -> None:
     assert await run.wait_applied(projection, 9, timeout=0.05) is False
 
 
+async def test_waiters_wake_in_sequence_order_whenever_they_were_added() -> None:
+    # The fold only looks at waiters when an event reaches the lowest sequence waited for:
+    # a waiter added later for an earlier sequence must lower that mark.
+    run, projection = runner()
+    tracked = run.tracked["toy"]
+    late = asyncio.create_task(run.wait_applied(projection, 5, timeout=10))
+    await asyncio.sleep(0)
+    early = asyncio.create_task(run.wait_applied(projection, 3, timeout=10))
+    await asyncio.sleep(0)
+    woken = []
+    for seq in range(1, 6):
+        run.apply(tracked, seq, SUBJECT, counted(seq), stored_ns())
+        for _ in range(5):  # wait_for's task wakes a few turns after its future is set
+            await asyncio.sleep(0)
+        woken.append((early.done(), late.done()))
+    assert woken == [(False, False), (False, False), (True, False), (True, False), (True, True)]
+    assert tracked.waiters.next_seq == float("inf")
+
+
 async def test_caught_up_is_marked_once() -> None:
     run, _ = runner()
     tracked = run.tracked["toy"]
