@@ -57,6 +57,8 @@ INGEST_TIMEOUT_S = 15.0
 # host gets more room than the projections' 2 s before it turns into a 503.
 RECORDS_TIMEOUT_S = 10.0
 _encode = msgspec.json.Encoder().encode
+# What POST /usage/records accepts: one record (a JSON object) or a list of them.
+_BodyShape = list[msgspec.Raw] | dict[str, msgspec.Raw]
 
 
 class ResetBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -279,21 +281,20 @@ async def usage_records(
     """
     received_at = clock.now()
     body = await request.body()
-    # Decoded here for what is wrong with the body as a whole; the records go on as the
-    # posted bytes (the service decodes each once).
-    data = _decode_body(body, Any)
-    if isinstance(data, dict):
-        records: list[Any] = [data]
-    elif isinstance(data, list):
-        records = data
-    else:
-        raise InvalidRequestError("body: expected a record (JSON object) or a list of records")
+    # Decoded here for what is wrong with the body as a whole (its JSON, its shape, how many
+    # records), each record kept as its posted bytes: the service decodes each once. Records
+    # decoded into Python objects here cost ~1.1 ms a list of 1,000 (its shape alone 0.24),
+    # a third of the gateway's CPU for the request under HTTP ingest.
+    shape = _decode_body(
+        body, _BodyShape, wrong_type="expected a record (JSON object) or a list of records"
+    )
+    records = [msgspec.Raw(body)] if isinstance(shape, dict) else shape
     if len(records) > MAX_RECORDS:
         raise InvalidRequestError(
             f"body: at most {MAX_RECORDS} records per request, got {len(records)}"
         )
     limit = _forward_limit(services)
-    if isinstance(data, list) and len(body) <= limit:
+    if isinstance(shape, list) and len(body) <= limit:
         # The usual list: one request, and the service's answer is the HTTP answer.
         params = IngestParams(records=msgspec.Raw(body), received_at=received_at)
         answered = await services.query_raw("usage", "ingest", params, timeout=INGEST_TIMEOUT_S)
@@ -311,17 +312,19 @@ async def usage_records(
         answer.duplicates += got.duplicates
         answer.rejected.extend(got.rejected)
         answer.ids.extend(got.ids)
-    if isinstance(data, dict) and answer.rejected:
+    if isinstance(shape, dict) and answer.rejected:
         # One record posted on its own is the whole body: refused, the request is a 422.
         raise InvalidRequestError(f"body: {answer.rejected[0].reason}")
     return Response(answer, status_code=HTTP_202_ACCEPTED)
 
 
-def _decode_body(body: bytes, kind: Any) -> Any:
+def _decode_body(body: bytes, kind: Any, *, wrong_type: str = "") -> Any:
+    """`body` decoded as `kind`; InvalidRequestError saying what is wrong (`wrong_type` for
+    valid JSON of the wrong content, when the type's own message would say it less well)."""
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:  # a DecodeError too: valid JSON, wrong content
-        raise InvalidRequestError(f"body: {exc}") from None
+        raise InvalidRequestError(f"body: {wrong_type or exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"body: not valid JSON ({exc})") from None
     except RecursionError:

@@ -42,7 +42,12 @@ def _integral_floats_as_ints(raw: dict[str, Any]) -> dict[str, Any]:
 
 _decode_complete = msgspec.json.Decoder(list[UsageRecorded]).decode
 _decode_all = msgspec.json.Decoder(list[UsageRecordedIn]).decode
-_decode_each = msgspec.json.Decoder(list[Any]).decode
+_decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_one = msgspec.json.Decoder().decode
+# What decoding posted JSON raises: msgspec's errors, RecursionError for JSON nested too
+# deep, UnicodeDecodeError for invalid UTF-8 inside a string (the gateway passes each
+# record on as the posted bytes, so this is the first place a record's strings are read).
+_BAD_JSON = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 def _complete_events(params: IngestParams) -> list[tuple[int, UsageRecorded]] | None:
@@ -52,7 +57,7 @@ def _complete_events(params: IngestParams) -> list[tuple[int, UsageRecorded]] | 
     reasons. The same events either way; this way skips a conversion a record (~1 µs)."""
     try:
         events = _decode_complete(params.records)
-    except (msgspec.DecodeError, RecursionError):
+    except _BAD_JSON:
         return None
     if len(events) > MAX_RECORDS:
         return None  # refused, with its reason, below
@@ -74,11 +79,11 @@ def records_to_events(
         # Most lists are all valid: decoded straight into records, no dict per record.
         records: list[Any] = _decode_all(params.records)
         valid = True
-    except (msgspec.DecodeError, RecursionError):  # a ValidationError is a DecodeError
+    except _BAD_JSON:  # a ValidationError is a DecodeError
         # Some record is not: each one again on its own, to say which and why.
         try:
-            records = _decode_each(params.records)
-        except (msgspec.DecodeError, RecursionError) as exc:  # not a list of JSON values
+            records = _decode_list(params.records)
+        except _BAD_JSON as exc:  # not a list of JSON values
             raise InvalidRequestError(f"records: {exc or type(exc).__name__}") from None
         valid = False
     if len(records) > MAX_RECORDS:
@@ -107,8 +112,14 @@ def records_to_events(
     return events, rejected
 
 
-def _refusal(raw: Any) -> UsageRecordedIn | str:
-    """One decoded record as a record, or why it is not one."""
+def _refusal(posted: msgspec.Raw) -> UsageRecordedIn | str:
+    """One posted record as a record, or why it is not one."""
+    try:
+        raw = _decode_one(posted)
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 (byte {exc.start} of the record: {exc.reason}); JSON must be UTF-8"
+    except (msgspec.DecodeError, RecursionError) as exc:
+        return f"not valid JSON ({exc or type(exc).__name__})"
     if not isinstance(raw, dict):
         return "a record must be a JSON object"
     kind = raw.get("type", "usage.recorded")

@@ -546,6 +546,16 @@ async def test_out_of_range_input_over_http_is_422_with_a_detail_never_500(
                 response = await client.post(path, content=content, headers=headers)
                 detail = await refused(response)
                 assert named in detail, (path, detail)
+            if path == records:
+                # In a list, a record of invalid UTF-8 is refused on its own (the gateway
+                # passes records on as posted bytes; the service reads their strings).
+                fine = b'{"model":"gpt-4o-mini","status_code":200,"request_id":"utf8-fine"}'
+                listed_bytes = b"[" + fine + b"," + not_utf8 + b"]"
+                response = await client.post(path, content=listed_bytes, headers=headers)
+                assert response.status_code == 202, response.text
+                assert response.json()["accepted"] == 1
+                [refusal] = response.json()["rejected"]
+                assert refusal["index"] == 1 and "UTF-8" in refusal["reason"], refusal
             long_reason = msgspec.json.encode({"reason": HUGE})
             response = await client.post(path, content=long_reason, headers=headers)
             assert response.status_code == 422, (path, response.text)
