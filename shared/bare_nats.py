@@ -45,11 +45,14 @@ class FrameProtocol(asyncio.Protocol):
     then the payloads and fields themselves, with no bytearray-to-bytes copy per message.
     """
 
-    # A chunk of at least this many bytes is followed by one turn of the event loop (reading
-    # paused until then); None: reading goes on. For a connection whose frames take long to
-    # handle: under uvloop, libuv reads a socket up to 32 times (256 KB each) before anything
-    # else runs. Small chunks (a few frames) go on at once: pausing costs two system calls.
-    turn_after_bytes: int | None = None
+    # At most about this many bytes of frames are handled in one turn of the event loop: the
+    # rest of a chunk waits for the next turn, reading paused until it is handled. None:
+    # every frame of a chunk at once. For a connection whose frames take long to handle:
+    # under uvloop libuv reads a socket 256 KB at a time (up to 32 times) before anything
+    # else runs, and a request or an acknowledgement on another connection waited for each
+    # of those reads. Small chunks (a few frames) go on at once: pausing costs two system
+    # calls.
+    turn_every_bytes: int | None = None
 
     def __init__(self) -> None:
         # The unparsed end of the last chunk (a frame cut in two by the socket).
@@ -89,10 +92,17 @@ class FrameProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_read = asyncio.get_running_loop().time()
-        buffer = self.rest + data if self.rest else data
+        if self._handle(self.rest + data if self.rest else data):
+            self._turn()
+
+    def _handle(self, buffer: bytes) -> bool:
+        """Handle `buffer`'s whole frames, up to turn_every_bytes of them, and keep the rest
+        for later; True when the loop should turn before more is handled."""
+        budget = self.turn_every_bytes
+        stop_at = len(buffer) if budget is None else budget
         position = 0
         try:
-            while not self.done:
+            while not self.done and position < stop_at:
                 line_end = buffer.find(b"\r\n", position)
                 if line_end < 0:
                     break
@@ -113,17 +123,26 @@ class FrameProtocol(asyncio.Protocol):
         except Exception as exc:  # a frame this parser cannot read: stop, the caller goes on
             self.stopped(BareUnavailable(f"unreadable frame: {exc!r}"))
         self.rest = buffer[position:]
-        turn_after = self.turn_after_bytes
-        if turn_after is not None and len(data) >= turn_after and not self.done:
-            transport = self.transport
-            if transport is not None and not transport.is_closing():
-                transport.pause_reading()
-                asyncio.get_running_loop().call_soon(self._read_on)
+        return budget is not None and position >= budget and not self.done
+
+    def _turn(self) -> None:
+        """Reading paused until the next turn of the loop, which handles what is left."""
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on)
 
     def _read_on(self) -> None:
-        """Reading again, one turn of the event loop after a large chunk (turn_after_bytes)."""
+        """One turn later: the frames left over (another turn's worth at most), and after a
+        turn that handled none, reading again. The turn after the last of them keeps it
+        from running into the next read's frames, in the same turn, twice the bound."""
         transport = self.transport
-        if not self.done and transport is not None and not transport.is_closing():
+        if self.done or transport is None or transport.is_closing():
+            return
+        left, self.rest = self.rest, b""
+        if self._handle(left) or len(self.rest) < len(left):
+            asyncio.get_running_loop().call_soon(self._read_on)
+        else:
             transport.resume_reading()
 
     # ----- helpers ---------------------------------------------------------------------

@@ -76,7 +76,7 @@ class _Reader(FrameProtocol):
     # 32 reads a turn, a 500k-event replay answered `status` in 750 ms (median) instead of
     # 20 ms, and HTTP ingest's acknowledgements arrived a window after the fold had passed
     # their records (bench/EXPLANATIONS.md).
-    turn_after_bytes = 64 * 1024
+    turn_every_bytes = 64 * 1024
 
     def __init__(self, apply: Apply, follow: bool, on_caught_up: Callable[[], None]) -> None:
         super().__init__()
