@@ -227,6 +227,3 @@ class SeqWaiters:
             ready.append(heapq.heappop(self._heap)[2])
         self.next_seq = self._heap[0][0] if self._heap else math.inf
         return ready
-
-    def __bool__(self) -> bool:
-        return bool(self._heap)
