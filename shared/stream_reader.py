@@ -51,6 +51,7 @@ Apply = Callable[[int, int, bytes, bytes, int], None]
 
 _ACK_PREFIX = b"$JS.ACK."
 _LAST_CONSUMER = b"Nats-Last-Consumer:"
+_STALLED = b"Nats-Consumer-Stalled:"
 _CONTROL = status_line(NatsStatus.CONTROL)
 _HEARTBEAT_S = 1.0
 
@@ -142,7 +143,16 @@ class _Reader(FrameProtocol):
         if reply:  # flow control: the server waits for this before sending more
             self.write(b"PUB " + reply + b" 0\r\n\r\n")
             return
-        # An idle heartbeat: it names the last consumer sequence sent (a lost tail shows here).
+        # An idle heartbeat. While a flow-control answer is owed (the server ignores one that
+        # is not for its latest request), it names the subject to answer: unanswered, the
+        # consumer sends nothing more, yet its heartbeats go on, so no stall check would fire
+        # (nats-py and the Go client answer it too).
+        at = headers.find(_STALLED)
+        if at >= 0:
+            owed = headers[at + len(_STALLED) : headers.find(b"\r\n", at)].strip()
+            if owed:
+                self.write(b"PUB " + owed + b" 0\r\n\r\n")
+        # It names the last consumer sequence sent (a lost tail shows here).
         at = headers.find(_LAST_CONSUMER)
         if at >= 0:
             last = int(headers[at + len(_LAST_CONSUMER) : headers.find(b"\r\n", at)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,8 +39,21 @@ __all__ = [
     "nats_server_binary",
     "running_service",
     "stop_process",
+    "tcp_pair",
     "wait_for_port",
 ]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a TCP connection on loopback, as to nats-server (the kernel lets
+    megabytes wait in the socket); the first non-blocking, for an event loop's protocol,
+    the other for the test to write and read the bytes a server would."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    ours = socket.create_connection(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    ours.setblocking(False)
+    return ours, theirs
 
 
 @contextlib.contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import uvloop
 
 from shared.bare_nats import FrameProtocol
 from shared.stream_reader import _Reader
+from tests.harness import tcp_pair
 
 FRAMES = 30_000
 FRAME = b"MSG s 1 200\r\n" + b"x" * 200 + b"\r\n"  # 215 bytes: ~1,200 in a 256 KB read
@@ -37,17 +37,6 @@ class SlowFrames(FrameProtocol):
         self.order.append(buffer[body_start:end])
         if self.seen == FRAMES and not self.all_seen.done():
             self.all_seen.set_result(None)
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """Two ends of a TCP connection on loopback, as to nats-server (the kernel lets
-    megabytes wait in the socket); ours non-blocking, for the event loop."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    ours = socket.create_connection(listener.getsockname())
-    theirs, _ = listener.accept()
-    listener.close()
-    ours.setblocking(False)
-    return ours, theirs
 
 
 async def turns_while_reading(turn_every_bytes: int | None) -> tuple[int, int]:

@@ -13,10 +13,10 @@ from nats.js import JetStreamContext
 from shared.projection import view_digest
 from shared.publish import encode_event
 from shared.settings import CommonSettings, load_settings
-from shared.stream_reader import ReadStopped, read_stream
+from shared.stream_reader import ReadStopped, _Reader, read_stream
 from shared.streams import STREAMS, provision, snapshot_bucket
 from tests.clocks import NOON
-from tests.harness import running_service
+from tests.harness import running_service, tcp_pair
 from tests.shared.toy import Counted, build, dead_letters
 
 # Any past instant does, nothing here depends on the day: three hours before the run's noon
@@ -114,3 +114,35 @@ async def test_a_read_that_stops_early_applies_everything_before_the_stop(
     # Its consumers are gone (deleted at the end of each read).
     assert (await js.stream_info(STREAM)).state.consumer_count == 0
     await nc.close()
+
+
+def heartbeat(*extra: bytes) -> bytes:
+    """An idle heartbeat frame as nats-server sends it to a push consumer's inbox."""
+    headers = b"\r\n".join(
+        [b"NATS/1.0 100 Idle Heartbeat", b"Nats-Last-Consumer: 0", b"Nats-Last-Stream: 0", *extra]
+    )
+    headers += b"\r\n\r\n"
+    return b"HMSG _INBOX.r 1 %d %d\r\n%s\r\n" % (len(headers), len(headers), headers)
+
+
+async def test_a_heartbeat_saying_the_consumer_is_stalled_gets_the_flow_control_answer() -> None:
+    # A consumer waiting for a flow-control answer sends nothing more but keeps sending
+    # heartbeats (so no stall check fires); the heartbeat names the subject to answer.
+    ours, theirs = tcp_pair()
+    loop = asyncio.get_running_loop()
+    transport, reader = await loop.create_connection(
+        lambda: _Reader(lambda *_: None, True, lambda: None), sock=ours
+    )
+    theirs.setblocking(False)
+    try:
+        reader.data_received(heartbeat())
+        await asyncio.sleep(0.05)
+        with pytest.raises(BlockingIOError):  # a plain heartbeat is not answered
+            theirs.recv(1024)
+        reader.data_received(heartbeat(b"Nats-Consumer-Stalled: $JSC.FC.S.C.owed"))
+        await asyncio.sleep(0.05)
+        assert theirs.recv(1024) == b"PUB $JSC.FC.S.C.owed 0\r\n\r\n"
+        assert not reader.done
+    finally:
+        transport.close()
+        theirs.close()
