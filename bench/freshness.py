@@ -21,10 +21,11 @@ from pathlib import Path
 import httpx
 import msgspec
 import nats
+from nats.aio.client import Client as NATS
 
 from bench.harness import Report, latency_results, log, percentile
 from bench.load import background_load
-from bench.stack import running_stack
+from bench.stack import running_stack, usage_seq, usage_status
 from services.usage.client import UsageRecorder
 from services.usage.contract import UsageRecorded, UsageStats
 
@@ -58,9 +59,13 @@ async def counted(http: httpx.AsyncClient, day: str) -> int:
 
 
 async def samples(
-    http: httpx.AsyncClient, recorder: UsageRecorder, day: datetime, count: int
+    http: httpx.AsyncClient,
+    recorder_nc: NATS,
+    recorder: UsageRecorder,
+    day: datetime,
+    count: int,
 ) -> list[float]:
-    """`count` freshness samples, ms each."""
+    """`count` freshness samples, ms each; TimeoutError saying where a call stopped."""
     key = day.strftime("%Y-%m-%d")
     seen = await counted(http, key)
     latencies = []
@@ -69,13 +74,28 @@ async def samples(
         recorder.record(probe_event(n, day))
         while await counted(http, key) <= seen:
             if time.perf_counter() - started > 10:
-                raise TimeoutError("a recorded call was not visible in /usage/stats within 10 s")
+                raise TimeoutError(
+                    "a recorded call was not visible in /usage/stats within 10 s: "
+                    + await where_it_stopped(recorder_nc, recorder)
+                )
             await asyncio.sleep(POLL_S)
         latencies.append((time.perf_counter() - started) * 1000)
         seen += 1
         # Samples apart, at no fixed phase to the load's 10 ms ticks or the 5 ms notices.
         await asyncio.sleep(random.uniform(0.005, 0.025))
     return latencies
+
+
+async def where_it_stopped(nc: NATS, recorder: UsageRecorder) -> str:
+    """Which step a call that never showed is at: the client (unacknowledged), the usage
+    service (stored but not folded), or the gateway's answer (folded)."""
+    last = (await nc.jetstream().stream_info("STOCKPILOT_USAGE")).state.last_seq
+    status = await usage_status(nc, timeout=2.0)
+    folded = "no answer" if status is None else f"{usage_seq(status)} (ready {status.ready})"
+    return (
+        f"client {recorder.pending} unacknowledged over {recorder.connection or 'nothing yet'}; "
+        f"the usage stream's last sequence {last}, the usage service folded {folded}"
+    )
 
 
 async def run(report: Report, ctx: object) -> None:
@@ -92,17 +112,17 @@ async def run(report: Report, ctx: object) -> None:
         recorder.start()
         async with httpx.AsyncClient(base_url=stack.base_url, trust_env=False) as http:
             await _until_serving(http)
-            await samples(http, recorder, day, 3)  # warm-up: the client's bare connection
+            await samples(http, nc, recorder, day, 3)  # warm-up: the client's bare connection
             for loaded in (False, True):
                 label = f"at {LOAD_RATE:,} events/s" if loaded else "idle"
                 p50, p99, rates = [], [], []
                 for i in range(runs):
                     if loaded:
                         with background_load(url, LOAD_RATE) as summary:
-                            values = await samples(http, recorder, day, count)
+                            values = await samples(http, nc, recorder, day, count)
                         rates.append(summary[0].rate if summary else 0.0)
                     else:
-                        values = await samples(http, recorder, day, count)
+                        values = await samples(http, nc, recorder, day, count)
                     p50.append(percentile(values, 50))
                     p99.append(percentile(values, 99))
                     log(
