@@ -69,6 +69,11 @@ async def dead_letter(
     await nc.publish(dead_letter_subject(service), _encode(letter))
 
 
+# What decoding a JSON payload raises: msgspec's errors, and also a RecursionError for JSON
+# nested too deep and a UnicodeDecodeError for invalid UTF-8 inside a string.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+
+
 def describe_decode_error(exc: Exception) -> str:
     """A one-line reason for a message that did not decode or validate."""
     text = str(exc).strip() or type(exc).__name__

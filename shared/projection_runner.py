@@ -17,21 +17,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import msgspec
 from nats.aio.client import Client as NATS
 
 from shared.alert_outbox import AlertOutbox
 from shared.change_notices import ChangeNotifier
 from shared.clock import Clock
-from shared.dead_letters import dead_letter, describe_decode_error
+from shared.dead_letters import DECODE_ERRORS, dead_letter, describe_decode_error
 from shared.projection import FoldError, Projection, SeqWaiters
 from shared.transport import StreamFollower
 
 log = logging.getLogger("stockpilot.runtime")
-
-# What a payload that does not decode raises: msgspec's errors, and also a RecursionError
-# for JSON nested too deep and a UnicodeDecodeError for invalid UTF-8 inside a string.
-DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 
 @dataclass

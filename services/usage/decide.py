@@ -18,7 +18,7 @@ from services.usage.contract import (
     UsageRecordedIn,
     UsageReset,
 )
-from shared.dead_letters import describe_decode_error
+from shared.dead_letters import DECODE_ERRORS, describe_decode_error
 from shared.errors import InvalidRequestError
 from shared.events import timing_problem
 from shared.publish import encode_event
@@ -44,10 +44,6 @@ _decode_complete = msgspec.json.Decoder(list[UsageRecorded]).decode
 _decode_all = msgspec.json.Decoder(list[UsageRecordedIn]).decode
 _decode_list = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_one = msgspec.json.Decoder().decode
-# What decoding posted JSON raises: msgspec's errors, RecursionError for JSON nested too
-# deep, UnicodeDecodeError for invalid UTF-8 inside a string (the gateway passes each
-# record on as the posted bytes, so this is the first place a record's strings are read).
-_BAD_JSON = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 def _complete_events(params: IngestParams) -> list[tuple[int, UsageRecorded]] | None:
@@ -57,7 +53,7 @@ def _complete_events(params: IngestParams) -> list[tuple[int, UsageRecorded]] | 
     reasons. The same events either way; this way skips a conversion a record (~1 µs)."""
     try:
         events = _decode_complete(params.records)
-    except _BAD_JSON:
+    except DECODE_ERRORS:
         return None
     if len(events) > MAX_RECORDS:
         return None  # refused, with its reason, below
@@ -79,11 +75,11 @@ def records_to_events(
         # Most lists are all valid: decoded straight into records, no dict per record.
         records: list[Any] = _decode_all(params.records)
         valid = True
-    except _BAD_JSON:  # a ValidationError is a DecodeError
+    except DECODE_ERRORS:
         # Some record is not: each one again on its own, to say which and why.
         try:
             records = _decode_list(params.records)
-        except _BAD_JSON as exc:  # not a list of JSON values
+        except DECODE_ERRORS as exc:  # not a list of JSON values
             raise InvalidRequestError(f"records: {exc or type(exc).__name__}") from None
         valid = False
     if len(records) > MAX_RECORDS:
