@@ -11,6 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_422_UNPROCESSABLE_ENTITY, HTTP_500_INTERNAL_SERVER_ERROR
 from litestar.types import ExceptionHandlersMap
 
+from shared.dead_letters import describe_not_utf8
 from shared.errors import StockpilotError
 
 log = logging.getLogger("stockpilot.gateway")
@@ -81,10 +82,7 @@ def _too_deep(_: Request[Any, Any, Any], exc: RecursionError) -> Response[ErrorB
 
 def _not_utf8(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[ErrorBody]:
     # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
-    return _response(
-        HTTP_422_UNPROCESSABLE_ENTITY,
-        f"body: not valid UTF-8 (byte {exc.start}: {exc.reason}); JSON must be UTF-8",
-    )
+    return _response(HTTP_422_UNPROCESSABLE_ENTITY, f"body: {describe_not_utf8(exc)}")
 
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:

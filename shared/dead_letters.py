@@ -78,3 +78,10 @@ def describe_decode_error(exc: Exception) -> str:
     """A one-line reason for a message that did not decode or validate."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:500]
+
+
+def describe_not_utf8(exc: UnicodeDecodeError, within: str = "") -> str:
+    """The reason for JSON with invalid UTF-8 inside a string (msgspec raises
+    UnicodeDecodeError): where, and what JSON must be; `within` says of what the byte
+    offset is (" of the record")."""
+    return f"not valid UTF-8 (byte {exc.start}{within}: {exc.reason}); JSON must be UTF-8"

@@ -45,6 +45,7 @@ from services.usage.contract import (
     UsageStats,
     UsageTimeseries,
 )
+from shared.dead_letters import describe_not_utf8
 from shared.errors import InvalidRequestError
 from shared.events import EARLIEST
 
@@ -332,9 +333,7 @@ def _decode_body(body: bytes, kind: Any, *, wrong_type: str = "") -> Any:
             "body: JSON nested too deeply (thousands of levels); send flat records"
         ) from None
     except UnicodeDecodeError as exc:
-        raise InvalidRequestError(
-            f"body: not valid UTF-8 (byte {exc.start}: {exc.reason}); JSON must be UTF-8"
-        ) from None
+        raise InvalidRequestError(f"body: {describe_not_utf8(exc)}") from None
 
 
 def _forward_limit(services: Services) -> int:

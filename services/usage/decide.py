@@ -18,7 +18,7 @@ from services.usage.contract import (
     UsageRecordedIn,
     UsageReset,
 )
-from shared.dead_letters import DECODE_ERRORS, describe_decode_error
+from shared.dead_letters import DECODE_ERRORS, describe_decode_error, describe_not_utf8
 from shared.errors import InvalidRequestError
 from shared.events import timing_problem
 from shared.publish import encode_event
@@ -113,7 +113,7 @@ def _refusal(posted: msgspec.Raw) -> UsageRecordedIn | str:
     try:
         raw = _decode_one(posted)
     except UnicodeDecodeError as exc:
-        return f"not valid UTF-8 (byte {exc.start} of the record: {exc.reason}); JSON must be UTF-8"
+        return describe_not_utf8(exc, within=" of the record")
     except (msgspec.DecodeError, RecursionError) as exc:
         return f"not valid JSON ({exc or type(exc).__name__})"
     if not isinstance(raw, dict):
