@@ -56,6 +56,14 @@ _CONTROL = status_line(NatsStatus.CONTROL)
 _HEARTBEAT_S = 1.0
 
 
+def _header(headers: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (given with its colon) in a status message's `headers`."""
+    at = headers.find(name)
+    if at < 0:
+        return None
+    return headers[at + len(name) : headers.find(b"\r\n", at)].strip()
+
+
 class ReadStopped(BareUnavailable):
     """Why a read ended before it was asked to."""
 
@@ -141,26 +149,28 @@ class _Reader(FrameProtocol):
         if not status.startswith(_CONTROL):
             raise ReadStopped(f"consumer status {status.decode(errors='replace')}")
         if reply:  # flow control: the server waits for this before sending more
-            self.write(b"PUB " + reply + b" 0\r\n\r\n")
+            self._answer(reply)
             return
         # An idle heartbeat. While a flow-control answer is owed (the server ignores one that
         # is not for its latest request), it names the subject to answer: unanswered, the
         # consumer sends nothing more, yet its heartbeats go on, so no stall check would fire
         # (nats-py and the Go client answer it too).
-        at = headers.find(_STALLED)
-        if at >= 0:
-            owed = headers[at + len(_STALLED) : headers.find(b"\r\n", at)].strip()
-            if owed:
-                self.write(b"PUB " + owed + b" 0\r\n\r\n")
+        owed = _header(headers, _STALLED)
+        if owed:
+            self._answer(owed)
         # It names the last consumer sequence sent (a lost tail shows here).
-        at = headers.find(_LAST_CONSUMER)
-        if at >= 0:
-            last = int(headers[at + len(_LAST_CONSUMER) : headers.find(b"\r\n", at)])
+        sent = _header(headers, _LAST_CONSUMER)
+        if sent is not None:
+            last = int(sent)
             if last != self.next_consumer_seq - 1:
                 raise ReadStopped(f"heartbeat says {last} sent, {self.next_consumer_seq - 1} read")
         self._caught_up()
 
     # ----- helpers ---------------------------------------------------------------------
+
+    def _answer(self, flow_control: bytes) -> None:
+        """The empty message a flow-control request (or a stalled heartbeat) waits for."""
+        self.write(b"PUB " + flow_control + b" 0\r\n\r\n")
 
     def _caught_up(self) -> None:
         self.on_caught_up()
